@@ -1,0 +1,153 @@
+"""The array-module abstraction: the same layer code runs on NumPy (CPU) and CuPy (CUDA).
+
+Every layer asks `get_array_module(x)` for the module that owns its input (`xp`) and calls
+`xp.exp`, `xp.matmul`, ... on it, so a CuPy array in gives a CuPy array out. CuPy is an
+optional extra: nothing here imports it until a CUDA device is asked for or a CuPy array
+is seen, and a machine with CuPy installed but no driver or GPU is simply "no CUDA".
+
+Device choice, strongest first: the `device=` argument, then the environment variable
+`NPGPT_DEVICE=cpu|cuda|auto`, then "auto" (CUDA when it works, else CPU).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from functools import lru_cache
+
+import numpy as np
+
+DEFAULT_DTYPE = np.float32
+DEVICES = ("cpu", "cuda", "auto")
+
+
+def _cupy_if_imported():
+    """The cupy module if something already imported it, else None (never imports it)."""
+    return sys.modules.get("cupy")
+
+
+@lru_cache(maxsize=None)
+def _import_cupy():
+    try:
+        import cupy  # noqa: F401  (optional dependency)
+    except Exception:  # ImportError, or a broken install that fails while loading CUDA libs
+        return None
+    return cupy
+
+
+@lru_cache(maxsize=None)
+def cuda_available() -> bool:
+    """True when CuPy imports *and* a CUDA device can actually allocate memory.
+
+    CuPy imports fine on a machine without a driver or GPU and fails only at the first
+    allocation, so this tries one. It never raises.
+    """
+    cupy = _import_cupy()
+    if cupy is None:
+        return False
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return False
+        probe = cupy.zeros(1, dtype=cupy.float32)
+        probe += 1
+        return bool(float(probe[0]) == 1.0)
+    except Exception:
+        return False
+
+
+def cuda_unavailable_reason() -> str:
+    """One line saying why CUDA is not usable (for `npgpt info` and error messages)."""
+    cupy = _import_cupy()
+    if cupy is None:
+        return "CuPy is not installed (pip install 'npgpt[cuda12]' or 'npgpt[cuda13]')"
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # no driver, no libcuda, ...
+        return f"CuPy is installed but no CUDA driver answered ({type(e).__name__}: {e})"
+    if n < 1:
+        return "CuPy is installed but no CUDA device was found"
+    if not cuda_available():
+        return "CuPy is installed and a device exists, but a test allocation failed"
+    return ""
+
+
+def resolve_device(device: str | None = None) -> str:
+    """Turn `device` (or $NPGPT_DEVICE, or "auto") into "cpu" or "cuda".
+
+    Asking for "cuda" where it is not available is a ValueError that says why and how to fix it.
+    """
+    source = "device argument"
+    if device is None:
+        device = os.environ.get("NPGPT_DEVICE", "auto") or "auto"
+        source = "NPGPT_DEVICE"
+    dev = str(device).strip().lower()
+    if dev not in DEVICES:
+        raise ValueError(
+            f"unknown device {device!r} (from the {source}); use one of cpu, cuda, auto"
+        )
+    if dev == "auto":
+        return "cuda" if cuda_available() else "cpu"
+    if dev == "cuda" and not cuda_available():
+        raise ValueError(
+            f"device 'cuda' was asked for (from the {source}) but {cuda_unavailable_reason()}; "
+            "use device 'cpu' or 'auto', or install CuPy on a machine with an NVIDIA GPU"
+        )
+    return dev
+
+
+def get_xp(device: str | None = None):
+    """The array module (numpy or cupy) for a device name."""
+    return _import_cupy() if resolve_device(device) == "cuda" else np
+
+
+def is_cupy_array(a) -> bool:
+    cupy = _cupy_if_imported()
+    return cupy is not None and isinstance(a, cupy.ndarray)
+
+
+def get_array_module(*arrays):
+    """numpy or cupy: cupy if any of `arrays` is a CuPy array, else numpy. None entries are skipped."""
+    for a in arrays:
+        if is_cupy_array(a):
+            return sys.modules["cupy"]
+    return np
+
+
+def device_of(a) -> str:
+    """"cuda" for a CuPy array, "cpu" otherwise."""
+    return "cuda" if is_cupy_array(a) else "cpu"
+
+
+def to_numpy(a):
+    """A NumPy array with the same values (copies device memory to the host; no-op for NumPy)."""
+    if is_cupy_array(a):
+        return a.get()
+    return np.asarray(a)
+
+
+def to_device(a, device: str | None = None, dtype=None):
+    """Put `a` on `device` ("cpu" or "cuda", resolved as in `resolve_device`), optionally casting."""
+    xp = get_xp(device)
+    if xp is np:
+        out = to_numpy(a)
+        return out if dtype is None else out.astype(dtype, copy=False)
+    return xp.asarray(a, dtype=dtype)
+
+
+def scatter_add(target, indices, values) -> None:
+    """target[indices[i]] += values[i] for every i, accumulating repeated indices (in place)."""
+    if is_cupy_array(target):
+        import cupyx
+
+        cupyx.scatter_add(target, indices, values)
+    else:
+        np.add.at(target, indices, values)
+
+
+def check_float_dtype(a, what: str) -> None:
+    """ValueError unless `a` is float32 or float64 (the dtypes every layer supports)."""
+    if a.dtype not in (np.float32, np.float64):
+        raise ValueError(
+            f"{what} has dtype {a.dtype}; npgpt layers work in float32 or float64 "
+            f"(convert with .astype(np.float32))"
+        )

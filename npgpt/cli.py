@@ -1,0 +1,49 @@
+"""The `npgpt` command line: train, generate, gradcheck, bench, info.
+
+Each subcommand's arguments and work live in its own module; this file only wires them together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from . import bench, cli_gradcheck, generate, info, train
+
+    parser = argparse.ArgumentParser(
+        prog="npgpt",
+        description="GPT-2 in plain NumPy and CuPy, with every backward pass written by hand.",
+    )
+    parser.add_argument("--version", action="version", version=f"npgpt {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module, help_text in [
+        ("train", train, "pretrain or fine-tune a GPT on text files (default: the bundled short story)"),
+        ("generate", generate, "continue a prompt with a trained checkpoint"),
+        ("gradcheck", cli_gradcheck, "check every layer's backward against finite differences"),
+        ("bench", bench, "time a training step and generation"),
+        ("info", info, "show the backend, devices, BLAS and versions"),
+    ]:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "run", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.run(args) or 0)
+    except ValueError as e:  # bad input: one line that names the problem and the fix
+        print(f"npgpt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

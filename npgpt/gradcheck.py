@@ -1,0 +1,409 @@
+"""Finite-difference gradient checking for any forward/backward pair, npgpt's or your own.
+
+The contract checked is npgpt's layer contract:
+
+    out, cache = forward(*inputs)
+    grads      = backward(dout, cache)   # one gradient per differentiable input, in input order
+                                         # (a single array when there is one)
+
+How `gradcheck` tests it:
+1. Every floating-point input is copied to float64 NumPy (inputs may also be dicts of arrays,
+   like a block's parameters; integers and other values pass through untouched).
+2. A random upstream gradient `dout` ~ N(0, 1) with the output's shape (never all ones: a sum of
+   ones hides bugs such as a softmax backward that forgets a term) defines the scalar
+   L(inputs) = sum(forward(inputs)[0] * dout), whose gradient is exactly what backward returns.
+3. For every differentiable input, on all coordinates (or a random sample of `max_coords` for large
+   tensors, always including the largest analytic entry), the central difference
+   (L(x + eps e_i) - L(x - eps e_i)) / (2 eps) is compared with the analytic gradient by
+       rel_error = max_i |a_i - n_i| / max(max_i (|a_i| + |n_i|), tiny)
+   a tensor-wide relative error that is not fooled by entries that are (nearly) zero.
+4. It also checks that backward returned the right number and shapes of gradients and did not
+   modify dout or anything in the cache.
+
+`compare_backends` runs the same pair on NumPy and CuPy and compares the outputs and gradients
+(on a GPU, float32 results are checked against NumPy, not against finite differences).
+
+Example, a layer of your own:
+
+    def swish_forward(x):
+        s = 1 / (1 + np.exp(-x))
+        return x * s, (x, s)
+    def swish_backward(dout, cache):
+        x, s = cache
+        return dout * (s + x * s * (1 - s))
+    results = npgpt.gradcheck(swish_forward, swish_backward, [np.random.randn(4, 5)])
+    print(npgpt.format_results(results))
+    assert all(r.passed for r in results)
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .backend import get_array_module, is_cupy_array, to_numpy
+
+TINY = 1e-30
+
+
+@dataclass
+class GradcheckResult:
+    """One compared tensor: a gradient (or, in compare_backends, an output)."""
+
+    layer: str
+    input: str
+    max_rel_error: float
+    tol: float
+    passed: bool
+    n_checked: int = 0  # coordinates compared
+    n_total: int = 0  # coordinates in the tensor
+    worst_index: tuple | None = None  # where |analytic - numeric| is largest
+    analytic: float = float("nan")  # analytic value there
+    numeric: float = float("nan")  # reference value there (finite difference, or NumPy)
+    note: str = ""  # why it failed when no number tells (wrong shape, mutated cache, exception)
+
+    def describe(self) -> str:
+        where = "" if self.worst_index is None else f" at {self.worst_index}: analytic {self.analytic:.6g} vs reference {self.numeric:.6g}"
+        status = "ok" if self.passed else "FAILED"
+        note = f" ({self.note})" if self.note else ""
+        return f"{self.layer} d{self.input}: rel error {self.max_rel_error:.2e} (tol {self.tol:.0e}) {status}{where}{note}"
+
+
+def relative_error(analytic, numeric, tiny: float = TINY) -> float:
+    """max|a - n| / max(max(|a| + |n|), tiny) over all entries (0 for empty arrays)."""
+    a = np.asarray(analytic, dtype=np.float64)
+    n = np.asarray(numeric, dtype=np.float64)
+    if a.size == 0:
+        return 0.0
+    num = np.max(np.abs(a - n))
+    den = max(float(np.max(np.abs(a) + np.abs(n))), tiny)
+    return float(num / den)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs may be arrays, dicts of arrays (e.g. a block's parameters), or anything else (ints, None).
+
+
+def _is_float_array(a) -> bool:
+    return hasattr(a, "dtype") and hasattr(a, "shape") and a.dtype.kind == "f"
+
+
+def _is_differentiable(a) -> bool:
+    if isinstance(a, dict):
+        return len(a) > 0 and all(_is_float_array(v) for v in a.values())
+    return _is_float_array(a)
+
+
+def _leaves(value, name: str):
+    """[(name, array)] for an array or a dict of arrays."""
+    if isinstance(value, dict):
+        return [(f"{name}[{k}]", v) for k, v in value.items()]
+    return [(name, value)]
+
+
+def _to_float64_numpy(value):
+    if isinstance(value, dict):
+        return {k: _to_float64_numpy(v) for k, v in value.items()}
+    if _is_float_array(value):
+        return np.array(to_numpy(value), dtype=np.float64)  # a private copy we may perturb
+    if is_cupy_array(value):
+        return to_numpy(value)
+    return value
+
+
+def _snapshot(obj, out: list) -> list:
+    """Copies of every array reachable in a cache (NamedTuples, tuples, lists, dicts)."""
+    if hasattr(obj, "dtype") and hasattr(obj, "shape"):
+        out.append((obj, to_numpy(obj).copy()))
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _snapshot(v, out)
+    elif isinstance(obj, (tuple, list)):
+        for v in obj:
+            _snapshot(v, out)
+    return out
+
+
+def _unchanged(snapshot) -> bool:
+    return all(np.array_equal(to_numpy(a), copy, equal_nan=True) for a, copy in snapshot)
+
+
+def _input_names(forward: Callable, n: int) -> list[str]:
+    try:
+        params = [
+            p.name
+            for p in inspect.signature(forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
+        ]
+    except (TypeError, ValueError):
+        params = []
+    names = params[:n]
+    names += [f"input{i}" for i in range(len(names), n)]
+    return names
+
+
+def _match_grads(grads, inputs, wrt, names, layer):
+    """Pair each differentiable input's leaves with the backward's gradients, or explain the mismatch."""
+    if not isinstance(grads, (tuple, list)):
+        grads = (grads,)
+    if len(grads) != len(wrt):
+        wanted = ", ".join(names[i] for i in wrt)
+        raise _Mismatch(f"backward returned {len(grads)} gradients but the differentiable inputs are ({wanted})")
+    pairs = []
+    for g, i in zip(grads, wrt):
+        x = inputs[i]
+        if isinstance(x, dict):
+            if not isinstance(g, dict):
+                raise _Mismatch(f"the gradient of {names[i]} must be a dict with the same keys")
+            extra = sorted(set(g) - set(x))
+            if extra:
+                raise _Mismatch(f"gradient of {names[i]} has unknown keys {extra}")
+            for k, v in x.items():
+                if k not in g or g[k] is None:
+                    raise _Mismatch(f"gradient of {names[i]}[{k}] is missing")
+                pairs.append((f"{names[i]}[{k}]", v, g[k]))
+        else:
+            pairs.append((names[i], x, g))
+    for name, x, g in pairs:
+        if g is None or tuple(g.shape) != tuple(x.shape):
+            got = None if g is None else tuple(g.shape)
+            raise _Mismatch(f"gradient of {name} has shape {got}, expected {tuple(x.shape)}")
+    return pairs
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def gradcheck(
+    forward: Callable,
+    backward: Callable,
+    inputs: Sequence[Any],
+    *,
+    wrt: Sequence[int] | None = None,
+    names: Sequence[str] | None = None,
+    layer: str | None = None,
+    eps: float = 1e-5,
+    tol: float = 1e-7,
+    max_coords: int = 64,
+    seed: int = 0,
+) -> list[GradcheckResult]:
+    """Check `backward` against central finite differences of `forward`, in float64 on NumPy.
+
+    forward(*inputs) -> (out, cache); backward(dout, cache) -> gradients of inputs[wrt], in order.
+    wrt: indices of the differentiable inputs (default: every float array or dict of float arrays).
+    names: one per input (default: forward's parameter names). eps: finite-difference step.
+    tol: largest accepted relative error. max_coords: coordinates sampled per tensor.
+    Returns one GradcheckResult per differentiable tensor (a dict input gives one per key).
+    """
+    layer = layer or getattr(forward, "__name__", "layer").removesuffix("_forward")
+    inputs = [_to_float64_numpy(x) for x in inputs]
+    names = list(names) if names is not None else _input_names(forward, len(inputs))
+    if len(names) != len(inputs):
+        raise ValueError(f"gradcheck: {len(names)} names for {len(inputs)} inputs")
+    if wrt is None:
+        wrt = [i for i, x in enumerate(inputs) if _is_differentiable(x)]
+    wrt = list(wrt)
+    for i in wrt:
+        if not _is_differentiable(inputs[i]):
+            raise ValueError(f"gradcheck: input {names[i]} (index {i}) is not a float array or a dict of float arrays")
+    if not wrt:
+        raise ValueError("gradcheck: no differentiable inputs (float arrays) to check")
+
+    rng = np.random.default_rng(seed)
+    out, cache = forward(*inputs)
+    out = np.asarray(to_numpy(out), dtype=np.float64)
+    dout = rng.standard_normal(out.shape)
+    dout_copy = dout.copy()
+    snapshot = _snapshot(cache, [])
+
+    def fail_all(note):
+        return [
+            GradcheckResult(layer, leaf, float("inf"), tol, False, note=note)
+            for i in wrt
+            for leaf, _ in _leaves(inputs[i], names[i])
+        ]
+
+    try:
+        grads = backward(dout, cache)
+        pairs = _match_grads(grads, inputs, wrt, names, layer)
+    except _Mismatch as e:
+        return fail_all(str(e))
+    except Exception as e:  # a crashing backward is a failed check, reported like one
+        return fail_all(f"backward raised {type(e).__name__}: {e}")
+    purity = []
+    if not np.array_equal(dout, dout_copy):
+        purity.append("backward modified dout")
+    if not _unchanged(snapshot):
+        purity.append("backward modified its cache")
+
+    def loss() -> float:
+        o, _ = forward(*inputs)
+        return math.fsum((np.asarray(to_numpy(o), dtype=np.float64) * dout).ravel())
+
+    results = []
+    for name, x, g in pairs:
+        g = np.asarray(to_numpy(g), dtype=np.float64)
+        flat_x = x.reshape(-1)  # a view: perturbing it perturbs the input
+        n = flat_x.size
+        if n <= max_coords:
+            coords = np.arange(n)
+        else:
+            coords = rng.choice(n, size=max_coords, replace=False)
+            coords = np.union1d(coords, [int(np.argmax(np.abs(g)))])
+        numeric = np.empty(len(coords))
+        for j, c in enumerate(coords):
+            orig = flat_x[c]
+            flat_x[c] = orig + eps
+            f_plus = loss()
+            flat_x[c] = orig - eps
+            f_minus = loss()
+            flat_x[c] = orig
+            numeric[j] = (f_plus - f_minus) / (2 * eps)
+        analytic = g.reshape(-1)[coords]
+        err = relative_error(analytic, numeric)
+        worst = int(np.argmax(np.abs(analytic - numeric))) if len(coords) else 0
+        passed = err <= tol and not purity
+        results.append(
+            GradcheckResult(
+                layer, name, err, tol, passed, len(coords), n,
+                worst_index=tuple(int(v) for v in np.unravel_index(coords[worst], x.shape)) if len(coords) else None,
+                analytic=float(analytic[worst]) if len(coords) else float("nan"),
+                numeric=float(numeric[worst]) if len(coords) else float("nan"),
+                note="; ".join(purity),
+            )
+        )  # fmt: skip
+    return results
+
+
+class HostRandom:
+    """A NumPy Generator whose draws are placed on `xp`'s device.
+
+    NumPy and CuPy generators give different streams for the same seed; passing HostRandom(seed, xp)
+    as `rng` makes a NumPy run and a CuPy run draw identical dropout masks, so they can be compared.
+    """
+
+    def __init__(self, seed, xp=np):
+        self._gen = np.random.default_rng(seed)
+        self._xp = xp
+
+    def random(self, size=None, dtype=np.float32):
+        return self._xp.asarray(self._gen.random(size, dtype=np.dtype(dtype).type))
+
+    def standard_normal(self, size=None, dtype=np.float32):
+        return self._xp.asarray(self._gen.standard_normal(size, dtype=np.dtype(dtype).type))
+
+
+def _to_xp(value, xp, dtype):
+    if isinstance(value, dict):
+        return {k: _to_xp(v, xp, dtype) for k, v in value.items()}
+    if _is_float_array(value):
+        return xp.asarray(to_numpy(value), dtype=dtype)
+    if hasattr(value, "dtype") and hasattr(value, "shape"):
+        return xp.asarray(to_numpy(value))
+    return value
+
+
+def compare_backends(
+    forward: Callable,
+    backward: Callable,
+    inputs: Sequence[Any],
+    *,
+    xp=None,
+    dtype=np.float32,
+    names: Sequence[str] | None = None,
+    layer: str | None = None,
+    tol: float | None = None,
+    seed: int = 0,
+) -> list[GradcheckResult]:
+    """Run forward and backward on NumPy and on `xp` (CuPy by default) with identical inputs and dout;
+    compare the outputs and every gradient with `relative_error`.
+
+    forward may take a keyword `xp` if it needs to build device-specific things (e.g. an rng); it is
+    passed when forward's signature has it. tol defaults to 1e-5 in float32 and 1e-12 in float64.
+    """
+    if xp is None:
+        import cupy as xp  # noqa: F811  (only reached when a GPU check is asked for)
+    dtype = np.dtype(dtype)
+    tol = tol if tol is not None else (1e-5 if dtype == np.float32 else 1e-12)
+    layer = layer or getattr(forward, "__name__", "layer").removesuffix("_forward")
+    names = list(names) if names is not None else _input_names(forward, len(inputs))
+    wrt = [i for i, x in enumerate(inputs) if _is_differentiable(x)]
+    takes_xp = "xp" in inspect.signature(forward).parameters
+
+    def run(mod):
+        args = [_to_xp(x, mod, dtype) for x in inputs]
+        out, cache = forward(*args, xp=mod) if takes_xp else forward(*args)
+        dout = mod.asarray(np.random.default_rng(seed).standard_normal(out.shape), dtype=out.dtype)
+        grads = backward(dout, cache)
+        if get_array_module(out) is not mod:
+            raise ValueError(f"{layer}: forward on {mod.__name__} arrays returned a {type(out).__module__} array")
+        return out, _match_grads(grads, args, wrt, names, layer)
+
+    ref_out, ref_pairs = run(np)
+    dev_out, dev_pairs = run(xp)
+    results = []
+    for (name, _, ref), (_, _, dev) in [(("out", None, ref_out), ("out", None, dev_out))] + list(zip(ref_pairs, dev_pairs)):
+        ref_np, dev_np = to_numpy(ref), to_numpy(dev)
+        err = relative_error(dev_np, ref_np)
+        diff = np.abs(dev_np.astype(np.float64) - ref_np.astype(np.float64))
+        worst = np.unravel_index(int(np.argmax(diff)), diff.shape) if diff.size else None
+        results.append(
+            GradcheckResult(
+                layer, name, err, tol, bool(err <= tol), diff.size, diff.size,
+                worst_index=None if worst is None else tuple(int(v) for v in worst),
+                analytic=float(dev_np[worst]) if worst is not None else float("nan"),
+                numeric=float(ref_np[worst]) if worst is not None else float("nan"),
+                note=f"{xp.__name__} vs numpy, {dtype.name}",
+            )
+        )  # fmt: skip
+    return results
+
+
+def format_results(results: Sequence[GradcheckResult]) -> str:
+    """A plain-text table: layer, input, max relative error, tolerance, pass/fail."""
+    header = ("layer", "input", "max rel error", "tol", "result")
+    rows = [
+        (r.layer, "d" + r.input, f"{r.max_rel_error:.2e}", f"{r.tol:.0e}", "pass" if r.passed else "FAIL")
+        for r in results
+    ]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    out = [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
+    failures = [r for r in results if not r.passed]
+    if failures:
+        out.append("")
+        out += [r.describe() for r in failures]
+    return "\n".join(out)
+
+
+@dataclass
+class Check:
+    """A named forward/backward pair with inputs, for suites like `npgpt gradcheck`."""
+
+    layer: str
+    forward: Callable
+    backward: Callable
+    make_inputs: Callable[[np.random.Generator], list]
+    tol: float = 1e-7
+    eps: float = 1e-5
+    max_coords: int = 64
+    names: list[str] | None = None
+
+    def run(self, seed: int = 0) -> list[GradcheckResult]:
+        rng = np.random.default_rng(seed)
+        return gradcheck(
+            self.forward, self.backward, self.make_inputs(rng), names=self.names, layer=self.layer,
+            eps=self.eps, tol=self.tol, max_coords=self.max_coords, seed=seed,
+        )  # fmt: skip
+
+    def run_on(self, xp, dtype=np.float32, seed: int = 0) -> list[GradcheckResult]:
+        rng = np.random.default_rng(seed)
+        return compare_backends(
+            self.forward, self.backward, self.make_inputs(rng), xp=xp, dtype=dtype,
+            names=self.names, layer=self.layer, seed=seed,
+        )  # fmt: skip

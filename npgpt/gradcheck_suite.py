@@ -1,0 +1,143 @@
+"""The checks `npgpt gradcheck` runs: every layer, several shapes, float64 finite differences.
+
+Each Check builds its inputs from a seeded generator, so a failure is reproducible. The layer
+functions are looked up on `npgpt.layers` when a check runs (not bound at import), so a test can
+swap in a broken backward and watch the suite fail.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import layers as L
+from .gradcheck import Check, HostRandom
+
+IGNORE = -100
+
+
+def _randn(rng, *shape):
+    return rng.standard_normal(shape)
+
+
+def _block_params(rng, C, qkv_bias=True):
+    p = {
+        "ln_1.weight": 1.0 + 0.1 * _randn(rng, C), "ln_1.bias": 0.1 * _randn(rng, C),
+        "attn.c_attn.weight": 0.3 * _randn(rng, C, 3 * C), "attn.c_attn.bias": 0.1 * _randn(rng, 3 * C),
+        "attn.c_proj.weight": 0.3 * _randn(rng, C, C), "attn.c_proj.bias": 0.1 * _randn(rng, C),
+        "ln_2.weight": 1.0 + 0.1 * _randn(rng, C), "ln_2.bias": 0.1 * _randn(rng, C),
+        "mlp.c_fc.weight": 0.3 * _randn(rng, C, 4 * C), "mlp.c_fc.bias": 0.1 * _randn(rng, 4 * C),
+        "mlp.c_proj.weight": 0.3 * _randn(rng, 4 * C, C), "mlp.c_proj.bias": 0.1 * _randn(rng, C),
+    }  # fmt: skip
+    if not qkv_bias:
+        del p["attn.c_attn.bias"]
+    return p
+
+
+def layer_checks() -> list[Check]:
+    """One Check per layer and shape; the shapes include B=1, T=1, non-square and several head counts."""
+    checks: list[Check] = []
+    add = checks.append
+
+    # embedding: repeated ids must accumulate
+    for B, T, V, C in [(2, 5, 7, 4), (1, 1, 3, 6)]:
+        add(Check(
+            f"embedding B{B} T{T} V{V} C{C}",
+            lambda ids, weight: L.embedding_forward(ids, weight),
+            lambda d, c: L.embedding_backward(d, c),
+            lambda r, B=B, T=T, V=V, C=C: [r.integers(0, V, size=(B, T)), _randn(r, V, C)],
+        ))  # fmt: skip
+
+    for B, T, Cin, Cout, bias in [(2, 3, 5, 4, True), (1, 1, 3, 7, True), (2, 4, 6, 3, False)]:
+        if bias:
+            add(Check(
+                f"linear B{B} T{T} {Cin}->{Cout}",
+                lambda x, weight, bias: L.linear_forward(x, weight, bias),
+                lambda d, c: L.linear_backward(d, c),
+                lambda r, B=B, T=T, Cin=Cin, Cout=Cout: [_randn(r, B, T, Cin), _randn(r, Cin, Cout), _randn(r, Cout)],
+            ))  # fmt: skip
+        else:
+            add(Check(
+                f"linear B{B} T{T} {Cin}->{Cout} no bias",
+                lambda x, weight: L.linear_forward(x, weight),
+                lambda d, c: L.linear_backward(d, c)[:2],
+                lambda r, B=B, T=T, Cin=Cin, Cout=Cout: [_randn(r, B, T, Cin), _randn(r, Cin, Cout)],
+            ))  # fmt: skip
+
+    for B, T, C in [(2, 3, 8), (1, 1, 5), (3, 2, 16)]:
+        add(Check(
+            f"layernorm B{B} T{T} C{C}",
+            lambda x, weight, bias: L.layernorm_forward(x, weight, bias),
+            lambda d, c: L.layernorm_backward(d, c),
+            lambda r, B=B, T=T, C=C: [2.0 * _randn(r, B, T, C) + 0.5, 1.0 + 0.2 * _randn(r, C), _randn(r, C)],
+        ))  # fmt: skip
+
+    for shape in [(2, 3, 7), (1, 1, 4)]:
+        add(Check(
+            f"gelu {'x'.join(map(str, shape))}",
+            lambda x: L.gelu_forward(x),
+            lambda d, c: L.gelu_backward(d, c),
+            lambda r, shape=shape: [3.0 * _randn(r, *shape)],
+        ))  # fmt: skip
+
+    for B, T, C, NH in [(2, 5, 8, 2), (1, 1, 8, 4), (2, 4, 12, 3), (1, 6, 4, 1), (2, 3, 16, 8)]:
+        add(Check(
+            f"attention B{B} T{T} C{C} NH{NH}",
+            lambda qkv, n_head: L.attention_forward(qkv, n_head),
+            lambda d, c: L.attention_backward(d, c),
+            lambda r, B=B, T=T, C=C, NH=NH: [_randn(r, B, T, 3 * C), NH],
+        ))  # fmt: skip
+    add(Check(
+        "attention B2 T5 C8 NH2 dropout 0.3",
+        lambda qkv, n_head, xp=np: L.attention_forward(qkv, n_head, attn_pdrop=0.3, rng=HostRandom(7, xp), training=True),
+        lambda d, c: L.attention_backward(d, c),
+        lambda r: [_randn(r, 2, 5, 24), 2],
+    ))  # fmt: skip
+
+    for B, T, V, n_ignored, offset in [(2, 4, 11, 0, 0.0), (1, 1, 5, 0, 0.0), (2, 5, 13, 3, 0.0), (2, 3, 9, 1, 1000.0)]:
+        def ce_inputs(r, B=B, T=T, V=V, n_ignored=n_ignored, offset=offset):
+            targets = r.integers(0, V, size=(B, T))
+            targets.reshape(-1)[r.choice(B * T, size=n_ignored, replace=False)] = IGNORE
+            return [2.0 * _randn(r, B, T, V) + offset, targets]
+
+        label = f"cross_entropy B{B} T{T} V{V}" + (f" ignore{n_ignored}" if n_ignored else "") + (" logits+1000" if offset else "")
+        add(Check(
+            label,
+            lambda logits, targets: L.softmax_cross_entropy_forward(logits, targets, ignore_index=IGNORE),
+            lambda d, c: L.softmax_cross_entropy_backward(d, c),
+            ce_inputs,
+        ))  # fmt: skip
+
+    add(Check(
+        "dropout 3x4x5 p=0.3",
+        lambda x, xp=np: L.dropout_forward(x, 0.3, HostRandom(3, xp), training=True),
+        lambda d, c: L.dropout_backward(d, c),
+        lambda r: [_randn(r, 3, 4, 5)],
+    ))  # fmt: skip
+
+    for B, T, C, H in [(2, 3, 4, 16), (1, 1, 6, 10)]:
+        add(Check(
+            f"ffn B{B} T{T} C{C} H{H}",
+            lambda x, w_fc, b_fc, w_proj, b_proj: L.ffn_forward(x, w_fc, b_fc, w_proj, b_proj),
+            lambda d, c: L.ffn_backward(d, c),
+            lambda r, B=B, T=T, C=C, H=H: [_randn(r, B, T, C), 0.5 * _randn(r, C, H), 0.1 * _randn(r, H),
+                                           0.5 * _randn(r, H, C), 0.1 * _randn(r, C)],
+        ))  # fmt: skip
+
+    for B, T, C, NH, qkv_bias, drop in [(2, 4, 8, 2, True, 0.0), (1, 1, 8, 4, False, 0.0), (2, 3, 12, 3, True, 0.2)]:
+        label = f"block B{B} T{T} C{C} NH{NH}" + ("" if qkv_bias else " no qkv bias") + (f" dropout {drop}" if drop else "")
+        add(Check(
+            label,
+            lambda x, block_params, n_head, xp=np, drop=drop: L.block_forward(
+                x, block_params, n_head, drop_rate=drop, rng=HostRandom(11, xp), training=drop > 0),
+            lambda d, c: L.block_backward(d, c),
+            lambda r, B=B, T=T, C=C, NH=NH, qkv_bias=qkv_bias: [_randn(r, B, T, C), _block_params(r, C, qkv_bias), NH],
+            max_coords=24,
+        ))  # fmt: skip
+    return checks
+
+
+def all_checks() -> list[Check]:
+    """Every check npgpt ships: the layers, then the whole model."""
+    from .model_check import model_checks
+
+    return layer_checks() + model_checks()

@@ -1,0 +1,30 @@
+"""npgpt's layers: each a pair of pure functions.
+
+    out, cache = X_forward(inputs..., params...)
+    grads      = X_backward(dout, cache)    # gradients of the differentiable inputs, in forward order
+
+The backward never mutates dout or the cache. Every layer runs on NumPy and CuPy arrays, in
+float32 or float64. One concept per file; docs/backprop.md derives every backward.
+"""
+
+from .attention import AttentionCache, attention_backward, attention_forward, attention_step_kv
+from .block import BLOCK_PARAM_NAMES, BlockCache, block_backward, block_forward
+from .cross_entropy import CrossEntropyCache, softmax_cross_entropy_backward, softmax_cross_entropy_forward
+from .dropout import DropoutCache, dropout_backward, dropout_forward
+from .embedding import EmbeddingCache, embedding_backward, embedding_forward
+from .ffn import FFNCache, ffn_backward, ffn_forward
+from .gelu import GeluCache, gelu_backward, gelu_forward
+from .layernorm import LayerNormCache, layernorm_backward, layernorm_forward
+from .linear import LinearCache, linear_backward, linear_forward
+
+__all__ = [
+    "AttentionCache", "attention_forward", "attention_backward", "attention_step_kv",
+    "BLOCK_PARAM_NAMES", "BlockCache", "block_forward", "block_backward",
+    "CrossEntropyCache", "softmax_cross_entropy_forward", "softmax_cross_entropy_backward",
+    "DropoutCache", "dropout_forward", "dropout_backward",
+    "EmbeddingCache", "embedding_forward", "embedding_backward",
+    "FFNCache", "ffn_forward", "ffn_backward",
+    "GeluCache", "gelu_forward", "gelu_backward",
+    "LayerNormCache", "layernorm_forward", "layernorm_backward",
+    "LinearCache", "linear_forward", "linear_backward",
+]  # fmt: skip

@@ -1,0 +1,332 @@
+"""The GPT-2 model: parameters in a dict with Hugging Face's names, forward and backward by hand.
+
+Glossary: B=batch, T=time, C=channels (emb_dim), NH=heads, V=vocab, L=n_layers.
+
+    x = dropout(wte[idx] + wpe[0..T-1])            (B, T) -> (B, T, C)
+    x = block_i(x) for i in 0..L-1                 (B, T, C)
+    x = ln_f(x)                                    (B, T, C)
+    logits = x @ wte.T   (tied; else lm_head)      (B, T, C) -> (B, T, V)
+    loss = cross_entropy(logits, targets)          0-d
+
+The backward runs the same list in reverse; with tied weights the token table receives the sum of
+its two gradients (the embedding lookup's and the output head's).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, NamedTuple
+
+import numpy as np
+
+from . import layers as L
+from .backend import DEFAULT_DTYPE, device_of, get_array_module, get_xp, to_numpy
+from .config import GPTConfig
+from .layers.block import BLOCK_PARAM_NAMES
+
+
+class GPTCache(NamedTuple):
+    tok: L.EmbeddingCache
+    pos: L.EmbeddingCache
+    drop: L.DropoutCache
+    blocks: list  # [BlockCache] * n_layers
+    ln_f: L.LayerNormCache
+    head: L.LinearCache
+    loss: L.CrossEntropyCache | None  # None when forward had no targets
+
+
+def param_shapes(config: GPTConfig) -> dict[str, tuple]:
+    """Every parameter's name and shape, in Hugging Face GPT-2 names and layouts, in a fixed order."""
+    V, T, C = config.vocab_size, config.context_length, config.emb_dim
+    shapes = {"wte.weight": (V, C), "wpe.weight": (T, C)}
+    for i in range(config.n_layers):
+        block = {
+            "ln_1.weight": (C,), "ln_1.bias": (C,),
+            "attn.c_attn.weight": (C, 3 * C), "attn.c_attn.bias": (3 * C,),
+            "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,),
+            "ln_2.weight": (C,), "ln_2.bias": (C,),
+            "mlp.c_fc.weight": (C, 4 * C), "mlp.c_fc.bias": (4 * C,),
+            "mlp.c_proj.weight": (4 * C, C), "mlp.c_proj.bias": (C,),
+        }  # fmt: skip
+        if not config.qkv_bias:
+            del block["attn.c_attn.bias"]
+        assert set(block) <= set(BLOCK_PARAM_NAMES)
+        shapes.update({f"h.{i}.{k}": s for k, s in block.items()})
+    shapes["ln_f.weight"] = (C,)
+    shapes["ln_f.bias"] = (C,)
+    if not config.tie_weights:
+        shapes["lm_head.weight"] = (V, C)  # nn.Linear layout, as in HF's GPT2LMHeadModel
+    return shapes
+
+
+def init_params(config: GPTConfig, seed: int = 0, xp=np, dtype=DEFAULT_DTYPE) -> dict:
+    """GPT-2's initialisation: weights ~ N(0, 0.02), the two residual output projections of each block
+    ~ N(0, 0.02 / sqrt(2 L)) (so the residual stream's variance does not grow with depth), biases 0,
+    LayerNorm weights 1. Drawn on the host with NumPy, so CPU and GPU models with one seed are equal."""
+    rng = np.random.default_rng(seed)
+    resid_std = 0.02 / math.sqrt(2 * max(config.n_layers, 1))
+    params = {}
+    for name, shape in param_shapes(config).items():
+        if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+            value = np.ones(shape, dtype=dtype)
+        elif name.endswith(".bias"):
+            value = np.zeros(shape, dtype=dtype)
+        else:
+            std = resid_std if name.endswith(("attn.c_proj.weight", "mlp.c_proj.weight")) else 0.02
+            value = (rng.standard_normal(shape, dtype=np.float32) * np.float32(std)).astype(dtype)
+        params[name] = xp.asarray(value)
+    return params
+
+
+def make_rng(seed, xp):
+    """A random generator on the device of `xp` (for dropout masks)."""
+    return np.random.default_rng(seed) if xp is np else xp.random.default_rng(seed)
+
+
+class GPT:
+    """GPT-2 with hand-written forward and backward.
+
+    model = GPT(GPTConfig.from_preset("nano"), seed=0, device="cpu", dtype=np.float32)
+    logits, loss, cache = model.forward(idx, targets, training=True)
+    grads = model.backward(cache)       # same keys as model.params
+    """
+
+    def __init__(self, config: GPTConfig, seed: int = 0, device: str | None = None, dtype=DEFAULT_DTYPE, params=None):
+        if not isinstance(config, GPTConfig):
+            raise ValueError(f"GPT needs a GPTConfig, got {type(config).__name__}; use GPTConfig(**your_dict)")
+        dtype = np.dtype(dtype)
+        if dtype not in (np.float32, np.float64):
+            raise ValueError(f"GPT dtype must be float32 or float64, got {dtype}")
+        self.config = config
+        if params is None:
+            params = init_params(config, seed, get_xp(device), dtype)
+        elif device is not None:
+            raise ValueError("pass either params (already on their device) or device, not both")
+        xp = get_array_module(params.get("wte.weight"))
+        self.params = params
+        self.check_params(self.params)
+        self.rng = make_rng(seed + 1, xp)  # dropout masks when forward is given no rng
+        self._block_keys = [[k for k in BLOCK_PARAM_NAMES if f"h.{i}.{k}" in self.params] for i in range(config.n_layers)]
+
+    # --- parameters -----------------------------------------------------------------------------
+
+    @property
+    def xp(self):
+        """numpy or cupy: the module that owns the parameters."""
+        return get_array_module(self.params["wte.weight"])
+
+    @property
+    def device(self) -> str:
+        return device_of(self.params["wte.weight"])
+
+    @property
+    def dtype(self):
+        return self.params["wte.weight"].dtype
+
+    def check_params(self, params: dict) -> None:
+        """ValueError naming every missing, unexpected or mis-shaped tensor."""
+        expected = param_shapes(self.config)
+        problems = [f"missing {k} {s}" for k, s in expected.items() if k not in params]
+        problems += [f"unexpected {k} {tuple(params[k].shape)}" for k in params if k not in expected]
+        problems += [
+            f"{k} has shape {tuple(params[k].shape)}, expected {s}"
+            for k, s in expected.items()
+            if k in params and tuple(params[k].shape) != s
+        ]
+        if problems:
+            raise ValueError("parameters do not match the config: " + "; ".join(problems))
+
+    def block_params(self, i: int) -> dict:
+        """Block i's parameters keyed by their names inside the block ('ln_1.weight', ...)."""
+        return {k: self.params[f"h.{i}.{k}"] for k in self._block_keys[i]}
+
+    @property
+    def head_weight(self):
+        """(C, V) output projection: wte.T when tied (a view, no copy), else lm_head.weight.T."""
+        return (self.params["wte.weight"] if self.config.tie_weights else self.params["lm_head.weight"]).T
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameters stored (a tied head is counted once). exclude_embeddings drops wte and wpe."""
+        skip = ("wte.weight", "wpe.weight") if exclude_embeddings else ()
+        return int(sum(v.size for k, v in self.params.items() if k not in skip))
+
+    def nbytes(self) -> int:
+        return int(sum(v.nbytes for v in self.params.values()))
+
+    def save_pretrained(self, directory) -> None:
+        """model.safetensors + config.json in the Hugging Face GPT-2 layout (transformers' GPT2LMHeadModel
+        .from_pretrained reads it), plus a manifest of both files' sha256."""
+        from .checkpoint import save_model, write_manifest
+
+        save_model(directory, self)
+        write_manifest(directory)
+
+    # --- training forward / backward ------------------------------------------------------------
+
+    def _check_idx(self, idx, what="idx"):
+        xp = self.xp
+        idx = xp.asarray(idx)
+        if idx.ndim != 2:
+            raise ValueError(f"{what} must have shape (B, T), got {tuple(idx.shape)}; add a batch axis with idx[None]")
+        if idx.dtype.kind not in "iu":
+            raise ValueError(f"{what} must hold integer token ids, got dtype {idx.dtype}")
+        if idx.shape[1] > self.config.context_length:
+            raise ValueError(
+                f"{what} has T={idx.shape[1]} positions but the model's context_length is "
+                f"{self.config.context_length}; crop the input to its last {self.config.context_length} tokens"
+            )
+        if idx.shape[1] < 1:
+            raise ValueError(f"{what} is empty (T=0); give at least one token")
+        return idx
+
+    def forward(self, idx, targets=None, training=False, rng=None):
+        """idx: (B, T) token ids; targets: (B, T) ids or None -> (logits (B, T, V), loss (0-d) or None, cache).
+
+        training=True turns dropout on (drop_rate of the config); `rng` draws the masks (default:
+        the model's own generator, seeded from the model's seed, so a run is reproducible).
+        """
+        cfg, p = self.config, self.params
+        idx = self._check_idx(idx)
+        B, T = idx.shape
+        rng = self.rng if rng is None else rng
+        drop = cfg.drop_rate if training else 0.0
+        tok, c_tok = L.embedding_forward(idx, p["wte.weight"])  # (B, T) -> (B, T, C)
+        pos, c_pos = L.embedding_forward(self.xp.arange(T), p["wpe.weight"])  # (T,) -> (T, C)
+        x = tok + pos  # (B, T, C) + (T, C)
+        x, c_drop = L.dropout_forward(x, drop, rng, training)
+        c_blocks = []
+        for i in range(cfg.n_layers):
+            x, c = L.block_forward(x, self.block_params(i), cfg.n_heads, eps=cfg.ln_eps, drop_rate=drop, rng=rng, training=training)
+            c_blocks.append(c)
+        x, c_ln_f = L.layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"], cfg.ln_eps)
+        logits, c_head = L.linear_forward(x, self.head_weight)  # (B, T, C) -> (B, T, V)
+        loss, c_loss = None, None
+        if targets is not None:
+            targets = self.xp.asarray(targets)
+            loss, c_loss = L.softmax_cross_entropy_forward(logits, targets)
+        return logits, loss, GPTCache(c_tok, c_pos, c_drop, c_blocks, c_ln_f, c_head, c_loss)
+
+    def backward(self, cache: GPTCache, dloss=1.0, dlogits=None) -> dict:
+        """Gradients of every parameter, keyed like self.params.
+
+        dloss: upstream gradient of the loss (scale it for gradient accumulation or loss scaling).
+        dlogits: (B, T, V) upstream gradient of the logits, for losses of your own (added to the
+        loss's gradient when the forward also had targets).
+        """
+        cfg = self.config
+        d = None
+        if cache.loss is not None and dloss is not None:
+            d = L.softmax_cross_entropy_backward(dloss, cache.loss)  # (B, T, V)
+        if dlogits is not None:
+            d = dlogits if d is None else d + dlogits
+        if d is None:
+            raise ValueError("backward has nothing to differentiate: the forward had no targets, so pass dlogits")
+        grads = {}
+        dx, dhead, _ = L.linear_backward(d, cache.head)  # (B, T, V) -> (B, T, C); dhead (C, V)
+        dx, grads["ln_f.weight"], grads["ln_f.bias"] = L.layernorm_backward(dx, cache.ln_f)
+        for i in reversed(range(cfg.n_layers)):
+            dx, g = L.block_backward(dx, cache.blocks[i])
+            grads.update({f"h.{i}.{k}": v for k, v in g.items()})
+        dx = L.dropout_backward(dx, cache.drop)
+        # x = tok + pos: both get dx; pos (T, C) was broadcast over the batch, so its gradient sums over B.
+        dwte = L.embedding_backward(dx, cache.tok)  # (V, C)
+        grads["wpe.weight"] = L.embedding_backward(dx.sum(axis=0), cache.pos)  # (T, C) -> (context_length, C)
+        if cfg.tie_weights:
+            dwte += dhead.T  # the output head's share of the tied table
+        else:
+            grads["lm_head.weight"] = self.xp.ascontiguousarray(dhead.T)
+        grads["wte.weight"] = dwte
+        return {k: grads[k] for k in self.params}
+
+    def loss_and_grads(self, idx, targets, training=True, rng=None, dloss=1.0):
+        """forward + backward in one call -> (loss as a float, grads)."""
+        _, loss, cache = self.forward(idx, targets, training=training, rng=rng)
+        return float(loss), self.backward(cache, dloss=dloss)
+
+    # --- inference with a KV cache -------------------------------------------------------------
+
+    def new_kv_cache(self, batch_size: int, length: int | None = None):
+        """Per-layer (k, v) buffers of shape (B, NH, length, hs) for incremental decoding."""
+        cfg = self.config
+        length = cfg.context_length if length is None else length
+        shape = (batch_size, cfg.n_heads, length, cfg.head_size)
+        return [(self.xp.zeros(shape, self.dtype), self.xp.zeros(shape, self.dtype)) for _ in range(cfg.n_layers)]
+
+    def forward_kv(self, idx, kv_cache, pos: int, last_only: bool = True):
+        """Inference forward for positions pos .. pos+Tn-1, reading and extending `kv_cache`.
+
+        idx: (B, Tn) new token ids. Returns logits (B, V) for the last position (last_only) or
+        (B, Tn, V). No dropout, no cache for a backward: this path is for generation.
+        """
+        cfg, p = self.config, self.params
+        idx = self._check_idx(idx)
+        Tn = idx.shape[1]
+        if pos + Tn > cfg.context_length:
+            raise ValueError(f"positions {pos}..{pos + Tn - 1} exceed context_length {cfg.context_length}")
+        x = p["wte.weight"][idx] + p["wpe.weight"][pos : pos + Tn]  # (B, Tn, C)
+        for i in range(cfg.n_layers):
+            bp = self.block_params(i)
+            h, _ = L.layernorm_forward(x, bp["ln_1.weight"], bp["ln_1.bias"], cfg.ln_eps)
+            qkv, _ = L.linear_forward(h, bp["attn.c_attn.weight"], bp.get("attn.c_attn.bias"))  # (B, Tn, 3C)
+            a = L.attention_step_kv(qkv, cfg.n_heads, kv_cache[i][0], kv_cache[i][1], pos)  # (B, Tn, C)
+            a, _ = L.linear_forward(a, bp["attn.c_proj.weight"], bp["attn.c_proj.bias"])
+            x = x + a
+            h, _ = L.layernorm_forward(x, bp["ln_2.weight"], bp["ln_2.bias"], cfg.ln_eps)
+            m, _ = L.ffn_forward(h, bp["mlp.c_fc.weight"], bp["mlp.c_fc.bias"], bp["mlp.c_proj.weight"], bp["mlp.c_proj.bias"])
+            x = x + m
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C): only the next token's logits are needed
+        x, _ = L.layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"], cfg.ln_eps)
+        logits, _ = L.linear_forward(x, self.head_weight)  # (B, Tx, V)
+        return logits[:, -1] if last_only else logits
+
+    def generate_stream(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                        top_p: float | None = None, seed: int | None = None, rng=None, eos_id: int | None = None,
+                        use_kv_cache: bool = True) -> Iterator[np.ndarray]:  # fmt: skip
+        """Yield the next token ids, (B,) NumPy int64, one step at a time.
+
+        temperature 0 is greedy (argmax). top_k keeps the k most likely tokens, top_p the smallest set
+        whose probability reaches p. Sampling happens on the host with a NumPy generator (`rng`, or
+        one seeded with `seed`), so CPU and GPU runs with one seed draw alike. Stops early when every
+        row has produced `eos_id`. Longer than context_length: the model sees the last context_length
+        tokens (the KV cache is rebuilt for the shifted window, which gives the same tokens as recomputing).
+        """
+        from .sampling import sample_next
+
+        idx = np.asarray(to_numpy(idx))
+        if idx.ndim != 2 or idx.shape[1] < 1 or idx.dtype.kind not in "iu":
+            raise ValueError(f"the prompt must be a (B, T) integer array with T >= 1, got shape {idx.shape} dtype {idx.dtype}")
+        rng = np.random.default_rng(seed) if rng is None else rng
+        ctx = self.config.context_length
+        seq = idx.astype(np.int64)
+        B = seq.shape[0]
+        done = np.zeros(B, dtype=bool)
+        kv, pos = None, 0
+        for _ in range(max_new_tokens):
+            if not use_kv_cache:
+                window = seq[:, -ctx:]
+                logits = self.forward(window)[0][:, -1]  # (B, V)
+            elif kv is None or pos + 1 > ctx:
+                window = seq[:, -ctx:]  # (re)fill the cache with the visible window
+                kv = self.new_kv_cache(B)
+                logits = self.forward_kv(self.xp.asarray(window), kv, 0)
+                pos = window.shape[1]
+            else:
+                logits = self.forward_kv(self.xp.asarray(seq[:, -1:]), kv, pos)
+                pos += 1
+            nxt = sample_next(to_numpy(logits), rng, temperature=temperature, top_k=top_k, top_p=top_p)  # (B,)
+            if eos_id is not None:
+                nxt = np.where(done, eos_id, nxt)
+                done |= nxt == eos_id
+            seq = np.concatenate([seq, nxt[:, None]], axis=1)
+            yield nxt
+            if eos_id is not None and done.all():
+                return
+
+    def generate(self, idx, max_new_tokens: int, **kwargs) -> np.ndarray:
+        """(B, T) prompt ids -> (B, T + n) NumPy ids, n <= max_new_tokens. Options as generate_stream."""
+        prompt = np.asarray(to_numpy(idx)).astype(np.int64)
+        steps = list(self.generate_stream(prompt, max_new_tokens, **kwargs))
+        if not steps:
+            return prompt
+        return np.concatenate([prompt, np.stack(steps, axis=1)], axis=1)

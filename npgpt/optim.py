@@ -1,0 +1,117 @@
+"""AdamW and global-norm gradient clipping, written out.
+
+AdamW (Loshchilov & Hutter), with PyTorch's conventions, for each parameter p with gradient g at step t:
+    m = b1 * m + (1 - b1) * g                 first moment
+    v = b2 * v + (1 - b2) * g^2               second moment
+    m_hat = m / (1 - b1^t);  v_hat = v / (1 - b2^t)        bias correction (t counts from 1)
+    p = p - lr * wd * p    (decoupled weight decay, only for the tensors decay_filter selects)
+    p = p - lr * m_hat / (sqrt(v_hat) + eps)
+Parameters are updated in place, so the model that owns the dict sees the new values.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+from .backend import get_array_module
+
+
+def default_decay_filter(name: str, param) -> bool:
+    """Decay matrices and embeddings (ndim >= 2); not biases or LayerNorm weights (ndim 1)."""
+    return param.ndim >= 2
+
+
+class AdamW:
+    def __init__(self, params: dict, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.01, decay_filter: Callable[[str, object], bool] = default_decay_filter):  # fmt: skip
+        if not lr >= 0:
+            raise ValueError(f"AdamW lr must be >= 0, got {lr}")
+        b1, b2 = betas
+        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+            raise ValueError(f"AdamW betas must be in [0, 1), got {betas}")
+        if not eps > 0:
+            raise ValueError(f"AdamW eps must be > 0, got {eps}")
+        if not weight_decay >= 0:
+            raise ValueError(f"AdamW weight_decay must be >= 0, got {weight_decay}")
+        self.params = params
+        self.lr, self.betas, self.eps, self.weight_decay = float(lr), (float(b1), float(b2)), float(eps), float(weight_decay)
+        self.decay = {k: bool(decay_filter(k, p)) for k, p in params.items()}
+        xp = get_array_module(*params.values())
+        self.m = {k: xp.zeros_like(p) for k, p in params.items()}
+        self.v = {k: xp.zeros_like(p) for k, p in params.items()}
+        self.t = 0  # steps taken
+
+    def step(self, grads: dict, lr: float | None = None) -> None:
+        """One update of every parameter from `grads` (same keys). lr overrides the default for this step."""
+        if grads.keys() != self.params.keys():
+            missing = sorted(set(self.params) - set(grads))
+            extra = sorted(set(grads) - set(self.params))
+            raise ValueError(f"AdamW.step: gradients missing for {missing[:5]}, unexpected {extra[:5]}")
+        lr = self.lr if lr is None else float(lr)
+        b1, b2 = self.betas
+        self.t += 1
+        bc1 = 1.0 - b1**self.t
+        bc2 = 1.0 - b2**self.t
+        step_size = lr / bc1
+        for k, p in self.params.items():
+            g, m, v = grads[k], self.m[k], self.v[k]
+            xp = get_array_module(p)
+            m *= b1
+            m += (1.0 - b1) * g
+            v *= b2
+            v += (1.0 - b2) * (g * g)
+            if self.decay[k] and self.weight_decay:
+                p *= 1.0 - lr * self.weight_decay
+            denom = xp.sqrt(v)
+            denom *= 1.0 / math.sqrt(bc2)
+            denom += self.eps  # sqrt(v_hat) + eps
+            p -= step_size * (m / denom)
+
+    def state_dict(self) -> dict:
+        """Hyper-parameters, the step count and the moments (arrays keyed like the parameters)."""
+        return {"t": self.t, "lr": self.lr, "betas": list(self.betas), "eps": self.eps,
+                "weight_decay": self.weight_decay, "decay": dict(self.decay), "m": self.m, "v": self.v}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        for which in ("m", "v"):
+            saved = state[which]
+            if saved.keys() != self.params.keys():
+                raise ValueError(f"optimizer state '{which}' has keys that do not match the parameters")
+            for k, p in self.params.items():
+                if tuple(saved[k].shape) != tuple(p.shape):
+                    raise ValueError(f"optimizer state {which}[{k}] has shape {tuple(saved[k].shape)}, parameter {tuple(p.shape)}")
+        xp = get_array_module(*self.params.values())
+        self.m = {k: xp.asarray(state["m"][k], dtype=p.dtype).copy() for k, p in self.params.items()}
+        self.v = {k: xp.asarray(state["v"][k], dtype=p.dtype).copy() for k, p in self.params.items()}
+        self.t = int(state["t"])
+        self.lr, self.eps, self.weight_decay = float(state["lr"]), float(state["eps"]), float(state["weight_decay"])
+        self.betas = tuple(float(b) for b in state["betas"])
+        if "decay" in state:
+            self.decay = {k: bool(state["decay"][k]) for k in self.params}
+
+
+def grad_norm(grads: dict) -> float:
+    """Global L2 norm of all gradients, sqrt(sum_k sum_i g_ki^2), as a Python float."""
+    total = 0.0
+    for g in grads.values():
+        xp = get_array_module(g)
+        flat = g.reshape(-1)
+        total += float(xp.dot(flat, flat))
+    return math.sqrt(total)
+
+
+def clip_grad_norm(grads: dict, max_norm: float) -> float:
+    """Scale all gradients in place so their global norm is at most max_norm; return the norm before.
+
+    As in PyTorch: scale = max_norm / (norm + 1e-6), applied only when it is below 1. A non-finite
+    norm is returned untouched (the trainer's non-finite guard decides what to do).
+    """
+    if not max_norm > 0:
+        raise ValueError(f"max_norm must be > 0, got {max_norm}")
+    norm = grad_norm(grads)
+    scale = max_norm / (norm + 1e-6)
+    if math.isfinite(norm) and scale < 1.0:
+        for g in grads.values():
+            g *= scale
+    return norm

@@ -1,0 +1,143 @@
+"""Loading weights: Hugging Face GPT-2 directories, bare .safetensors files, npgpt checkpoints and runs.
+
+    model = npgpt.load_pretrained("path/to/gpt2")          # config.json + model.safetensors
+    model = npgpt.load_pretrained("weights.safetensors", config="config.json")
+    model = npgpt.load_pretrained("runs/npgpt")            # a training run: its newest complete checkpoint
+    model.save_pretrained("out/")                          # the same layout, loadable by transformers
+
+Accepted key spellings: with or without the "transformer." prefix; the non-parameter buffers
+"h.<i>.attn.bias" / "h.<i>.attn.masked_bias" are ignored; "lm_head.weight" may be absent or equal to
+wte when the weights are tied. Anything else that is missing, unexpected or mis-shaped is an error
+naming the tensor and both shapes. Only safetensors is read: pickled PyTorch files are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .backend import DEFAULT_DTYPE, get_xp
+from .config import GPTConfig
+from .model import GPT, param_shapes
+from .safetensors_io import load_safetensors
+
+BUFFER_KEY = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
+
+
+def read_config(spec) -> GPTConfig:
+    """GPTConfig from a GPTConfig, a dict (npgpt or Hugging Face keys), or a config.json path."""
+    if isinstance(spec, GPTConfig):
+        return spec
+    if isinstance(spec, (str, Path)):
+        path = Path(spec)
+        try:
+            spec = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read the config {path}: {e}") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"a config must be a GPTConfig, a dict or a config.json path, got {type(spec).__name__}")
+    if "npgpt" in spec and isinstance(spec["npgpt"], dict) and "config" in spec["npgpt"]:
+        return GPTConfig.from_dict(spec["npgpt"]["config"])
+    if "n_embd" in spec or spec.get("model_type") == "gpt2":
+        return GPTConfig.from_hf_config(spec)
+    return GPTConfig.from_dict(spec)
+
+
+def _model_files(directory: Path) -> list[Path]:
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return [single]
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"{index} is not a valid safetensors index: {e}") from None
+        return [directory / name for name in sorted(set(weight_map.values()))]
+    pickled = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt")]
+    if pickled:
+        raise ValueError(
+            f"{directory} has only pickled weights ({', '.join(pickled)}); npgpt never loads pickle. Convert them "
+            "to model.safetensors (e.g. with transformers: model.save_pretrained(dir, safe_serialization=True))"
+        )
+    raise ValueError(f"{directory} has no model.safetensors")
+
+
+def _resolve(path) -> tuple[list[Path], Path | None]:
+    """(weight files, config.json or None) for a directory, a run directory or a .safetensors file."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ValueError(f"{path} does not exist; give a directory with config.json and model.safetensors, or a .safetensors file")
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ValueError(f"{path} is not a .safetensors file; npgpt reads safetensors only")
+        cfg = path.parent / "config.json"
+        return [path], cfg if cfg.is_file() else None
+    if not (path / "config.json").is_file() and (path / "checkpoints").is_dir():
+        from .train import latest_checkpoint
+
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise ValueError(f"the run directory {path} has no complete checkpoint")
+        path = latest
+    cfg = path / "config.json"
+    return _model_files(path), cfg if cfg.is_file() else None
+
+
+def normalize_state_dict(tensors: dict, config: GPTConfig, source: str = "checkpoint") -> dict:
+    """Map a Hugging Face GPT-2 state dict onto npgpt's parameter names, checking every tensor."""
+    params = {}
+    for key, value in tensors.items():
+        k = key.removeprefix("transformer.")
+        if BUFFER_KEY.match(k):
+            continue  # the causal-mask buffers of older HF checkpoints: not parameters
+        params[k] = value
+    if "lm_head.weight" in params and config.tie_weights:
+        head = params.pop("lm_head.weight")
+        wte = params.get("wte.weight")
+        if wte is not None and (head.shape != wte.shape or not np.array_equal(head, wte)):
+            raise ValueError(
+                f"{source}: lm_head.weight differs from wte.weight but the config ties them "
+                "(tie_word_embeddings); set tie_word_embeddings=false in config.json"
+            )
+    if not config.qkv_bias:
+        for i in range(config.n_layers):
+            b = params.pop(f"h.{i}.attn.c_attn.bias", None)
+            if b is not None and np.any(b != 0):
+                raise ValueError(f"{source}: h.{i}.attn.c_attn.bias is not zero but the config has qkv_bias=false")
+    expected = param_shapes(config)
+    problems = [f"missing tensor {k} (expected shape {s})" for k, s in expected.items() if k not in params]
+    problems += [f"unexpected tensor {k} with shape {tuple(params[k].shape)}" for k in params if k not in expected]
+    problems += [
+        f"tensor {k} has shape {tuple(params[k].shape)}, expected {s}"
+        for k, s in expected.items()
+        if k in params and tuple(params[k].shape) != s
+    ]
+    if problems:
+        raise ValueError(f"{source} does not match its config: " + "; ".join(problems))
+    return {k: params[k] for k in expected}
+
+
+def load_pretrained(path, config=None, device: str | None = None, dtype=DEFAULT_DTYPE) -> GPT:
+    """A GPT with the weights at `path` (see the module docstring), on `device`, in `dtype`."""
+    files, cfg_path = _resolve(path)
+    if config is None:
+        if cfg_path is None:
+            raise ValueError(f"no config.json next to {path}; pass config= (a GPTConfig, a dict or a config.json path)")
+        config = read_config(cfg_path)
+    else:
+        config = read_config(config)
+    tensors = {}
+    for f in files:
+        for k, v in load_safetensors(f).items():
+            if k in tensors:
+                raise ValueError(f"tensor {k} appears in more than one weight file")
+            tensors[k] = v
+    params = normalize_state_dict(tensors, config, source=str(path))
+    xp = get_xp(device)
+    dtype = np.dtype(dtype)
+    params = {k: xp.asarray(v.astype(dtype, copy=False)) for k, v in params.items()}
+    return GPT(config, params=params)

@@ -1,0 +1,559 @@
+"""`npgpt train` and its Python API: pretrain (or fine-tune) a GPT on text files.
+
+    from npgpt.train import TrainConfig, train
+    result = train(TrainConfig(data=["the-verdict"], preset="nano", epochs=10))
+
+One optimizer step: for each of `grad_accum` micro-batches, forward with dropout and backward (the
+loss scaled by 1/grad_accum so the gradients sum to the mean), then clip the global gradient norm,
+then AdamW with the learning rate of the warmup + cosine schedule. A step whose loss or gradient norm
+is not finite is skipped without touching the weights or the optimizer state.
+
+A run directory holds metrics.jsonl (one JSON record per step and per evaluation), loss.png (train and
+val loss against steps and tokens seen), summary.json, and checkpoints/step-XXXXXXXX/ directories in the
+Hugging Face layout (see checkpoint.py), the newest `keep_last` of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+
+from . import checkpoint as ckpt
+from .backend import to_numpy
+from .config import PRESETS, GPTConfig
+from .data import Batches, TokenWindows, load_token_ids, resolve_data_path, split_ids
+from .model import GPT, make_rng
+from .optim import AdamW, clip_grad_norm, grad_norm
+from .schedule import LRSchedule
+from .tokenizer import decode, encode, tokenizer_hash
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: list = field(default_factory=lambda: ["the-verdict"])  # files, or bundled corpora by name
+    train_ratio: float = 0.9
+    stride: int | None = None  # default: context_length (non-overlapping windows)
+    encoding_errors: str = "strict"  # or "replace"
+    cache_dir: str | None = None  # token cache (default ~/.cache/npgpt/tokens or $NPGPT_CACHE_DIR)
+    # model
+    preset: str = "nano"
+    context_length: int | None = None
+    emb_dim: int | None = None
+    n_heads: int | None = None
+    n_layers: int | None = None
+    drop_rate: float | None = None
+    qkv_bias: bool | None = None
+    tie_weights: bool | None = None
+    init_from: str | None = None  # a Hugging Face GPT-2 directory or an npgpt checkpoint to start from
+    # optimisation
+    batch_size: int = 2
+    grad_accum: int = 1
+    epochs: float | None = 10  # used when max_steps is None
+    max_steps: int | None = None
+    lr: float = 1e-3
+    min_lr: float | None = None  # default 0.1 * lr
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.999
+    grad_clip: float | None = 1.0  # None or 0: no clipping
+    max_bad_steps: int = 5  # consecutive non-finite steps before giving up
+    # evaluation, samples, checkpoints
+    out_dir: str = "runs/npgpt"
+    eval_interval: int = 20  # steps; the last step is always evaluated
+    eval_batches: int | None = None  # None: the whole validation split
+    sample_prompt: str | None = None  # default: the first line of the training text
+    sample_tokens: int = 40
+    sample_temperature: float = 0.0
+    sample_top_k: int | None = None
+    checkpoint_interval: int | None = None  # steps; the end of the run is always saved
+    keep_last: int = 3
+    resume: bool = False
+    # machine
+    seed: int = 0
+    device: str | None = None
+    dtype: str = "float32"
+    progress: bool = True
+
+    def model_config(self) -> GPTConfig:
+        overrides = {
+            k: getattr(self, k)
+            for k in ("context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias", "tie_weights")
+            if getattr(self, k) is not None
+        }
+        return GPTConfig.from_preset(self.preset, **overrides)
+
+    def validate(self) -> None:
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("--batch-size and --grad-accum must be at least 1")
+        if self.max_steps is None and (self.epochs is None or self.epochs <= 0):
+            raise ValueError("give a positive --epochs or --max-steps")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"--max-steps must be at least 1, got {self.max_steps}")
+        if self.eval_interval < 1:
+            raise ValueError(f"--eval-interval must be at least 1, got {self.eval_interval}")
+        if self.keep_last < 1:
+            raise ValueError(f"--keep-last must be at least 1, got {self.keep_last}")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"--dtype must be float32 or float64, got {self.dtype!r}")
+        if not self.data:
+            raise ValueError("no training data given (--data FILE ...)")
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens_seen: int
+    train_loss: float | None
+    val_loss: float | None
+    seconds: float
+    ms_per_step: float
+    tokens_per_second: float
+    peak_memory_mb: float
+    out_dir: str
+    checkpoint: str | None
+    plot: str | None
+    sample: str
+    interrupted: bool = False
+    skipped_steps: int = 0
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MB (ru_maxrss is KB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def step_seed(seed: int, step: int, micro: int) -> int:
+    """The dropout seed of one micro-batch: a pure function of (seed, step, micro), so resuming at any
+    step reproduces the masks without saving generator state."""
+    return int(np.random.SeedSequence([seed, step, micro]).generate_state(1)[0])
+
+
+def params_finite(params: dict) -> bool:
+    return all(bool(np.isfinite(to_numpy(v)).all()) for v in params.values())
+
+
+def evaluate(model: GPT, windows: TokenWindows, batch_size: int, max_batches: int | None = None) -> float:
+    """Mean cross-entropy per target token over the windows (dropout off)."""
+    total, count = 0.0, 0
+    for i, (x, y) in enumerate(windows.ordered_batches(batch_size)):
+        if max_batches is not None and i >= max_batches:
+            break
+        _, loss, _ = model.forward(x, y, training=False)
+        total += float(loss) * y.size
+        count += y.size
+    return total / max(count, 1)
+
+
+def sample_text(model: GPT, prompt_ids: list[int], n_tokens: int, temperature: float, top_k, seed: int) -> str:
+    out = model.generate(np.asarray([prompt_ids]), n_tokens, temperature=temperature, top_k=top_k, seed=seed)
+    return decode(out[0])
+
+
+# --- checkpoints of a run ---------------------------------------------------------------------
+
+
+def checkpoint_dirs(out_dir) -> list[Path]:
+    """step-XXXXXXXX directories of a run, oldest first."""
+    root = Path(out_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()]
+    return sorted(dirs, key=lambda p: int(p.name[5:]))
+
+
+def latest_checkpoint(out_dir, warn=True) -> Path | None:
+    """The newest checkpoint whose manifest verifies; older ones are tried in turn, with a warning."""
+    for d in reversed(checkpoint_dirs(out_dir)):
+        problem = ckpt.verify_manifest(d)
+        if problem is None:
+            return d
+        if warn:
+            warnings.warn(f"skipping checkpoint {d}: {problem}; trying the previous one", stacklevel=2)
+    return None
+
+
+def clean_stray_temporaries(out_dir) -> None:
+    root = Path(out_dir) / CHECKPOINT_DIR
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith(".tmp-"):
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.is_dir():
+                for f in p.glob(".*.tmp"):
+                    f.unlink(missing_ok=True)
+
+
+def save_training_checkpoint(out_dir, model, optimizer, state: dict, keep_last: int) -> Path:
+    """Write a complete checkpoint into a temporary directory, then rename it into place."""
+    root = Path(out_dir) / CHECKPOINT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    step = state["step"]
+    final = root / f"step-{step:08d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-step-{step:08d}-"))
+    try:
+        ckpt.save_model(tmp, model)
+        state = {**state, "optimizer": ckpt.save_optimizer(tmp, optimizer)}
+        ckpt.atomic_write_json(tmp / ckpt.STATE_FILE, state)
+        ckpt.write_manifest(tmp, step)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        ckpt._fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in checkpoint_dirs(out_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+# --- the loop -------------------------------------------------------------------------------------
+
+
+class _StopRequest:
+    """SIGINT / SIGTERM set a flag; the loop finishes its step, saves and exits with 130."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self):
+        def handler(signum, frame):
+            if self.signal is not None:  # a second signal: stop now
+                raise KeyboardInterrupt
+            self.signal = signum
+
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, handler)
+            except ValueError:  # not the main thread: no signal handling
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+
+def build_model(cfg: TrainConfig) -> GPT:
+    dtype = np.dtype(cfg.dtype)
+    if cfg.init_from:
+        from .pretrained import load_pretrained
+
+        model = load_pretrained(cfg.init_from, device=cfg.device, dtype=dtype)
+        changes = {k: getattr(cfg, k) for k in ("drop_rate",) if getattr(cfg, k) is not None}
+        if changes:
+            model.config = model.config.replace(**changes)
+        return model
+    return GPT(cfg.model_config(), seed=cfg.seed, device=cfg.device, dtype=dtype)
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run training as configured; returns a summary (also printed and written to summary.json)."""
+    from tqdm.auto import tqdm
+
+    cfg.validate()
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    clean_stray_temporaries(out_dir)
+
+    # Data
+    paths = [resolve_data_path(p) for p in cfg.data]
+    ids = load_token_ids(paths, cache_dir=cfg.cache_dir, errors=cfg.encoding_errors)
+    train_ids, val_ids = split_ids(ids, cfg.train_ratio)
+
+    # Model, optimizer, position (fresh or resumed)
+    resume_dir = latest_checkpoint(out_dir) if cfg.resume else None
+    if cfg.resume and resume_dir is None:
+        raise ValueError(f"--resume: no complete checkpoint in {out_dir / CHECKPOINT_DIR}; start without --resume")
+    if resume_dir is not None:
+        from .pretrained import load_pretrained
+
+        model = load_pretrained(resume_dir, device=cfg.device, dtype=np.dtype(cfg.dtype))
+        state = json.loads((resume_dir / ckpt.STATE_FILE).read_text())
+        if state.get("tokenizer") != tokenizer_hash():
+            raise ValueError(f"{resume_dir} was trained with another tokenizer; it cannot be resumed with this one")
+    else:
+        model = build_model(cfg)
+        state = None
+    T = cfg.context_length or model.config.context_length
+    if T > model.config.context_length:
+        raise ValueError(f"--context-length {T} exceeds the model's context_length {model.config.context_length}")
+    train_windows = TokenWindows(train_ids, T, cfg.stride, name="train")
+    val_windows = TokenWindows(val_ids, T, cfg.stride, name="val") if len(val_ids) else None
+    batches = Batches(train_windows, cfg.batch_size, shuffle=True, seed=cfg.seed)
+    steps_per_epoch = max(1, batches.batches_per_epoch // cfg.grad_accum)
+    total_steps = cfg.max_steps or max(1, int(math.ceil(cfg.epochs * steps_per_epoch)))
+    schedule = LRSchedule(cfg.lr, total_steps, cfg.warmup_steps, cfg.min_lr, cfg.schedule)
+    optimizer = AdamW(model.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    step, tokens_seen, skipped = 0, 0, 0
+    history = {"train": [], "val": []}  # (step, tokens, loss)
+    if state is not None:
+        m, v = ckpt.load_optimizer_tensors(resume_dir)
+        optimizer.load_state_dict({**state["optimizer"], "m": m, "v": v})
+        batches.load_state_dict(state["data"])
+        step, tokens_seen, skipped = state["step"], state["tokens_seen"], state.get("skipped_steps", 0)
+        history = state.get("history", history)
+
+    prompt_text = cfg.sample_prompt
+    if prompt_text is None:
+        first_line = next((ln for ln in decode(train_ids[:64]).splitlines() if ln.strip()), "")
+        prompt_text = decode(encode(first_line)[:8]) or "\n"
+    prompt_ids = encode(prompt_text)[-(model.config.context_length - 1):] or [0]
+
+    metrics_path = out_dir / "metrics.jsonl"
+    metrics = open(metrics_path, "a", encoding="utf-8")
+
+    def log(record):
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
+
+    def current_state():
+        return {
+            "format_version": ckpt.FORMAT_VERSION, "step": step, "tokens_seen": tokens_seen,
+            "skipped_steps": skipped, "data": batches.state_dict(), "seed": cfg.seed,
+            "schedule": asdict(schedule), "tokenizer": tokenizer_hash(), "train_config": asdict(cfg),
+            "history": history, "rng": "dropout masks are seeded per step from (seed, step, micro-batch)",
+        }  # fmt: skip
+
+    last_ckpt: Path | None = resume_dir
+    last_train = last_val = None
+    recent: list[float] = []
+    sample = ""
+    bad_in_a_row = 0
+    interrupted = False
+    t_start = time.perf_counter()
+    step_times: list[float] = []
+    first_step = step
+    B, A = cfg.batch_size, cfg.grad_accum
+    print(f"npgpt train: {model.num_params():,} parameters ({model.config.n_layers} layers, C={model.config.emb_dim}, "
+          f"NH={model.config.n_heads}) on {model.device}, {model.dtype}; {len(train_ids):,} train / {len(val_ids):,} val "
+          f"tokens; {total_steps} steps of {B}x{A}x{T} tokens" + (f"; resuming at step {step}" if step else ""))  # fmt: skip
+
+    def save():
+        nonlocal last_ckpt
+        if not params_finite(model.params):
+            log({"kind": "error", "step": step, "message": "non-finite weights: checkpoint not written"})
+            raise RuntimeError(f"step {step}: the weights are no longer finite, so no checkpoint was written; "
+                               f"lower --lr and restart" + (f" from {last_ckpt}" if last_ckpt else ""))
+        last_ckpt = save_training_checkpoint(out_dir, model, optimizer, current_state(), cfg.keep_last)
+
+    def do_eval():
+        nonlocal last_train, last_val, sample, recent
+        last_train = float(np.mean(recent)) if recent else last_train
+        recent = []
+        last_val = evaluate(model, val_windows, B, cfg.eval_batches) if val_windows is not None else None
+        sample = sample_text(model, prompt_ids, cfg.sample_tokens, cfg.sample_temperature, cfg.sample_top_k, cfg.seed)
+        if last_train is not None:
+            history["train"].append((step, tokens_seen, last_train))
+        if last_val is not None:
+            history["val"].append((step, tokens_seen, last_val))
+        log({"kind": "eval", "step": step, "tokens": tokens_seen, "train_loss": last_train, "val_loss": last_val, "sample": sample})
+        val_txt = f"{last_val:.3f}" if last_val is not None else "n/a"
+        bar.write(f"step {step:>6}  tokens {tokens_seen:>9,}  train {last_train:.3f}  val {val_txt}  | {sample!r}")
+
+    bar = tqdm(total=total_steps, initial=step, disable=not cfg.progress, unit="step", dynamic_ncols=True)
+    with _StopRequest() as stop:
+        try:
+            while step < total_steps:
+                t0 = time.perf_counter()
+                lr = schedule(step)
+                grads, loss_sum = None, 0.0
+                for micro in range(A):
+                    x, y = batches.next()
+                    rng = make_rng(step_seed(cfg.seed, step, micro), model.xp)
+                    _, loss, cache = model.forward(x, y, training=True, rng=rng)
+                    g = model.backward(cache, dloss=1.0 / A)
+                    del cache
+                    loss_sum += float(loss)
+                    if grads is None:
+                        grads = g
+                    else:
+                        for k in grads:
+                            grads[k] += g[k]
+                loss_val = loss_sum / A
+                norm = clip_grad_norm(grads, cfg.grad_clip) if cfg.grad_clip else grad_norm(grads)
+                if math.isfinite(loss_val) and math.isfinite(norm):
+                    optimizer.step(grads, lr=lr)
+                    bad_in_a_row = 0
+                    recent.append(loss_val)
+                else:
+                    skipped += 1
+                    bad_in_a_row += 1
+                    log({"kind": "skip", "step": step, "loss": loss_val, "grad_norm": norm})
+                    bar.write(f"step {step}: loss {loss_val} / gradient norm {norm} not finite; update skipped")
+                    if bad_in_a_row >= cfg.max_bad_steps:
+                        raise RuntimeError(
+                            f"{bad_in_a_row} consecutive steps had a non-finite loss or gradient (last at step {step}); "
+                            "training stopped. Lower --lr, set --grad-clip, or check the data"
+                            + (f"; the last good checkpoint is {last_ckpt}" if last_ckpt else "")
+                        )
+                del grads
+                step += 1
+                tokens_seen += B * A * T
+                dt = time.perf_counter() - t0
+                step_times.append(dt)
+                log({"kind": "step", "step": step, "tokens": tokens_seen, "loss": loss_val, "lr": lr,
+                     "grad_norm": norm, "ms": dt * 1e3, "tokens_per_s": B * A * T / dt})  # fmt: skip
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_val:.3f}", lr=f"{lr:.2e}", tok_s=f"{B * A * T / dt:,.0f}")
+                if step % cfg.eval_interval == 0 or step == total_steps:
+                    do_eval()
+                if stop.signal is not None:
+                    interrupted = True
+                    break
+                if cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0 and step < total_steps:
+                    save()
+            if step > first_step or last_ckpt is None:
+                save()
+        finally:
+            bar.close()
+            metrics.close()
+
+    seconds = time.perf_counter() - t_start
+    plot = plot_losses(history, out_dir / "loss.png") if history["train"] or history["val"] else None
+    times = step_times[1:] or step_times  # the first step includes one-off allocations
+    result = TrainResult(
+        steps=step, tokens_seen=tokens_seen, train_loss=last_train, val_loss=last_val, seconds=seconds,
+        ms_per_step=1e3 * float(np.median(times)) if times else float("nan"),
+        tokens_per_second=B * A * T / float(np.median(times)) if times else float("nan"),
+        peak_memory_mb=peak_rss_mb(), out_dir=str(out_dir), checkpoint=str(last_ckpt) if last_ckpt else None,
+        plot=str(plot) if plot else None, sample=sample, interrupted=interrupted, skipped_steps=skipped,
+    )  # fmt: skip
+    ckpt.atomic_write_json(out_dir / "summary.json", asdict(result))
+    print_summary(result)
+    if interrupted:
+        print(f"Interrupted by signal {stop.signal}; saved {last_ckpt}. Resume with:\n"
+              f"  npgpt train --out-dir {out_dir} --resume  (plus the same data and model options)")  # fmt: skip
+    return result
+
+
+def print_summary(r: TrainResult) -> None:
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    print(
+        f"\nDone: {r.steps} steps, {r.tokens_seen:,} tokens in {r.seconds:.1f}s "
+        f"({r.ms_per_step:.0f} ms/step, {r.tokens_per_second:,.0f} tokens/s, peak memory {r.peak_memory_mb:,.0f} MB)\n"
+        f"train loss {fmt(r.train_loss)}, val loss {fmt(r.val_loss)}"
+        + (f", {r.skipped_steps} non-finite steps skipped" if r.skipped_steps else "")
+        + f"\ncheckpoint: {r.checkpoint}\nloss plot:  {r.plot}\nsample:     {r.sample!r}"
+    )
+
+
+def plot_losses(history: dict, path) -> Path:
+    """Train and val loss against steps (bottom axis) and tokens seen (top axis), as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, style in (("train", "-o"), ("val", "--s")):
+        pts = history.get(name) or []
+        if pts:
+            s, _, loss = zip(*pts)
+            ax.plot(s, loss, style, markersize=3, label=f"{name} loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    pts = (history.get("train") or []) + (history.get("val") or [])
+    if pts:
+        steps = np.array([p[0] for p in pts], dtype=float)
+        toks = np.array([p[1] for p in pts], dtype=float)
+        if steps.max() > 0:
+            per_step = toks.max() / steps.max()
+            top = ax.secondary_xaxis("top", functions=(lambda s: s * per_step, lambda t: t / per_step))
+            top.set_xlabel("tokens seen")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# --- command line -------------------------------------------------------------------------------
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    g = p.add_argument_group("data")
+    g.add_argument("--data", nargs="+", default=d.data, metavar="FILE",
+                   help="UTF-8 text files, or bundled corpora by name: the-verdict (default), tang300")
+    g.add_argument("--train-ratio", type=float, default=d.train_ratio, help="share of tokens for training (default 0.9)")
+    g.add_argument("--stride", type=int, default=None, help="step between windows (default: the context length)")
+    g.add_argument("--encoding-errors", choices=["strict", "replace"], default=d.encoding_errors,
+                   help="invalid UTF-8: stop with an error (strict) or replace the bytes with U+FFFD")
+    g.add_argument("--cache-dir", default=None, help="where tokenised data is cached (default ~/.cache/npgpt/tokens)")
+    g = p.add_argument_group("model")
+    g.add_argument("--preset", default=d.preset, choices=sorted(PRESETS), help="model size (default nano)")
+    g.add_argument("--context-length", type=int, help="tokens per window (and the model's context for a new model)")
+    g.add_argument("--emb-dim", type=int)
+    g.add_argument("--n-heads", type=int)
+    g.add_argument("--n-layers", type=int)
+    g.add_argument("--drop-rate", type=float)
+    g.add_argument("--qkv-bias", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--tie-weights", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--init-from", metavar="DIR", help="start from a Hugging Face GPT-2 directory or an npgpt checkpoint")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
+    g.add_argument("--epochs", type=float, default=d.epochs)
+    g.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
+    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    g.add_argument("--min-lr", type=float, help="final learning rate of the cosine (default lr/10)")
+    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    g.add_argument("--schedule", choices=["cosine", "constant"], default=d.schedule)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--beta1", type=float, default=d.beta1)
+    g.add_argument("--beta2", type=float, default=d.beta2)
+    g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="global gradient-norm limit (0: off)")
+    g.add_argument("--max-bad-steps", type=int, default=d.max_bad_steps,
+                   help="consecutive non-finite steps before training stops")
+    g = p.add_argument_group("evaluation and output")
+    g.add_argument("--out-dir", default=d.out_dir)
+    g.add_argument("--eval-interval", type=int, default=d.eval_interval)
+    g.add_argument("--eval-batches", type=int, help="validation batches per evaluation (default: all)")
+    g.add_argument("--sample-prompt", help="prompt for the sample at each evaluation (default: the text's first line)")
+    g.add_argument("--sample-tokens", type=int, default=d.sample_tokens)
+    g.add_argument("--sample-temperature", type=float, default=d.sample_temperature)
+    g.add_argument("--sample-top-k", type=int)
+    g.add_argument("--checkpoint-interval", type=int, help="steps between checkpoints (the end is always saved)")
+    g.add_argument("--keep-last", type=int, default=d.keep_last, help="checkpoints kept (default 3)")
+    g.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out-dir")
+    g = p.add_argument_group("machine")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--device", choices=["cpu", "cuda", "auto"], help="default: $NPGPT_DEVICE or auto")
+    g.add_argument("--dtype", choices=["float32", "float64"], default=d.dtype)
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def config_from_args(args) -> TrainConfig:
+    names = {f.name for f in fields(TrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    if values.get("grad_clip") == 0:
+        values["grad_clip"] = None
+    return TrainConfig(**values)
+
+
+def run(args) -> int:
+    result = train(config_from_args(args))
+    return 130 if result.interrupted else 0

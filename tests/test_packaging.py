@@ -1,0 +1,58 @@
+"""The installed package must carry its data: the BPE ranks, the bundled corpora, the kernels folder."""
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    out = tmp_path_factory.mktemp("wheel")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-w", str(out), "-q"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (whl,) = out.glob("npgpt-*.whl")
+    return whl
+
+
+def test_wheel_contains_kernels_and_assets(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for required in [
+        "npgpt/kernels/README.md",
+        "npgpt/kernels/__init__.py",
+        "npgpt/assets/r50k_base.tiktoken",
+        "npgpt/assets/the-verdict.txt",
+        "npgpt/assets/tang300.txt",
+        "npgpt/assets/NOTICE.md",
+        "npgpt/layers/attention.py",
+    ]:
+        assert required in names, f"{required} missing from the wheel"
+    for cu in (REPO / "kernels").glob("*.cu"):
+        assert f"npgpt/kernels/{cu.name}" in names
+    assert any(n.endswith("entry_points.txt") for n in names)
+
+
+def test_non_editable_install_finds_kernels_and_tokenizer(wheel, tmp_path):
+    """Install the wheel into a bare folder and import it from there, away from the source tree."""
+    target = tmp_path / "site"
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    code = (
+        "import npgpt, npgpt.kernels as k, npgpt.tokenizer as t;"
+        "assert str(k.kernel_dir()).startswith(%r), k.kernel_dir();"
+        "assert (k.kernel_dir() / 'README.md').is_file();"
+        "assert npgpt.__file__.startswith(%r);"
+        "assert t.encode('Every effort moves you') == [6109, 3626, 6100, 345];"
+        "print('ok')"
+    ) % (str(target), str(target))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                          env={"PYTHONPATH": str(target), "PATH": ""})  # fmt: skip
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
