@@ -86,6 +86,7 @@ class TrainConfig:
     checkpoint_interval: int | None = None  # steps; the end of the run is always saved
     keep_last: int = 3
     resume: bool = False
+    overwrite: bool = False  # start afresh in an out_dir that has checkpoints (they are deleted)
     # machine
     seed: int = 0
     device: str | None = None
@@ -282,6 +283,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     train_ids, val_ids = split_ids(ids, cfg.train_ratio)
 
     # Model, optimizer, position (fresh or resumed)
+    if not cfg.resume and not cfg.overwrite and checkpoint_dirs(out_dir):
+        raise ValueError(
+            f"{out_dir} already holds checkpoints of an earlier run; pass --resume to continue it, "
+            "--overwrite to start again there (its checkpoints are replaced), or choose another --out-dir"
+        )
     resume_dir = latest_checkpoint(out_dir) if cfg.resume else None
     if cfg.resume and resume_dir is None:
         raise ValueError(f"--resume: no complete checkpoint in {out_dir / CHECKPOINT_DIR}; start without --resume")
@@ -295,6 +301,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     else:
         model = build_model(cfg)
         state = None
+        for old in checkpoint_dirs(out_dir):  # only reached with --overwrite
+            shutil.rmtree(old)
     T = cfg.context_length or model.config.context_length
     if T > model.config.context_length:
         raise ValueError(f"--context-length {T} exceeds the model's context_length {model.config.context_length}")
@@ -321,7 +329,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     prompt_ids = encode(prompt_text)[-(model.config.context_length - 1):] or [0]
 
     metrics_path = out_dir / "metrics.jsonl"
-    metrics = open(metrics_path, "a", encoding="utf-8")
+    if state is not None:
+        keep_metrics_until(metrics_path, step)  # drop records written after the checkpoint we resume from
+    metrics = open(metrics_path, "a" if state is not None else "w", encoding="utf-8")
 
     def log(record):
         metrics.write(json.dumps(record) + "\n")
@@ -430,7 +440,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             metrics.close()
 
     seconds = time.perf_counter() - t_start
-    plot = plot_losses(history, out_dir / "loss.png") if history["train"] or history["val"] else None
+    step_losses = [(r["step"], r["loss"]) for r in read_metrics(metrics_path) if r.get("kind") == "step"]
+    plot = plot_losses(history, out_dir / "loss.png", step_losses) if history["train"] or history["val"] else None
     times = step_times[1:] or step_times  # the first step includes one-off allocations
     result = TrainResult(
         steps=step, tokens_seen=tokens_seen, train_loss=last_train, val_loss=last_val, seconds=seconds,
@@ -447,6 +458,25 @@ def train(cfg: TrainConfig) -> TrainResult:
     return result
 
 
+def read_metrics(path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            pass  # a line cut short by a crash
+    return records
+
+
+def keep_metrics_until(path, step: int) -> None:
+    """Rewrite metrics.jsonl without the records of steps after `step` (they are about to be redone)."""
+    records = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+    ckpt.atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode())
+
+
 def print_summary(r: TrainResult) -> None:
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     print(
@@ -458,19 +488,26 @@ def print_summary(r: TrainResult) -> None:
     )
 
 
-def plot_losses(history: dict, path) -> Path:
-    """Train and val loss against steps (bottom axis) and tokens seen (top axis), as a PNG."""
+def plot_losses(history: dict, path, step_losses=None) -> Path:
+    """Train and val loss against steps (bottom axis) and tokens seen (top axis), as a PNG.
+
+    history: {"train": [(step, tokens, loss)], "val": [...]} at each evaluation; step_losses: the loss
+    of every step, drawn faintly behind."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
+    if step_losses:
+        s, loss = zip(*step_losses)
+        ax.plot(s, loss, "-", color="tab:blue", alpha=0.25, linewidth=0.8, label="train loss (each step)")
     for name, style in (("train", "-o"), ("val", "--s")):
         pts = history.get(name) or []
         if pts:
             s, _, loss = zip(*pts)
-            ax.plot(s, loss, style, markersize=3, label=f"{name} loss")
+            label = "train loss (mean since last eval)" if name == "train" else "val loss"
+            ax.plot(s, loss, style, markersize=3, label=label, color="tab:blue" if name == "train" else "tab:orange")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy loss")
     ax.grid(alpha=0.3)
@@ -539,6 +576,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint-interval", type=int, help="steps between checkpoints (the end is always saved)")
     g.add_argument("--keep-last", type=int, default=d.keep_last, help="checkpoints kept (default 3)")
     g.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out-dir")
+    g.add_argument("--overwrite", action="store_true", help="start afresh in an --out-dir that holds an earlier run")
     g = p.add_argument_group("machine")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--device", choices=["cpu", "cuda", "auto"], help="default: $NPGPT_DEVICE or auto")
