@@ -113,8 +113,8 @@ class GPTConfig:
             "scale_attn_by_inverse_layer_idx": False,
             "reorder_and_upcast_attn": False,
             "tie_word_embeddings": self.tie_weights,
-            "bos_token_id": 50256,
-            "eos_token_id": 50256,
+            "bos_token_id": 50256 if self.vocab_size > 50256 else None,  # GPT-2's <|endoftext|>, when it exists
+            "eos_token_id": 50256 if self.vocab_size > 50256 else None,
             "use_cache": True,
         }
 

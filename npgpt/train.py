@@ -260,6 +260,10 @@ def build_model(cfg: TrainConfig) -> GPT:
     if cfg.init_from:
         from .pretrained import load_pretrained
 
+        fixed = [f"--{k.replace('_', '-')}" for k in ("emb_dim", "n_heads", "n_layers", "qkv_bias", "tie_weights")
+                 if getattr(cfg, k) is not None]  # fmt: skip
+        if fixed:
+            raise ValueError(f"{', '.join(fixed)} cannot be combined with --init-from: the checkpoint fixes the model's shape")
         model = load_pretrained(cfg.init_from, device=cfg.device, dtype=dtype)
         changes = {k: getattr(cfg, k) for k in ("drop_rate",) if getattr(cfg, k) is not None}
         if changes:

@@ -136,3 +136,27 @@ def test_an_earlier_run_is_never_overwritten_silently(tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err and (out / "checkpoints" / "step-00000002").is_dir()
     assert main(args + ["--overwrite", "--max-steps", "1"]) == 0
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000001"]
+
+
+def test_fine_tune_from_a_hugging_face_directory(tmp_path, capsys):
+    from test_pretrained import TINY_HF, write_hf_dir
+
+    from npgpt.model import param_shapes
+
+    hf_cfg = {**TINY_HF, "vocab_size": 50257, "n_positions": 32, "n_ctx": 32}
+    shapes = param_shapes(npgpt.GPTConfig.from_hf_config(hf_cfg))
+    rng = np.random.default_rng(0)
+    params = {k: (0.02 * rng.standard_normal(s)).astype(np.float32) for k, s in shapes.items()}
+    src = write_hf_dir(tmp_path / "gpt2-like", params, config=hf_cfg)
+    out = tmp_path / "ft"
+    args = ["train", "--init-from", str(src), "--context-length", "16", "--batch-size", "2", "--max-steps", "2",
+            "--no-progress", "--sample-tokens", "3", "--out-dir", str(out)]  # fmt: skip
+    assert main(args) == 0
+    tuned = npgpt.load_pretrained(out)
+    assert tuned.config.qkv_bias and tuned.config.context_length == 32 and tuned.config.emb_dim == 16
+    moved = [k for k in params if not np.array_equal(tuned.params[k], params[k])]
+    assert len(moved) == len(params)  # every tensor was trained
+    assert main(["generate", "--checkpoint", str(src), "--max-new-tokens", "3"]) == 0  # a HF directory generates too
+    capsys.readouterr()
+    assert main(args[:1] + ["--emb-dim", "64"] + args[1:] + ["--overwrite"]) == 2
+    assert "cannot be combined with --init-from" in capsys.readouterr().err
