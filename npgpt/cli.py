@@ -38,11 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "run", None) is None:
         parser.print_help()
         return 2
+    from .train import TrainingAborted
+
     try:
         return int(args.run(args) or 0)
     except ValueError as e:  # bad input: one line that names the problem and the fix
         print(f"npgpt {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except TrainingAborted as e:  # training stopped itself (non-finite loss or weights)
+        print(f"npgpt {args.command}: stopped: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .backend import DEFAULT_DTYPE, get_xp
+from .checkpoint import MANIFEST_FILE, verify_manifest
 from .config import GPTConfig
 from .model import GPT, param_shapes
 from .safetensors_io import load_safetensors
@@ -124,6 +125,11 @@ def normalize_state_dict(tensors: dict, config: GPTConfig, source: str = "checkp
 def load_pretrained(path, config=None, device: str | None = None, dtype=DEFAULT_DTYPE) -> GPT:
     """A GPT with the weights at `path` (see the module docstring), on `device`, in `dtype`."""
     files, cfg_path = _resolve(path)
+    manifest_dir = files[0].parent
+    if (manifest_dir / MANIFEST_FILE).is_file():
+        problem = verify_manifest(manifest_dir)
+        if problem is not None:
+            raise ValueError(f"refusing a damaged checkpoint: {problem}")
     if config is None:
         if cfg_path is None:
             raise ValueError(f"no config.json next to {path}; pass config= (a GPTConfig, a dict or a config.json path)")

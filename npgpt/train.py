@@ -41,6 +41,13 @@ from .schedule import LRSchedule
 from .tokenizer import decode, encode, tokenizer_hash
 
 CHECKPOINT_DIR = "checkpoints"
+# Fault injection for the crash-safety tests: kill this process with SIGKILL in the middle of its N-th
+# checkpoint save (after the weights are written, before the manifest and the rename).
+CRASH_IN_SAVE_ENV = "NPGPT_TEST_CRASH_IN_SAVE"
+
+
+class TrainingAborted(RuntimeError):
+    """Training stopped on purpose (repeated non-finite steps, non-finite weights); the message says why."""
 
 
 @dataclass
@@ -212,19 +219,30 @@ def save_training_checkpoint(out_dir, model, optimizer, state: dict, keep_last: 
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-step-{step:08d}-"))
     try:
         ckpt.save_model(tmp, model)
+        _maybe_crash_for_tests()
         state = {**state, "optimizer": ckpt.save_optimizer(tmp, optimizer)}
         ckpt.atomic_write_json(tmp / ckpt.STATE_FILE, state)
         ckpt.write_manifest(tmp, step)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        ckpt._fsync_dir(root)
+        ckpt.fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in checkpoint_dirs(out_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+_saves_in_this_process = 0
+
+
+def _maybe_crash_for_tests() -> None:
+    global _saves_in_this_process
+    _saves_in_this_process += 1
+    if os.environ.get(CRASH_IN_SAVE_ENV) == str(_saves_in_this_process):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # --- the loop -------------------------------------------------------------------------------------
@@ -367,7 +385,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         nonlocal last_ckpt
         if not params_finite(model.params):
             log({"kind": "error", "step": step, "message": "non-finite weights: checkpoint not written"})
-            raise RuntimeError(f"step {step}: the weights are no longer finite, so no checkpoint was written; "
+            raise TrainingAborted(f"step {step}: the weights are no longer finite, so no checkpoint was written; "
                                f"lower --lr and restart" + (f" from {last_ckpt}" if last_ckpt else ""))
         last_ckpt = save_training_checkpoint(out_dir, model, optimizer, current_state(), cfg.keep_last)
 
@@ -416,7 +434,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                     log({"kind": "skip", "step": step, "loss": loss_val, "grad_norm": norm})
                     bar.write(f"step {step}: loss {loss_val} / gradient norm {norm} not finite; update skipped")
                     if bad_in_a_row >= cfg.max_bad_steps:
-                        raise RuntimeError(
+                        raise TrainingAborted(
                             f"{bad_in_a_row} consecutive steps had a non-finite loss or gradient (last at step {step}); "
                             "training stopped. Lower --lr, set --grad-clip, or check the data"
                             + (f"; the last good checkpoint is {last_ckpt}" if last_ckpt else "")
