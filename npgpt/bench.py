@@ -1,18 +1,26 @@
-"""`npgpt bench`: time a full training step (forward, backward, AdamW) and report throughput.
+"""`npgpt bench`: time a full training step (forward, backward, AdamW) and greedy generation.
 
-    npgpt bench --preset gpt2 --batch-size 2 --context-length 256
+    npgpt bench                                   # 124M, B=2, T=256, float32, on the CPU
+    npgpt bench --vs-torch                        # the same model, weights and batch in PyTorch eager
+    npgpt bench --preset nano --engine both       # fast engine against the readable reference
 
-Reported: ms per step (median of --steps after --warmup), tokens/s, achieved GFLOP/s from the model's
-FLOPs per step (6 N per token for the matrix multiplies, N = the parameters used in them including the
-tied head, plus 12 L T C per token for attention's two products), and on the CPU "CPU MFU": that rate
-divided by the peak sgemm rate measured in the same run with a large np.matmul. Peak memory is the
-process's peak resident set size (CPU) or CuPy's peak pool usage (GPU).
+Reported for the training step: ms per step (median of --steps, after --warmup), tokens/s, achieved
+GFLOP/s from the model's FLOPs (6 per parameter per token for the matrix multiplies, the tied head
+included, plus 12 L T C per token for attention's two products), and on the CPU "CPU MFU": that rate
+divided by the peak sgemm rate measured in the same run with a large np.matmul. With --vs-torch the
+npgpt and PyTorch steps alternate in one process (same thread count) and the ratio is printed; the
+peak memory of each is measured in a fresh subprocess (peak resident set size), so neither inherits the
+other's allocations. Generation: greedy decoding with the KV cache against transformers' generate.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -26,14 +34,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--engine", choices=["fast", "reference", "both"], default="fast")
     p.add_argument("--drop-rate", type=float, default=0.0, help="dropout during the timed steps (default off)")
+    p.add_argument("--threads", type=int, help="BLAS (and torch) threads (default: as configured)")
+    p.add_argument("--vs-torch", action="store_true", help="also run the same step in PyTorch eager (transformers' GPT-2)")
+    p.add_argument("--torch-attn", choices=["sdpa", "eager"], default="sdpa", help="transformers' attention implementation")
+    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory subprocesses")
+    p.add_argument("--generate", type=int, default=50, metavar="N", help="greedy tokens to generate (0: skip)")
+    p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--memory-worker", choices=["npgpt", "torch"], help=argparse.SUPPRESS)
 
 
 def flops_per_token(config, T: int) -> float:
     """Training FLOPs per token: 6 * (matmul parameters) + 12 * L * T * C (attention scores and mixing).
 
-    For a causal model half of the attention products are masked; the formula counts them anyway, as
+    Half of the attention products are masked in a causal model; the formula counts them anyway, as
     the PaLM paper's MFU definition does, so figures compare with other reports."""
     C, L, V = config.emb_dim, config.n_layers, config.vocab_size
     matmul_params = L * (12 * C * C) + V * C  # c_attn 3C^2, c_proj C^2, c_fc 4C^2, mlp c_proj 4C^2; head V*C
@@ -55,60 +72,232 @@ def peak_sgemm_gflops(n: int = 2048, repeats: int = 5, dtype=np.float32) -> floa
     return 2.0 * n**3 / best / 1e9
 
 
-def time_train_steps(model, optimizer, batch_size, T, steps, warmup, seed=0, training=False):
-    """Median seconds of full training steps on random tokens."""
+def peak_rss_mb() -> float:
+    from .train import peak_rss_mb as rss
+
+    return rss()
+
+
+# --- the steps being timed ------------------------------------------------------------------------------
+
+
+def make_batch(config, B, T, seed):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, config.vocab_size, size=(B, T)), rng.integers(0, config.vocab_size, size=(B, T))
+
+
+class NpgptStep:
+    def __init__(self, model, B, T, engine: str, lr=1e-4):
+        from .engine import TrainStep
+        from .optim import AdamW
+
+        self.model, self.engine_name = model, engine
+        self.opt = AdamW(model.params, lr=lr, weight_decay=0.1)
+        self.engine = TrainStep(model, B, T) if engine == "fast" else None
+
+    def __call__(self, x, y, training, rng) -> float:
+        xp = self.model.xp
+        if self.engine is not None:
+            loss = self.engine(x, y, training=training, rng=rng)
+            self.opt.step(self.engine.grads)
+        else:
+            _, loss, cache = self.model.forward(x, y, training=training, rng=rng)
+            grads = self.model.backward(cache)
+            del cache
+            self.opt.step(grads)
+            loss = float(loss)
+        if xp is not np:
+            xp.cuda.Stream.null.synchronize()
+        return loss
+
+
+class TorchStep:
+    """The same model, weights and AdamW (same decay groups) in PyTorch eager, through transformers."""
+
+    def __init__(self, model, attn: str, lr=1e-4):
+        import torch
+        import transformers
+
+        self.torch = torch
+        hf_cfg = {**model.config.to_hf_config(), "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+        hf_cfg.pop("architectures", None)
+        cfg = transformers.GPT2Config(**hf_cfg, attn_implementation=attn)
+        self.hf = transformers.GPT2LMHeadModel(cfg)
+        state = {}
+        for k, v in model.params.items():
+            state[k if k == "lm_head.weight" else f"transformer.{k}"] = torch.from_numpy(np.array(v))
+        if not model.config.qkv_bias:
+            for i in range(model.config.n_layers):
+                state[f"transformer.h.{i}.attn.c_attn.bias"] = torch.zeros(3 * model.config.emb_dim)
+        missing, unexpected = self.hf.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.endswith(("attn.bias", "attn.masked_bias")) and k != "lm_head.weight"]
+        if missing or unexpected:
+            raise RuntimeError(f"torch twin does not match: missing {missing}, unexpected {unexpected}")
+        self.hf.train()
+        params = dict(self.hf.named_parameters())
+        groups = [{"params": [p for p in params.values() if p.dim() >= 2], "weight_decay": 0.1},
+                  {"params": [p for p in params.values() if p.dim() < 2], "weight_decay": 0.0}]  # fmt: skip
+        self.opt = torch.optim.AdamW(groups, lr=lr)
+
+    def __call__(self, x, y, training=None, rng=None) -> float:
+        torch = self.torch
+        self.opt.zero_grad(set_to_none=True)
+        logits = self.hf(torch.as_tensor(x)).logits
+        loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), torch.as_tensor(y).view(-1))
+        loss.backward()
+        self.opt.step()
+        return loss.item()
+
+
+def time_steps(steps: dict, x, y, n_timed, n_warmup, training, seed, xp=np):
+    """Alternate the given step functions; median seconds of each, and the first losses."""
     from .model import make_rng
 
-    xp = model.xp
+    times = {k: [] for k in steps}
+    losses = {k: [] for k in steps}
+    for i in range(n_warmup + n_timed):
+        for name, fn in steps.items():
+            t0 = time.perf_counter()
+            loss = fn(x, y, training, make_rng(seed + i, xp))
+            dt = time.perf_counter() - t0
+            losses[name].append(loss)
+            if i >= n_warmup:
+                times[name].append(dt)
+    return {k: statistics.median(v) for k, v in times.items()}, losses
+
+
+def memory_worker(args) -> int:
+    """Run warmup+steps of one framework in this fresh process and print its peak RSS as JSON."""
+    from .config import GPTConfig
+    from .model import GPT
+
+    set_threads(args.threads)
+    cfg = GPTConfig.from_preset(args.preset, drop_rate=0.0)
+    model = GPT(cfg, seed=args.seed, device="cpu", dtype=np.dtype(args.dtype))
+    x, y = make_batch(cfg, args.batch_size, args.context_length, args.seed)
+    if args.memory_worker == "torch":
+        step = TorchStep(model, args.torch_attn)
+        del model  # the torch twin holds its own copy of the weights
+    else:
+        step = NpgptStep(model, args.batch_size, args.context_length, "fast" if args.engine == "both" else args.engine)
+    for _ in range(2):
+        step(x, y, False, None)
+    print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
+    return 0
+
+
+def measure_memory(args, framework: str) -> float | None:
+    cmd = [sys.executable, "-m", "npgpt", "bench", "--memory-worker", framework, "--preset", args.preset,
+           "--batch-size", str(args.batch_size), "--context-length", str(args.context_length), "--dtype", args.dtype,
+           "--engine", args.engine, "--torch-attn", args.torch_attn, "--seed", str(args.seed)]  # fmt: skip
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "NPGPT_DEVICE": "cpu"})
+    if out.returncode != 0:
+        print(f"  (memory measurement of {framework} failed: {out.stderr.strip().splitlines()[-1:]})")
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+
+
+def set_threads(n: int | None) -> int:
+    """Set NumPy's BLAS threads (and torch's, if imported later by us) to n; return the count in use."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    if n:
+        threadpool_limits(limits=n, user_api="blas")
+    counts = [p["num_threads"] for p in threadpool_info() if p.get("user_api") == "blas"]
+    return counts[0] if counts else 1
+
+
+def bench_generation(model, n_new, n_prompt, seed, torch_step=None):
     rng = np.random.default_rng(seed)
-    V = model.config.vocab_size
-    x = xp.asarray(rng.integers(0, V, size=(batch_size, T)))
-    y = xp.asarray(rng.integers(0, V, size=(batch_size, T)))
-    sync = (lambda: xp.cuda.Stream.null.synchronize()) if xp is not np else (lambda: None)
-    times, losses = [], []
-    for i in range(warmup + steps):
-        sync()
-        t0 = time.perf_counter()
-        _, loss, cache = model.forward(x, y, training=training, rng=make_rng(seed + i, xp))
-        grads = model.backward(cache)
-        del cache
-        optimizer.step(grads)
-        del grads
-        sync()
-        dt = time.perf_counter() - t0
-        losses.append(float(loss))
-        if i >= warmup:
-            times.append(dt)
-    return statistics.median(times), losses
+    prompt = rng.integers(0, model.config.vocab_size, size=(1, n_prompt))
+    model.generate(prompt, 2, temperature=0.0)  # warm up
+    t0 = time.perf_counter()
+    ours = model.generate(prompt, n_new, temperature=0.0)
+    t_ours = time.perf_counter() - t0
+    result = {"npgpt_tokens_per_s": n_new / t_ours}
+    if torch_step is not None:
+        torch = torch_step.torch
+        hf = torch_step.hf.eval()
+        kw = dict(do_sample=False, max_new_tokens=n_new, min_new_tokens=n_new, use_cache=True, pad_token_id=0)
+        with torch.no_grad():
+            hf.generate(torch.as_tensor(prompt), **{**kw, "max_new_tokens": 2, "min_new_tokens": 2})
+            t0 = time.perf_counter()
+            theirs = hf.generate(torch.as_tensor(prompt), **kw).numpy()
+            t_theirs = time.perf_counter() - t0
+        result["torch_tokens_per_s"] = n_new / t_theirs
+        result["same_tokens"] = bool(np.array_equal(ours, theirs))
+    return result
 
 
 def run(args) -> int:
+    if args.memory_worker:
+        return memory_worker(args)
     from .config import GPTConfig
     from .model import GPT
-    from .optim import AdamW
-    from .train import peak_rss_mb
 
+    threads = set_threads(args.threads)
     cfg = GPTConfig.from_preset(args.preset, drop_rate=args.drop_rate)
     T, B = args.context_length, args.batch_size
     if T > cfg.context_length:
         raise ValueError(f"--context-length {T} exceeds the preset's context_length {cfg.context_length}")
     model = GPT(cfg, seed=args.seed, device=args.device, dtype=np.dtype(args.dtype))
-    opt = AdamW(model.params, lr=1e-4, weight_decay=0.1)
-    sec, losses = time_train_steps(model, opt, B, T, args.steps, args.warmup, args.seed, training=args.drop_rate > 0)
+    x, y = make_batch(cfg, B, T, args.seed)
+    engines = ["fast", "reference"] if args.engine == "both" else [args.engine]
+    steps = {f"npgpt {e}": NpgptStep(GPT(cfg, seed=args.seed, device=args.device, dtype=np.dtype(args.dtype)) if i else model, B, T, e)
+             for i, e in enumerate(engines)}  # fmt: skip
+    torch_step = None
+    if args.vs_torch:
+        if model.device != "cpu" or args.dtype != "float32":
+            raise ValueError("--vs-torch compares on the CPU in float32; drop --device/--dtype")
+        try:
+            import torch
+        except ImportError:
+            raise ValueError("--vs-torch needs PyTorch and transformers: pip install 'npgpt[parity]'") from None
+        torch.set_num_threads(threads)
+        torch_step = TorchStep(model, args.torch_attn)
+        steps[f"torch eager ({args.torch_attn})"] = torch_step
+    times, losses = time_steps(steps, x, y, args.steps, args.warmup, args.drop_rate > 0, args.seed, model.xp)
     tokens = B * T
-    gflops = flops_per_token(cfg, T) * tokens / sec / 1e9
-    print(f"npgpt bench: preset {args.preset} ({model.num_params():,} parameters), B={B} T={T}, {args.dtype}, {model.device}")
-    print(f"  training step     {sec * 1e3:9.1f} ms  (median of {args.steps}, after {args.warmup} warm-up)")
-    print(f"  throughput        {tokens / sec:9.1f} tokens/s")
-    print(f"  achieved          {gflops:9.1f} GFLOP/s")
-    if model.device == "cpu":
-        peak = peak_sgemm_gflops(dtype=np.dtype(args.dtype))
-        print(f"  peak matmul       {peak:9.1f} GFLOP/s  (2048^3 np.matmul, same process)")
-        print(f"  CPU MFU           {100 * gflops / peak:9.1f} %")
-        print(f"  peak memory       {peak_rss_mb():9.0f} MB  (process peak RSS)")
-    else:
-        import cupy
-
-        print(f"  GPU pool in use   {cupy.get_default_memory_pool().total_bytes() / 2**20:9.0f} MB")
-    print(f"  losses            {' '.join(f'{v:.3f}' for v in losses)}")
+    flops = flops_per_token(cfg, T) * tokens
+    print(f"npgpt bench: preset {args.preset} ({model.num_params():,} parameters), B={B} T={T}, {args.dtype}, "
+          f"{model.device}, {threads} BLAS thread(s); median of {args.steps} steps after {args.warmup} warm-up")  # fmt: skip
+    report = {"preset": args.preset, "B": B, "T": T, "dtype": args.dtype, "device": model.device, "threads": threads,
+              "flops_per_step": flops, "steps": {}}  # fmt: skip
+    peak = peak_sgemm_gflops(dtype=np.dtype(args.dtype)) if model.device == "cpu" else None
+    if peak:
+        report["peak_sgemm_gflops"] = peak
+    print(f"  {'':28s} {'ms/step':>9s} {'tokens/s':>9s} {'GFLOP/s':>8s} {'MFU':>6s}  first losses")
+    for name, sec in times.items():
+        gf = flops / sec / 1e9
+        mfu = f"{100 * gf / peak:5.1f}%" if peak else "   n/a"
+        print(f"  {name:28s} {sec * 1e3:9.1f} {tokens / sec:9.1f} {gf:8.1f} {mfu}  {' '.join(f'{v:.4f}' for v in losses[name][:3])}")
+        report["steps"][name] = {"ms": sec * 1e3, "tokens_per_s": tokens / sec, "gflops": gf, "losses": losses[name]}
+    if peak:
+        print(f"  peak sgemm (2048^3 np.matmul, same process): {peak:.1f} GFLOP/s")
+    first = next(iter(times))
+    for name in list(times)[1:]:
+        ratio = times[name] / times[first]
+        print(f"  {first} is {ratio:.2f}x the throughput of {name}")
+        report.setdefault("ratios", {})[f"{first} / {name}"] = ratio
+    if args.memory and model.device == "cpu":
+        mem = {"npgpt": measure_memory(args, "npgpt")}
+        if args.vs_torch:
+            mem["torch"] = measure_memory(args, "torch")
+        line = ", ".join(f"{k} {v:,.0f} MB" for k, v in mem.items() if v)
+        print(f"  peak memory of a training step (fresh process, peak RSS): {line}"
+              + (f"; npgpt/torch = {mem['npgpt'] / mem['torch']:.2f}" if mem.get("torch") and mem.get("npgpt") else ""))  # fmt: skip
+        report["peak_memory_mb"] = mem
+    if args.generate:
+        gen = bench_generation(model, args.generate, args.prompt_tokens, args.seed, torch_step)
+        line = f"  greedy generation, KV cache, {args.generate} tokens after {args.prompt_tokens}: npgpt {gen['npgpt_tokens_per_s']:.1f} tokens/s"
+        if "torch_tokens_per_s" in gen:
+            line += (f", transformers generate {gen['torch_tokens_per_s']:.1f} tokens/s "
+                     f"(ratio {gen['npgpt_tokens_per_s'] / gen['torch_tokens_per_s']:.2f}; same tokens: {gen['same_tokens']})")  # fmt: skip
+        print(line)
+        report["generation"] = gen
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
     return 0

@@ -63,6 +63,14 @@ def collect(device=None) -> dict:
         info["CUDA runtime"] = str(cupy.cuda.runtime.runtimeGetVersion())
     else:
         info["CUDA"] = f"not available: {cuda_unavailable_reason()}"
+    from .distributed import get_world
+
+    try:
+        world = get_world()
+        info["distributed"] = f"{world.describe()}; world size {world.size}"
+    except ValueError as e:
+        info["distributed"] = f"error: {e}"
+    info["mpi4py"] = _version("mpi4py")
     for pkg in ("tiktoken", "safetensors", "matplotlib", "tqdm"):
         info[pkg] = _version(pkg)
     return info

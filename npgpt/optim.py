@@ -14,7 +14,11 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+import numpy as np
+
 from .backend import get_array_module
+
+CHUNK = 1 << 15  # elements per block of the CPU update (128 KB in float32)
 
 
 def default_decay_filter(name: str, param) -> bool:
@@ -53,20 +57,22 @@ class AdamW:
         self.t += 1
         bc1 = 1.0 - b1**self.t
         bc2 = 1.0 - b2**self.t
-        step_size = lr / bc1
         for k, p in self.params.items():
-            g, m, v = grads[k], self.m[k], self.v[k]
+            decay = lr * self.weight_decay if self.decay[k] else 0.0
             xp = get_array_module(p)
-            m *= b1
-            m += (1.0 - b1) * g
-            v *= b2
-            v += (1.0 - b2) * (g * g)
-            if self.decay[k] and self.weight_decay:
-                p *= 1.0 - lr * self.weight_decay
-            denom = xp.sqrt(v)
-            denom *= 1.0 / math.sqrt(bc2)
-            denom += self.eps  # sqrt(v_hat) + eps
-            p -= step_size * (m / denom)
+            if xp.__name__ != "numpy":  # GPU: whole tensors (a fused kernel comes with the CUDA path)
+                _adamw_update(p, grads[k], self.m[k], self.v[k], None, b1, b2, self.eps, lr, decay, bc1, bc2)
+                continue
+            p1, g1, m1, v1 = p.reshape(-1), grads[k].reshape(-1), self.m[k].reshape(-1), self.v[k].reshape(-1)
+            scratch = self._scratch(p.dtype)
+            for i in range(0, p1.size, CHUNK):  # block by block, so the five arrays stay in cache
+                j = i + CHUNK
+                _adamw_update(p1[i:j], g1[i:j], m1[i:j], v1[i:j], scratch[: p1[i:j].size], b1, b2, self.eps, lr, decay, bc1, bc2)
+
+    def _scratch(self, dtype):
+        if getattr(self, "_scratch_buf", None) is None or self._scratch_buf.dtype != dtype:
+            self._scratch_buf = np.empty(CHUNK, dtype=dtype)
+        return self._scratch_buf
 
     def state_dict(self) -> dict:
         """Hyper-parameters, the step count and the moments (arrays keyed like the parameters)."""
@@ -89,6 +95,30 @@ class AdamW:
         self.betas = tuple(float(b) for b in state["betas"])
         if "decay" in state:
             self.decay = {k: bool(state["decay"][k]) for k in self.params}
+
+
+def _adamw_update(p, g, m, v, scratch, b1, b2, eps, lr, decay, bc1, bc2) -> None:
+    """The AdamW update of the module docstring, in place on p, m, v (any matching shapes):
+        m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;  p -= decay * p;  p -= (lr / bc1) m / (sqrt(v / bc2) + eps)
+    `scratch` (same size, or None to allocate) holds the temporaries."""
+    xp = get_array_module(p)
+    if scratch is None:
+        scratch = xp.empty_like(p)
+    m *= b1
+    xp.multiply(g, 1.0 - b1, out=scratch)
+    m += scratch
+    v *= b2
+    xp.multiply(g, g, out=scratch)
+    scratch *= 1.0 - b2
+    v += scratch
+    if decay:
+        p *= 1.0 - decay
+    xp.sqrt(v, out=scratch)
+    scratch *= 1.0 / math.sqrt(bc2)
+    scratch += eps  # sqrt(v_hat) + eps
+    xp.divide(m, scratch, out=scratch)
+    scratch *= lr / bc1
+    p -= scratch
 
 
 def grad_norm(grads: dict) -> float:

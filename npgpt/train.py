@@ -35,6 +35,8 @@ from . import checkpoint as ckpt
 from .backend import to_numpy
 from .config import PRESETS, GPTConfig
 from .data import Batches, TokenWindows, load_token_ids, resolve_data_path, split_ids
+from .distributed import allreduce_grads_, broadcast_params_, get_world, limit_threads_per_rank
+from .engine import TrainStep
 from .model import GPT, make_rng
 from .optim import AdamW, clip_grad_norm, grad_norm
 from .schedule import LRSchedule
@@ -95,6 +97,7 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False  # start afresh in an out_dir that has checkpoints (they are deleted)
     # machine
+    engine: str = "fast"  # "fast" (engine.py: preallocated, fused) or "reference" (model.forward/backward)
     seed: int = 0
     device: str | None = None
     dtype: str = "float32"
@@ -119,6 +122,8 @@ class TrainConfig:
             raise ValueError(f"--eval-interval must be at least 1, got {self.eval_interval}")
         if self.keep_last < 1:
             raise ValueError(f"--keep-last must be at least 1, got {self.keep_last}")
+        if self.engine not in ("fast", "reference"):
+            raise ValueError(f"--engine must be fast or reference, got {self.engine!r}")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"--dtype must be float32 or float64, got {self.dtype!r}")
         if not self.data:
@@ -144,31 +149,24 @@ class TrainResult:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process in MB (ru_maxrss is KB on Linux, bytes on macOS)."""
+    """Peak resident memory of this process in MB.
+
+    On Linux this is VmHWM from /proc/self/status, the high-water mark of this program's own memory
+    (ru_maxrss would also count the parent's memory at fork time). Elsewhere ru_maxrss (KB on Linux,
+    bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
-def step_seed(seed: int, step: int, micro: int) -> int:
-    """The dropout seed of one micro-batch: a pure function of (seed, step, micro), so resuming at any
-    step reproduces the masks without saving generator state."""
-    return int(np.random.SeedSequence([seed, step, micro]).generate_state(1)[0])
-
-
 def params_finite(params: dict) -> bool:
     return all(bool(np.isfinite(to_numpy(v)).all()) for v in params.values())
-
-
-def evaluate(model: GPT, windows: TokenWindows, batch_size: int, max_batches: int | None = None) -> float:
-    """Mean cross-entropy per target token over the windows (dropout off)."""
-    total, count = 0.0, 0
-    for i, (x, y) in enumerate(windows.ordered_batches(batch_size)):
-        if max_batches is not None and i >= max_batches:
-            break
-        _, loss, _ = model.forward(x, y, training=False)
-        total += float(loss) * y.size
-        count += y.size
-    return total / max(count, 1)
 
 
 def sample_text(model: GPT, prompt_ids: list[int], n_tokens: int, temperature: float, top_k, seed: int) -> str:
@@ -290,194 +288,279 @@ def build_model(cfg: TrainConfig) -> GPT:
     return GPT(cfg.model_config(), seed=cfg.seed, device=cfg.device, dtype=dtype)
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Run training as configured; returns a summary (also printed and written to summary.json)."""
-    from tqdm.auto import tqdm
+class Trainer:
+    """One training run: set up from a TrainConfig, then `run()`. Under MPI every rank builds one, all
+    ranks compute, and only rank 0 writes (see distributed.py)."""
 
-    cfg.validate()
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    clean_stray_temporaries(out_dir)
+    def __init__(self, cfg: TrainConfig):
+        cfg.validate()
+        self.cfg = cfg
+        self.world = world = get_world()
+        if world.size > 1:
+            limit_threads_per_rank(world)
+        if cfg.batch_size % world.size:
+            raise ValueError(f"--batch-size {cfg.batch_size} is the global batch and must be divisible by the "
+                             f"{world.size} ranks; use a multiple of {world.size}")  # fmt: skip
+        self.out_dir = out_dir = Path(cfg.out_dir)
+        if world.is_root:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            clean_stray_temporaries(out_dir)
+        world.barrier()
 
-    # Data
-    paths = [resolve_data_path(p) for p in cfg.data]
-    ids = load_token_ids(paths, cache_dir=cfg.cache_dir, errors=cfg.encoding_errors)
-    train_ids, val_ids = split_ids(ids, cfg.train_ratio)
+        # Data: every rank reads the same global batches and keeps its own rows of each.
+        paths = [resolve_data_path(p) for p in cfg.data]
+        ids = load_token_ids(paths, cache_dir=cfg.cache_dir, errors=cfg.encoding_errors)
+        self.train_ids, self.val_ids = split_ids(ids, cfg.train_ratio)
 
-    # Model, optimizer, position (fresh or resumed)
-    if not cfg.resume and not cfg.overwrite and checkpoint_dirs(out_dir):
-        raise ValueError(
-            f"{out_dir} already holds checkpoints of an earlier run; pass --resume to continue it, "
-            "--overwrite to start again there (its checkpoints are replaced), or choose another --out-dir"
-        )
-    resume_dir = latest_checkpoint(out_dir) if cfg.resume else None
-    if cfg.resume and resume_dir is None:
-        raise ValueError(f"--resume: no complete checkpoint in {out_dir / CHECKPOINT_DIR}; start without --resume")
-    if resume_dir is not None:
-        from .pretrained import load_pretrained
-
-        model = load_pretrained(resume_dir, device=cfg.device, dtype=np.dtype(cfg.dtype))
-        state = json.loads((resume_dir / ckpt.STATE_FILE).read_text())
-        if state.get("tokenizer") != tokenizer_hash():
-            raise ValueError(f"{resume_dir} was trained with another tokenizer; it cannot be resumed with this one")
-    else:
-        model = build_model(cfg)
+        # Model and state, fresh or resumed
+        if not cfg.resume and not cfg.overwrite and checkpoint_dirs(out_dir):
+            raise ValueError(
+                f"{out_dir} already holds checkpoints of an earlier run; pass --resume to continue it, "
+                "--overwrite to start again there (its checkpoints are replaced), or choose another --out-dir"
+            )
+        self.resume_dir = latest_checkpoint(out_dir, warn=world.is_root) if cfg.resume else None
+        if cfg.resume and self.resume_dir is None:
+            raise ValueError(f"--resume: no complete checkpoint in {out_dir / CHECKPOINT_DIR}; start without --resume")
         state = None
-        for old in checkpoint_dirs(out_dir):  # only reached with --overwrite
-            shutil.rmtree(old)
-    T = cfg.context_length or model.config.context_length
-    if T > model.config.context_length:
-        raise ValueError(f"--context-length {T} exceeds the model's context_length {model.config.context_length}")
-    train_windows = TokenWindows(train_ids, T, cfg.stride, name="train")
-    val_windows = TokenWindows(val_ids, T, cfg.stride, name="val") if len(val_ids) else None
-    batches = Batches(train_windows, cfg.batch_size, shuffle=True, seed=cfg.seed)
-    steps_per_epoch = max(1, batches.batches_per_epoch // cfg.grad_accum)
-    total_steps = cfg.max_steps or max(1, int(math.ceil(cfg.epochs * steps_per_epoch)))
-    schedule = LRSchedule(cfg.lr, total_steps, cfg.warmup_steps, cfg.min_lr, cfg.schedule)
-    optimizer = AdamW(model.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-    step, tokens_seen, skipped = 0, 0, 0
-    history = {"train": [], "val": []}  # (step, tokens, loss)
-    if state is not None:
-        m, v = ckpt.load_optimizer_tensors(resume_dir)
-        optimizer.load_state_dict({**state["optimizer"], "m": m, "v": v})
-        batches.load_state_dict(state["data"])
-        step, tokens_seen, skipped = state["step"], state["tokens_seen"], state.get("skipped_steps", 0)
-        history = state.get("history", history)
+        if self.resume_dir is not None:
+            from .pretrained import load_pretrained
 
-    prompt_text = cfg.sample_prompt
-    if prompt_text is None:
-        first_line = next((ln for ln in decode(train_ids[:64]).splitlines() if ln.strip()), "")
-        prompt_text = decode(encode(first_line)[:8]) or "\n"
-    prompt_ids = encode(prompt_text)[-(model.config.context_length - 1):] or [0]
+            self.model = load_pretrained(self.resume_dir, device=cfg.device, dtype=np.dtype(cfg.dtype))
+            state = json.loads((self.resume_dir / ckpt.STATE_FILE).read_text())
+            if state.get("tokenizer") != tokenizer_hash():
+                raise ValueError(f"{self.resume_dir} was trained with another tokenizer; it cannot be resumed with this one")
+        else:
+            self.model = build_model(cfg)
+        world.barrier()
+        if state is None and world.is_root:
+            for old in checkpoint_dirs(out_dir):  # only reached with --overwrite
+                shutil.rmtree(old)
+        model = self.model
+        if world.size > 1 and model.device == "cuda":
+            world.setup_nccl()
+        broadcast_params_(world, model.params)
 
-    metrics_path = out_dir / "metrics.jsonl"
-    if state is not None:
-        keep_metrics_until(metrics_path, step)  # drop records written after the checkpoint we resume from
-    metrics = open(metrics_path, "a" if state is not None else "w", encoding="utf-8")
+        self.T = T = cfg.context_length or model.config.context_length
+        if T > model.config.context_length:
+            raise ValueError(f"--context-length {T} exceeds the model's context_length {model.config.context_length}")
+        self.train_windows = TokenWindows(self.train_ids, T, cfg.stride, name="train")
+        self.val_windows = TokenWindows(self.val_ids, T, cfg.stride, name="val") if len(self.val_ids) else None
+        self.batches = Batches(self.train_windows, cfg.batch_size, shuffle=True, seed=cfg.seed)
+        self.B, self.A = cfg.batch_size, cfg.grad_accum
+        self.b = self.B // world.size  # this rank's rows of each batch
+        steps_per_epoch = max(1, self.batches.batches_per_epoch // self.A)
+        self.total_steps = cfg.max_steps or max(1, int(math.ceil(cfg.epochs * steps_per_epoch)))
+        self.schedule = LRSchedule(cfg.lr, self.total_steps, cfg.warmup_steps, cfg.min_lr, cfg.schedule)
+        self.optimizer = AdamW(model.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+        self.engine = TrainStep(model, self.b, T) if cfg.engine == "fast" else None
+        self.step, self.tokens_seen, self.skipped = 0, 0, 0
+        self.history = {"train": [], "val": []}  # (step, tokens, loss) at each evaluation
+        if state is not None:
+            m, v = ckpt.load_optimizer_tensors(self.resume_dir)
+            self.optimizer.load_state_dict({**state["optimizer"], "m": m, "v": v})
+            self.batches.load_state_dict(state["data"])
+            self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+            self.skipped = state.get("skipped_steps", 0)
+            self.history = state.get("history", self.history)
 
-    def log(record):
-        metrics.write(json.dumps(record) + "\n")
-        metrics.flush()
+        prompt_text = cfg.sample_prompt
+        if prompt_text is None:
+            first_line = next((ln for ln in decode(self.train_ids[:64]).splitlines() if ln.strip()), "")
+            prompt_text = decode(encode(first_line)[:8]) or "\n"
+        self.prompt_ids = encode(prompt_text)[-(model.config.context_length - 1):] or [0]
 
-    def current_state():
+        self.metrics_path = out_dir / "metrics.jsonl"
+        self.metrics = None
+        if world.is_root:
+            if state is not None:
+                keep_metrics_until(self.metrics_path, self.step)  # drop records of steps about to be redone
+            self.metrics = open(self.metrics_path, "a" if state is not None else "w", encoding="utf-8")
+        self.last_ckpt: Path | None = self.resume_dir
+        self.last_train = self.last_val = None
+        self.recent: list[float] = []
+        self.sample = ""
+        self.bar = None
+
+    # --- pieces of the loop ---------------------------------------------------------------------------------
+    def log(self, record: dict) -> None:
+        if self.metrics is not None:
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
+
+    def say(self, text: str) -> None:
+        if self.world.is_root:
+            (self.bar.write if self.bar is not None else print)(text)
+
+    def training_state(self) -> dict:
         return {
-            "format_version": ckpt.FORMAT_VERSION, "step": step, "tokens_seen": tokens_seen,
-            "skipped_steps": skipped, "data": batches.state_dict(), "seed": cfg.seed,
-            "schedule": asdict(schedule), "tokenizer": tokenizer_hash(), "train_config": asdict(cfg),
-            "history": history, "rng": "dropout masks are seeded per step from (seed, step, micro-batch)",
+            "format_version": ckpt.FORMAT_VERSION, "step": self.step, "tokens_seen": self.tokens_seen,
+            "skipped_steps": self.skipped, "data": self.batches.state_dict(), "seed": self.cfg.seed,
+            "schedule": asdict(self.schedule), "tokenizer": tokenizer_hash(), "train_config": asdict(self.cfg),
+            "world_size": self.world.size, "history": self.history,
+            "rng": "dropout masks are seeded per step from (seed, step, micro-batch[, rank])",
         }  # fmt: skip
 
-    last_ckpt: Path | None = resume_dir
-    last_train = last_val = None
-    recent: list[float] = []
-    sample = ""
-    bad_in_a_row = 0
-    interrupted = False
-    t_start = time.perf_counter()
-    step_times: list[float] = []
-    first_step = step
-    B, A = cfg.batch_size, cfg.grad_accum
-    print(f"npgpt train: {model.num_params():,} parameters ({model.config.n_layers} layers, C={model.config.emb_dim}, "
-          f"NH={model.config.n_heads}) on {model.device}, {model.dtype}; {len(train_ids):,} train / {len(val_ids):,} val "
-          f"tokens; {total_steps} steps of {B}x{A}x{T} tokens" + (f"; resuming at step {step}" if step else ""))  # fmt: skip
+    def save(self) -> None:
+        """A checkpoint of the current state (rank 0 writes; every rank checks the weights first)."""
+        if not params_finite(self.model.params):
+            self.log({"kind": "error", "step": self.step, "message": "non-finite weights: checkpoint not written"})
+            raise TrainingAborted(f"step {self.step}: the weights are no longer finite, so no checkpoint was written; "
+                                  "lower --lr and restart" + (f" from {self.last_ckpt}" if self.last_ckpt else ""))  # fmt: skip
+        if self.world.is_root:
+            self.last_ckpt = save_training_checkpoint(self.out_dir, self.model, self.optimizer, self.training_state(), self.cfg.keep_last)
+        self.world.barrier()
 
-    def save():
-        nonlocal last_ckpt
-        if not params_finite(model.params):
-            log({"kind": "error", "step": step, "message": "non-finite weights: checkpoint not written"})
-            raise TrainingAborted(f"step {step}: the weights are no longer finite, so no checkpoint was written; "
-                               f"lower --lr and restart" + (f" from {last_ckpt}" if last_ckpt else ""))
-        last_ckpt = save_training_checkpoint(out_dir, model, optimizer, current_state(), cfg.keep_last)
+    def evaluate(self) -> float | None:
+        """Validation loss; under MPI each rank evaluates every size-th window and the sums are combined."""
+        if self.val_windows is None:
+            return None
+        world, windows = self.world, self.val_windows
+        mine = np.arange(world.rank, len(windows), world.size)
+        if self.cfg.eval_batches is not None:
+            mine = mine[: self.cfg.eval_batches * self.b]
+        total = count = 0.0
+        for i in range(0, len(mine), self.b):
+            x, y = windows.batch(mine[i : i + self.b])
+            loss = self.engine.loss(x, y) if self.engine is not None else float(self.model.forward(x, y)[1])
+            total += loss * y.size
+            count += y.size
+        total, count = world.allreduce_sum([total, count])
+        return float(total / max(count, 1))
 
-    def do_eval():
-        nonlocal last_train, last_val, sample, recent
-        last_train = float(np.mean(recent)) if recent else last_train
-        recent = []
-        last_val = evaluate(model, val_windows, B, cfg.eval_batches) if val_windows is not None else None
-        sample = sample_text(model, prompt_ids, cfg.sample_tokens, cfg.sample_temperature, cfg.sample_top_k, cfg.seed)
-        if last_train is not None:
-            history["train"].append((step, tokens_seen, last_train))
-        if last_val is not None:
-            history["val"].append((step, tokens_seen, last_val))
-        log({"kind": "eval", "step": step, "tokens": tokens_seen, "train_loss": last_train, "val_loss": last_val, "sample": sample})
-        val_txt = f"{last_val:.3f}" if last_val is not None else "n/a"
-        bar.write(f"step {step:>6}  tokens {tokens_seen:>9,}  train {last_train:.3f}  val {val_txt}  | {sample!r}")
+    def eval_and_sample(self) -> None:
+        self.last_train = float(np.mean(self.recent)) if self.recent else self.last_train
+        self.recent = []
+        self.last_val = self.evaluate()
+        if self.world.is_root:
+            c = self.cfg
+            self.sample = sample_text(self.model, self.prompt_ids, c.sample_tokens, c.sample_temperature, c.sample_top_k, c.seed)
+        if self.last_train is not None:
+            self.history["train"].append((self.step, self.tokens_seen, self.last_train))
+        if self.last_val is not None:
+            self.history["val"].append((self.step, self.tokens_seen, self.last_val))
+        self.log({"kind": "eval", "step": self.step, "tokens": self.tokens_seen, "train_loss": self.last_train,
+                  "val_loss": self.last_val, "sample": self.sample})  # fmt: skip
+        val_txt = f"{self.last_val:.3f}" if self.last_val is not None else "n/a"
+        train_txt = f"{self.last_train:.3f}" if self.last_train is not None else "n/a"
+        self.say(f"step {self.step:>6}  tokens {self.tokens_seen:>9,}  train {train_txt}  val {val_txt}  | {self.sample!r}")
 
-    bar = tqdm(total=total_steps, initial=step, disable=not cfg.progress, unit="step", dynamic_ncols=True)
-    with _StopRequest() as stop:
-        try:
-            while step < total_steps:
-                t0 = time.perf_counter()
-                lr = schedule(step)
-                grads, loss_sum = None, 0.0
-                for micro in range(A):
-                    x, y = batches.next()
-                    rng = make_rng(step_seed(cfg.seed, step, micro), model.xp)
-                    _, loss, cache = model.forward(x, y, training=True, rng=rng)
-                    g = model.backward(cache, dloss=1.0 / A)
-                    del cache
-                    loss_sum += float(loss)
-                    if grads is None:
-                        grads = g
-                    else:
-                        for k in grads:
-                            grads[k] += g[k]
-                loss_val = loss_sum / A
-                norm = clip_grad_norm(grads, cfg.grad_clip) if cfg.grad_clip else grad_norm(grads)
-                if math.isfinite(loss_val) and math.isfinite(norm):
-                    optimizer.step(grads, lr=lr)
-                    bad_in_a_row = 0
-                    recent.append(loss_val)
-                else:
-                    skipped += 1
-                    bad_in_a_row += 1
-                    log({"kind": "skip", "step": step, "loss": loss_val, "grad_norm": norm})
-                    bar.write(f"step {step}: loss {loss_val} / gradient norm {norm} not finite; update skipped")
-                    if bad_in_a_row >= cfg.max_bad_steps:
-                        raise TrainingAborted(
-                            f"{bad_in_a_row} consecutive steps had a non-finite loss or gradient (last at step {step}); "
-                            "training stopped. Lower --lr, set --grad-clip, or check the data"
-                            + (f"; the last good checkpoint is {last_ckpt}" if last_ckpt else "")
-                        )
-                del grads
-                step += 1
-                tokens_seen += B * A * T
-                dt = time.perf_counter() - t0
-                step_times.append(dt)
-                log({"kind": "step", "step": step, "tokens": tokens_seen, "loss": loss_val, "lr": lr,
-                     "grad_norm": norm, "ms": dt * 1e3, "tokens_per_s": B * A * T / dt})  # fmt: skip
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_val:.3f}", lr=f"{lr:.2e}", tok_s=f"{B * A * T / dt:,.0f}")
-                if step % cfg.eval_interval == 0 or step == total_steps:
-                    do_eval()
-                if stop.signal is not None:
-                    interrupted = True
-                    break
-                if cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0 and step < total_steps:
-                    save()
-            if step > first_step or last_ckpt is None:
-                save()
-        finally:
-            bar.close()
-            metrics.close()
+    def micro_batch_rng(self, micro: int):
+        parts = [self.cfg.seed, self.step, micro] + ([self.world.rank] if self.world.size > 1 else [])
+        return make_rng(int(np.random.SeedSequence(parts).generate_state(1)[0]), self.model.xp)
 
-    seconds = time.perf_counter() - t_start
-    step_losses = [(r["step"], r["loss"]) for r in read_metrics(metrics_path) if r.get("kind") == "step"]
-    plot = plot_losses(history, out_dir / "loss.png", step_losses) if history["train"] or history["val"] else None
-    times = step_times[1:] or step_times  # the first step includes one-off allocations
-    result = TrainResult(
-        steps=step, tokens_seen=tokens_seen, train_loss=last_train, val_loss=last_val, seconds=seconds,
-        ms_per_step=1e3 * float(np.median(times)) if times else float("nan"),
-        tokens_per_second=B * A * T / float(np.median(times)) if times else float("nan"),
-        peak_memory_mb=peak_rss_mb(), out_dir=str(out_dir), checkpoint=str(last_ckpt) if last_ckpt else None,
-        plot=str(plot) if plot else None, sample=sample, interrupted=interrupted, skipped_steps=skipped,
-    )  # fmt: skip
-    ckpt.atomic_write_json(out_dir / "summary.json", asdict(result))
-    print_summary(result)
-    if interrupted:
-        print(f"Interrupted by signal {stop.signal}; saved {last_ckpt}. Resume with:\n"
-              f"  npgpt train --out-dir {out_dir} --resume  (plus the same data and model options)")  # fmt: skip
-    return result
+    def train_step(self) -> tuple[float, float, float]:
+        """One optimizer step over grad_accum micro-batches -> (loss, gradient norm, learning rate)."""
+        model, engine, world, A = self.model, self.engine, self.world, self.A
+        lr = self.schedule(self.step)
+        grads, loss_sum = None, 0.0
+        lo, hi = world.rank * self.b, (world.rank + 1) * self.b
+        for micro in range(A):
+            x, y = self.batches.next()
+            x, y = x[lo:hi], y[lo:hi]  # this rank's rows of the global batch
+            rng = self.micro_batch_rng(micro)
+            if engine is not None:  # the fast path: gradients accumulate in engine.grads
+                loss_sum += engine(x, y, training=True, rng=rng, dloss=1.0 / A, accumulate=micro > 0)
+                grads = engine.grads
+                continue
+            _, loss, cache = model.forward(x, y, training=True, rng=rng)  # the readable reference
+            g = model.backward(cache, dloss=1.0 / A)
+            del cache
+            loss_sum += float(loss)
+            if grads is None:
+                grads = g
+            else:
+                for k in grads:
+                    grads[k] += g[k]
+        allreduce_grads_(world, grads, engine.grad_flat if engine is not None else None)
+        loss_val = float(world.allreduce_sum([loss_sum / A])[0]) / world.size
+        norm = clip_grad_norm(grads, self.cfg.grad_clip) if self.cfg.grad_clip else grad_norm(grads)
+        if math.isfinite(loss_val) and math.isfinite(norm):
+            self.optimizer.step(grads, lr=lr)
+            self.bad_in_a_row = 0
+            self.recent.append(loss_val)
+        else:
+            self.skipped += 1
+            self.bad_in_a_row += 1
+            self.log({"kind": "skip", "step": self.step, "loss": loss_val, "grad_norm": norm})
+            self.say(f"step {self.step}: loss {loss_val} / gradient norm {norm} not finite; update skipped")
+            if self.bad_in_a_row >= self.cfg.max_bad_steps:
+                raise TrainingAborted(
+                    f"{self.bad_in_a_row} consecutive steps had a non-finite loss or gradient (last at step {self.step}); "
+                    "training stopped. Lower --lr, set --grad-clip, or check the data"
+                    + (f"; the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else "")
+                )
+        return loss_val, norm, lr
+
+    # --- the loop ------------------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        from tqdm.auto import tqdm
+
+        cfg, model, world = self.cfg, self.model, self.world
+        B, A, T = self.B, self.A, self.T
+        tokens_per_step = B * A * T
+        ranks = f" on {world.size} ranks" if world.size > 1 else ""
+        self.say(f"npgpt train: {model.num_params():,} parameters ({model.config.n_layers} layers, C={model.config.emb_dim}, "
+                 f"NH={model.config.n_heads}) on {model.device}{ranks}, {model.dtype}; {len(self.train_ids):,} train / "
+                 f"{len(self.val_ids):,} val tokens; {self.total_steps} steps of {B}x{A}x{T} tokens"
+                 + (f"; resuming at step {self.step}" if self.step else ""))  # fmt: skip
+        first_step, interrupted, step_times = self.step, False, []
+        self.bad_in_a_row = 0
+        t_start = time.perf_counter()
+        self.bar = tqdm(total=self.total_steps, initial=self.step, disable=not (cfg.progress and world.is_root),
+                        unit="step", dynamic_ncols=True)  # fmt: skip
+        with _StopRequest() as stop:
+            try:
+                while self.step < self.total_steps:
+                    t0 = time.perf_counter()
+                    loss, norm, lr = self.train_step()
+                    self.step += 1
+                    self.tokens_seen += tokens_per_step
+                    dt = time.perf_counter() - t0
+                    step_times.append(dt)
+                    self.log({"kind": "step", "step": self.step, "tokens": self.tokens_seen, "loss": loss, "lr": lr,
+                              "grad_norm": norm, "ms": dt * 1e3, "tokens_per_s": tokens_per_step / dt})  # fmt: skip
+                    self.bar.update(1)
+                    self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / dt:,.0f}")
+                    if self.step % cfg.eval_interval == 0 or self.step == self.total_steps:
+                        self.eval_and_sample()
+                    if world.allreduce_max(1.0 if stop.signal is not None else 0.0) > 0:  # every rank stops together
+                        interrupted = True
+                        break
+                    if cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0 and self.step < self.total_steps:
+                        self.save()
+                if self.step > first_step or self.last_ckpt is None:
+                    self.save()
+            finally:
+                self.bar.close()
+                if self.metrics is not None:
+                    self.metrics.close()
+
+        seconds = time.perf_counter() - t_start
+        plot = None
+        if world.is_root and (self.history["train"] or self.history["val"]):
+            step_losses = [(r["step"], r["loss"]) for r in read_metrics(self.metrics_path) if r.get("kind") == "step"]
+            plot = plot_losses(self.history, self.out_dir / "loss.png", step_losses)
+        times = step_times[1:] or step_times  # the first step includes one-off allocations
+        median = float(np.median(times)) if times else float("nan")
+        result = TrainResult(
+            steps=self.step, tokens_seen=self.tokens_seen, train_loss=self.last_train, val_loss=self.last_val,
+            seconds=seconds, ms_per_step=1e3 * median, tokens_per_second=tokens_per_step / median,
+            peak_memory_mb=peak_rss_mb(), out_dir=str(self.out_dir),
+            checkpoint=str(self.last_ckpt) if self.last_ckpt else None, plot=str(plot) if plot else None,
+            sample=self.sample, interrupted=interrupted, skipped_steps=self.skipped,
+        )  # fmt: skip
+        if world.is_root:
+            ckpt.atomic_write_json(self.out_dir / "summary.json", asdict(result))
+            print_summary(result)
+            if interrupted:
+                print(f"Interrupted by a signal; saved {self.last_ckpt}. Resume with:\n"
+                      f"  npgpt train --out-dir {self.out_dir} --resume  (plus the same data and model options)")  # fmt: skip
+        return result
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run training as configured; returns a summary (also printed and written to summary.json)."""
+    return Trainer(cfg).run()
 
 
 def read_metrics(path) -> list[dict]:
@@ -600,6 +683,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out-dir")
     g.add_argument("--overwrite", action="store_true", help="start afresh in an --out-dir that holds an earlier run")
     g = p.add_argument_group("machine")
+    g.add_argument("--engine", choices=["fast", "reference"], default=d.engine,
+                   help="fast: preallocated fused step (default); reference: the readable layer-by-layer code")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--device", choices=["cpu", "cuda", "auto"], help="default: $NPGPT_DEVICE or auto")
     g.add_argument("--dtype", choices=["float32", "float64"], default=d.dtype)

@@ -1,8 +1,6 @@
 import subprocess
 import sys
 
-import pytest
-
 import npgpt.layers
 from npgpt.cli import main
 

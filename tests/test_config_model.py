@@ -3,7 +3,6 @@ import math
 import numpy as np
 import pytest
 
-import npgpt
 from npgpt import GPT, GPTConfig
 from npgpt.model import param_shapes
 

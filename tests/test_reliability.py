@@ -106,21 +106,33 @@ def test_signal_finishes_the_step_saves_and_exits_130(tmp_path, sig):
 
 
 def _nan_on_calls(monkeypatch, calls):
-    """Make GPT.backward return a NaN gradient on the given (1-based) calls."""
-    real = npgpt.GPT.backward
+    """Make the backward (reference or fast engine) produce a NaN gradient on the given (1-based) calls."""
+    from npgpt.engine import TrainStep
+
     count = {"n": 0}
+    real_backward, real_step = npgpt.GPT.backward, TrainStep.__call__
 
     def backward(self, cache, *a, **k):
         count["n"] += 1
-        grads = real(self, cache, *a, **k)
+        grads = real_backward(self, cache, *a, **k)
         if count["n"] in calls:
             grads["h.0.mlp.c_fc.weight"][0, 0] = np.nan
         return grads
 
+    def step(self, *a, **k):
+        loss = real_step(self, *a, **k)
+        if k.get("backward", True):
+            count["n"] += 1
+            if count["n"] in calls:
+                self.grads["h.0.mlp.c_fc.weight"][0, 0] = np.nan
+        return loss
+
     monkeypatch.setattr(npgpt.GPT, "backward", backward)
+    monkeypatch.setattr(TrainStep, "__call__", step)
 
 
-def test_a_nan_gradient_skips_the_update_without_touching_the_optimizer(tmp_path, monkeypatch):
+@pytest.mark.parametrize("engine", ["fast", "reference"])
+def test_a_nan_gradient_skips_the_update_without_touching_the_optimizer(tmp_path, monkeypatch, engine):
     _nan_on_calls(monkeypatch, {3})
     updates = []
     real_step = npgpt.AdamW.step
@@ -131,7 +143,7 @@ def test_a_nan_gradient_skips_the_update_without_touching_the_optimizer(tmp_path
 
     monkeypatch.setattr(npgpt.AdamW, "step", spy)
     out = tmp_path / "run"
-    r = train(TrainConfig(**TINY_KW, max_steps=6, out_dir=str(out)))
+    r = train(TrainConfig(**TINY_KW, max_steps=6, out_dir=str(out), engine=engine))
     assert r.steps == 6 and r.skipped_steps == 1
     assert updates == [0, 1, 2, 3, 4]  # five updates for six steps: the third was skipped
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

@@ -7,7 +7,6 @@ installs both; the npgpt package itself never imports them).
 """
 
 import json
-import math
 
 import numpy as np
 import pytest

@@ -49,9 +49,10 @@ def test_checkpoint_loads_back_into_the_same_model(tmp_path):
     assert model.config.emb_dim == 32 and model.config.n_layers == 1
 
 
-def test_resumed_run_equals_straight_run(tmp_path):
+@pytest.mark.parametrize("engine", ["fast", "reference"])
+def test_resumed_run_equals_straight_run(tmp_path, engine):
     """8 steps straight versus 4 steps, stop, resume to 8: identical losses and identical weights."""
-    kw = dict(TINY, drop_rate=0.1, eval_interval=100)
+    kw = dict(TINY, drop_rate=0.1, eval_interval=100, engine=engine)
     straight = tmp_path / "straight"
     train(TrainConfig(**kw, max_steps=8, out_dir=str(straight)))
     split = tmp_path / "split"
@@ -111,7 +112,7 @@ def test_invalid_utf8_data_is_a_one_line_error(tmp_path, capsys):
 
 def test_gradient_accumulation_equals_the_big_batch(tmp_path):
     """2 micro-batches of 2 give the gradient of the batch of 4 (the loss is a mean), so one step agrees."""
-    from npgpt.data import Batches, TokenWindows, load_token_ids, bundled_path
+    from npgpt.data import TokenWindows, bundled_path, load_token_ids
 
     model = npgpt.GPT(npgpt.GPTConfig(vocab_size=50257, context_length=16, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0),
                       dtype=np.float64)  # fmt: skip

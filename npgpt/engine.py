@@ -1,0 +1,463 @@
+"""The fast training step: the whole model's forward and backward with buffers allocated once.
+
+Glossary: B=batch, T=time, C=channels, NH=heads, hs=C//NH, V=vocab, N=B*T rows, L=n_layers.
+
+`GPT.forward` / `GPT.backward` (model.py, layers/) are the readable reference: every layer returns a
+fresh array and a cache. This module computes exactly the same numbers faster, and tests hold the two
+equal (float64 to ~1e-12, float32 to ~1e-5). What it does differently, and why:
+
+- every activation and gradient lives in a buffer allocated once for the largest (B, T) and reused
+  on every step (`out=` arguments and in-place ops: no allocator churn, no page faults);
+- activations are kept as 2-D (N, C) matrices, so each linear layer is one GEMM, and the gradients of
+  the weights are written straight into one flat gradient buffer (`self.grads` are views into it);
+- LayerNorm keeps only its per-row mean and 1/std and recomputes xhat in the backward;
+- softmax cross-entropy over the vocabulary runs in place on the logits buffer, row block by row block
+  (so each block stays in cache): logits -> probabilities -> dlogits without a second (N, V) array;
+- elementwise work (GELU, the loss, AdamW) runs in row blocks sized for the CPU cache.
+
+Dropout draws its masks from `rng` in the same order and shapes as the reference, so with the same
+generator both paths drop the same elements. The logits are not returned: the loss is the output.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .backend import get_array_module, scatter_add
+from .layers.dropout import check_dropout_p, dropout_mask
+from .layers.gelu import GELU_CUBIC, GELU_SCALE
+
+ROW_BLOCK = 16  # rows of the (N, 4C) MLP activations processed together (GELU)
+LOSS_ROWS = 4  # rows of the (N, V) logits processed together (about 800 KB for GPT-2's vocabulary)
+
+
+class TrainStep:
+    """loss = step(idx, targets, training, rng): forward and backward; gradients land in `self.grads`.
+
+    step = TrainStep(model, batch_size=2, seq_len=256)
+    loss = step(x, y, training=True, rng=rng)   # a Python float
+    optimizer.step(step.grads)                  # the same keys as model.params
+    """
+
+    def __init__(self, model, batch_size: int, seq_len: int):
+        cfg = model.config
+        if seq_len > cfg.context_length:
+            raise ValueError(f"seq_len {seq_len} exceeds the model's context_length {cfg.context_length}")
+        self.model = model
+        self.B, self.T = int(batch_size), int(seq_len)
+        xp = self.xp = model.xp
+        dt = model.dtype
+        B, T, C, NH, L, V = self.B, self.T, cfg.emb_dim, cfg.n_heads, cfg.n_layers, cfg.vocab_size
+        N = B * T
+        z = lambda *shape: xp.empty(shape, dtype=dt)  # noqa: E731
+
+        # Activations saved for the backward, one set per layer.
+        self.resid = [z(N, C) for _ in range(L + 1)]  # input of each block; resid[L] feeds ln_f
+        self.resid_mid = [z(N, C) for _ in range(L)]  # x1 = x + attention branch
+        self.ln1 = [z(N, C) for _ in range(L)]
+        self.ln2 = [z(N, C) for _ in range(L)]
+        self.ln_stats = [(z(N), z(N), z(N), z(N)) for _ in range(L)]  # mean1, rstd1, mean2, rstd2
+        self.qkv = [z(3, B, NH, T, cfg.head_size) for _ in range(L)]  # q (pre-scaled), k, v; head-major
+        self.att = [z(B, NH, T, T) for _ in range(L)]  # softmax probabilities (before dropout)
+        self.atty = [z(N, C) for _ in range(L)]  # attention output before c_proj
+        self.fc = [z(N, 4 * C) for _ in range(L)]  # MLP pre-activation
+        self.act = [z(N, 4 * C) for _ in range(L)]  # GELU output
+        self.lnf = z(N, C)
+        self.lnf_stats = (z(N), z(N))
+        self.logits = z(N, V)  # logits, then probabilities, then dlogits, in place
+        self.masks = None  # dropout keep-masks of the last training step
+        # Gradient buffers: one flat array, with a view per parameter in the model's key order.
+        self.grad_flat = xp.zeros(sum(int(p.size) for p in model.params.values()), dtype=dt)
+        self.grads, off = {}, 0
+        for k, p in model.params.items():
+            self.grads[k] = self.grad_flat[off : off + p.size].reshape(p.shape)
+            off += p.size
+        # Scratch for the backward.
+        self.d_resid = z(N, C)
+        self.d_nc = z(N, C)
+        self.d_nc2 = z(N, C)
+        self.d_n3c = z(N, 3 * C)
+        self.d_n4c = z(N, 4 * C)
+        self.d_att = z(B, NH, T, T)
+        self.d_head = z(3, B, NH, T, cfg.head_size)
+        # Gradients that are summed into rather than written by a GEMM: zeroed at the start of a backward.
+        self._added_into = [k for k, p in model.params.items() if p.ndim == 1 or k == "wpe.weight"]
+        if not cfg.tie_weights:
+            self._added_into.append("wte.weight")  # only the embedding scatter-add writes it
+        self._acc_scratch = None  # for gradient accumulation, allocated on first use
+        self._accumulate = False
+        self.row_scratch = z(ROW_BLOCK, max(V, 8 * C))  # the loss's row blocks; GELU's two temporaries
+        self.causal_bias = xp.triu(xp.full((T, T), -np.inf, dtype=dt), k=1)  # -inf above the diagonal
+
+    # ------------------------------------------------------------------------------------------------
+    def nbytes(self) -> int:
+        """Bytes held by this step's buffers (activations, gradients, scratch)."""
+        arrays = [self.lnf, self.logits, self.grad_flat, self.d_resid, self.d_nc, self.d_nc2, self.d_n3c, self.d_n4c,
+                  self.d_att, self.d_head, self.row_scratch, self.causal_bias, *self.lnf_stats]  # fmt: skip
+        for group in (self.resid, self.resid_mid, self.ln1, self.ln2, self.qkv, self.att, self.atty, self.fc, self.act):
+            arrays += group
+        arrays += [a for stats in self.ln_stats for a in stats]
+        if self._acc_scratch is not None:
+            arrays.append(self._acc_scratch)
+        return int(sum(a.nbytes for a in arrays))
+
+    def _check(self, idx, targets):
+        xp = self.xp
+        idx = xp.asarray(idx)
+        if idx.ndim != 2 or idx.dtype.kind not in "iu":
+            raise ValueError(f"idx must be a (B, T) integer array, got shape {tuple(idx.shape)} dtype {idx.dtype}")
+        b, t = idx.shape
+        if b > self.B or t > self.T or b < 1 or t < 1:
+            raise ValueError(f"batch of shape ({b}, {t}) does not fit this step's buffers ({self.B}, {self.T})")
+        V = self.model.config.vocab_size
+        if int(idx.min()) < 0 or int(idx.max()) >= V:
+            raise ValueError(f"token ids must lie in [0, {V})")
+        if targets is not None:
+            targets = xp.asarray(targets)
+            if targets.shape != idx.shape:
+                raise ValueError(f"targets have shape {tuple(targets.shape)}, idx {tuple(idx.shape)}")
+            if int(targets.min()) < 0 or int(targets.max()) >= V:
+                raise ValueError(f"targets must lie in [0, {V}) (ignore_index is not supported by the fast step)")
+        return idx, targets
+
+    # ------------------------------------------------------------------------------------------------
+    def __call__(self, idx, targets, training: bool = False, rng=None, dloss: float = 1.0, accumulate: bool = False,
+                 backward: bool = True) -> float:  # fmt: skip
+        """Forward (and backward unless backward=False) on one batch; returns the mean loss.
+
+        accumulate=True adds this batch's gradients to `self.grads` instead of overwriting them.
+        dloss scales the gradients (1/grad_accum for gradient accumulation).
+        """
+        idx, targets = self._check(idx, targets)
+        cfg = self.model.config
+        p = check_dropout_p(cfg.drop_rate) if training else 0.0
+        if p > 0.0 and rng is None:
+            rng = self.model.rng
+        b, t = idx.shape
+        loss = self._forward(idx, targets, b, t, p, rng, want_grad=backward)
+        if backward:
+            self._backward(idx, targets, b, t, p, dloss, accumulate)
+        return loss
+
+    def loss(self, idx, targets) -> float:
+        """Mean loss without dropout and without a backward (for evaluation)."""
+        return self(idx, targets, training=False, backward=False)
+
+    # --- forward ---------------------------------------------------------------------------------------
+    def _forward(self, idx, targets, b, t, p, rng, want_grad):
+        xp, cfg, P = self.xp, self.model.config, self.model.params
+        C, L, eps = cfg.emb_dim, cfg.n_layers, cfg.ln_eps
+        n = b * t
+        masks = {}
+        x = self.resid[0][:n]
+        xp.take(P["wte.weight"], idx.reshape(-1), axis=0, out=x)  # (n, C) token embeddings
+        x.reshape(b, t, C)[...] += P["wpe.weight"][:t]  # + position embeddings
+        if p > 0:
+            masks["emb"] = self._dropout_(x, p, rng)
+        for l in range(L):  # noqa: E741
+            pre = f"h.{l}."
+            mean1, rstd1, mean2, rstd2 = (s[:n] for s in self.ln_stats[l])
+            h = self.ln1[l][:n]
+            _layernorm_fwd(x, P[pre + "ln_1.weight"], P[pre + "ln_1.bias"], eps, h, mean1, rstd1)
+            qkv2d = self.d_n3c[:n]  # scratch: the fused projection before it is split into heads
+            _linear_fwd(h, P[pre + "attn.c_attn.weight"], P.get(pre + "attn.c_attn.bias"), qkv2d)
+            y = self.atty[l][:n]
+            masks[f"att{l}"] = self._attention_fwd(l, qkv2d, b, t, y, p, rng)
+            x1 = self.resid_mid[l][:n]
+            _linear_fwd(y, P[pre + "attn.c_proj.weight"], P[pre + "attn.c_proj.bias"], self.d_nc[:n])
+            if p > 0:
+                masks[f"res1_{l}"] = self._dropout_(self.d_nc[:n], p, rng)
+            xp.add(x, self.d_nc[:n], out=x1)
+            h2 = self.ln2[l][:n]
+            _layernorm_fwd(x1, P[pre + "ln_2.weight"], P[pre + "ln_2.bias"], eps, h2, mean2, rstd2)
+            fc, act = self.fc[l][:n], self.act[l][:n]
+            _linear_fwd(h2, P[pre + "mlp.c_fc.weight"], P[pre + "mlp.c_fc.bias"], fc)
+            _gelu_fwd(fc, act, self.row_scratch)
+            x_next = self.resid[l + 1][:n]
+            _linear_fwd(act, P[pre + "mlp.c_proj.weight"], P[pre + "mlp.c_proj.bias"], self.d_nc[:n])
+            if p > 0:
+                masks[f"res2_{l}"] = self._dropout_(self.d_nc[:n], p, rng)
+            xp.add(x1, self.d_nc[:n], out=x_next)
+            x = x_next
+        mean_f, rstd_f = (s[:n] for s in self.lnf_stats)
+        _layernorm_fwd(x, P["ln_f.weight"], P["ln_f.bias"], eps, self.lnf[:n], mean_f, rstd_f)
+        logits = self.logits[:n]
+        head = P["wte.weight"] if cfg.tie_weights else P["lm_head.weight"]  # (V, C)
+        xp.matmul(self.lnf[:n], head.T, out=logits)  # (n, C) @ (C, V) -> (n, V)
+        self.masks = masks
+        if targets is None:
+            return None
+        return _cross_entropy_inplace(logits, targets.reshape(-1), self.row_scratch, want_grad)
+
+    def _dropout_(self, a, p, rng):
+        """In-place inverted dropout on `a`; returns the keep-mask (drawn like the reference layer)."""
+        keep = dropout_mask(a.shape, p, rng, self.xp)
+        a *= keep
+        a *= a.dtype.type(1.0 / (1.0 - p))
+        return keep
+
+    def _attention_fwd(self, l, qkv2d, b, t, y, p, rng):  # noqa: E741
+        xp, cfg = self.xp, self.model.config
+        NH, hs = cfg.n_heads, cfg.head_size
+        heads = self.qkv[l][:, :b, :, :t]  # (3, b, NH, t, hs)
+        heads[...] = qkv2d.reshape(b, t, 3, NH, hs).transpose(2, 0, 3, 1, 4)  # (n, 3C) -> (3, b, NH, t, hs)
+        heads[0] *= heads.dtype.type(1.0 / math.sqrt(hs))  # fold the 1/sqrt(hs) into q
+        q, k, v = heads[0], heads[1], heads[2]
+        att = self.att[l][:b, :, :t, :t]  # (b, NH, t, t)
+        xp.matmul(q, k.transpose(0, 1, 3, 2), out=att)  # scores
+        att += self.causal_bias[:t, :t]  # the future gets -inf
+        att -= att.max(axis=-1, keepdims=True)
+        xp.exp(att, out=att)
+        att /= att.sum(axis=-1, keepdims=True)
+        keep = None
+        att_used = att
+        if p > 0:
+            keep = dropout_mask(att.shape, p, rng, xp)
+            att_used = self.d_att[:b, :, :t, :t]
+            xp.multiply(att, keep, out=att_used)
+            att_used *= att.dtype.type(1.0 / (1.0 - p))
+        out = self.d_head[0, :b, :, :t]  # (b, NH, t, hs) scratch
+        xp.matmul(att_used, v, out=out)
+        y.reshape(b, t, NH, hs)[...] = out.transpose(0, 2, 1, 3)  # (b, NH, t, hs) -> (n, C)
+        return keep
+
+    # --- backward --------------------------------------------------------------------------------------
+    def _backward(self, idx, targets, b, t, p, dloss, accumulate):
+        xp, cfg, P, G = self.xp, self.model.config, self.model.params, self.grads
+        C, L = cfg.emb_dim, cfg.n_layers
+        n = b * t
+        self._accumulate = accumulate
+        if not accumulate:  # the weight GEMMs overwrite their gradients; the rest is added into
+            for key in self._added_into:
+                G[key][...] = 0
+        dlogits = self.logits[:n]  # holds (probs - onehot) / n after the forward
+        if dloss != 1.0:
+            dlogits *= dlogits.dtype.type(dloss)
+        head_key = "wte.weight" if cfg.tie_weights else "lm_head.weight"
+        head = P[head_key]  # (V, C)
+        dx = self.d_resid[:n]
+        xp.matmul(dlogits, head, out=dx)  # (n, V) @ (V, C) -> (n, C)
+        self._matmul_into(dlogits.T, self.lnf[:n], G[head_key], accumulate)  # (V, n) @ (n, C) -> (V, C)
+        mean_f, rstd_f = (s[:n] for s in self.lnf_stats)
+        dtmp = self.d_nc[:n]
+        _layernorm_bwd(dx, self.resid[L][:n], mean_f, rstd_f, P["ln_f.weight"], dtmp, G["ln_f.weight"], G["ln_f.bias"], self.d_nc2[:n])
+        dx[...] = dtmp  # d(resid[L])
+        for l in reversed(range(L)):  # noqa: E741
+            pre = f"h.{l}."
+            mean1, rstd1, mean2, rstd2 = (s[:n] for s in self.ln_stats[l])
+            # out = x1 + dropout(mlp(ln_2(x1)))
+            dm = dx
+            if p > 0:
+                dm = self.d_nc[:n]
+                self._dropout_bwd_(dx, self.masks[f"res2_{l}"], p, out=dm)
+            dact = self.d_n4c[:n]
+            self._linear_bwd(dm, self.act[l][:n], pre + "mlp.c_proj", dact)
+            _gelu_bwd(dact, self.fc[l][:n], self.row_scratch)  # dact becomes dfc, in place
+            dh2 = self.d_nc2[:n]
+            self._linear_bwd(dact, self.ln2[l][:n], pre + "mlp.c_fc", dh2)
+            dln = self.d_nc[:n]
+            _layernorm_bwd(dh2, self.resid_mid[l][:n], mean2, rstd2, P[pre + "ln_2.weight"], dln,
+                           G[pre + "ln_2.weight"], G[pre + "ln_2.bias"], self.d_n4c[:n, :C])  # fmt: skip
+            dx += dln  # dx1 = dout + branch
+            # x1 = x + dropout(c_proj(attention(c_attn(ln_1(x)))))
+            da = dx
+            if p > 0:
+                da = self.d_nc[:n]
+                self._dropout_bwd_(dx, self.masks[f"res1_{l}"], p, out=da)
+            dy = self.d_nc2[:n]
+            self._linear_bwd(da, self.atty[l][:n], pre + "attn.c_proj", dy)
+            dqkv = self.d_n3c[:n]
+            self._attention_bwd(l, dy, b, t, dqkv, p)
+            dh = self.d_nc[:n]
+            self._linear_bwd(dqkv, self.ln1[l][:n], pre + "attn.c_attn", dh)
+            dln = self.d_nc2[:n]
+            _layernorm_bwd(dh, self.resid[l][:n], mean1, rstd1, P[pre + "ln_1.weight"], dln,
+                           G[pre + "ln_1.weight"], G[pre + "ln_1.bias"], self.d_n4c[:n, :C])  # fmt: skip
+            dx += dln
+        if p > 0:
+            self._dropout_bwd_(dx, self.masks["emb"], p)
+        # x = wte[idx] + wpe[:t]
+        scatter_add(G["wte.weight"], idx.reshape(-1), dx)
+        G["wpe.weight"][:t] += dx.reshape(b, t, C).sum(axis=0)
+
+    def _matmul_into(self, a, b, out, accumulate):
+        """out = a @ b, or out += a @ b when accumulating (matmul cannot accumulate, so that goes
+        through a scratch buffer, allocated on first use and kept)."""
+        if not accumulate:
+            self.xp.matmul(a, b, out=out)
+            return
+        if self._acc_scratch is None:
+            largest = max(int(g.size) for g in self.grads.values() if g.ndim == 2)
+            self._acc_scratch = self.xp.empty(largest, dtype=out.dtype)
+        tmp = self._acc_scratch[: out.size].reshape(out.shape)
+        self.xp.matmul(a, b, out=tmp)
+        out += tmp
+
+    def _dropout_bwd_(self, d, keep, p, out=None):
+        """out (default: d itself) = d * keep / (1 - p)."""
+        out = d if out is None else out
+        self.xp.multiply(d, keep, out=out)
+        out *= d.dtype.type(1.0 / (1.0 - p))
+
+    def _linear_bwd(self, dout, x, name, dx):
+        """dx = dout @ W.T; dW += x.T @ dout; db += sum(dout) for the layer `name` (e.g. 'h.0.mlp.c_fc')."""
+        xp, P, G = self.xp, self.model.params, self.grads
+        W = P[name + ".weight"]
+        xp.matmul(dout, W.T, out=dx)  # (n, C_out) @ (C_out, C_in) -> (n, C_in)
+        self._matmul_into(x.T, dout, G[name + ".weight"], self._accumulate)
+        if name + ".bias" in G:
+            G[name + ".bias"] += dout.sum(axis=0)
+
+    def _attention_bwd(self, l, dy, b, t, dqkv, p):  # noqa: E741
+        xp, cfg = self.xp, self.model.config
+        NH, hs = cfg.n_heads, cfg.head_size
+        heads = self.qkv[l][:, :b, :, :t]
+        q, k, v = heads[0], heads[1], heads[2]  # q already holds q / sqrt(hs)
+        att = self.att[l][:b, :, :t, :t]
+        dheads = self.d_head[:, :b, :, :t]  # (3, b, NH, t, hs): dq, dk, dv
+        dyh = dheads[0]
+        dyh[...] = dy.reshape(b, t, NH, hs).transpose(0, 2, 1, 3)  # (n, C) -> (b, NH, t, hs)
+        datt = self.d_att[:b, :, :t, :t]
+        if p > 0:
+            keep = self.masks[f"att{l}"]
+            scale = att.dtype.type(1.0 / (1.0 - p))
+            xp.multiply(att, keep, out=datt)  # the dropped probabilities that multiplied v
+            datt *= scale
+            xp.matmul(datt.transpose(0, 1, 3, 2), dyh, out=dheads[2])  # dv = att'^T @ dy
+            xp.matmul(dyh, v.transpose(0, 1, 3, 2), out=datt)  # datt' = dy @ v^T
+            datt *= keep
+            datt *= scale
+        else:
+            xp.matmul(att.transpose(0, 1, 3, 2), dyh, out=dheads[2])  # dv = att^T @ dy
+            xp.matmul(dyh, v.transpose(0, 1, 3, 2), out=datt)  # datt = dy @ v^T
+        # softmax backward, in place: dscores = att * (datt - sum(datt * att))
+        datt -= _rowdot(datt, att)[..., None]
+        datt *= att
+        # scores = q' @ k^T with q' = q / sqrt(hs):  dq = dscores @ k / sqrt(hs),  dk = dscores^T @ q'
+        xp.matmul(datt, k, out=dheads[0])
+        dheads[0] *= dheads.dtype.type(1.0 / math.sqrt(hs))
+        xp.matmul(datt.transpose(0, 1, 3, 2), q, out=dheads[1])
+        dqkv.reshape(b, t, 3, NH, hs)[...] = dheads.transpose(1, 3, 0, 2, 4)  # (3, b, NH, t, hs) -> (n, 3C)
+
+
+# --- building blocks (2-D, in place) --------------------------------------------------------------------
+
+
+def _rowdot(a, b):
+    """sum(a * b, axis=-1) without materialising a * b on the CPU."""
+    xp = get_array_module(a)
+    if xp is np:
+        sub = "abcdefgh"[: a.ndim]
+        return np.einsum(f"{sub},{sub}->{sub[:-1]}", a, b)
+    return (a * b).sum(axis=-1)
+
+
+def _linear_fwd(x, W, bias, out):
+    """out = x @ W + bias, with x (n, C_in), W (C_in, C_out), out (n, C_out)."""
+    xp = get_array_module(x)
+    xp.matmul(x, W, out=out)
+    if bias is not None:
+        out += bias
+
+
+def _layernorm_fwd(x, w, bias, eps, out, mean, rstd):
+    """out = (x - mean) * rstd * w + bias over the last axis; keeps mean and rstd (n,) for the backward."""
+    xp = get_array_module(x)
+    C = x.shape[-1]
+    x.mean(axis=-1, out=mean)
+    xp.subtract(x, mean[:, None], out=out)  # xc
+    var = _rowdot(out, out) / C
+    xp.sqrt(var + eps, out=rstd)
+    xp.divide(1.0, rstd, out=rstd)
+    out *= rstd[:, None]  # xhat
+    out *= w
+    out += bias
+
+
+def _layernorm_bwd(dout, x, mean, rstd, w, dx, dw, db, scratch):
+    """LayerNorm backward (see layers/layernorm.py): dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dout * w.
+    dw += sum(dout * xhat), db += sum(dout). `scratch` is (n, C)."""
+    xp = get_array_module(dout)
+    C = x.shape[-1]
+    xhat = scratch
+    xp.subtract(x, mean[:, None], out=xhat)
+    xhat *= rstd[:, None]
+    db += dout.sum(axis=0)
+    dw += xp.einsum("ij,ij->j", dout, xhat) if xp is np else (dout * xhat).sum(axis=0)  # column sums
+    xp.multiply(dout, w, out=dx)  # g
+    g_mean = dx.mean(axis=-1)
+    gx_mean = _rowdot(dx, xhat) / C
+    dx -= g_mean[:, None]
+    xhat *= gx_mean[:, None]
+    dx -= xhat
+    dx *= rstd[:, None]
+
+
+def _gelu_fwd(x, out, scratch):
+    """out = 0.5 x (1 + tanh(s (x + a x^3))), in row blocks so the temporaries stay in cache."""
+    xp = get_array_module(x)
+    n = x.shape[0]
+    for i in range(0, n, ROW_BLOCK):
+        xb, ob = x[i : i + ROW_BLOCK], out[i : i + ROW_BLOCK]
+        u = scratch[: xb.shape[0], : xb.shape[1]]
+        xp.multiply(xb, xb, out=u)
+        u *= GELU_CUBIC
+        u += 1.0
+        u *= xb
+        u *= GELU_SCALE  # s (x + a x^3)
+        xp.tanh(u, out=u)
+        u += 1.0
+        xp.multiply(xb, u, out=ob)
+        ob *= 0.5
+
+
+def _gelu_bwd(d, x, scratch):
+    """d *= gelu'(x), in place, in row blocks (scratch holds two blocks side by side):
+    gelu'(x) = 0.5 (1 + th) + 0.5 s x (1 + 3 a x^2) (1 - th^2),  th = tanh(s (x + a x^3))."""
+    xp = get_array_module(d)
+    n, width = x.shape
+    for i in range(0, n, ROW_BLOCK):
+        xb, db = x[i : i + ROW_BLOCK], d[i : i + ROW_BLOCK]
+        rows = xb.shape[0]
+        x2, th = scratch[:rows, :width], scratch[:rows, width : 2 * width]
+        xp.multiply(xb, xb, out=x2)  # x^2
+        xp.multiply(x2, GELU_CUBIC, out=th)
+        th += 1.0
+        th *= xb
+        th *= GELU_SCALE
+        xp.tanh(th, out=th)  # th
+        x2 *= 3.0 * GELU_CUBIC
+        x2 += 1.0
+        x2 *= xb
+        x2 *= 0.5 * GELU_SCALE  # 0.5 s x (1 + 3 a x^2)
+        db *= 1.0 + th  # split the product: d * (0.5 (1 + th) + x2 (1 - th) (1 + th))
+        th *= -1.0
+        th += 1.0  # 1 - th
+        th *= x2
+        th += 0.5
+        db *= th
+
+
+def _cross_entropy_inplace(logits, targets, scratch, want_grad):
+    """Mean cross-entropy of rows of `logits` (n, V); with want_grad, leaves (softmax - onehot) / n in
+    `logits` (the gradient of the mean loss), block by block so each block stays in cache."""
+    xp = get_array_module(logits)
+    n = logits.shape[0]
+    total = 0.0
+    rows_all = xp.arange(n)
+    for i in range(0, n, LOSS_ROWS):
+        z = logits[i : i + LOSS_ROWS]  # (rows, V)
+        r = z.shape[0]
+        tgt = targets[i : i + r]
+        z -= z.max(axis=-1, keepdims=True)
+        target_z = z[rows_all[:r], tgt]  # shifted logit of the target
+        xp.exp(z, out=z)
+        s = z.sum(axis=-1)
+        total += float((xp.log(s) - target_z).sum())
+        if want_grad:
+            z /= s[:, None]  # probabilities
+            z[rows_all[:r], tgt] -= 1.0
+            z *= z.dtype.type(1.0 / n)
+    return total / n

@@ -1,0 +1,94 @@
+"""Data parallelism over MPI: 2 ranks with global batch 2b against one process with batch 2b.
+
+Runs `mpiexec -n 2` from the mpi extra (mpi4py + the MPICH wheel); skipped when they are missing."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import npgpt
+from npgpt.gradcheck import relative_error
+
+MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
+try:
+    import mpi4py  # noqa: F401
+except ImportError:
+    MPIEXEC = None
+pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="needs mpi4py and mpiexec (pip install 'npgpt[mpi]')")
+
+TINY = ["--preset", "nano", "--emb-dim", "32", "--n-heads", "2", "--n-layers", "1", "--context-length", "32",
+        "--no-progress", "--sample-tokens", "2", "--drop-rate", "0", "--eval-interval", "2"]  # fmt: skip
+
+
+def run(args, ranks=1):
+    env = {**os.environ, "NPGPT_DEVICE": "cpu"}
+    cmd = [sys.executable, "-m", "npgpt", "train", *TINY, *args]
+    if ranks > 1:
+        cmd = [MPIEXEC, "-n", str(ranks), *cmd]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def records(out, kind):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if f'"kind": "{kind}"' in line]
+
+
+def test_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(["--batch-size", "4", "--max-steps", "4", "--out-dir", str(one)])
+    proc = run(["--batch-size", "4", "--max-steps", "4", "--out-dir", str(two)], ranks=2)
+    # losses agree up to float32 summation order (the mean over 4 rows versus two means of 2, averaged)
+    l1 = [r["loss"] for r in records(one, "step")]
+    l2 = [r["loss"] for r in records(two, "step")]
+    assert len(l1) == len(l2) == 4
+    assert all(abs(a - b) / abs(a) < 1e-6 for a, b in zip(l1, l2)), (l1, l2)
+    v1 = [r["val_loss"] for r in records(one, "eval")]
+    v2 = [r["val_loss"] for r in records(two, "eval")]
+    assert all(abs(a - b) / abs(a) < 1e-6 for a, b in zip(v1, v2)), (v1, v2)
+    a, b = npgpt.load_pretrained(one), npgpt.load_pretrained(two)
+    for k in a.params:
+        assert relative_error(b.params[k], a.params[k]) < 1e-5, k
+    # rank 0 alone wrote: one summary, one checkpoint directory, each step logged once
+    assert proc.stdout.count("Done: 4 steps") == 1 and "on 2 ranks" in proc.stdout
+    assert [p.name for p in (two / "checkpoints").iterdir()] == ["step-00000004"]
+
+
+def test_a_two_rank_checkpoint_resumes_in_one_process(tmp_path):
+    out = tmp_path / "run"
+    run(["--batch-size", "4", "--max-steps", "2", "--out-dir", str(out)], ranks=2)
+    proc = run(["--batch-size", "4", "--max-steps", "4", "--out-dir", str(out), "--resume"])
+    assert "resuming at step 2" in proc.stdout
+    steps = [r["step"] for r in records(out, "step")]
+    assert steps == [1, 2, 3, 4]
+    state = json.loads((out / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
+    assert state["world_size"] == 1 and state["optimizer"]["t"] == 4
+
+
+def test_batch_must_divide_among_ranks(tmp_path):
+    env = {**os.environ, "NPGPT_DEVICE": "cpu"}
+    cmd = [MPIEXEC, "-n", "2", sys.executable, "-m", "npgpt", "train", *TINY, "--batch-size", "3", "--max-steps", "1",
+           "--out-dir", str(tmp_path / "r")]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode != 0 and "must be divisible by the 2 ranks" in proc.stderr
+
+
+def test_info_reports_the_world(tmp_path):
+    env = {**os.environ, "NPGPT_DEVICE": "cpu"}
+    proc = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", "npgpt", "info"], capture_output=True, text=True, env=env,
+                          timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "rank 0 of 2" in proc.stdout and "rank 1 of 2" in proc.stdout
+
+
+def test_single_process_info_says_no_mpi(capsys):
+    from npgpt.cli import main
+
+    assert main(["info"]) == 0
+    assert "distributed" in capsys.readouterr().out

@@ -1,0 +1,78 @@
+"""The fast training step (engine.py) against the readable reference (model.forward / model.backward)."""
+
+import numpy as np
+import pytest
+
+import npgpt
+from npgpt.backend import to_numpy
+from npgpt.engine import TrainStep
+from npgpt.gradcheck import HostRandom, relative_error
+from npgpt.model_check import random_params, tiny_config
+
+CASES = {
+    "tied": dict(),
+    "untied, no qkv bias": dict(tie_weights=False, qkv_bias=False),
+    "one head, three layers": dict(n_heads=1, n_layers=3),
+    "dropout": dict(drop_rate=0.2),
+    "no layers": dict(n_layers=0),
+}
+
+
+def make(cfg_kw, dtype, xp=np):
+    cfg = tiny_config(**cfg_kw)
+    model = npgpt.GPT(cfg, dtype=dtype, device="cpu")
+    model.params = {k: xp.asarray(v, dtype=dtype) for k, v in random_params(cfg, np.random.default_rng(0)).items()}
+    return model
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-12), (np.float32, 3e-6)])
+@pytest.mark.parametrize("case", list(CASES))
+def test_fast_step_equals_reference(case, dtype, tol, xp):
+    model = make(CASES[case], dtype, xp)
+    V = model.config.vocab_size
+    rng = np.random.default_rng(1)
+    training = model.config.drop_rate > 0
+    engine = TrainStep(model, 3, 8)
+    for b, t in [(3, 8), (2, 5), (1, 1)]:  # full buffers, then smaller batches in the same buffers
+        x = xp.asarray(rng.integers(0, V, (b, t)))
+        y = xp.asarray(rng.integers(0, V, (b, t)))
+        _, loss, cache = model.forward(x, y, training=training, rng=HostRandom(5, xp))
+        ref = model.backward(cache, dloss=0.7)
+        fast_loss = engine(x, y, training=training, rng=HostRandom(5, xp), dloss=0.7)
+        assert abs(fast_loss - float(loss)) <= tol * abs(float(loss))
+        assert engine.loss(x, y) == pytest.approx(float(model.forward(x, y)[1]), rel=tol)
+        for k in ref:
+            err = relative_error(to_numpy(engine.grads[k]), to_numpy(ref[k]))
+            assert err < tol, f"{case} {b}x{t} {k}: {err:.2e}"
+
+
+def test_gradient_accumulation_in_the_engine():
+    model = make({}, np.float64)
+    rng = np.random.default_rng(2)
+    x, y = rng.integers(0, 37, (4, 6)), rng.integers(0, 37, (4, 6))
+    big = TrainStep(model, 4, 6)
+    big(x, y)
+    expected = {k: v.copy() for k, v in big.grads.items()}
+    acc = TrainStep(model, 2, 6)
+    acc(x[:2], y[:2], dloss=0.5)
+    acc(x[2:], y[2:], dloss=0.5, accumulate=True)
+    for k in expected:
+        assert relative_error(acc.grads[k], expected[k]) < 1e-12, k
+
+
+def test_gradients_are_views_of_one_flat_buffer():
+    model = make({}, np.float32)
+    engine = TrainStep(model, 2, 4)
+    assert list(engine.grads) == list(model.params)
+    total = sum(g.size for g in engine.grads.values())
+    assert engine.grad_flat.size == total
+    assert all(np.shares_memory(g, engine.grad_flat) for g in engine.grads.values())
+    assert engine.nbytes() > engine.grad_flat.nbytes
+
+
+def test_engine_rejects_what_does_not_fit():
+    engine = TrainStep(make({}, np.float32), 2, 4)
+    with pytest.raises(ValueError, match="does not fit"):
+        engine(np.zeros((3, 4), dtype=np.int64), np.zeros((3, 4), dtype=np.int64))
+    with pytest.raises(ValueError, match="exceeds the model's context_length"):
+        TrainStep(make({}, np.float32), 2, 9)
