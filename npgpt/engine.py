@@ -28,8 +28,9 @@ import numpy as np
 from .backend import get_array_module, scatter_add
 from .layers.dropout import check_dropout_p, dropout_mask
 from .layers.gelu import GELU_CUBIC, GELU_SCALE
+from .parallel import num_threads, parallel_ranges
 
-ROW_BLOCK = 16  # rows of the (N, 4C) MLP activations processed together (GELU)
+ROW_BLOCK = 32  # rows of the (N, 4C) MLP activations processed together (GELU)
 LOSS_ROWS = 4  # rows of the (N, V) logits processed together (about 800 KB for GPT-2's vocabulary)
 
 
@@ -88,7 +89,9 @@ class TrainStep:
             self._added_into.append("wte.weight")  # only the embedding scatter-add writes it
         self._acc_scratch = None  # for gradient accumulation, allocated on first use
         self._accumulate = False
-        self.row_scratch = z(ROW_BLOCK, max(V, 8 * C))  # the loss's row blocks; GELU's two temporaries
+        # CPU threads for the elementwise work (GELU, LayerNorm, the loss), each with its own scratch
+        self.threads = num_threads() if xp is np else 1
+        self.row_scratch = z(self.threads, ROW_BLOCK, 8 * C)  # GELU's two temporaries per thread
         self.causal_bias = xp.triu(xp.full((T, T), -np.inf, dtype=dt), k=1)  # -inf above the diagonal
 
     # ------------------------------------------------------------------------------------------------
@@ -160,7 +163,7 @@ class TrainStep:
             pre = f"h.{l}."
             mean1, rstd1, mean2, rstd2 = (s[:n] for s in self.ln_stats[l])
             h = self.ln1[l][:n]
-            _layernorm_fwd(x, P[pre + "ln_1.weight"], P[pre + "ln_1.bias"], eps, h, mean1, rstd1)
+            _layernorm_fwd(x, P[pre + "ln_1.weight"], P[pre + "ln_1.bias"], eps, h, mean1, rstd1, self.threads)
             qkv2d = self.d_n3c[:n]  # scratch: the fused projection before it is split into heads
             _linear_fwd(h, P[pre + "attn.c_attn.weight"], P.get(pre + "attn.c_attn.bias"), qkv2d)
             y = self.atty[l][:n]
@@ -171,10 +174,10 @@ class TrainStep:
                 masks[f"res1_{l}"] = self._dropout_(self.d_nc[:n], p, rng)
             xp.add(x, self.d_nc[:n], out=x1)
             h2 = self.ln2[l][:n]
-            _layernorm_fwd(x1, P[pre + "ln_2.weight"], P[pre + "ln_2.bias"], eps, h2, mean2, rstd2)
+            _layernorm_fwd(x1, P[pre + "ln_2.weight"], P[pre + "ln_2.bias"], eps, h2, mean2, rstd2, self.threads)
             fc, act = self.fc[l][:n], self.act[l][:n]
             _linear_fwd(h2, P[pre + "mlp.c_fc.weight"], P[pre + "mlp.c_fc.bias"], fc)
-            _gelu_fwd(fc, act, self.row_scratch)
+            _gelu_fwd(fc, act, self.row_scratch, self.threads)
             x_next = self.resid[l + 1][:n]
             _linear_fwd(act, P[pre + "mlp.c_proj.weight"], P[pre + "mlp.c_proj.bias"], self.d_nc[:n])
             if p > 0:
@@ -182,14 +185,14 @@ class TrainStep:
             xp.add(x1, self.d_nc[:n], out=x_next)
             x = x_next
         mean_f, rstd_f = (s[:n] for s in self.lnf_stats)
-        _layernorm_fwd(x, P["ln_f.weight"], P["ln_f.bias"], eps, self.lnf[:n], mean_f, rstd_f)
+        _layernorm_fwd(x, P["ln_f.weight"], P["ln_f.bias"], eps, self.lnf[:n], mean_f, rstd_f, self.threads)
         logits = self.logits[:n]
         head = P["wte.weight"] if cfg.tie_weights else P["lm_head.weight"]  # (V, C)
         xp.matmul(self.lnf[:n], head.T, out=logits)  # (n, C) @ (C, V) -> (n, V)
         self.masks = masks
         if targets is None:
             return None
-        return _cross_entropy_inplace(logits, targets.reshape(-1), self.row_scratch, want_grad)
+        return _cross_entropy_inplace(logits, targets.reshape(-1), want_grad, self.threads)
 
     def _dropout_(self, a, p, rng):
         """In-place inverted dropout on `a`; returns the keep-mask (drawn like the reference layer)."""
@@ -206,20 +209,13 @@ class TrainStep:
         heads[0] *= heads.dtype.type(1.0 / math.sqrt(hs))  # fold the 1/sqrt(hs) into q
         q, k, v = heads[0], heads[1], heads[2]
         att = self.att[l][:b, :, :t, :t]  # (b, NH, t, t)
-        xp.matmul(q, k.transpose(0, 1, 3, 2), out=att)  # scores
-        att += self.causal_bias[:t, :t]  # the future gets -inf
-        att -= att.max(axis=-1, keepdims=True)
-        xp.exp(att, out=att)
-        att /= att.sum(axis=-1, keepdims=True)
-        keep = None
-        att_used = att
-        if p > 0:
-            keep = dropout_mask(att.shape, p, rng, xp)
-            att_used = self.d_att[:b, :, :t, :t]
-            xp.multiply(att, keep, out=att_used)
-            att_used *= att.dtype.type(1.0 / (1.0 - p))
+        keep = dropout_mask(att.shape, p, rng, xp) if p > 0 else None  # drawn where the reference draws it
+        scale = att.dtype.type(1.0 / (1.0 - p))
+        dropped = self.d_att[:b, :, :t, :t]  # scratch for the dropped probabilities
         out = self.d_head[0, :b, :, :t]  # (b, NH, t, hs) scratch
-        xp.matmul(att_used, v, out=out)
+        bias = self.causal_bias[:t, :t]
+
+        _attention_fwd_slab(q, k, v, att, bias, keep, scale, dropped, out)  # all (batch, head) pairs at once
         y.reshape(b, t, NH, hs)[...] = out.transpose(0, 2, 1, 3)  # (b, NH, t, hs) -> (n, C)
         return keep
 
@@ -242,7 +238,7 @@ class TrainStep:
         self._matmul_into(dlogits.T, self.lnf[:n], G[head_key], accumulate)  # (V, n) @ (n, C) -> (V, C)
         mean_f, rstd_f = (s[:n] for s in self.lnf_stats)
         dtmp = self.d_nc[:n]
-        _layernorm_bwd(dx, self.resid[L][:n], mean_f, rstd_f, P["ln_f.weight"], dtmp, G["ln_f.weight"], G["ln_f.bias"], self.d_nc2[:n])
+        _layernorm_bwd(dx, self.resid[L][:n], mean_f, rstd_f, P["ln_f.weight"], dtmp, G["ln_f.weight"], G["ln_f.bias"], self.d_nc2[:n], self.threads)
         dx[...] = dtmp  # d(resid[L])
         for l in reversed(range(L)):  # noqa: E741
             pre = f"h.{l}."
@@ -254,12 +250,12 @@ class TrainStep:
                 self._dropout_bwd_(dx, self.masks[f"res2_{l}"], p, out=dm)
             dact = self.d_n4c[:n]
             self._linear_bwd(dm, self.act[l][:n], pre + "mlp.c_proj", dact)
-            _gelu_bwd(dact, self.fc[l][:n], self.row_scratch)  # dact becomes dfc, in place
+            _gelu_bwd(dact, self.fc[l][:n], self.row_scratch, self.threads)  # dact becomes dfc, in place
             dh2 = self.d_nc2[:n]
             self._linear_bwd(dact, self.ln2[l][:n], pre + "mlp.c_fc", dh2)
             dln = self.d_nc[:n]
             _layernorm_bwd(dh2, self.resid_mid[l][:n], mean2, rstd2, P[pre + "ln_2.weight"], dln,
-                           G[pre + "ln_2.weight"], G[pre + "ln_2.bias"], self.d_n4c[:n, :C])  # fmt: skip
+                           G[pre + "ln_2.weight"], G[pre + "ln_2.bias"], self.d_n4c[:n, :C], self.threads)  # fmt: skip
             dx += dln  # dx1 = dout + branch
             # x1 = x + dropout(c_proj(attention(c_attn(ln_1(x)))))
             da = dx
@@ -274,7 +270,7 @@ class TrainStep:
             self._linear_bwd(dqkv, self.ln1[l][:n], pre + "attn.c_attn", dh)
             dln = self.d_nc2[:n]
             _layernorm_bwd(dh, self.resid[l][:n], mean1, rstd1, P[pre + "ln_1.weight"], dln,
-                           G[pre + "ln_1.weight"], G[pre + "ln_1.bias"], self.d_n4c[:n, :C])  # fmt: skip
+                           G[pre + "ln_1.weight"], G[pre + "ln_1.bias"], self.d_n4c[:n, :C], self.threads)  # fmt: skip
             dx += dln
         if p > 0:
             self._dropout_bwd_(dx, self.masks["emb"], p)
@@ -317,29 +313,58 @@ class TrainStep:
         q, k, v = heads[0], heads[1], heads[2]  # q already holds q / sqrt(hs)
         att = self.att[l][:b, :, :t, :t]
         dheads = self.d_head[:, :b, :, :t]  # (3, b, NH, t, hs): dq, dk, dv
-        dyh = dheads[0]
+        dyh = dheads[0]  # dy lives in dq's slot until dq is computed, head by head
         dyh[...] = dy.reshape(b, t, NH, hs).transpose(0, 2, 1, 3)  # (n, C) -> (b, NH, t, hs)
         datt = self.d_att[:b, :, :t, :t]
-        if p > 0:
-            keep = self.masks[f"att{l}"]
-            scale = att.dtype.type(1.0 / (1.0 - p))
-            xp.multiply(att, keep, out=datt)  # the dropped probabilities that multiplied v
-            datt *= scale
-            xp.matmul(datt.transpose(0, 1, 3, 2), dyh, out=dheads[2])  # dv = att'^T @ dy
-            xp.matmul(dyh, v.transpose(0, 1, 3, 2), out=datt)  # datt' = dy @ v^T
-            datt *= keep
-            datt *= scale
-        else:
-            xp.matmul(att.transpose(0, 1, 3, 2), dyh, out=dheads[2])  # dv = att^T @ dy
-            xp.matmul(dyh, v.transpose(0, 1, 3, 2), out=datt)  # datt = dy @ v^T
-        # softmax backward, in place: dscores = att * (datt - sum(datt * att))
-        datt -= _rowdot(datt, att)[..., None]
-        datt *= att
-        # scores = q' @ k^T with q' = q / sqrt(hs):  dq = dscores @ k / sqrt(hs),  dk = dscores^T @ q'
-        xp.matmul(datt, k, out=dheads[0])
-        dheads[0] *= dheads.dtype.type(1.0 / math.sqrt(hs))
-        xp.matmul(datt.transpose(0, 1, 3, 2), q, out=dheads[1])
+        keep = self.masks[f"att{l}"] if p > 0 else None
+        scale = att.dtype.type(1.0 / (1.0 - p))
+        inv_sqrt = att.dtype.type(1.0 / math.sqrt(hs))
+
+        _attention_bwd_slab(q, k, v, att, keep, scale, inv_sqrt, datt, dheads[0], dheads[1], dheads[2])
         dqkv.reshape(b, t, 3, NH, hs)[...] = dheads.transpose(1, 3, 0, 2, 4)  # (3, b, NH, t, hs) -> (n, 3C)
+
+
+# --- attention over (..., t, hs) stacks of heads -------------------------------------------------------
+
+
+def _attention_fwd_slab(q, k, v, att, bias, keep, scale, dropped, out):
+    """att = softmax(q @ k^T + bias) (rows), out = dropout(att) @ v. Shapes (..., t, hs) and (..., t, t);
+    q is already scaled by 1/sqrt(hs), bias is 0 on and below the diagonal and -inf above it."""
+    xp = get_array_module(q)
+    xp.matmul(q, xp.swapaxes(k, -1, -2), out=att)  # scores
+    att += bias  # the future gets -inf
+    att -= att.max(axis=-1, keepdims=True)
+    xp.exp(att, out=att)
+    att /= att.sum(axis=-1, keepdims=True)
+    used = att
+    if keep is not None:
+        xp.multiply(att, keep, out=dropped)
+        dropped *= scale
+        used = dropped
+    xp.matmul(used, v, out=out)
+
+
+def _attention_bwd_slab(q, k, v, att, keep, scale, inv_sqrt, datt, dq, dk, dv):
+    """The backward of _attention_fwd_slab; dq holds dy on entry (it is read before dq is written)."""
+    xp = get_array_module(q)
+    dy = dq
+    if keep is not None:
+        xp.multiply(att, keep, out=datt)  # the dropped probabilities that multiplied v
+        datt *= scale
+        xp.matmul(xp.swapaxes(datt, -1, -2), dy, out=dv)  # dv = att'^T @ dy
+        xp.matmul(dy, xp.swapaxes(v, -1, -2), out=datt)  # datt' = dy @ v^T
+        datt *= keep  # back through the mask
+        datt *= scale
+    else:
+        xp.matmul(xp.swapaxes(att, -1, -2), dy, out=dv)  # dv = att^T @ dy
+        xp.matmul(dy, xp.swapaxes(v, -1, -2), out=datt)  # datt = dy @ v^T
+    # softmax backward, in place: dscores = att * (datt - sum(datt * att))
+    datt -= _rowdot(datt, att)[..., None]
+    datt *= att
+    # scores = q' @ k^T with q' = q / sqrt(hs):  dk = dscores^T @ q',  dq = dscores @ k / sqrt(hs)
+    xp.matmul(xp.swapaxes(datt, -1, -2), q, out=dk)
+    xp.matmul(datt, k, out=dq)  # overwrites dy, which is no longer needed
+    dq *= inv_sqrt
 
 
 # --- building blocks (2-D, in place) --------------------------------------------------------------------
@@ -362,41 +387,70 @@ def _linear_fwd(x, W, bias, out):
         out += bias
 
 
-def _layernorm_fwd(x, w, bias, eps, out, mean, rstd):
+def _in_threads(n, work, threads):
+    """work(lo, hi, worker) over contiguous row ranges of range(n), on `threads` threads at once."""
+    if threads <= 1 or n < 2 * threads:
+        work(0, n, 0)
+    else:
+        parallel_ranges(n, work, threads)
+
+
+def _layernorm_fwd(x, w, bias, eps, out, mean, rstd, threads=1):
     """out = (x - mean) * rstd * w + bias over the last axis; keeps mean and rstd (n,) for the backward."""
     xp = get_array_module(x)
     C = x.shape[-1]
-    x.mean(axis=-1, out=mean)
-    xp.subtract(x, mean[:, None], out=out)  # xc
-    var = _rowdot(out, out) / C
-    xp.sqrt(var + eps, out=rstd)
-    xp.divide(1.0, rstd, out=rstd)
-    out *= rstd[:, None]  # xhat
-    out *= w
-    out += bias
+
+    def rows(lo, hi, _w):
+        xs, o, m, r = x[lo:hi], out[lo:hi], mean[lo:hi], rstd[lo:hi]
+        xs.mean(axis=-1, out=m)
+        xp.subtract(xs, m[:, None], out=o)  # xc
+        var = _rowdot(o, o) / C
+        xp.sqrt(var + eps, out=r)
+        xp.divide(1.0, r, out=r)
+        o *= r[:, None]  # xhat
+        o *= w
+        o += bias
+
+    _in_threads(x.shape[0], rows, threads)
 
 
-def _layernorm_bwd(dout, x, mean, rstd, w, dx, dw, db, scratch):
+def _layernorm_bwd(dout, x, mean, rstd, w, dx, dw, db, scratch, threads=1):
     """LayerNorm backward (see layers/layernorm.py): dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dout * w.
-    dw += sum(dout * xhat), db += sum(dout). `scratch` is (n, C)."""
+    dw += sum(dout * xhat), db += sum(dout) (each thread sums its rows, then the partial sums are added).
+    `scratch` is (n, C)."""
     xp = get_array_module(dout)
     C = x.shape[-1]
-    xhat = scratch
-    xp.subtract(x, mean[:, None], out=xhat)
-    xhat *= rstd[:, None]
-    db += dout.sum(axis=0)
-    dw += xp.einsum("ij,ij->j", dout, xhat) if xp is np else (dout * xhat).sum(axis=0)  # column sums
-    xp.multiply(dout, w, out=dx)  # g
-    g_mean = dx.mean(axis=-1)
-    gx_mean = _rowdot(dx, xhat) / C
-    dx -= g_mean[:, None]
-    xhat *= gx_mean[:, None]
-    dx -= xhat
-    dx *= rstd[:, None]
+    partial = [None] * max(threads, 1)
+
+    def rows(lo, hi, worker):
+        d, xhat, g, r = dout[lo:hi], scratch[lo:hi], dx[lo:hi], rstd[lo:hi]
+        xp.subtract(x[lo:hi], mean[lo:hi, None], out=xhat)
+        xhat *= r[:, None]
+        col_db = d.sum(axis=0)
+        col_dw = xp.einsum("ij,ij->j", d, xhat) if xp is np else (d * xhat).sum(axis=0)  # column sums
+        partial[worker] = (col_dw, col_db)
+        xp.multiply(d, w, out=g)  # g
+        g_mean = g.mean(axis=-1)
+        gx_mean = _rowdot(g, xhat) / C
+        g -= g_mean[:, None]
+        xhat *= gx_mean[:, None]
+        g -= xhat
+        g *= r[:, None]
+
+    _in_threads(x.shape[0], rows, threads)
+    for part in partial:
+        if part is not None:
+            dw += part[0]
+            db += part[1]
 
 
-def _gelu_fwd(x, out, scratch):
-    """out = 0.5 x (1 + tanh(s (x + a x^3))), in row blocks so the temporaries stay in cache."""
+def _gelu_fwd(x, out, scratch, threads=1):
+    """out = 0.5 x (1 + tanh(s (x + a x^3))), in row blocks so the temporaries stay in cache; each thread
+    takes a share of the rows and its own scratch (scratch[worker])."""
+    _in_threads(x.shape[0], lambda lo, hi, w: _gelu_fwd_rows(x[lo:hi], out[lo:hi], scratch[w]), threads)
+
+
+def _gelu_fwd_rows(x, out, scratch):
     xp = get_array_module(x)
     n = x.shape[0]
     for i in range(0, n, ROW_BLOCK):
@@ -413,9 +467,13 @@ def _gelu_fwd(x, out, scratch):
         ob *= 0.5
 
 
-def _gelu_bwd(d, x, scratch):
-    """d *= gelu'(x), in place, in row blocks (scratch holds two blocks side by side):
+def _gelu_bwd(d, x, scratch, threads=1):
+    """d *= gelu'(x), in place, in row blocks (scratch[worker] holds two blocks side by side):
     gelu'(x) = 0.5 (1 + th) + 0.5 s x (1 + 3 a x^2) (1 - th^2),  th = tanh(s (x + a x^3))."""
+    _in_threads(x.shape[0], lambda lo, hi, w: _gelu_bwd_rows(d[lo:hi], x[lo:hi], scratch[w]), threads)
+
+
+def _gelu_bwd_rows(d, x, scratch):
     xp = get_array_module(d)
     n, width = x.shape
     for i in range(0, n, ROW_BLOCK):
@@ -432,32 +490,41 @@ def _gelu_bwd(d, x, scratch):
         x2 += 1.0
         x2 *= xb
         x2 *= 0.5 * GELU_SCALE  # 0.5 s x (1 + 3 a x^2)
-        db *= 1.0 + th  # split the product: d * (0.5 (1 + th) + x2 (1 - th) (1 + th))
-        th *= -1.0
-        th += 1.0  # 1 - th
-        th *= x2
-        th += 0.5
-        db *= th
+        # local = (1 + th) (0.5 + x2 (1 - th)), since 1 - th^2 = (1 - th)(1 + th)
+        th += 1.0
+        db *= th  # d (1 + th)
+        th -= 2.0
+        th *= x2  # -x2 (1 - th)
+        th -= 0.5
+        db *= th  # d (1 + th) (-0.5 - x2 (1 - th))
+        xp.negative(db, out=db)
 
 
-def _cross_entropy_inplace(logits, targets, scratch, want_grad):
+def _cross_entropy_inplace(logits, targets, want_grad, threads=1):
     """Mean cross-entropy of rows of `logits` (n, V); with want_grad, leaves (softmax - onehot) / n in
-    `logits` (the gradient of the mean loss), block by block so each block stays in cache."""
+    `logits` (the gradient of the mean loss). Row block by row block, so each block stays in cache;
+    the threads take shares of the rows and their partial sums are added at the end."""
     xp = get_array_module(logits)
     n = logits.shape[0]
-    total = 0.0
+    partial = [0.0] * max(threads, 1)
     rows_all = xp.arange(n)
-    for i in range(0, n, LOSS_ROWS):
-        z = logits[i : i + LOSS_ROWS]  # (rows, V)
-        r = z.shape[0]
-        tgt = targets[i : i + r]
-        z -= z.max(axis=-1, keepdims=True)
-        target_z = z[rows_all[:r], tgt]  # shifted logit of the target
-        xp.exp(z, out=z)
-        s = z.sum(axis=-1)
-        total += float((xp.log(s) - target_z).sum())
-        if want_grad:
-            z /= s[:, None]  # probabilities
-            z[rows_all[:r], tgt] -= 1.0
-            z *= z.dtype.type(1.0 / n)
-    return total / n
+
+    def rows(lo, hi, worker):
+        total = 0.0
+        for i in range(lo, hi, LOSS_ROWS):
+            z = logits[i : min(i + LOSS_ROWS, hi)]  # (rows, V)
+            r = z.shape[0]
+            tgt = targets[i : i + r]
+            z -= z.max(axis=-1, keepdims=True)
+            target_z = z[rows_all[:r], tgt]  # shifted logit of the target
+            xp.exp(z, out=z)
+            s = z.sum(axis=-1)
+            total += float((xp.log(s) - target_z).sum())
+            if want_grad:
+                z /= s[:, None]  # probabilities
+                z[rows_all[:r], tgt] -= 1.0
+                z *= z.dtype.type(1.0 / n)
+        partial[worker] = total
+
+    _in_threads(n, rows, threads)
+    return sum(partial) / n
