@@ -217,8 +217,8 @@ def gradcheck(
     rng = np.random.default_rng(seed)
     out, cache = forward(*inputs)
     out = np.asarray(to_numpy(out), dtype=np.float64)
-    dout = rng.standard_normal(out.shape)
-    dout_copy = dout.copy()
+    dout = rng.standard_normal(out.shape)  # the finite differences use this pristine copy
+    dout_given = dout.copy()  # what backward receives (and must not modify)
     snapshot = _snapshot(cache, [])
 
     def fail_all(note):
@@ -229,14 +229,14 @@ def gradcheck(
         ]
 
     try:
-        grads = backward(dout, cache)
+        grads = backward(dout_given, cache)
         pairs = _match_grads(grads, inputs, wrt, names, layer)
     except _Mismatch as e:
         return fail_all(str(e))
     except Exception as e:  # a crashing backward is a failed check, reported like one
         return fail_all(f"backward raised {type(e).__name__}: {e}")
     purity = []
-    if not np.array_equal(dout, dout_copy):
+    if not np.array_equal(dout_given, dout):
         purity.append("backward modified dout")
     if not _unchanged(snapshot):
         purity.append("backward modified its cache")
@@ -339,7 +339,7 @@ def compare_backends(
         args = [_to_xp(x, mod, dtype) for x in inputs]
         out, cache = forward(*args, xp=mod) if takes_xp else forward(*args)
         dout = mod.asarray(np.random.default_rng(seed).standard_normal(out.shape), dtype=out.dtype)
-        grads = backward(dout, cache)
+        grads = backward(dout_given, cache)
         if get_array_module(out) is not mod:
             raise ValueError(f"{layer}: forward on {mod.__name__} arrays returned a {type(out).__module__} array")
         return out, _match_grads(grads, args, wrt, names, layer)

@@ -9,7 +9,7 @@ Glossary: B=batch, T=time, C=channels (emb_dim), NH=heads, V=vocab, L=n_layers.
     loss = cross_entropy(logits, targets)          0-d
 
 The backward runs the same list in reverse; with tied weights the token table receives the sum of
-its two gradients (the embedding lookup's and the output head's).
+its two gradients (the embedding lookup's and the output head's). Derivation: docs/backprop.md#the-whole-model.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 Glossary: B=batch, T=time, C=channels, NH=heads.
     x1  = x  + dropout(c_proj(attention(c_attn(ln_1(x)))))
     out = x1 + dropout(mlp(ln_2(x1)))
+Derivation: docs/backprop.md#residual-connections.
 block_params is keyed by GPT-2's names inside one block (the `h.{i}.` prefix dropped):
     ln_1.weight, ln_1.bias                      (C,)
     attn.c_attn.weight (C, 3C), attn.c_attn.bias (3C,) (optional: qkv_bias=False leaves it out)

@@ -4,6 +4,7 @@ Glossary: B=batch, T=time, C=channels, H=hidden width (4C in GPT-2).
     h = x @ w_fc + b_fc          (B, T, C) -> (B, T, H)
     a = gelu(h)                  (B, T, H)
     out = a @ w_proj + b_proj    (B, T, H) -> (B, T, C)
+Derivation: the chain rule through docs/backprop.md#linear and docs/backprop.md#gelu.
 """
 
 from __future__ import annotations

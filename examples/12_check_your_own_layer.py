@@ -1,0 +1,101 @@
+"""Step 12 - Write a layer of your own and check its gradient.
+
+What it teaches: every layer in npgpt is a pair of functions,
+    out, cache = forward(*inputs)          grads = backward(dout, cache)
+and `npgpt.gradcheck` tests any such pair against finite differences. We write a new activation,
+Mish (x * tanh(softplus(x)), a smooth relative of GELU and Swish/SiLU), derive its backward by hand,
+and check it. Then we make the mistakes everyone makes once - a forgotten chain-rule factor, a
+backward that overwrites its input, a gradient of the wrong shape - and see how the check reports
+each one. Finally we combine Mish with npgpt's linear layer and check the composite.
+
+Run:   python examples/12_check_your_own_layer.py      (a second; NPGPT_EXAMPLES_FAST=1 changes nothing here)
+
+Glossary: B=batch, C=channels (any shape works for an elementwise layer).
+"""
+
+import numpy as np
+
+import npgpt
+from npgpt.layers import linear_backward, linear_forward
+
+
+# --- 1. The layer -----------------------------------------------------------------------------------
+#   softplus(x) = log(1 + e^x)          softplus'(x) = sigmoid(x)
+#   mish(x)     = x * tanh(softplus(x))
+#   mish'(x)    = tanh(sp) + x * (1 - tanh(sp)^2) * sigmoid(x)      (product rule, then chain rule)
+def mish_forward(x):
+    """x: any shape -> out: same shape. The cache keeps what the backward needs."""
+    t = np.tanh(np.logaddexp(0.0, x))  # tanh(softplus(x)); logaddexp(0, x) = log(1 + e^x) without overflow
+    return x * t, (x, t)
+
+
+def mish_backward(dout, cache):
+    """dx = dout * mish'(x), elementwise. Returns one gradient: that of the one input x."""
+    x, t = cache
+    sigmoid = 1.0 / (1.0 + np.exp(-x))
+    return dout * (t + x * (1.0 - t * t) * sigmoid)
+
+
+rng = np.random.default_rng(0)
+x = 2.0 * rng.standard_normal((4, 5))  # (B, C): values on both sides of 0
+print("1. Mish with the derivative worked out above:")
+results = npgpt.gradcheck(mish_forward, mish_backward, [x])
+print(npgpt.format_results(results))
+assert all(r.passed for r in results)
+
+
+# --- 2. Three classic mistakes --------------------------------------------------------------------
+def mish_backward_no_chain(dout, cache):
+    """Wrong: forgets the inner derivative softplus'(x) = sigmoid(x) of the chain rule."""
+    x, t = cache
+    return dout * (t + x * (1.0 - t * t))
+
+
+def mish_backward_in_place(dout, cache):
+    """Wrong: the right numbers, but written into dout, which belongs to the caller."""
+    x, t = cache
+    dout *= t + x * (1.0 - t * t) / (1.0 + np.exp(-x))
+    return dout
+
+
+def mish_backward_summed(dout, cache):
+    """Wrong: sums over the batch, as one would for a bias; x's gradient must have x's shape."""
+    return mish_backward(dout, cache).sum(axis=0)
+
+
+mistakes = [
+    ("a forgotten chain-rule factor", mish_backward_no_chain),
+    ("a backward that modifies dout in place", mish_backward_in_place),
+    ("a gradient of the wrong shape", mish_backward_summed),
+]
+for i, (what, backward) in enumerate(mistakes, start=2):
+    print(f"\n{i}. Mish with {what}:")
+    results = npgpt.gradcheck(mish_forward, backward, [x])
+    print(npgpt.format_results(results))
+    assert not any(r.passed for r in results), "gradcheck should have caught this"
+# The table's last line says where it went wrong: the coordinate with the largest disagreement and the
+# two values there (analytic = your backward, reference = finite differences), or what broke the contract.
+
+
+# --- 3. Your layer inside a network -----------------------------------------------------------------
+#   A composite forward keeps its parts' caches; its backward runs their backwards in reverse order and
+#   returns one gradient per differentiable input, in the order of the forward's arguments.
+def linear_mish_forward(x, weight, bias):
+    h, c_lin = linear_forward(x, weight, bias)  # (B, C_in) -> (B, C_out)
+    out, c_mish = mish_forward(h)  # (B, C_out)
+    return out, (c_lin, c_mish)
+
+
+def linear_mish_backward(dout, cache):
+    c_lin, c_mish = cache
+    dh = mish_backward(dout, c_mish)  # (B, C_out)
+    dx, dweight, dbias = linear_backward(dh, c_lin)  # (B, C_out) -> (B, C_in), (C_in, C_out), (C_out,)
+    return dx, dweight, dbias
+
+
+print("\n5. npgpt's linear layer followed by Mish:")
+weight, bias = rng.standard_normal((5, 3)), rng.standard_normal(3)  # (C_in, C_out), (C_out,)
+results = npgpt.gradcheck(linear_mish_forward, linear_mish_backward, [x, weight, bias])
+print(npgpt.format_results(results))
+assert all(r.passed for r in results)
+print("\nAll checks behaved as expected: the right backward passes, each mistake is caught.")
