@@ -111,44 +111,6 @@ class NpgptStep:
         return loss
 
 
-class TorchStep:
-    """The same model, weights and AdamW (same decay groups) in PyTorch eager, through transformers."""
-
-    def __init__(self, model, attn: str, lr=1e-4):
-        import torch
-        import transformers
-
-        self.torch = torch
-        hf_cfg = {**model.config.to_hf_config(), "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
-        hf_cfg.pop("architectures", None)
-        cfg = transformers.GPT2Config(**hf_cfg, attn_implementation=attn)
-        self.hf = transformers.GPT2LMHeadModel(cfg)
-        state = {}
-        for k, v in model.params.items():
-            state[k if k == "lm_head.weight" else f"transformer.{k}"] = torch.from_numpy(np.array(v))
-        if not model.config.qkv_bias:
-            for i in range(model.config.n_layers):
-                state[f"transformer.h.{i}.attn.c_attn.bias"] = torch.zeros(3 * model.config.emb_dim)
-        missing, unexpected = self.hf.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.endswith(("attn.bias", "attn.masked_bias")) and k != "lm_head.weight"]
-        if missing or unexpected:
-            raise RuntimeError(f"torch twin does not match: missing {missing}, unexpected {unexpected}")
-        self.hf.train()
-        params = dict(self.hf.named_parameters())
-        groups = [{"params": [p for p in params.values() if p.dim() >= 2], "weight_decay": 0.1},
-                  {"params": [p for p in params.values() if p.dim() < 2], "weight_decay": 0.0}]  # fmt: skip
-        self.opt = torch.optim.AdamW(groups, lr=lr)
-
-    def __call__(self, x, y, training=None, rng=None) -> float:
-        torch = self.torch
-        self.opt.zero_grad(set_to_none=True)
-        logits = self.hf(torch.as_tensor(x)).logits
-        loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), torch.as_tensor(y).view(-1))
-        loss.backward()
-        self.opt.step()
-        return loss.item()
-
-
 def time_steps(steps: dict, x, y, n_timed, n_warmup, training, seed, xp=np):
     """Alternate the given step functions; median seconds of each, and the first losses."""
     from .model import make_rng
@@ -176,6 +138,8 @@ def memory_worker(args) -> int:
     model = GPT(cfg, seed=args.seed, device="cpu", dtype=np.dtype(args.dtype))
     x, y = make_batch(cfg, args.batch_size, args.context_length, args.seed)
     if args.memory_worker == "torch":
+        from .bench_torch import TorchStep
+
         step = TorchStep(model, args.torch_attn)
         del model  # the torch twin holds its own copy of the weights
     else:
@@ -210,6 +174,7 @@ def set_threads(n: int | None) -> int:
 
 
 def bench_generation(model, n_new, n_prompt, seed, torch_step=None):
+    """Greedy tokens/s with the KV cache; with torch_step, the same in transformers' generate."""
     rng = np.random.default_rng(seed)
     prompt = rng.integers(0, model.config.vocab_size, size=(1, n_prompt))
     model.generate(prompt, 2, temperature=0.0)  # warm up
@@ -218,14 +183,7 @@ def bench_generation(model, n_new, n_prompt, seed, torch_step=None):
     t_ours = time.perf_counter() - t0
     result = {"npgpt_tokens_per_s": n_new / t_ours}
     if torch_step is not None:
-        torch = torch_step.torch
-        hf = torch_step.hf.eval()
-        kw = dict(do_sample=False, max_new_tokens=n_new, min_new_tokens=n_new, use_cache=True, pad_token_id=0)
-        with torch.no_grad():
-            hf.generate(torch.as_tensor(prompt), **{**kw, "max_new_tokens": 2, "min_new_tokens": 2})
-            t0 = time.perf_counter()
-            theirs = hf.generate(torch.as_tensor(prompt), **kw).numpy()
-            t_theirs = time.perf_counter() - t0
+        theirs, t_theirs = torch_step.generate(prompt, n_new)
         result["torch_tokens_per_s"] = n_new / t_theirs
         result["same_tokens"] = bool(np.array_equal(ours, theirs))
     return result
@@ -252,11 +210,10 @@ def run(args) -> int:
         if model.device != "cpu" or args.dtype != "float32":
             raise ValueError("--vs-torch compares on the CPU in float32; drop --device/--dtype")
         try:
-            import torch
+            from .bench_torch import TorchStep
         except ImportError:
             raise ValueError("--vs-torch needs PyTorch and transformers: pip install 'npgpt[parity]'") from None
-        torch.set_num_threads(threads)
-        torch_step = TorchStep(model, args.torch_attn)
+        torch_step = TorchStep(model, args.torch_attn, threads=threads)
         steps[f"torch eager ({args.torch_attn})"] = torch_step
     times, losses = time_steps(steps, x, y, args.steps, args.warmup, args.drop_rate > 0, args.seed, model.xp)
     tokens = B * T

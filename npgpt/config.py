@@ -19,10 +19,11 @@ PRESETS: dict[str, dict] = {
     "gpt2-medium": dict(emb_dim=1024, n_heads=16, n_layers=24, context_length=1024, qkv_bias=True, drop_rate=0.1),
     "gpt2-large": dict(emb_dim=1280, n_heads=20, n_layers=36, context_length=1024, qkv_bias=True, drop_rate=0.1),
     "gpt2-xl": dict(emb_dim=1600, n_heads=25, n_layers=48, context_length=1024, qkv_bias=True, drop_rate=0.1),
-    # Small models for learning on a laptop CPU (GPT-2's tokenizer, so the vocabulary stays 50,257).
-    "nano": dict(emb_dim=128, n_heads=4, n_layers=4, context_length=128, qkv_bias=False, drop_rate=0.1),
-    "micro": dict(emb_dim=256, n_heads=8, n_layers=6, context_length=256, qkv_bias=False, drop_rate=0.1),
-    "mini": dict(emb_dim=384, n_heads=6, n_layers=6, context_length=256, qkv_bias=False, drop_rate=0.1),
+    # Small models for learning on a laptop CPU (GPT-2's tokenizer, so the vocabulary stays 50,257). Like the
+    # lecture's GPTModel they have their own output head (untied), which also learns faster at this size.
+    "nano": dict(emb_dim=128, n_heads=4, n_layers=4, context_length=64, qkv_bias=False, drop_rate=0.1, tie_weights=False),
+    "micro": dict(emb_dim=256, n_heads=8, n_layers=6, context_length=256, qkv_bias=False, drop_rate=0.1, tie_weights=False),
+    "mini": dict(emb_dim=384, n_heads=6, n_layers=6, context_length=256, qkv_bias=False, drop_rate=0.1, tie_weights=False),
 }  # fmt: skip
 
 

@@ -155,11 +155,11 @@ class GPT:
 
     def save_pretrained(self, directory) -> None:
         """model.safetensors + config.json in the Hugging Face GPT-2 layout (transformers' GPT2LMHeadModel
-        .from_pretrained reads it), plus a manifest of both files' sha256."""
-        from .checkpoint import save_model, write_manifest
+        .from_pretrained reads it), each written atomically. (Training checkpoints add a manifest of
+        sha256 sums; an exported directory has none, so its config.json can be edited freely.)"""
+        from .checkpoint import save_model
 
         save_model(directory, self)
-        write_manifest(directory)
 
     # --- training forward / backward ------------------------------------------------------------
 

@@ -71,9 +71,9 @@ class TrainConfig:
     tie_weights: bool | None = None
     init_from: str | None = None  # a Hugging Face GPT-2 directory or an npgpt checkpoint to start from
     # optimisation
-    batch_size: int = 2
+    batch_size: int = 4  # the global batch (split among the ranks under MPI)
     grad_accum: int = 1
-    epochs: float | None = 10  # used when max_steps is None
+    epochs: float | None = 20  # used when max_steps is None
     max_steps: int | None = None
     lr: float = 1e-3
     min_lr: float | None = None  # default 0.1 * lr
@@ -81,12 +81,12 @@ class TrainConfig:
     schedule: str = "cosine"
     weight_decay: float = 0.1
     beta1: float = 0.9
-    beta2: float = 0.999
+    beta2: float = 0.95  # as in most LLM recipes; PyTorch's default 0.999 learns small models much slower
     grad_clip: float | None = 1.0  # None or 0: no clipping
     max_bad_steps: int = 5  # consecutive non-finite steps before giving up
     # evaluation, samples, checkpoints
     out_dir: str = "runs/npgpt"
-    eval_interval: int = 20  # steps; the last step is always evaluated
+    eval_interval: int = 50  # steps; the last step is always evaluated
     eval_batches: int | None = None  # None: the whole validation split
     sample_prompt: str | None = None  # default: the first line of the training text
     sample_tokens: int = 40
