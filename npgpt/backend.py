@@ -151,3 +151,46 @@ def check_float_dtype(a, what: str) -> None:
             f"{what} has dtype {a.dtype}; npgpt layers work in float32 or float64 "
             f"(convert with .astype(np.float32))"
         )
+
+
+def data_ptr(a) -> int:
+    return int(a.data.ptr) if is_cupy_array(a) else int(a.__array_interface__["data"][0])
+
+
+def flat_base(tensors: dict):
+    """The 1-D buffer that `tensors` are consecutive, contiguous views of, in dict order, or None.
+
+    (The fast engine's gradients and, after GPT.flatten_params_(), the parameters are laid out this
+    way, so whole-model operations such as AdamW can run over one buffer in one go.)"""
+    arrays = list(tensors.values())
+    if not arrays:
+        return None
+    base = arrays[0].base
+    while base is not None and getattr(base, "base", None) is not None:
+        base = base.base
+    if base is None or base.ndim != 1 or not base.flags.c_contiguous:
+        return None
+    if sum(a.size for a in arrays) != base.size:
+        return None
+    expect = data_ptr(base)
+    for a in arrays:
+        if not a.flags.c_contiguous or a.dtype != base.dtype or data_ptr(a) != expect:
+            return None
+        expect += a.nbytes
+    return base
+
+
+def set_tf32(enabled: bool = True) -> None:
+    """TensorFloat-32 for float32 matrix products on the GPU (Ampere and newer): about 8x the float32
+    rate with a 10-bit mantissa in the products, float32 accumulation. CuPy reads $CUPY_TF32 when it
+    first multiplies float32 matrices; this sets it, and updates CuPy's cached choice if it was made."""
+    os.environ["CUPY_TF32"] = "1" if enabled else "0"
+    cupy = _cupy_if_imported()
+    if cupy is None:
+        return
+    try:  # CuPy caches the compute type per dtype after its first float32 matmul
+        from cupy._core import _routines_linalg as linalg
+
+        linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32 if enabled else linalg.COMPUTE_TYPE_DEFAULT)
+    except (ImportError, AttributeError):
+        pass

@@ -43,6 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--generate", type=int, default=50, metavar="N", help="greedy tokens to generate (0: skip)")
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matrix products on the GPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--memory-worker", choices=["npgpt", "torch"], help=argparse.SUPPRESS)
 
@@ -72,6 +73,22 @@ def peak_sgemm_gflops(n: int = 2048, repeats: int = 5, dtype=np.float32) -> floa
     return 2.0 * n**3 / best / 1e9
 
 
+# Dense float32 / TF32 tensor-core peaks (GFLOP/s) of common GPUs, from NVIDIA's data sheets (SXM parts).
+GPU_PEAKS = {"H200": (67_000, 494_700), "H100": (67_000, 494_700), "A100": (19_500, 156_000), "L4": (30_300, 60_600)}
+
+
+def gpu_peak_gflops(tf32: bool) -> float | None:
+    """The dense FP32 (or TF32) peak of the GPU in use, when its name is in GPU_PEAKS."""
+    import cupy
+
+    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+    name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+    for key, (fp32, tf32_peak) in GPU_PEAKS.items():
+        if key in name:
+            return tf32_peak if tf32 else fp32
+    return None
+
+
 def peak_rss_mb() -> float:
     from .train import peak_rss_mb as rss
 
@@ -92,6 +109,8 @@ class NpgptStep:
         from .optim import AdamW
 
         self.model, self.engine_name = model, engine
+        if engine == "fast":
+            model.flatten_params_()
         self.opt = AdamW(model.params, lr=lr, weight_decay=0.1)
         self.engine = TrainStep(model, B, T) if engine == "fast" else None
 
@@ -195,6 +214,9 @@ def run(args) -> int:
     from .config import GPTConfig
     from .model import GPT
 
+    from .backend import set_tf32
+
+    set_tf32(args.tf32)
     threads = set_threads(args.threads)
     cfg = GPTConfig.from_preset(args.preset, drop_rate=args.drop_rate)
     T, B = args.context_length, args.batch_size
@@ -222,17 +244,25 @@ def run(args) -> int:
           f"{model.device}, {threads} BLAS thread(s); median of {args.steps} steps after {args.warmup} warm-up")  # fmt: skip
     report = {"preset": args.preset, "B": B, "T": T, "dtype": args.dtype, "device": model.device, "threads": threads,
               "flops_per_step": flops, "steps": {}}  # fmt: skip
-    peak = peak_sgemm_gflops(dtype=np.dtype(args.dtype)) if model.device == "cpu" else None
+    peak = peak_sgemm_gflops(dtype=np.dtype(args.dtype)) if model.device == "cpu" else gpu_peak_gflops(args.tf32)
     if peak:
-        report["peak_sgemm_gflops"] = peak
+        report["peak_sgemm_gflops" if model.device == "cpu" else "peak_gpu_gflops"] = peak
     print(f"  {'':28s} {'ms/step':>9s} {'tokens/s':>9s} {'GFLOP/s':>8s} {'MFU':>6s}  first losses")
     for name, sec in times.items():
         gf = flops / sec / 1e9
         mfu = f"{100 * gf / peak:5.1f}%" if peak else "   n/a"
         print(f"  {name:28s} {sec * 1e3:9.1f} {tokens / sec:9.1f} {gf:8.1f} {mfu}  {' '.join(f'{v:.4f}' for v in losses[name][:3])}")
         report["steps"][name] = {"ms": sec * 1e3, "tokens_per_s": tokens / sec, "gflops": gf, "losses": losses[name]}
-    if peak:
+    if peak and model.device == "cpu":
         print(f"  peak sgemm (2048^3 np.matmul, same process): {peak:.1f} GFLOP/s")
+    elif peak:
+        print(f"  MFU against the GPU's dense {'TF32' if args.tf32 else 'FP32'} peak, {peak / 1e3:.0f} TFLOP/s")
+    if model.device == "cuda":
+        import cupy
+
+        pool = cupy.get_default_memory_pool()
+        print(f"  GPU memory pool: {pool.total_bytes() / 2**20:,.0f} MB held, {pool.used_bytes() / 2**20:,.0f} MB in use")
+        report["gpu_pool_mb"] = pool.total_bytes() / 2**20
     first = next(iter(times))
     for name in list(times)[1:]:
         ratio = times[name] / times[first]

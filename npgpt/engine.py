@@ -42,7 +42,10 @@ class TrainStep:
     optimizer.step(step.grads)                  # the same keys as model.params
     """
 
-    def __init__(self, model, batch_size: int, seq_len: int):
+    def __init__(self, model, batch_size: int, seq_len: int, kernels=None):
+        """kernels: names of the CUDA kernels to use (npgpt.cuda.KERNEL_NAMES); default: those that
+        $NPGPT_CUDA_KERNELS enables when the model is on a GPU, none on the CPU. (Given NumPy arrays the
+        kernels run in npgpt.cuda.emulate's CPU emulation, which is how the tests check this path.)"""
         cfg = model.config
         if seq_len > cfg.context_length:
             raise ValueError(f"seq_len {seq_len} exceeds the model's context_length {cfg.context_length}")
@@ -61,7 +64,7 @@ class TrainStep:
         self.ln2 = [z(N, C) for _ in range(L)]
         self.ln_stats = [(z(N), z(N), z(N), z(N)) for _ in range(L)]  # mean1, rstd1, mean2, rstd2
         self.qkv = [z(3, B, NH, T, cfg.head_size) for _ in range(L)]  # q (pre-scaled), k, v; head-major
-        self.att = [z(B, NH, T, T) for _ in range(L)]  # softmax probabilities (before dropout)
+        self.att = [None] * L  # softmax probabilities (B, NH, T, T), allocated on first use (not with flash attention)
         self.atty = [z(N, C) for _ in range(L)]  # attention output before c_proj
         self.fc = [z(N, 4 * C) for _ in range(L)]  # MLP pre-activation
         self.act = [z(N, 4 * C) for _ in range(L)]  # GELU output
@@ -93,14 +96,31 @@ class TrainStep:
         self.threads = num_threads() if xp is np else 1
         self.row_scratch = z(self.threads, ROW_BLOCK, 8 * C)  # GELU's two temporaries per thread
         self.causal_bias = xp.triu(xp.full((T, T), -np.inf, dtype=dt), k=1)  # -inf above the diagonal
+        # Hand-written CUDA kernels (kernels/*.cu), opt-in until verified on a GPU.
+        from .cuda import enabled_kernels
+
+        self.kernels = (enabled_kernels() if xp is not np else set()) if kernels is None else set(kernels)
+        self.ck = None
+        if self.kernels:
+            from .cuda import kernels as ck
+
+            self.ck = ck
+            if "attention" in self.kernels and cfg.head_size not in ck.ATTENTION_HEAD_SIZES:
+                self.kernels.discard("attention")  # the flash kernel needs hs in 16..128, a multiple of 16
+        self.lse = [z(B, NH, T) for _ in range(L)] if "attention" in self.kernels else None
+        self.flash_out = z(B, NH, T, cfg.head_size) if "attention" in self.kernels else None
+        self.used_flash = [False] * L  # which layers took the flash kernel in the last forward
 
     # ------------------------------------------------------------------------------------------------
     def nbytes(self) -> int:
         """Bytes held by this step's buffers (activations, gradients, scratch)."""
         arrays = [self.lnf, self.logits, self.grad_flat, self.d_resid, self.d_nc, self.d_nc2, self.d_n3c, self.d_n4c,
                   self.d_att, self.d_head, self.row_scratch, self.causal_bias, *self.lnf_stats]  # fmt: skip
-        for group in (self.resid, self.resid_mid, self.ln1, self.ln2, self.qkv, self.att, self.atty, self.fc, self.act):
-            arrays += group
+        for group in (self.resid, self.resid_mid, self.ln1, self.ln2, self.qkv, self.att, self.atty, self.fc, self.act,
+                      self.lse or []):  # fmt: skip
+            arrays += [a for a in group if a is not None]
+        if self.flash_out is not None:
+            arrays.append(self.flash_out)
         arrays += [a for stats in self.ln_stats for a in stats]
         if self._acc_scratch is not None:
             arrays.append(self._acc_scratch)
@@ -163,7 +183,7 @@ class TrainStep:
             pre = f"h.{l}."
             mean1, rstd1, mean2, rstd2 = (s[:n] for s in self.ln_stats[l])
             h = self.ln1[l][:n]
-            _layernorm_fwd(x, P[pre + "ln_1.weight"], P[pre + "ln_1.bias"], eps, h, mean1, rstd1, self.threads)
+            self._ln_fwd(x, P[pre + "ln_1.weight"], P[pre + "ln_1.bias"], eps, h, mean1, rstd1)
             qkv2d = self.d_n3c[:n]  # scratch: the fused projection before it is split into heads
             _linear_fwd(h, P[pre + "attn.c_attn.weight"], P.get(pre + "attn.c_attn.bias"), qkv2d)
             y = self.atty[l][:n]
@@ -174,10 +194,14 @@ class TrainStep:
                 masks[f"res1_{l}"] = self._dropout_(self.d_nc[:n], p, rng)
             xp.add(x, self.d_nc[:n], out=x1)
             h2 = self.ln2[l][:n]
-            _layernorm_fwd(x1, P[pre + "ln_2.weight"], P[pre + "ln_2.bias"], eps, h2, mean2, rstd2, self.threads)
+            self._ln_fwd(x1, P[pre + "ln_2.weight"], P[pre + "ln_2.bias"], eps, h2, mean2, rstd2)
             fc, act = self.fc[l][:n], self.act[l][:n]
-            _linear_fwd(h2, P[pre + "mlp.c_fc.weight"], P[pre + "mlp.c_fc.bias"], fc)
-            _gelu_fwd(fc, act, self.row_scratch, self.threads)
+            if "gelu" in self.kernels:  # the bias add fused into the GELU kernel
+                xp.matmul(h2, P[pre + "mlp.c_fc.weight"], out=fc)
+                self.ck.gelu_bias_fwd(fc, P[pre + "mlp.c_fc.bias"], act, pre=fc)
+            else:
+                _linear_fwd(h2, P[pre + "mlp.c_fc.weight"], P[pre + "mlp.c_fc.bias"], fc)
+                _gelu_fwd(fc, act, self.row_scratch, self.threads)
             x_next = self.resid[l + 1][:n]
             _linear_fwd(act, P[pre + "mlp.c_proj.weight"], P[pre + "mlp.c_proj.bias"], self.d_nc[:n])
             if p > 0:
@@ -185,14 +209,28 @@ class TrainStep:
             xp.add(x1, self.d_nc[:n], out=x_next)
             x = x_next
         mean_f, rstd_f = (s[:n] for s in self.lnf_stats)
-        _layernorm_fwd(x, P["ln_f.weight"], P["ln_f.bias"], eps, self.lnf[:n], mean_f, rstd_f, self.threads)
+        self._ln_fwd(x, P["ln_f.weight"], P["ln_f.bias"], eps, self.lnf[:n], mean_f, rstd_f)
         logits = self.logits[:n]
         head = P["wte.weight"] if cfg.tie_weights else P["lm_head.weight"]  # (V, C)
         xp.matmul(self.lnf[:n], head.T, out=logits)  # (n, C) @ (C, V) -> (n, V)
         self.masks = masks
         if targets is None:
             return None
+        if "cross_entropy" in self.kernels:
+            return float(self.ck.cross_entropy_(logits, targets.reshape(-1), scale=1.0 / n, want_grad=want_grad))
         return _cross_entropy_inplace(logits, targets.reshape(-1), want_grad, self.threads)
+
+    def _ln_fwd(self, x, w, b, eps, out, mean, rstd):
+        if "layernorm" in self.kernels:
+            self.ck.layernorm_fwd(x, w, b, eps, out, mean, rstd)
+        else:
+            _layernorm_fwd(x, w, b, eps, out, mean, rstd, self.threads)
+
+    def _ln_bwd(self, dout, x, mean, rstd, w, dx, dw, db, scratch):
+        if "layernorm" in self.kernels:
+            self.ck.layernorm_bwd(dout, x, mean, rstd, w, dx, dw, db)
+        else:
+            _layernorm_bwd(dout, x, mean, rstd, w, dx, dw, db, scratch, self.threads)
 
     def _dropout_(self, a, p, rng):
         """In-place inverted dropout on `a`; returns the keep-mask (drawn like the reference layer)."""
@@ -208,6 +246,14 @@ class TrainStep:
         heads[...] = qkv2d.reshape(b, t, 3, NH, hs).transpose(2, 0, 3, 1, 4)  # (n, 3C) -> (3, b, NH, t, hs)
         heads[0] *= heads.dtype.type(1.0 / math.sqrt(hs))  # fold the 1/sqrt(hs) into q
         q, k, v = heads[0], heads[1], heads[2]
+        self.used_flash[l] = "attention" in self.kernels and p == 0  # the kernel has no dropout
+        if self.used_flash[l]:  # O(T) memory: keeps the row logsumexp, not the probabilities
+            out = self.flash_out[:b, :, :t]
+            self.ck.attention_fwd(q, k, v, out, self.lse[l][:b, :, :t], scale=1.0)
+            y.reshape(b, t, NH, hs)[...] = out.transpose(0, 2, 1, 3)  # (b, NH, t, hs) -> (n, C)
+            return None
+        if self.att[l] is None:
+            self.att[l] = xp.empty((self.B, NH, self.T, self.T), dtype=heads.dtype)
         att = self.att[l][:b, :, :t, :t]  # (b, NH, t, t)
         keep = dropout_mask(att.shape, p, rng, xp) if p > 0 else None  # drawn where the reference draws it
         scale = att.dtype.type(1.0 / (1.0 - p))
@@ -238,7 +284,7 @@ class TrainStep:
         self._matmul_into(dlogits.T, self.lnf[:n], G[head_key], accumulate)  # (V, n) @ (n, C) -> (V, C)
         mean_f, rstd_f = (s[:n] for s in self.lnf_stats)
         dtmp = self.d_nc[:n]
-        _layernorm_bwd(dx, self.resid[L][:n], mean_f, rstd_f, P["ln_f.weight"], dtmp, G["ln_f.weight"], G["ln_f.bias"], self.d_nc2[:n], self.threads)
+        self._ln_bwd(dx, self.resid[L][:n], mean_f, rstd_f, P["ln_f.weight"], dtmp, G["ln_f.weight"], G["ln_f.bias"], self.d_nc2[:n])
         dx[...] = dtmp  # d(resid[L])
         for l in reversed(range(L)):  # noqa: E741
             pre = f"h.{l}."
@@ -250,12 +296,15 @@ class TrainStep:
                 self._dropout_bwd_(dx, self.masks[f"res2_{l}"], p, out=dm)
             dact = self.d_n4c[:n]
             self._linear_bwd(dm, self.act[l][:n], pre + "mlp.c_proj", dact)
-            _gelu_bwd(dact, self.fc[l][:n], self.row_scratch, self.threads)  # dact becomes dfc, in place
+            if "gelu" in self.kernels:  # dact becomes dfc, in place
+                self.ck.gelu_bwd_(dact, self.fc[l][:n])
+            else:
+                _gelu_bwd(dact, self.fc[l][:n], self.row_scratch, self.threads)
             dh2 = self.d_nc2[:n]
             self._linear_bwd(dact, self.ln2[l][:n], pre + "mlp.c_fc", dh2)
             dln = self.d_nc[:n]
-            _layernorm_bwd(dh2, self.resid_mid[l][:n], mean2, rstd2, P[pre + "ln_2.weight"], dln,
-                           G[pre + "ln_2.weight"], G[pre + "ln_2.bias"], self.d_n4c[:n, :C], self.threads)  # fmt: skip
+            self._ln_bwd(dh2, self.resid_mid[l][:n], mean2, rstd2, P[pre + "ln_2.weight"], dln,
+                         G[pre + "ln_2.weight"], G[pre + "ln_2.bias"], self.d_n4c[:n, :C])  # fmt: skip
             dx += dln  # dx1 = dout + branch
             # x1 = x + dropout(c_proj(attention(c_attn(ln_1(x)))))
             da = dx
@@ -269,8 +318,8 @@ class TrainStep:
             dh = self.d_nc[:n]
             self._linear_bwd(dqkv, self.ln1[l][:n], pre + "attn.c_attn", dh)
             dln = self.d_nc2[:n]
-            _layernorm_bwd(dh, self.resid[l][:n], mean1, rstd1, P[pre + "ln_1.weight"], dln,
-                           G[pre + "ln_1.weight"], G[pre + "ln_1.bias"], self.d_n4c[:n, :C], self.threads)  # fmt: skip
+            self._ln_bwd(dh, self.resid[l][:n], mean1, rstd1, P[pre + "ln_1.weight"], dln,
+                         G[pre + "ln_1.weight"], G[pre + "ln_1.bias"], self.d_n4c[:n, :C])  # fmt: skip
             dx += dln
         if p > 0:
             self._dropout_bwd_(dx, self.masks["emb"], p)
@@ -307,14 +356,21 @@ class TrainStep:
             G[name + ".bias"] += dout.sum(axis=0)
 
     def _attention_bwd(self, l, dy, b, t, dqkv, p):  # noqa: E741
-        xp, cfg = self.xp, self.model.config
+        cfg = self.model.config
         NH, hs = cfg.n_heads, cfg.head_size
         heads = self.qkv[l][:, :b, :, :t]
         q, k, v = heads[0], heads[1], heads[2]  # q already holds q / sqrt(hs)
-        att = self.att[l][:b, :, :t, :t]
         dheads = self.d_head[:, :b, :, :t]  # (3, b, NH, t, hs): dq, dk, dv
         dyh = dheads[0]  # dy lives in dq's slot until dq is computed, head by head
         dyh[...] = dy.reshape(b, t, NH, hs).transpose(0, 2, 1, 3)  # (n, C) -> (b, NH, t, hs)
+        if self.used_flash[l]:
+            out = self.flash_out[:b, :, :t]
+            out[...] = self.atty[l][: b * t].reshape(b, t, NH, hs).transpose(0, 2, 1, 3)  # the forward's output
+            self.ck.attention_bwd(q, k, v, out, self.lse[l][:b, :, :t], dyh, dheads[0], dheads[1], dheads[2],
+                                  scale=1.0, dq_mult=1.0 / math.sqrt(hs))  # fmt: skip
+            dqkv.reshape(b, t, 3, NH, hs)[...] = dheads.transpose(1, 3, 0, 2, 4)
+            return
+        att = self.att[l][:b, :, :t, :t]
         datt = self.d_att[:b, :, :t, :t]
         keep = self.masks[f"att{l}"] if p > 0 else None
         scale = att.dtype.type(1.0 / (1.0 - p))

@@ -339,7 +339,7 @@ def compare_backends(
         args = [_to_xp(x, mod, dtype) for x in inputs]
         out, cache = forward(*args, xp=mod) if takes_xp else forward(*args)
         dout = mod.asarray(np.random.default_rng(seed).standard_normal(out.shape), dtype=out.dtype)
-        grads = backward(dout_given, cache)
+        grads = backward(dout, cache)
         if get_array_module(out) is not mod:
             raise ValueError(f"{layer}: forward on {mod.__name__} arrays returned a {type(out).__module__} array")
         return out, _match_grads(grads, args, wrt, names, layer)

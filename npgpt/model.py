@@ -150,6 +150,26 @@ class GPT:
         skip = ("wte.weight", "wpe.weight") if exclude_embeddings else ()
         return int(sum(v.size for k, v in self.params.items() if k not in skip))
 
+    def flatten_params_(self):
+        """Lay every parameter out in one contiguous buffer, in key order; `params` become views of it
+        (same keys, shapes and values). Whole-model updates (AdamW, gradient clipping) can then run over
+        one buffer, one kernel launch on a GPU. Build optimizers after calling this. Returns the buffer."""
+        from .backend import flat_base
+
+        existing = flat_base(self.params)
+        if existing is not None:
+            return existing
+        xp = self.xp
+        flat = xp.empty(sum(int(v.size) for v in self.params.values()), dtype=self.dtype)
+        off, views = 0, {}
+        for k, v in self.params.items():
+            view = flat[off : off + v.size].reshape(v.shape)
+            view[...] = v
+            views[k] = view
+            off += v.size
+        self.params = views
+        return flat
+
     def nbytes(self) -> int:
         return int(sum(v.nbytes for v in self.params.values()))
 

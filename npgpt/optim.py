@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from .backend import get_array_module
+from .backend import flat_base, get_array_module
 from .parallel import num_threads, parallel_blocks
 
 CHUNK = 1 << 17  # elements per block of the CPU update (512 KB in float32; large enough that threads do not queue on the GIL)
@@ -43,8 +43,14 @@ class AdamW:
         self.lr, self.betas, self.eps, self.weight_decay = float(lr), (float(b1), float(b2)), float(eps), float(weight_decay)
         self.decay = {k: bool(decay_filter(k, p)) for k, p in params.items()}
         xp = get_array_module(*params.values())
-        self.m = {k: xp.zeros_like(p) for k, p in params.items()}
-        self.v = {k: xp.zeros_like(p) for k, p in params.items()}
+        self.flat = flat_base(params)  # the parameters' one buffer, when they are laid out in one
+        if self.flat is not None:  # moments laid out the same way, so one launch can update everything
+            self.m_flat, self.v_flat = xp.zeros_like(self.flat), xp.zeros_like(self.flat)
+            self.m, self.v = _views_like(params, self.m_flat), _views_like(params, self.v_flat)
+        else:
+            self.m = {k: xp.zeros_like(p) for k, p in params.items()}
+            self.v = {k: xp.zeros_like(p) for k, p in params.items()}
+        self._decay_mask = None
         self.t = 0  # steps taken
 
     def step(self, grads: dict, lr: float | None = None) -> None:
@@ -58,6 +64,16 @@ class AdamW:
         self.t += 1
         bc1 = 1.0 - b1**self.t
         bc2 = 1.0 - b2**self.t
+        if self.flat is not None and _kernel_enabled(self.flat, "adamw"):
+            g_flat = flat_base(grads)
+            if g_flat is not None:  # one launch over the whole model (kernels/adamw.cu)
+                from .cuda import kernels as ck
+
+                if self._decay_mask is None:
+                    self._decay_mask = ck.decay_mask_for(self.params, self.decay, xp=get_array_module(self.flat))
+                ck.adamw_flat_(self.flat, g_flat, self.m_flat, self.v_flat, self._decay_mask, lr, b1, b2, self.eps,
+                               self.weight_decay, self.t)  # fmt: skip
+                return
         blocks = []  # (key, start, end): CPU tensors cut into cache-sized blocks
         for k, p in self.params.items():
             decay = lr * self.weight_decay if self.decay[k] else 0.0
@@ -99,8 +115,9 @@ class AdamW:
                 if tuple(saved[k].shape) != tuple(p.shape):
                     raise ValueError(f"optimizer state {which}[{k}] has shape {tuple(saved[k].shape)}, parameter {tuple(p.shape)}")
         xp = get_array_module(*self.params.values())
-        self.m = {k: xp.asarray(state["m"][k], dtype=p.dtype).copy() for k, p in self.params.items()}
-        self.v = {k: xp.asarray(state["v"][k], dtype=p.dtype).copy() for k, p in self.params.items()}
+        for k in self.params:  # copied into the existing arrays, which keeps a flat layout flat
+            self.m[k][...] = xp.asarray(state["m"][k], dtype=self.m[k].dtype)
+            self.v[k][...] = xp.asarray(state["v"][k], dtype=self.v[k].dtype)
         self.t = int(state["t"])
         self.lr, self.eps, self.weight_decay = float(state["lr"]), float(state["eps"]), float(state["weight_decay"])
         self.betas = tuple(float(b) for b in state["betas"])
@@ -132,8 +149,30 @@ def _adamw_update(p, g, m, v, scratch, b1, b2, eps, lr, decay, bc1, bc2) -> None
     p -= scratch
 
 
+def _views_like(tensors: dict, flat) -> dict:
+    out, off = {}, 0
+    for k, t in tensors.items():
+        out[k] = flat[off : off + t.size].reshape(t.shape)
+        off += t.size
+    return out
+
+
+def _kernel_enabled(array, name: str) -> bool:
+    """True when `array` is on a GPU and $NPGPT_CUDA_KERNELS enables the kernel `name`."""
+    if get_array_module(array) is np:
+        return False
+    from .cuda import kernel_enabled
+
+    return kernel_enabled(name)
+
+
 def grad_norm(grads: dict) -> float:
     """Global L2 norm of all gradients, sqrt(sum_k sum_i g_ki^2), as a Python float."""
+    flat = flat_base(grads)
+    if flat is not None and _kernel_enabled(flat, "sq_norm"):  # one deterministic reduction (kernels/adamw.cu)
+        from .cuda import kernels as ck
+
+        return math.sqrt(ck.sq_norm(flat))
     total = 0.0
     for g in grads.values():
         xp = get_array_module(g)

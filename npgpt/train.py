@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from . import checkpoint as ckpt
-from .backend import to_numpy
+from .backend import set_tf32, to_numpy
 from .config import PRESETS, GPTConfig
 from .data import Batches, TokenWindows, load_token_ids, resolve_data_path, split_ids
 from .distributed import allreduce_grads_, broadcast_params_, get_world, limit_threads_per_rank
@@ -98,6 +98,7 @@ class TrainConfig:
     overwrite: bool = False  # start afresh in an out_dir that has checkpoints (they are deleted)
     # machine
     engine: str = "fast"  # "fast" (engine.py: preallocated, fused) or "reference" (model.forward/backward)
+    tf32: bool = True  # TensorFloat-32 matrix products on GPUs that have them (no effect on the CPU)
     seed: int = 0
     device: str | None = None
     dtype: str = "float32"
@@ -295,6 +296,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         cfg.validate()
         self.cfg = cfg
+        set_tf32(cfg.tf32)
         self.world = world = get_world()
         if world.size > 1:
             limit_threads_per_rank(world)
@@ -351,6 +353,8 @@ class Trainer:
         steps_per_epoch = max(1, self.batches.batches_per_epoch // self.A)
         self.total_steps = cfg.max_steps or max(1, int(math.ceil(cfg.epochs * steps_per_epoch)))
         self.schedule = LRSchedule(cfg.lr, self.total_steps, cfg.warmup_steps, cfg.min_lr, cfg.schedule)
+        if cfg.engine == "fast":
+            model.flatten_params_()  # one buffer for the weights, as for the gradients: AdamW in one pass
         self.optimizer = AdamW(model.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
         self.engine = TrainStep(model, self.b, T) if cfg.engine == "fast" else None
         self.step, self.tokens_seen, self.skipped = 0, 0, 0
@@ -685,6 +689,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("machine")
     g.add_argument("--engine", choices=["fast", "reference"], default=d.engine,
                    help="fast: preallocated fused step (default); reference: the readable layer-by-layer code")
+    g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=d.tf32,
+                   help="TensorFloat-32 matrix products on the GPU (default on; no effect on the CPU)")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--device", choices=["cpu", "cuda", "auto"], help="default: $NPGPT_DEVICE or auto")
     g.add_argument("--dtype", choices=["float32", "float64"], default=d.dtype)

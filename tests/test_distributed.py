@@ -2,6 +2,7 @@
 
 Runs `mpiexec -n 2` from the mpi extra (mpi4py + the MPICH wheel); skipped when they are missing."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -9,16 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import npgpt
 from npgpt.gradcheck import relative_error
 
 MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
-try:
-    import mpi4py  # noqa: F401
-except ImportError:
+if importlib.util.find_spec("mpi4py") is None:
     MPIEXEC = None
 pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="needs mpi4py and mpiexec (pip install 'npgpt[mpi]')")
 

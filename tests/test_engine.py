@@ -76,3 +76,27 @@ def test_engine_rejects_what_does_not_fit():
         engine(np.zeros((3, 4), dtype=np.int64), np.zeros((3, 4), dtype=np.int64))
     with pytest.raises(ValueError, match="exceeds the model's context_length"):
         TrainStep(make({}, np.float32), 2, 9)
+
+
+@pytest.mark.skipif(__import__("shutil").which("g++") is None, reason="the CUDA emulation needs g++")
+@pytest.mark.parametrize("drop", [0.0, 0.2])
+def test_cuda_kernel_path_matches_reference_in_emulation(drop):
+    """The engine's CUDA path (every kernel of kernels/*.cu), run through npgpt.cuda.emulate on the CPU,
+    against the readable reference. With dropout on, attention falls back to the reference attention."""
+    from npgpt.cuda import KERNEL_NAMES
+
+    cfg = tiny_config(emb_dim=32, n_heads=2, n_layers=2, drop_rate=drop)  # head size 16: the kernel's smallest
+    model = npgpt.GPT(cfg, dtype=np.float32, device="cpu")
+    model.params = {k: v.astype(np.float32) for k, v in random_params(cfg, np.random.default_rng(0)).items()}
+    engine = TrainStep(model, 2, 8, kernels=KERNEL_NAMES)
+    assert "attention" in engine.kernels
+    rng = np.random.default_rng(3)
+    for b, t in [(2, 8), (1, 5)]:
+        x, y = rng.integers(0, 37, (b, t)), rng.integers(0, 37, (b, t))
+        _, loss, cache = model.forward(x, y, training=drop > 0, rng=HostRandom(5))
+        ref = model.backward(cache)
+        fast = engine(x, y, training=drop > 0, rng=HostRandom(5))
+        assert engine.used_flash[0] == (drop == 0)
+        assert abs(fast - float(loss)) < 1e-5 * float(loss)
+        for k in ref:
+            assert relative_error(engine.grads[k], ref[k]) < 2e-5, k

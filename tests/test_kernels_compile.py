@@ -1,25 +1,40 @@
 """Every CUDA source in kernels/ must compile: with nvcc for sm_80 and sm_90 when nvcc is on the PATH,
-and through NVRTC (the compiler CuPy uses at run time) when CuPy can load it."""
+and through NVRTC (the compiler CuPy uses at run time) when an NVRTC library can be found (CuPy's, the
+pip package nvidia-cuda-nvrtc-cu12 from `pip install 'npgpt[kernels]'`, or a CUDA toolkit's). Neither
+needs a GPU."""
 
+import re
 import shutil
 import subprocess
 
 import pytest
 
+from npgpt.cuda import KERNEL_FILES
+from npgpt.cuda.kernels import ATTENTION_HEAD_SIZES, KERNEL_ENTRIES, expanded_source
+from npgpt.cuda.nvrtc import compile_to_ptx, compile_with_log, find_nvrtc
 from npgpt.kernels import kernel_dir, kernel_source, kernel_sources
 
 SOURCES = kernel_sources()
 NVCC = shutil.which("nvcc")
+NVRTC = find_nvrtc()
+needs_nvrtc = pytest.mark.skipif(NVRTC is None, reason="no NVRTC library found (pip install 'npgpt[kernels]' provides one)")
 
 
 def test_kernels_folder_is_documented():
     readme = (kernel_dir() / "README.md").read_text()
     assert "one op per file" in readme.lower() and "reference" in readme
+    for name in KERNEL_FILES:
+        assert name in readme, f"kernels/README.md does not list {name}"
 
 
 def test_kernel_source_names_what_is_available():
     with pytest.raises(ValueError, match="no kernel source"):
         kernel_source("does-not-exist")
+
+
+def test_every_source_has_its_entry_list():
+    assert sorted(p.name for p in SOURCES) == sorted(KERNEL_ENTRIES)
+    assert set(KERNEL_FILES.values()) <= set(KERNEL_ENTRIES)
 
 
 @pytest.mark.skipif(not SOURCES, reason="no .cu files in kernels/ yet")
@@ -37,6 +52,46 @@ def test_nvcc_compiles(source, arch, tmp_path):
 @pytest.mark.skipif(not SOURCES, reason="no .cu files in kernels/ yet")
 @pytest.mark.parametrize("source", SOURCES, ids=[p.name for p in SOURCES])
 def test_header_states_math_shapes_launch_and_reference(source):
-    head = source.read_text()[:4000].lower()
-    for word in ("math", "shape", "launch", "reference"):
+    head = source.read_text()[:6000].lower()
+    for word in ("math", "shape", "launch", "reference", "tolerance"):
         assert word in head, f"{source.name}'s header does not state its {word}"
+
+
+def _entries(ptx):
+    return re.findall(r"\.entry\s+(\w+)", ptx)
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("source", SOURCES, ids=[p.name for p in SOURCES])
+def test_nvrtc_compiles_with_the_include_path(source):
+    """The file as it is on disk, with kernels/ on the include path, warning-free; every kernel the
+    wrappers call is in the PTX, and nothing else."""
+    ptx, log = compile_with_log(source.read_text(), source.name, arch="compute_80", include_dirs=[kernel_dir()])
+    assert log == "", log
+    assert sorted(_entries(ptx)) == sorted(KERNEL_ENTRIES[source.name])
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("arch", ["compute_80", "compute_90"])
+@pytest.mark.parametrize("source", SOURCES, ids=[p.name for p in SOURCES])
+def test_nvrtc_compiles_what_the_wrappers_hand_to_cupy(source, arch):
+    """The text npgpt.cuda.kernels gives cupy.RawModule: the header inlined, no include path, and for
+    attention one head size at a time (-DNPGPT_ATTENTION_ONLY_HS)."""
+    variants = [()]
+    if source.name == "attention.cu":
+        variants = [(("NPGPT_ATTENTION_ONLY_HS", hs),) for hs in (ATTENTION_HEAD_SIZES[0], 64, ATTENTION_HEAD_SIZES[-1])]
+    for defines in variants:
+        ptx = compile_to_ptx(expanded_source(source.name, defines), source.name, arch=arch)
+        entries = set(_entries(ptx))
+        if defines:
+            hs = defines[0][1]
+            assert entries == {"attention_bwd_rowdot"} | {f"attention_{k}_hs{hs}" for k in ("fwd", "bwd_dkdv", "bwd_dq")}
+        else:
+            assert entries == set(KERNEL_ENTRIES[source.name])
+
+
+@needs_nvrtc
+def test_nvrtc_reports_errors_with_its_log():
+    with pytest.raises(ValueError, match="NVRTC could not compile broken.cu") as e:
+        compile_to_ptx('extern "C" __global__ void k(float* x) { x[0] = undefined_name; }', "broken.cu")
+    assert "undefined_name" in str(e.value)

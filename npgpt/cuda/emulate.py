@@ -1,0 +1,326 @@
+"""Run the CUDA kernels of kernels/*.cu on the CPU, for tests on machines without a GPU.
+
+The kernels are plain CUDA C with no host code, so they also compile as C++ once a small shim (SHIM
+below) supplies what the CUDA compiler would: threadIdx / blockIdx / blockDim / gridDim, float4,
+__syncthreads, __shfl_xor_sync, __int_as_float, and `__shared__` as function-static storage. Each CUDA
+thread of a block runs as a ucontext fiber; __syncthreads and warp shuffles are the scheduling points:
+
+- a block barrier releases when every thread of the block that has not returned is waiting at it;
+- a shuffle releases when all 32 lanes of the warp are at a shuffle; a full-mask shuffle with lanes
+  that have already returned, or a mask other than 0xffffffff, is reported as an error (it is
+  undefined behaviour on a GPU), as is a deadlock (threads waiting at different barriers);
+- blocks run one after another and, between sync points, threads run one after another, in an order
+  set by the schedule seed: 0 in order, 1 reversed, >= 2 shuffled by that seed. A kernel whose result
+  depends on either order has a race; the tests run with a shuffling seed.
+
+This checks the logic (indexing, bounds, masks, synchronisation, the wrappers' launch arguments), not
+the speed, and not the GPU's float rounding (FMA contraction, expf's ulps): the tolerances are the
+same as on the GPU. The arguments a wrapper passes are checked against the kernel's C signature
+(numpy scalar types against int / long long / float, array dtypes against the pointer types), which
+catches the silent misreads a wrong-width argument causes on a GPU.
+
+Used by npgpt.cuda.kernels when its wrappers are given NumPy arrays. Needs g++ (C++17) on Linux.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from npgpt.kernels import kernel_dir
+
+SHIM = r"""
+// npgpt.cuda.emulate: the CUDA execution model on the CPU (see the module docstring).
+#pragma once
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+struct emu_uint3 {
+    unsigned x = 0, y = 0, z = 0;
+};
+inline emu_uint3 threadIdx, blockIdx, blockDim, gridDim;
+
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+inline float __int_as_float(unsigned u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __shared__ static
+#define __launch_bounds__(x)
+
+namespace emu {
+enum State { RUN, AT_BLOCK, AT_WARP, DONE };
+struct Fiber {
+    ucontext_t ctx;
+    std::vector<char> stack;
+    State state = RUN;
+    double send = 0, recv = 0;
+    unsigned src_lane = 0, mask = 0;
+};
+inline ucontext_t sched;
+inline std::vector<Fiber> fibers;
+inline int current = -1;
+inline std::function<void()> body;
+inline unsigned seed = 0;
+inline std::string error;
+
+inline void yield(State s) {
+    Fiber& f = fibers[current];
+    f.state = s;
+    swapcontext(&f.ctx, &sched);
+}
+
+inline void entry() {
+    body();
+    fibers[current].state = DONE;
+    setcontext(&sched);
+}
+
+inline bool fail(const std::string& what) {
+    error = what + " (block " + std::to_string(blockIdx.x) + "," + std::to_string(blockIdx.y) + ")";
+    return false;
+}
+
+inline bool run_block(unsigned nthreads, std::mt19937& rng) {
+    if (fibers.size() < nthreads) fibers.resize(nthreads);
+    for (unsigned t = 0; t < nthreads; ++t) {
+        Fiber& f = fibers[t];
+        if (f.stack.empty()) f.stack.resize(1 << 18);
+        f.state = RUN;
+        getcontext(&f.ctx);
+        f.ctx.uc_stack.ss_sp = f.stack.data();
+        f.ctx.uc_stack.ss_size = f.stack.size();
+        f.ctx.uc_link = &sched;
+        makecontext(&f.ctx, (void (*)())entry, 0);
+    }
+    std::vector<unsigned> order(nthreads);
+    for (unsigned t = 0; t < nthreads; ++t) order[t] = t;
+    const unsigned nwarps = (nthreads + 31) / 32;
+    for (;;) {
+        if (seed == 1) std::reverse(order.begin(), order.end());
+        else if (seed > 1) std::shuffle(order.begin(), order.end(), rng);
+        for (unsigned t : order) {
+            if (fibers[t].state != RUN) continue;
+            current = (int)t;
+            threadIdx.x = t;
+            swapcontext(&sched, &fibers[t].ctx);
+        }
+        bool all_done = true, all_block = true, released = false;
+        for (unsigned t = 0; t < nthreads; ++t) {
+            if (fibers[t].state != DONE) all_done = false;
+            if (fibers[t].state != DONE && fibers[t].state != AT_BLOCK) all_block = false;
+        }
+        if (all_done) return true;
+        for (unsigned w = 0; w < nwarps; ++w) {
+            const unsigned lo = w * 32, hi = std::min(nthreads, lo + 32);
+            unsigned at = 0, done = 0;
+            for (unsigned t = lo; t < hi; ++t) {
+                at += fibers[t].state == AT_WARP;
+                done += fibers[t].state == DONE;
+            }
+            if (at == 0) continue;
+            if (hi - lo != 32) return fail("warp shuffle in a partial warp");
+            if (done) return fail("full-mask warp shuffle while lanes of the warp have returned");
+            if (at != 32) continue;  // the rest of the warp is elsewhere: a deadlock unless it comes
+            for (unsigned t = lo; t < hi; ++t) {
+                if (fibers[t].mask != 0xffffffffu) return fail("warp shuffle with a mask other than 0xffffffff");
+                fibers[t].recv = fibers[lo + fibers[t].src_lane].send;
+                fibers[t].state = RUN;
+            }
+            released = true;
+        }
+        if (!released && all_block) {
+            for (unsigned t = 0; t < nthreads; ++t)
+                if (fibers[t].state == AT_BLOCK) fibers[t].state = RUN;
+            released = true;
+        }
+        if (!released) return fail("deadlock: threads wait at different barriers");
+    }
+}
+
+inline int launch(unsigned gx, unsigned gy, unsigned bx, unsigned sched_seed, std::function<void()> k) {
+    gridDim.x = gx;
+    gridDim.y = gy;
+    gridDim.z = 1;
+    blockDim.x = bx;
+    blockDim.y = blockDim.z = 1;
+    threadIdx = emu_uint3{};
+    seed = sched_seed;
+    error.clear();
+    body = std::move(k);
+    std::mt19937 rng(seed);
+    std::vector<std::pair<unsigned, unsigned>> blocks;
+    for (unsigned y = 0; y < gy; ++y)
+        for (unsigned x = 0; x < gx; ++x) blocks.push_back({x, y});
+    if (seed == 1) std::reverse(blocks.begin(), blocks.end());
+    else if (seed > 1) std::shuffle(blocks.begin(), blocks.end(), rng);
+    for (auto [x, y] : blocks) {
+        blockIdx.x = x;
+        blockIdx.y = y;
+        blockIdx.z = 0;
+        if (!run_block(bx, rng)) return 1;
+    }
+    return 0;
+}
+}  // namespace emu
+
+inline void __syncthreads() { emu::yield(emu::AT_BLOCK); }
+
+template <class T>
+inline T __shfl_xor_sync(unsigned mask, T v, int lanemask) {
+    emu::Fiber& f = emu::fibers[emu::current];
+    f.send = (double)v;
+    f.mask = mask;
+    f.src_lane = (threadIdx.x & 31u) ^ (unsigned)lanemask;
+    emu::yield(emu::AT_WARP);
+    return (T)emu::fibers[emu::current].recv;
+}
+
+extern "C" const char* emu_error() { return emu::error.c_str(); }
+"""
+
+_SCALARS = {"int": (ctypes.c_int, np.int32), "unsigned": (ctypes.c_uint, np.uint32), "unsigned int": (ctypes.c_uint, np.uint32),
+            "long long": (ctypes.c_longlong, np.int64), "float": (ctypes.c_float, np.float32),
+            "double": (ctypes.c_double, np.float64)}  # fmt: skip
+_POINTEES = {"float": np.float32, "float4": np.float32, "double": np.float64, "long long": np.int64, "int": np.int32,
+             "unsigned char": np.uint8}  # fmt: skip
+
+schedule_seed = 2  # 0 in order, 1 reversed, >= 2 shuffled (module docstring)
+_lock = threading.Lock()
+
+
+def unavailable_reason() -> str:
+    """Why kernels cannot be emulated here ("" when they can)."""
+    if not sys.platform.startswith("linux"):
+        return "the CPU emulation of the kernels needs Linux (ucontext)"
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        return "the CPU emulation of the kernels needs g++ (or $CXX)"
+    return ""
+
+
+def _cache_dir() -> Path:
+    d = Path(tempfile.gettempdir()) / f"npgpt-cuda-emulate-{os.getuid() if hasattr(os, 'getuid') else 0}"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _parse_param(p: str):
+    p = " ".join(p.replace("__restrict__", " ").split())
+    name = re.findall(r"\w+$", p)[0]
+    ty = p[: -len(name)].strip()
+    if ty.endswith("*"):
+        base = ty[:-1].replace("const", " ").strip()
+        return ("ptr", " ".join(base.split()), name)
+    return ("scalar", " ".join(ty.replace("const", " ").split()), name)
+
+
+class _Module:
+    def __init__(self, filename: str, defines: tuple):
+        cxx = os.environ.get("CXX", "g++")
+        src = kernel_dir() / filename
+        d = _cache_dir()
+        defs = [f"-D{k}={v}" for k, v in defines]
+        flags = ["-std=c++17", "-O1", "-fPIC", "-Wno-unknown-pragmas", "-I", str(kernel_dir()), *defs]
+        shim = d / f"shim-{hashlib.sha1(SHIM.encode()).hexdigest()[:12]}.h"
+        if not shim.exists():
+            tmp = shim.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(SHIM)
+            os.replace(tmp, shim)
+        pre = subprocess.run([cxx, *flags, "-E", "-include", str(shim), "-x", "c++", str(src)], capture_output=True, text=True)
+        if pre.returncode:
+            raise RuntimeError(f"preprocessing {filename} for the emulator failed:\n{pre.stderr}")
+        self.sigs = {}
+        for m in re.finditer(r'extern\s+"C"\s+void\s+(\w+)\s*\(([^)]*)\)\s*\{', pre.stdout):
+            self.sigs[m.group(1)] = [_parse_param(p) for p in m.group(2).split(",")]
+        lines = [f'#include "{src}"']
+        for k, params in self.sigs.items():
+            decl = ", ".join(f"void* a{i}" if kind == "ptr" else f"{ty} a{i}" for i, (kind, ty, _) in enumerate(params))
+            call = ", ".join(f"({ty}*)a{i}" if kind == "ptr" else f"a{i}" for i, (kind, ty, _) in enumerate(params))
+            lines.append(f'extern "C" int emu_{k}(unsigned gx, unsigned gy, unsigned bx, unsigned seed, {decl}) '
+                         f"{{ return emu::launch(gx, gy, bx, seed, [=] {{ {k}({call}); }}); }}")  # fmt: skip
+        harness = "\n".join(lines) + "\n"
+        tag = hashlib.sha1((pre.stdout + harness + " ".join(flags)).encode()).hexdigest()[:16]
+        so = d / f"{Path(filename).stem}-{tag}.so"
+        if not so.exists():
+            cpp = d / f"{Path(filename).stem}-{tag}.{os.getpid()}.cpp"
+            cpp.write_text(harness)
+            tmp = so.with_suffix(f".{os.getpid()}.tmp")
+            proc = subprocess.run([cxx, *flags, "-shared", "-include", str(shim), "-o", str(tmp), str(cpp)],
+                                  capture_output=True, text=True)  # fmt: skip
+            cpp.unlink(missing_ok=True)
+            if proc.returncode:
+                raise RuntimeError(f"compiling {filename} for the emulator failed:\n{proc.stderr}")
+            os.replace(tmp, so)
+        self.lib = ctypes.CDLL(str(so))
+        self.lib.emu_error.restype = ctypes.c_char_p
+
+    def launch(self, name, grid, block, args):
+        if name not in self.sigs:
+            raise ValueError(f"no kernel {name!r} (have {', '.join(self.sigs)})")
+        params = self.sigs[name]
+        if len(args) != len(params):
+            raise TypeError(f"{name} takes {len(params)} arguments, got {len(args)}")
+        cargs = []
+        for (kind, ty, pname), a in zip(params, args):
+            if kind == "ptr":
+                if not isinstance(a, np.ndarray):
+                    raise TypeError(f"{name}: argument {pname} ({ty}*) must be an array, got {type(a).__name__}")
+                want = _POINTEES[ty]
+                if a.dtype != want:
+                    raise TypeError(f"{name}: argument {pname} is {ty}* but the array is {a.dtype}")
+                cargs.append(ctypes.c_void_p(a.ctypes.data))
+            else:
+                ctype, want = _SCALARS[ty]
+                if not isinstance(a, np.generic) or a.dtype != want:
+                    raise TypeError(f"{name}: argument {pname} is {ty}; pass numpy.{np.dtype(want).name}, got {type(a).__name__}")
+                cargs.append(ctype(a.item()))
+        gx, gy = (tuple(grid) + (1,))[:2]
+        fn = getattr(self.lib, "emu_" + name)
+        fn.restype = ctypes.c_int
+        rc = fn(ctypes.c_uint(gx), ctypes.c_uint(gy), ctypes.c_uint(block), ctypes.c_uint(schedule_seed), *cargs)
+        if rc:
+            raise RuntimeError(f"{name}: {self.lib.emu_error().decode()}")
+
+
+_modules: dict = {}
+
+
+def launch(filename: str, name: str, grid, block: int, args, defines=()) -> None:
+    """Run kernel `name` of kernels/<filename> over `grid` (x[, y]) blocks of `block` threads on the CPU.
+    args: NumPy arrays for pointers, NumPy scalars (int32 / int64 / float32 ...) for the rest."""
+    reason = unavailable_reason()
+    if reason:
+        raise RuntimeError(reason)
+    key = (filename, tuple(defines))
+    with _lock:
+        mod = _modules.get(key)
+        if mod is None:
+            mod = _modules[key] = _Module(filename, tuple(defines))
+        mod.launch(name, grid, block, args)
