@@ -145,10 +145,15 @@ _WORLD = None
 
 
 def get_world():
-    """The process group: MPIComm when started by an MPI launcher with more than one process, else SingleProcess."""
+    """The process group: MPIComm when started by an MPI launcher with more than one process (or when
+    NPGPT_DIST=mpi forces it, even for one rank: how a 1-rank NCCL run is tested), else SingleProcess."""
     global _WORLD
     if _WORLD is None:
-        _WORLD = MPIComm() if launched_by_mpi() else SingleProcess()
+        forced = os.environ.get("NPGPT_DIST", "").strip().lower()
+        if forced not in ("", "auto", "mpi", "none"):
+            raise ValueError(f"NPGPT_DIST must be auto, mpi or none, got {forced!r}")
+        use_mpi = forced == "mpi" or (forced != "none" and launched_by_mpi())
+        _WORLD = MPIComm() if use_mpi else SingleProcess()
     return _WORLD
 
 

@@ -338,8 +338,8 @@ class Trainer:
             for old in checkpoint_dirs(out_dir):  # only reached with --overwrite
                 shutil.rmtree(old)
         model = self.model
-        if world.size > 1 and model.device == "cuda":
-            world.setup_nccl()
+        if world.backend != "none" and model.device == "cuda":
+            world.setup_nccl()  # gradients stay on the GPUs: NCCL all-reduce, MPI only for the rendezvous
         broadcast_params_(world, model.params)
 
         self.T = T = cfg.context_length or model.config.context_length

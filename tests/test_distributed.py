@@ -90,3 +90,29 @@ def test_single_process_info_says_no_mpi(capsys):
 
     assert main(["info"]) == 0
     assert "distributed" in capsys.readouterr().out
+
+
+def test_forced_mpi_world_of_one_rank_matches_a_plain_run(tmp_path):
+    """NPGPT_DIST=mpi runs the MPI code path with a single rank (all-reduce over one process)."""
+    plain, forced = tmp_path / "plain", tmp_path / "forced"
+    run(["--batch-size", "2", "--max-steps", "3", "--out-dir", str(plain)])
+    env = {**os.environ, "NPGPT_DEVICE": "cpu", "NPGPT_DIST": "mpi"}
+    proc = subprocess.run([sys.executable, "-m", "npgpt", "train", *TINY, "--batch-size", "2", "--max-steps", "3",
+                           "--out-dir", str(forced)], capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert [r["loss"] for r in records(plain, "step")] == [r["loss"] for r in records(forced, "step")]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not __import__("npgpt.backend", fromlist=["x"]).cuda_available(), reason="needs CuPy and a GPU")
+def test_one_rank_nccl_run_matches_the_single_process_run(tmp_path):
+    single, nccl = tmp_path / "single", tmp_path / "nccl"
+    args = [*TINY, "--device", "cuda", "--batch-size", "2", "--max-steps", "3"]
+    env = {**os.environ}
+    for out, extra in ((single, {}), (nccl, {"NPGPT_DIST": "mpi"})):
+        proc = subprocess.run([sys.executable, "-m", "npgpt", "train", *args, "--out-dir", str(out)], capture_output=True,
+                              text=True, env={**env, **extra}, timeout=600)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+    a = [r["loss"] for r in records(single, "step")]
+    b = [r["loss"] for r in records(nccl, "step")]
+    assert all(abs(x - y) <= 1e-6 * abs(x) for x, y in zip(a, b)), (a, b)
