@@ -68,12 +68,27 @@ def atomic_write_json(path, obj) -> None:
 
 
 def save_tensors(path, tensors: dict, metadata: dict | None = None) -> None:
-    """Arrays (NumPy or CuPy) -> a safetensors file, atomically."""
-    from safetensors.numpy import save
+    """Arrays (NumPy or CuPy) -> a safetensors file, atomically: written to a temporary file beside it
+    (straight from the arrays, without building the whole file in memory), flushed, then renamed."""
+    from safetensors.numpy import save_file
 
+    path = Path(path)
     host = {k: np.ascontiguousarray(to_numpy(v)) for k, v in tensors.items()}
     meta = {"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}}
-    atomic_write_bytes(path, save(host, metadata=meta))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(host, tmp, metadata=meta)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(path.parent)
 
 
 def sha256_file(path) -> str:
