@@ -13,7 +13,10 @@ equal (float64 to ~1e-12, float32 to ~1e-5). What it does differently, and why:
 - LayerNorm keeps only its per-row mean and 1/std and recomputes xhat in the backward;
 - softmax cross-entropy over the vocabulary runs in place on the logits buffer, row block by row block
   (so each block stays in cache): logits -> probabilities -> dlogits without a second (N, V) array;
-- elementwise work (GELU, the loss, AdamW) runs in row blocks sized for the CPU cache.
+- on the CPU, elementwise work (GELU, LayerNorm, the loss; AdamW in optim.py) is split over the cores
+  (NumPy's ufuncs use one) in row blocks sized for the cache;
+- on a GPU, hand-written CUDA kernels (kernels/, opt-in) can replace LayerNorm, GELU, the loss and
+  attention, the last with O(T) memory instead of the (B, NH, T, T) probabilities.
 
 Dropout draws its masks from `rng` in the same order and shapes as the reference, so with the same
 generator both paths drop the same elements. The logits are not returned: the loss is the output.
@@ -84,7 +87,7 @@ class TrainStep:
         self.d_nc2 = z(N, C)
         self.d_n3c = z(N, 3 * C)
         self.d_n4c = z(N, 4 * C)
-        self.d_att = z(B, NH, T, T)
+        self.d_att = None  # (B, NH, T, T) scratch of the reference attention, allocated with self.att
         self.d_head = z(3, B, NH, T, cfg.head_size)
         # Gradients that are summed into rather than written by a GEMM: zeroed at the start of a backward.
         self._added_into = [k for k, p in model.params.items() if p.ndim == 1 or k == "wpe.weight"]
@@ -115,7 +118,9 @@ class TrainStep:
     def nbytes(self) -> int:
         """Bytes held by this step's buffers (activations, gradients, scratch)."""
         arrays = [self.lnf, self.logits, self.grad_flat, self.d_resid, self.d_nc, self.d_nc2, self.d_n3c, self.d_n4c,
-                  self.d_att, self.d_head, self.row_scratch, self.causal_bias, *self.lnf_stats]  # fmt: skip
+                  self.d_head, self.row_scratch, self.causal_bias, *self.lnf_stats]  # fmt: skip
+        if self.d_att is not None:
+            arrays.append(self.d_att)
         for group in (self.resid, self.resid_mid, self.ln1, self.ln2, self.qkv, self.att, self.atty, self.fc, self.act,
                       self.lse or []):  # fmt: skip
             arrays += [a for a in group if a is not None]
@@ -252,8 +257,10 @@ class TrainStep:
             self.ck.attention_fwd(q, k, v, out, self.lse[l][:b, :, :t], scale=1.0)
             y.reshape(b, t, NH, hs)[...] = out.transpose(0, 2, 1, 3)  # (b, NH, t, hs) -> (n, C)
             return None
-        if self.att[l] is None:
+        if self.att[l] is None:  # the O(T^2) buffers, only when this path is taken
             self.att[l] = xp.empty((self.B, NH, self.T, self.T), dtype=heads.dtype)
+            if self.d_att is None:
+                self.d_att = xp.empty_like(self.att[l])
         att = self.att[l][:b, :, :t, :t]  # (b, NH, t, t)
         keep = dropout_mask(att.shape, p, rng, xp) if p > 0 else None  # drawn where the reference draws it
         scale = att.dtype.type(1.0 / (1.0 - p))
