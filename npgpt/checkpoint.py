@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -44,41 +45,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Write `data` to `path` so that a crash leaves either the old file or the new one, never half."""
+@contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path` to write; on success it is flushed to disk and renamed onto
+    `path`, so a crash leaves either the old file or the new one, never half; on failure it is removed."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_json(path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
-
-
-def save_tensors(path, tensors: dict, metadata: dict | None = None) -> None:
-    """Arrays (NumPy or CuPy) -> a safetensors file, atomically: written to a temporary file beside it
-    (straight from the arrays, without building the whole file in memory), flushed, then renamed."""
-    from safetensors.numpy import save_file
-
-    path = Path(path)
-    host = {k: np.ascontiguousarray(to_numpy(v)) for k, v in tensors.items()}
-    meta = {"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(host, tmp, metadata=meta)
+        yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -89,6 +64,26 @@ def save_tensors(path, tensors: dict, metadata: dict | None = None) -> None:
             pass
         raise
     fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_json(path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def save_tensors(path, tensors: dict, metadata: dict | None = None) -> None:
+    """Arrays (NumPy or CuPy) -> a safetensors file, atomically, written straight from the arrays
+    (never the whole file in memory)."""
+    from safetensors.numpy import save_file
+
+    host = {k: np.ascontiguousarray(to_numpy(v)) for k, v in tensors.items()}
+    meta = {"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}}
+    with atomic_path(path) as tmp:
+        save_file(host, tmp, metadata=meta)
 
 
 def sha256_file(path) -> str:

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from .checkpoint import atomic_path
 from .tokenizer import EOT_ID, N_VOCAB, encode, tokenizer_hash
 
 BUNDLED = {"the-verdict": "the-verdict.txt", "tang300": "tang300.txt"}
@@ -96,10 +96,8 @@ def load_token_ids(paths, cache_dir=None, errors: str = "strict", use_cache: boo
     if use_cache:
         try:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=cache_file.parent, suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
+            with atomic_path(cache_file) as tmp, open(tmp, "wb") as f:
                 np.save(f, arr, allow_pickle=False)
-            os.replace(tmp, cache_file)
         except OSError:
             pass  # a read-only cache is not an error; the ids are still returned
     return arr
