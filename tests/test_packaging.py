@@ -32,6 +32,9 @@ def test_wheel_contains_kernels_and_assets(wheel):
         "npgpt/assets/tang300.txt",
         "npgpt/assets/NOTICE.md",
         "npgpt/layers/attention.py",
+        "npgpt/cuda/kernels.py",
+        "npgpt/cuda/emulate.py",
+        "npgpt/kernels/common.cuh",
     ]:
         assert required in names, f"{required} missing from the wheel"
     for cu in (REPO / "kernels").glob("*.cu"):
