@@ -9,6 +9,7 @@ NPGPT_THREADS sets the number of threads (default: the cores this process may us
 
 from __future__ import annotations
 
+import contextvars
 import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
@@ -44,7 +45,7 @@ def parallel_blocks(blocks: Sequence, work: Callable[[Sequence, int], None], thr
         return
     size = -(-len(blocks) // n)
     parts = [blocks[i * size : (i + 1) * size] for i in range(n)]
-    futures = [_pool(n).submit(work, part, w) for w, part in enumerate(parts) if len(part)]
+    futures = [_pool(n).submit(_in_callers_context(), work, part, w) for w, part in enumerate(parts) if len(part)]
     for f in futures:
         f.result()  # re-raises a worker's exception here
 
@@ -56,9 +57,15 @@ def parallel_ranges(n: int, work: Callable[[int, int, int], None], threads: int 
         work(0, n, 0)
         return
     bounds = [n * i // t for i in range(t + 1)]
-    futures = [_pool(t).submit(work, bounds[i], bounds[i + 1], i) for i in range(t)]
+    futures = [_pool(t).submit(_in_callers_context(), work, bounds[i], bounds[i + 1], i) for i in range(t)]
     for f in futures:
         f.result()
+
+
+def _in_callers_context():
+    """A runner that calls a function in a copy of the calling thread's context, so the workers see the
+    caller's NumPy error state (np.errstate lives in a context variable)."""
+    return contextvars.copy_context().run
 
 
 @lru_cache(maxsize=None)

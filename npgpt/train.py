@@ -16,6 +16,7 @@ Hugging Face layout (see checkpoint.py), the newest `keep_last` of them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -39,6 +40,7 @@ from .distributed import allreduce_grads_, broadcast_params_, get_world, limit_t
 from .engine import TrainStep
 from .model import GPT, make_rng
 from .optim import AdamW, clip_grad_norm, grad_norm
+from .precision import LossScaler, check_precision, compute_dtype
 from .schedule import LRSchedule
 from .tokenizer import decode, encode, tokenizer_hash
 
@@ -99,6 +101,8 @@ class TrainConfig:
     # machine
     engine: str = "fast"  # "fast" (engine.py: preallocated, fused) or "reference" (model.forward/backward)
     tf32: bool = True  # TensorFloat-32 matrix products on GPUs that have them (no effect on the CPU)
+    precision: str = "fp32"  # "bf16" / "fp16": 16-bit activations and products, float32 weights (precision.py)
+    loss_scale: float = 2.0**16  # fp16's initial loss scale (dynamic: halved on overflow, doubled after 2000 clean steps)
     seed: int = 0
     device: str | None = None
     dtype: str = "float32"
@@ -127,6 +131,13 @@ class TrainConfig:
             raise ValueError(f"--engine must be fast or reference, got {self.engine!r}")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"--dtype must be float32 or float64, got {self.dtype!r}")
+        check_precision(self.precision)
+        if self.precision != "fp32":
+            if self.engine != "fast":
+                raise ValueError(f"--precision {self.precision} runs in the fast engine; drop --engine {self.engine}")
+            compute_dtype(self.precision, np.dtype(self.dtype))  # float32 master weights, ml_dtypes for bf16
+        if not (1.0 <= self.loss_scale <= 2.0**24):
+            raise ValueError(f"--loss-scale must lie in [1, 2**24], got {self.loss_scale}")
         if not self.data:
             raise ValueError("no training data given (--data FILE ...)")
 
@@ -356,7 +367,8 @@ class Trainer:
         if cfg.engine == "fast":
             model.flatten_params_()  # one buffer for the weights, as for the gradients: AdamW in one pass
         self.optimizer = AdamW(model.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-        self.engine = TrainStep(model, self.b, T) if cfg.engine == "fast" else None
+        self.engine = TrainStep(model, self.b, T, precision=cfg.precision) if cfg.engine == "fast" else None
+        self.scaler = LossScaler(scale=cfg.loss_scale) if cfg.precision == "fp16" else None
         self.step, self.tokens_seen, self.skipped = 0, 0, 0
         self.history = {"train": [], "val": []}  # (step, tokens, loss) at each evaluation
         if state is not None:
@@ -366,6 +378,8 @@ class Trainer:
             self.step, self.tokens_seen = state["step"], state["tokens_seen"]
             self.skipped = state.get("skipped_steps", 0)
             self.history = state.get("history", self.history)
+            if self.scaler is not None and state.get("loss_scaler"):
+                self.scaler.load_state_dict(state["loss_scaler"])
 
         prompt_text = cfg.sample_prompt
         if prompt_text is None:
@@ -401,6 +415,7 @@ class Trainer:
             "skipped_steps": self.skipped, "data": self.batches.state_dict(), "seed": self.cfg.seed,
             "schedule": asdict(self.schedule), "tokenizer": tokenizer_hash(), "train_config": asdict(self.cfg),
             "world_size": self.world.size, "history": self.history,
+            "loss_scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": "dropout masks are seeded per step from (seed, step, micro-batch[, rank])",
         }  # fmt: skip
 
@@ -457,13 +472,14 @@ class Trainer:
         model, engine, world, A = self.model, self.engine, self.world, self.A
         lr = self.schedule(self.step)
         grads, loss_sum = None, 0.0
+        scale = self.scaler.scale if self.scaler is not None else 1.0  # fp16: gradients come back scaled
         lo, hi = world.rank * self.b, (world.rank + 1) * self.b
         for micro in range(A):
             x, y = self.batches.next()
             x, y = x[lo:hi], y[lo:hi]  # this rank's rows of the global batch
             rng = self.micro_batch_rng(micro)
             if engine is not None:  # the fast path: gradients accumulate in engine.grads
-                loss_sum += engine(x, y, training=True, rng=rng, dloss=1.0 / A, accumulate=micro > 0)
+                loss_sum += engine(x, y, training=True, rng=rng, dloss=scale / A, accumulate=micro > 0)
                 grads = engine.grads
                 continue
             _, loss, cache = model.forward(x, y, training=True, rng=rng)  # the readable reference
@@ -476,9 +492,21 @@ class Trainer:
                 for k in grads:
                     grads[k] += g[k]
         allreduce_grads_(world, grads, engine.grad_flat if engine is not None else None)
+        if scale != 1.0:
+            engine.grad_flat *= engine.grad_flat.dtype.type(1.0 / scale)  # the true (float32) gradients
         loss_val = float(world.allreduce_sum([loss_sum / A])[0]) / world.size
-        norm = clip_grad_norm(grads, self.cfg.grad_clip) if self.cfg.grad_clip else grad_norm(grads)
-        if math.isfinite(loss_val) and math.isfinite(norm):
+        with np.errstate(over="ignore", invalid="ignore") if self.scaler is not None else contextlib.nullcontext():
+            norm = clip_grad_norm(grads, self.cfg.grad_clip) if self.cfg.grad_clip else grad_norm(grads)  # inf: fp16 overflow
+        finite = math.isfinite(loss_val) and math.isfinite(norm)
+        if self.scaler is not None and math.isfinite(loss_val):
+            self.scaler.update(math.isfinite(norm))
+            if not finite and not self.scaler.overflowed_at_min:  # float16 overflow: a smaller scale, not a divergence
+                self.skipped += 1
+                self.log({"kind": "skip", "step": self.step, "loss": loss_val, "grad_norm": norm,
+                          "reason": "fp16 overflow", "loss_scale": self.scaler.scale})  # fmt: skip
+                self.say(f"step {self.step}: float16 gradients overflowed; update skipped, loss scale now {self.scaler.scale:g}")
+                return loss_val, norm, lr
+        if finite:
             self.optimizer.step(grads, lr=lr)
             self.bad_in_a_row = 0
             self.recent.append(loss_val)
@@ -504,7 +532,8 @@ class Trainer:
         tokens_per_step = B * A * T
         ranks = f" on {world.size} ranks" if world.size > 1 else ""
         self.say(f"npgpt train: {model.num_params():,} parameters ({model.config.n_layers} layers, C={model.config.emb_dim}, "
-                 f"NH={model.config.n_heads}) on {model.device}{ranks}, {model.dtype}; {len(self.train_ids):,} train / "
+                 f"NH={model.config.n_heads}) on {model.device}{ranks}, {model.dtype}"
+                 f"{'' if cfg.precision == 'fp32' else f' weights, {cfg.precision} compute'}; {len(self.train_ids):,} train / "
                  f"{len(self.val_ids):,} val tokens; {self.total_steps} steps of {B}x{A}x{T} tokens"
                  + (f"; resuming at step {self.step}" if self.step else ""))  # fmt: skip
         first_step, interrupted, step_times = self.step, False, []
@@ -694,6 +723,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--device", choices=["cpu", "cuda", "auto"], help="default: $NPGPT_DEVICE or auto")
     g.add_argument("--dtype", choices=["float32", "float64"], default=d.dtype)
+    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=d.precision,
+                   help="bf16/fp16: mixed precision, 16-bit activations and matrix products with float32 weights "
+                        "(fast engine; meant for GPUs, slow on the CPU). Default fp32")
+    g.add_argument("--loss-scale", type=float, default=d.loss_scale,
+                   help="fp16: initial loss scale of dynamic loss scaling (default 65536)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
