@@ -180,6 +180,11 @@ def flat_base(tensors: dict):
     return base
 
 
+def tf32_enabled() -> bool:
+    """Whether float32 matrix products on the GPU may use TF32 (as set by set_tf32; CuPy's default: off)."""
+    return os.environ.get("CUPY_TF32", "0") == "1"
+
+
 def set_tf32(enabled: bool = True) -> None:
     """TensorFloat-32 for float32 matrix products on the GPU (Ampere and newer): about 8x the float32
     rate with a 10-bit mantissa in the products, float32 accumulation. CuPy reads $CUPY_TF32 when it

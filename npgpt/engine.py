@@ -127,10 +127,13 @@ class TrainStep:
         from .cuda import enabled_kernels
 
         self.kernels = (enabled_kernels() if xp is not np else set()) if kernels is None else set(kernels)
-        if self.lowp:
-            if kernels:
-                raise ValueError(f"the CUDA kernels work in float32; precision {precision!r} cannot use {sorted(kernels)}")
-            self.kernels = set()  # the kernels read and write float32 only
+        if self.lowp:  # our kernels read and write float32 only; cuBLAS's batched GEMM takes 16 bits too
+            if kernels and set(kernels) - {"bmm"}:
+                raise ValueError(f"the CUDA kernels work in float32; precision {precision!r} cannot use "
+                                 f"{sorted(set(kernels) - {'bmm'})}")  # fmt: skip
+            self.kernels &= {"bmm"}
+        # attention's stacks of heads: one cuBLAS call per product ("bmm"), or xp.matmul
+        self.bmm = _cublas_matmul if ("bmm" in self.kernels and xp is not np) else _matmul
         self.ck = None
         if self.kernels:
             from .cuda import kernels as ck
@@ -306,7 +309,7 @@ class TrainStep:
         out = self.d_head[0, :b, :, :t]  # (b, NH, t, hs) scratch
         bias = self.causal_bias[:t, :t]
 
-        _attention_fwd_slab(q, k, v, att, bias, keep, scale, dropped, out)  # all (batch, head) pairs at once
+        _attention_fwd_slab(q, k, v, att, bias, keep, scale, dropped, out, self.bmm)  # all (batch, head) pairs at once
         y.reshape(b, t, NH, hs)[...] = out.transpose(0, 2, 1, 3)  # (b, NH, t, hs) -> (n, C)
         return keep
 
@@ -423,18 +426,20 @@ class TrainStep:
         scale = att.dtype.type(1.0 / (1.0 - p))
         inv_sqrt = att.dtype.type(1.0 / math.sqrt(hs))
 
-        _attention_bwd_slab(q, k, v, att, keep, scale, inv_sqrt, datt, dheads[0], dheads[1], dheads[2])
+        _attention_bwd_slab(q, k, v, att, keep, scale, inv_sqrt, datt, dheads[0], dheads[1], dheads[2], self.bmm)
         dqkv.reshape(b, t, 3, NH, hs)[...] = dheads.transpose(1, 3, 0, 2, 4)  # (3, b, NH, t, hs) -> (n, 3C)
 
 
 # --- attention over (..., t, hs) stacks of heads -------------------------------------------------------
 
 
-def _attention_fwd_slab(q, k, v, att, bias, keep, scale, dropped, out):
+def _attention_fwd_slab(q, k, v, att, bias, keep, scale, dropped, out, mm=None):
     """att = softmax(q @ k^T + bias) (rows), out = dropout(att) @ v. Shapes (..., t, hs) and (..., t, t);
-    q is already scaled by 1/sqrt(hs), bias is 0 on and below the diagonal and -inf above it."""
+    q is already scaled by 1/sqrt(hs), bias is 0 on and below the diagonal and -inf above it.
+    mm(a, b, out): the batched product (default _matmul)."""
     xp = get_array_module(q)
-    _matmul(q, xp.swapaxes(k, -1, -2), att)  # scores
+    mm = mm or _matmul
+    mm(q, xp.swapaxes(k, -1, -2), att)  # scores
     att += bias  # the future gets -inf
     att -= att.max(axis=-1, keepdims=True)
     xp.exp(att, out=att)
@@ -444,29 +449,30 @@ def _attention_fwd_slab(q, k, v, att, bias, keep, scale, dropped, out):
         xp.multiply(att, keep, out=dropped)
         dropped *= scale
         used = dropped
-    _matmul(used, v, out)
+    mm(used, v, out)
 
 
-def _attention_bwd_slab(q, k, v, att, keep, scale, inv_sqrt, datt, dq, dk, dv):
+def _attention_bwd_slab(q, k, v, att, keep, scale, inv_sqrt, datt, dq, dk, dv, mm=None):
     """The backward of _attention_fwd_slab; dq holds dy on entry (it is read before dq is written)."""
     xp = get_array_module(q)
+    mm = mm or _matmul
     dy = dq
     if keep is not None:
         xp.multiply(att, keep, out=datt)  # the dropped probabilities that multiplied v
         datt *= scale
-        _matmul(xp.swapaxes(datt, -1, -2), dy, dv)  # dv = att'^T @ dy
-        _matmul(dy, xp.swapaxes(v, -1, -2), datt)  # datt' = dy @ v^T
+        mm(xp.swapaxes(datt, -1, -2), dy, dv)  # dv = att'^T @ dy
+        mm(dy, xp.swapaxes(v, -1, -2), datt)  # datt' = dy @ v^T
         datt *= keep  # back through the mask
         datt *= scale
     else:
-        _matmul(xp.swapaxes(att, -1, -2), dy, dv)  # dv = att^T @ dy
-        _matmul(dy, xp.swapaxes(v, -1, -2), datt)  # datt = dy @ v^T
+        mm(xp.swapaxes(att, -1, -2), dy, dv)  # dv = att^T @ dy
+        mm(dy, xp.swapaxes(v, -1, -2), datt)  # datt = dy @ v^T
     # softmax backward, in place: dscores = att * (datt - sum(datt * att))
     datt -= _rowdot(datt, att)[..., None]
     datt *= att
     # scores = q' @ k^T with q' = q / sqrt(hs):  dk = dscores^T @ q',  dq = dscores @ k / sqrt(hs)
-    _matmul(xp.swapaxes(datt, -1, -2), q, dk)
-    _matmul(datt, k, dq)  # overwrites dy, which is no longer needed
+    mm(xp.swapaxes(datt, -1, -2), q, dk)
+    mm(datt, k, dq)  # overwrites dy, which is no longer needed
     dq *= inv_sqrt
 
 
@@ -482,6 +488,20 @@ def _matmul(a, b, out):
         out[...] = np.matmul(a.astype(np.float32), b.astype(np.float32))
     else:
         xp.matmul(a, b, out=out)
+
+
+def _cublas_matmul(a, b, out):
+    """out = a @ b for CuPy stacks of matrices through npgpt.cuda.blas.bmm: transposed operands become
+    cuBLAS op flags instead of copies, and float32 honours the TF32 setting (CuPy's N-D matmul does
+    neither; see blas.py). 2-D products keep CuPy's matmul, which does both."""
+    if out.ndim <= 2:
+        xp_matmul = get_array_module(out).matmul
+        xp_matmul(a, b, out=out)
+        return
+    from .backend import tf32_enabled
+    from .cuda.blas import bmm
+
+    bmm(a, b, out, tf32=tf32_enabled())
 
 
 def _views(like: dict, flat) -> dict:

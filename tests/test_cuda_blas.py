@@ -436,3 +436,50 @@ def test_bmm_edges_and_errors(rng):
         blas.bmm(x.astype(cupy.int32), x.astype(cupy.int32), x.astype(cupy.int32))
     with pytest.raises(ValueError, match=r"^a: its last two axes"):
         blas.bmm(cupy.ones((2, 3, 6), cupy.float32)[..., ::2], x, x.copy())
+
+
+# --- the engine's attention through bmm, on the CPU ------------------------------------------------------
+
+
+def _root(x):
+    """The 1-D view of the whole buffer a NumPy view lives in."""
+    while isinstance(x.base, np.ndarray):
+        x = x.base
+    return x.reshape(-1)
+
+
+@pytest.mark.parametrize("drop_rate", [0.0, 0.1])
+def test_engine_attention_through_bmm_matches_matmul(monkeypatch, drop_rate):
+    """The fast engine with "bmm" enabled: every attention product it makes has a layout bmm accepts
+    (no ValueError), and computed by the model of cuBLAS above through bmm's arguments, in the engine's
+    own buffers, the loss and every gradient equal those of the matmul path (float64, 1e-12)."""
+    from npgpt import engine as engine_mod
+    from npgpt.config import GPTConfig
+    from npgpt.model import GPT, make_rng
+
+    calls = []
+
+    def fake_bmm(a, b, out, *, trans_a=False, trans_b=False, tf32=True, alpha=1.0, beta=0.0):
+        args = strided_batched_args(a.shape, a.strides, b.shape, b.strides, out.shape, out.strides, out.itemsize,
+                                    trans_a, trans_b)  # fmt: skip
+        mem = {"a": (_root(a), offset(a, _root(a))), "b": (_root(b), offset(b, _root(b)))}
+        mem_c = _root(out)
+        gemm_strided_batched(args, alpha, *mem[args.first], *mem[args.second], beta, mem_c, offset(out, mem_c))
+        calls.append(out.shape)
+        return out
+
+    monkeypatch.setattr(blas, "bmm", fake_bmm)
+    cfg = GPTConfig(vocab_size=61, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=drop_rate)
+    x = np.random.default_rng(0).integers(0, 61, size=(3, 12))
+    y = np.random.default_rng(1).integers(0, 61, size=(3, 12))
+    results = []
+    for use_bmm in (False, True):
+        model = GPT(cfg, seed=2, dtype=np.float64)
+        step = engine_mod.TrainStep(model, 4, 16)  # batch smaller than the buffers: sliced views
+        if use_bmm:
+            step.bmm = engine_mod._cublas_matmul  # what "bmm" selects on CuPy arrays
+        loss = step(x, y, training=drop_rate > 0, rng=make_rng(3, np))
+        results.append((loss, step.grad_flat.copy()))
+    assert len(calls) == 6 * cfg.n_layers  # scores, att @ v; dv, datt, dk, dq
+    assert abs(results[0][0] - results[1][0]) < 1e-12
+    np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-12, atol=1e-12)

@@ -3,6 +3,8 @@
 - `npgpt.cuda.kernels`: CuPy wrappers, one per kernel, with the contracts of the npgpt.engine /
   npgpt.optim helpers they replace (CuPy is imported only when a wrapper is first called).
 - `npgpt.cuda.nvrtc`: NVRTC through ctypes, to compile the sources to PTX without CuPy or a GPU.
+- `npgpt.cuda.blas`: attention's batched matrix products as one cuBLAS call each (no copies of
+  transposed operands, TF32 honoured), the "bmm" name below.
 - `enabled_kernels()`: which kernels the fast path may use, from $NPGPT_CUDA_KERNELS.
 
 Every kernel is opt-in until its test (tests/test_cuda_kernels.py) has passed on a real GPU:
@@ -26,7 +28,11 @@ KERNEL_FILES = {
     "sq_norm": "adamw.cu",  # sq_norm (the global gradient norm, squared)
     "attention": "attention.cu",  # attention_fwd, attention_bwd (no dropout)
 }
-KERNEL_NAMES = tuple(KERNEL_FILES)
+# Fast paths that are not kernels of ours but are switched the same way, opt-in until run on a GPU.
+LIBRARY_PATHS = {
+    "bmm": "npgpt/cuda/blas.py",  # attention's batched GEMMs through cublasGemmStridedBatchedEx
+}
+KERNEL_NAMES = tuple(KERNEL_FILES) + tuple(LIBRARY_PATHS)
 
 
 def enabled_kernels(value: str | None = None) -> set[str]:
@@ -51,6 +57,6 @@ def enabled_kernels(value: str | None = None) -> set[str]:
 
 def kernel_enabled(name: str) -> bool:
     """True when $NPGPT_CUDA_KERNELS enables the kernel `name` (one of KERNEL_NAMES)."""
-    if name not in KERNEL_FILES:
+    if name not in KERNEL_NAMES:
         raise ValueError(f"unknown kernel {name!r}; known: {', '.join(KERNEL_NAMES)}")
     return name in enabled_kernels()
