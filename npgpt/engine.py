@@ -157,6 +157,8 @@ class TrainStep:
             arrays += [a for a in group if a is not None]
         if self.flash_out is not None:
             arrays.append(self.flash_out)
+        if self.param_flat is not None:  # the 16-bit copy of the weights
+            arrays.append(self.param_flat)
         arrays += [a for stats in self.ln_stats for a in stats]
         if self._acc_scratch is not None:
             arrays.append(self._acc_scratch)

@@ -71,9 +71,21 @@ def collect(device=None) -> dict:
     except ValueError as e:
         info["distributed"] = f"error: {e}"
     info["mpi4py"] = _version("mpi4py")
+    ml = _version("ml_dtypes")
+    info["ml_dtypes"] = ml + ("" if ml != "not installed" else " (needed for --precision bf16: pip install ml_dtypes)")
+    info["CUDA fast paths on"] = ", ".join(sorted(_enabled_kernels())) or "none (NPGPT_CUDA_KERNELS unset)"
     for pkg in ("tiktoken", "safetensors", "matplotlib", "tqdm"):
         info[pkg] = _version(pkg)
     return info
+
+
+def _enabled_kernels() -> set:
+    from .cuda import enabled_kernels
+
+    try:
+        return enabled_kernels()
+    except ValueError as e:
+        return {f"error: {e}"}
 
 
 def run(args) -> int:
