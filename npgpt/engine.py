@@ -59,8 +59,8 @@ class TrainStep:
         $NPGPT_CUDA_KERNELS enables when the model is on a GPU, none on the CPU. (Given NumPy arrays the
         kernels run in npgpt.cuda.emulate's CPU emulation, which is how the tests check this path.)
         precision: "fp32" (the model's dtype throughout), "bf16" or "fp16" (16-bit activations and
-        matrix products, float32 weights and gradients; see precision.py). The kernels are float32-only
-        and are not used with 16-bit precision."""
+        matrix products, float32 weights and gradients; see precision.py). Our kernels are float32-only
+        and are not used with 16-bit precision; "bmm" (cuBLAS's batched GEMM, npgpt/cuda/blas.py) is."""
         cfg = model.config
         if seq_len > cfg.context_length:
             raise ValueError(f"seq_len {seq_len} exceeds the model's context_length {cfg.context_length}")
