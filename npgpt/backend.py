@@ -157,6 +157,16 @@ def data_ptr(a) -> int:
     return int(a.data.ptr) if is_cupy_array(a) else int(a.__array_interface__["data"][0])
 
 
+def views_into(flat, like: dict) -> dict:
+    """Views into the 1-D buffer `flat`, one per array of `like` with its shape, laid out back to back
+    in `like`'s key order (the layout flat_base recognises)."""
+    views, off = {}, 0
+    for k, a in like.items():
+        views[k] = flat[off : off + a.size].reshape(a.shape)
+        off += a.size
+    return views
+
+
 def flat_base(tensors: dict):
     """The 1-D buffer that `tensors` are consecutive, contiguous views of, in dict order, or None.
 

@@ -33,7 +33,7 @@ import math
 
 import numpy as np
 
-from .backend import flat_base, get_array_module, scatter_add
+from .backend import flat_base, get_array_module, scatter_add, views_into
 from .layers.dropout import check_dropout_p, dropout_mask
 from .layers.gelu import GELU_CUBIC, GELU_SCALE
 from .parallel import num_threads, parallel_ranges
@@ -94,14 +94,14 @@ class TrainStep:
         # Gradient buffers: one flat array (float32 also with 16-bit compute), a view per parameter in
         # the model's key order.
         self.grad_flat = xp.zeros(sum(int(p.size) for p in model.params.values()), dtype=sdt)
-        self.grads = _views(model.params, self.grad_flat)
+        self.grads = views_into(self.grad_flat, model.params)
         # The weights the forward and backward read: the model's own, or their 16-bit copy (refreshed
         # from the model at every call, since the optimizer changes the float32 weights in between).
         self.param_flat = None
         self.P = model.params
         if self.lowp:
             self.param_flat = xp.empty(self.grad_flat.size, dtype=dt)
-            self.P = _views(model.params, self.param_flat)
+            self.P = views_into(self.param_flat, model.params)
         # Scratch for the backward.
         self.d_resid = z(N, C)
         self.d_nc = z(N, C)
@@ -504,15 +504,6 @@ def _cublas_matmul(a, b, out):
     from .cuda.blas import bmm
 
     bmm(a, b, out, tf32=tf32_enabled())
-
-
-def _views(like: dict, flat) -> dict:
-    """Views into the 1-D buffer `flat` with the shapes of the arrays in `like`, in its key order."""
-    views, off = {}, 0
-    for k, a in like.items():
-        views[k] = flat[off : off + a.size].reshape(a.shape)
-        off += a.size
-    return views
 
 
 def _rowdot(a, b):

@@ -154,19 +154,15 @@ class GPT:
         """Lay every parameter out in one contiguous buffer, in key order; `params` become views of it
         (same keys, shapes and values). Whole-model updates (AdamW, gradient clipping) can then run over
         one buffer, one kernel launch on a GPU. Build optimizers after calling this. Returns the buffer."""
-        from .backend import flat_base
+        from .backend import flat_base, views_into
 
         existing = flat_base(self.params)
         if existing is not None:
             return existing
-        xp = self.xp
-        flat = xp.empty(sum(int(v.size) for v in self.params.values()), dtype=self.dtype)
-        off, views = 0, {}
+        flat = self.xp.empty(sum(int(v.size) for v in self.params.values()), dtype=self.dtype)
+        views = views_into(flat, self.params)
         for k, v in self.params.items():
-            view = flat[off : off + v.size].reshape(v.shape)
-            view[...] = v
-            views[k] = view
-            off += v.size
+            views[k][...] = v
         self.params = views
         return flat
 

@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from .backend import flat_base, get_array_module
+from .backend import flat_base, get_array_module, views_into
 from .parallel import num_threads, parallel_blocks
 
 CHUNK = 1 << 17  # elements per block of the CPU update (512 KB in float32; large enough that threads do not queue on the GIL)
@@ -46,7 +46,7 @@ class AdamW:
         self.flat = flat_base(params)  # the parameters' one buffer, when they are laid out in one
         if self.flat is not None:  # moments laid out the same way, so one launch can update everything
             self.m_flat, self.v_flat = xp.zeros_like(self.flat), xp.zeros_like(self.flat)
-            self.m, self.v = _views_like(params, self.m_flat), _views_like(params, self.v_flat)
+            self.m, self.v = views_into(self.m_flat, params), views_into(self.v_flat, params)
         else:
             self.m = {k: xp.zeros_like(p) for k, p in params.items()}
             self.v = {k: xp.zeros_like(p) for k, p in params.items()}
@@ -147,14 +147,6 @@ def _adamw_update(p, g, m, v, scratch, b1, b2, eps, lr, decay, bc1, bc2) -> None
     xp.divide(m, scratch, out=scratch)
     scratch *= lr / bc1
     p -= scratch
-
-
-def _views_like(tensors: dict, flat) -> dict:
-    out, off = {}, 0
-    for k, t in tensors.items():
-        out[k] = flat[off : off + t.size].reshape(t.shape)
-        off += t.size
-    return out
 
 
 def _kernel_enabled(array, name: str) -> bool:
