@@ -497,8 +497,7 @@ def _cublas_matmul(a, b, out):
     cuBLAS op flags instead of copies, and float32 honours the TF32 setting (CuPy's N-D matmul does
     neither; see blas.py). 2-D products keep CuPy's matmul, which does both."""
     if out.ndim <= 2:
-        xp_matmul = get_array_module(out).matmul
-        xp_matmul(a, b, out=out)
+        get_array_module(out).matmul(a, b, out=out)
         return
     from .backend import tf32_enabled
     from .cuda.blas import bmm
