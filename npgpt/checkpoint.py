@@ -16,7 +16,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import signal
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -104,8 +107,14 @@ def write_manifest(ckpt_dir, step: int | None = None) -> None:
     atomic_write_json(ckpt_dir / MANIFEST_FILE, {"format_version": FORMAT_VERSION, "step": step, "files": files})
 
 
-def verify_manifest(ckpt_dir) -> str | None:
-    """None when the manifest exists and every file matches it, else a one-line reason."""
+MODEL_FILES = (MODEL_FILE, CONFIG_FILE)  # what any saved model needs
+TRAINING_FILES = (MODEL_FILE, CONFIG_FILE, OPTIMIZER_FILE, STATE_FILE)  # what a resumable checkpoint needs
+
+
+def verify_manifest(ckpt_dir, required=MODEL_FILES) -> str | None:
+    """None when the manifest exists, lists every file in `required`, and every file it lists matches
+    its size and sha256; else a one-line reason. A manifest that leaves out a required file verifies
+    nothing about it, so it counts as damaged."""
     ckpt_dir = Path(ckpt_dir)
     mpath = ckpt_dir / MANIFEST_FILE
     if not mpath.is_file():
@@ -113,8 +122,13 @@ def verify_manifest(ckpt_dir) -> str | None:
     try:
         manifest = json.loads(mpath.read_text())
         files = manifest["files"]
+        if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+            raise TypeError
     except (ValueError, KeyError, TypeError):
         return f"{mpath} is not a valid manifest"
+    unlisted = [name for name in required if name not in files]
+    if unlisted:
+        return f"{mpath} does not list {', '.join(unlisted)}"
     for name, info in files.items():
         p = ckpt_dir / name
         if not p.is_file():
@@ -160,3 +174,149 @@ def load_optimizer_tensors(ckpt_dir) -> tuple[dict, dict]:
     m = {k[2:]: v for k, v in tensors.items() if k.startswith("m.")}
     v = {k[2:]: v for k, v in tensors.items() if k.startswith("v.")}
     return m, v
+
+
+# --- the checkpoints of a training run ----------------------------------------------------------------
+#
+#   run/checkpoints/step-00000004/   one complete checkpoint per saved step (the layout above)
+#   run/checkpoints/.tmp-step-.../   a save in progress (removed at the next start if a crash left it)
+#
+# A checkpoint is "good" when its manifest lists every file a resume needs, every file matches it, and
+# its weights are finite. Only good checkpoints count: for --resume, for loading a run, and for
+# --keep-last. Nothing that is not good is ever chosen, and cleanup never removes the newest good ones.
+
+CHECKPOINT_DIR = "checkpoints"
+# Fault injection for the crash-safety tests: kill this process with SIGKILL in the middle of its N-th
+# checkpoint save (after the weights are written, before the manifest and the rename).
+CRASH_IN_SAVE_ENV = "NPGPT_TEST_CRASH_IN_SAVE"
+
+_verified: dict = {}  # checkpoint path -> the file stats it was verified with (hashing 124M twice is slow)
+
+
+def checkpoint_dirs(out_dir) -> list[Path]:
+    """step-XXXXXXXX directories of a run, oldest first (good or not)."""
+    root = Path(out_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()]
+    return sorted(dirs, key=lambda p: int(p.name[5:]))
+
+
+def _stats(d: Path) -> tuple:
+    return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(d.iterdir()) if p.is_file())
+
+
+def checkpoint_problem(d) -> str | None:
+    """None when `d` is a good training checkpoint (see above), else a one-line reason. The result is
+    remembered for as long as none of its files changes."""
+    from .safetensors_io import first_nonfinite
+
+    d = Path(d)
+    try:
+        stats = _stats(d)
+    except OSError as e:
+        return f"{d} cannot be read ({e.strerror})"
+    if _verified.get(d) == stats:
+        return None
+    problem = verify_manifest(d, required=TRAINING_FILES)
+    if problem is None:
+        try:
+            problem = first_nonfinite(d / MODEL_FILE)
+        except ValueError as e:  # a malformed file whose sha256 was recorded as such
+            problem = str(e)
+    if problem is None:
+        _verified[d] = stats
+    return problem
+
+
+def good_checkpoints(out_dir, warn=None) -> list[Path]:
+    """The good checkpoints of a run, oldest first; `warn(text)` is told about each one skipped."""
+    good = []
+    for d in checkpoint_dirs(out_dir):
+        problem = checkpoint_problem(d)
+        if problem is None:
+            good.append(d)
+        elif warn is not None:
+            warn(f"skipping checkpoint {d}: {problem}")
+    return good
+
+
+def latest_checkpoint(out_dir, warn=True) -> Path | None:
+    """The newest good checkpoint; damaged newer ones are skipped, with a warning."""
+    for d in reversed(checkpoint_dirs(out_dir)):
+        problem = checkpoint_problem(d)
+        if problem is None:
+            return d
+        if warn:
+            warnings.warn(f"skipping checkpoint {d}: {problem}; trying the previous one", stacklevel=2)
+    return None
+
+
+def remove_old_checkpoints(out_dir, keep_last: int, protect=()) -> list[Path]:
+    """Delete good checkpoints beyond the newest `keep_last` good ones, and damaged ones older than
+    every kept one (no fallback would ever reach them). Damaged checkpoints newer than the oldest kept
+    good one stay for inspection (a run that reaches their step replaces them). `protect`: paths never
+    removed (the checkpoint a run resumed from, the one it just wrote). Returns what was removed."""
+    protect = {Path(p) for p in protect}
+    good = good_checkpoints(out_dir)
+    kept = set(good[-keep_last:]) | protect
+    oldest_kept = min((int(p.name[5:]) for p in kept), default=None)
+    removed = []
+    for d in checkpoint_dirs(out_dir):
+        if d in kept:
+            continue
+        if d in good or (oldest_kept is not None and int(d.name[5:]) < oldest_kept):
+            shutil.rmtree(d, ignore_errors=True)
+            _verified.pop(d, None)
+            removed.append(d)
+    return removed
+
+
+def clean_stray_temporaries(out_dir) -> None:
+    """Remove what a crashed save left behind: .tmp-* directories and .*.tmp files."""
+    root = Path(out_dir) / CHECKPOINT_DIR
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith(".tmp-"):
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.is_dir():
+                for f in p.glob(".*.tmp"):
+                    f.unlink(missing_ok=True)
+
+
+def save_training_checkpoint(out_dir, model, optimizer, state: dict, keep_last: int, protect=()) -> Path:
+    """Write a complete checkpoint into a temporary directory, verify it, rename it into place, then
+    remove old checkpoints (remove_old_checkpoints; the new one and `protect` are never removed)."""
+    root = Path(out_dir) / CHECKPOINT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    step = state["step"]
+    final = root / f"step-{step:08d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-step-{step:08d}-"))
+    try:
+        save_model(tmp, model)
+        _maybe_crash_for_tests()
+        state = {**state, "optimizer": save_optimizer(tmp, optimizer)}
+        atomic_write_json(tmp / STATE_FILE, state)
+        write_manifest(tmp, step)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    problem = checkpoint_problem(final)
+    if problem is not None:  # read back wrong (a failing disk): keep everything older
+        raise OSError(f"the checkpoint just written does not verify: {problem}")
+    remove_old_checkpoints(out_dir, keep_last, protect=(final, *protect))
+    return final
+
+
+_saves_in_this_process = 0
+
+
+def _maybe_crash_for_tests() -> None:
+    global _saves_in_this_process
+    _saves_in_this_process += 1
+    if os.environ.get(CRASH_IN_SAVE_ENV) == str(_saves_in_this_process):
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -78,7 +78,7 @@ def _resolve(path) -> tuple[list[Path], Path | None]:
         cfg = path.parent / "config.json"
         return [path], cfg if cfg.is_file() else None
     if not (path / "config.json").is_file() and (path / "checkpoints").is_dir():
-        from .train import latest_checkpoint
+        from .checkpoint import latest_checkpoint
 
         latest = latest_checkpoint(path)
         if latest is None:

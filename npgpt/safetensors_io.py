@@ -141,5 +141,17 @@ def load_safetensors(path, check_finite: bool = True, names=None) -> dict[str, n
     return out
 
 
+def first_nonfinite(path) -> str | None:
+    """None when every floating-point tensor of the file is finite, else a one-line reason. Reads one
+    tensor at a time, so memory stays at the largest tensor, not the whole file."""
+    tensors, _, _ = read_header(path)
+    for name in tensors:
+        try:
+            load_safetensors(path, names={name})
+        except SafetensorsError as e:
+            return str(e)
+    return None
+
+
 def safetensors_metadata(path) -> dict:
     return read_header(path)[1]

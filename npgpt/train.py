@@ -19,20 +19,24 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import resource
 import shutil
 import signal
 import sys
-import tempfile
 import time
-import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
 from . import checkpoint as ckpt
+from .checkpoint import (
+    CHECKPOINT_DIR,
+    checkpoint_dirs,
+    clean_stray_temporaries,
+    latest_checkpoint,
+    save_training_checkpoint,
+)
 from .backend import set_tf32, to_numpy
 from .config import PRESETS, GPTConfig
 from .data import Batches, TokenWindows, load_token_ids, resolve_data_path, split_ids
@@ -44,10 +48,6 @@ from .precision import LossScaler, check_precision, compute_dtype
 from .schedule import LRSchedule
 from .tokenizer import decode, encode, tokenizer_hash
 
-CHECKPOINT_DIR = "checkpoints"
-# Fault injection for the crash-safety tests: kill this process with SIGKILL in the middle of its N-th
-# checkpoint save (after the weights are written, before the manifest and the rename).
-CRASH_IN_SAVE_ENV = "NPGPT_TEST_CRASH_IN_SAVE"
 
 
 class TrainingAborted(RuntimeError):
@@ -186,75 +186,6 @@ def sample_text(model: GPT, prompt_ids: list[int], n_tokens: int, temperature: f
     return decode(out[0])
 
 
-# --- checkpoints of a run ---------------------------------------------------------------------
-
-
-def checkpoint_dirs(out_dir) -> list[Path]:
-    """step-XXXXXXXX directories of a run, oldest first."""
-    root = Path(out_dir) / CHECKPOINT_DIR
-    if not root.is_dir():
-        return []
-    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()]
-    return sorted(dirs, key=lambda p: int(p.name[5:]))
-
-
-def latest_checkpoint(out_dir, warn=True) -> Path | None:
-    """The newest checkpoint whose manifest verifies; older ones are tried in turn, with a warning."""
-    for d in reversed(checkpoint_dirs(out_dir)):
-        problem = ckpt.verify_manifest(d)
-        if problem is None:
-            return d
-        if warn:
-            warnings.warn(f"skipping checkpoint {d}: {problem}; trying the previous one", stacklevel=2)
-    return None
-
-
-def clean_stray_temporaries(out_dir) -> None:
-    root = Path(out_dir) / CHECKPOINT_DIR
-    if root.is_dir():
-        for p in root.iterdir():
-            if p.name.startswith(".tmp-"):
-                shutil.rmtree(p, ignore_errors=True)
-            elif p.is_dir():
-                for f in p.glob(".*.tmp"):
-                    f.unlink(missing_ok=True)
-
-
-def save_training_checkpoint(out_dir, model, optimizer, state: dict, keep_last: int) -> Path:
-    """Write a complete checkpoint into a temporary directory, then rename it into place."""
-    root = Path(out_dir) / CHECKPOINT_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    step = state["step"]
-    final = root / f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-step-{step:08d}-"))
-    try:
-        ckpt.save_model(tmp, model)
-        _maybe_crash_for_tests()
-        state = {**state, "optimizer": ckpt.save_optimizer(tmp, optimizer)}
-        ckpt.atomic_write_json(tmp / ckpt.STATE_FILE, state)
-        ckpt.write_manifest(tmp, step)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        ckpt.fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for old in checkpoint_dirs(out_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-_saves_in_this_process = 0
-
-
-def _maybe_crash_for_tests() -> None:
-    global _saves_in_this_process
-    _saves_in_this_process += 1
-    if os.environ.get(CRASH_IN_SAVE_ENV) == str(_saves_in_this_process):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 # --- the loop -------------------------------------------------------------------------------------
 
 
@@ -338,8 +269,11 @@ class Trainer:
         if self.resume_dir is not None:
             from .pretrained import load_pretrained
 
-            self.model = load_pretrained(self.resume_dir, device=cfg.device, dtype=np.dtype(cfg.dtype))
             state = json.loads((self.resume_dir / ckpt.STATE_FILE).read_text())
+            if cfg.max_steps is not None and cfg.max_steps <= state["step"]:
+                raise ValueError(f"--max-steps {cfg.max_steps} is not beyond step {state['step']} of the checkpoint "
+                                 f"{self.resume_dir}, so there is nothing to resume; give a larger --max-steps")  # fmt: skip
+            self.model = load_pretrained(self.resume_dir, device=cfg.device, dtype=np.dtype(cfg.dtype))
             if state.get("tokenizer") != tokenizer_hash():
                 raise ValueError(f"{self.resume_dir} was trained with another tokenizer; it cannot be resumed with this one")
         else:
@@ -426,7 +360,10 @@ class Trainer:
             raise TrainingAborted(f"step {self.step}: the weights are no longer finite, so no checkpoint was written; "
                                   "lower --lr and restart" + (f" from {self.last_ckpt}" if self.last_ckpt else ""))  # fmt: skip
         if self.world.is_root:
-            self.last_ckpt = save_training_checkpoint(self.out_dir, self.model, self.optimizer, self.training_state(), self.cfg.keep_last)
+            # until this run has a checkpoint of its own, the one it resumed from is never cleaned up
+            protect = [self.resume_dir] if self.resume_dir is not None and self.last_ckpt == self.resume_dir else []
+            self.last_ckpt = save_training_checkpoint(self.out_dir, self.model, self.optimizer, self.training_state(),
+                                                      self.cfg.keep_last, protect=protect)  # fmt: skip
         self.world.barrier()
 
     def evaluate(self) -> float | None:

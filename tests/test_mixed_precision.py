@@ -17,7 +17,8 @@ from npgpt.engine import TrainStep
 from npgpt.model import GPT, make_rng
 from npgpt.precision import LossScaler, compute_dtype
 from npgpt.safetensors_io import load_safetensors
-from npgpt.train import TrainConfig, latest_checkpoint, train
+from npgpt.checkpoint import latest_checkpoint
+from npgpt.train import TrainConfig, train
 
 pytest.importorskip("ml_dtypes")
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 import npgpt
-from npgpt.checkpoint import verify_manifest
+from npgpt.checkpoint import CRASH_IN_SAVE_ENV, checkpoint_dirs, latest_checkpoint, verify_manifest
 from npgpt.cli import main
-from npgpt.train import CRASH_IN_SAVE_ENV, TrainConfig, TrainingAborted, checkpoint_dirs, latest_checkpoint, train
+from npgpt.train import TrainConfig, TrainingAborted, train
 
 TINY = ["--preset", "nano", "--emb-dim", "32", "--n-heads", "2", "--n-layers", "1", "--context-length", "32",
         "--batch-size", "2", "--no-progress", "--sample-tokens", "2"]  # fmt: skip

@@ -143,7 +143,8 @@ def test_npgpt_checkpoint_loads_into_transformers_without_warnings(tmp_path):
 
 
 def test_trained_checkpoint_gives_the_same_logits_in_transformers(tmp_path):
-    from npgpt.train import TrainConfig, latest_checkpoint, train
+    from npgpt.checkpoint import latest_checkpoint
+    from npgpt.train import TrainConfig, train
 
     train(TrainConfig(preset="nano", emb_dim=32, n_heads=2, n_layers=1, context_length=32, max_steps=3,
                       out_dir=str(tmp_path / "run"), progress=False, sample_tokens=2))  # fmt: skip

@@ -9,7 +9,8 @@ import npgpt
 from npgpt.checkpoint import verify_manifest
 from npgpt.cli import main
 from npgpt.safetensors_io import load_safetensors
-from npgpt.train import TrainConfig, latest_checkpoint, train
+from npgpt.checkpoint import latest_checkpoint
+from npgpt.train import TrainConfig, train
 
 TINY = dict(preset="nano", emb_dim=32, n_heads=2, n_layers=1, context_length=32, batch_size=2,
             progress=False, sample_tokens=6)  # fmt: skip
