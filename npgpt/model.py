@@ -59,16 +59,40 @@ def param_shapes(config: GPTConfig) -> dict[str, tuple]:
     return shapes
 
 
-def init_params(config: GPTConfig, seed: int = 0, xp=np, dtype=DEFAULT_DTYPE) -> dict:
-    """GPT-2's initialisation: weights ~ N(0, 0.02), the two residual output projections of each block
-    ~ N(0, 0.02 / sqrt(2 L)) (so the residual stream's variance does not grow with depth), biases 0,
-    LayerNorm weights 1. Drawn on the host with NumPy, so CPU and GPU models with one seed are equal."""
+INITS = ("gpt2", "pytorch")
+
+
+def init_params(config: GPTConfig, seed: int = 0, xp=np, dtype=DEFAULT_DTYPE, init: str = "gpt2") -> dict:
+    """Fresh parameters, drawn on the host with NumPy (so CPU and GPU models with one seed are equal).
+
+    init="gpt2", GPT-2's initialisation: weights ~ N(0, 0.02), the two residual output projections of
+    each block ~ N(0, 0.02 / sqrt(2 L)) (so the residual stream's variance does not grow with depth),
+    biases 0, LayerNorm weights 1.
+
+    init="pytorch", what PyTorch's layers do by default, as in the GPTModel of "Build a Large Language
+    Model (From Scratch)" (which keeps them): nn.Embedding tables (wte, wpe) ~ N(0, 1); every nn.Linear
+    weight and bias ~ U(-1/sqrt(fan_in), +1/sqrt(fan_in)), fan_in being the layer's input width (C for
+    c_attn, attn.c_proj, c_fc and the untied lm_head; 4C for mlp.c_proj), since kaiming_uniform_ with
+    a = sqrt(5) gives bound sqrt(6 / ((1 + a^2) fan_in)) = 1/sqrt(fan_in); LayerNorm weights 1, biases 0.
+    A tied head is the N(0, 1) token table itself."""
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
     rng = np.random.default_rng(seed)
     resid_std = 0.02 / math.sqrt(2 * max(config.n_layers, 1))
     params = {}
     for name, shape in param_shapes(config).items():
         if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
             value = np.ones(shape, dtype=dtype)
+        elif name.endswith(("ln_1.bias", "ln_2.bias", "ln_f.bias")):
+            value = np.zeros(shape, dtype=dtype)
+        elif init == "pytorch":
+            if name in ("wte.weight", "wpe.weight"):
+                value = rng.standard_normal(shape, dtype=np.float32)
+            else:  # HF layout: (C_in, C_out) weights, lm_head (V, C) as nn.Linear stores it
+                fan_in = shape[1] if name == "lm_head.weight" else _linear_fan_in(name, config.emb_dim)
+                bound = np.float32(1.0 / math.sqrt(fan_in))
+                value = rng.uniform(-bound, bound, size=shape).astype(np.float32)
+            value = value.astype(dtype)
         elif name.endswith(".bias"):
             value = np.zeros(shape, dtype=dtype)
         else:
@@ -76,6 +100,11 @@ def init_params(config: GPTConfig, seed: int = 0, xp=np, dtype=DEFAULT_DTYPE) ->
             value = (rng.standard_normal(shape, dtype=np.float32) * np.float32(std)).astype(dtype)
         params[name] = xp.asarray(value)
     return params
+
+
+def _linear_fan_in(name: str, C: int) -> int:
+    """Input width of the linear layer a block parameter belongs to (its weight's and its bias's)."""
+    return 4 * C if ".mlp.c_proj." in name else C
 
 
 def make_rng(seed, xp):
@@ -86,12 +115,13 @@ def make_rng(seed, xp):
 class GPT:
     """GPT-2 with hand-written forward and backward.
 
-    model = GPT(GPTConfig.from_preset("nano"), seed=0, device="cpu", dtype=np.float32)
+    model = GPT(GPTConfig.from_preset("nano"), seed=0, device="cpu", dtype=np.float32)  # init="gpt2" or "pytorch"
     logits, loss, cache = model.forward(idx, targets, training=True)
     grads = model.backward(cache)       # same keys as model.params
     """
 
-    def __init__(self, config: GPTConfig, seed: int = 0, device: str | None = None, dtype=DEFAULT_DTYPE, params=None):
+    def __init__(self, config: GPTConfig, seed: int = 0, device: str | None = None, dtype=DEFAULT_DTYPE, params=None,
+                 init: str = "gpt2"):  # fmt: skip
         if not isinstance(config, GPTConfig):
             raise ValueError(f"GPT needs a GPTConfig, got {type(config).__name__}; use GPTConfig(**your_dict)")
         dtype = np.dtype(dtype)
@@ -99,7 +129,7 @@ class GPT:
             raise ValueError(f"GPT dtype must be float32 or float64, got {dtype}")
         self.config = config
         if params is None:
-            params = init_params(config, seed, get_xp(device), dtype)
+            params = init_params(config, seed, get_xp(device), dtype, init=init)
         elif device is not None:
             raise ValueError("pass either params (already on their device) or device, not both")
         xp = get_array_module(params.get("wte.weight"))
