@@ -1,6 +1,7 @@
 """The learner's track: every script in examples/ runs in fast mode and shows what it claims to show,
 and docs/backprop.md has every anchor the layer files point to."""
 
+import ast
 import os
 import re
 import subprocess
@@ -68,6 +69,7 @@ def test_01_layernorm(tmp_path):
     out = run_example("01_layernorm.py", tmp_path)
     assert "every row has mean 0 and variance 1" in out
     assert "layernorm gradcheck: all passed" in out
+    assert re.search(r"layernorm\s+dx\s+65/96\s", out)  # sampled: 64 random coordinates + the largest gradient's
     assert "FAIL" not in out
 
 
@@ -156,6 +158,83 @@ def test_12_check_your_own_layer(tmp_path):
     assert "backward modified dout" in out
     assert "gradient of x has shape (5,), expected (4, 5)" in out
     assert "All checks behaved as expected" in out
+
+
+# --- every example is also a notebook -------------------------------------------------------------
+
+CELL_MARKER = re.compile(r"^# %%(.*)$", re.MULTILINE)
+
+
+def percent_cells(source: str) -> list[tuple[str, str]]:
+    """(kind, text) of every cell of a `# %%` script, kind "markdown" for `# %% [markdown]` cells,
+    "code" for the others and "before" for the text above the first marker (which VS Code does not run)."""
+    marks = list(CELL_MARKER.finditer(source))
+    cells = [("before", source[: marks[0].start()] if marks else source)]
+    for m, nxt in zip(marks, marks[1:] + [None]):
+        kind = "markdown" if m.group(1).strip() == "[markdown]" else "code"
+        cells.append((kind, source[m.end() : nxt.start() if nxt else len(source)]))
+    return cells
+
+
+@pytest.mark.parametrize("name", EXPECTED_EXAMPLES)
+def test_every_example_is_a_notebook_with_prose_between_its_cells(name):
+    source = (EXAMPLES / name).read_text(encoding="utf-8")
+    cells = percent_cells(source)
+    kinds = [kind for kind, _ in cells]
+    assert kinds.count("markdown") >= 1 and kinds.count("code") >= 2, f"{name}: too few cells"
+    before = cells[0][1].strip()  # only the docstring: an editor that skips it loses nothing
+    assert isinstance(ast.literal_eval(before), str), f"{name}: code above the first `# %%` line"
+    assert "Notebook:" in before, f"{name}'s docstring must say it opens as a notebook"
+    for kind, text in cells[1:]:
+        if kind == "markdown":
+            lines = [line for line in text.splitlines() if line.strip()]
+            assert lines and all(line.startswith("#") for line in lines), f"{name}: markdown cell with code:\n{text}"
+        else:
+            compile(text, f"{name} cell", "exec")  # a cell must not cut a statement in two
+    assert not list(EXAMPLES.glob("*.ipynb")), "no .ipynb copies to keep in sync"
+
+
+@pytest.mark.parametrize("name", EXPECTED_EXAMPLES)
+def test_jupytext_reads_the_same_cells(name):
+    """What Jupyter shows through jupytext: the docstring cell, then the cells above, markdown as markdown."""
+    jupytext = pytest.importorskip("jupytext")
+    notebook = jupytext.read(EXAMPLES / name)
+    ours = [(kind, text.strip("\n")) for kind, text in percent_cells((EXAMPLES / name).read_text(encoding="utf-8"))]
+    assert [c.cell_type for c in notebook.cells] == ["code" if kind == "before" else kind for kind, _ in ours]
+    for cell, (kind, text) in zip(notebook.cells, ours):
+        if kind == "markdown":  # jupytext strips the comment signs
+            assert cell.source == "\n".join(line[2:] if line.startswith("# ") else line.lstrip("#") for line in text.splitlines())
+        else:
+            assert cell.source.strip() == text.strip()
+
+
+NOTEBOOK_RUNNER = """
+import sys
+sys.path.insert(0, sys.argv[2])
+from test_examples import percent_cells
+namespace = {"__name__": "__main__"}  # a notebook kernel: no __file__, cells run one after the other
+source = open(sys.argv[1], encoding="utf-8").read()
+for kind, text in percent_cells(source):
+    if kind != "markdown":
+        exec(compile(text, sys.argv[1], "exec"), namespace)
+"""
+
+
+@pytest.mark.parametrize("name", EXPECTED_EXAMPLES)
+def test_examples_run_cell_by_cell_like_a_notebook(name, tmp_path):
+    """Cells run in order in one namespace with no __file__ (as in Jupyter); plots go to out/ in the
+    working directory, the notebook's folder."""
+    env = {**os.environ, "NPGPT_EXAMPLES_FAST": "1", "NPGPT_DEVICE": "cpu", "MPLBACKEND": "Agg", "PYTHONIOENCODING": "utf-8"}
+    env.pop("NPGPT_EXAMPLES_OUT", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", NOTEBOOK_RUNNER, str(EXAMPLES / name), str(Path(__file__).parent)],
+        cwd=tmp_path, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"{name} as a notebook:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    pngs = {"02_gelu_vs_relu.py": "02_gelu_vs_relu.png", "04_shortcut_connections.py": "04_shortcut_connections.png",
+            "10_training_loop.py": "10_training_loop.png", "11_chinese_pretraining.py": "11_chinese_pretraining/loss.png"}  # fmt: skip
+    if name in pngs:
+        assert_png(tmp_path / "out" / pngs[name])
 
 
 # --- docs/backprop.md --------------------------------------------------------------------------------
