@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from .tokenizer import EOT_ID, StreamDecoder, encode
+from ..tokenizer import EOT_ID, StreamDecoder, encode
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,8 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from .pretrained import load_pretrained
-    from .sampling import check_sampling_args
+    from ..generate import generate_stream
+    from ..pretrained import load_pretrained
+    from ..sampling import check_sampling_args
 
     check_sampling_args(args.temperature, args.top_k, args.top_p)
     if args.max_new_tokens < 0:
@@ -53,8 +54,8 @@ def run(args) -> int:
         out.flush()
         decoder = StreamDecoder()
         t0, count = time.perf_counter(), 0
-        for tok in model.generate_stream(
-            np.asarray([prompt_ids]), args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        for tok in generate_stream(
+            model, np.asarray([prompt_ids]), args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
             top_p=args.top_p, rng=rng, eos_id=EOT_ID if args.stop_at_eot else None, use_kv_cache=args.kv_cache,
         ):  # fmt: skip
             count += 1
