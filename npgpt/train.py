@@ -208,6 +208,50 @@ def build_model(cfg: TrainConfig) -> GPT:
     return GPT(cfg.model_config(), seed=cfg.seed, device=cfg.device, dtype=dtype)
 
 
+def build_or_resume(cfg: TrainConfig, world, out_dir: Path) -> tuple[GPT, Path | None, dict | None]:
+    """(model, the checkpoint resumed or None, its training state or None): a fresh model, or the newest
+    complete checkpoint's with --resume. With --overwrite the old checkpoints are removed. Every rank
+    ends with rank 0's weights (and, on GPUs under MPI, an NCCL communicator)."""
+    if not cfg.resume and not cfg.overwrite and checkpoint_dirs(out_dir):
+        raise ValueError(
+            f"{out_dir} already holds checkpoints of an earlier run; pass --resume to continue it, "
+            "--overwrite to start again there (its checkpoints are replaced), or choose another --out-dir"
+        )
+    resume_dir = latest_checkpoint(out_dir, warn=world.is_root) if cfg.resume else None
+    if cfg.resume and resume_dir is None:
+        raise ValueError(f"--resume: no complete checkpoint in {out_dir / CHECKPOINT_DIR}; start without --resume")
+    state = None
+    if resume_dir is not None:
+        from .pretrained import load_pretrained
+
+        state = json.loads((resume_dir / ckpt.STATE_FILE).read_text())
+        if cfg.max_steps is not None and cfg.max_steps <= state["step"]:
+            raise ValueError(f"--max-steps {cfg.max_steps} is not beyond step {state['step']} of the checkpoint "
+                             f"{resume_dir}, so there is nothing to resume; give a larger --max-steps")  # fmt: skip
+        model = load_pretrained(resume_dir, device=cfg.device, dtype=np.dtype(cfg.dtype))
+        if state.get("tokenizer") != tokenizer_hash():
+            raise ValueError(f"{resume_dir} was trained with another tokenizer; it cannot be resumed with this one")
+    else:
+        model = build_model(cfg)
+    world.barrier()
+    if state is None and world.is_root:
+        for old in checkpoint_dirs(out_dir):  # only reached with --overwrite
+            shutil.rmtree(old)
+    if world.backend != "none" and model.device == "cuda":
+        world.setup_nccl()  # gradients stay on the GPUs: NCCL all-reduce, MPI only for the rendezvous
+    broadcast_params_(world, model.params)
+    return model, resume_dir, state
+
+
+def default_prompt_ids(cfg: TrainConfig, train_ids, context_length: int) -> list[int]:
+    """The prompt of the samples: --sample-prompt, or the first 8 tokens of the text's first non-empty line."""
+    text = cfg.sample_prompt
+    if text is None:
+        first_line = next((ln for ln in decode(train_ids[:64]).splitlines() if ln.strip()), "")
+        text = decode(encode(first_line)[:8]) or "\n"
+    return encode(text)[-(context_length - 1) :] or [0]
+
+
 class Trainer:
     """One training run: set up from a TrainConfig, then `run()`. Under MPI every rank builds one, all
     ranks compute, and only rank 0 writes (see distributed.py)."""
@@ -228,11 +272,11 @@ class Trainer:
             clean_stray_temporaries(self.out_dir)
         world.barrier()
         self._load_data()
-        state = self._build_or_resume()
+        self.model, self.resume_dir, state = build_or_resume(cfg, world, self.out_dir)
         self._set_up_training()
         if state is not None:
             self._restore(state)
-        self.prompt_ids = self._sample_prompt_ids()
+        self.prompt_ids = default_prompt_ids(cfg, self.train_ids, self.model.config.context_length)
         self.metrics_path = self.out_dir / "metrics.jsonl"
         self.metrics = MetricsLog(self.metrics_path, resume_at=self.step if state is not None else None, enabled=world.is_root)
         self.last_ckpt: Path | None = self.resume_dir
@@ -249,40 +293,6 @@ class Trainer:
         paths = [resolve_data_path(p) for p in cfg.data]
         ids = load_token_ids(paths, cache_dir=cfg.cache_dir, errors=cfg.encoding_errors)
         self.train_ids, self.val_ids = split_ids(ids, cfg.train_ratio)
-
-    def _build_or_resume(self) -> dict | None:
-        """self.model, fresh or from the newest complete checkpoint; returns that checkpoint's training
-        state (None for a fresh run)."""
-        cfg, world, out_dir = self.cfg, self.world, self.out_dir
-        if not cfg.resume and not cfg.overwrite and checkpoint_dirs(out_dir):
-            raise ValueError(
-                f"{out_dir} already holds checkpoints of an earlier run; pass --resume to continue it, "
-                "--overwrite to start again there (its checkpoints are replaced), or choose another --out-dir"
-            )
-        self.resume_dir = latest_checkpoint(out_dir, warn=world.is_root) if cfg.resume else None
-        if cfg.resume and self.resume_dir is None:
-            raise ValueError(f"--resume: no complete checkpoint in {out_dir / CHECKPOINT_DIR}; start without --resume")
-        state = None
-        if self.resume_dir is not None:
-            from .pretrained import load_pretrained
-
-            state = json.loads((self.resume_dir / ckpt.STATE_FILE).read_text())
-            if cfg.max_steps is not None and cfg.max_steps <= state["step"]:
-                raise ValueError(f"--max-steps {cfg.max_steps} is not beyond step {state['step']} of the checkpoint "
-                                 f"{self.resume_dir}, so there is nothing to resume; give a larger --max-steps")  # fmt: skip
-            self.model = load_pretrained(self.resume_dir, device=cfg.device, dtype=np.dtype(cfg.dtype))
-            if state.get("tokenizer") != tokenizer_hash():
-                raise ValueError(f"{self.resume_dir} was trained with another tokenizer; it cannot be resumed with this one")
-        else:
-            self.model = build_model(cfg)
-        world.barrier()
-        if state is None and world.is_root:
-            for old in checkpoint_dirs(out_dir):  # only reached with --overwrite
-                shutil.rmtree(old)
-        if world.backend != "none" and self.model.device == "cuda":
-            world.setup_nccl()  # gradients stay on the GPUs: NCCL all-reduce, MPI only for the rendezvous
-        broadcast_params_(world, self.model.params)
-        return state
 
     def _set_up_training(self) -> None:
         """Windows and batches, the schedule, the engine, the optimizer and the update."""
@@ -315,14 +325,6 @@ class Trainer:
         self.history = state.get("history", self.history)
         if self.scaler is not None and state.get("loss_scaler"):
             self.scaler.load_state_dict(state["loss_scaler"])
-
-    def _sample_prompt_ids(self) -> list[int]:
-        """--sample-prompt, or the first 8 tokens of the training text's first non-empty line."""
-        text = self.cfg.sample_prompt
-        if text is None:
-            first_line = next((ln for ln in decode(self.train_ids[:64]).splitlines() if ln.strip()), "")
-            text = decode(encode(first_line)[:8]) or "\n"
-        return encode(text)[-(self.model.config.context_length - 1) :] or [0]
 
     # --- pieces of the loop ---------------------------------------------------------------------------------
     def log(self, record: dict) -> None:
