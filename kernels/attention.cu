@@ -13,9 +13,9 @@
 //   dq[i] = dq_mult * scale * sum_{j<=i} dS[i,j] k[j]
 // dq_mult is an extra factor on dq only (1 for the plain gradient). npgpt.fast.attention pre-scales q by
 // 1/sqrt(hs) and wants the gradient of the unscaled q: it calls with scale = 1, dq_mult = 1/sqrt(hs),
-// which is exactly _attention_bwd_slab. No dropout here: with attention dropout on (training with
-// drop_rate > 0) the CuPy path must fall back to the reference attention (_attention_fwd_slab /
-// _attention_bwd_slab), which draws and applies the keep-mask.
+// which is exactly attention_heads_backward_ with inv_sqrt = 1/sqrt(hs). No dropout here: with
+// attention dropout on (training with drop_rate > 0) the fast step falls back to
+// npgpt.fast.attention.attention_forward / attention_backward, which draw and apply the keep-mask.
 //
 // Shapes, dtypes, layout: q, k, v, out, dout, dq, dk, dv: (B, NH, T, hs) float32; within a head the
 // (T, hs) rows are contiguous (row t at offset t * hs) and consecutive heads (b, h) -> (b, h + 1) ->

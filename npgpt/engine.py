@@ -224,16 +224,19 @@ def choose_ops(kernels: set, xp, threads: int, gelu_scratch, loss_rows: int) -> 
     heads_matmul = fast.matmul
     if "bmm" in kernels and xp is not np:
         from .cuda.blas import matmul as heads_matmul
-    use = lambda name, kernel, fallback: kernel if name in kernels else fallback  # noqa: E731
+
+    def pick(name, kernel, fallback):  # the wrapper called `kernel` in npgpt.cuda.kernels, or the fast op
+        return getattr(ck, kernel) if name in kernels else fallback
+
     return Ops(
-        layernorm_forward=use("layernorm", ck and ck.layernorm_forward, partial(fast.layernorm_forward, threads=threads)),
-        layernorm_backward=use("layernorm", ck and ck.layernorm_backward, partial(fast.layernorm_backward, threads=threads)),
-        gelu_forward=use("gelu", ck and ck.gelu_forward, partial(fast.gelu_forward, scratch=gelu_scratch, threads=threads)),
-        gelu_backward_=use("gelu", ck and ck.gelu_backward_, partial(fast.gelu_backward_, scratch=gelu_scratch, threads=threads)),
-        cross_entropy_=use("cross_entropy", ck and ck.cross_entropy_, partial(fast.cross_entropy_, threads=threads, block=loss_rows)),
+        layernorm_forward=pick("layernorm", "layernorm_forward", partial(fast.layernorm_forward, threads=threads)),
+        layernorm_backward=pick("layernorm", "layernorm_backward", partial(fast.layernorm_backward, threads=threads)),
+        gelu_forward=pick("gelu", "gelu_forward", partial(fast.gelu_forward, scratch=gelu_scratch, threads=threads)),
+        gelu_backward_=pick("gelu", "gelu_backward_", partial(fast.gelu_backward_, scratch=gelu_scratch, threads=threads)),
+        cross_entropy_=pick("cross_entropy", "cross_entropy_", partial(fast.cross_entropy_, threads=threads, block=loss_rows)),
         heads_matmul=heads_matmul,
-        flash_forward=use("attention", ck and ck.flash_attention_forward, None),
-        flash_backward=use("attention", ck and ck.flash_attention_backward, None),
+        flash_forward=pick("attention", "flash_attention_forward", None),
+        flash_backward=pick("attention", "flash_attention_backward", None),
     )  # fmt: skip
 
 
