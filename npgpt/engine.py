@@ -349,7 +349,7 @@ class FastLossAndGrads:
 
     # --- forward: model.py's and layers/block.py's order --------------------------------------------
     def _forward(self, idx, targets, n_valid, b, t, p, rng, want_grad, dloss):
-        a, cfg, weights, master = self.acts, self.model.config, self.weights, self.model.params
+        a, cfg, weights = self.acts, self.model.config, self.weights
         n, masks = b * t, {}
         x = a.resid[0][:n]
         fast.embedding_forward(x, idx.reshape(-1), weights["wte.weight"])  # (n, C) token embeddings
@@ -358,8 +358,7 @@ class FastLossAndGrads:
             masks["emb"] = fast.dropout_forward(x, x, p, rng)
         for l in range(cfg.n_layers):  # noqa: E741
             x = self._block_forward(l, x, b, t, p, rng, masks)
-        self.ops.layernorm_forward(a.lnf[:n], a.lnf_mean[:n], a.lnf_rstd[:n], x, master["ln_f.weight"], master["ln_f.bias"],
-                                   cfg.ln_eps)  # fmt: skip
+        self._layernorm("ln_f", a.lnf[:n], a.lnf_mean[:n], a.lnf_rstd[:n], x)
         head = weights["wte.weight"] if cfg.tie_weights else weights["lm_head.weight"]  # (V, C)
         fast.linear_forward(a.logits[:n], a.lnf[:n], head.T)  # (n, C) @ (C, V) -> (n, V)
         self.masks = masks
@@ -370,10 +369,9 @@ class FastLossAndGrads:
 
     def _block_forward(self, l, x, b, t, p, rng, masks):  # noqa: E741
         """x1 = x + dropout(c_proj(attention(c_attn(ln_1(x))))); out = x1 + dropout(mlp(ln_2(x1)))."""
-        a, w, ops, weights, master = self.acts, self.work, self.ops, self.weights, self.model.params
-        n, pre, eps = b * t, f"h.{l}.", self.model.config.ln_eps
+        a, w, weights, n, pre = self.acts, self.work, self.weights, b * t, f"h.{l}."
         h, qkv, y, branch = a.ln1[l][:n], w.n3c[:n], a.atty[l][:n], w.nc[:n]
-        ops.layernorm_forward(h, a.ln1_mean[l][:n], a.ln1_rstd[l][:n], x, master[pre + "ln_1.weight"], master[pre + "ln_1.bias"], eps)
+        self._layernorm(pre + "ln_1", h, a.ln1_mean[l][:n], a.ln1_rstd[l][:n], x)
         fast.linear_forward(qkv, h, weights[pre + "attn.c_attn.weight"], weights.get(pre + "attn.c_attn.bias"))  # (n, 3C)
         masks[f"att{l}"] = self._attention_forward(l, y, qkv, b, t, p, rng)  # (n, 3C) -> (n, C)
         fast.linear_forward(branch, y, weights[pre + "attn.c_proj.weight"], weights[pre + "attn.c_proj.bias"])
@@ -382,9 +380,9 @@ class FastLossAndGrads:
         x1 = a.resid_mid[l][:n]
         self.xp.add(x, branch, out=x1)  # shortcut around attention
         h2, fc, act = a.ln2[l][:n], a.fc[l][:n], a.act[l][:n]
-        ops.layernorm_forward(h2, a.ln2_mean[l][:n], a.ln2_rstd[l][:n], x1, master[pre + "ln_2.weight"], master[pre + "ln_2.bias"], eps)
+        self._layernorm(pre + "ln_2", h2, a.ln2_mean[l][:n], a.ln2_rstd[l][:n], x1)
         fast.linear_forward(fc, h2, weights[pre + "mlp.c_fc.weight"])  # (n, 4C); the bias is added by GELU
-        ops.gelu_forward(act, fc, weights[pre + "mlp.c_fc.bias"])
+        self.ops.gelu_forward(act, fc, weights[pre + "mlp.c_fc.bias"])
         fast.linear_forward(branch, act, weights[pre + "mlp.c_proj.weight"], weights[pre + "mlp.c_proj.bias"])  # (n, C)
         if p > 0:
             masks[f"res2_{l}"] = fast.dropout_forward(branch, branch, p, rng)
@@ -403,12 +401,13 @@ class FastLossAndGrads:
             a.att[l] = self.xp.empty((self.batch_size, heads.shape[2], self.seq_len, self.seq_len), dtype=self.dtype)
             if w.att is None:
                 w.att = self.xp.empty_like(a.att[l])
-        return fast.attention_forward(y, heads, a.att[l][:b, :, :t, :t], qkv, w.causal_bias[:t, :t], p, rng,
-                                      dropped=w.att[:b, :, :t, :t], head_out=w.heads[0, :b, :, :t], matmul=self.ops.heads_matmul)  # fmt: skip
+        att, dropped, head_out = a.att[l][:b, :, :t, :t], w.att[:b, :, :t, :t], w.heads[0, :b, :, :t]
+        return fast.attention_forward(y, heads, att, qkv, w.causal_bias[:t, :t], p, rng, dropped=dropped, head_out=head_out,
+                                      matmul=self.ops.heads_matmul)  # fmt: skip
 
     # --- backward: the same lines in reverse order ------------------------------------------------
     def _backward(self, idx, b, t, p, accumulate):
-        a, w, cfg, grads, master = self.acts, self.work, self.model.config, self.grads, self.model.params
+        a, w, cfg, grads = self.acts, self.work, self.model.config, self.grads
         n = b * t
         if not accumulate:  # the weight GEMMs write their gradients; these are added into
             for key in self._added_into:
@@ -418,8 +417,7 @@ class FastLossAndGrads:
         # logits = lnf @ head^T: the (V, C) gradient is computed in its own layout (fast/linear.py)
         head = (self.weights[head_key].T, grads[head_key].T, None)  # (C, V) views of the (V, C) tables
         self._linear_backward(dx, a.logits[:n], a.lnf[:n], head, accumulate)
-        self.ops.layernorm_backward(w.nc[:n], grads["ln_f.weight"], grads["ln_f.bias"], dx, a.resid[cfg.n_layers][:n], a.lnf_mean[:n],
-                                    a.lnf_rstd[:n], master["ln_f.weight"], scratch=w.nc2[:n])  # fmt: skip
+        self._layernorm_backward("ln_f", w.nc[:n], dx, a.resid[cfg.n_layers][:n], a.lnf_mean[:n], a.lnf_rstd[:n], w.nc2[:n])
         dx[...] = w.nc[:n]  # d(resid[L])
         for l in reversed(range(cfg.n_layers)):  # noqa: E741
             self._block_backward(l, dx, b, t, p, accumulate)
@@ -431,8 +429,8 @@ class FastLossAndGrads:
 
     def _block_backward(self, l, dx, b, t, p, accumulate):  # noqa: E741
         """dx holds d(out) on entry and d(x) on exit."""
-        a, w, ops, grads, master = self.acts, self.work, self.ops, self.grads, self.model.params
-        n, C, pre = b * t, self.model.config.emb_dim, f"h.{l}."
+        a, w, n, pre = self.acts, self.work, b * t, f"h.{l}."
+        scratch = w.n4c[:n, : self.model.config.emb_dim]  # LayerNorm's backward scratch, free by then
         # out = x1 + dropout(mlp(ln_2(x1)))
         dm = dx
         if p > 0:
@@ -440,10 +438,9 @@ class FastLossAndGrads:
             fast.dropout_backward(dm, dx, self.masks[f"res2_{l}"], p)
         dact, dh2, dln = w.n4c[:n], w.nc2[:n], w.nc[:n]
         self._linear_backward(dact, dm, a.act[l][:n], self._layer(pre + "mlp.c_proj"), accumulate)
-        ops.gelu_backward_(dact, a.fc[l][:n])  # dact becomes dfc, in place
+        self.ops.gelu_backward_(dact, a.fc[l][:n])  # dact becomes dfc, in place
         self._linear_backward(dh2, dact, a.ln2[l][:n], self._layer(pre + "mlp.c_fc"), accumulate)
-        ops.layernorm_backward(dln, grads[pre + "ln_2.weight"], grads[pre + "ln_2.bias"], dh2, a.resid_mid[l][:n], a.ln2_mean[l][:n],
-                               a.ln2_rstd[l][:n], master[pre + "ln_2.weight"], scratch=w.n4c[:n, :C])  # fmt: skip
+        self._layernorm_backward(pre + "ln_2", dln, dh2, a.resid_mid[l][:n], a.ln2_mean[l][:n], a.ln2_rstd[l][:n], scratch)
         dx += dln  # dx1 = dout + branch
         # x1 = x + dropout(c_proj(attention(c_attn(ln_1(x)))))
         da = dx
@@ -454,8 +451,7 @@ class FastLossAndGrads:
         self._linear_backward(dy, da, a.atty[l][:n], self._layer(pre + "attn.c_proj"), accumulate)
         self._attention_backward(l, dqkv, dy, b, t, p)
         self._linear_backward(dh, dqkv, a.ln1[l][:n], self._layer(pre + "attn.c_attn"), accumulate)
-        ops.layernorm_backward(dln, grads[pre + "ln_1.weight"], grads[pre + "ln_1.bias"], dh, a.resid[l][:n], a.ln1_mean[l][:n],
-                               a.ln1_rstd[l][:n], master[pre + "ln_1.weight"], scratch=w.n4c[:n, :C])  # fmt: skip
+        self._layernorm_backward(pre + "ln_1", dln, dh, a.resid[l][:n], a.ln1_mean[l][:n], a.ln1_rstd[l][:n], scratch)
         dx += dln
 
     def _attention_backward(self, l, dqkv, dy, b, t, p):  # noqa: E741
@@ -466,8 +462,18 @@ class FastLossAndGrads:
                                     head_out=w.flash_out[:b, :, :t])  # fmt: skip
             return
         keep = self.masks[f"att{l}"] if p > 0 else None
-        fast.attention_backward(dqkv, dy, heads, a.att[l][:b, :, :t, :t], keep, p, dheads=dheads, datt=w.att[:b, :, :t, :t],
-                                matmul=self.ops.heads_matmul)  # fmt: skip
+        att, datt = a.att[l][:b, :, :t, :t], w.att[:b, :, :t, :t]
+        fast.attention_backward(dqkv, dy, heads, att, keep, p, dheads=dheads, datt=datt, matmul=self.ops.heads_matmul)
+
+    def _layernorm(self, name, out, mean, rstd, x):
+        """LayerNorm `name` (e.g. 'h.0.ln_1') with the model's own weights (float32 also with 16-bit compute)."""
+        weight, bias = self.model.params[name + ".weight"], self.model.params[name + ".bias"]
+        self.ops.layernorm_forward(out, mean, rstd, x, weight, bias, self.model.config.ln_eps)
+
+    def _layernorm_backward(self, name, dx, dout, x, mean, rstd, scratch):
+        """dx, and LayerNorm `name`'s gradients added into."""
+        dweight, dbias, weight = self.grads[name + ".weight"], self.grads[name + ".bias"], self.model.params[name + ".weight"]
+        self.ops.layernorm_backward(dx, dweight, dbias, dout, x, mean, rstd, weight, scratch=scratch)
 
     def _layer(self, name):
         """(weight, its gradient, the bias's gradient or None) of the linear layer `name`, e.g. 'h.0.mlp.c_fc'."""
