@@ -249,14 +249,7 @@ def gradcheck(
     names = list(names) if names is not None else _input_names(forward, len(inputs))
     if len(names) != len(inputs):
         raise ValueError(f"gradcheck: {len(names)} names for {len(inputs)} inputs")
-    if wrt is None:
-        wrt = [i for i, x in enumerate(inputs) if _is_differentiable(x)]
-    wrt = list(wrt)
-    for i in wrt:
-        if not _is_differentiable(inputs[i]):
-            raise ValueError(f"gradcheck: input {names[i]} (index {i}) is not a float array or a dict of float arrays")
-    if not wrt:
-        raise ValueError("gradcheck: no differentiable inputs (float arrays) to check")
+    wrt = _differentiable(inputs, names, wrt)
 
     rng = np.random.default_rng(seed)
     out, cache = forward(*inputs)
@@ -289,45 +282,64 @@ def gradcheck(
         o, _ = forward(*inputs)
         return math.fsum((np.asarray(to_numpy(o), dtype=np.float64) * dout).ravel())
 
-    results, compared = [], []
+    results, compared = [], []  # compared: (gradient, coordinates, finite differences) per checked tensor
     for name, x, g, problem in pairs:
         if problem:
             results.append(GradcheckResult(layer, name, float("inf"), tol, False, 0, x.size, note=problem))
             compared.append(None)
             continue
-        g = np.asarray(to_numpy(g), dtype=np.float64)
-        flat_x = x.reshape(-1)  # a view: perturbing it perturbs the input
-        n = flat_x.size
-        if n <= max_coords:
-            coords = np.arange(n)
-        else:
-            coords = rng.choice(n, size=max_coords, replace=False)
-            coords = np.union1d(coords, [int(np.argmax(np.abs(g)))])
-        numeric = np.empty(len(coords))
-        for j, c in enumerate(coords):
-            orig = flat_x[c]
-            flat_x[c] = orig + eps
-            f_plus = loss()
-            flat_x[c] = orig - eps
-            f_minus = loss()
-            flat_x[c] = orig
-            numeric[j] = (f_plus - f_minus) / (2 * eps)
-        analytic = g.reshape(-1)[coords]
-        err = relative_error(analytic, numeric)
-        worst = int(np.argmax(np.abs(analytic - numeric))) if len(coords) else 0
-        passed = err <= tol and not purity
-        results.append(
-            GradcheckResult(
-                layer, name, err, tol, passed, len(coords), n,
-                worst_index=tuple(int(v) for v in np.unravel_index(coords[worst], x.shape)) if len(coords) else None,
-                analytic=float(analytic[worst]) if len(coords) else float("nan"),
-                numeric=float(numeric[worst]) if len(coords) else float("nan"),
-                note="; ".join(purity),
-            )
-        )  # fmt: skip
-        compared.append((g, coords, numeric))
+        result, seen = _check_tensor(layer, name, x, g, loss, rng, eps, tol, max_coords, purity)
+        results.append(result)
+        compared.append(seen)
     _note_swapped(results, compared, [p[0] for p in pairs], ", ".join(names[i] for i in wrt))
     return results
+
+
+def _differentiable(inputs, names, wrt) -> list[int]:
+    """The indices of the inputs to check: `wrt`, or every float array (or dict of them)."""
+    if wrt is None:
+        wrt = [i for i, x in enumerate(inputs) if _is_differentiable(x)]
+    wrt = list(wrt)
+    for i in wrt:
+        if not _is_differentiable(inputs[i]):
+            raise ValueError(f"gradcheck: input {names[i]} (index {i}) is not a float array or a dict of float arrays")
+    if not wrt:
+        raise ValueError("gradcheck: no differentiable inputs (float arrays) to check")
+    return wrt
+
+
+def _check_tensor(layer, name, x, g, loss, rng, eps, tol, max_coords, purity) -> tuple[GradcheckResult, tuple]:
+    """Central differences of loss() at up to max_coords coordinates of x (the largest gradient's always
+    among them) against the analytic gradient g -> (result, (g, coordinates, finite differences))."""
+    g = np.asarray(to_numpy(g), dtype=np.float64)
+    flat_x = x.reshape(-1)  # a view: perturbing it perturbs the input
+    n = flat_x.size
+    if n <= max_coords:
+        coords = np.arange(n)
+    else:
+        coords = rng.choice(n, size=max_coords, replace=False)
+        coords = np.union1d(coords, [int(np.argmax(np.abs(g)))])
+    numeric = np.empty(len(coords))
+    for j, c in enumerate(coords):
+        orig = flat_x[c]
+        flat_x[c] = orig + eps
+        f_plus = loss()
+        flat_x[c] = orig - eps
+        f_minus = loss()
+        flat_x[c] = orig
+        numeric[j] = (f_plus - f_minus) / (2 * eps)
+    analytic = g.reshape(-1)[coords]
+    err = relative_error(analytic, numeric)
+    worst = int(np.argmax(np.abs(analytic - numeric))) if len(coords) else 0
+    passed = err <= tol and not purity
+    result = GradcheckResult(
+        layer, name, err, tol, passed, len(coords), n,
+        worst_index=tuple(int(v) for v in np.unravel_index(coords[worst], x.shape)) if len(coords) else None,
+        analytic=float(analytic[worst]) if len(coords) else float("nan"),
+        numeric=float(numeric[worst]) if len(coords) else float("nan"),
+        note="; ".join(purity),
+    )  # fmt: skip
+    return result, (g, coords, numeric)
 
 
 def _note_swapped(results, compared, leaf_names, wanted) -> None:

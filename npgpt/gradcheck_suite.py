@@ -35,6 +35,11 @@ def _block_params(rng, C, qkv_bias=True):
 
 def layer_checks() -> list[Check]:
     """One Check per layer and shape; the shapes include B=1, T=1, non-square and several head counts."""
+    return _elementwise_and_affine_checks() + _attention_loss_dropout_checks() + _composite_checks()
+
+
+def _elementwise_and_affine_checks() -> list[Check]:
+    """embedding, linear, layernorm, gelu."""
     checks: list[Check] = []
     add = checks.append
 
@@ -78,7 +83,13 @@ def layer_checks() -> list[Check]:
             lambda d, c: L.gelu_backward(d, c),
             lambda r, shape=shape: [3.0 * _randn(r, *shape)],
         ))  # fmt: skip
+    return checks
 
+
+def _attention_loss_dropout_checks() -> list[Check]:
+    """attention (with and without dropout), cross-entropy (with ignored targets, large logits), dropout."""
+    checks: list[Check] = []
+    add = checks.append
     for B, T, C, NH in [(2, 5, 8, 2), (1, 1, 8, 4), (2, 4, 12, 3), (1, 6, 4, 1), (2, 3, 16, 8)]:
         add(Check(
             f"attention B{B} T{T} C{C} NH{NH}",
@@ -113,7 +124,13 @@ def layer_checks() -> list[Check]:
         lambda d, c: L.dropout_backward(d, c),
         lambda r: [_randn(r, 3, 4, 5)],
     ))  # fmt: skip
+    return checks
 
+
+def _composite_checks() -> list[Check]:
+    """ffn and block: the layers composed, with and without the q|k|v bias and dropout."""
+    checks: list[Check] = []
+    add = checks.append
     for B, T, C, H in [(2, 3, 4, 16), (1, 1, 6, 10)]:
         add(Check(
             f"ffn B{B} T{T} C{C} H{H}",

@@ -20,7 +20,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 
 from . import layers as L
-from .backend import DEFAULT_DTYPE, device_of, get_array_module, get_xp, to_numpy
+from .backend import DEFAULT_DTYPE, device_of, get_array_module, get_xp
 from .config import GPTConfig
 from .layers.block import BLOCK_PARAM_NAMES
 
@@ -209,7 +209,7 @@ class GPT:
 
     # --- training forward / backward ------------------------------------------------------------
 
-    def _check_idx(self, idx, what="idx"):
+    def check_idx(self, idx, what="idx"):
         xp = self.xp
         idx = xp.asarray(idx)
         if idx.ndim != 2:
@@ -232,7 +232,7 @@ class GPT:
         the model's own generator, seeded from the model's seed, so a run is reproducible).
         """
         cfg, p = self.config, self.params
-        idx = self._check_idx(idx)
+        idx = self.check_idx(idx)
         B, T = idx.shape
         rng = self.rng if rng is None else rng
         drop = cfg.drop_rate if training else 0.0
@@ -289,90 +289,16 @@ class GPT:
         _, loss, cache = self.forward(idx, targets, training=training, rng=rng)
         return float(loss), self.backward(cache, dloss=dloss)
 
-    # --- inference with a KV cache -------------------------------------------------------------
+    # --- generation (npgpt/generate.py) ---------------------------------------------------------
 
-    def new_kv_cache(self, batch_size: int, length: int | None = None):
-        """Per-layer (k, v) buffers of shape (B, NH, length, hs) for incremental decoding."""
-        cfg = self.config
-        length = cfg.context_length if length is None else length
-        shape = (batch_size, cfg.n_heads, length, cfg.head_size)
-        return [(self.xp.zeros(shape, self.dtype), self.xp.zeros(shape, self.dtype)) for _ in range(cfg.n_layers)]
+    def generate_stream(self, idx, max_new_tokens: int, **kwargs) -> Iterator[np.ndarray]:
+        """npgpt.generate.generate_stream(self, ...): the next token ids, (B,) NumPy int64, step by step."""
+        from .generate import generate_stream
 
-    def forward_kv(self, idx, kv_cache, pos: int, last_only: bool = True):
-        """Inference forward for positions pos .. pos+Tn-1, reading and extending `kv_cache`.
-
-        idx: (B, Tn) new token ids. Returns logits (B, V) for the last position (last_only) or
-        (B, Tn, V). No dropout, no cache for a backward: this path is for generation.
-        """
-        cfg, p = self.config, self.params
-        idx = self._check_idx(idx)
-        Tn = idx.shape[1]
-        if pos + Tn > cfg.context_length:
-            raise ValueError(f"positions {pos}..{pos + Tn - 1} exceed context_length {cfg.context_length}")
-        x = p["wte.weight"][idx] + p["wpe.weight"][pos : pos + Tn]  # (B, Tn, C)
-        for i in range(cfg.n_layers):
-            bp = self.block_params(i)
-            h, _ = L.layernorm_forward(x, bp["ln_1.weight"], bp["ln_1.bias"], cfg.ln_eps)
-            qkv, _ = L.linear_forward(h, bp["attn.c_attn.weight"], bp.get("attn.c_attn.bias"))  # (B, Tn, 3C)
-            a = L.attention_step_kv(qkv, cfg.n_heads, kv_cache[i][0], kv_cache[i][1], pos)  # (B, Tn, C)
-            a, _ = L.linear_forward(a, bp["attn.c_proj.weight"], bp["attn.c_proj.bias"])
-            x = x + a
-            h, _ = L.layernorm_forward(x, bp["ln_2.weight"], bp["ln_2.bias"], cfg.ln_eps)
-            m, _ = L.ffn_forward(h, bp["mlp.c_fc.weight"], bp["mlp.c_fc.bias"], bp["mlp.c_proj.weight"], bp["mlp.c_proj.bias"])
-            x = x + m
-        if last_only:
-            x = x[:, -1:]  # (B, 1, C): only the next token's logits are needed
-        x, _ = L.layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"], cfg.ln_eps)
-        logits, _ = L.linear_forward(x, self.head_weight)  # (B, Tx, V)
-        return logits[:, -1] if last_only else logits
-
-    def generate_stream(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                        top_p: float | None = None, seed: int | None = None, rng=None, eos_id: int | None = None,
-                        use_kv_cache: bool = True) -> Iterator[np.ndarray]:  # fmt: skip
-        """Yield the next token ids, (B,) NumPy int64, one step at a time.
-
-        temperature 0 is greedy (argmax). top_k keeps the k most likely tokens, top_p the smallest set
-        whose probability reaches p. Sampling happens on the host with a NumPy generator (`rng`, or
-        one seeded with `seed`), so CPU and GPU runs with one seed draw alike. Stops early when every
-        row has produced `eos_id`. Longer than context_length: the model sees the last context_length
-        tokens (the KV cache is rebuilt for the shifted window, which gives the same tokens as recomputing).
-        """
-        from .sampling import sample_next
-
-        idx = np.asarray(to_numpy(idx))
-        if idx.ndim != 2 or idx.shape[1] < 1 or idx.dtype.kind not in "iu":
-            raise ValueError(f"the prompt must be a (B, T) integer array with T >= 1, got shape {idx.shape} dtype {idx.dtype}")
-        rng = np.random.default_rng(seed) if rng is None else rng
-        ctx = self.config.context_length
-        seq = idx.astype(np.int64)
-        B = seq.shape[0]
-        done = np.zeros(B, dtype=bool)
-        kv, pos = None, 0
-        for _ in range(max_new_tokens):
-            if not use_kv_cache:
-                window = seq[:, -ctx:]
-                logits = self.forward(window)[0][:, -1]  # (B, V)
-            elif kv is None or pos + 1 > ctx:
-                window = seq[:, -ctx:]  # (re)fill the cache with the visible window
-                kv = self.new_kv_cache(B)
-                logits = self.forward_kv(self.xp.asarray(window), kv, 0)
-                pos = window.shape[1]
-            else:
-                logits = self.forward_kv(self.xp.asarray(seq[:, -1:]), kv, pos)
-                pos += 1
-            nxt = sample_next(to_numpy(logits), rng, temperature=temperature, top_k=top_k, top_p=top_p)  # (B,)
-            if eos_id is not None:
-                nxt = np.where(done, eos_id, nxt)
-                done |= nxt == eos_id
-            seq = np.concatenate([seq, nxt[:, None]], axis=1)
-            yield nxt
-            if eos_id is not None and done.all():
-                return
+        return generate_stream(self, idx, max_new_tokens, **kwargs)
 
     def generate(self, idx, max_new_tokens: int, **kwargs) -> np.ndarray:
-        """(B, T) prompt ids -> (B, T + n) NumPy ids, n <= max_new_tokens. Options as generate_stream."""
-        prompt = np.asarray(to_numpy(idx)).astype(np.int64)
-        steps = list(self.generate_stream(prompt, max_new_tokens, **kwargs))
-        if not steps:
-            return prompt
-        return np.concatenate([prompt, np.stack(steps, axis=1)], axis=1)
+        """npgpt.generate.generate(self, ...): (B, T) prompt ids -> (B, T + n) NumPy ids, n <= max_new_tokens."""
+        from .generate import generate
+
+        return generate(self, idx, max_new_tokens, **kwargs)

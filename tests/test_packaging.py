@@ -32,6 +32,8 @@ def test_wheel_contains_kernels_and_assets(wheel):
         "npgpt/assets/tang300.txt",
         "npgpt/assets/NOTICE.md",
         "npgpt/layers/attention.py",
+        "npgpt/fast/attention.py",
+        "npgpt/cli/__init__.py",
         "npgpt/cuda/kernels.py",
         "npgpt/cuda/emulate.py",
         "npgpt/kernels/common.cuh",
@@ -49,7 +51,7 @@ def test_non_editable_install_finds_kernels_and_tokenizer(wheel, tmp_path):
                           capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     code = (
-        "import npgpt, npgpt.kernels as k, npgpt.tokenizer as t;"
+        "import npgpt, npgpt.kernels as k, npgpt.tokenizer as t, npgpt.engine, npgpt.cli;"
         "assert str(k.kernel_dir()).startswith(%r), k.kernel_dir();"
         "assert (k.kernel_dir() / 'README.md').is_file();"
         "assert npgpt.__file__.startswith(%r);"

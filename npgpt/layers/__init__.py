@@ -4,7 +4,8 @@
     grads      = X_backward(dout, cache)    # gradients of the differentiable inputs, in forward order
 
 The backward never mutates dout or the cache. Every layer runs on NumPy and CuPy arrays, in
-float32 or float64. One concept per file; docs/backprop.md derives every backward.
+float32 or float64. One concept per file; docs/backprop.md derives every backward. Each layer has a
+fast twin of the same name in npgpt/fast/ (what training runs; tests/test_fast_ops.py holds them equal).
 """
 
 from .attention import AttentionCache, attention_backward, attention_forward, attention_step_kv

@@ -1,6 +1,9 @@
-"""The `npgpt` command line: train, generate, gradcheck, bench, info.
+"""The `npgpt` command line: train, generate, gradcheck, bench, info (the console script `npgpt`, and
+`python -m npgpt`).
 
-Each subcommand's arguments and work live in its own module; this file only wires them together.
+Each subcommand's arguments and work live in its own module of this package (npgpt/cli/train.py, ...);
+this file only wires them together. The Python API they call (npgpt.train, npgpt.generate, npgpt.bench,
+...) never imports argparse.
 """
 
 from __future__ import annotations
@@ -10,8 +13,8 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-    from . import bench, cli_gradcheck, generate, info, train
+    from .. import __version__
+    from . import bench, generate, gradcheck, info, train
 
     parser = argparse.ArgumentParser(
         prog="npgpt",
@@ -22,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module, help_text in [
         ("train", train, "pretrain or fine-tune a GPT on text files (default: the bundled short story)"),
         ("generate", generate, "continue a prompt with a trained checkpoint"),
-        ("gradcheck", cli_gradcheck, "check every layer's backward against finite differences"),
+        ("gradcheck", gradcheck, "check every layer's backward against finite differences"),
         ("bench", bench, "time a training step and generation"),
         ("info", info, "show the backend, devices, BLAS and versions"),
     ]:
@@ -38,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "run", None) is None:
         parser.print_help()
         return 2
-    from .train import TrainingAborted
+    from ..train import TrainingAborted
 
     try:
         return int(args.run(args) or 0)
