@@ -1,4 +1,4 @@
-"""The `npgpt` command line: train, generate, gradcheck, bench, info.
+"""The `npgpt` command line: train, generate, gradcheck, bench, info, seq2seq.
 
 Each subcommand's arguments and work live in its own module; this file only wires them together.
 """
@@ -12,6 +12,7 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from . import bench, cli_gradcheck, generate, info, train
+    from .seq2seq import cli as seq2seq_cli
 
     parser = argparse.ArgumentParser(
         prog="npgpt",
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("gradcheck", cli_gradcheck, "check every layer's backward against finite differences"),
         ("bench", bench, "time a training step and generation"),
         ("info", info, "show the backend, devices, BLAS and versions"),
+        ("seq2seq", seq2seq_cli, "the encoder-decoder Transformer: train, translate, eval (English -> Malay bundled)"),
     ]:
         p = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(p)
