@@ -53,7 +53,7 @@ def padded_batch(config: Seq2SeqConfig, rng: np.random.Generator, B: int, S: int
 
 
 def seq2seq_model_check(label: str, config: Seq2SeqConfig, B: int = 3, S: int = 5, T: int = 4, training: bool = False,
-                        tol: float = 1e-6, max_coords: int = 4) -> Check:  # fmt: skip
+                        tol: float = 1e-6, max_coords: int = 3) -> Check:  # fmt: skip
     model = Seq2Seq(config, dtype=np.float64, device="cpu")
 
     def make_inputs(rng):
