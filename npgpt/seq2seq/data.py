@@ -127,7 +127,7 @@ class PairBatches:
             raise ValueError(f"the training split has {len(srcs)} pairs, fewer than --batch-size {batch_size}; "
                              "lower --batch-size or give more pairs")  # fmt: skip
         self.srcs, self.tgts = srcs, tgts
-        self.lengths = np.asarray([len(s) + len(t) for s, t in zip(srcs, tgts)])
+        self.lengths = np.asarray([1000 * len(s) + len(t) for s, t in zip(srcs, tgts)])  # by source, then target length
         self.batch_size, self.seed = batch_size, seed
         self.epoch, self.cursor = 0, 0
         self._plan_epoch, self._plan = None, None
