@@ -66,7 +66,7 @@ class Vocab:
             ids = enc.encode_ordinary(text)
             mapped = self.lookup[np.asarray(ids, dtype=np.int64)] if ids else np.zeros(0, np.int64)
             if (mapped < 0).any():
-                bad = [decode([g]) for g, m in zip(ids, mapped) if m < 0]
+                bad = _unknown_pieces(ids, mapped < 0)
                 place = where(i) if where is not None else repr(texts[i][:60])
                 raise UnknownTokenError(
                     f"{place}: {', '.join(repr(b) for b in bad[:5])} {'is' if len(bad) == 1 else 'are'} not in the "
@@ -89,3 +89,17 @@ class Vocab:
 
     def to_list(self) -> list[int]:
         return self.gpt2_ids.tolist()
+
+
+def _unknown_pieces(ids, unknown) -> list[str]:
+    """The text of each run of unknown tokens (a character split over several byte tokens stays whole)."""
+    pieces, run = [], []
+    for g, bad in zip(list(ids) + [None], list(unknown) + [False]):
+        if bad:
+            run.append(int(g))
+        elif run:
+            piece = decode(run)
+            if piece not in pieces:
+                pieces.append(piece)
+            run = []
+    return pieces
