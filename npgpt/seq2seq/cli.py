@@ -125,7 +125,7 @@ def _load(args):
 def run_translate(args) -> int:
     from .evaluate import translate
 
-    texts = args.text if args.text else [line.strip() for line in sys.stdin if line.strip()]
+    texts = [t.strip() for t in args.text] if args.text else [line.strip() for line in sys.stdin if line.strip()]
     if not texts:
         raise ValueError("nothing to translate: give --text TEXT (or lines on stdin)")
     model, vocab, _ = _load(args)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass, fields
@@ -209,8 +210,6 @@ class Seq2SeqTrainer:
         ckpt.clean_stray_temporaries(out_dir)
         if state is None:
             for old in ckpt.checkpoint_dirs(out_dir):  # only reached with --overwrite
-                import shutil
-
                 shutil.rmtree(old)
         self.schedule = LRSchedule(cfg.lr, cfg.max_steps, cfg.warmup_steps, cfg.min_lr)
         self.optimizer = AdamW(self.model.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
@@ -297,7 +296,7 @@ class Seq2SeqTrainer:
             count += n
         return total / count
 
-    def exact_match(self, rows, beam=1):
+    def score_held_out(self, rows, beam=1):
         """(exact match, BLEU, hypotheses) of the held-out pairs `rows`."""
         hyps = [self.vocab.decode(o) for o in translate_ids(self.model, [self.held_src[j] for j in rows], beam=beam)]
         s = score(hyps, [self.held_pairs[j][1] for j in rows])
@@ -309,7 +308,7 @@ class Seq2SeqTrainer:
         self.last_val = self.held_out_loss(self.eval_rows)
         sample = ""
         if len(self.eval_rows):
-            self.last_exact, _, hyps = self.exact_match(self.eval_rows)
+            self.last_exact, _, hyps = self.score_held_out(self.eval_rows)
             src, ref = self.held_pairs[self.eval_rows[0]]
             sample = f"{src!r} -> {hyps[0]!r}" + ("" if hyps[0] == ref else f" (reference {ref!r})")
         self.sample = sample
@@ -363,7 +362,7 @@ class Seq2SeqTrainer:
         exact = bleu = None
         if not interrupted and self.held_pairs:
             t0 = time.perf_counter()
-            exact, bleu, hyps = self.exact_match(np.arange(len(self.held_pairs)), beam=cfg.final_beam)
+            exact, bleu, hyps = self.score_held_out(np.arange(len(self.held_pairs)), beam=cfg.final_beam)
             misses = [(s, h, t) for (s, t), h in zip(self.held_pairs, hyps) if h != t]
             with open(self.out_dir / "heldout_errors.tsv", "w", encoding="utf-8") as f:
                 f.write("".join(f"{s}\t{h}\t{t}\n" for s, h, t in misses))
