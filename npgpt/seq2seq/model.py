@@ -38,7 +38,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import layers as L
-from ..backend import DEFAULT_DTYPE, device_of, get_array_module, get_xp, to_numpy
+from ..backend import DEFAULT_DTYPE, device_of, get_array_module, get_xp
 from ..layers.decoder_block import DECODER_BLOCK_PARAM_NAMES
 from ..layers.encoder_block import ENCODER_BLOCK_PARAM_NAMES
 from .config import Seq2SeqConfig
@@ -239,10 +239,11 @@ class Seq2Seq:
         d = L.embedding_backward(dx, cache.embed)
         grads[key] = d if key not in grads else grads[key] + d
 
-    def encode(self, src, training=False, rng=None, src_mask=None):
-        """src: (B, S) ids -> (memory (B, S, C), src padding mask (B, S) bool, caches)."""
+    def encode(self, src, training=False, rng=None):
+        """src: (B, S) ids -> (memory (B, S, C), src padding mask (B, S) bool, caches for the backward)."""
         cfg = self.config
-        src_mask = (src == cfg.pad_id) if src_mask is None else src_mask  # (B, S) True at padding
+        src = self.check_ids(src, "src", cfg.src_vocab_size)
+        src_mask = src == cfg.pad_id  # (B, S) True at padding
         drop = cfg.dropout if training else 0.0
         rng = self.rng if rng is None else rng
         x, c_src = self._embed(src, "encoder", rng, drop, training)
@@ -377,6 +378,3 @@ class Seq2Seq:
             "cross_kv": [(k[rows], v[rows]) for k, v in state["cross_kv"]],
             "self_kv": [(k[rows], v[rows]) for k, v in state["self_kv"]],
         }
-
-    def to_numpy_params(self) -> dict:
-        return {k: to_numpy(v) for k, v in self.params.items()}
