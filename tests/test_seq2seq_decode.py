@@ -98,6 +98,87 @@ def test_wide_beam_finds_the_exhaustive_optimum(alpha):
         assert scores[b] == pytest.approx(best_score, rel=1e-10)
 
 
+def reference_beam(model, src_row, K, alpha, max_steps):
+    """Beam search written plainly: one source, the full forward on every prefix, no caches, and no
+    early stop: every step up to max_steps is taken, every finished hypothesis kept."""
+    alive, finished = [(0.0, [])], []
+    for pos in range(max_steps):
+        cands = []
+        for score, seq in alive:
+            logp = log_softmax(model.forward(src_row[None], np.asarray([[BOS_ID] + seq]))[0][0, -1])
+            logp[[PAD_ID, BOS_ID]] = -np.inf
+            cands += [(score + logp[v], seq, v) for v in range(len(logp))]
+        cands.sort(key=lambda c: -c[0])
+        alive = []
+        for rank, (score, seq, v) in enumerate(cands[: 2 * K]):
+            if v == EOS_ID:
+                if rank < K:
+                    finished.append((score / length_penalty(pos + 1, alpha), seq))
+            elif len(alive) < K:
+                alive.append((score, seq + [v]))
+    finished += [(score / length_penalty(max_steps, alpha), seq) for score, seq in alive]
+    return max(finished, key=lambda h: h[0])
+
+
+@pytest.mark.parametrize("K, alpha", [(2, 0.0), (3, 0.6), (4, 1.5)])
+def test_beam_search_equals_the_plain_reference(K, alpha):
+    """Batched, cached and stopped early (when no live hypothesis can win any more): the same answers
+    and scores as the plain version. Random weights spread the probabilities, so hypotheses of every
+    length finish and the early stop is exercised."""
+    model = random_model(seed=6)
+    src, _, _ = padded_batch(model.config, np.random.default_rng(6), B=5, S=6, T=2)
+    out, scores = beam_search(model, src, beam=K, alpha=alpha, max_steps=6, return_scores=True)
+    for b in range(5):
+        score, seq = reference_beam(model, src[b][src[b] != PAD_ID], K, alpha, 6)
+        assert out[b] == seq
+        assert scores[b] == pytest.approx(score, rel=1e-10)
+
+
+class TableModel:
+    """A stand-in for Seq2Seq whose next-token probabilities are a small table of the prefix (ids:
+    3 = "a", 4 = "b"): "a a a <eos>" is by far the likeliest output, but on the way two unlikely
+    hypotheses end early, so K = 2 hypotheses have finished before the best one has."""
+
+    xp = np
+
+    class config:
+        max_len = 8
+
+    def table(self, prefix):
+        if not prefix:
+            p = {3: 0.90, EOS_ID: 0.07, 4: 0.03}
+        elif prefix[0] == 4:
+            p = {EOS_ID: 0.99, 3: 0.005, 4: 0.005}
+        elif len(prefix) < 3:
+            p = {3: 0.97, EOS_ID: 0.02, 4: 0.01}
+        else:
+            p = {EOS_ID: 0.99, 3: 0.005, 4: 0.005}
+        logits = np.full(5, -1e9)
+        for v, q in p.items():
+            logits[v] = np.log(q)
+        return logits
+
+    def start_decoding(self, src, max_steps):
+        return {"prefix": [[] for _ in range(len(src))]}
+
+    def reorder_state(self, state, rows):
+        return {"prefix": [list(state["prefix"][int(r)]) for r in rows]}
+
+    def decode_step(self, state, tokens, pos):
+        if pos > 0:
+            for prefix, t in zip(state["prefix"], tokens):
+                prefix.append(int(t))
+        return np.stack([self.table(prefix) for prefix in state["prefix"]])
+
+
+def test_beam_search_does_not_stop_while_a_live_hypothesis_can_still_win():
+    model = TableModel()
+    out, scores = beam_search(model, np.zeros((1, 1), dtype=np.int64), beam=2, alpha=0.0, max_steps=6, return_scores=True)
+    assert out == [[3, 3, 3]]
+    assert scores[0] == pytest.approx(np.log(0.90) + 2 * np.log(0.97) + np.log(0.99), rel=1e-9)  # a, a, a, <eos>
+    assert greedy_decode(model, np.zeros((1, 1), dtype=np.int64), max_steps=6) == [[3, 3, 3]]
+
+
 def test_beam_search_is_batched_and_encodes_once(monkeypatch):
     model = random_model(seed=4)
     src, _, _ = padded_batch(model.config, np.random.default_rng(4), B=5, S=6, T=2)

@@ -9,11 +9,14 @@ are never produced (their scores are set to -inf).
 Beam search keeps the `beam` best unfinished hypotheses of every source. Each step it extends them by
 every token, ranks the candidates by their summed log-probabilities, moves a candidate ending in <eos>
 to the source's finished list when it ranks among the best `beam`, and keeps the best `beam` others.
-A source is done when `beam` hypotheses have finished (or at max_steps, when the unfinished ones
-join the list). The answer is the finished hypothesis with the best score / length penalty, GNMT's
+A finished hypothesis is scored by its sum divided by GNMT's length penalty
     lp(n) = ((5 + n) / 6) ** alpha        n = tokens generated, <eos> included (Wu et al. 2016)
-alpha = 0 ranks by the plain sum, which favours short outputs; larger alpha favours longer ones.
-With beam = 1 this is exactly greedy decoding.
+(alpha = 0 ranks by the plain sum, which favours short outputs; larger alpha favours longer ones), and
+the source keeps its `beam` best finished ones. A source is done when no live hypothesis can still
+beat the worst of those: log-probabilities are <= 0, so a live sum s can only fall, and its best
+possible score is s / lp(max_steps). At max_steps the live hypotheses are scored as they are. The
+answer is the best finished hypothesis. Stopping this way gives the same answer as running every
+source to max_steps; with beam = 1 the search is exactly greedy decoding.
 """
 
 from __future__ import annotations
@@ -105,11 +108,13 @@ def beam_search(model, src, beam: int = 4, alpha: float = 0.6, max_steps: int | 
                     if rank < K:  # only an <eos> among the best K counts as a finished hypothesis
                         finished[b].append((s / length_penalty(pos + 1, alpha), seqs[b, k].tolist()))
                     continue
-                new_scores[b, alive], origin[b, alive], new_tokens[b, alive] = s, k, v
+                new_scores[b, alive], origin[b, alive], new_tokens[b, alive] = s, k, v  # best first
                 alive += 1
                 if alive == K:
                     break
-            if len(finished[b]) >= K or alive == 0:
+            finished[b] = sorted(finished[b], key=lambda h: -h[0])[:K]  # the K best finished
+            best_possible = new_scores[b, 0] / length_penalty(max_steps, alpha)  # of any live hypothesis
+            if alive == 0 or (len(finished[b]) == K and best_possible <= finished[b][-1][0]):
                 done[b] = True
         if done.all():
             break
