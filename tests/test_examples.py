@@ -28,6 +28,7 @@ EXPECTED_EXAMPLES = [
     "10_training_loop.py",
     "11_chinese_pretraining.py",
     "12_check_your_own_layer.py",
+    "13_translation_transformer.py",
 ]
 
 
@@ -235,6 +236,18 @@ def test_examples_run_cell_by_cell_like_a_notebook(name, tmp_path):
             "10_training_loop.py": "10_training_loop.png", "11_chinese_pretraining.py": "11_chinese_pretraining/loss.png"}  # fmt: skip
     if name in pngs:
         assert_png(tmp_path / "out" / pngs[name])
+
+
+def test_13_translation_transformer(tmp_path):
+    out = run_example("13_translation_transformer.py", tmp_path)
+    assert_png(tmp_path / "13_translation_transformer.png")
+    assert "2,064 pairs -> 1,858 for training, 206 held out" in out
+    assert re.search(r"padding mask \(True = ignored as a key\):\n\[\[False", out)
+    assert re.search(r"decoder: tgt_in \(3, \d+\) \+ memory -> logits \(3, \d+, 1847\)", out)
+    first, last = (float(v) for v in re.search(r"held-out loss (\S+) -> (\S+)", out).groups())
+    assert last < first  # it learns, even in a few steps
+    assert out.count("greedy: ") == 3 and out.count("beam 4: ") == 3
+    assert re.search(r"held-out \(50 pairs, greedy\): exact match \S+%, BLEU \S+", out)
 
 
 # --- docs/backprop.md --------------------------------------------------------------------------------

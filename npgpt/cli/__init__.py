@@ -1,5 +1,5 @@
-"""The `npgpt` command line: train, generate, gradcheck, bench, info (the console script `npgpt`, and
-`python -m npgpt`).
+"""The `npgpt` command line: train, generate, gradcheck, bench, info, seq2seq (the console script `npgpt`,
+and `python -m npgpt`).
 
 Each subcommand's arguments and work live in its own module of this package (npgpt/cli/train.py, ...);
 this file only wires them together. The Python API they call (npgpt.train, npgpt.generate, npgpt.bench,
@@ -14,6 +14,7 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
+    from . import seq2seq as seq2seq_cli
     from . import bench, generate, gradcheck, info, train
 
     parser = argparse.ArgumentParser(
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("gradcheck", gradcheck, "check every layer's backward against finite differences"),
         ("bench", bench, "time a training step and generation"),
         ("info", info, "show the backend, devices, BLAS and versions"),
+        ("seq2seq", seq2seq_cli, "the encoder-decoder Transformer: train, translate, eval (English -> Malay bundled)"),
     ]:
         p = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(p)
