@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import checkpoint as ckpt
+from ..atomic import atomic_write_json
 from ..backend import get_xp
 from .config import Seq2SeqConfig
 from .model import Seq2Seq
@@ -41,7 +42,7 @@ def save_model(ckpt_dir, model: Seq2Seq, vocab: Vocab) -> None:
             "config": model.config.to_dict(), "dtype": np.dtype(model.dtype).name,
             "vocab": {"kind": "gpt2-bpe-restricted", "specials": ["<pad>", "<bos>", "<eos>"],
                       "gpt2_ids": vocab.to_list()}}  # fmt: skip
-    ckpt.atomic_write_json(ckpt_dir / ckpt.CONFIG_FILE, {CONFIG_KEY: meta})
+    atomic_write_json(ckpt_dir / ckpt.CONFIG_FILE, {CONFIG_KEY: meta})
 
 
 def resolve_checkpoint(path) -> Path:
@@ -94,7 +95,7 @@ def save_training_checkpoint(out_dir, model: Seq2Seq, vocab: Vocab, optimizer, s
         save_model(tmp, model, vocab)
         ckpt._maybe_crash_for_tests()
         state = {**state, "optimizer": ckpt.save_optimizer(tmp, optimizer)}
-        ckpt.atomic_write_json(tmp / ckpt.STATE_FILE, state)
+        atomic_write_json(tmp / ckpt.STATE_FILE, state)
         ckpt.write_manifest(tmp, step)
         if final.exists():
             shutil.rmtree(final)

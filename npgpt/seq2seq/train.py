@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import checkpoint as ckpt
+from ..atomic import atomic_write_bytes, atomic_write_json
 from ..backend import to_numpy
 from ..model import make_rng
 from ..optim import AdamW, clip_grad_norm
@@ -226,10 +227,10 @@ class Seq2SeqTrainer:
         self.metrics_path = out_dir / "metrics.jsonl"
         if state is not None:
             records = [r for r in _read_jsonl(self.metrics_path) if r.get("step", 0) <= self.step]
-            ckpt.atomic_write_bytes(self.metrics_path, "".join(json.dumps(r) + "\n" for r in records).encode())
+            atomic_write_bytes(self.metrics_path, "".join(json.dumps(r) + "\n" for r in records).encode())
         self.metrics = open(self.metrics_path, "a" if state is not None else "w", encoding="utf-8")
         if state is None:
-            ckpt.atomic_write_bytes(out_dir / "heldout.tsv", "".join(f"{s}\t{t}\n" for s, t in self.held_pairs).encode())
+            atomic_write_bytes(out_dir / "heldout.tsv", "".join(f"{s}\t{t}\n" for s, t in self.held_pairs).encode())
         self.last_ckpt = resume_dir
         self.recent: list[float] = []
         self.last_train = self.last_val = self.last_exact = None
@@ -377,7 +378,7 @@ class Seq2SeqTrainer:
             checkpoint=str(self.last_ckpt) if self.last_ckpt else None, plot=str(plot) if plot else None,
             sample=self.sample, interrupted=interrupted, skipped_steps=self.skipped,
         )  # fmt: skip
-        ckpt.atomic_write_json(self.out_dir / "summary.json", asdict(result))
+        atomic_write_json(self.out_dir / "summary.json", asdict(result))
         print(f"\nDone: {result.steps} steps in {result.seconds:.1f}s wall, {result.cpu_seconds:.1f}s CPU (user+sys)\n"
               f"checkpoint: {result.checkpoint}\nloss plot:  {result.plot}")  # fmt: skip
         if interrupted:
