@@ -40,7 +40,7 @@ def resolve_data_path(spec: str) -> Path:
         return bundled_path(spec)
     path = Path(spec).expanduser()
     if not path.is_file():
-        raise ValueError(f"data file {spec!r} does not exist (or is not a file); give a UTF-8 text file "
+        raise ValueError(f"--data {spec} does not exist (or is not a file); give a UTF-8 text file "
                          f"or one of the bundled corpora: {', '.join(BUNDLED)}")  # fmt: skip
     return path
 

@@ -15,7 +15,6 @@ newest good one, and cleanup never removes the last good one.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -97,9 +96,7 @@ def save_training_checkpoint(out_dir, model: Seq2Seq, vocab: Vocab, optimizer, s
         state = {**state, "optimizer": ckpt.save_optimizer(tmp, optimizer)}
         atomic_write_json(tmp / ckpt.STATE_FILE, state)
         ckpt.write_manifest(tmp, step)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        ckpt.replace_dir(tmp, final)
         ckpt.fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
