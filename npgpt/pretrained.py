@@ -112,13 +112,10 @@ def check_source(path, flag: str) -> Path:
 
 
 def source_config(path) -> GPTConfig | None:
-    """The GPTConfig of what load_pretrained(path) would load, read without loading weights, or None
-    when it cannot be read (load_pretrained then reports why)."""
-    try:
-        _, cfg_path = _resolve(path, warn=False)
-        return read_config(cfg_path) if cfg_path is not None else None
-    except ValueError:
-        return None
+    """The GPTConfig of what load_pretrained(path) would load, read without loading any weights; None
+    when there is no config.json beside them. ValueError for what load_pretrained would refuse."""
+    _, cfg_path = _resolve(path, warn=False)
+    return read_config(cfg_path) if cfg_path is not None else None
 
 
 def normalize_state_dict(tensors: dict, config: GPTConfig, source: str = "checkpoint") -> dict:

@@ -286,17 +286,16 @@ class _StopRequest:
             raise KeyboardInterrupt
 
 
-def build_model(cfg: TrainConfig) -> GPT:
-    dtype = np.dtype(cfg.dtype)
-    if cfg.init_from:
+def build_model(cfg: TrainConfig, config: GPTConfig, resume_dir: Path | None) -> GPT:
+    """The model a run starts from: the checkpoint resumed, the --init-from one, or a fresh one; with
+    `config` (find_start's), which carries --drop-rate for the first two."""
+    if resume_dir is not None or cfg.init_from:
         from .pretrained import load_pretrained
 
-        model = load_pretrained(cfg.init_from, device=cfg.device, dtype=dtype)
-        changes = {k: getattr(cfg, k) for k in ("drop_rate",) if getattr(cfg, k) is not None}
-        if changes:
-            model.config = model.config.replace(**changes)
+        model = load_pretrained(resume_dir or cfg.init_from, device=cfg.device, dtype=np.dtype(cfg.dtype))
+        model.config = config
         return model
-    return GPT(cfg.model_config(), seed=cfg.seed, device=cfg.device, dtype=dtype)
+    return GPT(config, seed=cfg.seed, device=cfg.device, dtype=np.dtype(cfg.dtype))
 
 
 def check_memory(cfg: TrainConfig, config: GPTConfig, rows: int) -> None:
@@ -363,52 +362,38 @@ def check_training_state(state, resume_dir: Path) -> None:
             raise bad(f"has no valid {key!r} entry")
 
 
-def build_or_resume(cfg: TrainConfig, world, out_dir: Path, rows: int) -> tuple[GPT, Path | None, dict | None]:
-    """(model, the checkpoint resumed or None, its training state or None): a fresh model, or the newest
-    good checkpoint's with --resume. Reads only: nothing in out_dir is changed (an --overwrite run
-    replaces the old checkpoints when it writes its first one). Every rank ends with rank 0's weights
-    (and, on GPUs under MPI, an NCCL communicator). rows: the batch rows of one rank (memory check)."""
+def find_start(cfg: TrainConfig, out_dir: Path, warn: bool = True) -> tuple[GPTConfig, Path | None, dict | None]:
+    """(the model's config, the checkpoint to resume or None, its training state or None), reading only
+    small files: nothing is loaded, allocated, or changed in out_dir."""
     if not cfg.resume and not cfg.overwrite and checkpoint_dirs(out_dir):
         raise ValueError(
             f"{out_dir} already holds checkpoints of an earlier run; pass --resume to continue it, "
             "--overwrite to start again there (its checkpoints are replaced), or choose another --out-dir"
         )
-    resume_dir = latest_checkpoint(out_dir, warn=world.is_root) if cfg.resume else None
-    if cfg.resume and resume_dir is None:
+    if not cfg.resume:
+        if not cfg.init_from:
+            return cfg.model_config(), None, None
+        from .pretrained import source_config
+
+        config = source_config(cfg.init_from)
+        if config is None:
+            raise ValueError(f"--init-from {cfg.init_from} has no config.json beside its weights; put the model's config.json there")
+        return (config.replace(drop_rate=cfg.drop_rate) if cfg.drop_rate is not None else config), None, None
+    resume_dir = latest_checkpoint(out_dir, warn=warn)
+    if resume_dir is None:
         raise ValueError(f"--resume: no complete checkpoint in {out_dir / CHECKPOINT_DIR}; start without --resume")
-    state = None
-    if resume_dir is not None:
-        from .pretrained import load_pretrained, read_config
+    from .pretrained import read_config
 
-        state = json.loads((resume_dir / ckpt.STATE_FILE).read_text())
-        check_training_state(state, resume_dir)
-        if cfg.max_steps is not None and cfg.max_steps <= state["step"]:
-            raise ValueError(f"--max-steps {cfg.max_steps} is not beyond step {state['step']} of the checkpoint "
-                             f"{resume_dir}, so there is nothing to resume; give a larger --max-steps")  # fmt: skip
-        if state.get("tokenizer") != tokenizer_hash():
-            raise ValueError(f"{resume_dir} was trained with another tokenizer; it cannot be resumed with this one")
-        saved = read_config(resume_dir / ckpt.CONFIG_FILE)
-        check_resume_flags(cfg, saved, state, resume_dir)
-        if cfg.drop_rate is not None:
-            saved = saved.replace(drop_rate=cfg.drop_rate)
-        check_memory(cfg, saved, rows)
-        model = load_pretrained(resume_dir, device=cfg.device, dtype=np.dtype(cfg.dtype))
-        model.config = saved  # --drop-rate is honoured on resume, as with --init-from
-    else:
-        if cfg.init_from:
-            from .pretrained import source_config
-
-            config = source_config(cfg.init_from)
-        else:
-            config = cfg.model_config()
-        if config is not None:
-            check_memory(cfg, config, rows)
-        model = build_model(cfg)
-    world.barrier()
-    if world.backend != "none" and model.device == "cuda":
-        world.setup_nccl()  # gradients stay on the GPUs: NCCL all-reduce, MPI only for the rendezvous
-    broadcast_params_(world, model.params)
-    return model, resume_dir, state
+    state = json.loads((resume_dir / ckpt.STATE_FILE).read_text())
+    check_training_state(state, resume_dir)
+    if cfg.max_steps is not None and cfg.max_steps <= state["step"]:
+        raise ValueError(f"--max-steps {cfg.max_steps} is not beyond step {state['step']} of the checkpoint "
+                         f"{resume_dir}, so there is nothing to resume; give a larger --max-steps")  # fmt: skip
+    if state.get("tokenizer") != tokenizer_hash():
+        raise ValueError(f"{resume_dir} was trained with another tokenizer; it cannot be resumed with this one")
+    saved = read_config(resume_dir / ckpt.CONFIG_FILE)
+    check_resume_flags(cfg, saved, state, resume_dir)
+    return (saved.replace(drop_rate=cfg.drop_rate) if cfg.drop_rate is not None else saved), resume_dir, state
 
 
 def default_prompt_ids(cfg: TrainConfig, train_ids, context_length: int) -> list[int]:
@@ -439,9 +424,17 @@ class Trainer:
             raise ValueError(f"--batch-size {cfg.batch_size} is the global batch and must be divisible by the "
                              f"{world.size} ranks; use a multiple of {world.size}")  # fmt: skip
         self.out_dir = Path(cfg.out_dir)
-        # 1. read and check; nothing in out_dir is created, changed or removed yet
+        # 1. read and check (settings, data, the checkpoint to resume, memory), then allocate; nothing in
+        #    out_dir is created, changed or removed yet
         self._load_data()
-        self.model, self.resume_dir, state = build_or_resume(cfg, world, self.out_dir, cfg.batch_size // world.size)
+        config, self.resume_dir, state = find_start(cfg, self.out_dir, warn=world.is_root)
+        self._set_up_data(config.context_length)
+        check_memory(cfg, config, self.rank_batch)
+        self.model = build_model(cfg, config, self.resume_dir)
+        world.barrier()
+        if world.backend != "none" and self.model.device == "cuda":
+            world.setup_nccl()  # gradients stay on the GPUs: NCCL all-reduce, MPI only for the rendezvous
+        broadcast_params_(world, self.model.params)  # every rank starts from rank 0's weights
         self._set_up_training()
         if state is not None:
             self._restore(state)
@@ -474,12 +467,13 @@ class Trainer:
         ids = load_token_ids(paths, cache_dir=cfg.cache_dir, errors=cfg.encoding_errors)
         self.train_ids, self.val_ids = split_ids(ids, cfg.train_ratio)
 
-    def _set_up_training(self) -> None:
-        """Windows and batches, the schedule, the engine, the optimizer and the update."""
-        cfg, model, world = self.cfg, self.model, self.world
-        self.seq_len = cfg.context_length or model.config.context_length
-        if self.seq_len > model.config.context_length:
-            raise ValueError(f"--context-length {self.seq_len} exceeds the model's context_length {model.config.context_length}")
+    def _set_up_data(self, context_length: int) -> None:
+        """Windows and batches for a model of this context length (the data must hold enough of them)."""
+        cfg, world = self.cfg, self.world
+        self.seq_len = cfg.context_length or context_length
+        if self.seq_len > context_length:
+            raise ValueError(f"--context-length {self.seq_len} exceeds the model's context_length {context_length}; "
+                             f"use at most {context_length}")  # fmt: skip
         self.train_windows = TokenWindows(self.train_ids, self.seq_len, cfg.stride, name="train")
         self.val_windows = TokenWindows(self.val_ids, self.seq_len, cfg.stride, name="val") if len(self.val_ids) else None
         self.batches = Batches(self.train_windows, cfg.batch_size, shuffle=True, seed=cfg.seed)
@@ -488,6 +482,10 @@ class Trainer:
         steps_per_epoch = max(1, self.batches.batches_per_epoch // self.grad_accum)
         self.total_steps = cfg.max_steps or max(1, int(math.ceil(cfg.epochs * steps_per_epoch)))
         self.schedule = LRSchedule(cfg.lr, self.total_steps, cfg.warmup_steps, cfg.min_lr, cfg.schedule)
+
+    def _set_up_training(self) -> None:
+        """The engine, the optimizer and the update."""
+        cfg, model, world = self.cfg, self.model, self.world
         self.engine = make_engine(cfg.engine, model, self.rank_batch, self.seq_len, precision=cfg.precision)
         self.optimizer = AdamW(model.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
         self.scaler = LossScaler(scale=cfg.loss_scale) if cfg.precision == "fp16" else None
