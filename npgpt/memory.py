@@ -64,9 +64,18 @@ def fmt_bytes(n: float) -> str:
 
 
 def param_count(config: GPTConfig) -> int:
-    from .model import param_shapes
+    """P, in closed form (model.param_shapes lists them one by one, which a huge n_layers makes slow):
+    wte V*C, wpe T*C; per block ln_1 2C, c_attn 3C^2 (+3C bias), c_proj C^2+C, ln_2 2C, c_fc 4C^2+4C,
+    mlp c_proj 4C^2+C; ln_f 2C; an untied lm_head V*C."""
+    V, T, C, L = config.vocab_size, config.context_length, config.emb_dim, config.n_layers
+    block = 12 * C * C + 10 * C + (3 * C if config.qkv_bias else 0)
+    return V * C + T * C + L * block + 2 * C + (0 if config.tie_weights else V * C)
 
-    return sum(int(np.prod(s)) for s in param_shapes(config).values())
+
+def _largest_matrix(config: GPTConfig) -> int:
+    """Elements of the largest 2-D parameter (the weight-gradient scratch is sized by it)."""
+    V, T, C = config.vocab_size, config.context_length, config.emb_dim
+    return max(V * C, T * C, *((3 * C * C, 4 * C * C) if config.n_layers else ()))
 
 
 def fast_engine_bytes(config: GPTConfig, batch_size: int, seq_len: int, dtype="float32", precision: str = "fp32",
@@ -77,7 +86,6 @@ def fast_engine_bytes(config: GPTConfig, batch_size: int, seq_len: int, dtype="f
     step with accumulate=True), which adds the weight-gradient scratch; flash: the CUDA flash-attention
     kernel is in use (no T x T buffers)."""
     from . import fast
-    from .model import param_shapes
     from .parallel import num_threads
     from .precision import compute_dtype, is_low_precision
 
@@ -102,10 +110,9 @@ def fast_engine_bytes(config: GPTConfig, batch_size: int, seq_len: int, dtype="f
                 + (N * C if flash else att)  # flash_out, or the dropped probabilities / datt
                 + T * T)  # causal_bias  # fmt: skip
     work += gelu
-    shapes = param_shapes(config).values()
-    P = sum(int(np.prod(s)) for s in shapes)
+    P = param_count(config)
     if accumulate or lowp:  # the weight-gradient products go through a compute-dtype buffer
-        work += a * max(int(np.prod(s)) for s in shapes if len(s) == 2)
+        work += a * _largest_matrix(config)
     if lowp:
         work += a * P  # the 16-bit copy of the weights
     return int(acts), int(work), int(stat * P)

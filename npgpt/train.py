@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -38,7 +37,7 @@ from .data import Batches, TokenWindows, load_token_ids, resolve_data_path, spli
 from .distributed import broadcast_params_, get_world, limit_threads_per_rank
 from .engine import make_engine
 from .generate import generate
-from .memory import check_fits, estimate_training
+from .memory import available_memory, check_fits, estimate_training
 from .metrics import MetricsLog, peak_rss_mb, plot_losses, read_metrics
 from .model import GPT, make_rng
 from .optim import AdamW
@@ -140,7 +139,8 @@ class TrainConfig:
             integer("--stride", self.stride, 1)
         if self.encoding_errors not in ("strict", "replace"):
             raise ValueError(f"--encoding-errors must be strict or replace, got {self.encoding_errors!r}")
-        if self.cache_dir is not None and Path(self.cache_dir).expanduser().exists() and not Path(self.cache_dir).expanduser().is_dir():
+        cache = Path(self.cache_dir).expanduser() if self.cache_dir is not None else None
+        if cache is not None and cache.exists() and not cache.is_dir():
             raise ValueError(f"--cache-dir {self.cache_dir} is a file, not a folder; give a folder for the token cache")
         # the model
         for flag, value, lo in (("--context-length", self.context_length, 1), ("--emb-dim", self.emb_dim, 1),
@@ -171,7 +171,7 @@ class TrainConfig:
             integer("--max-steps", self.max_steps, 1)
         elif self.epochs is None:
             raise ValueError("give a positive --epochs or --max-steps")
-        else:
+        if self.epochs is not None:  # checked even when --max-steps overrides it: a typo is still a typo
             real("--epochs", self.epochs, 0, lo_open=True, hint="or give --max-steps")
         real("--lr", self.lr, 0, lo_open=True)
         if self.min_lr is not None:
@@ -259,7 +259,6 @@ class _StopRequest:
                 self.signal = signum
             elif self.saving:
                 self.second = True
-                os.write(2, b"\nnpgpt: finishing the checkpoint being written, then stopping\n")
             else:  # a second signal: stop now
                 raise KeyboardInterrupt
 
@@ -304,12 +303,15 @@ def check_memory(cfg: TrainConfig, config: GPTConfig, rows: int) -> None:
     device = resolve_device(cfg.device)
     seq_len = min(cfg.context_length or config.context_length, config.context_length)
     est = estimate_training(config, rows, seq_len, cfg.dtype, cfg.precision, cfg.engine, cfg.grad_accum, gpu=device == "cuda")
-    if est.weights + est.gradients + est.optimizer >= est.activations + est.workspace:
-        fix = ("make the model smaller (--preset, --emb-dim, --n-layers)" if not (cfg.resume or cfg.init_from)
-               else "this model does not fit; use a machine with more memory")  # fmt: skip
+    available = available_memory(device)
+    fixed_model = cfg.resume or cfg.init_from
+    if available is not None and est.weights + est.gradients + est.optimizer > available:
+        fix = ("the model alone (weights, gradients, AdamW moments) does not fit: " +
+               ("use a machine with more memory" if fixed_model else "make it smaller (--preset, --emb-dim, --n-layers)"))
     else:
-        fix = "make the batch smaller (--batch-size, --context-length; --grad-accum keeps the batch in smaller pieces)"
-    check_fits(est, device, fix=fix)
+        fix = ("make the batch smaller (--batch-size, --context-length; --grad-accum keeps the batch in smaller pieces)"
+               + ("" if fixed_model else " or the model (--n-layers, --emb-dim)"))  # fmt: skip
+    check_fits(est, device, fix=fix, available=available)
 
 
 MODEL_FLAGS = ("emb_dim", "n_heads", "n_layers", "qkv_bias", "tie_weights")

@@ -50,10 +50,10 @@ def resolve_checkpoint(path) -> Path:
     if (path / ckpt.CHECKPOINT_DIR).is_dir():
         found = ckpt.latest_checkpoint(path)
         if found is None:
-            raise ValueError(f"{path} has no complete checkpoint in {path / ckpt.CHECKPOINT_DIR}")
+            raise ValueError(f"--checkpoint {path} has no complete checkpoint in {path / ckpt.CHECKPOINT_DIR}")
         return found
     if not (path / ckpt.CONFIG_FILE).is_file() or not (path / ckpt.MODEL_FILE).is_file():
-        raise ValueError(f"{path} is neither a seq2seq checkpoint (model.safetensors + config.json) nor a run "
+        raise ValueError(f"--checkpoint {path} is neither a seq2seq checkpoint (model.safetensors + config.json) nor a run "
                          "directory with checkpoints/; pass the --out-dir of `npgpt seq2seq train`")  # fmt: skip
     return path
 
