@@ -6,7 +6,12 @@
 One optimizer step (update.py): for each of `grad_accum` micro-batches, forward with dropout and
 backward (the loss scaled by 1/grad_accum so the gradients sum to the mean), then clip the global
 gradient norm, then AdamW with the learning rate of the warmup + cosine schedule. A step whose loss or
-gradient norm is not finite is skipped without touching the weights or the optimizer state.
+gradient norm is not finite is skipped without touching the weights or the optimizer state; weights
+that are not finite, or give a non-finite loss, are never saved: the run has diverged and stops
+(TrainingAborted) with its last good checkpoint kept.
+
+Setting up checks everything before touching the run's folder: the settings (TrainConfig.validate),
+the data, the checkpoint to resume and what it can honour, and the memory the run needs (memory.py).
 
 A run directory holds metrics.jsonl (one JSON record per step and per evaluation), loss.png (train and
 val loss against steps and tokens seen), summary.json, and checkpoints/step-XXXXXXXX/ directories in the
