@@ -1,7 +1,7 @@
 """kill -9 at random moments: every checkpoint left behind verifies, and --resume, again and again, ends
 with the same weights (and the same loss at every step) as a run that was never interrupted.
 
-A subprocess loop bounded in time (about 35 s): start or resume training, wait until it reaches a random
+A subprocess loop bounded in time (about 30 s): start or resume training, wait until it reaches a random
 step (or a random moment of its start-up), SIGKILL it a random few milliseconds later, check every
 step-* folder. Checkpoints are written at every step, so many kills land inside a save; the first kill
 is placed inside one on purpose (the NPGPT_TEST_CRASH_IN_SAVE hook)."""
@@ -23,7 +23,7 @@ STEPS = 40
 ARGS = ["train", "--preset", "nano", "--emb-dim", "8", "--n-heads", "2", "--n-layers", "1", "--tie-weights",
         "--context-length", "16", "--batch-size", "2", "--no-progress", "--sample-tokens", "2", "--drop-rate", "0.1",
         "--max-steps", str(STEPS), "--checkpoint-interval", "1", "--keep-last", "2", "--eval-interval", "10"]  # fmt: skip
-BUDGET_S = 35
+BUDGET_S = 30
 
 
 def start(out, env_extra=None):
