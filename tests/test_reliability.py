@@ -103,6 +103,8 @@ def test_signal_finishes_the_step_saves_and_exits_130(tmp_path, sig):
     ck = latest_checkpoint(out)
     assert ck.name == f"step-{steps[-1]:08d}"  # the step in flight finished and was saved
     assert verify_manifest(ck) is None
+    summary = json.loads((out / "summary.json").read_text())  # complete: a loss and finite timings
+    assert summary["interrupted"] and summary["train_loss"] is not None and np.isfinite(summary["ms_per_step"])
 
 
 def _nan_on_calls(monkeypatch, calls):
