@@ -114,6 +114,32 @@ def split_ids(ids: np.ndarray, train_ratio: float = 0.9):
     return ids[:cut], ids[cut:]
 
 
+def split_text_ids(texts: list[str], train_ratio: float = 0.9):
+    """(train, val) uint16 ids, cutting the text rather than the tokens: the first train_ratio of the
+    characters (of the texts one after the other) are tokenised for training, the rest for validation,
+    as the book's chapter 5 does (`text[:int(0.9 * len(text))]`). Texts are joined with <|endoftext|>
+    on each side of the cut, as load_token_ids joins files."""
+    if not 0.0 < train_ratio <= 1.0:
+        raise ValueError(f"train ratio must be in (0, 1], got {train_ratio}")
+    cut = int(train_ratio * sum(len(t) for t in texts))
+    sides: tuple[list, list] = ([], [])
+    start = 0
+    for t in texts:
+        here = min(max(cut - start, 0), len(t))  # characters of this text before the cut
+        for side, piece in zip(sides, (t[:here], t[here:])):
+            if piece:
+                side.append(piece)
+        start += len(t)
+
+    def ids(pieces):
+        out: list[int] = []
+        for i, piece in enumerate(pieces):
+            out += ([EOT_ID] if i else []) + encode(piece, allow_endoftext=False)
+        return np.asarray(out, dtype=np.uint16)
+
+    return ids(sides[0]), ids(sides[1])
+
+
 class TokenWindows:
     """Sliding windows over a 1-D id array: window i has inputs ids[s:s+T], targets ids[s+1:s+T+1], s = i*stride."""
 

@@ -79,8 +79,9 @@ class MetricsLog:
 def plot_losses(history: dict, path, step_losses=None) -> Path:
     """Train and val loss against steps (bottom axis) and tokens seen (top axis), as a PNG.
 
-    history: {"train": [(step, tokens, loss)], "val": [...]} at each evaluation; step_losses: the loss
-    of every step, drawn faintly behind."""
+    history: {"train": [(step, tokens, loss)], "val": [...]} at each evaluation (and "train_eval", the train
+    loss evaluated without dropout, drawn as a curve of its own); step_losses: the loss of every step,
+    drawn faintly behind."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -90,17 +91,19 @@ def plot_losses(history: dict, path, step_losses=None) -> Path:
     if step_losses:
         s, loss = zip(*step_losses)
         ax.plot(s, loss, "-", color="tab:blue", alpha=0.25, linewidth=0.8, label="train loss (each step)")
-    for name, style in (("train", "-o"), ("val", "--s")):
+    labels = {"train": ("train loss (mean of the steps since the last eval, dropout on)", "-o", "tab:blue"),
+              "train_eval": ("train loss (evaluated: dropout off, --eval-train-batches)", ":^", "tab:green"),
+              "val": ("val loss", "--s", "tab:orange")}  # fmt: skip
+    for name, (label, style, color) in labels.items():
         pts = history.get(name) or []
         if pts:
             s, _, loss = zip(*pts)
-            label = "train loss (mean since last eval)" if name == "train" else "val loss"
-            ax.plot(s, loss, style, markersize=3, label=label, color="tab:blue" if name == "train" else "tab:orange")
+            ax.plot(s, loss, style, markersize=3, label=label, color=color)
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    pts = (history.get("train") or []) + (history.get("val") or [])
+    pts = (history.get("train") or []) + (history.get("val") or []) + (history.get("train_eval") or [])
     if pts:
         steps = np.array([p[0] for p in pts], dtype=float)
         toks = np.array([p[1] for p in pts], dtype=float)

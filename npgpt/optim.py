@@ -27,6 +27,15 @@ def default_decay_filter(name: str, param) -> bool:
     return param.ndim >= 2
 
 
+def decay_every_parameter(name: str, param) -> bool:
+    """Decay every tensor, biases and LayerNorm weights included, as torch.optim.AdamW(model.parameters())
+    does (the book's chapter 5)."""
+    return True
+
+
+DECAY_FILTERS = {"matrices": default_decay_filter, "all": decay_every_parameter}  # `npgpt train --weight-decay-on`
+
+
 class AdamW:
     def __init__(self, params: dict, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.01, decay_filter: Callable[[str, object], bool] = default_decay_filter):  # fmt: skip

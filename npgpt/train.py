@@ -38,19 +38,22 @@ from .checkpoint import (CHECKPOINT_DIR, checkpoint_dirs, clean_stray_temporarie
                          save_training_checkpoint)  # fmt: skip
 from . import validate as V
 from .config import PRESETS, GPTConfig
-from .data import Batches, TokenWindows, load_token_ids, resolve_data_path, split_ids
+from .data import Batches, TokenWindows, load_token_ids, read_text, resolve_data_path, split_ids, split_text_ids
 from .distributed import broadcast_params_, get_world, limit_threads_per_rank
 from .engine import make_engine
 from .generate import generate
 from .memory import available_memory, check_fits, estimate_training
 from .metrics import MetricsLog, peak_rss_mb, plot_losses, read_metrics
 from .model import GPT, make_rng
-from .optim import AdamW
+from .optim import DECAY_FILTERS, AdamW
 from .precision import LossScaler, check_precision, compute_dtype
 from .schedule import LRSchedule
 from .sampling import check_sampling_args
 from .tokenizer import decode, encode, tokenizer_hash
 from .update import Updater
+
+
+DECAY_CHOICES = tuple(DECAY_FILTERS)  # --weight-decay-on
 
 
 class TrainingAborted(RuntimeError):
@@ -73,6 +76,7 @@ class TrainConfig:
     # data
     data: list = field(default_factory=lambda: ["the-verdict"])  # files, or bundled corpora by name
     train_ratio: float = 0.9
+    split_by: str = "tokens"  # "characters": cut the text at train_ratio of its characters, then tokenise each part (the book's way)
     stride: int | None = None  # default: context_length (non-overlapping windows)
     encoding_errors: str = "strict"  # or "replace"
     cache_dir: str | None = None  # token cache (default ~/.cache/npgpt/tokens or $NPGPT_CACHE_DIR)
@@ -86,6 +90,7 @@ class TrainConfig:
     qkv_bias: bool | None = None
     tie_weights: bool | None = None
     init_from: str | None = None  # a Hugging Face GPT-2 directory or an npgpt checkpoint to start from
+    init: str | None = None  # a new model's initialisation (model.init_params): "gpt2" (None) or "pytorch"
     # optimisation
     batch_size: int = 4  # the global batch (split among the ranks under MPI)
     grad_accum: int = 1
@@ -96,6 +101,7 @@ class TrainConfig:
     warmup_steps: int = 0
     schedule: str = "cosine"
     weight_decay: float = 0.1
+    weight_decay_on: str = "matrices"  # "matrices": ndim >= 2 tensors only; "all": every parameter (the book's AdamW)
     beta1: float = 0.9
     beta2: float = 0.95  # as in most LLM recipes; PyTorch's default 0.999 learns small models much slower
     grad_clip: float | None = 1.0  # None or 0: no clipping
@@ -103,7 +109,9 @@ class TrainConfig:
     # evaluation, samples, checkpoints
     out_dir: str = "runs/npgpt"
     eval_interval: int = 50  # steps; the last step is always evaluated
+    eval_offset: int = 0  # evaluate after the steps s with (s - eval_offset) % eval_interval == 0; 1: steps 1, 1+k, ...
     eval_batches: int | None = None  # None: the whole validation split
+    eval_train_batches: int | None = None  # N: also the train loss without dropout on N random train batches
     sample_prompt: str | None = None  # default: the first line of the training text
     sample_tokens: int = 40
     sample_temperature: float = 0.0
@@ -139,7 +147,9 @@ class TrainConfig:
             raise ValueError(f"--preset {self.preset!r} is not a preset; choose one of {', '.join(PRESETS)}")
         if not self.data:
             raise ValueError("no training data given (--data FILE ...)")
-        real("--train-ratio", self.train_ratio, 0, 1, lo_open=True, hint="it is the share of tokens used for training")
+        real("--train-ratio", self.train_ratio, 0, 1, lo_open=True, hint="it is the share of the text used for training")
+        if self.split_by not in ("tokens", "characters"):
+            raise ValueError(f"--split-by must be tokens or characters, got {self.split_by!r}")
         if self.stride is not None:
             integer("--stride", self.stride, 1)
         if self.encoding_errors not in ("strict", "replace"):
@@ -154,6 +164,14 @@ class TrainConfig:
                 integer(flag, value, lo)
         if self.drop_rate is not None:
             real("--drop-rate", self.drop_rate, 0, 1, hi_open=True, hint="0 turns dropout off")
+        if self.init is not None:
+            from .model import INITS
+
+            if self.init not in INITS:
+                raise ValueError(f"--init must be one of {', '.join(INITS)}, got {self.init!r}")
+            if self.init_from is not None:
+                raise ValueError(f"--init {self.init} cannot be combined with --init-from: the checkpoint gives the "
+                                 "starting weights; leave --init out")  # fmt: skip
         if self.init_from is not None:
             from .pretrained import check_source
 
@@ -185,6 +203,8 @@ class TrainConfig:
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"--schedule must be cosine or constant, got {self.schedule!r}")
         real("--weight-decay", self.weight_decay, 0)
+        if self.weight_decay_on not in DECAY_CHOICES:
+            raise ValueError(f"--weight-decay-on must be one of {', '.join(DECAY_CHOICES)}, got {self.weight_decay_on!r}")
         real("--beta1", self.beta1, 0, 1, hi_open=True)
         real("--beta2", self.beta2, 0, 1, hi_open=True)
         if self.grad_clip is not None:
@@ -193,6 +213,9 @@ class TrainConfig:
         # evaluation, samples, checkpoints
         V.out_dir("--out-dir", self.out_dir)
         integer("--eval-interval", self.eval_interval, 1)
+        integer("--eval-offset", self.eval_offset, 0, hint="1 evaluates right after the first step")
+        if self.eval_train_batches is not None:
+            integer("--eval-train-batches", self.eval_train_batches, 1, hint="leave it out to log only the running mean")
         if self.eval_batches is not None:
             integer("--eval-batches", self.eval_batches, 1, hint="leave it out to evaluate the whole validation split")
         integer("--sample-tokens", self.sample_tokens, 0)
@@ -233,6 +256,7 @@ class TrainResult:
     sample: str
     interrupted: bool = False
     skipped_steps: int = 0
+    train_eval_loss: float | None = None  # --eval-train-batches: the last train loss evaluated without dropout
 
 
 def params_finite(params: dict) -> bool:
@@ -299,7 +323,7 @@ def build_model(cfg: TrainConfig, config: GPTConfig, resume_dir: Path | None) ->
         model = load_pretrained(resume_dir or cfg.init_from, device=cfg.device, dtype=np.dtype(cfg.dtype))
         model.config = config
         return model
-    return GPT(config, seed=cfg.seed, device=cfg.device, dtype=np.dtype(cfg.dtype))
+    return GPT(config, seed=cfg.seed, device=cfg.device, dtype=np.dtype(cfg.dtype), init=cfg.init or "gpt2")
 
 
 def check_memory(cfg: TrainConfig, config: GPTConfig, rows: int) -> None:
@@ -324,7 +348,8 @@ MODEL_FLAGS = ("emb_dim", "n_heads", "n_layers", "qkv_bias", "tie_weights")
 
 def check_resume_flags(cfg: TrainConfig, saved: GPTConfig, state: dict, resume_dir: Path) -> None:
     """Refuse, by name, flags that a resumed run cannot honour: a model shape other than the checkpoint's
-    (--preset, --emb-dim, ...), another --seed (the data order is the run's), another --init-from."""
+    (--preset, --emb-dim, ...), another --seed (the data order is the run's), another --init-from, --init or
+    --weight-decay-on."""
     wanted = {}
     if cfg.preset is not None:
         preset = GPTConfig.from_preset(cfg.preset)
@@ -345,6 +370,12 @@ def check_resume_flags(cfg: TrainConfig, saved: GPTConfig, state: dict, resume_d
     if "seed" in state and state["seed"] != cfg.seed:
         raise ValueError(f"--seed {cfg.seed} differs from the seed {state['seed']} of the run being resumed, whose data "
                          f"order and dropout follow its seed; resume with --seed {state['seed']}")  # fmt: skip
+    theirs = {"init": run_cfg.get("init") or "gpt2", "weight_decay_on": run_cfg.get("weight_decay_on") or "matrices"}
+    mine = {"init": cfg.init or theirs["init"], "weight_decay_on": cfg.weight_decay_on}  # --init only when given
+    for key in [k for k in theirs if mine[k] != theirs[k]]:
+        flag = f"--{key.replace('_', '-')}"
+        raise ValueError(f"{flag} {mine[key]} cannot be honoured by --resume: the run being resumed has {flag} "
+                         f"{theirs[key]}; resume with {flag} {theirs[key]} (or start a new run in another --out-dir)")  # fmt: skip
     if cfg.init_from is not None and run_cfg.get("init_from") != cfg.init_from:
         raise ValueError(f"--init-from {cfg.init_from} cannot be honoured by --resume: the run continues from its own "
                          f"checkpoint {resume_dir}; leave --init-from out")  # fmt: skip
@@ -458,7 +489,7 @@ class Trainer:
         self.metrics_path = self.out_dir / "metrics.jsonl"
         self.metrics = MetricsLog(self.metrics_path, resume_at=self.step if state is not None else None, enabled=world.is_root)
         self.last_ckpt: Path | None = self.resume_dir
-        self.last_train = self.last_val = None
+        self.last_train = self.last_val = self.last_train_eval = None
         self.last_finite: tuple[int, float] | None = None  # (step, loss) of the last step with a finite loss
         self.recent: list[float] = []  # the losses of the steps since the last evaluation
         self.sample = ""
@@ -471,6 +502,10 @@ class Trainer:
         """Every rank reads the same tokens; each keeps its own rows of every global batch (train_step)."""
         cfg = self.cfg
         paths = [resolve_data_path(p) for p in cfg.data]
+        if cfg.split_by == "characters":  # the book's way: cut the text, then tokenise each part
+            texts = [read_text(p, cfg.encoding_errors) for p in paths]
+            self.train_ids, self.val_ids = split_text_ids(texts, cfg.train_ratio)
+            return
         ids = load_token_ids(paths, cache_dir=cfg.cache_dir, errors=cfg.encoding_errors)
         self.train_ids, self.val_ids = split_ids(ids, cfg.train_ratio)
 
@@ -494,11 +529,12 @@ class Trainer:
         """The engine, the optimizer and the update."""
         cfg, model, world = self.cfg, self.model, self.world
         self.engine = make_engine(cfg.engine, model, self.rank_batch, self.seq_len, precision=cfg.precision)
-        self.optimizer = AdamW(model.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+        self.optimizer = AdamW(model.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+                               decay_filter=DECAY_FILTERS[cfg.weight_decay_on])  # fmt: skip
         self.scaler = LossScaler(scale=cfg.loss_scale) if cfg.precision == "fp16" else None
         self.updater = Updater(self.engine, self.optimizer, world=world, scaler=self.scaler, grad_clip=cfg.grad_clip)
         self.step, self.tokens_seen, self.skipped = 0, 0, 0
-        self.history = {"train": [], "val": []}  # (step, tokens, loss) at each evaluation
+        self.history = {"train": [], "val": [], "train_eval": []}  # (step, tokens, loss) at each evaluation
 
     def _restore(self, state: dict) -> None:
         """The optimizer, data position, counters, history and loss scale of the checkpoint resumed."""
@@ -507,7 +543,7 @@ class Trainer:
         self.batches.load_state_dict(state["data"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.skipped = state.get("skipped_steps", 0)
-        self.history = state.get("history", self.history)
+        self.history = {**self.history, **state.get("history", {})}
         if self.scaler is not None and state.get("loss_scaler"):
             self.scaler.load_state_dict(state["loss_scaler"])
 
@@ -595,10 +631,33 @@ class Trainer:
         total, count = world.allreduce_sum([total, count])
         return float(total / max(count, 1))
 
+    def eval_train_windows(self) -> np.ndarray:
+        """The train windows of this evaluation's --eval-train-batches: the first N batches of a fresh
+        permutation of the train split, drawn from (seed, step) as a shuffled loader would give them
+        (the training order is not touched, and a resumed run draws the same ones)."""
+        n = min(self.cfg.eval_train_batches * self.batch_size, len(self.train_windows))
+        return np.random.default_rng([self.cfg.seed, self.step, 1]).permutation(len(self.train_windows))[:n]
+
+    def evaluate_train(self) -> float | None:
+        """The train loss measured as the validation loss is (dropout off, no update) on the windows of
+        eval_train_windows: what the book calls the train loss, not the running mean of the steps."""
+        if not self.cfg.eval_train_batches:
+            return None
+        world, windows = self.world, self.train_windows
+        mine = self.eval_train_windows()[world.rank :: world.size]
+        total = count = 0.0
+        for i in range(0, len(mine), self.rank_batch):
+            x, y = windows.batch(mine[i : i + self.rank_batch])
+            total += self.engine.loss(x, y) * y.size
+            count += y.size
+        total, count = world.allreduce_sum([total, count])
+        return float(total / max(count, 1))
+
     def eval_and_sample(self) -> None:
         self.last_train = float(np.mean(self.recent)) if self.recent else self.last_train
         self.recent = []
         self.last_val = self.evaluate()
+        self.last_train_eval = self.evaluate_train()
         if self.world.is_root:
             c = self.cfg
             self.sample = sample_text(self.model, self.prompt_ids, c.sample_tokens, c.sample_temperature, c.sample_top_k, c.seed)
@@ -606,11 +665,17 @@ class Trainer:
             self.history["train"].append((self.step, self.tokens_seen, self.last_train))
         if self.last_val is not None:
             self.history["val"].append((self.step, self.tokens_seen, self.last_val))
-        self.log({"kind": "eval", "step": self.step, "tokens": self.tokens_seen, "train_loss": self.last_train,
-                  "val_loss": self.last_val, "sample": self.sample})  # fmt: skip
+        record = {"kind": "eval", "step": self.step, "tokens": self.tokens_seen, "train_loss": self.last_train,
+                  "val_loss": self.last_val, "sample": self.sample}  # fmt: skip
+        evaluated = ""
+        if self.last_train_eval is not None:  # a measurement of its own, logged and plotted under its own name
+            self.history["train_eval"].append((self.step, self.tokens_seen, self.last_train_eval))
+            record["train_eval_loss"] = self.last_train_eval
+            evaluated = f"  train (eval) {self.last_train_eval:.3f}"
+        self.log(record)
         val_txt = f"{self.last_val:.3f}" if self.last_val is not None else "n/a"
         train_txt = f"{self.last_train:.3f}" if self.last_train is not None else "n/a"
-        self.say(f"step {self.step:>6}  tokens {self.tokens_seen:>9,}  train {train_txt}  val {val_txt}  | {self.sample!r}")
+        self.say(f"step {self.step:>6}  tokens {self.tokens_seen:>9,}  train {train_txt}{evaluated}  val {val_txt}  | {self.sample!r}")
 
     def micro_batch_rng(self, micro: int):
         parts = [self.cfg.seed, self.step, micro] + ([self.world.rank] if self.world.size > 1 else [])
@@ -704,7 +769,7 @@ class Trainer:
                       "grad_norm": norm, "ms": dt * 1e3, "tokens_per_s": tokens_per_step / dt})  # fmt: skip
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / dt:,.0f}")
-            if self.step % cfg.eval_interval == 0 or self.step == self.total_steps:
+            if (self.step - cfg.eval_offset) % cfg.eval_interval == 0 or self.step == self.total_steps:
                 self.eval_and_sample()
             if self.world.allreduce_max(1.0 if stop.signal is not None else 0.0) > 0:  # every rank stops together
                 return True
@@ -728,7 +793,7 @@ class Trainer:
             seconds=seconds, ms_per_step=1e3 * median, tokens_per_second=tokens_per_step / median,
             peak_memory_mb=peak_rss_mb(), out_dir=str(self.out_dir),
             checkpoint=str(self.last_ckpt) if self.last_ckpt else None, plot=str(plot) if plot else None,
-            sample=self.sample, interrupted=interrupted, skipped_steps=self.skipped,
+            sample=self.sample, interrupted=interrupted, skipped_steps=self.skipped, train_eval_loss=self.last_train_eval,
         )  # fmt: skip
         numbers = (result.train_loss, result.seconds, result.ms_per_step, result.tokens_per_second)
         complete = self.step > first_step and all(v is not None and math.isfinite(v) for v in numbers)
@@ -754,7 +819,10 @@ def print_summary(r: TrainResult) -> None:
     print(
         f"\nDone: {r.steps} steps, {r.tokens_seen:,} tokens in {r.seconds:.1f}s "
         f"({r.ms_per_step:.0f} ms/step, {r.tokens_per_second:,.0f} tokens/s, peak memory {r.peak_memory_mb:,.0f} MB)\n"
-        f"train loss {fmt(r.train_loss)}, val loss {fmt(r.val_loss)}"
+        f"train loss {fmt(r.train_loss)}"
+        + (f" (mean of the steps since the last evaluation; evaluated without dropout: {fmt(r.train_eval_loss)})"
+           if r.train_eval_loss is not None else "")
+        + f", val loss {fmt(r.val_loss)}"
         + (f", {r.skipped_steps} non-finite steps skipped" if r.skipped_steps else "")
         + f"\ncheckpoint: {r.checkpoint}\nloss plot:  {r.plot}\nsample:     {r.sample!r}"
     )

@@ -9,15 +9,22 @@ import argparse
 from dataclasses import fields
 
 from ..config import PRESETS
-from ..train import TrainConfig, train
+from ..recipes import RECIPES, recipe_values
+from ..train import DECAY_CHOICES, TrainConfig, train
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
+    p.add_argument("--recipe", choices=sorted(RECIPES),
+                   help="a named set of settings; flags given beside it override it. book-ch5: chapter 5 of "
+                        "'Build a Large Language Model (From Scratch)' (GPT-2 124M shape, PyTorch's init, AdamW "
+                        "4e-4 decaying every parameter, the book's split, batches and evaluation; see npgpt/recipes.py)")
     g = p.add_argument_group("data")
     g.add_argument("--data", nargs="+", default=d.data, metavar="FILE",
                    help="UTF-8 text files, or bundled corpora by name: the-verdict (default), tang300")
     g.add_argument("--train-ratio", type=float, default=d.train_ratio, help="share of tokens for training (default 0.9)")
+    g.add_argument("--split-by", choices=["tokens", "characters"], default=d.split_by,
+                   help="cut train/val at --train-ratio of the tokens (default) or of the characters (the book's way)")
     g.add_argument("--stride", type=int, default=None, help="step between windows (default: the context length)")
     g.add_argument("--encoding-errors", choices=["strict", "replace"], default=d.encoding_errors,
                    help="invalid UTF-8: stop with an error (strict) or replace the bytes with U+FFFD")
@@ -33,6 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--qkv-bias", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--tie-weights", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--init-from", metavar="DIR", help="start from a Hugging Face GPT-2 directory or an npgpt checkpoint")
+    g.add_argument("--init", choices=["gpt2", "pytorch"],
+                   help="a new model's initial weights: gpt2 (default: N(0, 0.02), residual projections "
+                        "N(0, 0.02/sqrt(2 n_layers)), biases 0) or pytorch (PyTorch's layer defaults, as the book's "
+                        "GPTModel: embeddings N(0, 1), linear weights and biases U(+-1/sqrt(fan_in))); LayerNorm 1 and 0")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=d.batch_size)
     g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
@@ -43,6 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     g.add_argument("--schedule", choices=["cosine", "constant"], default=d.schedule)
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--weight-decay-on", choices=list(DECAY_CHOICES), default=d.weight_decay_on,
+                   help="matrices: weight decay on matrices and embeddings only (default); all: on every parameter, "
+                        "biases and LayerNorm too (torch.optim.AdamW(model.parameters()), the book's way)")
     g.add_argument("--beta1", type=float, default=d.beta1)
     g.add_argument("--beta2", type=float, default=d.beta2)
     g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="global gradient-norm limit (0: off)")
@@ -51,7 +65,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--out-dir", default=d.out_dir)
     g.add_argument("--eval-interval", type=int, default=d.eval_interval)
+    g.add_argument("--eval-offset", type=int, default=d.eval_offset,
+                   help="evaluate after the steps s with (s - offset) divisible by --eval-interval (default 0; "
+                        "1: right after the first step and every interval after it, as the book does)")
     g.add_argument("--eval-batches", type=int, help="validation batches per evaluation (default: all)")
+    g.add_argument("--eval-train-batches", type=int, metavar="N",
+                   help="also evaluate the train loss without dropout on N random train batches at each evaluation, "
+                        "logged and plotted as train_eval_loss beside the running mean of the steps (default: off)")
     g.add_argument("--sample-prompt", help="prompt for the sample at each evaluation (default: the text's first line)")
     g.add_argument("--sample-tokens", type=int, default=d.sample_tokens)
     g.add_argument("--sample-temperature", type=float, default=d.sample_temperature)
@@ -74,11 +94,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--loss-scale", type=float, default=d.loss_scale,
                    help="fp16: initial loss scale of dynamic loss scaling (default 65536)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    _record_given_flags(p)
+
+
+class _RecordsGiven:
+    """Mixed into each argparse action: notes the destinations the command line actually sets, so that
+    flags given beside --recipe override it (even when they repeat a default)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = set(getattr(namespace, "given_flags", None) or ())
+        namespace.given_flags = given | {self.dest}
+        super().__call__(parser, namespace, values, option_string)
+
+
+def _record_given_flags(p: argparse.ArgumentParser) -> None:
+    for action in p._actions:
+        if action.dest not in ("help", "recipe") and not isinstance(action, _RecordsGiven):
+            action.__class__ = type(f"Given{type(action).__name__}", (_RecordsGiven, type(action)), {})
 
 
 def config_from_args(args) -> TrainConfig:
     names = {f.name for f in fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in names}
+    if getattr(args, "recipe", None):  # the recipe, then the flags given on the command line
+        given = getattr(args, "given_flags", None) or set()
+        values = {**values, **recipe_values(args.recipe, {k: v for k, v in values.items() if k in given})}
     if values.get("grad_clip") == 0:
         values["grad_clip"] = None
     return TrainConfig(**values)
