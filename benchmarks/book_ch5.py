@@ -2,12 +2,15 @@
 
     python benchmarks/book_ch5.py                 # npgpt's recipe, then our PyTorch twin, back to back
     python benchmarks/book_ch5.py --no-torch      # npgpt only (the twin's columns are left out)
+    python benchmarks/book_ch5.py --together      # both at once, sharing the machine's load alike
     python benchmarks/book_ch5.py --render-only   # rewrite the page from docs/book-ch5.json
 
-In one invocation: `npgpt train --recipe book-ch5` in a fresh process, then benchmarks/book_ch5_torch.py
-(our own PyTorch twin of the book's model and loop, not the book's code) in another, each timed from the
-outside (wall time of the whole process) and by itself (the training loop), each reporting its own peak
-resident memory (VmHWM). The measured numbers go to docs/book-ch5.json, the page to docs/book-ch5.md and
+In one invocation: `npgpt train --recipe book-ch5` in a fresh process and benchmarks/book_ch5_torch.py
+(our own PyTorch twin of the book's model and loop, not the book's code) in another, back to back or
+(--together) at the same time, each timed from the outside (wall time of the whole process) and by
+itself (the training loop), each reporting its own peak resident memory (VmHWM). On a machine that
+other jobs share, --together puts both runs under the same background load (and each under the
+other's), which keeps their ratio fair when the load comes and goes. The measured numbers go to docs/book-ch5.json, the page to docs/book-ch5.md and
 the curves (the book's published points, npgpt's evaluations, the twin's) to docs/book-ch5.png.
 """
 
@@ -19,7 +22,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,12 +46,16 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def run_npgpt(out_dir: Path) -> dict:
-    cmd = [sys.executable, "-m", "npgpt", "train", "--recipe", "book-ch5", "--out-dir", str(out_dir), "--overwrite",
-           "--no-progress"]  # fmt: skip
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True)
-    wall = time.perf_counter() - t0
+def npgpt_command(out_dir: Path) -> list:
+    return [sys.executable, "-u", "-m", "npgpt", "train", "--recipe", "book-ch5", "--out-dir", str(out_dir), "--overwrite",
+            "--no-progress"]  # fmt: skip
+
+
+def twin_command(out: Path) -> list:
+    return [sys.executable, "-u", str(ROOT / "benchmarks" / "book_ch5_torch.py"), "--json", str(out)]
+
+
+def npgpt_results(out_dir: Path, wall: float) -> dict:
     summary = json.loads((out_dir / "summary.json").read_text())
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     evals = [[r["step"] - 1, r.get("train_eval_loss"), r["val_loss"], r["train_loss"]] for r in records if r.get("kind") == "eval"]
@@ -57,21 +63,48 @@ def run_npgpt(out_dir: Path) -> dict:
                 seconds=summary["seconds"], peak_memory_mb=summary["peak_memory_mb"], steps=summary["steps"])  # fmt: skip
 
 
-def run_twin(tmp: Path) -> dict:
-    out = tmp / "twin.json"
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "book_ch5_torch.py"), "--json", str(out)], check=True)
-    wall = time.perf_counter() - t0
+def twin_results(out: Path, wall: float) -> dict:
     return {**json.loads(out.read_text()), "process_seconds": wall, "command": "python benchmarks/book_ch5_torch.py"}
 
 
-def measure(with_torch: bool) -> dict:
+def run_all(commands: dict, together: bool, logs: Path) -> dict:
+    """name -> wall seconds of each command's process, run one after the other or all at once."""
+    walls, running = {}, {}
+    for name, cmd in commands.items():
+        log = open(logs / f"{name}.log", "w")
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        running[name] = (proc, t0, log)
+        if not together:
+            proc.wait()
+            walls[name] = time.perf_counter() - t0
+    while len(walls) < len(commands):
+        for name, (proc, t0, log) in running.items():
+            if name not in walls and proc.poll() is not None:
+                walls[name] = time.perf_counter() - t0
+        time.sleep(0.5)
+    for name, (proc, _, log) in running.items():
+        log.close()
+        if proc.returncode:
+            raise SystemExit(f"{name} failed (exit {proc.returncode}); see {logs / (name + '.log')}")
+    return walls
+
+
+def measure(with_torch: bool, together: bool) -> dict:
     results = dict(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), cpu=cpu_name(), cores=os.cpu_count(),
-                   python=platform.python_version())  # fmt: skip
-    with tempfile.TemporaryDirectory() as tmp:
-        results["npgpt"] = run_npgpt(Path(tmp) / "run")
-        if with_torch:
-            results["torch_twin"] = run_twin(Path(tmp))
+                   python=platform.python_version(), mode="together" if together and with_torch else "back to back")  # fmt: skip
+    work = ROOT / "runs" / "book-ch5-bench"  # kept: the run, the twin's numbers and both logs
+    work.mkdir(parents=True, exist_ok=True)
+    commands = {"npgpt": npgpt_command(work / "run")}
+    if with_torch:
+        commands["torch_twin"] = twin_command(work / "twin.json")
+    print("running:", *(" ".join(c) for c in commands.values()), sep="\n  ", flush=True)
+    walls = run_all(commands, together, work)
+    results["npgpt"] = npgpt_results(work / "run", walls["npgpt"])
+    if with_torch:
+        results["torch_twin"] = twin_results(work / "twin.json", walls["torch_twin"])
+    for name in commands:
+        results[f"{name}_log_tail"] = (work / f"{name}.log").read_text().splitlines()[-30:]
     import numpy
 
     results["numpy"] = numpy.__version__
@@ -177,10 +210,11 @@ def render(results: dict) -> str:
     lines += [
         "## Time and memory",
         "",
-        "The machine is shared: other engineers' jobs ran on the same 2 cores during the measurement, so the",
-        "times are noisy; the two runs came back to back in one invocation, and their ratio is the figure",
-        "to read. Process: the whole command, start-up and data included; loop: the training loop as",
-        "each measures it. Peak memory: the process's resident high-water mark (VmHWM).",
+        "The machine is shared: other engineers' jobs ran on the same cores during the measurement, so the",
+        "absolute times are noisy and far above an idle machine's; the two runs were made in one invocation",
+        ("at the same time (each also slowed by the other)" if results.get("mode") == "together" else "back to back")
+        + ", and their ratio is the figure to read. Process: the whole command, start-up and data included;",
+        "loop: the training loop as each measures it. Peak memory: the process's resident high-water mark (VmHWM).",
         "",
         "| run | process wall time (s) | loop (s) | peak memory (MB) |",
         "|---|---:|---:|---:|",
@@ -201,12 +235,13 @@ def render(results: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch twin")
+    ap.add_argument("--together", action="store_true", help="run npgpt and the twin at the same time")
     ap.add_argument("--render-only", action="store_true", help=f"rewrite the page and plot from {RESULTS.name}")
     args = ap.parse_args()
     if args.render_only:
         results = json.loads(RESULTS.read_text())
     else:
-        results = measure(with_torch=not args.no_torch)
+        results = measure(with_torch=not args.no_torch, together=args.together)
         RESULTS.write_text(json.dumps(results, indent=1) + "\n")
     plot(results)
     PAGE.write_text(render(results))

@@ -58,6 +58,12 @@ TABLE = {
         "--min-lr": NONNEG + ["1"],  # above --lr
         "--warmup-steps": INT_NONNEG,
         "--weight-decay": NONNEG,
+        "--weight-decay-on": ["none", "biases"],
+        "--init": ["xavier"],
+        "--split-by": ["words"],
+        "--recipe": ["book", "book-ch6"],
+        "--eval-offset": INT_NONNEG,
+        "--eval-train-batches": INT_POS,
         "--beta1": UNIT_OPEN,
         "--beta2": UNIT_OPEN,
         "--grad-clip": ["-1", "nan", "inf", "abc"],
