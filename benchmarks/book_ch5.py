@@ -55,12 +55,18 @@ def twin_command(out: Path) -> list:
     return [sys.executable, "-u", str(ROOT / "benchmarks" / "book_ch5_torch.py"), "--json", str(out)]
 
 
-def npgpt_results(out_dir: Path, wall: float) -> dict:
-    summary = json.loads((out_dir / "summary.json").read_text())
+def npgpt_results(out_dir: Path, wall: float | None) -> dict:
+    """What a run directory of `npgpt train --recipe book-ch5` shows; a run still going (no summary.json
+    yet) gives its evaluations so far, without timings."""
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     evals = [[r["step"] - 1, r.get("train_eval_loss"), r["val_loss"], r["train_loss"]] for r in records if r.get("kind") == "eval"]
-    return dict(command="npgpt train --recipe book-ch5", evals=evals, sample=summary["sample"], process_seconds=wall,
-                seconds=summary["seconds"], peak_memory_mb=summary["peak_memory_mb"], steps=summary["steps"])  # fmt: skip
+    steps = [r for r in records if r.get("kind") == "step"]
+    summary_file = out_dir / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    return dict(command="npgpt train --recipe book-ch5", evals=evals,
+                sample=summary.get("sample", next((r["sample"] for r in reversed(records) if r.get("kind") == "eval"), "")),
+                process_seconds=wall, seconds=summary.get("seconds"), peak_memory_mb=summary.get("peak_memory_mb"),
+                steps=summary.get("steps", len(steps)), step_ms=[r["ms"] for r in steps], complete=bool(summary))  # fmt: skip
 
 
 def twin_results(out: Path, wall: float) -> dict:
@@ -235,11 +241,21 @@ def render(results: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch twin")
+    ap.add_argument("--from-run", type=Path, metavar="DIR",
+                    help="take npgpt's numbers from this run directory of `npgpt train --recipe book-ch5` (no timing "
+                         "of the process; a run still going gives its evaluations so far) and render")
     ap.add_argument("--together", action="store_true", help="run npgpt and the twin at the same time")
     ap.add_argument("--render-only", action="store_true", help=f"rewrite the page and plot from {RESULTS.name}")
     args = ap.parse_args()
     if args.render_only:
         results = json.loads(RESULTS.read_text())
+    elif args.from_run:
+        import numpy
+
+        results = dict(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), cpu=cpu_name(), cores=os.cpu_count(),
+                       python=platform.python_version(), numpy=numpy.__version__, mode="npgpt only",
+                       npgpt=npgpt_results(args.from_run, None))  # fmt: skip
+        RESULTS.write_text(json.dumps(results, indent=1) + "\n")
     else:
         results = measure(with_torch=not args.no_torch, together=args.together)
         RESULTS.write_text(json.dumps(results, indent=1) + "\n")

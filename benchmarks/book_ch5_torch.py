@@ -13,7 +13,7 @@ the train and val losses evaluated in eval mode on up to 5 batches of each loade
 sample of "Every effort moves you" at the end of each epoch. The tokens come from npgpt's GPT-2 BPE
 (the same ranks as tiktoken's "gpt2"), so the data are the book's.
 
-    python benchmarks/book_ch5_torch.py --json out.json [--epochs 10] [--seed 123]
+    python benchmarks/book_ch5_torch.py --json out.json [--epochs 10] [--seed 123] [--max-steps N]
 
 Writes {"evals": [[book_step, train, val], ...], "sample", "seconds" (the loop), "peak_memory_mb"
 (VmHWM of this process), "threads"}.
@@ -125,6 +125,7 @@ def main() -> int:
     ap.add_argument("--json", required=True)
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--seed", type=int, default=123)
+    ap.add_argument("--max-steps", type=int, help="stop after this many updates (a shorter timing run)")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     train_ids, val_ids = split_text_ids([read_text(bundled_path("the-verdict"))], 0.9)
@@ -135,8 +136,12 @@ def main() -> int:
     evals, sample, step = [], "", 0
     t0 = time.perf_counter()
     for epoch in range(args.epochs):
+        if args.max_steps is not None and step >= args.max_steps:
+            break
         model.train()
         for x, y in batches(*train_xy, 2, shuffle=True, drop_last=True):
+            if args.max_steps is not None and step >= args.max_steps:
+                break
             opt.zero_grad()
             batch_loss(model, x, y).backward()
             opt.step()

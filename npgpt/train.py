@@ -13,8 +13,10 @@ that are not finite, or give a non-finite loss, are never saved: the run has div
 Setting up checks everything before touching the run's folder: the settings (TrainConfig.validate),
 the data, the checkpoint to resume and what it can honour, and the memory the run needs (memory.py).
 
-A run directory holds metrics.jsonl (one JSON record per step and per evaluation), loss.png (train and
-val loss against steps and tokens seen), summary.json, and checkpoints/step-XXXXXXXX/ directories in the
+A run directory holds metrics.jsonl (one JSON record per step and per evaluation; an evaluation's
+train_loss is the mean of the steps since the last one, dropout on, and with --eval-train-batches N its
+train_eval_loss is the train loss evaluated like val_loss, dropout off, on N random batches), loss.png
+(those losses against steps and tokens seen), summary.json, and checkpoints/step-XXXXXXXX/ directories in the
 Hugging Face layout (see checkpoint.py), the newest `keep_last` of them. The command line is in
 npgpt/cli/train.py.
 """
