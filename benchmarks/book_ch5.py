@@ -66,7 +66,8 @@ def npgpt_results(out_dir: Path, wall: float | None) -> dict:
     return dict(command="npgpt train --recipe book-ch5", evals=evals,
                 sample=summary.get("sample", next((r["sample"] for r in reversed(records) if r.get("kind") == "eval"), "")),
                 process_seconds=wall, seconds=summary.get("seconds"), peak_memory_mb=summary.get("peak_memory_mb"),
-                steps=summary.get("steps", len(steps)), step_ms=[r["ms"] for r in steps], complete=bool(summary))  # fmt: skip
+                steps=summary.get("steps", len(steps)), step_ms=[r["ms"] for r in steps],
+                complete=bool(summary) and not summary.get("interrupted") and summary.get("steps") == 90)  # fmt: skip
 
 
 def twin_results(out: Path, wall: float) -> dict:
@@ -145,23 +146,32 @@ def plot(results: dict) -> None:
     plt.close(fig)
 
 
+def _median(values) -> float | None:
+    values = sorted(values or [])
+    return values[len(values) // 2] if values else None
+
+
+def _fmt(v, spec: str = ".0f") -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
 def render(results: dict) -> str:
     n, twin = results["npgpt"], results.get("torch_twin")
     at = {e[0]: e for e in n["evals"]}
     tat = {e[0]: e for e in twin["evals"]} if twin else {}
-    rows, worst = [], 0.0
+    rows, dist = [], []
     for s in sorted(BOOK):
         bt, bv = BOOK[s]
         e = at.get(s)
         if e is None:
-            rows.append(f"| {s} | {bt:.3f} | {bv:.3f} | n/a | n/a | n/a | n/a |" + (" | |" if twin else ""))
+            rows.append(f"| {s} | {bt:.3f} | {bv:.3f} | not reached | not reached | | |" + (" | |" if twin else ""))
             continue
-        worst = max(worst, abs(e[2] - bv))
+        dist.append(abs(e[2] - bv))
         ok = "yes" if abs(e[2] - bv) <= TOLERANCE else "**no**"
         row = f"| {s} | {bt:.3f} | {bv:.3f} | {e[1]:.3f} ({e[1] - bt:+.3f}) | {e[2]:.3f} ({e[2] - bv:+.3f}) | {ok} | {e[3]:.3f} |"
         if twin:
             te = tat.get(s)
-            row += f" {te[1]:.3f} | {te[2]:.3f} |" if te else " n/a | n/a |"
+            row += f" {te[1]:.3f} | {te[2]:.3f} |" if te else " | |"
         rows.append(row)
     head = "| book step | book train | book val | npgpt train (eval) | npgpt val | val within 0.4 | npgpt running mean |"
     sep = "|---:|---:|---:|---:|---:|:---:|---:|"
@@ -169,6 +179,7 @@ def render(results: dict) -> str:
         head += " twin train | twin val |"
         sep += "---:|---:|"
     final = n["evals"][-1]
+    reached = sum(1 for s in BOOK if s in at)
     lines = [
         "# Chapter 5 of \"Build a Large Language Model (From Scratch)\", reproduced",
         "",
@@ -184,56 +195,73 @@ def render(results: dict) -> str:
         "",
         "The book's step *s* is the state after *s + 1* updates (npgpt's step *s + 1*). Both runs draw from the",
         "same distributions, not the same random numbers (initial weights, shuffling, dropout masks), so the",
-        "curves agree in shape and level, not digit for digit. The \"twin\" columns are our own PyTorch",
+        "curves can agree in shape and level, not digit for digit. The \"twin\" is our own PyTorch",
         "re-implementation of the book's model and loop (`benchmarks/book_ch5_torch.py`, written from the",
-        "book's description, not its code), run on the same machine in the same invocation.",
+        "book's description, not its code).",
         "",
         f"Measured {results['date']} on {results['cpu']} ({results['cores']} cores), Python {results['python']},",
         f"NumPy {results['numpy']}" + (f", PyTorch {twin['torch']}" if twin else "") + ".",
         "",
+    ]
+    if not n.get("complete", True):
+        lines += [
+            f"**This run did not finish**: it reached step {n['steps']} of 90 ({reached} of the book's 10 published",
+            "points) before it had to be stopped; the rows marked \"not reached\" are missing, not failed. " + results.get("note", ""),
+            "",
+        ]
+    lines += [
         "## The losses at each published step",
         "",
         head,
         sep,
         *rows,
         "",
-        f"Largest distance of npgpt's val loss from the book's: {worst:.3f} (target: at most {TOLERANCE}). Train",
-        "(eval) is the book's kind of train loss; the running mean (the mean of the steps since the last",
-        "evaluation, dropout on) is npgpt's default train figure, shown for comparison only.",
-        f"After the last update (npgpt step {final[0] + 1}): train (eval) {final[1]:.3f}, val {final[2]:.3f}.",
+        f"Largest distance of npgpt's val loss from the book's over the {len(dist)} points reached: "
+        f"{_fmt(max(dist) if dist else None, '.3f')} (target: at most {TOLERANCE}). Train (eval) is the book's kind of",
+        "train loss (dropout off); the running mean (the mean of the steps since the last evaluation, dropout",
+        "on) is npgpt's default train figure, shown for comparison only. Parentheses: npgpt minus the book.",
+        f"At npgpt's last evaluation (step {final[0] + 1}): train (eval) {final[1]:.3f}, val {final[2]:.3f}.",
         "",
         "![the book's published losses and npgpt's](book-ch5.png)",
         "",
-        "## The final sample (50 tokens, greedy, after the last update)",
+        f"## The sample (50 tokens, greedy, at step {final[0] + 1})",
         "",
         "```text",
         n["sample"],
         "```",
         "",
     ]
-    if twin:
-        lines += ["The twin's final sample:", "", "```text", twin["sample"], "```", ""]
+    if twin and twin.get("sample"):
+        lines += [f"The twin's sample (after step {twin['steps']}):", "", "```text", twin["sample"], "```", ""]
+    timed = results.get("npgpt_window_ms") or n.get("step_ms") or []
     lines += [
         "## Time and memory",
         "",
-        "The machine is shared: other engineers' jobs ran on the same cores during the measurement, so the",
-        "absolute times are noisy and far above an idle machine's; the two runs were made in one invocation",
-        ("at the same time (each also slowed by the other)" if results.get("mode") == "together" else "back to back")
-        + ", and their ratio is the figure to read. Process: the whole command, start-up and data included;",
-        "loop: the training loop as each measures it. Peak memory: the process's resident high-water mark (VmHWM).",
+        results.get("timing_note", "The machine is shared: other engineers' jobs ran on the same cores during the "
+                    "measurement, so the absolute times are noisy and far above an idle machine's; read the ratio."),
+        "Peak memory is each process's resident high-water mark (VmHWM).",
         "",
-        "| run | process wall time (s) | loop (s) | peak memory (MB) |",
-        "|---|---:|---:|---:|",
-        f"| npgpt (`{n['command']}`) | {n['process_seconds']:.0f} | {n['seconds']:.0f} | {n['peak_memory_mb']:,.0f} |",
+        "| run | updates timed | median ms per update | loop (s) | process (s) | peak memory (MB) |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| npgpt (`{n['command']}`) | {len(timed)} | {_fmt(_median(timed))} | "
+        f"{_fmt(n.get('seconds'))} | {_fmt(n.get('process_seconds'))} | {_fmt(n.get('peak_memory_mb'), ',.0f')} |",
     ]
     if twin:
-        lines += [
-            f"| PyTorch twin (`{twin['command']}`, {twin['threads']} threads) | {twin['process_seconds']:.0f} | "
-            f"{twin['seconds']:.0f} | {twin['peak_memory_mb']:,.0f} |",
-            "",
-            f"npgpt / twin: wall time {n['process_seconds'] / twin['process_seconds']:.2f}x, memory "
-            f"{n['peak_memory_mb'] / twin['peak_memory_mb']:.2f}x.",
-        ]
+        lines.append(
+            f"| PyTorch twin (`{twin['command']}`, {twin['threads']} threads) | {len(twin.get('step_ms') or [])} | "
+            f"{_fmt(_median(twin.get('step_ms')))} | {_fmt(twin.get('seconds'))} | {_fmt(twin.get('process_seconds'))} | "
+            f"{_fmt(twin.get('peak_memory_mb'), ',.0f')} |"
+        )
+        ratios = []
+        a, b = _median(timed), _median(twin.get("step_ms"))
+        if a and b:
+            ratios.append(f"time per update {a / b:.2f}x")
+        if n.get("process_seconds") and twin.get("process_seconds") and n.get("complete", True):
+            ratios.append(f"whole run {n['process_seconds'] / twin['process_seconds']:.2f}x")
+        if n.get("peak_memory_mb") and twin.get("peak_memory_mb"):
+            ratios.append(f"peak memory {n['peak_memory_mb'] / twin['peak_memory_mb']:.2f}x")
+        if ratios:
+            lines += ["", "npgpt / twin: " + ", ".join(ratios) + "."]
     lines.append("")
     return "\n".join(lines)
 

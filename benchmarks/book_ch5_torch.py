@@ -15,8 +15,8 @@ sample of "Every effort moves you" at the end of each epoch. The tokens come fro
 
     python benchmarks/book_ch5_torch.py --json out.json [--epochs 10] [--seed 123] [--max-steps N]
 
-Writes {"evals": [[book_step, train, val], ...], "sample", "seconds" (the loop), "peak_memory_mb"
-(VmHWM of this process), "threads"}.
+Writes {"evals": [[book_step, train, val], ...], "sample", "seconds" (the loop), "step_ms" (each update),
+"peak_memory_mb" (VmHWM of this process), "threads"}.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def main() -> int:
     train_xy, val_xy = windows(train_ids, T, T), windows(val_ids, T, T)
     model = TwinGPT(**CFG)
     opt = torch.optim.AdamW(model.parameters(), lr=4e-4, weight_decay=0.1)
-    evals, sample, step = [], "", 0
+    evals, sample, step, step_ms = [], "", 0, []
     t0 = time.perf_counter()
     for epoch in range(args.epochs):
         if args.max_steps is not None and step >= args.max_steps:
@@ -142,10 +142,12 @@ def main() -> int:
         for x, y in batches(*train_xy, 2, shuffle=True, drop_last=True):
             if args.max_steps is not None and step >= args.max_steps:
                 break
+            t_step = time.perf_counter()
             opt.zero_grad()
             batch_loss(model, x, y).backward()
             opt.step()
             step += 1
+            step_ms.append(1e3 * (time.perf_counter() - t_step))
             if (step - 1) % 5 == 0:  # the book's "Step 000000" is the state after one update
                 model.eval()
                 train = loader_loss(model, batches(*train_xy, 2, shuffle=True, drop_last=True), 5)
@@ -158,7 +160,7 @@ def main() -> int:
         print(sample.replace("\n", " "), flush=True)
     seconds = time.perf_counter() - t0
     result = dict(evals=evals, sample=sample, seconds=seconds, peak_memory_mb=peak_rss_mb(), threads=torch.get_num_threads(),
-                  torch=torch.__version__, steps=step)  # fmt: skip
+                  torch=torch.__version__, steps=step, step_ms=step_ms)  # fmt: skip
     Path(args.json).write_text(json.dumps(result, indent=1))
     print(f"{step} steps in {seconds:.1f} s, peak memory {result['peak_memory_mb']:.0f} MB")
     return 0

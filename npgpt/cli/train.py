@@ -22,9 +22,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", nargs="+", default=d.data, metavar="FILE",
                    help="UTF-8 text files, or bundled corpora by name: the-verdict (default), tang300")
-    g.add_argument("--train-ratio", type=float, default=d.train_ratio, help="share of tokens for training (default 0.9)")
+    g.add_argument("--train-ratio", type=float, default=d.train_ratio, help="share of the text for training (default 0.9): of its tokens, or of its characters with --split-by characters")
     g.add_argument("--split-by", choices=["tokens", "characters"], default=d.split_by,
-                   help="cut train/val at --train-ratio of the tokens (default) or of the characters (the book's way)")
+                   help="cut train/val at --train-ratio of the tokens (default) or of the characters, each part then tokenised "
+                        "(the book's way; not cached)")
     g.add_argument("--stride", type=int, default=None, help="step between windows (default: the context length)")
     g.add_argument("--encoding-errors", choices=["strict", "replace"], default=d.encoding_errors,
                    help="invalid UTF-8: stop with an error (strict) or replace the bytes with U+FFFD")
