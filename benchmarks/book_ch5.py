@@ -283,6 +283,9 @@ def main() -> int:
         results = dict(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), cpu=cpu_name(), cores=os.cpu_count(),
                        python=platform.python_version(), numpy=numpy.__version__, mode="npgpt only",
                        npgpt=npgpt_results(args.from_run, None))  # fmt: skip
+        if RESULTS.is_file():  # a twin measured before, and its notes, stay
+            old = json.loads(RESULTS.read_text())
+            results.update({k: old[k] for k in ("torch_twin", "timing_note", "npgpt_window_ms") if k in old})
         RESULTS.write_text(json.dumps(results, indent=1) + "\n")
     else:
         results = measure(with_torch=not args.no_torch, together=args.together)
