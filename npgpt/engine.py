@@ -32,6 +32,7 @@ same elements on both paths. The logits are not returned: the loss is the output
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass, fields
 from functools import partial
 from typing import Callable
@@ -40,22 +41,26 @@ import numpy as np
 
 from . import fast
 from .backend import flat_base, views_into
-from .layers.dropout import check_dropout_p
+from .layers.dropout import check_dropout_p, dropout_mask
 from .parallel import num_threads
 from .precision import compute_dtype, is_low_precision
 
 IGNORE_INDEX = fast.IGNORE_INDEX  # targets equal to it count neither in the loss nor in the gradients
 
 
-def make_engine(name: str, model, batch_size: int, seq_len: int, precision: str = "fp32"):
+def make_engine(name: str, model, batch_size: int, seq_len: int, precision: str = "fp32", recompute: str = "none"):
     """The engine called `name` ("fast" or "reference") for batches of up to (batch_size, seq_len).
     "fast" first lays the model's weights out in one buffer (GPT.flatten_params_), so that AdamW can
-    update them in one pass: build the optimizer after this."""
+    update them in one pass: build the optimizer after this. recompute: see FastLossAndGrads."""
+    check_recompute(recompute)
     if name == "fast":
         model.flatten_params_()
-        return FastLossAndGrads(model, batch_size, seq_len, precision=precision)
+        return FastLossAndGrads(model, batch_size, seq_len, precision=precision, recompute=recompute)
     if name != "reference":
         raise ValueError(f"engine must be 'fast' or 'reference', got {name!r}")
+    if recompute != "none":
+        raise ValueError(f"recompute {recompute!r} runs in the fast engine only (the readable reference keeps "
+                         "every cache); use --engine fast or --recompute none")  # fmt: skip
     if precision != "fp32":
         raise ValueError(f"precision {precision} runs in the fast engine only; use --engine fast")
     return ReferenceLossAndGrads(model)
@@ -93,12 +98,15 @@ class ReferenceLossAndGrads:
 
 
 def _nbytes(record) -> int:
-    """Bytes held by the arrays in a dataclass's fields (lists of arrays included, None skipped)."""
-    total = 0
+    """Bytes held by the arrays in a dataclass's fields (lists of arrays included, None skipped; an array
+    listed several times, as recompute shares one buffer among the layers, counted once)."""
+    total, seen = 0, set()
     for f in fields(record):
         value = getattr(record, f.name)
         for a in value if isinstance(value, list) else [value]:
-            total += int(a.nbytes) if a is not None else 0
+            if a is not None and id(a) not in seen:
+                seen.add(id(a))
+                total += int(a.nbytes)
     return total
 
 
@@ -145,28 +153,47 @@ class Workspace:
     gelu: object  # (threads, rows, 8C or 16C): each CPU thread's GELU row blocks (fast.gelu_scratch)
     causal_bias: object  # (T, T): 0 on and below the diagonal, -inf above
     weight_grad: object  # 1-D: weight-gradient products in the compute dtype (accumulation, 16 bits), on first use
+    att_rows: object = None  # (2, B, NH, rows, T): recomputed attention's probabilities, a block of rows at a time
+    head_tmp: object = None  # (B, NH, T, hs): recomputed attention's backward, a block's partial dk / dv
 
     def nbytes(self) -> int:
         return _nbytes(self)
 
 
-def plan_activations(xp, cfg, B, T, dtype, stat_dtype, flash: bool) -> Activations:
+RECOMPUTE = ("none", "attention", "mlp", "block")
+
+
+def check_recompute(recompute: str) -> str:
+    if recompute not in RECOMPUTE:
+        raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE)}, got {recompute!r}")
+    return recompute
+
+
+def plan_activations(xp, cfg, B, T, dtype, stat_dtype, flash: bool, recompute: str = "none") -> Activations:
+    """recompute (what the backward recomputes instead of the forward keeping it): "attention" keeps no
+    (B, NH, T, T) probabilities; "mlp" keeps GELU's input, not its output (one (N, 4C) buffer serves
+    every layer); "block" keeps only each block's input (resid), every other per-layer buffer is one
+    buffer shared by all layers, refilled by rerunning the block's forward in the backward."""
     N, C, L, NH, hs = B * T, cfg.emb_dim, cfg.n_layers, cfg.n_heads, cfg.head_size
     act = lambda *shape: xp.empty(shape, dtype=dtype)  # noqa: E731
     stat = lambda *shape: xp.empty(shape, dtype=stat_dtype)  # noqa: E731
-    per_layer = lambda make, *shape: [make(*shape) for _ in range(L)]  # noqa: E731
+
+    def per_layer(make, *shape, shared=recompute == "block"):  # L buffers, or one listed L times
+        return [make(*shape)] * L if shared and L else [make(*shape) for _ in range(L)]
+
     return Activations(
-        resid=per_layer(act, N, C) + [act(N, C)], ln1=per_layer(act, N, C), ln1_mean=per_layer(stat, N),
+        resid=[act(N, C) for _ in range(L + 1)], ln1=per_layer(act, N, C), ln1_mean=per_layer(stat, N),
         ln1_rstd=per_layer(stat, N), qkv_heads=per_layer(act, 3, B, NH, T, hs), att=[None] * L,
         lse=per_layer(act, B, NH, T) if flash else [], atty=per_layer(act, N, C), resid_mid=per_layer(act, N, C),
         ln2=per_layer(act, N, C), ln2_mean=per_layer(stat, N), ln2_rstd=per_layer(stat, N),
-        fc=per_layer(act, N, 4 * C), act=per_layer(act, N, 4 * C), lnf=act(N, C), lnf_mean=stat(N), lnf_rstd=stat(N),
-        logits=act(N, cfg.vocab_size),
+        fc=per_layer(act, N, 4 * C), act=per_layer(act, N, 4 * C, shared=recompute in ("mlp", "block")),
+        lnf=act(N, C), lnf_mean=stat(N), lnf_rstd=stat(N), logits=act(N, cfg.vocab_size),
     )  # fmt: skip
 
 
-def plan_workspace(xp, cfg, B, T, dtype, stat_dtype, threads: int, flash: bool) -> Workspace:
+def plan_workspace(xp, cfg, B, T, dtype, stat_dtype, threads: int, flash: bool, recompute: str = "none") -> Workspace:
     N, C, NH, hs = B * T, cfg.emb_dim, cfg.n_heads, cfg.head_size
+    by_rows = recompute in ("attention", "block") and not flash  # attention block of query rows by block
     rows = min(N, fast.ROW_BLOCK if xp is np else fast.GPU_ROW_BLOCK)
     scratch = lambda *shape: xp.empty(shape, dtype=dtype)  # noqa: E731
     return Workspace(
@@ -174,6 +201,8 @@ def plan_workspace(xp, cfg, B, T, dtype, stat_dtype, threads: int, flash: bool) 
         heads=scratch(3, B, NH, T, hs), att=None, flash_out=scratch(B, NH, T, hs) if flash else None,
         gelu=fast.gelu_scratch(xp, threads, rows, 4 * C, dtype, stat_dtype),
         causal_bias=xp.triu(xp.full((T, T), -np.inf, dtype=dtype), k=1), weight_grad=None,
+        att_rows=fast.attention_rows_scratch(xp, B, NH, T, dtype) if by_rows else None,
+        head_tmp=scratch(B, NH, T, hs) if by_rows else None,
     )  # fmt: skip
 
 
@@ -251,14 +280,22 @@ class FastLossAndGrads:
     optimizer.step(engine.grads)                  # the same keys as model.params
     """
 
-    def __init__(self, model, batch_size: int, seq_len: int, kernels=None, precision: str = "fp32"):
+    def __init__(self, model, batch_size: int, seq_len: int, kernels=None, precision: str = "fp32",
+                 recompute: str = "none"):  # fmt: skip
         """kernels: names of the CUDA kernels to use (npgpt.cuda.KERNEL_NAMES; see resolve_kernels).
         precision: "fp32" (the model's dtype throughout), "bf16" or "fp16" (16-bit activations and
-        matrix products, float32 weights and gradients; see precision.py)."""
+        matrix products, float32 weights and gradients; see precision.py).
+        recompute: what the forward does not keep and the backward recomputes (same losses and
+        gradients, less memory, more work): "none"; "attention", the (B, NH, T, T) probabilities,
+        recomputed from q and k a block of query rows at a time (fast.attention_rows_*; the dropout
+        mask is redrawn from a copy of the generator); "mlp", GELU's output, recomputed from its
+        input; "block", everything but each block's input, the block's forward rerun in the backward
+        (with its attention recomputed as for "attention")."""
         cfg = model.config
         if seq_len > cfg.context_length:
             raise ValueError(f"seq_len {seq_len} exceeds the model's context_length {cfg.context_length}")
         self.model, self.batch_size, self.seq_len, self.precision = model, int(batch_size), int(seq_len), precision
+        self.recompute = check_recompute(recompute)
         xp = self.xp = model.xp
         self.dtype = compute_dtype(precision, model.dtype)  # activations and matrix products
         self.stat_dtype = np.dtype(model.dtype)  # weights, gradients, LayerNorm statistics, sums over rows
@@ -267,8 +304,9 @@ class FastLossAndGrads:
         self.kernels = resolve_kernels(kernels, xp, precision, self.lowp, cfg.head_size)
         flash = "attention" in self.kernels
         B, T = self.batch_size, self.seq_len
-        self.acts = plan_activations(xp, cfg, B, T, self.dtype, self.stat_dtype, flash)
-        self.work = plan_workspace(xp, cfg, B, T, self.dtype, self.stat_dtype, self.threads, flash)
+        self.acts = plan_activations(xp, cfg, B, T, self.dtype, self.stat_dtype, flash, recompute)
+        self.work = plan_workspace(xp, cfg, B, T, self.dtype, self.stat_dtype, self.threads, flash, recompute)
+        self.rows_attention = self.work.att_rows is not None  # attention recomputed in the backward
         loss_rows = fast.LOSS_ROWS if xp is np else fast.GPU_LOSS_ROWS
         self.ops = choose_ops(self.kernels, xp, self.threads, self.work.gelu, loss_rows)
         # The gradients: one flat buffer (float32 also with 16-bit compute), a view per parameter.
@@ -367,35 +405,63 @@ class FastLossAndGrads:
         # the gradient left in the logits is dloss * (softmax - onehot) / n_valid: scaled before any rounding
         return float(self.ops.cross_entropy_(a.logits[:n], targets.reshape(-1), want_grad, dloss, n_valid=n_valid))
 
-    def _block_forward(self, l, x, b, t, p, rng, masks):  # noqa: E741
-        """x1 = x + dropout(c_proj(attention(c_attn(ln_1(x))))); out = x1 + dropout(mlp(ln_2(x1)))."""
+    def _block_forward(self, l, x, b, t, p, rng, masks, replay: bool = False):  # noqa: E741
+        """x1 = x + dropout(c_proj(attention(c_attn(ln_1(x))))); out = x1 + dropout(mlp(ln_2(x1))).
+        replay (recompute="block", in the backward): the same forward again with the same dropout
+        masks, up to GELU's output (the MLP's c_proj output is not needed by the backward)."""
         a, w, weights, n, pre = self.acts, self.work, self.weights, b * t, f"h.{l}."
         h, qkv, y, branch = a.ln1[l][:n], w.n3c[:n], a.atty[l][:n], w.nc[:n]
         self._layernorm(pre + "ln_1", h, a.ln1_mean[l][:n], a.ln1_rstd[l][:n], x)
         fast.linear_forward(qkv, h, weights[pre + "attn.c_attn.weight"], weights.get(pre + "attn.c_attn.bias"))  # (n, 3C)
-        masks[f"att{l}"] = self._attention_forward(l, y, qkv, b, t, p, rng)  # (n, 3C) -> (n, C)
+        mask = self._attention_forward(l, y, qkv, b, t, p, rng, masks, replay)  # (n, 3C) -> (n, C)
+        if not replay:
+            masks[f"att{l}"] = mask
         fast.linear_forward(branch, y, weights[pre + "attn.c_proj.weight"], weights[pre + "attn.c_proj.bias"])
         if p > 0:
-            masks[f"res1_{l}"] = fast.dropout_forward(branch, branch, p, rng)
+            self._dropout(branch, p, rng, masks, f"res1_{l}", replay)
         x1 = a.resid_mid[l][:n]
         self.xp.add(x, branch, out=x1)  # shortcut around attention
         h2, fc, act = a.ln2[l][:n], a.fc[l][:n], a.act[l][:n]
         self._layernorm(pre + "ln_2", h2, a.ln2_mean[l][:n], a.ln2_rstd[l][:n], x1)
         fast.linear_forward(fc, h2, weights[pre + "mlp.c_fc.weight"])  # (n, 4C); the bias is added by GELU
         self.ops.gelu_forward(act, fc, weights[pre + "mlp.c_fc.bias"])
+        if replay:
+            return None
         fast.linear_forward(branch, act, weights[pre + "mlp.c_proj.weight"], weights[pre + "mlp.c_proj.bias"])  # (n, C)
         if p > 0:
-            masks[f"res2_{l}"] = fast.dropout_forward(branch, branch, p, rng)
+            self._dropout(branch, p, rng, masks, f"res2_{l}", replay)
         out = a.resid[l + 1][:n]
         self.xp.add(x1, branch, out=out)  # shortcut around the MLP
         return out
 
-    def _attention_forward(self, l, y, qkv, b, t, p, rng):  # noqa: E741
+    def _dropout(self, x, p, rng, masks, key, replay):
+        """Dropout on x in place: a fresh mask kept in masks[key], or (replay) the one kept there."""
+        if replay:
+            fast.dropout_backward(x, x, masks[key], p)  # the same product: x * keep / (1 - p)
+        else:
+            masks[key] = fast.dropout_forward(x, x, p, rng)
+
+    def _attention_forward(self, l, y, qkv, b, t, p, rng, masks=None, replay=False):  # noqa: E741
         a, w = self.acts, self.work
         heads = a.qkv_heads[l][:, :b, :, :t]  # (3, b, NH, t, hs)
         self.used_flash[l] = self.ops.flash_forward is not None and p == 0  # the kernel has no dropout
         if self.used_flash[l]:  # O(T) memory: keeps each row's logsumexp, not the probabilities
             self.ops.flash_forward(y, heads, a.lse[l][:b, :, :t], qkv, head_out=w.flash_out[:b, :, :t])
+            return None
+        if self.rows_attention:  # nothing T x T is kept: the backward recomputes it (recompute="attention")
+            fast.split_heads_into(heads, qkv)
+            keep = None
+            if p > 0:  # keep a copy of the generator, not the mask: the backward draws the mask again
+                if replay:
+                    keep = self._attention_mask(l, b, t, p, masks)
+                else:
+                    masks[f"att_rng{l}"] = copy.deepcopy(rng)
+                    keep = dropout_mask((b, heads.shape[2], t, t), p, rng, self.xp)
+            head_out = w.heads[0, :b, :, :t]
+            fast.attention_rows_forward(head_out, heads[0], heads[1], heads[2], w.causal_bias[:t, :t], keep,
+                                        self.dtype.type(1.0 / (1.0 - p)), scratch=w.att_rows[:, :b, :, :, :t],
+                                        matmul=self.ops.heads_matmul)  # fmt: skip
+            fast.merge_heads_into(y, head_out)
             return None
         if a.att[l] is None:  # the O(T^2) buffers, only once this path is taken
             a.att[l] = self.xp.empty((self.batch_size, heads.shape[2], self.seq_len, self.seq_len), dtype=self.dtype)
@@ -430,6 +496,10 @@ class FastLossAndGrads:
     def _block_backward(self, l, dx, b, t, p, accumulate):  # noqa: E741
         """dx holds d(out) on entry and d(x) on exit."""
         a, w, n, pre = self.acts, self.work, b * t, f"h.{l}."
+        if self.recompute == "block":  # refill the shared buffers with this block's forward
+            self._block_forward(l, a.resid[l][:n], b, t, p, None, self.masks, replay=True)
+        elif self.recompute == "mlp":  # GELU's output from its input (bias included)
+            self.ops.gelu_forward(a.act[l][:n], a.fc[l][:n], None)
         scratch = w.n4c[:n, : self.model.config.emb_dim]  # LayerNorm's backward scratch, free by then
         # out = x1 + dropout(mlp(ln_2(x1)))
         dm = dx
@@ -461,9 +531,23 @@ class FastLossAndGrads:
             self.ops.flash_backward(dqkv, dy, heads, a.lse[l][:b, :, :t], a.atty[l][: b * t], dheads=dheads,
                                     head_out=w.flash_out[:b, :, :t])  # fmt: skip
             return
+        if self.rows_attention:
+            dheads[0][...] = dy.reshape(b, t, -1, heads.shape[-1]).transpose(0, 2, 1, 3)  # dy in dq's slot
+            keep = self._attention_mask(l, b, t, p, self.masks) if p > 0 else None
+            fast.attention_rows_backward_(dheads[0], dheads[1], dheads[2], heads[0], heads[1], heads[2],
+                                          w.causal_bias[:t, :t], keep, self.dtype.type(1.0 / (1.0 - p)),
+                                          self.dtype.type(1.0 / np.sqrt(heads.shape[-1])),
+                                          scratch=w.att_rows[:, :b, :, :, :t], tmp=w.head_tmp[:b, :, :t],
+                                          matmul=self.ops.heads_matmul)  # fmt: skip
+            dqkv.reshape(b, t, 3, heads.shape[2], heads.shape[-1])[...] = dheads.transpose(1, 3, 0, 2, 4)
+            return
         keep = self.masks[f"att{l}"] if p > 0 else None
         att, datt = a.att[l][:b, :, :t, :t], w.att[:b, :, :t, :t]
         fast.attention_backward(dqkv, dy, heads, att, keep, p, dheads=dheads, datt=datt, matmul=self.ops.heads_matmul)
+
+    def _attention_mask(self, l, b, t, p, masks):  # noqa: E741
+        """Layer l's attention dropout mask drawn again from the copy of the generator the forward kept."""
+        return dropout_mask((b, self.model.config.n_heads, t, t), p, copy.deepcopy(masks[f"att_rng{l}"]), self.xp)
 
     def _layernorm(self, name, out, mean, rstd, x):
         """LayerNorm `name` (e.g. 'h.0.ln_1') with the model's own weights (float32 also with 16-bit compute)."""

@@ -18,15 +18,20 @@ which have the same positional arguments.
 | layernorm                      | layernorm_forward, layernorm_backward                          | layernorm.cu           |
 | gelu                           | gelu_forward (bias add fused), gelu_backward_                  | gelu.cu                |
 | attention                      | attention_forward, attention_backward (+ the head-level pair)  | attention.cu (no dropout) |
+|                                | attention_rows_forward / _backward_ (recompute: no T x T kept) | -                      |
 | cross_entropy                  | cross_entropy_ (forward and backward in place)                 | cross_entropy.cu       |
 | dropout                        | dropout_forward, dropout_backward                              | -                      |
 """
 
 from .attention import (
+    ATTENTION_ROWS,
     attention_backward,
     attention_forward,
     attention_heads_backward_,
     attention_heads_forward,
+    attention_rows_backward_,
+    attention_rows_forward,
+    attention_rows_scratch,
     merge_heads_into,
     split_heads_into,
 )
@@ -41,6 +46,7 @@ from .linear import linear_backward, linear_forward
 __all__ = [
     "attention_forward", "attention_backward", "attention_heads_forward", "attention_heads_backward_",
     "split_heads_into", "merge_heads_into",
+    "attention_rows_forward", "attention_rows_backward_", "attention_rows_scratch", "ATTENTION_ROWS",
     "matmul", "rowdot", "in_threads",
     "cross_entropy_", "IGNORE_INDEX", "LOSS_ROWS", "GPU_LOSS_ROWS",
     "dropout_forward", "dropout_backward",
