@@ -42,6 +42,7 @@ import numpy as np
 from . import fast
 from .backend import flat_base, views_into
 from .layers.dropout import check_dropout_p, dropout_mask
+from .memory import RECOMPUTE_MODES
 from .parallel import num_threads
 from .precision import compute_dtype, is_low_precision
 
@@ -160,7 +161,7 @@ class Workspace:
         return _nbytes(self)
 
 
-RECOMPUTE = ("none", "attention", "mlp", "block")
+RECOMPUTE = RECOMPUTE_MODES  # what --recompute accepts
 
 
 def check_recompute(recompute: str) -> str:
@@ -326,9 +327,14 @@ class FastLossAndGrads:
         self.used_flash = [False] * cfg.n_layers  # which layers took the flash kernel in the last forward
 
     def nbytes(self) -> int:
-        """Bytes held by this step's buffers: activations, workspace, gradients, 16-bit weights."""
+        """Bytes held by this step's buffers: activations, workspace, gradients, 16-bit weights, and the
+        dropout keep-masks of the last training forward."""
         extra = self.param_flat.nbytes if self.param_flat is not None else 0
-        return self.acts.nbytes() + self.work.nbytes() + int(self.grad_flat.nbytes) + int(extra)
+        return self.acts.nbytes() + self.work.nbytes() + int(self.grad_flat.nbytes) + int(extra) + self.masks_nbytes()
+
+    def masks_nbytes(self) -> int:
+        """Bytes of the dropout keep-masks the last training forward kept (generator copies not counted)."""
+        return sum(int(m.nbytes) for m in (self.masks or {}).values() if hasattr(m, "nbytes"))
 
     def _check(self, idx, targets):
         """(idx, targets, n_valid) as arrays of the model's module; ValueError for what does not fit."""

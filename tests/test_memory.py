@@ -17,30 +17,34 @@ def test_param_count_is_the_sum_of_the_shapes(kw):
     assert param_count(cfg) == sum(int(np.prod(s)) for s in param_shapes(cfg).values())
 
 
-@pytest.mark.parametrize("precision, dtype, accumulate", [
-    ("fp32", "float32", False), ("fp32", "float64", True), ("bf16", "float32", False), ("fp16", "float32", True),
+@pytest.mark.parametrize("precision, dtype, accumulate, recompute", [
+    ("fp32", "float32", False, "none"), ("fp32", "float64", True, "none"), ("bf16", "float32", False, "none"),
+    ("fp16", "float32", True, "none"), ("fp32", "float32", False, "attention"), ("fp32", "float32", True, "mlp"),
+    ("fp32", "float64", False, "block"), ("bf16", "float32", True, "block"),
 ])  # fmt: skip
-def test_the_estimate_equals_the_fast_engines_buffers(precision, dtype, accumulate):
+def test_the_estimate_equals_the_fast_engines_buffers(precision, dtype, accumulate, recompute):
     """After steps that touch every buffer (the attention probabilities and the accumulation scratch are
     allocated on first use), FastLossAndGrads.nbytes() equals the estimate to the byte; the weights
     and AdamW's moments equal the parameters' bytes."""
     cfg = GPTConfig(vocab_size=300, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.1)
     B, T = 3, 12
     model = GPT(cfg, dtype=np.dtype(dtype))
-    engine = make_engine("fast", model, B, T, precision=precision)
+    engine = make_engine("fast", model, B, T, precision=precision, recompute=recompute)
     opt = AdamW(model.params)
     x = np.random.default_rng(0).integers(0, 300, (B, T))
     engine(x, x, training=True, rng=make_rng(0, np), accumulate=False)
     if accumulate:
         engine(x, x, training=True, rng=make_rng(1, np), accumulate=True)
-    acts, work, grads = fast_engine_bytes(cfg, B, T, dtype, precision, accumulate=accumulate)
-    assert acts == engine.acts.nbytes()
+    acts, work, grads = fast_engine_bytes(cfg, B, T, dtype, precision, accumulate=accumulate, recompute=recompute)
+    assert engine.masks_nbytes() > 0  # dropout is on: the keep-masks are part of the activations
+    assert acts == engine.acts.nbytes() + engine.masks_nbytes()
     assert acts + work + grads == engine.nbytes()
-    est = estimate_training(cfg, B, T, dtype, precision, "fast", grad_accum=2 if accumulate else 1)
+    est = estimate_training(cfg, B, T, dtype, precision, "fast", grad_accum=2 if accumulate else 1, recompute=recompute)
     assert est.weights == model.nbytes() == param_count(cfg) * np.dtype(dtype).itemsize
     assert est.optimizer == sum(int(m.nbytes) + int(v.nbytes) for m, v in zip(opt.m.values(), opt.v.values()))
     assert est.activations + est.workspace + est.gradients == engine.nbytes()
-    assert est.total == model.nbytes() + est.optimizer + engine.nbytes()
+    assert est.transient == (4 if recompute in ("none", "mlp") else 5) * B * cfg.n_heads * T * T  # a mask's uniforms
+    assert est.total == model.nbytes() + est.optimizer + engine.nbytes() + est.transient
 
 
 def test_the_reference_estimate_counts_the_same_weights_and_more_activations():
