@@ -115,11 +115,11 @@ class NpgptStep:
     loss as `npgpt train` does (precision.LossScaler: unscale the float32 gradients, skip the update on
     an overflow), the work torch's GradScaler does in the --vs-torch twin."""
 
-    def __init__(self, model, B, T, engine: str, lr=1e-4, precision: str = "fp32"):
+    def __init__(self, model, B, T, engine: str, lr=1e-4, precision: str = "fp32", recompute: str = "none"):
         if precision != "fp32" and engine != "fast":
             raise ValueError(f"--precision {precision} runs in the fast engine only; use --engine fast")
         self.model, self.engine_name, self.precision = model, engine, precision
-        self.engine = make_engine(engine, model, B, T, precision=precision)
+        self.engine = make_engine(engine, model, B, T, precision=precision, recompute=recompute)
         self.opt = AdamW(model.params, lr=lr, weight_decay=0.1)
         self.scaler = LossScaler() if precision == "fp16" else None
         self.updater = Updater(self.engine, self.opt, scaler=self.scaler, measure_norm=False)

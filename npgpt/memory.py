@@ -233,7 +233,8 @@ def plan_report(config: GPTConfig, batch_size: int, seq_len: int, dtype="float32
     for label, n in [("weights", est.weights), ("gradients", est.gradients), ("AdamW moments", est.optimizer),
                      ("activations", est.activations), ("scratch", est.workspace), ("temporaries", est.transient),
                      ("total", est.total)]:  # fmt: skip
-        lines.append(f"  {label:<16}{fmt_bytes(n):>12}")
+        if n or label != "temporaries":
+            lines.append(f"  {label:<16}{fmt_bytes(n):>12}")
     if available is None:
         available = available_memory(device)
     where = "the GPU" if gpu else "this machine"

@@ -80,3 +80,71 @@ def test_a_huge_model_is_refused_before_anything_is_allocated(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "TiB" in err and "available" in err and "--emb-dim" in err, err
     assert not out.exists()
+
+
+def test_largest_batch_is_the_largest_that_fits():
+    from npgpt.memory import largest_batch
+
+    cfg = GPTConfig(vocab_size=300, context_length=64, emb_dim=32, n_heads=4, n_layers=2)
+    avail = estimate_training(cfg, 37, 64).total + 1
+    assert largest_batch(cfg, 64, avail) == 37
+    assert largest_batch(cfg, 64, estimate_training(cfg, 1, 64).total - 1) == 0
+    assert largest_batch(cfg, 64, None) is None
+    # keeping less fits more
+    assert largest_batch(cfg, 64, avail, recompute="block") > largest_batch(cfg, 64, avail, recompute="attention") > 37
+
+
+def test_step_flops_match_the_benchmarks_count():
+    from npgpt.bench import flops_per_token
+    from npgpt.memory import step_flops
+
+    cfg = GPTConfig.from_preset("gpt2")
+    model, extra = step_flops(cfg, 2, 256)
+    assert model == flops_per_token(cfg, 256) * 512 and extra == 0
+    assert abs(model / 1e9 - 394) < 1  # the 394 GFLOP at B=2, T=256
+    _, att = step_flops(cfg, 2, 256, "attention")
+    _, block = step_flops(cfg, 2, 256, "block")
+    assert att == 12 * 2 * 2 * 256 * 256 * 768 and block > att
+
+
+def test_dry_run_prints_the_plan_and_allocates_nothing(tmp_path, capsys, monkeypatch):
+    from npgpt.cli import main
+
+    def no_allocation(*a, **k):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr("npgpt.train.GPT", no_allocation)
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "gpt2", "--batch-size", "16", "--context-length", "1024", "--recompute", "block",
+                 "--dry-run", "--out-dir", str(out)]) == 0  # fmt: skip
+    text = capsys.readouterr().out
+    assert "124,439,808 parameters" in text and "recompute block" in text
+    for part in ("weights", "gradients", "AdamW moments", "activations", "scratch", "total", "largest batch", "GFLOP"):
+        assert part in text, part
+    assert "474.7 MiB" in text  # 124,439,808 float32 weights
+    assert not out.exists()
+
+
+def test_bench_dry_run(capsys):
+    from npgpt.cli import main
+
+    assert main(["bench", "--preset", "nano", "--context-length", "64", "--engine", "both", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "fast engine, recompute none" in text and "reference engine" in text and "largest batch" in text
+
+
+def test_recompute_is_refused_with_the_reference_engine(tmp_path, capsys):
+    from npgpt.cli import main
+
+    assert main(["train", "--engine", "reference", "--recompute", "mlp", "--out-dir", str(tmp_path / "r")]) == 2
+    assert "--recompute mlp runs in the fast engine" in capsys.readouterr().err
+
+
+def test_the_refusal_names_recompute_and_dry_run(monkeypatch):
+    from npgpt.train import TrainConfig, check_memory
+
+    cfg = TrainConfig(preset="gpt2", batch_size=64)
+    monkeypatch.setattr("npgpt.train.available_memory", lambda device: 8 * 2**30)
+    with pytest.raises(ValueError, match=r"needs about .* but this machine has 8\.0 GiB available; .*--grad-accum.*"
+                                         r"--recompute attention\|mlp\|block.*--dry-run"):  # fmt: skip
+        check_memory(cfg, cfg.model_config(), 64)
