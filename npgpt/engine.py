@@ -25,6 +25,10 @@ buffer planning and wiring:
 - with precision="bf16" or "fp16" (precision.py) activations and matrix products are 16-bit while the
   weights the optimizer owns ("master" weights: LayerNorm reads them directly), the gradients and
   LayerNorm / loss arithmetic stay float32; each step refreshes a 16-bit copy of the weights.
+- recompute="attention" | "mlp" | "block" keeps less for the backward and recomputes it there (same
+  numbers; memory.py estimates each setting): attention's probabilities a block of query rows at a
+  time from the kept q and k (fast.attention_rows_*), GELU's output from its kept input, or a whole
+  block's forward from its kept input, into buffers that all layers share.
 Dropout masks are drawn from `rng` in the reference's order and shapes, so one generator drops the
 same elements on both paths. The logits are not returned: the loss is the output.
 """
@@ -461,8 +465,13 @@ class FastLossAndGrads:
                 if replay:
                     keep = self._attention_mask(l, b, t, p, masks)
                 else:
-                    masks[f"att_rng{l}"] = copy.deepcopy(rng)
+                    try:
+                        masks[f"att_rng{l}"] = copy.deepcopy(rng)
+                    except Exception:  # a generator that cannot be copied: the mask itself is kept
+                        masks[f"att_rng{l}"] = None
                     keep = dropout_mask((b, heads.shape[2], t, t), p, rng, self.xp)
+                    if masks[f"att_rng{l}"] is None:
+                        masks[f"att_keep{l}"] = keep
             head_out = w.heads[0, :b, :, :t]
             fast.attention_rows_forward(head_out, heads[0], heads[1], heads[2], w.causal_bias[:t, :t], keep,
                                         self.dtype.type(1.0 / (1.0 - p)), scratch=w.att_rows[:, :b, :, :, :t],
@@ -553,6 +562,8 @@ class FastLossAndGrads:
 
     def _attention_mask(self, l, b, t, p, masks):  # noqa: E741
         """Layer l's attention dropout mask drawn again from the copy of the generator the forward kept."""
+        if masks[f"att_rng{l}"] is None:
+            return masks[f"att_keep{l}"]
         return dropout_mask((b, self.model.config.n_heads, t, t), p, copy.deepcopy(masks[f"att_rng{l}"]), self.xp)
 
     def _layernorm(self, name, out, mean, rstd, x):

@@ -14,6 +14,10 @@ Readable twin: npgpt.layers.attention (attention_forward / attention_backward). 
   GPU npgpt.cuda.blas.matmul, one cuBLAS call per product with transposes as flags);
 - 16-bit compute: the softmax's row sums are taken in float32.
 The head-level pair attention_heads_forward / attention_heads_backward_ is what the CUDA kernels match.
+Recompute (engine.py, recompute="attention"/"block"): attention_rows_forward / attention_rows_backward_
+keep nothing T x T; they work a block of ATTENTION_ROWS query rows at a time against only the keys those
+rows can see, and the backward recomputes each block's probabilities from q and k (as the flash kernel
+does on the GPU, without its online softmax: a block's rows are complete, so its softmax is exact).
 CUDA kernel: kernels/attention.cu (flash attention: O(t) memory, no dropout, keeps each row's logsumexp
 instead of att), npgpt.cuda.kernels.attention_fwd / attention_bwd at the head level and
 flash_attention_forward / flash_attention_backward at the level of this file's attention_forward /
