@@ -75,6 +75,7 @@ TABLE = {
         "--data": ["MISSING", "DIR"],
         "--preset": ["gpt5"],
         "--engine": ["turbo"],
+        "--recompute": ["everything"],
         "--dtype": ["float16"],
         "--precision": ["fp8"],
         "--device": ["gpu"],
@@ -108,6 +109,7 @@ TABLE = {
         "--json": ["DIR", "BELOW", "MISSING/x.json"],
         "--seed": INT_NONNEG,
         "--engine": ["turbo"],
+        "--recompute": ["everything"],
     },
     "info": {
         "--device": ["gpu", "abc"],
