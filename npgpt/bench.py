@@ -19,20 +19,11 @@ import numpy as np
 
 from .engine import make_engine
 from .generate import generate
+from .memory import flops_per_token  # noqa: F401  (npgpt bench's FLOPs; defined beside the memory estimate)
 from .model import make_rng
 from .optim import AdamW
 from .precision import LossScaler
 from .update import Updater
-
-
-def flops_per_token(config, T: int) -> float:
-    """Training FLOPs per token: 6 * (matmul parameters) + 12 * L * T * C (attention scores and mixing).
-
-    Half of the attention products are masked in a causal model; the formula counts them anyway, as
-    the PaLM paper's MFU definition does, so figures compare with other reports."""
-    C, L, V = config.emb_dim, config.n_layers, config.vocab_size
-    matmul_params = L * (12 * C * C) + V * C  # c_attn 3C^2, c_proj C^2, c_fc 4C^2, mlp c_proj 4C^2; head V*C
-    return 6.0 * matmul_params + 12.0 * L * T * C
 
 
 def peak_sgemm_gflops(n: int = 2048, repeats: int = 5, dtype=np.float32) -> float:

@@ -2,6 +2,8 @@
 
 Glossary: B=batch (one rank's rows), T=time, C=channels, NH=heads, V=vocab, L=n_layers, N=B*T rows,
 P=parameters.
+Also here: the FLOPs of a training step (flops_per_token, step_flops), which --dry-run reports beside
+the memory and `npgpt bench` divides its times by.
 
     est = estimate_training(config, batch_size=4, seq_len=256, dtype="float32", recompute="none")
     est.total                  # bytes: weights + gradients + AdamW moments + activations + scratch + temporaries
@@ -199,13 +201,20 @@ def largest_batch(config: GPTConfig, seq_len: int, available: int | None, limit:
     return lo
 
 
-def step_flops(config: GPTConfig, batch_size: int, seq_len: int, recompute: str = "none") -> tuple[float, float]:
-    """(the model's FLOPs for one training step, the FLOPs recompute adds). The first is bench.py's
-    count (6 per matmul parameter per token, 12 L T C per token for attention, the causal half
-    included); recompute adds attention's q @ k^T again ("attention"; "block" also reruns every
-    block's forward up to GELU)."""
-    from .bench import flops_per_token
+def flops_per_token(config, T: int) -> float:
+    """Training FLOPs per token: 6 * (matmul parameters) + 12 * L * T * C (attention scores and mixing).
 
+    Half of the attention products are masked in a causal model; the formula counts them anyway, as
+    the PaLM paper's MFU definition does, so figures compare with other reports."""
+    C, L, V = config.emb_dim, config.n_layers, config.vocab_size
+    matmul_params = L * (12 * C * C) + V * C  # c_attn 3C^2, c_proj C^2, c_fc 4C^2, mlp c_proj 4C^2; head V*C
+    return 6.0 * matmul_params + 12.0 * L * T * C
+
+
+def step_flops(config: GPTConfig, batch_size: int, seq_len: int, recompute: str = "none") -> tuple[float, float]:
+    """(the model's FLOPs for one training step, the FLOPs recompute adds). The first is
+    flops_per_token's count (what `npgpt bench` reports GFLOP/s and MFU from); recompute adds
+    attention's q @ k^T again ("attention"; "block" also reruns every block's forward up to GELU)."""
     B, T, C, L = batch_size, seq_len, config.emb_dim, config.n_layers
     N = B * T
     model = flops_per_token(config, T) * N
