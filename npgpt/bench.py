@@ -17,13 +17,15 @@ import time
 
 import numpy as np
 
+from . import memory
 from .engine import make_engine
 from .generate import generate
-from .memory import flops_per_token  # noqa: F401  (npgpt bench's FLOPs; defined beside the memory estimate)
 from .model import make_rng
 from .optim import AdamW
 from .precision import LossScaler
 from .update import Updater
+
+flops_per_token = memory.flops_per_token  # training FLOPs per token, defined beside the memory estimate
 
 
 def peak_sgemm_gflops(n: int = 2048, repeats: int = 5, dtype=np.float32) -> float:
