@@ -20,6 +20,13 @@ which have the same positional arguments.
 | attention                      | attention_forward, attention_backward (+ the head-level pair)  | attention.cu (no dropout) |
 | cross_entropy                  | cross_entropy_ (forward and backward in place)                 | cross_entropy.cu       |
 | dropout                        | dropout_forward, dropout_backward                              | -                      |
+| relu                           | relu_forward (bias add fused), relu_backward_                  | -                      |
+| sinusoidal                     | sinusoidal_table_into, add_sinusoidal_ (the backward is the identity) | -               |
+| masked_attention               | masked_attention_forward / _backward, attention_bias_into      | - (cuBLAS)             |
+| multihead_attention            | multihead_attention_forward / _backward (the four projections) | - (cuBLAS)             |
+| feedforward                    | feedforward_forward / _backward (ReLU or GELU)                 | gelu.cu for GELU       |
+The composites block, ffn (GPT-2) and encoder_block, decoder_block (the encoder-decoder) have no file
+here: their fast steps wire the ops directly (engine.py, seq2seq/engine.py).
 """
 
 from .attention import (
@@ -34,9 +41,14 @@ from .common import in_threads, matmul, rowdot
 from .cross_entropy import GPU_LOSS_ROWS, IGNORE_INDEX, LOSS_ROWS, cross_entropy_
 from .dropout import dropout_backward, dropout_forward
 from .embedding import add_position_embedding_, embedding_backward, embedding_forward, position_embedding_backward
+from .feedforward import FeedForwardSaved, feedforward_backward, feedforward_forward
 from .gelu import GPU_ROW_BLOCK, ROW_BLOCK, gelu_backward_, gelu_forward, gelu_scratch
 from .layernorm import layernorm_backward, layernorm_forward
 from .linear import linear_backward, linear_forward
+from .masked_attention import attention_bias_into, head_view, masked_attention_backward, masked_attention_forward
+from .multihead_attention import AttentionSaved, multihead_attention_backward, multihead_attention_forward
+from .relu import relu_backward_, relu_forward
+from .sinusoidal import add_sinusoidal_, sinusoidal_table_into
 
 __all__ = [
     "attention_forward", "attention_backward", "attention_heads_forward", "attention_heads_backward_",
@@ -48,4 +60,10 @@ __all__ = [
     "gelu_forward", "gelu_backward_", "gelu_scratch", "ROW_BLOCK", "GPU_ROW_BLOCK",
     "layernorm_forward", "layernorm_backward",
     "linear_forward", "linear_backward",
+    # the encoder-decoder Transformer's (npgpt.seq2seq)
+    "relu_forward", "relu_backward_",
+    "sinusoidal_table_into", "add_sinusoidal_",
+    "attention_bias_into", "head_view", "masked_attention_forward", "masked_attention_backward",
+    "AttentionSaved", "multihead_attention_forward", "multihead_attention_backward",
+    "FeedForwardSaved", "feedforward_forward", "feedforward_backward",
 ]  # fmt: skip
