@@ -271,7 +271,9 @@ class Seq2SeqFastLossAndGrads:
         B, S, T = self.batch_size, self.src_len, self.tgt_len
         self.acts = plan_activations(xp, cfg, B, S, T, self.dtype)
         self.work = plan_workspace(xp, cfg, B, S, T, self.dtype, self.threads)
-        loss_rows = fast.LOSS_ROWS if xp is np else fast.GPU_LOSS_ROWS
+        # the loss works on blocks of rows as wide as GPT-2's (LOSS_ROWS rows of 50,257 logits, ~800 KB in
+        # float32): with a small vocabulary that is more rows per block, so fewer NumPy calls
+        loss_rows = max(fast.LOSS_ROWS, fast.LOSS_ROWS * 50_257 // cfg.tgt_vocab_size) if xp is np else fast.GPU_LOSS_ROWS
         self.ops = choose_ops(self.kernels, xp, self.threads, self.work.gelu, loss_rows)
         self.encoder_sublayers, self.decoder_sublayers = plan_sublayers(cfg)
         self.grad_flat = xp.zeros(model.num_params(), dtype=self.dtype)
