@@ -21,10 +21,11 @@ which have the same positional arguments.
 | cross_entropy                  | cross_entropy_ (forward and backward in place)                 | cross_entropy.cu       |
 | dropout                        | dropout_forward, dropout_backward                              | -                      |
 | relu                           | relu_forward (bias add fused), relu_backward_                  | -                      |
-| sinusoidal                     | sinusoidal_table_into, add_sinusoidal_ (the backward is the identity) | -               |
+| sinusoidal                     | sinusoidal_table_into, add_sinusoidal_ (backward: the identity) | -                     |
 | masked_attention               | masked_attention_forward / _backward, attention_bias_into      | - (cuBLAS)             |
 | multihead_attention            | multihead_attention_forward / _backward (the four projections) | - (cuBLAS)             |
 | feedforward                    | feedforward_forward / _backward (ReLU or GELU)                 | gelu.cu for GELU       |
+
 The composites block, ffn (GPT-2) and encoder_block, decoder_block (the encoder-decoder) have no file
 here: their fast steps wire the ops directly (engine.py, seq2seq/engine.py).
 """

@@ -5,7 +5,9 @@
 
 The backward never mutates dout or the cache. Every layer runs on NumPy and CuPy arrays, in
 float32 or float64. One concept per file; docs/backprop.md derives every backward. Each layer has a
-fast twin of the same name in npgpt/fast/ (what training runs; tests/test_fast_ops.py holds them equal).
+fast twin of the same name in npgpt/fast/ (what training runs; tests/test_fast_ops.py and
+tests/test_seq2seq_fast_ops.py hold them equal), except the composites block, ffn, encoder_block and
+decoder_block, whose parts the fast steps (engine.py, seq2seq/engine.py) wire directly.
 """
 
 from .attention import AttentionCache, attention_backward, attention_forward, attention_step_kv

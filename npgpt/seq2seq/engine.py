@@ -255,7 +255,7 @@ class Seq2SeqFastLossAndGrads:
 
     def __init__(self, model, batch_size: int, src_len: int, tgt_len: int, kernels=None):
         """kernels: names of CUDA kernels to use for LayerNorm, GELU and the loss (npgpt.cuda.KERNEL_NAMES;
-        default on a GPU: $NPGPT_CUDA_KERNELS; the causal flash-attention kernel does not apply)."""
+        default on a GPU: those $NPGPT_CUDA_KERNELS enables; others are left out, see below)."""
         cfg = model.config
         for name, value in (("batch_size", batch_size), ("src_len", src_len), ("tgt_len", tgt_len)):
             if int(value) < 1:
@@ -267,7 +267,10 @@ class Seq2SeqFastLossAndGrads:
         xp = self.xp = model.xp
         self.dtype = np.dtype(model.dtype)
         self.threads = num_threads() if xp is np else 1
-        self.kernels = resolve_kernels(kernels, xp, "fp32", False, cfg.head_size) - {"attention"}
+        # Not "attention" (the flash kernel is causal, without padding or dropout) nor "bmm": cuBLAS's strided
+        # batched GEMM needs each operand's batch axes to collapse into one stride, which the heads, strided
+        # views (b, NH, t, hs) of (b, t, C) rows, do not (CuPy's matmul copies them instead).
+        self.kernels = resolve_kernels(kernels, xp, "fp32", False, cfg.head_size) - {"attention", "bmm"}
         B, S, T = self.batch_size, self.src_len, self.tgt_len
         self.acts = plan_activations(xp, cfg, B, S, T, self.dtype)
         self.work = plan_workspace(xp, cfg, B, S, T, self.dtype, self.threads)
@@ -284,6 +287,7 @@ class Seq2SeqFastLossAndGrads:
         self._added_into = [k for k in model.params if "norm" in k or k.endswith("pos.weight")
                             or (k.endswith("embed.weight") and k != head_table)]  # fmt: skip
         self.masks, self.rows = None, None  # the last forward's dropout masks, and its rows with a target
+        self.shape = None  # the last forward's (b, s, t)
 
     def nbytes(self) -> int:
         """Bytes held by this step's buffers: activations, workspace and gradients."""
