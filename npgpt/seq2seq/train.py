@@ -31,6 +31,7 @@ import numpy as np
 from .. import checkpoint as ckpt
 from ..atomic import atomic_write_bytes, atomic_write_json
 from ..backend import to_numpy
+from ..metrics import read_metrics
 from ..model import make_rng
 from ..optim import AdamW
 from ..schedule import LRSchedule
@@ -267,7 +268,7 @@ class Seq2SeqTrainer:
             self.history = state["history"]
         self.metrics_path = out_dir / "metrics.jsonl"
         if state is not None:
-            records = [r for r in _read_jsonl(self.metrics_path) if r.get("step", 0) <= self.step]
+            records = [r for r in read_metrics(self.metrics_path) if r.get("step", 0) <= self.step]
             atomic_write_bytes(self.metrics_path, "".join(json.dumps(r) + "\n" for r in records).encode())
         self.metrics = open(self.metrics_path, "a" if state is not None else "w", encoding="utf-8")
         if state is None:
@@ -408,7 +409,7 @@ class Seq2SeqTrainer:
             print(f"held-out: exact match {exact:.2%} ({len(self.held_pairs) - len(misses):,}/{len(self.held_pairs):,}), "
                   f"BLEU {bleu:.2f} ({'greedy' if cfg.final_beam == 1 else f'beam {cfg.final_beam}'}, "
                   f"{time.perf_counter() - t0:.1f}s)")  # fmt: skip
-        plot = plot_history(self.history, self.out_dir / "loss.png", _read_jsonl(self.metrics_path)) if self.history["train"] else None
+        plot = plot_history(self.history, self.out_dir / "loss.png", read_metrics(self.metrics_path)) if self.history["train"] else None
         result = Seq2SeqTrainResult(
             steps=self.step, seconds=time.perf_counter() - self.t0, cpu_seconds=cpu_seconds() - self.cpu0,
             train_loss=self.last_train, val_loss=self.last_val, exact_match=exact, bleu=bleu,
@@ -427,19 +428,6 @@ class Seq2SeqTrainer:
 
 def train(cfg: Seq2SeqTrainConfig) -> Seq2SeqTrainResult:
     return Seq2SeqTrainer(cfg).run()
-
-
-def _read_jsonl(path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            pass  # a line cut short by a crash
-    return out
 
 
 def plot_history(history: dict, path, records=()) -> Path:
