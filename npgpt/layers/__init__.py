@@ -9,22 +9,28 @@ float32 or float64. One concept per file; docs/backprop.md derives every backwar
 
 from .attention import AttentionCache, attention_backward, attention_forward, attention_step_kv
 from .block import BLOCK_PARAM_NAMES, BlockCache, block_backward, block_forward
+from .classifier_head import ClassifierHeadCache, classifier_head_backward, classifier_head_forward
 from .cross_entropy import CrossEntropyCache, softmax_cross_entropy_backward, softmax_cross_entropy_forward
 from .dropout import DropoutCache, dropout_backward, dropout_forward
 from .embedding import EmbeddingCache, embedding_backward, embedding_forward
 from .ffn import FFNCache, ffn_backward, ffn_forward
 from .gelu import GeluCache, gelu_backward, gelu_forward
+from .last_token import LastTokenCache, last_token_backward, last_token_forward, last_token_index
 from .layernorm import LayerNormCache, layernorm_backward, layernorm_forward
 from .linear import LinearCache, linear_backward, linear_forward
+from .mixed_loss import MixedLossCache, mixed_loss_backward, mixed_loss_forward
 
 __all__ = [
     "AttentionCache", "attention_forward", "attention_backward", "attention_step_kv",
     "BLOCK_PARAM_NAMES", "BlockCache", "block_forward", "block_backward",
+    "ClassifierHeadCache", "classifier_head_forward", "classifier_head_backward",
     "CrossEntropyCache", "softmax_cross_entropy_forward", "softmax_cross_entropy_backward",
     "DropoutCache", "dropout_forward", "dropout_backward",
     "EmbeddingCache", "embedding_forward", "embedding_backward",
     "FFNCache", "ffn_forward", "ffn_backward",
     "GeluCache", "gelu_forward", "gelu_backward",
+    "LastTokenCache", "last_token_forward", "last_token_backward", "last_token_index",
     "LayerNormCache", "layernorm_forward", "layernorm_backward",
     "LinearCache", "linear_forward", "linear_backward",
+    "MixedLossCache", "mixed_loss_forward", "mixed_loss_backward",
 ]  # fmt: skip
