@@ -1,4 +1,4 @@
-"""The `npgpt` command line: train, generate, gradcheck, bench, info.
+"""The `npgpt` command line: train, generate, finetune, classify, gradcheck, bench, info.
 
 Each subcommand's arguments and work live in its own module; this file only wires them together.
 """
@@ -12,6 +12,7 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from . import bench, cli_gradcheck, generate, info, train
+    from .finetune import cli_classify, cli_finetune
 
     parser = argparse.ArgumentParser(
         prog="npgpt",
@@ -22,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module, help_text in [
         ("train", train, "pretrain or fine-tune a GPT on text files (default: the bundled short story)"),
         ("generate", generate, "continue a prompt with a trained checkpoint"),
+        ("finetune", cli_finetune, "fine-tune a GPT: a classifier (--task classify) or on instructions (--task instruct)"),
+        ("classify", cli_classify, "predict labels with a fine-tuned classifier"),
         ("gradcheck", cli_gradcheck, "check every layer's backward against finite differences"),
         ("bench", bench, "time a training step and generation"),
         ("info", info, "show the backend, devices, BLAS and versions"),

@@ -22,6 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default="runs/npgpt", metavar="DIR",
                    help="run directory, checkpoint directory or Hugging Face GPT-2 directory (default runs/npgpt)")
     p.add_argument("--prompt", default="Every effort moves you", help="text to continue")
+    p.add_argument("--instruction", help="instruction-tuned checkpoints: the task; the prompt is the checkpoint's "
+                   "own template filled in, and only the response is printed")
+    p.add_argument("--input", default="", help="with --instruction: the input the task works on (optional)")
     p.add_argument("--max-new-tokens", type=int, default=50)
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default); try 0.8")
     p.add_argument("--top-k", type=int, help="sample only from the k most likely tokens")
@@ -42,6 +45,13 @@ def run(args) -> int:
     check_sampling_args(args.temperature, args.top_k, args.top_p)
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    shown = args.prompt
+    if args.input and args.instruction is None:
+        raise ValueError("--input goes with --instruction (an instruction-tuned checkpoint); use --prompt otherwise")
+    if args.instruction is not None:  # the template stored with the checkpoint; the response ends at <|endoftext|>
+        from .finetune.instruct import instruction_prompt
+
+        args.prompt, shown, args.stop_at_eot = instruction_prompt(args.checkpoint, args.instruction, args.input), "", True
     model = load_pretrained(args.checkpoint, device=args.device, dtype=np.dtype(args.dtype))
     prompt_ids = encode(args.prompt) or [EOT_ID]  # an empty prompt starts from <|endoftext|>
     rng = np.random.default_rng(args.seed)
@@ -49,7 +59,7 @@ def run(args) -> int:
     for n in range(args.num_samples):
         if args.num_samples > 1:
             out.write(f"\n--- sample {n + 1} ---\n")
-        out.write(args.prompt)
+        out.write(shown)
         out.flush()
         decoder = StreamDecoder()
         t0, count = time.perf_counter(), 0

@@ -182,6 +182,7 @@ def finetune_layer_checks() -> list[Check]:
 
 def all_checks() -> list[Check]:
     """Every check npgpt ships: the layers, then the whole model."""
+    from .finetune.gradchecks import finetune_model_checks
     from .model_check import model_checks
 
-    return layer_checks() + model_checks()
+    return layer_checks() + model_checks() + finetune_model_checks()

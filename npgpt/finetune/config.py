@@ -1,0 +1,154 @@
+"""What a fine-tuning run is given: a dataclass (the Python API) that the command line fills in.
+
+    from npgpt.finetune import FinetuneConfig, finetune
+    result = finetune(FinetuneConfig(task="classify", data="tang-forms", epochs=5))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from ..config import PRESETS, GPTConfig
+from ..layers.mixed_loss import check_lm_weight
+
+TASKS = ("classify", "instruct")
+TRAINABLE = ("head", "last-block", "all")
+# Data sets shipped in npgpt/assets, made by scripts/make_finetune_data.py from tang300.txt.
+BUNDLED = {
+    "tang-forms": {"task": "classify", "train": "tang-forms-train.csv", "val": "tang-forms-val.csv",
+                   "test": "tang-forms-test.csv"},
+    "tang-instruct": {"task": "instruct", "train": "tang-instruct-train.json", "val": "tang-instruct-val.json",
+                      "test": "tang-instruct-test.json"},
+}  # fmt: skip
+DEFAULT_DATA = {"classify": "tang-forms", "instruct": "tang-instruct"}
+DEFAULT_EPOCHS = {"classify": 5, "instruct": 2}
+
+
+def bundled_file(name: str) -> Path:
+    return Path(str(resources.files("npgpt.assets").joinpath(name)))
+
+
+@dataclass
+class FinetuneConfig:
+    task: str = "classify"
+    # data: a file, or a bundled set by name (which also gives the validation and test files)
+    data: str | None = None  # default: tang-forms (classify) or tang-instruct (instruct)
+    val_data: str | None = None  # default: a stratified val_share of data (classify) / of the records (instruct)
+    test_data: str | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    val_share: float = 0.15
+    max_examples: int | None = None  # use the first N training examples only (quick trials)
+    # model
+    init_from: str | None = None  # a Hugging Face GPT-2 directory or an npgpt run/checkpoint; else a new model
+    preset: str = "nano"
+    context_length: int | None = None  # tokens per example (a new model's context); default: see context_for
+    drop_rate: float | None = None
+    lm_weight: float | None = None  # classify: lambda of L_FT + lambda * L_PT (default 0.5, GPT-1's)
+    trainable: str | None = None  # head | last-block | all (default: last-block with --init-from, else all)
+    mask_prompt: bool = True  # instruct: the prompt's tokens are left out of the loss
+    # optimisation
+    epochs: int | None = None  # default: 5 (classify), 2 (instruct)
+    batch_size: int = 8
+    lr: float = 5e-4
+    min_lr: float | None = None  # end of the cosine (default lr / 10)
+    warmup_steps: int = 0
+    weight_decay: float = 0.1
+    grad_clip: float | None = 1.0
+    seed: int = 0
+    # output
+    out_dir: str = "runs/finetune"
+    keep_last: int = 2
+    overwrite: bool = False
+    samples: int = 3  # instruct: responses generated for test (or val) instructions at the end
+    max_new_tokens: int = 24  # instruct: longest response generated when scoring
+    # machine
+    device: str | None = None
+    dtype: str = "float32"
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Every check that needs no file: a bad value is one ValueError, before anything is written."""
+        if self.task not in TASKS:
+            raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.lm_weight is not None:
+            if self.task != "classify":
+                raise ValueError("--lm-weight mixes the LM loss into a classifier's loss; drop it for --task instruct")
+            check_lm_weight(self.lm_weight)
+        if self.trainable is not None and self.trainable not in TRAINABLE:
+            raise ValueError(f"--trainable must be one of {', '.join(TRAINABLE)}, got {self.trainable!r}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        for name in ("epochs", "batch_size", "keep_last"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.max_examples is not None and self.max_examples < 2:
+            raise ValueError(f"--max-examples must be at least 2, got {self.max_examples}")
+        if self.context_length is not None and self.context_length < 2:
+            raise ValueError(f"--context-length must be at least 2, got {self.context_length}")
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if not 0.0 < self.val_share < 1.0:
+            raise ValueError(f"--val-share must lie in (0, 1), got {self.val_share}")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"--dtype must be float32 or float64, got {self.dtype!r}")
+        if self.data in BUNDLED and BUNDLED[self.data]["task"] != self.task:
+            raise ValueError(f"the bundled set {self.data!r} is for --task {BUNDLED[self.data]['task']}")
+
+    def resolved(self) -> FinetuneConfig:
+        """A checked copy with the task's defaults filled in: data, epochs, lm_weight, trainable."""
+        self.validate()
+        return dataclasses.replace(
+            self,
+            data=self.data or DEFAULT_DATA[self.task],
+            epochs=self.epochs or DEFAULT_EPOCHS[self.task],
+            lm_weight=(0.5 if self.lm_weight is None else float(self.lm_weight)) if self.task == "classify" else 0.0,
+            trainable=self.trainable or ("last-block" if self.init_from else "all"),
+        )
+
+    def files(self) -> tuple[Path | str, Path | str | None, Path | str | None]:
+        """(train, val, test) paths; a bundled name supplies whichever of val and test was not given."""
+        name = self.data or DEFAULT_DATA[self.task]
+        if name in BUNDLED and not Path(name).exists():
+            b = BUNDLED[name]
+            return bundled_file(b["train"]), self.val_data or bundled_file(b["val"]), self.test_data or bundled_file(b["test"])
+        return name, self.val_data, self.test_data
+
+    def context_for(self, longest: int, model_context: int | None = None) -> int:
+        """Tokens per example: --context-length, else the longest training example, at most the model's
+        context (for a new model: at most the preset's context or 256, whichever is larger)."""
+        if self.context_length is not None:
+            return self.context_length
+        if model_context is None:
+            model_context = max(PRESETS[self.preset].get("context_length", 1024), 256)
+        return max(2, min(longest, model_context))
+
+    def new_model_config(self, context_length: int) -> GPTConfig:
+        overrides = {"context_length": context_length}
+        if self.drop_rate is not None:
+            overrides["drop_rate"] = self.drop_rate
+        return GPTConfig.from_preset(self.preset, **overrides)
+
+
+def trainable_names(task: str, choice: str, params: dict, n_layers: int, tie_weights: bool, lm_weight: float) -> list[str]:
+    """The parameter names that train, in the order of `params`.
+
+    classify: head = score.weight; last-block = the head, ln_f and the last block; all = everything
+    (but an untied LM head when lm_weight is 0: no gradient reaches it).
+    instruct: head = the LM head (lm_head.weight, or the tied wte.weight); last-block and all as above.
+    """
+    lm_head = "wte.weight" if tie_weights else "lm_head.weight"
+    head = ["score.weight"] if task == "classify" else [lm_head]
+    if choice == "head":
+        chosen = set(head)
+    elif choice == "last-block":
+        last = f"h.{n_layers - 1}." if n_layers else None
+        chosen = set(head) | {"ln_f.weight", "ln_f.bias"} | {k for k in params if last and k.startswith(last)}
+    else:
+        chosen = set(params)
+        if task == "classify" and lm_weight == 0 and not tie_weights:
+            chosen.discard("lm_head.weight")
+    return [k for k in params if k in chosen]
