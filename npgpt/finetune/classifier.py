@@ -158,15 +158,16 @@ def load_classifier(path, device: str | None = None, dtype=DEFAULT_DTYPE) -> Cla
     tensors = {}
     for f in files:
         tensors.update(load_safetensors(f))
-    if SCORE not in tensors or not isinstance(hf.get("id2label"), dict):
-        raise ValueError(f"{path} is not a classifier (no score.weight or no id2label in config.json); "
-                         "fine-tune one with: npgpt finetune --task classify")  # fmt: skip
+    if SCORE not in tensors:
+        raise ValueError(f"{path} is not a classifier (it has no score.weight); fine-tune one with: "
+                         "npgpt finetune --task classify")  # fmt: skip
     config = read_config(hf)
     score = tensors.pop(SCORE)
     k = score.shape[0]
+    id2label = hf.get("id2label") or {str(i): f"LABEL_{i}" for i in range(k)}  # transformers omits its default names
     try:
-        labels = tuple(str(hf["id2label"][str(i)]) for i in range(k))
-    except KeyError:
+        labels = tuple(str(id2label[str(i)]) for i in range(k))
+    except (KeyError, TypeError):
         raise ValueError(f"{cfg_path}: id2label must name every id 0..{k - 1} of score.weight ({k} rows)") from None
     if not config.tie_weights and not any(key.endswith("lm_head.weight") for key in tensors):
         config = config.replace(tie_weights=True)  # a head-less untied file (transformers'): the LM head is not used
