@@ -27,6 +27,8 @@ EXPECTED_EXAMPLES = [
     "10_training_loop.py",
     "11_chinese_pretraining.py",
     "12_check_your_own_layer.py",
+    "13_classification_finetuning.py",
+    "14_instruction_finetuning.py",
 ]
 
 
@@ -156,6 +158,27 @@ def test_12_check_your_own_layer(tmp_path):
     assert "backward modified dout" in out
     assert "gradient of x has shape (5,), expected (4, 5)" in out
     assert "All checks behaved as expected" in out
+
+
+def test_13_classification_finetuning(tmp_path):
+    out = run_example("13_classification_finetuning.py", tmp_path)
+    run_dir = tmp_path / "13_classification_finetuning"
+    for png in ("loss.png", "accuracy.png", "confusion.png"):
+        assert_png(run_dir / png)
+    assert "'春眠不觉晓，': 14 tokens, padded to 23; the head reads position 13, which has seen '春眠不觉晓，'" in out
+    assert "FAIL" not in out and "mixed_loss" in out and "classifier_head" in out
+    acc, base = re.search(r"test accuracy (\S+)% against a majority-class baseline of (\S+)%", out).groups()
+    assert 0 <= float(acc) <= 100 and 0 < float(base) < 100
+    assert out.count("true: ") == 4
+
+
+def test_14_instruction_finetuning(tmp_path):
+    out = run_example("14_instruction_finetuning.py", tmp_path)
+    assert_png(tmp_path / "14_instruction_finetuning" / "loss.png")
+    assert "### Instruction:\nContinue this line of the poem." in out and "### Response:\n" in out
+    assert re.search(r"\d+ positions: \d+ targets inside the prompt are -100, \d+ count", out)
+    assert "'Continue this line of the poem.': exact" in out
+    assert "'How many characters are in each half of this line?': exact" in out
 
 
 # --- docs/backprop.md --------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ def classify_run(tmp_path_factory):
     """A short run on the bundled tang-forms set: 24 training poems, one epoch, 32-token context."""
     out = tmp_path_factory.mktemp("cls") / "run"
     code = main(["finetune", "--task", "classify", "--max-examples", "24", "--epochs", "1", "--context-length", "32",
-                 "--out-dir", str(out), "--no-progress"])  # fmt: skip
+                 "--lm-weight", "0.5", "--out-dir", str(out), "--no-progress"])  # fmt: skip
     assert code == 0
     return out
 
@@ -42,15 +42,15 @@ def test_classify_run_writes_plots_metrics_and_a_classifier(classify_run, capsys
     epochs = [r for r in records if r["kind"] == "epoch"]
     assert [r["epoch"] for r in epochs] == [0, 1] and all(0 <= r["val_acc"] <= 1 for r in epochs)
     steps = [r for r in records if r["kind"] == "step"]
-    assert len(steps) == 3 and all(r["lm_loss"] > 0 for r in steps)  # lambda 0.5 by default: the LM term is on
+    assert len(steps) == 3 and all(r["lm_loss"] > 0 for r in steps)  # the LM term is on
     summary = json.loads((classify_run / "summary.json").read_text())
-    train = read_labelled(bundled_file("tang-forms-train.csv"))[:24]
-    test = read_labelled(bundled_file("tang-forms-test.csv"))
+    train = read_labelled(bundled_file("tang-forms-train.csv"))[:24]  # --max-examples 24 cuts every file
+    test = read_labelled(bundled_file("tang-forms-test.csv"))[:24]
     counts = Counter(r.label for r in train)
     majority = min(counts, key=lambda label: (-counts[label], label))  # ties: the first label id
-    assert summary["test_examples"] == 53
-    assert summary["majority_baseline"] == pytest.approx(sum(r.label == majority for r in test) / 53)
-    assert sum(map(sum, summary["confusion"])) == 53
+    assert summary["test_examples"] == 24 and summary["val_examples"] == 24
+    assert summary["majority_baseline"] == pytest.approx(sum(r.label == majority for r in test) / 24)
+    assert sum(map(sum, summary["confusion"])) == 24
     ckpt = latest_checkpoint(classify_run)
     config = json.loads((ckpt / "config.json").read_text())
     assert config["architectures"] == ["GPT2ForSequenceClassification"] and config["pad_token_id"] == 50256
@@ -63,8 +63,10 @@ def test_classify_run_writes_plots_metrics_and_a_classifier(classify_run, capsys
     assert len(lines) == 5 and sum(probs) == pytest.approx(1, abs=1e-3) and probs == sorted(probs, reverse=True)
 
 
-def test_classify_scores_a_file_like_the_run_scored_its_test_set(classify_run, capsys):
-    assert main(["classify", "--checkpoint", str(classify_run), "--data", str(bundled_file("tang-forms-test.csv"))]) == 0
+def test_classify_scores_a_file_like_the_run_scored_its_test_set(classify_run, tmp_path, capsys):
+    rows = [(r.text, r.label) for r in read_labelled(bundled_file("tang-forms-test.csv"))[:24]]  # what the run scored
+    path = write_csv(tmp_path / "test.csv", rows)
+    assert main(["classify", "--checkpoint", str(classify_run), "--data", str(path)]) == 0
     out = capsys.readouterr().out
     summary = json.loads((classify_run / "summary.json").read_text())
     assert f"accuracy {summary['test_accuracy']:.1%}" in out and "confusion matrix" in out

@@ -31,6 +31,10 @@ def test_wheel_contains_kernels_and_assets(wheel):
         "npgpt/assets/the-verdict.txt",
         "npgpt/assets/tang300.txt",
         "npgpt/assets/NOTICE.md",
+        "npgpt/assets/tang-forms-train.csv",
+        "npgpt/assets/tang-instruct-test.json",
+        "npgpt/finetune/classifier.py",
+        "npgpt/layers/classifier_head.py",
         "npgpt/layers/attention.py",
         "npgpt/cuda/kernels.py",
         "npgpt/cuda/emulate.py",
@@ -54,8 +58,10 @@ def test_non_editable_install_finds_kernels_and_tokenizer(wheel, tmp_path):
         "assert (k.kernel_dir() / 'README.md').is_file();"
         "assert npgpt.__file__.startswith(%r);"
         "assert t.encode('Every effort moves you') == [6109, 3626, 6100, 345];"
+        "from npgpt.finetune.config import bundled_file;"
+        "assert str(bundled_file('tang-forms-train.csv')).startswith(%r) and bundled_file('tang-instruct-val.json').is_file();"
         "print('ok')"
-    ) % (str(target), str(target))
+    ) % (str(target), str(target), str(target))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                           env={"PYTHONPATH": str(target), "PATH": ""})  # fmt: skip
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr

@@ -59,15 +59,18 @@ def evaluate(step: ClassifierStep, data: ClassificationSet, batch_size: int) -> 
 def read_sets(cfg: FinetuneConfig) -> tuple[LabelMap, list, list, list | None]:
     """(label map, train rows, val rows, test rows or None): every file read and every label checked."""
     train_path, val_path, test_path = cfg.files()
-    rows = read_labelled(train_path, cfg.text_column, cfg.label_column)
-    if cfg.max_examples is not None:
-        rows = rows[: cfg.max_examples]
+    n = cfg.max_examples  # quick trials: the first n rows of each file
+
+    def read(path):
+        return read_labelled(path, cfg.text_column, cfg.label_column)[:n]
+
+    rows = read(train_path)
     if val_path is not None:
-        val_rows = read_labelled(val_path, cfg.text_column, cfg.label_column)
+        val_rows = read(val_path)
     else:
         rows, val_rows = stratified_split(rows, cfg.val_share, cfg.seed)
     labels = LabelMap.from_rows(rows, source=str(train_path))
-    test_rows = read_labelled(test_path, cfg.text_column, cfg.label_column) if test_path is not None else None
+    test_rows = read(test_path) if test_path is not None else None
     for other in (val_rows, test_rows or []):
         labels.ids(other)  # a label never seen in training is an error naming it
     return labels, rows, val_rows, test_rows
@@ -90,6 +93,7 @@ def run_classify(cfg: FinetuneConfig) -> ClassifyResult:
     extra = {"finetune": {"lm_weight": lam, "trainable": cfg.trainable, "max_length": T}}
     steps_per_epoch = -(-len(train) // cfg.batch_size)
     run = Run(cfg, step, clf.params, trainable, steps_per_epoch, lambda d: clf.save(d, extra))
+    run.step_value = lambda s: s.ft_loss
     truncated = train.truncated + (val.truncated if val else 0)
     run.say(f"npgpt finetune --task classify: {len(labels.names)} labels, {len(train)} train / {len(val) if val else 0} val"
             f" / {len(test) if test else 0} test texts{f' ({truncated} cut to {T} tokens)' if truncated else ''}; "
@@ -111,7 +115,7 @@ def run_classify(cfg: FinetuneConfig) -> ClassifyResult:
                 run.save(epoch, history)
     finally:
         timing = run.close()
-    return finish(cfg, clf, step, labels, train, val, test, history, timing, run.last_ckpt, trainable)
+    return finish(cfg, clf, step, labels, train, val, test, history, timing, run.last_ckpt, trainable, run.step_losses)
 
 
 def epoch_metrics(step, train, val, batch_size, epoch, history) -> dict:
@@ -125,12 +129,12 @@ def epoch_metrics(step, train, val, batch_size, epoch, history) -> dict:
     return record
 
 
-def finish(cfg, clf, step, labels, train, val, test, history, timing, last_ckpt, trainable) -> ClassifyResult:
+def finish(cfg, clf, step, labels, train, val, test, history, timing, last_ckpt, trainable, step_losses) -> ClassifyResult:
     out = Path(cfg.out_dir)
     k = len(labels.names)
     plots = {
         "loss": str(plot_curves({"train": history["train_loss"], "val": history["val_loss"]}, out / "loss.png",
-                                "classification loss (L_FT)")),
+                                "classification loss (L_FT)", step_points=step_losses)),
         "accuracy": str(plot_curves({"train": history["train_acc"], "val": history["val_acc"]}, out / "accuracy.png",
                                     "accuracy")),
     }  # fmt: skip

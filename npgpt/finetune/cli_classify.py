@@ -38,12 +38,12 @@ def run(args) -> int:
     rows = [Row(args.text, "", "--text")] if args.text is not None else read_labelled(
         args.data, args.text_column, args.label_column)  # fmt: skip
     clf = load_classifier(args.checkpoint, device=args.device, dtype=np.dtype(args.dtype))
-    labels = LabelMap(clf.labels)
-    T = clf.model.config.context_length
-    data = ClassificationSet.build(rows, labels if args.data else None, T)
-    probs = np.concatenate([clf.predict_proba(idx) for idx, _ in data.batches(args.batch_size)])
     if clf.pad_token_id != PAD_ID:
-        raise ValueError(f"{args.checkpoint} pads with token {clf.pad_token_id}; npgpt classify pads with {PAD_ID}")
+        raise ValueError(f"{args.checkpoint} pads with token {clf.pad_token_id}; npgpt classify pads with {PAD_ID} "
+                         "(<|endoftext|>), so its predictions would read the wrong position")  # fmt: skip
+    labels = LabelMap(clf.labels)
+    data = ClassificationSet.build(rows, labels if args.data else None, clf.model.config.context_length)
+    probs = np.concatenate([clf.predict_proba(idx) for idx, _ in data.batches(args.batch_size)])
     if args.text is not None:
         if args.probs:
             for i in np.argsort(-probs[0]):

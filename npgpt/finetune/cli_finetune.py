@@ -25,15 +25,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--text-column", default=d.text_column)
     g.add_argument("--label-column", default=d.label_column)
     g.add_argument("--val-share", type=float, default=d.val_share, help="share held out when there is no --val-data")
-    g.add_argument("--max-examples", type=int, help="use only the first N training examples (quick trials)")
+    g.add_argument("--max-examples", type=int, help="use only the first N examples of each file (quick trials)")
     g = p.add_argument_group("model")
     g.add_argument("--init-from", metavar="DIR", help="a Hugging Face GPT-2 directory or an npgpt run or checkpoint "
                    "(default: a new model of --preset)")
     g.add_argument("--preset", default=d.preset, choices=sorted(PRESETS), help="size of a new model (default nano)")
+    g.add_argument("--emb-dim", type=int, help="a new model's width (default: the preset's)")
+    g.add_argument("--n-heads", type=int)
+    g.add_argument("--n-layers", type=int)
     g.add_argument("--context-length", type=int, help="longest example in tokens (a new model's context; default "
                    "the model's); longer texts are cut (classify) or left out (instruct)")
     g.add_argument("--drop-rate", type=float)
-    g.add_argument("--lm-weight", type=float, help="classify: lambda in L_FT + lambda * L_PT, in [0, 1] (default 0.5)")
+    g.add_argument("--lm-weight", type=float, help="classify: lambda in L_FT + lambda * L_PT, in [0, 1] (default: "
+                   "0.5, GPT-1's, with --init-from; 0 for a new model)")
     g.add_argument("--trainable", choices=TRAINABLE, help="what trains: the head, the last block (+ final LayerNorm "
                    "+ head), or all (default: last-block with --init-from, else all)")
     g.add_argument("--no-mask-prompt", dest="mask_prompt", action="store_false",

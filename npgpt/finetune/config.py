@@ -41,13 +41,16 @@ class FinetuneConfig:
     text_column: str = "text"
     label_column: str = "label"
     val_share: float = 0.15
-    max_examples: int | None = None  # use the first N training examples only (quick trials)
+    max_examples: int | None = None  # use the first N examples of each file only (quick trials)
     # model
     init_from: str | None = None  # a Hugging Face GPT-2 directory or an npgpt run/checkpoint; else a new model
     preset: str = "nano"
+    emb_dim: int | None = None  # a new model's shape, overriding the preset's
+    n_heads: int | None = None
+    n_layers: int | None = None
     context_length: int | None = None  # tokens per example (a new model's context); default: see context_for
     drop_rate: float | None = None
-    lm_weight: float | None = None  # classify: lambda of L_FT + lambda * L_PT (default 0.5, GPT-1's)
+    lm_weight: float | None = None  # classify: lambda of L_FT + lambda * L_PT (default: see default_lm_weight)
     trainable: str | None = None  # head | last-block | all (default: last-block with --init-from, else all)
     mask_prompt: bool = True  # instruct: the prompt's tokens are left out of the loss
     # optimisation
@@ -95,6 +98,10 @@ class FinetuneConfig:
             raise ValueError(f"--val-share must lie in (0, 1), got {self.val_share}")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"--dtype must be float32 or float64, got {self.dtype!r}")
+        if self.init_from is not None:
+            shaped = [f"--{k.replace('_', '-')}" for k in ("emb_dim", "n_heads", "n_layers") if getattr(self, k) is not None]
+            if shaped:
+                raise ValueError(f"{', '.join(shaped)} cannot be combined with --init-from: the checkpoint fixes the model's shape")
         if self.data in BUNDLED and BUNDLED[self.data]["task"] != self.task:
             raise ValueError(f"the bundled set {self.data!r} is for --task {BUNDLED[self.data]['task']}")
 
@@ -105,7 +112,7 @@ class FinetuneConfig:
             self,
             data=self.data or DEFAULT_DATA[self.task],
             epochs=self.epochs or DEFAULT_EPOCHS[self.task],
-            lm_weight=(0.5 if self.lm_weight is None else float(self.lm_weight)) if self.task == "classify" else 0.0,
+            lm_weight=(self.default_lm_weight if self.lm_weight is None else float(self.lm_weight)) if self.task == "classify" else 0.0,
             trainable=self.trainable or ("last-block" if self.init_from else "all"),
         )
 
@@ -117,6 +124,12 @@ class FinetuneConfig:
             return bundled_file(b["train"]), self.val_data or bundled_file(b["val"]), self.test_data or bundled_file(b["test"])
         return name, self.val_data, self.test_data
 
+    @property
+    def default_lm_weight(self) -> float:
+        """0.5 (GPT-1's) when fine-tuning a pretrained model, whose language the LM term keeps; 0 for a new
+        model, which has nothing to forget and would pay for the (B, T, V) logits at every step."""
+        return 0.5 if self.init_from else 0.0
+
     def context_for(self, longest: int, model_context: int | None = None) -> int:
         """Tokens per example: --context-length, else the longest training example, at most the model's
         context (for a new model: at most the preset's context or 256, whichever is larger)."""
@@ -127,10 +140,8 @@ class FinetuneConfig:
         return max(2, min(longest, model_context))
 
     def new_model_config(self, context_length: int) -> GPTConfig:
-        overrides = {"context_length": context_length}
-        if self.drop_rate is not None:
-            overrides["drop_rate"] = self.drop_rate
-        return GPTConfig.from_preset(self.preset, **overrides)
+        overrides = {k: getattr(self, k) for k in ("emb_dim", "n_heads", "n_layers", "drop_rate") if getattr(self, k) is not None}
+        return GPTConfig.from_preset(self.preset, context_length=context_length, **overrides)
 
 
 def trainable_names(task: str, choice: str, params: dict, n_layers: int, tie_weights: bool, lm_weight: float) -> list[str]:

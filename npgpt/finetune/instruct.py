@@ -98,18 +98,17 @@ def evaluate(step: InstructStep, data: InstructionSet, batch_size: int) -> float
 def read_sets(cfg: FinetuneConfig):
     """(train, val, test or None) lists of Records, read and checked; val is a seeded share when not given."""
     train_path, val_path, test_path = cfg.files()
-    records = read_instructions(train_path)
-    if cfg.max_examples is not None:
-        records = records[: cfg.max_examples]
+    n = cfg.max_examples  # quick trials: the first n records of each file
+    records = read_instructions(train_path)[:n]
     if val_path is not None:
-        val_records = read_instructions(val_path)
+        val_records = read_instructions(val_path)[:n]
     else:  # a seeded share of the records
         order = np.random.default_rng(cfg.seed).permutation(len(records))
         n_val = max(1, int(round(cfg.val_share * len(records)))) if len(records) > 1 else 0
         val_idx = set(order[:n_val].tolist())
         val_records = [r for i, r in enumerate(records) if i in val_idx]
         records = [r for i, r in enumerate(records) if i not in val_idx]
-    test_records = read_instructions(test_path) if test_path is not None else None
+    test_records = read_instructions(test_path)[:n] if test_path is not None else None
     return (records, train_path), (val_records, val_path or train_path), (test_records, test_path)
 
 
@@ -155,13 +154,13 @@ def run_instruct(cfg: FinetuneConfig) -> InstructResult:
                 run.save(epoch, history)
     finally:
         timing = run.close()
-    return finish(cfg, model, step, train, val, test, history, timing, run.last_ckpt, trainable, skipped)
+    return finish(cfg, model, step, train, val, test, history, timing, run.last_ckpt, trainable, skipped, run.step_losses)
 
 
-def finish(cfg, model, step, train, val, test, history, timing, last_ckpt, trainable, skipped) -> InstructResult:
+def finish(cfg, model, step, train, val, test, history, timing, last_ckpt, trainable, skipped, step_losses) -> InstructResult:
     out = Path(cfg.out_dir)
     plots = {"loss": str(plot_curves({"train": history["train_loss"], "val": history["val_loss"]}, out / "loss.png",
-                                     "loss on response tokens" if cfg.mask_prompt else "loss"))}  # fmt: skip
+                                     "loss on response tokens" if cfg.mask_prompt else "loss", step_points=step_losses))}  # fmt: skip
     scored, name = (test, "test") if test is not None else (val, "val")
     test_loss = exact = None
     samples = []

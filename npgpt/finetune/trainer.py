@@ -85,7 +85,8 @@ class Run:
         self.steps_per_epoch = steps_per_epoch
         self.n_step, self.skipped, self.bad_in_a_row = 0, 0, 0
         self.step_times: list[float] = []
-        self.step_losses: list[tuple[float, float]] = []  # (fractional epoch, loss)
+        self.step_losses: list[tuple[float, float]] = []  # (fractional epoch, step_value(step)) of every step
+        self.step_value = lambda s: s.loss  # what the loss plot draws per step (classify: L_FT alone)
         self.last_ckpt = None
         self.metrics = open(self.out / "metrics.jsonl", "w", encoding="utf-8")
         self.bar = tqdm(total=self.total_steps, disable=not cfg.progress, unit="step", dynamic_ncols=True)
@@ -114,7 +115,7 @@ class Run:
                 self.optimizer.step(s.grads, lr=lr)
                 self.bad_in_a_row = 0
                 losses.append(s.loss)
-                self.step_losses.append((epoch - 1 + len(losses) / self.steps_per_epoch, s.loss))
+                self.step_losses.append((epoch - 1 + len(losses) / self.steps_per_epoch, self.step_value(s)))
             else:
                 self.skip(record)
             dt = time.perf_counter() - t0
