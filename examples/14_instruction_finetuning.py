@@ -7,15 +7,15 @@ next tokens, as in pretraining, but every target inside the prompt and every pad
 to -100 (ignore_index): the cross-entropy leaves them out, so the loss is the mean over the response
 tokens only, and those positions send back an exact zero gradient. Batches are padded to their own
 longest example. The end token teaches the model to stop. The data is bundled: two instructions on
-lines of 唐诗三百首 (continue a line; say whether its halves have five or seven characters), split by poem
-with a fixed seed (scripts/make_finetune_data.py).
+lines of 唐诗三百首 (continue a line; say whether a half-line is a line's first or second half), split by
+poem with a fixed seed (scripts/make_finetune_data.py).
 
 Run:   python examples/14_instruction_finetuning.py      (a few minutes on a laptop CPU)
 Fast:  NPGPT_EXAMPLES_FAST=1 python examples/14_instruction_finetuning.py   (a tiny run)
 Output: examples/out/14_instruction_finetuning/ (folder set by NPGPT_EXAMPLES_OUT):
         loss.png, metrics.jsonl, summary.json, checkpoints/
 Then:  npgpt generate --checkpoint examples/out/14_instruction_finetuning \\
-           --instruction "How many characters are in each half of this line?" --input "春眠不觉晓，处处闻啼鸟。"
+           --instruction "Is this the first or the second half of a line?" --input "处处闻啼鸟。"
 
 Glossary: B=batch, T=time, V=vocab.
 """
@@ -63,19 +63,22 @@ config = FinetuneConfig(
 )
 result = finetune(config)
 
-# 3. Score each instruction of the test set separately, with the template stored in the checkpoint.
+# 3. Score each instruction of the test set separately, with the template stored in the checkpoint:
+#    exact answers, and answers in the right form (a half-line ending in a full stop; "first" or "second").
 model = load_pretrained(result.checkpoint)
 template = stored_template(result.checkpoint)
 test = read_instructions(bundled_file("tang-instruct-test.json"))[: 6 if FAST else None]
-hits, shape, count = defaultdict(int), defaultdict(int), defaultdict(int)
+exact, form, count = defaultdict(int), defaultdict(int), defaultdict(int)
 for r in test:
-    got = respond(model, template, r.instruction, r.input, max_new_tokens=8 if FAST else 24)
+    got = respond(model, template, r.instruction, r.input, max_new_tokens=8 if FAST else 24).strip()
     count[r.instruction] += 1
-    hits[r.instruction] += got.strip() == r.output.strip()
-    shape[r.instruction] += len(got.strip()) == len(r.output.strip())  # the right length (a continuation's shape)
+    exact[r.instruction] += got == r.output
+    form[r.instruction] += got in ("first", "second") if r.instruction.startswith("Is this") else got.endswith("。")
 for inst in count:
-    print(f"{inst!r}: exact {hits[inst]}/{count[inst]}, right length {shape[inst]}/{count[inst]}")
-answers = [r.output for r in test if r.instruction.startswith("How many")]
-if answers:
-    top = max(set(answers), key=answers.count)
-    print(f"(always answering {top!r} would get {answers.count(top)}/{len(answers)} of the counting questions)")
+    print(f"{inst!r}: exact {exact[inst]}/{count[inst]}, in the right form {form[inst]}/{count[inst]}")
+which = [r for r in test if r.instruction.startswith("Is this")]
+trained = [r.output for r in train_records if r.instruction.startswith("Is this")]
+if which:  # the majority-class baseline: always give the training set's most frequent answer
+    top = max(sorted(set(trained)), key=trained.count)
+    print(f"(always answering {top!r}, the most frequent answer in training, gets "
+          f"{sum(r.output == top for r in which)}/{len(which)} of these test questions)")

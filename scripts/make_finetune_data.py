@@ -11,10 +11,9 @@ tonal rules. Columns: text, label, title, poet.
 
 tang-instruct (instruction tuning), one Alpaca-style record per poem that has a two-part line (a line
 "床前明月光，疑是地上霜。" drawn at random), alternating between two instructions:
-  "Continue this line of the poem."                      input: the line's first half, output: its second half
-  "How many characters are in each half of this line?"   input: the whole line, output: "five" or "seven"
-(the second only for lines whose halves have 5 or 7 characters each). Records are short (about 80
-tokens with the template), which keeps a CPU run to minutes.
+  "Continue this line of the poem."                   input: the line's first half, output: its second half
+  "Is this the first or the second half of a line?"   input: one of the halves, output: "first" or "second"
+Records are short (about 80 tokens with the template), which keeps a CPU run to minutes.
 
 Splits: the poems (352: 14 repeats of 12 texts are dropped) are split once, stratified by label (70% train, 15% validation, 15% test, rounded per
 label) with numpy's default_rng(SEED), and both sets follow that split, so no test poem is trained on.
@@ -38,8 +37,7 @@ PUNCT = re.compile(r"[，。？！；：、]")
 SHAPES = {(4, 5): "5-char quatrain", (4, 7): "7-char quatrain", (8, 5): "5-char regulated", (8, 7): "7-char regulated"}
 SHARES = {"val": 0.15, "test": 0.15}
 CONTINUE = "Continue this line of the poem."
-COUNT = "How many characters are in each half of this line?"
-NUMBERS = {5: "five", 7: "seven"}
+WHICH = "Is this the first or the second half of a line?"
 
 
 def read_poems(path: Path) -> list[dict]:
@@ -90,9 +88,10 @@ def instruct_records(poems: list[dict], rng: np.random.Generator) -> list[dict]:
             continue
         line = couplets[int(rng.integers(len(couplets)))]
         cut = PUNCT.search(line).end()  # after the first half's punctuation mark
-        sizes = {cut - 1, len(line) - cut - 1}
-        if len(records) % 2 and len(sizes) == 1 and sizes <= set(NUMBERS):
-            records.append({"instruction": COUNT, "input": line, "output": NUMBERS[sizes.pop()]})
+        if len(records) % 2:
+            second = bool(rng.integers(2))
+            records.append({"instruction": WHICH, "input": line[cut:] if second else line[:cut],
+                            "output": "second" if second else "first"})
         else:
             records.append({"instruction": CONTINUE, "input": line[:cut], "output": line[cut:]})
     return records

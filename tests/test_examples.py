@@ -178,7 +178,8 @@ def test_14_instruction_finetuning(tmp_path):
     assert "### Instruction:\nContinue this line of the poem." in out and "### Response:\n" in out
     assert re.search(r"\d+ positions: \d+ targets inside the prompt are -100, \d+ count", out)
     assert "'Continue this line of the poem.': exact" in out
-    assert "'How many characters are in each half of this line?': exact" in out
+    assert "'Is this the first or the second half of a line?': exact" in out
+    assert "the most frequent answer in training" in out
 
 
 # --- docs/backprop.md --------------------------------------------------------------------------------

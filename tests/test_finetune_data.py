@@ -16,7 +16,7 @@ from npgpt.finetune.tables import PAD_ID, ClassificationSet, LabelMap, Row, batc
 from npgpt.tokenizer import EOT_ID, encode
 
 REPO = Path(__file__).resolve().parents[1]
-ROWS = [("a good film, truly", "pos"), ("dull, slow, \"long\"", "neg"), ("loved it", "pos")]
+ROWS = [("a good film, truly", "pos"), ("dull, slow,\n\"long\"", "neg"), ("loved it\r\n\nsecond line", "pos")]
 
 
 def write_table(tmp_path, suffix, rows=ROWS, text="text", label="label"):
@@ -174,5 +174,11 @@ def test_bundled_sets_are_what_the_script_makes():
     inst = {s: read_instructions(bundled_file(BUNDLED["tang-instruct"][s])) for s in ("train", "val", "test")}
     assert {s: len(r) for s, r in inst.items()} == {"train": 246, "val": 53, "test": 53}
     assert {r.instruction for r in inst["test"]} == {"Continue this line of the poem.",
-                                                     "How many characters are in each half of this line?"}
-    assert {r.output for r in inst["train"] if r.instruction.startswith("How")} == {"five", "seven"}
+                                                     "Is this the first or the second half of a line?"}
+    lines = {line for r in forms["train"] for line in r.text.split("\n")}
+    for r in inst["train"]:  # every record is cut from a line of a training poem
+        if r.instruction.startswith("Is this"):
+            assert r.output in ("first", "second")
+            assert any(line.startswith(r.input) if r.output == "first" else line.endswith(r.input) for line in lines), r
+        else:
+            assert any(line == r.input + r.output or line.startswith(r.input + r.output) for line in lines), r

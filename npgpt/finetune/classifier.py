@@ -97,9 +97,12 @@ class Classifier:
         if cache.loss is None:
             raise ValueError("backward needs a loss: call forward with labels")
         need = set(self.params) if trainable is None else set(trainable)
-        dcls, dlm = L.mixed_loss_backward(dloss, cache.loss)  # (B, k), (B, T, V) or None
-        dx, dscore = L.classifier_head_backward(dcls, cache.head, weight_grad=SCORE in need)  # (B, T, C), (k, C)
         trunk_need = need - {SCORE}
+        if trunk_need:
+            dcls, dlm = L.mixed_loss_backward(dloss, cache.loss)  # (B, k), (B, T, V) or None
+        else:  # only the head trains: the LM term's gradient would reach nothing trainable
+            dcls, dlm = L.softmax_cross_entropy_backward(dloss, cache.loss.ft), None
+        dx, dscore = L.classifier_head_backward(dcls, cache.head, weight_grad=SCORE in need)  # (B, T, C), (k, C)
         grads = {}
         if trunk_need:
             grads = self.model.backward(cache.trunk, dloss=None, dlogits=dlm, dhidden=dx, trainable=trunk_need)

@@ -132,11 +132,12 @@ def epoch_metrics(step, train, val, batch_size, epoch, history) -> dict:
 def finish(cfg, clf, step, labels, train, val, test, history, timing, last_ckpt, trainable, step_losses) -> ClassifyResult:
     out = Path(cfg.out_dir)
     k = len(labels.names)
+    names = {"train": "train (after each epoch)", "val": "validation"}
     plots = {
         "loss": str(plot_curves({"train": history["train_loss"], "val": history["val_loss"]}, out / "loss.png",
-                                "classification loss (L_FT)", step_points=step_losses)),
+                                "classification loss (L_FT)", step_points=step_losses, names=names)),
         "accuracy": str(plot_curves({"train": history["train_acc"], "val": history["val_acc"]}, out / "accuracy.png",
-                                    "accuracy")),
+                                    "accuracy", names=names)),
     }  # fmt: skip
     test_loss = test_acc = baseline = matrix = None
     if test is not None:

@@ -33,8 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--emb-dim", type=int, help="a new model's width (default: the preset's)")
     g.add_argument("--n-heads", type=int)
     g.add_argument("--n-layers", type=int)
-    g.add_argument("--context-length", type=int, help="longest example in tokens (a new model's context; default "
-                   "the model's); longer texts are cut (classify) or left out (instruct)")
+    g.add_argument("--context-length", type=int, help="longest example in tokens (a new model's context); default: "
+                   "the longest training example, at most the model's context (a new model: at most 256, or the "
+                   "preset's context if larger). Longer texts are cut (classify) or left out (instruct)")
     g.add_argument("--drop-rate", type=float)
     g.add_argument("--lm-weight", type=float, help="classify: lambda in L_FT + lambda * L_PT, in [0, 1] (default: "
                    "0.5, GPT-1's, with --init-from; 0 for a new model)")
@@ -43,9 +44,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-mask-prompt", dest="mask_prompt", action="store_false",
                    help="instruct: keep the prompt's tokens in the loss")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=d.epochs)
+    g.add_argument("--epochs", type=int, help="passes over the training data (default 5)")
     g.add_argument("--batch-size", type=int, default=d.batch_size)
-    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (cosine to lr/10)")
+    g.add_argument("--lr", type=float, help="peak learning rate, cosine to lr/10 (default: 5e-4 for a new model, "
+                   "5e-5 with --init-from)")
     g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="global gradient-norm limit (0: off)")

@@ -24,7 +24,7 @@ BUNDLED = {
                       "test": "tang-instruct-test.json"},
 }  # fmt: skip
 DEFAULT_DATA = {"classify": "tang-forms", "instruct": "tang-instruct"}
-DEFAULT_EPOCHS = {"classify": 5, "instruct": 2}
+DEFAULT_EPOCHS = {"classify": 5, "instruct": 5}
 
 
 def bundled_file(name: str) -> Path:
@@ -54,9 +54,9 @@ class FinetuneConfig:
     trainable: str | None = None  # head | last-block | all (default: last-block with --init-from, else all)
     mask_prompt: bool = True  # instruct: the prompt's tokens are left out of the loss
     # optimisation
-    epochs: int | None = None  # default: 5 (classify), 2 (instruct)
+    epochs: int | None = None  # default: 5
     batch_size: int = 8
-    lr: float = 5e-4
+    lr: float | None = None  # peak; default 5e-4 for a new model, 5e-5 with --init-from (the book's)
     min_lr: float | None = None  # end of the cosine (default lr / 10)
     warmup_steps: int = 0
     weight_decay: float = 0.1
@@ -92,7 +92,7 @@ class FinetuneConfig:
             raise ValueError(f"--max-examples must be at least 2, got {self.max_examples}")
         if self.context_length is not None and self.context_length < 2:
             raise ValueError(f"--context-length must be at least 2, got {self.context_length}")
-        if not self.lr > 0:
+        if self.lr is not None and not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         if not 0.0 < self.val_share < 1.0:
             raise ValueError(f"--val-share must lie in (0, 1), got {self.val_share}")
@@ -106,12 +106,13 @@ class FinetuneConfig:
             raise ValueError(f"the bundled set {self.data!r} is for --task {BUNDLED[self.data]['task']}")
 
     def resolved(self) -> FinetuneConfig:
-        """A checked copy with the task's defaults filled in: data, epochs, lm_weight, trainable."""
+        """A checked copy with the defaults filled in: data, epochs, lr, lm_weight, trainable."""
         self.validate()
         return dataclasses.replace(
             self,
             data=self.data or DEFAULT_DATA[self.task],
             epochs=self.epochs or DEFAULT_EPOCHS[self.task],
+            lr=self.lr or (5e-5 if self.init_from else 5e-4),
             lm_weight=(self.default_lm_weight if self.lm_weight is None else float(self.lm_weight)) if self.task == "classify" else 0.0,
             trainable=self.trainable or ("last-block" if self.init_from else "all"),
         )

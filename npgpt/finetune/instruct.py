@@ -160,7 +160,8 @@ def run_instruct(cfg: FinetuneConfig) -> InstructResult:
 def finish(cfg, model, step, train, val, test, history, timing, last_ckpt, trainable, skipped, step_losses) -> InstructResult:
     out = Path(cfg.out_dir)
     plots = {"loss": str(plot_curves({"train": history["train_loss"], "val": history["val_loss"]}, out / "loss.png",
-                                     "loss on response tokens" if cfg.mask_prompt else "loss", step_points=step_losses))}  # fmt: skip
+                                     "loss on response tokens" if cfg.mask_prompt else "loss", step_points=step_losses,
+                                     names={"train": "train (mean over the epoch)", "val": "validation"}))}  # fmt: skip
     scored, name = (test, "test") if test is not None else (val, "val")
     test_loss = exact = None
     samples = []

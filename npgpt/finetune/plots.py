@@ -33,19 +33,19 @@ def _save(fig, path) -> Path:
     return path
 
 
-def plot_curves(history: dict, path, ylabel: str, keys=("train", "val"), step_points=None) -> Path:
-    """history[key] = [(epoch, value)], drawn per epoch; step_points = [(fractional epoch, value)] of
-    every step, drawn faintly behind."""
+def plot_curves(history: dict, path, ylabel: str, keys=("train", "val"), step_points=None, names=None) -> Path:
+    """history[key] = [(epoch, value)], drawn per epoch (legend: names[key], default the key);
+    step_points = [(fractional epoch, value)] of every step, drawn faintly behind."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     if step_points:
         e, v = zip(*step_points)
-        ax.plot(e, v, "-", color="tab:blue", alpha=0.25, linewidth=0.8, label="train (each step)")
+        ax.plot(e, v, "-", color="tab:blue", alpha=0.25, linewidth=0.8, label="train (each step, dropout on)")
     for key, style, color in zip(keys, ("-o", "--s", ":^"), ("tab:blue", "tab:orange", "tab:green")):
         pts = history.get(key) or []
         if pts:
             e, v = zip(*pts)
-            ax.plot(e, v, style, markersize=4, color=color, label=key)
+            ax.plot(e, v, style, markersize=4, color=color, label=(names or {}).get(key, key))
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)

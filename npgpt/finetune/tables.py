@@ -14,6 +14,7 @@ context_length tokens. Batches are padded on the right to their longest text.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,7 @@ def read_records(path) -> list[tuple[str, dict]]:
         raise ValueError(f"{path}: unknown table format {path.suffix!r}; use .csv, .tsv, .jsonl or .json")
     text = read_text(path)
     if kind in ("csv", "tsv"):
-        reader = csv.DictReader(text.splitlines(), delimiter="," if kind == "csv" else "\t")
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="," if kind == "csv" else "\t")  # quoted fields keep their line breaks
         records = [(f"{path.name} row {i}", r) for i, r in enumerate(reader, 1)]
         if reader.fieldnames is None:
             raise ValueError(f"{path} is empty; it needs a header line naming the columns")
