@@ -30,7 +30,8 @@ def classify_run(tmp_path_factory):
     """A short run on the bundled tang-forms set: 24 training poems, one epoch, 32-token context."""
     out = tmp_path_factory.mktemp("cls") / "run"
     code = main(["finetune", "--task", "classify", "--max-examples", "24", "--epochs", "1", "--context-length", "32",
-                 "--lm-weight", "0.5", "--out-dir", str(out), "--no-progress"])  # fmt: skip
+                 "--emb-dim", "32", "--n-heads", "2", "--n-layers", "1", "--lm-weight", "0.5", "--out-dir", str(out),
+                 "--no-progress"])  # fmt: skip
     assert code == 0
     return out
 
@@ -79,7 +80,7 @@ def test_instruct_run_and_generate_with_the_stored_template(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["finetune", "--task", "instruct", "--data", str(tmp_path / "train.json"), "--val-data",
                  str(tmp_path / "val.json"), "--test-data", str(tmp_path / "test.json"), "--epochs", "1",
-                 "--out-dir", str(out), "--no-progress"]) == 0  # fmt: skip
+                 "--emb-dim", "32", "--n-heads", "2", "--n-layers", "1", "--out-dir", str(out), "--no-progress"]) == 0  # fmt: skip
     printed = capsys.readouterr().out
     assert "before tuning" in printed and "greedy response equals the expected output" in printed
     config = json.loads((latest_checkpoint(out) / "config.json").read_text())

@@ -13,6 +13,8 @@ from npgpt.finetune.steps import ClassifierStep
 from npgpt.model_check import random_params, tiny_config
 from npgpt.optim import AdamW
 
+from conftest import needs_cuda
+
 CHECKS = finetune_model_checks()
 
 
@@ -23,6 +25,17 @@ def test_whole_model_gradients_float64(check):
     for r in results:
         assert r.n_checked > 0
         assert r.passed and r.max_rel_error < 1e-6, r.describe()
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("check", CHECKS, ids=[c.layer for c in CHECKS])
+def test_cupy_matches_numpy(check, dtype):
+    import cupy
+
+    for r in check.run_on(cupy, dtype=dtype):
+        assert r.passed, r.describe()
 
 
 def test_last_token_index_is_the_rightmost_non_padding_token():
