@@ -13,6 +13,7 @@ cross_entropy.py. Derivation: docs/backprop.md#mixed-fine-tuning-loss.
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 from ..backend import get_array_module
@@ -29,7 +30,7 @@ class MixedLossCache(NamedTuple):
 
 
 def check_lm_weight(lm_weight) -> float:
-    if not isinstance(lm_weight, (int, float)) or not 0.0 <= float(lm_weight) <= 1.0:
+    if isinstance(lm_weight, bool) or not isinstance(lm_weight, numbers.Real) or not 0.0 <= float(lm_weight) <= 1.0:
         raise ValueError(f"the LM-loss weight (lambda, --lm-weight) must lie in [0, 1], got {lm_weight!r}; "
                          "0 trains on the labels only, 0.5 is GPT-1's choice")  # fmt: skip
     return float(lm_weight)
