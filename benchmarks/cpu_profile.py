@@ -28,12 +28,12 @@ def best_of(fn, repeats=7) -> float:
 
 def step_breakdown(preset: str, B: int, T: int, steps: int) -> None:
     import npgpt
-    from npgpt.engine import TrainStep
+    from npgpt.engine import FastLossAndGrads
 
     model = npgpt.GPT(npgpt.GPTConfig.from_preset(preset, drop_rate=0.0), seed=0)
     model.flatten_params_()
     opt = npgpt.AdamW(model.params, lr=1e-4, weight_decay=0.1)
-    step = TrainStep(model, B, T)
+    step = FastLossAndGrads(model, B, T)
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, model.config.vocab_size, (B, T)), rng.integers(0, model.config.vocab_size, (B, T))
     real_matmul = np.matmul

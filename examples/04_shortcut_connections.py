@@ -9,24 +9,30 @@ layers, run one forward and backward, and print the gradient norm of every layer
 
 Run:   python examples/04_shortcut_connections.py      (a second; NPGPT_EXAMPLES_FAST=1 changes nothing here)
 Output: examples/out/04_shortcut_connections.png (folder set by NPGPT_EXAMPLES_OUT)
+Notebook: the `# %%` lines mark cells; VS Code, PyCharm and Jupyter (with jupytext) open this file as a notebook.
 
 Glossary: B=batch, C=channels (width of the stack).
 """
 
+# %%
 import os
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+import matplotlib.pyplot as plt  # no window opens: the plot is saved as a PNG (and shown inline in a notebook)
 import numpy as np
 
 from npgpt.layers import gelu_backward, gelu_forward, linear_backward, linear_forward
 
-OUT = Path(os.environ.get("NPGPT_EXAMPLES_OUT") or Path(__file__).resolve().parent / "out")
+HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()  # a notebook has no __file__
+OUT = Path(os.environ.get("NPGPT_EXAMPLES_OUT") or HERE / "out")
 OUT.mkdir(parents=True, exist_ok=True)
 
+# %% [markdown]
+# ## The stack
+# Six linear + GELU layers; with shortcuts, each layer whose input and output have the same shape
+# computes x + layer(x).
+
+# %%
 B, C = 8, 3  # a batch of 8 inputs with 3 features
 LAYER_SIZES = [C, C, C, C, C, C, 1]  # 6 layers: five C -> C, then C -> 1
 
@@ -76,6 +82,11 @@ def gradient_norms(use_shortcut, x, target):
     return loss, [np.linalg.norm(dw) for dw in backward(dy, caches)]
 
 
+# %% [markdown]
+# ## One forward and backward, without and with shortcuts
+# The same weights and the same batch for both stacks; we print the gradient norm of every layer's weight.
+
+# %%
 rng = np.random.default_rng(1)
 x = rng.standard_normal((B, C))  # (B, C)
 target = np.zeros((B, 1))  # (B, 1)
@@ -95,18 +106,24 @@ print("Without shortcuts the gradient shrinks on its way back to the first layer
 print("with them the early layers get gradients of the same order as the last layer's.")
 assert plain[0] < plain[-1] / 10 and resid[0] > plain[0] * 10
 
-# A bar chart on a log scale makes the difference visible at a glance.
+# %% [markdown]
+# ## The plot
+# A bar chart on a log scale makes the difference visible at a glance. The key bar is layer 0's
+# without shortcuts, the smallest; the legend goes below the axes so that it hides no bar.
+
+# %%
 idx = np.arange(len(plain))
-fig, ax = plt.subplots(figsize=(6, 3.5))
+fig, ax = plt.subplots(figsize=(6, 4))
 ax.bar(idx - 0.2, plain, width=0.4, label="without shortcuts")
 ax.bar(idx + 0.2, resid, width=0.4, label="with shortcuts")
 ax.set_yscale("log")
+ax.set_ylim(bottom=min(plain + resid) / 5)  # room below the smallest bar, so it does not look empty
 ax.set_xticks(idx)
 ax.set_xlabel("layer (0 = first)")
 ax.set_ylabel("gradient norm |dW|")
-ax.legend()
+ax.set_title("Weight gradient of each layer, 6-layer stack")
+ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
 fig.tight_layout()
 path = OUT / "04_shortcut_connections.png"
 fig.savefig(path, dpi=100)
-plt.close(fig)
 print(f"\nsaved plot: {path}")

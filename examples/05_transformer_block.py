@@ -8,10 +8,12 @@ through a block of the lecture's 124M config, count the block's parameters, and 
 block's backward (`block_backward`, every parameter included) against finite differences in float64.
 
 Run:   python examples/05_transformer_block.py      (a second; NPGPT_EXAMPLES_FAST=1 changes nothing here)
+Notebook: the `# %%` lines mark cells; VS Code, PyCharm and Jupyter (with jupytext) open this file as a notebook.
 
 Glossary: B=batch, T=time, C=channels (emb_dim), NH=heads.
 """
 
+# %%
 import numpy as np
 
 import npgpt
@@ -42,7 +44,11 @@ def random_block_params(shapes, rng, dtype):
 
 rng = np.random.default_rng(123)
 
-# 1. Shapes with the lecture's 124M dimensions: C = 768 split over NH = 12 heads.
+# %% [markdown]
+# ## 1. Shapes
+# With the lecture's 124M dimensions: C = 768 split over NH = 12 heads.
+
+# %%
 B, T, C, NH = 2, 4, 768, 12
 shapes = block_shapes(C, NH, qkv_bias=False)
 params = random_block_params(shapes, rng, np.float32)
@@ -58,14 +64,23 @@ for name, shape in shapes.items():
 n_block = sum(int(np.prod(s)) for s in shapes.values())
 print(f"  {'total':20s} {'':14s} {n_block:>10,}")
 
-# 2. The backward returns dx and a dict of gradients keyed like the parameters.
+# %% [markdown]
+# ## 2. The backward
+# It returns `dx` and a dict of gradients keyed like the parameters.
+
+# %%
 dx, grads = block_backward(np.ones_like(out), cache)
 print("\nblock_backward: dx", dx.shape, "and", len(grads), "parameter gradients, e.g. attn.c_attn.weight",
       grads["attn.c_attn.weight"].shape)  # fmt: skip
 
-# 3. Gradient check in float64 on a small block (with the q|k|v bias, so every parameter is tested).
-#    gradcheck perturbs x and every entry of the params dict; dropout is off (training=False), so the
-#    forward is deterministic.
+# %% [markdown]
+# ## 3. Gradient check
+# In float64 on a small block (with the q|k|v bias, so every parameter is tested). `gradcheck`
+# perturbs coordinates of `x` and of every tensor in the params dict: all of them in a tensor of up to
+# 64 entries; in a larger one 64 random coordinates, plus the largest gradient's if they missed it.
+# The `checked` column says how many. Dropout is off (training=False), so the forward is deterministic.
+
+# %%
 B, T, C, NH = 2, 5, 8, 2
 
 

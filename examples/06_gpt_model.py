@@ -8,10 +8,12 @@ prompts through the model to see the logits' shape.
 
 Run:   python examples/06_gpt_model.py      (a few seconds: it builds the 124M model once, ~500 MB of RAM)
 Fast:  NPGPT_EXAMPLES_FAST=1 python examples/06_gpt_model.py   (counts the 124M parameters, runs a tiny model)
+Notebook: the `# %%` lines mark cells; VS Code, PyCharm and Jupyter (with jupytext) open this file as a notebook.
 
 Glossary: B=batch, T=time, C=channels (emb_dim), V=vocab, L=n_layers.
 """
 
+# %%
 import os
 
 import numpy as np
@@ -39,8 +41,12 @@ def count(shapes, prefix=""):
     return sum(int(np.prod(s)) for name, s in shapes.items() if name.startswith(prefix))
 
 
-# 1. Count parameters from their shapes alone: nothing is allocated.
-#    param_shapes lists every tensor (Hugging Face GPT-2 names) that GPT(config) would create.
+# %% [markdown]
+# ## 1. Count the parameters
+# From their shapes alone: nothing is allocated. `param_shapes` lists every tensor (Hugging Face GPT-2
+# names) that `GPT(config)` would create.
+
+# %%
 untied = param_shapes(cfg.replace(tie_weights=False))  # separate output head "lm_head.weight" (V, C)
 tied = param_shapes(cfg)  # logits = x @ wte.T: no extra tensor
 print("Parameters of the 124M configuration, by part:")
@@ -56,16 +62,25 @@ print(f"\nTotal number of parameters (untied output head): {n_untied:,}")
 print(f"Number of parameters with weight tying:          {n_tied:,}")
 print(f"  difference = the output head = V * C = {cfg.vocab_size} * {cfg.emb_dim} = {n_untied - n_tied:,}")
 
-# 2. Memory: float32 takes 4 bytes per parameter (gradients and AdamW's two moments need 3x more).
+# %% [markdown]
+# ## 2. Memory
+# float32 takes 4 bytes per parameter (gradients and AdamW's two moments need 3x more).
+
+# %%
 for label, n in (("untied", n_untied), ("tied", n_tied)):
     print(f"Memory of the {label} parameters in float32: {n * 4 / 1024**2:,.2f} MB")
 
-# 3. A batch of two prompts, tokenised with GPT-2's BPE. Both happen to be four tokens long.
+# %% [markdown]
+# ## 3. A batch through the model
+# Two prompts, tokenised with GPT-2's BPE. Both happen to be four tokens long.
+
+# %%
 prompts = ["Every effort moves you", "Every day holds a"]
 batch = np.array([encode(p) for p in prompts])  # (B, T) = (2, 4)
 print("\nTokenised batch:")
 print(batch)
 
+# %%
 if FAST:
     # Tests: a tiny model with the same vocabulary gives logits of the same shape in a blink.
     model = GPT(GPTConfig(**{**GPT_CONFIG_124M, "emb_dim": 32, "n_heads": 4, "n_layers": 2, "context_length": 32}))

@@ -7,10 +7,12 @@ yet. Its probabilities are spread almost evenly over all 50,257 tokens, so the t
 
 Run:   python examples/07_generate_untrained.py      (under 10 s: the lecture's 124M model, 6 new tokens)
 Fast:  NPGPT_EXAMPLES_FAST=1 python examples/07_generate_untrained.py   (a tiny model, 3 new tokens)
+Notebook: the `# %%` lines mark cells; VS Code, PyCharm and Jupyter (with jupytext) open this file as a notebook.
 
 Glossary: B=batch, T=time (tokens so far), V=vocab.
 """
 
+# %%
 import os
 
 import numpy as np
@@ -31,6 +33,10 @@ TOP = 5  # candidates printed per step
 model = GPT(GPTConfig(**GPT_CONFIG_124M), seed=123)  # random weights: nothing has been learned
 context_length = model.config.context_length
 
+# %% [markdown]
+# ## The loop: predict, pick, append
+
+# %%
 prompt = "Every effort moves you"
 idx = np.array([encode(prompt)])  # (B, T) = (1, 4)
 print(f"prompt: {prompt!r} -> ids {idx[0].tolist()}\n")
@@ -50,13 +56,21 @@ for step in range(MAX_NEW_TOKENS):
     idx = np.concatenate([idx, next_id[:, None]], axis=1)  # (B, T) -> (B, T + 1)
     print(f"        picked {decode(next_id)!r} (id {int(next_id[0])}); text so far: {decode(idx[0])!r}")
 
+# %% [markdown]
+# ## What an untrained model knows
+
+# %%
 V = model.config.vocab_size
 best = probs[0, top[0]]
 print(f"\nA uniform guess gives every token 1/{V} = {1 / V:.6f}; the untrained model's favourite gets {best:.6f}.")
 print("The distribution is nearly flat, so whichever token wins is an accident of the random weights.")
 
-# The library's generate() does the same loop (with a KV cache so each step costs one position);
+# %% [markdown]
+# ## The same with `model.generate`
+# The library's `generate()` does the same loop (with a KV cache, so each step costs one position);
 # greedy decoding is deterministic, so it must pick the very same tokens.
+
+# %%
 same = model.generate(np.array([encode(prompt)]), MAX_NEW_TOKENS, temperature=0.0)  # (B, T + new)
 assert np.array_equal(same, idx)
 print("model.generate(..., temperature=0) gives the same tokens: True")

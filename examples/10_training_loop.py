@@ -13,18 +13,17 @@ PNG: train keeps falling; val stops improving once the small model starts memori
 Run:   python examples/10_training_loop.py      (about a minute on a laptop CPU)
 Fast:  NPGPT_EXAMPLES_FAST=1 python examples/10_training_loop.py   (a tiny model, a few steps)
 Output: examples/out/10_training_loop.png (folder set by NPGPT_EXAMPLES_OUT)
+Notebook: the `# %%` lines mark cells; VS Code, PyCharm and Jupyter (with jupytext) open this file as a notebook.
 
 Glossary: B=batch, T=time (context length), V=vocab.
 """
 
+# %%
 import os
 import time
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+import matplotlib.pyplot as plt  # no window opens: the plot is saved as a PNG (and shown inline in a notebook)
 import numpy as np
 
 from npgpt import GPT, AdamW, GPTConfig, clip_grad_norm
@@ -33,11 +32,16 @@ from npgpt.layers import softmax_cross_entropy_backward, softmax_cross_entropy_f
 from npgpt.tokenizer import decode, encode
 
 FAST = os.environ.get("NPGPT_EXAMPLES_FAST") == "1"
-OUT = Path(os.environ.get("NPGPT_EXAMPLES_OUT") or Path(__file__).resolve().parent / "out")
+HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()  # a notebook has no __file__
+OUT = Path(os.environ.get("NPGPT_EXAMPLES_OUT") or HERE / "out")
 OUT.mkdir(parents=True, exist_ok=True)
 
+# %% [markdown]
+# ## Settings
 # A small GPT: GPT-2's vocabulary and architecture, far fewer and narrower layers. Like the lecture's
 # GPTModel it has its own output head (tie_weights=False), which also learns faster at this size.
+
+# %%
 if FAST:
     MODEL = dict(context_length=16, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.1, qkv_bias=False, tie_weights=False)
     BATCH_SIZE, EPOCHS, EVAL_EVERY, MAX_STEPS = 2, 1, 2, 4
@@ -49,14 +53,20 @@ BETAS = (0.9, 0.95)  # beta2 = 0.95 as in most LLM recipes; PyTorch's default 0.
 EVAL_BATCHES = 2  # batches per loss estimate (the validation text fits in about two)
 PROMPT = "Every effort moves you"
 
-# --- data (step 8) ----------------------------------------------------------------------------------
+# %% [markdown]
+# ## Data (step 8)
+
+# %%
 ids = np.array(encode(read_text(bundled_path("the-verdict"))))
 train_ids, val_ids = split_ids(ids, train_ratio=0.9)
 T = MODEL["context_length"]
 train_data = TokenWindows(train_ids, T, stride=T, name="train")  # non-overlapping windows
 val_data = TokenWindows(val_ids, T, stride=T, name="val")
 
-# --- model and optimizer ----------------------------------------------------------------------------
+# %% [markdown]
+# ## Model, optimizer and two helpers
+
+# %%
 model = GPT(GPTConfig(**MODEL), seed=123)
 optimizer = AdamW(model.params, lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY)  # updates model.params in place
 print(f"model: {model.num_params():,} parameters; data: {len(train_data)} training windows and "
@@ -81,7 +91,11 @@ def sample(prompt, n_tokens=25, temperature=0.0, top_k=None, seed=None):
     return decode(out[0]).replace("\n", " ")
 
 
-# --- the loop ---------------------------------------------------------------------------------------
+# %% [markdown]
+# ## The loop
+# forward, loss, backward, clip, step; an evaluation every few steps and a sample after every epoch.
+
+# %%
 rng = np.random.default_rng(0)  # shuffles the windows each epoch
 history = []  # (step, tokens seen, train loss, val loss)
 step, tokens_seen = 0, 0
@@ -115,6 +129,7 @@ for epoch in range(EPOCHS):
             break
     print(f"  after epoch {epoch + 1}: {sample(PROMPT)!r}")
 
+# %%
 seconds = time.perf_counter() - t_start
 print(f"\n{step} steps, {tokens_seen:,} tokens in {seconds:.0f} s ({tokens_seen / seconds:,.0f} tokens/s)")
 first, last = history[0], history[-1]
@@ -122,7 +137,10 @@ print(f"train loss {first[2]:.3f} -> {last[2]:.3f}, val loss {first[3]:.3f} -> {
 # Greedy decoding of a small model loops on frequent tokens; sampling (temperature, top-k) varies more.
 print(f"sampled (temperature 1, top-k 40): {sample(PROMPT, temperature=1.0, top_k=40, seed=1)!r}")
 
-# --- the plot ---------------------------------------------------------------------------------------
+# %% [markdown]
+# ## The plot
+
+# %%
 steps, tokens, train_losses, val_losses = zip(*history)
 fig, ax = plt.subplots(figsize=(6.5, 4))
 ax.plot(steps, train_losses, "-o", markersize=3, label="training loss")
@@ -137,5 +155,4 @@ ax.legend()
 fig.tight_layout()
 path = OUT / "10_training_loop.png"
 fig.savefig(path, dpi=100)
-plt.close(fig)
 print(f"saved plot: {path}")

@@ -13,12 +13,14 @@ Output: examples/out/11_chinese_pretraining/ (folder set by NPGPT_EXAMPLES_OUT):
         loss.png, metrics.jsonl, summary.json, checkpoints/
 Then:  npgpt generate --checkpoint examples/out/11_chinese_pretraining --prompt 床前明月光 \\
            --temperature 0.8 --top-k 20
+Notebook: the `# %%` lines mark cells; VS Code, PyCharm and Jupyter (with jupytext) open this file as a notebook.
 
 A minute or two on a CPU gives poem-shaped text (lines, commas, full stops) with plausible characters,
 not poetry. For more, train longer and bigger, e.g.
     npgpt train --data tang300 --preset micro --epochs 20 --beta2 0.95 --sample-prompt 床前明月光
 """
 
+# %%
 import os
 from pathlib import Path
 
@@ -30,10 +32,14 @@ from npgpt.tokenizer import decode, encode, get_tokenizer
 from npgpt.train import TrainConfig, train
 
 FAST = os.environ.get("NPGPT_EXAMPLES_FAST") == "1"
-OUT = Path(os.environ.get("NPGPT_EXAMPLES_OUT") or Path(__file__).resolve().parent / "out")
+HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()  # a notebook has no __file__
+OUT = Path(os.environ.get("NPGPT_EXAMPLES_OUT") or HERE / "out")
 PROMPT = "床前明月光"
 
-# 1. What the tokenizer makes of Chinese.
+# %% [markdown]
+# ## 1. What the tokenizer makes of Chinese
+
+# %%
 text = read_text(bundled_path("tang300"))
 ids = encode(text)
 print(f"tang300.txt: {len(text):,} characters -> {len(ids):,} tokens, only {len(set(ids))} distinct token ids")
@@ -41,11 +47,15 @@ print(f"{PROMPT} in UTF-8: {[ch.encode() for ch in PROMPT]}")
 pieces = [get_tokenizer().decode_single_token_bytes(i) for i in encode(PROMPT)]
 print(f"{PROMPT} -> {len(pieces)} tokens, as bytes: {pieces}\n")
 
-# 2. Train. The settings are chosen for a couple of minutes on a laptop CPU:
-#    - a small model (2 layers, C=64), with an untied output head, which learns faster here;
-#    - no dropout: in a two-minute run the model underfits, so there is nothing to regularise;
-#    - AdamW with beta2 = 0.95 (as GPT-3 and most LLM recipes): a second moment that adapts faster
-#      makes much quicker progress on this data than the default 0.999.
+# %% [markdown]
+# ## 2. Train
+# The settings are chosen for a couple of minutes on a laptop CPU:
+# - a small model (2 layers, C=64), with an untied output head, which learns faster here;
+# - no dropout: in a two-minute run the model underfits, so there is nothing to regularise;
+# - AdamW with beta2 = 0.95 (as GPT-3 and most LLM recipes): a second moment that adapts faster
+#   makes much quicker progress on this data than the default 0.999.
+
+# %%
 config = TrainConfig(
     data=["tang300"],  # a bundled corpus by name, or paths of your own UTF-8 files
     preset="nano",
@@ -71,8 +81,12 @@ config = TrainConfig(
 )
 result = train(config)
 
-# 3. Load the checkpoint the trainer wrote and sample a few continuations. Temperature < 1 sharpens the
-#    distribution, top-k keeps only the k most likely tokens: the usual cure for a small model's noise.
+# %% [markdown]
+# ## 3. Sample from the checkpoint
+# Load the checkpoint the trainer wrote and sample a few continuations. Temperature < 1 sharpens the
+# distribution, top-k keeps only the k most likely tokens: the usual cure for a small model's noise.
+
+# %%
 model = load_pretrained(result.checkpoint)
 prompt_ids = np.array([encode(PROMPT)])  # (B, T) = (1, 5)
 print(f"\nSamples from {result.checkpoint} (temperature 0.8, top-k 20):")

@@ -9,20 +9,28 @@ backward that overwrites its input, a gradient of the wrong shape - and see how 
 each one. Finally we combine Mish with npgpt's linear layer and check the composite.
 
 Run:   python examples/12_check_your_own_layer.py      (a second; NPGPT_EXAMPLES_FAST=1 changes nothing here)
+Notebook: the `# %%` lines mark cells; VS Code, PyCharm and Jupyter (with jupytext) open this file as a notebook.
 
 Glossary: B=batch, C=channels (any shape works for an elementwise layer).
 """
 
+# %%
 import numpy as np
 
 import npgpt
 from npgpt.layers import linear_backward, linear_forward
 
+# %% [markdown]
+# ## 1. The layer
+#
+#     softplus(x) = log(1 + e^x)          softplus'(x) = sigmoid(x)
+#     mish(x)     = x * tanh(softplus(x))
+#     mish'(x)    = tanh(sp) + x * (1 - tanh(sp)^2) * sigmoid(x)      (product rule, then chain rule)
+#
+# with `sp = softplus(x)`.
 
-# --- 1. The layer -----------------------------------------------------------------------------------
-#   softplus(x) = log(1 + e^x)          softplus'(x) = sigmoid(x)
-#   mish(x)     = x * tanh(softplus(x))
-#   mish'(x)    = tanh(sp) + x * (1 - tanh(sp)^2) * sigmoid(x)      (product rule, then chain rule)
+
+# %%
 def mish_forward(x):
     """x: any shape -> out: same shape. The cache keeps what the backward needs."""
     t = np.tanh(np.logaddexp(0.0, x))  # tanh(softplus(x)); logaddexp(0, x) = log(1 + e^x) without overflow
@@ -36,6 +44,7 @@ def mish_backward(dout, cache):
     return dout * (t + x * (1.0 - t * t) * sigmoid)
 
 
+# %%
 rng = np.random.default_rng(0)
 x = 2.0 * rng.standard_normal((4, 5))  # (B, C): values on both sides of 0
 print("1. Mish with the derivative worked out above:")
@@ -43,8 +52,12 @@ results = npgpt.gradcheck(mish_forward, mish_backward, [x])
 print(npgpt.format_results(results))
 assert all(r.passed for r in results)
 
+# %% [markdown]
+# ## 2.-4. Three classic mistakes
+# Each is checked in turn below, printed as 2., 3. and 4.
 
-# --- 2. Three classic mistakes --------------------------------------------------------------------
+
+# %%
 def mish_backward_no_chain(dout, cache):
     """Wrong: forgets the inner derivative softplus'(x) = sigmoid(x) of the chain rule."""
     x, t = cache
@@ -63,6 +76,7 @@ def mish_backward_summed(dout, cache):
     return mish_backward(dout, cache).sum(axis=0)
 
 
+# %%
 mistakes = [
     ("a forgotten chain-rule factor", mish_backward_no_chain),
     ("a backward that modifies dout in place", mish_backward_in_place),
@@ -73,13 +87,19 @@ for i, (what, backward) in enumerate(mistakes, start=2):
     results = npgpt.gradcheck(mish_forward, backward, [x])
     print(npgpt.format_results(results))
     assert not any(r.passed for r in results), "gradcheck should have caught this"
-# The table's last line says where it went wrong: the coordinate with the largest disagreement and the
-# two values there (analytic = your backward, reference = finite differences), or what broke the contract.
+
+# %% [markdown]
+# Each table's last line says where it went wrong: the coordinate with the largest disagreement and
+# the two values there (analytic = your backward, reference = finite differences), or what broke the
+# contract.
+#
+# ## 5. Your layer inside a network
+# A composite forward keeps its parts' caches; its backward runs their backwards in reverse order and
+# returns one gradient per differentiable input, in the order of the forward's arguments (gradcheck
+# says so when they come back in another order).
 
 
-# --- 3. Your layer inside a network -----------------------------------------------------------------
-#   A composite forward keeps its parts' caches; its backward runs their backwards in reverse order and
-#   returns one gradient per differentiable input, in the order of the forward's arguments.
+# %%
 def linear_mish_forward(x, weight, bias):
     h, c_lin = linear_forward(x, weight, bias)  # (B, C_in) -> (B, C_out)
     out, c_mish = mish_forward(h)  # (B, C_out)
@@ -93,9 +113,17 @@ def linear_mish_backward(dout, cache):
     return dx, dweight, dbias
 
 
+# %%
 print("\n5. npgpt's linear layer followed by Mish:")
 weight, bias = rng.standard_normal((5, 3)), rng.standard_normal(3)  # (C_in, C_out), (C_out,)
 results = npgpt.gradcheck(linear_mish_forward, linear_mish_backward, [x, weight, bias])
 print(npgpt.format_results(results))
 assert all(r.passed for r in results)
+
+# %% [markdown]
+# In a test suite, `npgpt.assert_gradients(linear_mish_forward, linear_mish_backward, [x, weight, bias])`
+# does the same check in one call and raises `AssertionError` with the table if a gradient is wrong.
+
+# %%
+npgpt.assert_gradients(linear_mish_forward, linear_mish_backward, [x, weight, bias])
 print("\nAll checks behaved as expected: the right backward passes, each mistake is caught.")

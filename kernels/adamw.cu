@@ -19,7 +19,7 @@
 // partial[blockIdx.x]; sq_norm_finalize (one block) adds the partials in a fixed order into out[0].
 // Two passes, no atomics: deterministic for a given grid size (the wrapper derives it from n only).
 //
-// Shapes, dtypes, layout: p, g, m, v: (n,) float32 contiguous (the engine's grad_flat layout; p, m, v
+// Shapes, dtypes, layout: p, g, m, v: (n,) float32 contiguous (the fast step's grad_flat layout; p, m, v
 // laid out the same way); decay_mask: (n,) uint8; x: (n,) float32; partial: (grid,) float64;
 // out: (1,) float64. n is a 64-bit count.
 //
@@ -31,8 +31,9 @@
 //   sq_norm_finalize  grid 1, block 256; thread i adds partial[i], partial[i + 256], ... then a block
 //                     reduction; thread 0 writes out[0].
 //
-// Reference: npgpt.optim._adamw_update (what AdamW.step runs per tensor) and npgpt.optim.grad_norm
-// (its square). Float32 tolerance asserted by tests/test_cuda_kernels.py against the reference
+// Matches: npgpt.optim._adamw_update, npgpt.optim.grad_norm
+// (what AdamW.step runs per tensor, and the norm's square; not layers, so no npgpt.fast twin).
+// Wrappers: npgpt.cuda.kernels.adamw_flat_ / sq_norm. Float32 tolerance asserted by tests/test_cuda_kernels.py against the reference
 // evaluated in float64 on the same inputs: p, m, v |got - ref| <= 1e-5 |ref| + 1e-7 max|ref|;
 // squared norm rtol 1e-6 (it accumulates in double).
 

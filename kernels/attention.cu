@@ -3,7 +3,7 @@
 // row and the backward recomputes the probabilities from it. Extra memory is O(T) per head.
 //
 // Math (npgpt.layers.attention; one head; i = query position, j = key position, scale = the factor
-// on the scores, 1/sqrt(hs) in GPT-2, or 1 when q was pre-scaled as in npgpt.engine):
+// on the scores, 1/sqrt(hs) in GPT-2, or 1 when q was pre-scaled as in npgpt.fast.attention):
 //   s[i,j] = scale * q[i] . k[j]   for j <= i  (j > i is the future: -inf)
 //   lse[i] = log sum_{j<=i} exp(s[i,j]);   P[i,j] = exp(s[i,j] - lse[i]);   out[i] = sum_j P[i,j] v[j]
 // Backward, with dO = d out:
@@ -11,16 +11,16 @@
 //   dP[i,j] = dO[i] . v[j];   dS[i,j] = P[i,j] (dP[i,j] - D[i])          (the softmax backward)
 //   dv[j] = sum_{i>=j} P[i,j] dO[i];   dk[j] = scale * sum_{i>=j} dS[i,j] q[i]
 //   dq[i] = dq_mult * scale * sum_{j<=i} dS[i,j] k[j]
-// dq_mult is an extra factor on dq only (1 for the plain gradient). npgpt.engine pre-scales q by
+// dq_mult is an extra factor on dq only (1 for the plain gradient). npgpt.fast.attention pre-scales q by
 // 1/sqrt(hs) and wants the gradient of the unscaled q: it calls with scale = 1, dq_mult = 1/sqrt(hs),
-// which is exactly _attention_bwd_slab. No dropout here: with attention dropout on (training with
-// drop_rate > 0) the CuPy path must fall back to the reference attention (_attention_fwd_slab /
-// _attention_bwd_slab), which draws and applies the keep-mask.
+// which is exactly attention_heads_backward_ with inv_sqrt = 1/sqrt(hs). No dropout here: with
+// attention dropout on (training with drop_rate > 0) the fast step falls back to
+// npgpt.fast.attention.attention_forward / attention_backward, which draw and apply the keep-mask.
 //
 // Shapes, dtypes, layout: q, k, v, out, dout, dq, dk, dv: (B, NH, T, hs) float32; within a head the
 // (T, hs) rows are contiguous (row t at offset t * hs) and consecutive heads (b, h) -> (b, h + 1) ->
 // (b + 1, 0) are `stride_bh` elements apart (stride_bh = T * hs when contiguous; larger when the
-// arrays are views of buffers allocated for a longer T, as npgpt.engine's are). lse and D: (B, NH, T)
+// arrays are views of buffers allocated for a longer T, as the fast step's are). lse and D: (B, NH, T)
 // float32, heads `lse_stride_bh` elements apart. All eight (T, hs) arrays share stride_bh.
 // hs must be one of 16, 32, 48, 64, 80, 96, 112, 128 (a multiple of 16, at most 128): each kernel is
 // instantiated per head size, name suffix _hs<hs> (-DNPGPT_ATTENTION_ONLY_HS=<hs> builds just one).
@@ -54,8 +54,11 @@
 //   Rows past T (the last block's tail) compute on zeros and are never written; every row has at
 //   least one visible key (key 0), so no row's running max stays -inf.
 //
-// Reference: npgpt.engine._attention_fwd_slab and npgpt.engine._attention_bwd_slab with keep=None
-// (npgpt.layers.attention.attention_forward/_backward without dropout). Float32 tolerance asserted by
+// Matches: npgpt.fast.attention.attention_heads_forward, npgpt.fast.attention.attention_heads_backward_
+// with keep=None (the fast ops over stacks of heads; npgpt.layers.attention.attention_forward/_backward
+// without dropout). Wrappers: npgpt.cuda.kernels.attention_fwd / attention_bwd at the level of heads,
+// and flash_attention_forward / flash_attention_backward with the arguments of
+// npgpt.fast.attention.attention_forward / attention_backward. Float32 tolerance asserted by
 // tests/test_cuda_kernels.py against the reference evaluated in float64 on the same inputs:
 // |got - ref| <= 1e-4 |ref| + 1e-5 max|ref| for out and lse, and for dq, dk, dv with max|ref| taken
 // over all three (at T = 1 the exact dq and dk are 0: the absolute term is the rounding of dP - D).

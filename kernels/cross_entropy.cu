@@ -29,8 +29,10 @@
 // memory 2 x 32 floats. Block n computes row n: thread i strides over j = i, i + blockDim, ... Thread 0
 // reads z[t] before the first barrier, so it is read before any thread overwrites the row.
 //
-// Reference: npgpt.engine._cross_entropy_inplace (which has scale = 1/n and no ignore_index) and
-// npgpt.layers.cross_entropy.softmax_cross_entropy_forward/_backward (ignore_index = -100). Float32
+// Matches: npgpt.fast.cross_entropy.cross_entropy_
+// (the fast op, scale = dloss / n_valid, ignore_index = -100; its readable twin is
+// npgpt.layers.cross_entropy.softmax_cross_entropy_forward/_backward). Wrapper with the fast op's
+// arguments: npgpt.cuda.kernels.cross_entropy_. Float32
 // tolerance asserted by tests/test_cuda_kernels.py against the reference evaluated in float64 on the
 // same inputs: mean loss rtol 1e-5; gradient |got - ref| <= 1e-5 |ref| + 1e-6 max|ref|.
 

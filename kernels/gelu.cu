@@ -9,7 +9,7 @@
 //
 // Contract of the forward: h is the (N, C) GEMM output *without* its bias; the kernel writes
 // pre = h + bias into `pre` (which may be h itself: in place) and gelu(pre) into `out`. The backward
-// needs `pre` (its x argument), exactly as npgpt.engine keeps `fc` (pre-activation incl. bias) for
+// needs `pre` (its x argument), exactly as npgpt.fast.gelu keeps `fc` (pre-activation incl. bias) for
 // _gelu_bwd. has_bias = 0 skips the add: then h already is the pre-activation, `pre` is not written
 // and bias is not read (both may be any pointer).
 //
@@ -27,7 +27,9 @@
 //   No shared memory. `pre` may alias `h` (the element is read before it is written by the same
 //   thread); `out` must not alias either. In the backward d and x must not alias.
 //
-// Reference: npgpt.engine._gelu_fwd (after `fc += bias`) and npgpt.engine._gelu_bwd. Float32
+// Matches: npgpt.fast.gelu.gelu_forward, npgpt.fast.gelu.gelu_backward_
+// (the fast ops, the bias add fused the same way; their readable twin is npgpt.layers.gelu). Wrappers
+// with the fast ops' arguments: npgpt.cuda.kernels.gelu_forward / gelu_backward_. Float32
 // tolerance asserted by tests/test_cuda_kernels.py against the reference evaluated in float64 on the
 // same inputs: |got - ref| <= 1e-5 |ref| + 1e-6 max|input| (rtol 1e-5; input = pre for the forward,
 // d for the backward). The absolute term is needed: for x << 0, 1 + tanh(u) cancels in float32 and

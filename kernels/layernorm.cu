@@ -32,8 +32,10 @@
 //   dwdb_finalize, dx. With that order dx may alias dout (each lane reads its own channels of the row
 //   before writing them, and the dw/db kernels have already read dout); no other aliasing.
 //
-// Reference: npgpt.engine._layernorm_fwd and npgpt.engine._layernorm_bwd (same contracts: mean/rstd
-// stored by the forward; dx overwritten, dw/db added into). Float32 tolerance asserted by
+// Matches: npgpt.fast.layernorm.layernorm_forward, npgpt.fast.layernorm.layernorm_backward
+// (the fast ops, same contracts: mean/rstd stored by the forward; dx overwritten, dw/db added into;
+// their readable twin is npgpt.layers.layernorm). Wrappers with the fast ops' arguments:
+// npgpt.cuda.kernels.layernorm_forward / layernorm_backward. Float32 tolerance asserted by
 // tests/test_cuda_kernels.py against the reference evaluated in float64 on the same inputs:
 // |got - ref| <= 1e-5 |ref| + 1e-5 max|ref| (rtol 1e-5; the absolute term covers entries near 0).
 

@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 from .backend import cuda_available, get_array_module, to_numpy
 from .config import PRESETS, GPTConfig
-from .gradcheck import GradcheckResult, compare_backends, format_results, gradcheck, relative_error
+from .gradcheck import GradcheckResult, assert_gradients, compare_backends, format_results, gradcheck, relative_error
 from .model import GPT
 from .optim import AdamW, clip_grad_norm, grad_norm
 from .pretrained import load_pretrained
@@ -20,5 +20,5 @@ __all__ = [
     "__version__",
     "GPT", "GPTConfig", "PRESETS", "AdamW", "clip_grad_norm", "grad_norm", "LRSchedule", "load_pretrained",
     "cuda_available", "get_array_module", "to_numpy",
-    "gradcheck", "compare_backends", "format_results", "relative_error", "GradcheckResult",
+    "gradcheck", "assert_gradients", "compare_backends", "format_results", "relative_error", "GradcheckResult",
 ]  # fmt: skip

@@ -36,27 +36,8 @@ def _import_cupy():
 
 
 @lru_cache(maxsize=None)
-def cuda_available() -> bool:
-    """True when CuPy imports *and* a CUDA device can actually allocate memory.
-
-    CuPy imports fine on a machine without a driver or GPU and fails only at the first
-    allocation, so this tries one. It never raises.
-    """
-    cupy = _import_cupy()
-    if cupy is None:
-        return False
-    try:
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            return False
-        probe = cupy.zeros(1, dtype=cupy.float32)
-        probe += 1
-        return bool(float(probe[0]) == 1.0)
-    except Exception:
-        return False
-
-
-def cuda_unavailable_reason() -> str:
-    """One line saying why CUDA is not usable (for `npgpt info` and error messages)."""
+def _probe_cuda() -> str:
+    """"" when CUDA works, else one line saying why not. Cached: the probe runs once per process."""
     cupy = _import_cupy()
     if cupy is None:
         return "CuPy is not installed (pip install 'npgpt[cuda12]' or 'npgpt[cuda13]')"
@@ -66,9 +47,35 @@ def cuda_unavailable_reason() -> str:
         return f"CuPy is installed but no CUDA driver answered ({type(e).__name__}: {e})"
     if n < 1:
         return "CuPy is installed but no CUDA device was found"
-    if not cuda_available():
-        return "CuPy is installed and a device exists, but a test allocation failed"
+    try:
+        # `+=` compiles an elementwise kernel through NVRTC: that needs the CUDA headers, which CuPy's
+        # wheels do not carry (the [ctk] extra of cupy-cudaXXx, which npgpt's cuda12/cuda13 extras ask for).
+        probe = cupy.zeros(1, dtype=cupy.float32)
+        probe += 1
+        if float(probe[0]) != 1.0:
+            return f"CuPy is installed and a device exists, but 0 + 1 gave {float(probe[0])} on it"
+    except Exception as e:
+        text = " ".join(str(e).split())[:300]
+        return (f"CuPy is installed and a device exists, but a first allocation and kernel failed "
+                f"({type(e).__name__}: {text})")  # fmt: skip
     return ""
+
+
+def cuda_available() -> bool:
+    """True when CuPy imports *and* a CUDA device can allocate memory and run a kernel.
+
+    CuPy imports fine on a machine without a driver or GPU and fails only at the first
+    allocation (or, without the CUDA headers, at the first kernel it compiles), so this tries
+    both. It never raises; cuda_unavailable_reason() says what failed."""
+    return _probe_cuda() == ""
+
+
+cuda_available.cache_clear = _probe_cuda.cache_clear  # tests fake a broken CuPy and probe again
+
+
+def cuda_unavailable_reason() -> str:
+    """One line saying why CUDA is not usable, with the exception that said so ("" when it is usable)."""
+    return _probe_cuda()
 
 
 def resolve_device(device: str | None = None) -> str:
@@ -207,5 +214,5 @@ def set_tf32(enabled: bool = True) -> None:
         from cupy._core import _routines_linalg as linalg
 
         linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32 if enabled else linalg.COMPUTE_TYPE_DEFAULT)
-    except (ImportError, AttributeError):
+    except Exception:  # an older or broken CuPy, or one without a working GPU: the variable above still holds
         pass

@@ -20,11 +20,11 @@ import shutil
 import signal
 import tempfile
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_path, atomic_write_json, fsync_dir
 from .backend import to_numpy
 
 FORMAT_VERSION = 1
@@ -33,49 +33,6 @@ CONFIG_FILE = "config.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "manifest.json"
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def atomic_path(path):
-    """Yield a temporary path beside `path` to write; on success it is flushed to disk and renamed onto
-    `path`, so a crash leaves either the old file or the new one, never half; on failure it is removed."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_bytes(path, data: bytes) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(data)
-
-
-def atomic_write_json(path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
 def save_tensors(path, tensors: dict, metadata: dict | None = None) -> None:

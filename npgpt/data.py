@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import atomic_path
+from .atomic import atomic_path
 from .tokenizer import EOT_ID, N_VOCAB, encode, tokenizer_hash
 
 BUNDLED = {"the-verdict": "the-verdict.txt", "tang300": "tang300.txt"}

@@ -1,199 +1,331 @@
-"""The fast training step: the whole model's forward and backward with buffers allocated once.
+"""The two engines that compute a batch's loss and gradients: the readable reference and the fast step.
 
 Glossary: B=batch, T=time, C=channels, NH=heads, hs=C//NH, V=vocab, N=B*T rows, L=n_layers.
 
-`GPT.forward` / `GPT.backward` (model.py, layers/) are the readable reference: every layer returns a
-fresh array and a cache. This module computes exactly the same numbers faster, and tests hold the two
-equal (float64 to ~1e-12, float32 to ~1e-5). What it does differently, and why:
+Both have one interface, which `npgpt train` and `npgpt bench` drive through update.py:
 
-- every activation and gradient lives in a buffer allocated once for the largest (B, T) and reused
-  on every step (`out=` arguments and in-place ops: no allocator churn, no page faults);
-- activations are kept as 2-D (N, C) matrices, so each linear layer is one GEMM, and the gradients of
-  the weights are written straight into one flat gradient buffer (`self.grads` are views into it);
-- LayerNorm keeps only its per-row mean and 1/std and recomputes xhat in the backward;
-- softmax cross-entropy over the vocabulary runs in place on the logits buffer, row block by row block
-  (so each block stays in cache): logits -> probabilities -> dlogits without a second (N, V) array;
-- on the CPU, elementwise work (GELU, LayerNorm, the loss; AdamW in optim.py) is split over the cores
-  (NumPy's ufuncs use one) in row blocks sized for the cache;
-- on a GPU, hand-written CUDA kernels (kernels/, opt-in) can replace LayerNorm, GELU, the loss and
-  attention, the last with O(T) memory instead of the (B, NH, T, T) probabilities;
+    engine = make_engine("fast", model, batch_size=2, seq_len=256)    # or "reference"
+    loss = engine(x, y, training=True, rng=rng, dloss=1.0, accumulate=False)   # a Python float
+    engine.grads        # the gradients, keyed like model.params (engine.grad_flat: their one buffer, or None)
+    engine.loss(x, y)   # the mean loss without dropout and without a backward (evaluation)
+
+dloss scales the gradients (1/grad_accum, times the fp16 loss scale); accumulate=True adds this batch's
+gradients to `grads` instead of overwriting them. Neither engine steps the optimizer (update.py does).
+
+ReferenceLossAndGrads runs GPT.forward / GPT.backward (model.py, layers/): every layer returns a fresh
+array and a cache. FastLossAndGrads computes the same numbers (tests hold them equal: float64 to
+~1e-12, float32 to ~1e-5) from the fast ops of npgpt/fast/, one per readable layer, and is this file's
+buffer planning and wiring:
+- every activation (`Activations`) and scratch buffer (`Workspace`) is allocated once for the largest
+  (B, T) and reused by every step, so there is no allocator churn; activations are 2-D (N, C), so
+  each linear layer is one GEMM, whose weight gradient lands straight in one flat gradient buffer;
+- each op's implementation is chosen once, when the step is built (`choose_ops`): the NumPy/CuPy fast
+  op (CPU threads and cache-sized row blocks inside it), or on a GPU a hand-written CUDA kernel
+  (kernels/, opt-in through NPGPT_CUDA_KERNELS) with the same arguments;
 - with precision="bf16" or "fp16" (precision.py) activations and matrix products are 16-bit while the
-  weights the optimizer owns, the gradients and LayerNorm / loss arithmetic stay float32: each step
-  casts the weights to a 16-bit copy (self.P), and each weight-gradient GEMM writes a 16-bit product
-  that is added into the float32 gradient buffer.
-
-Dropout draws its masks from `rng` in the same order and shapes as the reference, so with the same
-generator both paths drop the same elements. The logits are not returned: the loss is the output.
+  weights the optimizer owns ("master" weights: LayerNorm reads them directly), the gradients and
+  LayerNorm / loss arithmetic stay float32; each step refreshes a 16-bit copy of the weights.
+Dropout masks are drawn from `rng` in the reference's order and shapes, so one generator drops the
+same elements on both paths. The logits are not returned: the loss is the output.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
+from dataclasses import dataclass, fields
+from functools import partial
+from typing import Callable
 
 import numpy as np
 
-from .backend import flat_base, get_array_module, scatter_add, views_into
-from .layers.dropout import check_dropout_p, dropout_mask
-from .layers.gelu import GELU_CUBIC, GELU_SCALE
-from .parallel import num_threads, parallel_ranges
+from . import fast
+from .backend import flat_base, views_into
+from .layers.dropout import check_dropout_p
+from .parallel import num_threads
 from .precision import compute_dtype, is_low_precision
 
-ROW_BLOCK = 32  # rows of the (N, 4C) MLP activations processed together on the CPU (GELU)
-LOSS_ROWS = 4  # rows of the (N, V) logits processed together on the CPU (about 800 KB for GPT-2's vocabulary)
-# On a GPU blocks only bound the temporaries: small blocks would mean thousands of kernel launches.
-GPU_ROW_BLOCK = 2048
-GPU_LOSS_ROWS = 1024
+IGNORE_INDEX = fast.IGNORE_INDEX  # targets equal to it count neither in the loss nor in the gradients
 
 
-class TrainStep:
-    """loss = step(idx, targets, training, rng): forward and backward; gradients land in `self.grads`.
+def make_engine(name: str, model, batch_size: int, seq_len: int, precision: str = "fp32"):
+    """The engine called `name` ("fast" or "reference") for batches of up to (batch_size, seq_len).
+    "fast" first lays the model's weights out in one buffer (GPT.flatten_params_), so that AdamW can
+    update them in one pass: build the optimizer after this."""
+    if name == "fast":
+        model.flatten_params_()
+        return FastLossAndGrads(model, batch_size, seq_len, precision=precision)
+    if name != "reference":
+        raise ValueError(f"engine must be 'fast' or 'reference', got {name!r}")
+    if precision != "fp32":
+        raise ValueError(f"precision {precision} runs in the fast engine only; use --engine fast")
+    return ReferenceLossAndGrads(model)
 
-    step = TrainStep(model, batch_size=2, seq_len=256)
-    loss = step(x, y, training=True, rng=rng)   # a Python float
-    optimizer.step(step.grads)                  # the same keys as model.params
+
+class ReferenceLossAndGrads:
+    """The readable path behind the engine interface: GPT.forward and GPT.backward. `grads` are fresh
+    arrays from each backward; they are released at the next call, before its forward allocates."""
+
+    grad_flat = None  # one array per parameter, not views of one buffer
+
+    def __init__(self, model):
+        self.model, self.grads = model, None
+
+    def __call__(self, idx, targets, training: bool = False, rng=None, dloss: float = 1.0, accumulate: bool = False,
+                 backward: bool = True) -> float:  # fmt: skip
+        if not accumulate:
+            self.grads = None
+        _, loss, cache = self.model.forward(idx, targets, training=training, rng=rng)
+        if backward:
+            grads = self.model.backward(cache, dloss=dloss)
+            if self.grads is None:
+                self.grads = grads
+            else:
+                for k, g in grads.items():
+                    self.grads[k] += g
+        return float(loss)
+
+    def loss(self, idx, targets) -> float:
+        """Mean loss without dropout and without a backward (for evaluation)."""
+        return self(idx, targets, training=False, backward=False)
+
+
+# --- the fast step's buffers ------------------------------------------------------------------------
+
+
+def _nbytes(record) -> int:
+    """Bytes held by the arrays in a dataclass's fields (lists of arrays included, None skipped)."""
+    total = 0
+    for f in fields(record):
+        value = getattr(record, f.name)
+        for a in value if isinstance(value, list) else [value]:
+            total += int(a.nbytes) if a is not None else 0
+    return total
+
+
+@dataclass
+class Activations:
+    """What the forward keeps for the backward (llm.c's ActivationTensors), per layer where it says L x.
+    Sized for (B, T); a smaller batch uses the first n = b*t rows ([:n], or [:b, :, :t] per head)."""
+
+    resid: list  # L+1 x (N, C): each block's input; resid[L] feeds ln_f
+    ln1: list  # L x (N, C)
+    ln1_mean: list  # L x (N,) in the weights' dtype (float32 with 16-bit compute), as every *_mean, *_rstd
+    ln1_rstd: list  # L x (N,)
+    qkv_heads: list  # L x (3, B, NH, T, hs): q (divided by sqrt(hs)), k, v
+    att: list  # L x (B, NH, T, T) probabilities, allocated when first used (never with flash attention)
+    lse: list  # L x (B, NH, T) each row's logsumexp, with the flash-attention kernel only (else [])
+    atty: list  # L x (N, C): attention's output before c_proj
+    resid_mid: list  # L x (N, C): x1 = x + the attention branch
+    ln2: list  # L x (N, C)
+    ln2_mean: list  # L x (N,)
+    ln2_rstd: list  # L x (N,)
+    fc: list  # L x (N, 4C): the MLP's pre-activation (bias included)
+    act: list  # L x (N, 4C): GELU's output
+    lnf: object  # (N, C)
+    lnf_mean: object  # (N,)
+    lnf_rstd: object  # (N,)
+    logits: object  # (N, V): the logits, then the probabilities, then dlogits, in place
+
+    def nbytes(self) -> int:
+        return _nbytes(self)
+
+
+@dataclass
+class Workspace:
+    """Scratch that every layer reuses, in the forward and in the backward (named by shape, not use)."""
+
+    dresid: object  # (N, C): the gradient of the residual stream, layer after layer
+    nc: object  # (N, C): forward, a branch's output before the residual add; backward, gradients
+    nc2: object  # (N, C): backward, gradients
+    n3c: object  # (N, 3C): forward, the fused q|k|v projection; backward, dqkv
+    n4c: object  # (N, 4C): backward, dact then dfc; LayerNorm's backward scratch (its first C columns)
+    heads: object  # (3, B, NH, T, hs): forward, attention's output per head; backward, dq, dk, dv
+    att: object  # (B, NH, T, T): dropped probabilities, then datt; allocated with the first Activations.att
+    flash_out: object  # (B, NH, T, hs) with the flash-attention kernel, else None
+    gelu: object  # (threads, rows, 8C or 16C): each CPU thread's GELU row blocks (fast.gelu_scratch)
+    causal_bias: object  # (T, T): 0 on and below the diagonal, -inf above
+    weight_grad: object  # 1-D: weight-gradient products in the compute dtype (accumulation, 16 bits), on first use
+
+    def nbytes(self) -> int:
+        return _nbytes(self)
+
+
+def plan_activations(xp, cfg, B, T, dtype, stat_dtype, flash: bool) -> Activations:
+    N, C, L, NH, hs = B * T, cfg.emb_dim, cfg.n_layers, cfg.n_heads, cfg.head_size
+    act = lambda *shape: xp.empty(shape, dtype=dtype)  # noqa: E731
+    stat = lambda *shape: xp.empty(shape, dtype=stat_dtype)  # noqa: E731
+    per_layer = lambda make, *shape: [make(*shape) for _ in range(L)]  # noqa: E731
+    return Activations(
+        resid=per_layer(act, N, C) + [act(N, C)], ln1=per_layer(act, N, C), ln1_mean=per_layer(stat, N),
+        ln1_rstd=per_layer(stat, N), qkv_heads=per_layer(act, 3, B, NH, T, hs), att=[None] * L,
+        lse=per_layer(act, B, NH, T) if flash else [], atty=per_layer(act, N, C), resid_mid=per_layer(act, N, C),
+        ln2=per_layer(act, N, C), ln2_mean=per_layer(stat, N), ln2_rstd=per_layer(stat, N),
+        fc=per_layer(act, N, 4 * C), act=per_layer(act, N, 4 * C), lnf=act(N, C), lnf_mean=stat(N), lnf_rstd=stat(N),
+        logits=act(N, cfg.vocab_size),
+    )  # fmt: skip
+
+
+def plan_workspace(xp, cfg, B, T, dtype, stat_dtype, threads: int, flash: bool) -> Workspace:
+    N, C, NH, hs = B * T, cfg.emb_dim, cfg.n_heads, cfg.head_size
+    rows = min(N, fast.ROW_BLOCK if xp is np else fast.GPU_ROW_BLOCK)
+    scratch = lambda *shape: xp.empty(shape, dtype=dtype)  # noqa: E731
+    return Workspace(
+        dresid=scratch(N, C), nc=scratch(N, C), nc2=scratch(N, C), n3c=scratch(N, 3 * C), n4c=scratch(N, 4 * C),
+        heads=scratch(3, B, NH, T, hs), att=None, flash_out=scratch(B, NH, T, hs) if flash else None,
+        gelu=fast.gelu_scratch(xp, threads, rows, 4 * C, dtype, stat_dtype),
+        causal_bias=xp.triu(xp.full((T, T), -np.inf, dtype=dtype), k=1), weight_grad=None,
+    )  # fmt: skip
+
+
+# --- which implementation runs each op ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ops:
+    """The implementation of each op whose implementation varies, chosen once (choose_ops). Each takes
+    the positional arguments of its fast op in npgpt/fast/."""
+
+    layernorm_forward: Callable  # (out, mean, rstd, x, weight, bias, eps)
+    layernorm_backward: Callable  # (dx, dweight, dbias, dout, x, mean, rstd, weight, scratch=)
+    gelu_forward: Callable  # (out, x, bias)
+    gelu_backward_: Callable  # (d, x)
+    cross_entropy_: Callable  # (logits, targets, want_grad, dloss, n_valid=) -> loss
+    heads_matmul: Callable  # (out, a, b): attention's products over stacks of heads
+    flash_forward: Callable | None  # (y, heads, lse, qkv, head_out=): attention without dropout, or None
+    flash_backward: Callable | None  # (dqkv, dy, heads, lse, y, dheads=, head_out=)
+
+
+def resolve_kernels(kernels, xp, precision: str, low_precision: bool, head_size: int) -> set:
+    """The CUDA kernels to use: `kernels`, or by default those $NPGPT_CUDA_KERNELS enables on a GPU
+    (none on the CPU; given NumPy arrays the kernels run in npgpt.cuda.emulate, which is how the tests
+    check this path). Our kernels are float32-only: with 16-bit precision only "bmm" (cuBLAS) remains."""
+    from .cuda import enabled_kernels
+
+    names = (enabled_kernels() if xp is not np else set()) if kernels is None else set(kernels)
+    if low_precision:
+        if kernels and set(kernels) - {"bmm"}:
+            raise ValueError(f"the CUDA kernels work in float32; precision {precision!r} cannot use "
+                             f"{sorted(set(kernels) - {'bmm'})}")  # fmt: skip
+        names &= {"bmm"}
+    if "attention" in names:
+        from .cuda.kernels import ATTENTION_HEAD_SIZES
+
+        if head_size not in ATTENTION_HEAD_SIZES:
+            names.discard("attention")  # the flash kernel needs hs in 16..128, a multiple of 16
+    return names
+
+
+def choose_ops(kernels: set, xp, threads: int, gelu_scratch, loss_rows: int) -> Ops:
+    """Bind each op to its CUDA kernel when `kernels` names it, else to the NumPy/CuPy fast op with this
+    step's threads and scratch."""
+    ck = None
+    if kernels - {"bmm"}:
+        from .cuda import kernels as ck
+    heads_matmul = fast.matmul
+    if "bmm" in kernels and xp is not np:
+        from .cuda.blas import matmul as heads_matmul
+
+    def pick(name, kernel, fallback):  # the wrapper called `kernel` in npgpt.cuda.kernels, or the fast op
+        return getattr(ck, kernel) if name in kernels else fallback
+
+    return Ops(
+        layernorm_forward=pick("layernorm", "layernorm_forward", partial(fast.layernorm_forward, threads=threads)),
+        layernorm_backward=pick("layernorm", "layernorm_backward", partial(fast.layernorm_backward, threads=threads)),
+        gelu_forward=pick("gelu", "gelu_forward", partial(fast.gelu_forward, scratch=gelu_scratch, threads=threads)),
+        gelu_backward_=pick("gelu", "gelu_backward_", partial(fast.gelu_backward_, scratch=gelu_scratch, threads=threads)),
+        cross_entropy_=pick("cross_entropy", "cross_entropy_", partial(fast.cross_entropy_, threads=threads, block=loss_rows)),
+        heads_matmul=heads_matmul,
+        flash_forward=pick("attention", "flash_attention_forward", None),
+        flash_backward=pick("attention", "flash_attention_backward", None),
+    )  # fmt: skip
+
+
+# --- the fast step ---------------------------------------------------------------------------------
+
+
+class FastLossAndGrads:
+    """The fast engine: loss = engine(idx, targets, ...), gradients in `engine.grads` (views of grad_flat).
+
+    engine = FastLossAndGrads(model, batch_size=2, seq_len=256)
+    loss = engine(x, y, training=True, rng=rng)   # a Python float
+    optimizer.step(engine.grads)                  # the same keys as model.params
     """
 
     def __init__(self, model, batch_size: int, seq_len: int, kernels=None, precision: str = "fp32"):
-        """kernels: names of the CUDA kernels to use (npgpt.cuda.KERNEL_NAMES); default: those that
-        $NPGPT_CUDA_KERNELS enables when the model is on a GPU, none on the CPU. (Given NumPy arrays the
-        kernels run in npgpt.cuda.emulate's CPU emulation, which is how the tests check this path.)
+        """kernels: names of the CUDA kernels to use (npgpt.cuda.KERNEL_NAMES; see resolve_kernels).
         precision: "fp32" (the model's dtype throughout), "bf16" or "fp16" (16-bit activations and
-        matrix products, float32 weights and gradients; see precision.py). Our kernels are float32-only
-        and are not used with 16-bit precision; "bmm" (cuBLAS's batched GEMM, npgpt/cuda/blas.py) is."""
+        matrix products, float32 weights and gradients; see precision.py)."""
         cfg = model.config
         if seq_len > cfg.context_length:
             raise ValueError(f"seq_len {seq_len} exceeds the model's context_length {cfg.context_length}")
-        self.model = model
-        self.B, self.T = int(batch_size), int(seq_len)
+        self.model, self.batch_size, self.seq_len, self.precision = model, int(batch_size), int(seq_len), precision
         xp = self.xp = model.xp
-        self.precision = precision
-        dt = self.dtype = compute_dtype(precision, model.dtype)  # activations and matrix products
-        sdt = self.stat_dtype = np.dtype(model.dtype)  # weights, gradients, LayerNorm statistics, sums over rows
-        self.lowp = is_low_precision(dt)
-        B, T, C, NH, L, V = self.B, self.T, cfg.emb_dim, cfg.n_heads, cfg.n_layers, cfg.vocab_size
-        N = B * T
-        z = lambda *shape: xp.empty(shape, dtype=dt)  # noqa: E731
-
-        # Activations saved for the backward, one set per layer.
-        self.resid = [z(N, C) for _ in range(L + 1)]  # input of each block; resid[L] feeds ln_f
-        self.resid_mid = [z(N, C) for _ in range(L)]  # x1 = x + attention branch
-        self.ln1 = [z(N, C) for _ in range(L)]
-        self.ln2 = [z(N, C) for _ in range(L)]
-        zs = lambda *shape: xp.empty(shape, dtype=sdt)  # noqa: E731
-        self.ln_stats = [(zs(N), zs(N), zs(N), zs(N)) for _ in range(L)]  # mean1, rstd1, mean2, rstd2
-        self.qkv = [z(3, B, NH, T, cfg.head_size) for _ in range(L)]  # q (pre-scaled), k, v; head-major
-        self.att = [None] * L  # softmax probabilities (B, NH, T, T), allocated on first use (not with flash attention)
-        self.atty = [z(N, C) for _ in range(L)]  # attention output before c_proj
-        self.fc = [z(N, 4 * C) for _ in range(L)]  # MLP pre-activation
-        self.act = [z(N, 4 * C) for _ in range(L)]  # GELU output
-        self.lnf = z(N, C)
-        self.lnf_stats = (zs(N), zs(N))
-        self.logits = z(N, V)  # logits, then probabilities, then dlogits, in place
-        self.masks = None  # dropout keep-masks of the last training step
-        # Gradient buffers: one flat array (float32 also with 16-bit compute), a view per parameter in
-        # the model's key order.
-        self.grad_flat = xp.zeros(sum(int(p.size) for p in model.params.values()), dtype=sdt)
+        self.dtype = compute_dtype(precision, model.dtype)  # activations and matrix products
+        self.stat_dtype = np.dtype(model.dtype)  # weights, gradients, LayerNorm statistics, sums over rows
+        self.lowp = is_low_precision(self.dtype)
+        self.threads = num_threads() if xp is np else 1  # CPU threads for the elementwise ops
+        self.kernels = resolve_kernels(kernels, xp, precision, self.lowp, cfg.head_size)
+        flash = "attention" in self.kernels
+        B, T = self.batch_size, self.seq_len
+        self.acts = plan_activations(xp, cfg, B, T, self.dtype, self.stat_dtype, flash)
+        self.work = plan_workspace(xp, cfg, B, T, self.dtype, self.stat_dtype, self.threads, flash)
+        loss_rows = fast.LOSS_ROWS if xp is np else fast.GPU_LOSS_ROWS
+        self.ops = choose_ops(self.kernels, xp, self.threads, self.work.gelu, loss_rows)
+        # The gradients: one flat buffer (float32 also with 16-bit compute), a view per parameter.
+        self.grad_flat = xp.zeros(sum(int(p.size) for p in model.params.values()), dtype=self.stat_dtype)
         self.grads = views_into(self.grad_flat, model.params)
-        # The weights the forward and backward read: the model's own, or their 16-bit copy (refreshed
-        # from the model at every call, since the optimizer changes the float32 weights in between).
-        self.param_flat = None
-        self.P = model.params
+        # The weights the GEMMs read: the model's own, or a 16-bit copy refreshed at every call.
+        self.param_flat, self.weights = None, model.params
         if self.lowp:
-            self.param_flat = xp.empty(self.grad_flat.size, dtype=dt)
-            self.P = views_into(self.param_flat, model.params)
-        # Scratch for the backward.
-        self.d_resid = z(N, C)
-        self.d_nc = z(N, C)
-        self.d_nc2 = z(N, C)
-        self.d_n3c = z(N, 3 * C)
-        self.d_n4c = z(N, 4 * C)
-        self.d_att = None  # (B, NH, T, T) scratch of the reference attention, allocated with self.att
-        self.d_head = z(3, B, NH, T, cfg.head_size)
-        # Gradients that are summed into rather than written by a GEMM: zeroed at the start of a backward.
-        self._added_into = [k for k, p in model.params.items() if p.ndim == 1 or k == "wpe.weight"]
+            self.param_flat = xp.empty(self.grad_flat.size, dtype=self.dtype)
+            self.weights = views_into(self.param_flat, model.params)
+        # Gradients that ops add into (LayerNorm's, the position table's, an untied token table's):
+        # zeroed at the start of a backward that does not accumulate. Every other one is written.
+        self._added_into = [k for k in model.params if ".ln_" in f".{k}" or k == "wpe.weight"]
         if not cfg.tie_weights:
-            self._added_into.append("wte.weight")  # only the embedding scatter-add writes it
-        self._acc_scratch = None  # for gradient accumulation (and every weight GEMM in 16 bits), allocated on first use
-        self._accumulate = False
-        # CPU threads for the elementwise work (GELU, LayerNorm, the loss), each with its own scratch
-        self.threads = num_threads() if xp is np else 1
-        self.loss_rows = LOSS_ROWS if xp is np else GPU_LOSS_ROWS
-        row_block = min(N, ROW_BLOCK if xp is np else GPU_ROW_BLOCK)
-        # GELU's temporaries per thread: two (N, 4C) blocks, two more for float32 copies with 16-bit compute
-        self.row_scratch = zs(self.threads, row_block, (16 if self.lowp else 8) * C)
-        self.causal_bias = xp.triu(xp.full((T, T), -np.inf, dtype=dt), k=1)  # -inf above the diagonal
-        # Hand-written CUDA kernels (kernels/*.cu), opt-in until verified on a GPU.
-        from .cuda import enabled_kernels
+            self._added_into.append("wte.weight")
+        self.masks = None  # the dropout keep-masks of the last training forward
+        self.used_flash = [False] * cfg.n_layers  # which layers took the flash kernel in the last forward
 
-        self.kernels = (enabled_kernels() if xp is not np else set()) if kernels is None else set(kernels)
-        if self.lowp:  # our kernels read and write float32 only; cuBLAS's batched GEMM takes 16 bits too
-            if kernels and set(kernels) - {"bmm"}:
-                raise ValueError(f"the CUDA kernels work in float32; precision {precision!r} cannot use "
-                                 f"{sorted(set(kernels) - {'bmm'})}")  # fmt: skip
-            self.kernels &= {"bmm"}
-        # attention's stacks of heads: one cuBLAS call per product ("bmm"), or xp.matmul
-        self.bmm = _cublas_matmul if ("bmm" in self.kernels and xp is not np) else _matmul
-        self.ck = None
-        if self.kernels:
-            from .cuda import kernels as ck
-
-            self.ck = ck
-            if "attention" in self.kernels and cfg.head_size not in ck.ATTENTION_HEAD_SIZES:
-                self.kernels.discard("attention")  # the flash kernel needs hs in 16..128, a multiple of 16
-        self.lse = [z(B, NH, T) for _ in range(L)] if "attention" in self.kernels else None
-        self.flash_out = z(B, NH, T, cfg.head_size) if "attention" in self.kernels else None
-        self.used_flash = [False] * L  # which layers took the flash kernel in the last forward
-
-    # ------------------------------------------------------------------------------------------------
     def nbytes(self) -> int:
-        """Bytes held by this step's buffers (activations, gradients, scratch)."""
-        arrays = [self.lnf, self.logits, self.grad_flat, self.d_resid, self.d_nc, self.d_nc2, self.d_n3c, self.d_n4c,
-                  self.d_head, self.row_scratch, self.causal_bias, *self.lnf_stats]  # fmt: skip
-        if self.d_att is not None:
-            arrays.append(self.d_att)
-        for group in (self.resid, self.resid_mid, self.ln1, self.ln2, self.qkv, self.att, self.atty, self.fc, self.act,
-                      self.lse or []):  # fmt: skip
-            arrays += [a for a in group if a is not None]
-        if self.flash_out is not None:
-            arrays.append(self.flash_out)
-        if self.param_flat is not None:  # the 16-bit copy of the weights
-            arrays.append(self.param_flat)
-        arrays += [a for stats in self.ln_stats for a in stats]
-        if self._acc_scratch is not None:
-            arrays.append(self._acc_scratch)
-        return int(sum(a.nbytes for a in arrays))
+        """Bytes held by this step's buffers: activations, workspace, gradients, 16-bit weights."""
+        extra = self.param_flat.nbytes if self.param_flat is not None else 0
+        return self.acts.nbytes() + self.work.nbytes() + int(self.grad_flat.nbytes) + int(extra)
 
     def _check(self, idx, targets):
-        xp = self.xp
+        """(idx, targets, n_valid) as arrays of the model's module; ValueError for what does not fit."""
+        xp, V = self.xp, self.model.config.vocab_size
         idx = xp.asarray(idx)
         if idx.ndim != 2 or idx.dtype.kind not in "iu":
             raise ValueError(f"idx must be a (B, T) integer array, got shape {tuple(idx.shape)} dtype {idx.dtype}")
         b, t = idx.shape
-        if b > self.B or t > self.T or b < 1 or t < 1:
-            raise ValueError(f"batch of shape ({b}, {t}) does not fit this step's buffers ({self.B}, {self.T})")
-        V = self.model.config.vocab_size
+        if b > self.batch_size or t > self.seq_len or b < 1 or t < 1:
+            raise ValueError(f"batch of shape ({b}, {t}) does not fit this step's buffers ({self.batch_size}, {self.seq_len})")
         if int(idx.min()) < 0 or int(idx.max()) >= V:
             raise ValueError(f"token ids must lie in [0, {V})")
-        if targets is not None:
-            targets = xp.asarray(targets)
-            if targets.shape != idx.shape:
-                raise ValueError(f"targets have shape {tuple(targets.shape)}, idx {tuple(idx.shape)}")
-            if int(targets.min()) < 0 or int(targets.max()) >= V:
-                raise ValueError(f"targets must lie in [0, {V}) (ignore_index is not supported by the fast step)")
-        return idx, targets
+        if targets is None:
+            return idx, None, 0
+        targets = xp.asarray(targets)
+        if targets.shape != idx.shape:
+            raise ValueError(f"targets have shape {tuple(targets.shape)}, idx {tuple(idx.shape)}")
+        n_valid = targets.size
+        if int(targets.min()) < 0:  # ignored positions, or ids out of range
+            valid = targets != IGNORE_INDEX
+            n_valid = int(valid.sum())
+            if n_valid == 0:
+                raise ValueError(f"every target equals ignore_index={IGNORE_INDEX}, so the mean loss is undefined")
+            if int(xp.where(valid, targets, 0).min()) < 0:
+                raise ValueError(f"targets must lie in [0, {V}) or equal ignore_index={IGNORE_INDEX}")
+        if int(targets.max()) >= V:
+            raise ValueError(f"targets must lie in [0, {V}) or equal ignore_index={IGNORE_INDEX}")
+        return idx, targets, n_valid
 
-    # ------------------------------------------------------------------------------------------------
     def __call__(self, idx, targets, training: bool = False, rng=None, dloss: float = 1.0, accumulate: bool = False,
                  backward: bool = True) -> float:  # fmt: skip
-        """Forward (and backward unless backward=False) on one batch; returns the mean loss.
-
-        accumulate=True adds this batch's gradients to `self.grads` instead of overwriting them.
-        dloss scales the gradients (1/grad_accum for gradient accumulation).
-        """
-        idx, targets = self._check(idx, targets)
-        cfg = self.model.config
-        p = check_dropout_p(cfg.drop_rate) if training else 0.0
+        """Forward (and backward unless backward=False) on one batch; returns the mean loss over the
+        targets that are not IGNORE_INDEX."""
+        idx, targets, n_valid = self._check(idx, targets)
+        p = check_dropout_p(self.model.config.drop_rate) if training else 0.0
         if p > 0.0 and rng is None:
             rng = self.model.rng
         b, t = idx.shape
@@ -203,500 +335,157 @@ class TrainStep:
                 self.param_flat[...] = src
             else:
                 for k, w in self.model.params.items():
-                    self.P[k][...] = w
-        # float16 overflows to inf by design: loss scaling (train.py) finds it in the gradients and backs off
+                    self.weights[k][...] = w
+        # float16 overflows to inf by design: loss scaling (update.py) finds it in the gradients and backs off
         with np.errstate(over="ignore", invalid="ignore") if self.dtype == np.float16 else contextlib.nullcontext():
-            loss = self._forward(idx, targets, b, t, p, rng, want_grad=backward, dloss=dloss)
+            loss = self._forward(idx, targets, n_valid, b, t, p, rng, want_grad=backward, dloss=dloss)
             if backward:
-                self._backward(idx, targets, b, t, p, accumulate)
+                self._backward(idx, b, t, p, accumulate)
         return loss
 
     def loss(self, idx, targets) -> float:
         """Mean loss without dropout and without a backward (for evaluation)."""
         return self(idx, targets, training=False, backward=False)
 
-    # --- forward ---------------------------------------------------------------------------------------
-    def _forward(self, idx, targets, b, t, p, rng, want_grad, dloss=1.0):
-        xp, cfg, P, P32 = self.xp, self.model.config, self.P, self.model.params  # P32: LayerNorm's float32 weights
-        C, L, eps = cfg.emb_dim, cfg.n_layers, cfg.ln_eps
-        n = b * t
-        masks = {}
-        x = self.resid[0][:n]
-        xp.take(P["wte.weight"], idx.reshape(-1), axis=0, out=x)  # (n, C) token embeddings
-        x.reshape(b, t, C)[...] += P["wpe.weight"][:t]  # + position embeddings
+    # --- forward: model.py's and layers/block.py's order --------------------------------------------
+    def _forward(self, idx, targets, n_valid, b, t, p, rng, want_grad, dloss):
+        a, cfg, weights = self.acts, self.model.config, self.weights
+        n, masks = b * t, {}
+        x = a.resid[0][:n]
+        fast.embedding_forward(x, idx.reshape(-1), weights["wte.weight"])  # (n, C) token embeddings
+        fast.add_position_embedding_(x.reshape(b, t, cfg.emb_dim), weights["wpe.weight"])  # + positions
         if p > 0:
-            masks["emb"] = self._dropout_(x, p, rng)
-        for l in range(L):  # noqa: E741
-            pre = f"h.{l}."
-            mean1, rstd1, mean2, rstd2 = (s[:n] for s in self.ln_stats[l])
-            h = self.ln1[l][:n]
-            self._ln_fwd(x, P32[pre + "ln_1.weight"], P32[pre + "ln_1.bias"], eps, h, mean1, rstd1)
-            qkv2d = self.d_n3c[:n]  # scratch: the fused projection before it is split into heads
-            _linear_fwd(h, P[pre + "attn.c_attn.weight"], P.get(pre + "attn.c_attn.bias"), qkv2d)
-            y = self.atty[l][:n]
-            masks[f"att{l}"] = self._attention_fwd(l, qkv2d, b, t, y, p, rng)
-            x1 = self.resid_mid[l][:n]
-            _linear_fwd(y, P[pre + "attn.c_proj.weight"], P[pre + "attn.c_proj.bias"], self.d_nc[:n])
-            if p > 0:
-                masks[f"res1_{l}"] = self._dropout_(self.d_nc[:n], p, rng)
-            xp.add(x, self.d_nc[:n], out=x1)
-            h2 = self.ln2[l][:n]
-            self._ln_fwd(x1, P32[pre + "ln_2.weight"], P32[pre + "ln_2.bias"], eps, h2, mean2, rstd2)
-            fc, act = self.fc[l][:n], self.act[l][:n]
-            if "gelu" in self.kernels:  # the bias add fused into the GELU kernel
-                _matmul(h2, P[pre + "mlp.c_fc.weight"], fc)
-                self.ck.gelu_bias_fwd(fc, P[pre + "mlp.c_fc.bias"], act, pre=fc)
-            else:
-                _linear_fwd(h2, P[pre + "mlp.c_fc.weight"], P[pre + "mlp.c_fc.bias"], fc)
-                _gelu_fwd(fc, act, self.row_scratch, self.threads)
-            x_next = self.resid[l + 1][:n]
-            _linear_fwd(act, P[pre + "mlp.c_proj.weight"], P[pre + "mlp.c_proj.bias"], self.d_nc[:n])
-            if p > 0:
-                masks[f"res2_{l}"] = self._dropout_(self.d_nc[:n], p, rng)
-            xp.add(x1, self.d_nc[:n], out=x_next)
-            x = x_next
-        mean_f, rstd_f = (s[:n] for s in self.lnf_stats)
-        self._ln_fwd(x, P32["ln_f.weight"], P32["ln_f.bias"], eps, self.lnf[:n], mean_f, rstd_f)
-        logits = self.logits[:n]
-        head = P["wte.weight"] if cfg.tie_weights else P["lm_head.weight"]  # (V, C)
-        _matmul(self.lnf[:n], head.T, logits)  # (n, C) @ (C, V) -> (n, V)
+            masks["emb"] = fast.dropout_forward(x, x, p, rng)
+        for l in range(cfg.n_layers):  # noqa: E741
+            x = self._block_forward(l, x, b, t, p, rng, masks)
+        self._layernorm("ln_f", a.lnf[:n], a.lnf_mean[:n], a.lnf_rstd[:n], x)
+        head = weights["wte.weight"] if cfg.tie_weights else weights["lm_head.weight"]  # (V, C)
+        fast.linear_forward(a.logits[:n], a.lnf[:n], head.T)  # (n, C) @ (C, V) -> (n, V)
         self.masks = masks
         if targets is None:
             return None
-        # the gradient left in the logits is dloss * (softmax - onehot) / n: scaled before any rounding
-        if "cross_entropy" in self.kernels:
-            return float(self.ck.cross_entropy_(logits, targets.reshape(-1), scale=dloss / n, want_grad=want_grad))
-        return _cross_entropy_inplace(logits, targets.reshape(-1), want_grad, self.threads, dloss, self.loss_rows)
+        # the gradient left in the logits is dloss * (softmax - onehot) / n_valid: scaled before any rounding
+        return float(self.ops.cross_entropy_(a.logits[:n], targets.reshape(-1), want_grad, dloss, n_valid=n_valid))
 
-    def _ln_fwd(self, x, w, b, eps, out, mean, rstd):
-        if "layernorm" in self.kernels:
-            self.ck.layernorm_fwd(x, w, b, eps, out, mean, rstd)
-        else:
-            _layernorm_fwd(x, w, b, eps, out, mean, rstd, self.threads)
-
-    def _ln_bwd(self, dout, x, mean, rstd, w, dx, dw, db, scratch):
-        if "layernorm" in self.kernels:
-            self.ck.layernorm_bwd(dout, x, mean, rstd, w, dx, dw, db)
-        else:
-            _layernorm_bwd(dout, x, mean, rstd, w, dx, dw, db, scratch, self.threads)
-
-    def _dropout_(self, a, p, rng):
-        """In-place inverted dropout on `a`; returns the keep-mask (drawn like the reference layer)."""
-        keep = dropout_mask(a.shape, p, rng, self.xp)
-        a *= keep
-        a *= a.dtype.type(1.0 / (1.0 - p))
-        return keep
-
-    def _attention_fwd(self, l, qkv2d, b, t, y, p, rng):  # noqa: E741
-        xp, cfg = self.xp, self.model.config
-        NH, hs = cfg.n_heads, cfg.head_size
-        heads = self.qkv[l][:, :b, :, :t]  # (3, b, NH, t, hs)
-        heads[...] = qkv2d.reshape(b, t, 3, NH, hs).transpose(2, 0, 3, 1, 4)  # (n, 3C) -> (3, b, NH, t, hs)
-        heads[0] *= heads.dtype.type(1.0 / math.sqrt(hs))  # fold the 1/sqrt(hs) into q
-        q, k, v = heads[0], heads[1], heads[2]
-        self.used_flash[l] = "attention" in self.kernels and p == 0  # the kernel has no dropout
-        if self.used_flash[l]:  # O(T) memory: keeps the row logsumexp, not the probabilities
-            out = self.flash_out[:b, :, :t]
-            self.ck.attention_fwd(q, k, v, out, self.lse[l][:b, :, :t], scale=1.0)
-            y.reshape(b, t, NH, hs)[...] = out.transpose(0, 2, 1, 3)  # (b, NH, t, hs) -> (n, C)
-            return None
-        if self.att[l] is None:  # the O(T^2) buffers, only when this path is taken
-            self.att[l] = xp.empty((self.B, NH, self.T, self.T), dtype=heads.dtype)
-            if self.d_att is None:
-                self.d_att = xp.empty_like(self.att[l])
-        att = self.att[l][:b, :, :t, :t]  # (b, NH, t, t)
-        keep = dropout_mask(att.shape, p, rng, xp) if p > 0 else None  # drawn where the reference draws it
-        scale = att.dtype.type(1.0 / (1.0 - p))
-        dropped = self.d_att[:b, :, :t, :t]  # scratch for the dropped probabilities
-        out = self.d_head[0, :b, :, :t]  # (b, NH, t, hs) scratch
-        bias = self.causal_bias[:t, :t]
-
-        _attention_fwd_slab(q, k, v, att, bias, keep, scale, dropped, out, self.bmm)  # all (batch, head) pairs at once
-        y.reshape(b, t, NH, hs)[...] = out.transpose(0, 2, 1, 3)  # (b, NH, t, hs) -> (n, C)
-        return keep
-
-    # --- backward --------------------------------------------------------------------------------------
-    def _backward(self, idx, targets, b, t, p, accumulate):
-        cfg, P, P32, G = self.model.config, self.P, self.model.params, self.grads
-        C, L = cfg.emb_dim, cfg.n_layers
-        n = b * t
-        self._accumulate = accumulate
-        if not accumulate:  # the weight GEMMs overwrite their gradients; the rest is added into
-            for key in self._added_into:
-                G[key][...] = 0
-        dlogits = self.logits[:n]  # holds dloss * (probs - onehot) / n after the forward
-        head_key = "wte.weight" if cfg.tie_weights else "lm_head.weight"
-        head = P[head_key]  # (V, C)
-        dx = self.d_resid[:n]
-        _matmul(dlogits, head, dx)  # (n, V) @ (V, C) -> (n, C)
-        self._matmul_into(dlogits.T, self.lnf[:n], G[head_key], accumulate)  # (V, n) @ (n, C) -> (V, C)
-        mean_f, rstd_f = (s[:n] for s in self.lnf_stats)
-        dtmp = self.d_nc[:n]
-        self._ln_bwd(dx, self.resid[L][:n], mean_f, rstd_f, P32["ln_f.weight"], dtmp, G["ln_f.weight"], G["ln_f.bias"], self.d_nc2[:n])
-        dx[...] = dtmp  # d(resid[L])
-        for l in reversed(range(L)):  # noqa: E741
-            pre = f"h.{l}."
-            mean1, rstd1, mean2, rstd2 = (s[:n] for s in self.ln_stats[l])
-            # out = x1 + dropout(mlp(ln_2(x1)))
-            dm = dx
-            if p > 0:
-                dm = self.d_nc[:n]
-                self._dropout_bwd_(dx, self.masks[f"res2_{l}"], p, out=dm)
-            dact = self.d_n4c[:n]
-            self._linear_bwd(dm, self.act[l][:n], pre + "mlp.c_proj", dact)
-            if "gelu" in self.kernels:  # dact becomes dfc, in place
-                self.ck.gelu_bwd_(dact, self.fc[l][:n])
-            else:
-                _gelu_bwd(dact, self.fc[l][:n], self.row_scratch, self.threads)
-            dh2 = self.d_nc2[:n]
-            self._linear_bwd(dact, self.ln2[l][:n], pre + "mlp.c_fc", dh2)
-            dln = self.d_nc[:n]
-            self._ln_bwd(dh2, self.resid_mid[l][:n], mean2, rstd2, P32[pre + "ln_2.weight"], dln,
-                         G[pre + "ln_2.weight"], G[pre + "ln_2.bias"], self.d_n4c[:n, :C])  # fmt: skip
-            dx += dln  # dx1 = dout + branch
-            # x1 = x + dropout(c_proj(attention(c_attn(ln_1(x)))))
-            da = dx
-            if p > 0:
-                da = self.d_nc[:n]
-                self._dropout_bwd_(dx, self.masks[f"res1_{l}"], p, out=da)
-            dy = self.d_nc2[:n]
-            self._linear_bwd(da, self.atty[l][:n], pre + "attn.c_proj", dy)
-            dqkv = self.d_n3c[:n]
-            self._attention_bwd(l, dy, b, t, dqkv, p)
-            dh = self.d_nc[:n]
-            self._linear_bwd(dqkv, self.ln1[l][:n], pre + "attn.c_attn", dh)
-            dln = self.d_nc2[:n]
-            self._ln_bwd(dh, self.resid[l][:n], mean1, rstd1, P32[pre + "ln_1.weight"], dln,
-                         G[pre + "ln_1.weight"], G[pre + "ln_1.bias"], self.d_n4c[:n, :C])  # fmt: skip
-            dx += dln
+    def _block_forward(self, l, x, b, t, p, rng, masks):  # noqa: E741
+        """x1 = x + dropout(c_proj(attention(c_attn(ln_1(x))))); out = x1 + dropout(mlp(ln_2(x1)))."""
+        a, w, weights, n, pre = self.acts, self.work, self.weights, b * t, f"h.{l}."
+        h, qkv, y, branch = a.ln1[l][:n], w.n3c[:n], a.atty[l][:n], w.nc[:n]
+        self._layernorm(pre + "ln_1", h, a.ln1_mean[l][:n], a.ln1_rstd[l][:n], x)
+        fast.linear_forward(qkv, h, weights[pre + "attn.c_attn.weight"], weights.get(pre + "attn.c_attn.bias"))  # (n, 3C)
+        masks[f"att{l}"] = self._attention_forward(l, y, qkv, b, t, p, rng)  # (n, 3C) -> (n, C)
+        fast.linear_forward(branch, y, weights[pre + "attn.c_proj.weight"], weights[pre + "attn.c_proj.bias"])
         if p > 0:
-            self._dropout_bwd_(dx, self.masks["emb"], p)
+            masks[f"res1_{l}"] = fast.dropout_forward(branch, branch, p, rng)
+        x1 = a.resid_mid[l][:n]
+        self.xp.add(x, branch, out=x1)  # shortcut around attention
+        h2, fc, act = a.ln2[l][:n], a.fc[l][:n], a.act[l][:n]
+        self._layernorm(pre + "ln_2", h2, a.ln2_mean[l][:n], a.ln2_rstd[l][:n], x1)
+        fast.linear_forward(fc, h2, weights[pre + "mlp.c_fc.weight"])  # (n, 4C); the bias is added by GELU
+        self.ops.gelu_forward(act, fc, weights[pre + "mlp.c_fc.bias"])
+        fast.linear_forward(branch, act, weights[pre + "mlp.c_proj.weight"], weights[pre + "mlp.c_proj.bias"])  # (n, C)
+        if p > 0:
+            masks[f"res2_{l}"] = fast.dropout_forward(branch, branch, p, rng)
+        out = a.resid[l + 1][:n]
+        self.xp.add(x1, branch, out=out)  # shortcut around the MLP
+        return out
+
+    def _attention_forward(self, l, y, qkv, b, t, p, rng):  # noqa: E741
+        a, w = self.acts, self.work
+        heads = a.qkv_heads[l][:, :b, :, :t]  # (3, b, NH, t, hs)
+        self.used_flash[l] = self.ops.flash_forward is not None and p == 0  # the kernel has no dropout
+        if self.used_flash[l]:  # O(T) memory: keeps each row's logsumexp, not the probabilities
+            self.ops.flash_forward(y, heads, a.lse[l][:b, :, :t], qkv, head_out=w.flash_out[:b, :, :t])
+            return None
+        if a.att[l] is None:  # the O(T^2) buffers, only once this path is taken
+            a.att[l] = self.xp.empty((self.batch_size, heads.shape[2], self.seq_len, self.seq_len), dtype=self.dtype)
+            if w.att is None:
+                w.att = self.xp.empty_like(a.att[l])
+        att, dropped, head_out = a.att[l][:b, :, :t, :t], w.att[:b, :, :t, :t], w.heads[0, :b, :, :t]
+        return fast.attention_forward(y, heads, att, qkv, w.causal_bias[:t, :t], p, rng, dropped=dropped, head_out=head_out,
+                                      matmul=self.ops.heads_matmul)  # fmt: skip
+
+    # --- backward: the same lines in reverse order ------------------------------------------------
+    def _backward(self, idx, b, t, p, accumulate):
+        a, w, cfg, grads = self.acts, self.work, self.model.config, self.grads
+        n = b * t
+        if not accumulate:  # the weight GEMMs write their gradients; these are added into
+            for key in self._added_into:
+                grads[key][...] = 0
+        head_key = "wte.weight" if cfg.tie_weights else "lm_head.weight"
+        dx = w.dresid[:n]
+        # logits = lnf @ head^T: the (V, C) gradient is computed in its own layout (fast/linear.py)
+        head = (self.weights[head_key].T, grads[head_key].T, None)  # (C, V) views of the (V, C) tables
+        self._linear_backward(dx, a.logits[:n], a.lnf[:n], head, accumulate)
+        self._layernorm_backward("ln_f", w.nc[:n], dx, a.resid[cfg.n_layers][:n], a.lnf_mean[:n], a.lnf_rstd[:n], w.nc2[:n])
+        dx[...] = w.nc[:n]  # d(resid[L])
+        for l in reversed(range(cfg.n_layers)):  # noqa: E741
+            self._block_backward(l, dx, b, t, p, accumulate)
+        if p > 0:
+            fast.dropout_backward(dx, dx, self.masks["emb"], p)
         # x = wte[idx] + wpe[:t]
-        scatter_add(G["wte.weight"], idx.reshape(-1), dx.astype(self.stat_dtype, copy=False))
-        G["wpe.weight"][:t] += dx.reshape(b, t, C).sum(axis=0, dtype=self.stat_dtype)
+        fast.embedding_backward(grads["wte.weight"], dx, idx.reshape(-1))
+        fast.position_embedding_backward(grads["wpe.weight"], dx.reshape(b, t, cfg.emb_dim))
 
-    def _matmul_into(self, a, b, out, accumulate):
-        """out = a @ b, or out += a @ b when accumulating. matmul cannot accumulate, and with 16-bit
-        compute its product is 16-bit while `out` (a gradient) is float32: both go through a scratch
-        buffer of the compute dtype, allocated on first use and kept."""
-        if not accumulate and not self.lowp:
-            self.xp.matmul(a, b, out=out)
-            return
-        if self._acc_scratch is None:
-            largest = max(int(g.size) for g in self.grads.values() if g.ndim == 2)
-            self._acc_scratch = self.xp.empty(largest, dtype=self.dtype)
-        tmp = self._acc_scratch[: out.size].reshape(out.shape)
-        _matmul(a, b, tmp)
-        if accumulate:
-            out += tmp
-        else:
-            out[...] = tmp
+    def _block_backward(self, l, dx, b, t, p, accumulate):  # noqa: E741
+        """dx holds d(out) on entry and d(x) on exit."""
+        a, w, n, pre = self.acts, self.work, b * t, f"h.{l}."
+        scratch = w.n4c[:n, : self.model.config.emb_dim]  # LayerNorm's backward scratch, free by then
+        # out = x1 + dropout(mlp(ln_2(x1)))
+        dm = dx
+        if p > 0:
+            dm = w.nc[:n]
+            fast.dropout_backward(dm, dx, self.masks[f"res2_{l}"], p)
+        dact, dh2, dln = w.n4c[:n], w.nc2[:n], w.nc[:n]
+        self._linear_backward(dact, dm, a.act[l][:n], self._layer(pre + "mlp.c_proj"), accumulate)
+        self.ops.gelu_backward_(dact, a.fc[l][:n])  # dact becomes dfc, in place
+        self._linear_backward(dh2, dact, a.ln2[l][:n], self._layer(pre + "mlp.c_fc"), accumulate)
+        self._layernorm_backward(pre + "ln_2", dln, dh2, a.resid_mid[l][:n], a.ln2_mean[l][:n], a.ln2_rstd[l][:n], scratch)
+        dx += dln  # dx1 = dout + branch
+        # x1 = x + dropout(c_proj(attention(c_attn(ln_1(x)))))
+        da = dx
+        if p > 0:
+            da = w.nc[:n]
+            fast.dropout_backward(da, dx, self.masks[f"res1_{l}"], p)
+        dy, dqkv, dh, dln = w.nc2[:n], w.n3c[:n], w.nc[:n], w.nc2[:n]
+        self._linear_backward(dy, da, a.atty[l][:n], self._layer(pre + "attn.c_proj"), accumulate)
+        self._attention_backward(l, dqkv, dy, b, t, p)
+        self._linear_backward(dh, dqkv, a.ln1[l][:n], self._layer(pre + "attn.c_attn"), accumulate)
+        self._layernorm_backward(pre + "ln_1", dln, dh, a.resid[l][:n], a.ln1_mean[l][:n], a.ln1_rstd[l][:n], scratch)
+        dx += dln
 
-    def _dropout_bwd_(self, d, keep, p, out=None):
-        """out (default: d itself) = d * keep / (1 - p)."""
-        out = d if out is None else out
-        self.xp.multiply(d, keep, out=out)
-        out *= d.dtype.type(1.0 / (1.0 - p))
-
-    def _linear_bwd(self, dout, x, name, dx):
-        """dx = dout @ W.T; dW += x.T @ dout; db += sum(dout) for the layer `name` (e.g. 'h.0.mlp.c_fc')."""
-        P, G = self.P, self.grads
-        W = P[name + ".weight"]
-        _matmul(dout, W.T, dx)  # (n, C_out) @ (C_out, C_in) -> (n, C_in)
-        self._matmul_into(x.T, dout, G[name + ".weight"], self._accumulate)
-        if name + ".bias" in G:
-            G[name + ".bias"] += dout.sum(axis=0, dtype=self.stat_dtype)
-
-    def _attention_bwd(self, l, dy, b, t, dqkv, p):  # noqa: E741
-        cfg = self.model.config
-        NH, hs = cfg.n_heads, cfg.head_size
-        heads = self.qkv[l][:, :b, :, :t]
-        q, k, v = heads[0], heads[1], heads[2]  # q already holds q / sqrt(hs)
-        dheads = self.d_head[:, :b, :, :t]  # (3, b, NH, t, hs): dq, dk, dv
-        dyh = dheads[0]  # dy lives in dq's slot until dq is computed, head by head
-        dyh[...] = dy.reshape(b, t, NH, hs).transpose(0, 2, 1, 3)  # (n, C) -> (b, NH, t, hs)
+    def _attention_backward(self, l, dqkv, dy, b, t, p):  # noqa: E741
+        a, w = self.acts, self.work
+        heads, dheads = a.qkv_heads[l][:, :b, :, :t], w.heads[:, :b, :, :t]
         if self.used_flash[l]:
-            out = self.flash_out[:b, :, :t]
-            out[...] = self.atty[l][: b * t].reshape(b, t, NH, hs).transpose(0, 2, 1, 3)  # the forward's output
-            self.ck.attention_bwd(q, k, v, out, self.lse[l][:b, :, :t], dyh, dheads[0], dheads[1], dheads[2],
-                                  scale=1.0, dq_mult=1.0 / math.sqrt(hs))  # fmt: skip
-            dqkv.reshape(b, t, 3, NH, hs)[...] = dheads.transpose(1, 3, 0, 2, 4)
+            self.ops.flash_backward(dqkv, dy, heads, a.lse[l][:b, :, :t], a.atty[l][: b * t], dheads=dheads,
+                                    head_out=w.flash_out[:b, :, :t])  # fmt: skip
             return
-        att = self.att[l][:b, :, :t, :t]
-        datt = self.d_att[:b, :, :t, :t]
         keep = self.masks[f"att{l}"] if p > 0 else None
-        scale = att.dtype.type(1.0 / (1.0 - p))
-        inv_sqrt = att.dtype.type(1.0 / math.sqrt(hs))
+        att, datt = a.att[l][:b, :, :t, :t], w.att[:b, :, :t, :t]
+        fast.attention_backward(dqkv, dy, heads, att, keep, p, dheads=dheads, datt=datt, matmul=self.ops.heads_matmul)
 
-        _attention_bwd_slab(q, k, v, att, keep, scale, inv_sqrt, datt, dheads[0], dheads[1], dheads[2], self.bmm)
-        dqkv.reshape(b, t, 3, NH, hs)[...] = dheads.transpose(1, 3, 0, 2, 4)  # (3, b, NH, t, hs) -> (n, 3C)
+    def _layernorm(self, name, out, mean, rstd, x):
+        """LayerNorm `name` (e.g. 'h.0.ln_1') with the model's own weights (float32 also with 16-bit compute)."""
+        weight, bias = self.model.params[name + ".weight"], self.model.params[name + ".bias"]
+        self.ops.layernorm_forward(out, mean, rstd, x, weight, bias, self.model.config.ln_eps)
 
+    def _layernorm_backward(self, name, dx, dout, x, mean, rstd, scratch):
+        """dx, and LayerNorm `name`'s gradients added into."""
+        dweight, dbias, weight = self.grads[name + ".weight"], self.grads[name + ".bias"], self.model.params[name + ".weight"]
+        self.ops.layernorm_backward(dx, dweight, dbias, dout, x, mean, rstd, weight, scratch=scratch)
 
-# --- attention over (..., t, hs) stacks of heads -------------------------------------------------------
+    def _layer(self, name):
+        """(weight, its gradient, the bias's gradient or None) of the linear layer `name`, e.g. 'h.0.mlp.c_fc'."""
+        return self.weights[name + ".weight"], self.grads[name + ".weight"], self.grads.get(name + ".bias")
 
-
-def _attention_fwd_slab(q, k, v, att, bias, keep, scale, dropped, out, mm=None):
-    """att = softmax(q @ k^T + bias) (rows), out = dropout(att) @ v. Shapes (..., t, hs) and (..., t, t);
-    q is already scaled by 1/sqrt(hs), bias is 0 on and below the diagonal and -inf above it.
-    mm(a, b, out): the batched product (default _matmul)."""
-    xp = get_array_module(q)
-    mm = mm or _matmul
-    mm(q, xp.swapaxes(k, -1, -2), att)  # scores
-    att += bias  # the future gets -inf
-    att -= att.max(axis=-1, keepdims=True)
-    xp.exp(att, out=att)
-    att /= att.sum(axis=-1, keepdims=True, dtype=np.float32 if is_low_precision(att.dtype) else None)
-    used = att
-    if keep is not None:
-        xp.multiply(att, keep, out=dropped)
-        dropped *= scale
-        used = dropped
-    mm(used, v, out)
-
-
-def _attention_bwd_slab(q, k, v, att, keep, scale, inv_sqrt, datt, dq, dk, dv, mm=None):
-    """The backward of _attention_fwd_slab; dq holds dy on entry (it is read before dq is written)."""
-    xp = get_array_module(q)
-    mm = mm or _matmul
-    dy = dq
-    if keep is not None:
-        xp.multiply(att, keep, out=datt)  # the dropped probabilities that multiplied v
-        datt *= scale
-        mm(xp.swapaxes(datt, -1, -2), dy, dv)  # dv = att'^T @ dy
-        mm(dy, xp.swapaxes(v, -1, -2), datt)  # datt' = dy @ v^T
-        datt *= keep  # back through the mask
-        datt *= scale
-    else:
-        mm(xp.swapaxes(att, -1, -2), dy, dv)  # dv = att^T @ dy
-        mm(dy, xp.swapaxes(v, -1, -2), datt)  # datt = dy @ v^T
-    # softmax backward, in place: dscores = att * (datt - sum(datt * att))
-    datt -= _rowdot(datt, att)[..., None]
-    datt *= att
-    # scores = q' @ k^T with q' = q / sqrt(hs):  dk = dscores^T @ q',  dq = dscores @ k / sqrt(hs)
-    mm(xp.swapaxes(datt, -1, -2), q, dk)
-    mm(datt, k, dq)  # overwrites dy, which is no longer needed
-    dq *= inv_sqrt
-
-
-# --- building blocks (2-D, in place) --------------------------------------------------------------------
-
-
-def _matmul(a, b, out):
-    """out = a @ b (stacks of matrices too). With 16-bit operands on the CPU the product is taken of
-    float32 copies and rounded once into `out`, as a GPU's tensor cores accumulate 16-bit products in
-    float32 (NumPy has no 16-bit BLAS, and has no bfloat16 matmul that writes bfloat16)."""
-    xp = get_array_module(out)
-    if xp is np and is_low_precision(out.dtype):
-        out[...] = np.matmul(a.astype(np.float32), b.astype(np.float32))
-    else:
-        xp.matmul(a, b, out=out)
-
-
-def _cublas_matmul(a, b, out):
-    """out = a @ b for CuPy stacks of matrices through npgpt.cuda.blas.bmm: transposed operands become
-    cuBLAS op flags instead of copies, and float32 honours the TF32 setting (CuPy's N-D matmul does
-    neither; see blas.py). 2-D products keep CuPy's matmul, which does both."""
-    if out.ndim <= 2:
-        get_array_module(out).matmul(a, b, out=out)
-        return
-    from .backend import tf32_enabled
-    from .cuda.blas import bmm
-
-    bmm(a, b, out, tf32=tf32_enabled())
-
-
-def _rowdot(a, b):
-    """sum(a * b, axis=-1) without materialising a * b on the CPU (16-bit operands: summed in float32)."""
-    xp = get_array_module(a)
-    if is_low_precision(a.dtype):
-        return (a * b).sum(axis=-1, dtype=np.float32)
-    if xp is np:
-        sub = "abcdefgh"[: a.ndim]
-        return np.einsum(f"{sub},{sub}->{sub[:-1]}", a, b)
-    return (a * b).sum(axis=-1)
-
-
-def _linear_fwd(x, W, bias, out):
-    """out = x @ W + bias, with x (n, C_in), W (C_in, C_out), out (n, C_out)."""
-    _matmul(x, W, out)
-    if bias is not None:
-        out += bias
-
-
-def _in_threads(n, work, threads):
-    """work(lo, hi, worker) over contiguous row ranges of range(n), on `threads` threads at once."""
-    if threads <= 1 or n < 2 * threads:
-        work(0, n, 0)
-    else:
-        parallel_ranges(n, work, threads)
-
-
-def _layernorm_fwd(x, w, bias, eps, out, mean, rstd, threads=1):
-    """out = (x - mean) * rstd * w + bias over the last axis; keeps mean and rstd (n,) for the backward.
-    The arithmetic is in the dtype of mean/rstd: with 16-bit x and out, on float32 copies of the rows."""
-    xp = get_array_module(x)
-    C = x.shape[-1]
-    upcast = x.dtype != mean.dtype
-
-    def rows(lo, hi, _w):
-        xs, o, m, r = x[lo:hi], out[lo:hi], mean[lo:hi], rstd[lo:hi]
-        if upcast:
-            xs = xs.astype(mean.dtype)
-            o = xp.empty_like(xs)
-        xs.mean(axis=-1, out=m)
-        xp.subtract(xs, m[:, None], out=o)  # xc
-        var = _rowdot(o, o) / C
-        xp.sqrt(var + eps, out=r)
-        xp.divide(1.0, r, out=r)
-        o *= r[:, None]  # xhat
-        o *= w
-        o += bias
-        if upcast:
-            out[lo:hi] = o  # rounded to 16 bits once
-
-    _in_threads(x.shape[0], rows, threads)
-
-
-def _layernorm_bwd(dout, x, mean, rstd, w, dx, dw, db, scratch, threads=1):
-    """LayerNorm backward (see layers/layernorm.py): dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dout * w.
-    dw += sum(dout * xhat), db += sum(dout) (each thread sums its rows, then the partial sums are added).
-    `scratch` is (n, C). The arithmetic is in the dtype of mean/rstd (float32 copies of 16-bit rows)."""
-    xp = get_array_module(dout)
-    C = x.shape[-1]
-    partial = [None] * max(threads, 1)
-    upcast = x.dtype != mean.dtype
-
-    def rows(lo, hi, worker):
-        d, xhat, g, r = dout[lo:hi], scratch[lo:hi], dx[lo:hi], rstd[lo:hi]
-        if upcast:
-            d = d.astype(mean.dtype)
-            xhat, g = xp.empty_like(d), xp.empty_like(d)
-        xp.subtract(x[lo:hi], mean[lo:hi, None], out=xhat)
-        xhat *= r[:, None]
-        col_db = d.sum(axis=0)
-        col_dw = xp.einsum("ij,ij->j", d, xhat) if xp is np else (d * xhat).sum(axis=0)  # column sums
-        partial[worker] = (col_dw, col_db)
-        xp.multiply(d, w, out=g)  # g
-        g_mean = g.mean(axis=-1)
-        gx_mean = _rowdot(g, xhat) / C
-        g -= g_mean[:, None]
-        xhat *= gx_mean[:, None]
-        g -= xhat
-        g *= r[:, None]
-        if upcast:
-            dx[lo:hi] = g
-
-    _in_threads(x.shape[0], rows, threads)
-    for part in partial:
-        if part is not None:
-            dw += part[0]
-            db += part[1]
-
-
-def _gelu_fwd(x, out, scratch, threads=1):
-    """out = 0.5 x (1 + tanh(s (x + a x^3))), in row blocks of scratch's height so the temporaries stay
-    in cache; each thread takes a share of the rows and its own scratch (scratch[worker]). With 16-bit
-    x the arithmetic runs on a float32 copy of each block (scratch then holds two more blocks)."""
-    _in_threads(x.shape[0], lambda lo, hi, w: _gelu_fwd_rows(x[lo:hi], out[lo:hi], scratch[w]), threads)
-
-
-def _gelu_fwd_rows(x, out, scratch):
-    xp = get_array_module(x)
-    (n, width), block = x.shape, scratch.shape[0]
-    for i in range(0, n, block):
-        xb, ob = x[i : i + block], out[i : i + block]
-        u = scratch[: xb.shape[0], :width]
-        if xb.dtype != scratch.dtype:  # 16-bit: compute on a float32 copy, round once at the end
-            x32 = scratch[: xb.shape[0], 2 * width : 3 * width]
-            x32[...] = xb
-            xb = x32
-        xp.multiply(xb, xb, out=u)
-        u *= GELU_CUBIC
-        u += 1.0
-        u *= xb
-        u *= GELU_SCALE  # s (x + a x^3)
-        xp.tanh(u, out=u)
-        u += 1.0
-        if ob.dtype == u.dtype:
-            xp.multiply(xb, u, out=ob)
-            ob *= 0.5
-        else:
-            u *= xb
-            u *= 0.5
-            ob[...] = u
-
-
-def _gelu_bwd(d, x, scratch, threads=1):
-    """d *= gelu'(x), in place, in row blocks (scratch[worker] holds two blocks side by side):
-    gelu'(x) = 0.5 (1 + th) + 0.5 s x (1 + 3 a x^2) (1 - th^2),  th = tanh(s (x + a x^3))."""
-    _in_threads(x.shape[0], lambda lo, hi, w: _gelu_bwd_rows(d[lo:hi], x[lo:hi], scratch[w]), threads)
-
-
-def _gelu_bwd_rows(d, x, scratch):
-    xp = get_array_module(d)
-    (n, width), block = x.shape, scratch.shape[0]
-    for i in range(0, n, block):
-        xb, db = x[i : i + block], d[i : i + block]
-        rows = xb.shape[0]
-        x2, th = scratch[:rows, :width], scratch[:rows, width : 2 * width]
-        d16 = None
-        if xb.dtype != scratch.dtype:  # 16-bit: compute on float32 copies, round once at the end
-            x32, d32 = scratch[:rows, 2 * width : 3 * width], scratch[:rows, 3 * width : 4 * width]
-            x32[...] = xb
-            d32[...] = db
-            xb, d16, db = x32, db, d32
-        xp.multiply(xb, xb, out=x2)  # x^2
-        xp.multiply(x2, GELU_CUBIC, out=th)
-        th += 1.0
-        th *= xb
-        th *= GELU_SCALE
-        xp.tanh(th, out=th)  # th
-        x2 *= 3.0 * GELU_CUBIC
-        x2 += 1.0
-        x2 *= xb
-        x2 *= 0.5 * GELU_SCALE  # 0.5 s x (1 + 3 a x^2)
-        # local = (1 + th) (0.5 + x2 (1 - th)), since 1 - th^2 = (1 - th)(1 + th)
-        th += 1.0
-        db *= th  # d (1 + th)
-        th -= 2.0
-        th *= x2  # -x2 (1 - th)
-        th -= 0.5
-        db *= th  # d (1 + th) (-0.5 - x2 (1 - th))
-        xp.negative(db, out=db)
-        if d16 is not None:
-            d16[...] = db
-
-
-def _cross_entropy_inplace(logits, targets, want_grad, threads=1, dloss=1.0, block=LOSS_ROWS):
-    """Mean cross-entropy of rows of `logits` (n, V); with want_grad, leaves dloss * (softmax - onehot) / n
-    in `logits` (the gradient of dloss times the mean loss). Block of rows by block, so each block stays
-    in cache on the CPU; the threads take shares of the rows and their partial sums are added at the end.
-    16-bit logits are worked on in float32 copies of each block, and the gradient is rounded once."""
-    xp = get_array_module(logits)
-    n = logits.shape[0]
-    partial = [0.0] * max(threads, 1)
-    rows_all = xp.arange(n)
-    upcast = is_low_precision(logits.dtype)
-
-    def rows(lo, hi, worker):
-        total = 0.0
-        for i in range(lo, hi, block):
-            z16 = logits[i : min(i + block, hi)]  # (rows, V)
-            z = z16.astype(np.float32) if upcast else z16
-            r = z.shape[0]
-            tgt = targets[i : i + r]
-            z -= z.max(axis=-1, keepdims=True)
-            target_z = z[rows_all[:r], tgt]  # shifted logit of the target
-            xp.exp(z, out=z)
-            s = z.sum(axis=-1)
-            total += (xp.log(s) - target_z).sum(dtype=np.float64)  # stays on the device until the end
-            if want_grad:
-                z /= s[:, None]  # probabilities
-                z[rows_all[:r], tgt] -= 1.0
-                z *= z.dtype.type(dloss / n)
-                if upcast:
-                    z16[...] = z
-        partial[worker] = total
-
-    _in_threads(n, rows, threads)
-    return float(sum(partial)) / n
+    def _linear_backward(self, dx, dout, x, layer, accumulate):
+        """dx, and the gradients of layer = (weight, dweight, dbias) written, or added into when accumulating."""
+        scratch = None
+        if accumulate or self.lowp:  # the weight product goes through a compute-dtype buffer first
+            if self.work.weight_grad is None:
+                largest = max(int(g.size) for g in self.grads.values() if g.ndim == 2)
+                self.work.weight_grad = self.xp.empty(largest, dtype=self.dtype)
+            scratch = self.work.weight_grad
+        weight, dweight, dbias = layer
+        fast.linear_backward(dx, dweight, dbias, dout, x, weight, accumulate, scratch=scratch)

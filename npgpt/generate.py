@@ -1,78 +1,102 @@
-"""`npgpt generate`: continue a prompt with a trained checkpoint, streaming the text as it is produced.
+"""Generation: continue token ids with a model, one token at a time, with a KV cache.
 
-    npgpt generate --checkpoint runs/npgpt --prompt "Every effort moves you" --max-new-tokens 50
-    npgpt generate --checkpoint path/to/gpt2 --temperature 0.8 --top-k 40 --seed 1
+    from npgpt.generate import generate
+    ids = generate(model, prompt_ids, 50, temperature=0.8, top_k=40, seed=1)   # (B, T) -> (B, T + 50)
 
---checkpoint takes a run directory (its newest complete checkpoint), a checkpoint directory, or a
-Hugging Face GPT-2 directory (config.json + model.safetensors).
+The KV cache keeps every layer's keys and values of the positions seen so far, so each new token
+costs one position instead of a whole forward pass. `forward_kv` runs the model's own block
+(layers/block.py's block_forward) with its attention replaced by layers.attention.attention_step_kv,
+which reads and extends the cache: the order of a block is written once. The command line is in
+npgpt/cli/generate.py.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
-import time
+from typing import Iterator
 
 import numpy as np
 
-from .tokenizer import EOT_ID, StreamDecoder, encode
+from . import layers as L
+from .backend import to_numpy
+from .sampling import sample_next
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", default="runs/npgpt", metavar="DIR",
-                   help="run directory, checkpoint directory or Hugging Face GPT-2 directory (default runs/npgpt)")
-    p.add_argument("--prompt", default="Every effort moves you", help="text to continue")
-    p.add_argument("--instruction", help="instruction-tuned checkpoints: the task; the prompt is the checkpoint's "
-                   "own template filled in, and only the response is printed")
-    p.add_argument("--input", default="", help="with --instruction: the input the task works on (optional)")
-    p.add_argument("--max-new-tokens", type=int, default=50)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default); try 0.8")
-    p.add_argument("--top-k", type=int, help="sample only from the k most likely tokens")
-    p.add_argument("--top-p", type=float, help="sample only from the smallest set of tokens with probability >= p")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--stop-at-eot", action=argparse.BooleanOptionalAction, default=True,
-                   help="stop when the model produces <|endoftext|> (default on)")
-    p.add_argument("--no-kv-cache", dest="kv_cache", action="store_false", help="recompute the whole window every token")
-    p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="default: $NPGPT_DEVICE or auto")
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+def new_kv_cache(model, batch_size: int, length: int | None = None) -> list:
+    """Per-layer (k, v) buffers of shape (B, NH, length, hs) for incremental decoding."""
+    cfg = model.config
+    length = cfg.context_length if length is None else length
+    shape = (batch_size, cfg.n_heads, length, cfg.head_size)
+    return [(model.xp.zeros(shape, model.dtype), model.xp.zeros(shape, model.dtype)) for _ in range(cfg.n_layers)]
 
 
-def run(args) -> int:
-    from .pretrained import load_pretrained
-    from .sampling import check_sampling_args
+def forward_kv(model, idx, kv_cache, pos: int, last_only: bool = True):
+    """Inference forward for positions pos .. pos+Tn-1, reading and extending `kv_cache`.
 
-    check_sampling_args(args.temperature, args.top_k, args.top_p)
-    if args.max_new_tokens < 0:
-        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    shown = args.prompt
-    if args.input and args.instruction is None:
-        raise ValueError("--input goes with --instruction (an instruction-tuned checkpoint); use --prompt otherwise")
-    if args.instruction is not None:  # the template stored with the checkpoint; the response ends at <|endoftext|>
-        from .finetune.instruct import instruction_prompt
+    idx: (B, Tn) new token ids. Returns logits (B, V) for the last position (last_only) or
+    (B, Tn, V). No dropout, nothing kept for a backward.
+    """
+    cfg, p = model.config, model.params
+    idx = model.check_idx(idx)
+    Tn = idx.shape[1]
+    if pos + Tn > cfg.context_length:
+        raise ValueError(f"positions {pos}..{pos + Tn - 1} exceed context_length {cfg.context_length}")
+    x = p["wte.weight"][idx] + p["wpe.weight"][pos : pos + Tn]  # (B, Tn, C)
+    for i, (k_cache, v_cache) in enumerate(kv_cache):
+        attend = lambda qkv, k=k_cache, v=v_cache: (L.attention_step_kv(qkv, cfg.n_heads, k, v, pos), None)  # noqa: E731
+        x, _ = L.block_forward(x, model.block_params(i), cfg.n_heads, eps=cfg.ln_eps, attend=attend)  # (B, Tn, C)
+    if last_only:
+        x = x[:, -1:]  # (B, 1, C): only the next token's logits are needed
+    x, _ = L.layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"], cfg.ln_eps)
+    logits, _ = L.linear_forward(x, model.head_weight)  # (B, Tx, V)
+    return logits[:, -1] if last_only else logits
 
-        args.prompt, shown, args.stop_at_eot = instruction_prompt(args.checkpoint, args.instruction, args.input), "", True
-    model = load_pretrained(args.checkpoint, device=args.device, dtype=np.dtype(args.dtype))
-    prompt_ids = encode(args.prompt) or [EOT_ID]  # an empty prompt starts from <|endoftext|>
-    rng = np.random.default_rng(args.seed)
-    out = sys.stdout
-    for n in range(args.num_samples):
-        if args.num_samples > 1:
-            out.write(f"\n--- sample {n + 1} ---\n")
-        out.write(shown)
-        out.flush()
-        decoder = StreamDecoder()
-        t0, count = time.perf_counter(), 0
-        for tok in model.generate_stream(
-            np.asarray([prompt_ids]), args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-            top_p=args.top_p, rng=rng, eos_id=EOT_ID if args.stop_at_eot else None, use_kv_cache=args.kv_cache,
-        ):  # fmt: skip
-            count += 1
-            if args.stop_at_eot and int(tok[0]) == EOT_ID:
-                break
-            out.write(decoder.push(int(tok[0])))
-            out.flush()
-        out.write(decoder.flush() + "\n")
-        dt = time.perf_counter() - t0
-        print(f"[{count} tokens in {dt:.2f}s, {count / max(dt, 1e-9):.1f} tokens/s]", file=sys.stderr)
-    return 0
+
+def generate_stream(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                    top_p: float | None = None, seed: int | None = None, rng=None, eos_id: int | None = None,
+                    use_kv_cache: bool = True) -> Iterator[np.ndarray]:  # fmt: skip
+    """Yield the next token ids, (B,) NumPy int64, one step at a time.
+
+    temperature 0 is greedy (argmax). top_k keeps the k most likely tokens, top_p the smallest set
+    whose probability reaches p. Sampling happens on the host with a NumPy generator (`rng`, or
+    one seeded with `seed`), so CPU and GPU runs with one seed draw alike. Stops early when every
+    row has produced `eos_id`. Longer than context_length: the model sees the last context_length
+    tokens (the KV cache is rebuilt for the shifted window, which gives the same tokens as recomputing).
+    """
+    idx = np.asarray(to_numpy(idx))
+    if idx.ndim != 2 or idx.shape[1] < 1 or idx.dtype.kind not in "iu":
+        raise ValueError(f"the prompt must be a (B, T) integer array with T >= 1, got shape {idx.shape} dtype {idx.dtype}")
+    rng = np.random.default_rng(seed) if rng is None else rng
+    ctx = model.config.context_length
+    seq = idx.astype(np.int64)
+    B = seq.shape[0]
+    done = np.zeros(B, dtype=bool)
+    kv, pos = None, 0
+    for _ in range(max_new_tokens):
+        if not use_kv_cache:
+            window = seq[:, -ctx:]
+            logits = model.forward(window)[0][:, -1]  # (B, V)
+        elif kv is None or pos + 1 > ctx:
+            window = seq[:, -ctx:]  # (re)fill the cache with the visible window
+            kv = new_kv_cache(model, B)
+            logits = forward_kv(model, model.xp.asarray(window), kv, 0)
+            pos = window.shape[1]
+        else:
+            logits = forward_kv(model, model.xp.asarray(seq[:, -1:]), kv, pos)
+            pos += 1
+        nxt = sample_next(to_numpy(logits), rng, temperature=temperature, top_k=top_k, top_p=top_p)  # (B,)
+        if eos_id is not None:
+            nxt = np.where(done, eos_id, nxt)
+            done |= nxt == eos_id
+        seq = np.concatenate([seq, nxt[:, None]], axis=1)
+        yield nxt
+        if eos_id is not None and done.all():
+            return
+
+
+def generate(model, idx, max_new_tokens: int, **kwargs) -> np.ndarray:
+    """(B, T) prompt ids -> (B, T + n) NumPy ids, n <= max_new_tokens. Options as generate_stream."""
+    prompt = np.asarray(to_numpy(idx)).astype(np.int64)
+    steps = list(generate_stream(model, prompt, max_new_tokens, **kwargs))
+    if not steps:
+        return prompt
+    return np.concatenate([prompt, np.stack(steps, axis=1)], axis=1)

@@ -35,6 +35,11 @@ def _block_params(rng, C, qkv_bias=True):
 
 def layer_checks() -> list[Check]:
     """One Check per layer and shape; the shapes include B=1, T=1, non-square and several head counts."""
+    return _elementwise_and_affine_checks() + _attention_loss_dropout_checks() + _composite_checks()
+
+
+def _elementwise_and_affine_checks() -> list[Check]:
+    """embedding, linear, layernorm, gelu."""
     checks: list[Check] = []
     add = checks.append
 
@@ -78,7 +83,13 @@ def layer_checks() -> list[Check]:
             lambda d, c: L.gelu_backward(d, c),
             lambda r, shape=shape: [3.0 * _randn(r, *shape)],
         ))  # fmt: skip
+    return checks
 
+
+def _attention_loss_dropout_checks() -> list[Check]:
+    """attention (with and without dropout), cross-entropy (with ignored targets, large logits), dropout."""
+    checks: list[Check] = []
+    add = checks.append
     for B, T, C, NH in [(2, 5, 8, 2), (1, 1, 8, 4), (2, 4, 12, 3), (1, 6, 4, 1), (2, 3, 16, 8)]:
         add(Check(
             f"attention B{B} T{T} C{C} NH{NH}",
@@ -113,7 +124,13 @@ def layer_checks() -> list[Check]:
         lambda d, c: L.dropout_backward(d, c),
         lambda r: [_randn(r, 3, 4, 5)],
     ))  # fmt: skip
+    return checks
 
+
+def _composite_checks() -> list[Check]:
+    """ffn and block: the layers composed, with and without the q|k|v bias and dropout."""
+    checks: list[Check] = []
+    add = checks.append
     for B, T, C, H in [(2, 3, 4, 16), (1, 1, 6, 10)]:
         add(Check(
             f"ffn B{B} T{T} C{C} H{H}",
@@ -180,9 +197,137 @@ def finetune_layer_checks() -> list[Check]:
     return checks
 
 
+def _pad_mask(rng, B, T):
+    """(B, T) bool, True at padding: row b keeps a random length in [1, T] (row 0 is always padded when T > 1)."""
+    lengths = rng.integers(1, T + 1, size=B)
+    if T > 1:
+        lengths[0] = max(1, T - 2)
+    return np.arange(T)[None, :] >= lengths[:, None]
+
+
+def _away_from_zero(rng, *shape):
+    """Normal values pushed at least 0.1 away from 0, so a finite difference never straddles ReLU's kink."""
+    x = _randn(rng, *shape)
+    return np.sign(x) * (0.1 + np.abs(x))
+
+
+def _mha_params(rng, C, prefix=""):
+    p = {}
+    for name in L.MHA_PARAM_NAMES:
+        p[prefix + name] = 0.4 * _randn(rng, C, C) if name.endswith("weight") else 0.1 * _randn(rng, C)
+    return p
+
+
+def _seq2seq_block_params(rng, C, F, decoder):
+    p = _mha_params(rng, C, "self_attn.")
+    if decoder:
+        p.update(_mha_params(rng, C, "cross_attn."))
+    p.update({"linear1.weight": 0.4 * _randn(rng, C, F), "linear1.bias": 0.1 * _randn(rng, F),
+              "linear2.weight": 0.4 * _randn(rng, F, C), "linear2.bias": 0.1 * _randn(rng, C)})  # fmt: skip
+    for i in (1, 2, 3) if decoder else (1, 2):
+        p[f"norm{i}.weight"] = 1.0 + 0.1 * _randn(rng, C)
+        p[f"norm{i}.bias"] = 0.1 * _randn(rng, C)
+    return p
+
+
+def seq2seq_layer_checks() -> list[Check]:
+    """The encoder-decoder Transformer's layers (npgpt.seq2seq): ReLU, the feed-forward network,
+    sinusoidal positions, attention with padding and causal masks, self- and cross-attention with
+    their projections, encoder and decoder blocks in post-norm and pre-norm form."""
+    checks: list[Check] = []
+    add = checks.append
+
+    for shape in [(2, 3, 7), (1, 1, 4)]:
+        add(Check(
+            f"relu {'x'.join(map(str, shape))}",
+            lambda x: L.relu_forward(x),
+            lambda d, c: L.relu_backward(d, c),
+            lambda r, shape=shape: [_away_from_zero(r, *shape)],
+        ))  # fmt: skip
+
+    for B, T, C, F, act, drop in [(2, 3, 4, 16, "relu", 0.0), (1, 1, 6, 10, "gelu", 0.0), (2, 4, 6, 12, "relu", 0.3)]:
+        add(Check(
+            f"feedforward B{B} T{T} C{C} F{F} {act}" + (f" dropout {drop}" if drop else ""),
+            lambda x, w1, b1, w2, b2, xp=np, act=act, drop=drop: L.feedforward_forward(
+                x, w1, b1, w2, b2, act, drop_rate=drop, rng=HostRandom(5, xp), training=drop > 0),
+            lambda d, c: L.feedforward_backward(d, c),
+            lambda r, B=B, T=T, C=C, F=F: [_randn(r, B, T, C), 0.5 * _randn(r, C, F), 0.1 * _randn(r, F),
+                                           0.5 * _randn(r, F, C), 0.1 * _randn(r, C)],
+        ))  # fmt: skip
+
+    for B, T, C, start in [(2, 5, 8, 0), (1, 3, 6, 4)]:
+        add(Check(
+            f"sinusoidal B{B} T{T} C{C} start{start}",
+            lambda x, start=start: L.sinusoidal_forward(x, start),
+            lambda d, c: L.sinusoidal_backward(d, c),
+            lambda r, B=B, T=T, C=C: [_randn(r, B, T, C)],
+        ))  # fmt: skip
+
+    # (B, Tq, Tk, C, NH, padded keys, causal, dropout)
+    for B, Tq, Tk, C, NH, pad, causal, drop in [
+        (2, 5, 5, 8, 2, False, False, 0.0), (3, 4, 4, 8, 2, True, False, 0.0), (3, 5, 5, 12, 3, True, True, 0.0),
+        (2, 3, 6, 8, 4, True, False, 0.0), (1, 1, 1, 4, 1, False, True, 0.0), (2, 4, 5, 8, 2, True, False, 0.3),
+    ]:  # fmt: skip
+        label = (f"masked_attention B{B} Tq{Tq} Tk{Tk} C{C} NH{NH}" + (" padded" if pad else "") + (" causal" if causal else "")
+                 + (f" dropout {drop}" if drop else ""))  # fmt: skip
+        add(Check(
+            label,
+            lambda q, k, v, mask, xp=np, NH=NH, causal=causal, drop=drop: L.masked_attention_forward(
+                q, k, v, NH, key_padding_mask=mask, causal=causal, attn_pdrop=drop, rng=HostRandom(9, xp), training=drop > 0),
+            lambda d, c: L.masked_attention_backward(d, c),
+            lambda r, B=B, Tq=Tq, Tk=Tk, C=C, pad=pad: [_randn(r, B, Tq, C), _randn(r, B, Tk, C), _randn(r, B, Tk, C),
+                                                        _pad_mask(r, B, Tk) if pad else None],
+        ))  # fmt: skip
+
+    def self_attention_backward(d, c):
+        dx, dmem, g = L.multihead_attention_backward(d, c)
+        return dx + dmem, g  # x is both the queries' and the keys'/values' input
+
+    add(Check(
+        "multihead_attention self B2 T5 C8 NH2 padded causal",
+        lambda x, params, mask: L.multihead_attention_forward(x, x, params, 2, key_padding_mask=mask, causal=True),
+        self_attention_backward,
+        lambda r: [_randn(r, 2, 5, 8), _mha_params(r, 8), _pad_mask(r, 2, 5)],
+        max_coords=24,
+    ))  # fmt: skip
+    add(Check(
+        "multihead_attention cross B3 Tq4 Tk6 C8 NH2 padded",
+        lambda x, memory, params, mask: L.multihead_attention_forward(x, memory, params, 2, key_padding_mask=mask),
+        lambda d, c: L.multihead_attention_backward(d, c),
+        lambda r: [_randn(r, 3, 4, 8), _randn(r, 3, 6, 8), _mha_params(r, 8), _pad_mask(r, 3, 6)],
+        max_coords=24,
+    ))  # fmt: skip
+
+    for norm_first, act, drop in [(False, "relu", 0.0), (True, "relu", 0.0), (False, "gelu", 0.0), (True, "gelu", 0.2)]:
+        form = "pre-norm" if norm_first else "post-norm"
+        suffix = f" {form} {act}" + (f" dropout {drop}" if drop else "")
+        add(Check(
+            "encoder_block B2 T5 C8 NH2 F16 padded" + suffix,
+            lambda x, block_params, mask, xp=np, nf=norm_first, act=act, drop=drop: L.encoder_block_forward(
+                x, block_params, 2, key_padding_mask=mask, norm_first=nf, activation=act, drop_rate=drop,
+                rng=HostRandom(13, xp), training=drop > 0),
+            lambda d, c: L.encoder_block_backward(d, c),
+            lambda r: [_randn(r, 2, 5, 8), _seq2seq_block_params(r, 8, 16, decoder=False), _pad_mask(r, 2, 5)],
+            max_coords=16,
+        ))  # fmt: skip
+        add(Check(
+            "decoder_block B2 T4 S5 C8 NH2 F16 padded" + suffix,
+            lambda x, memory, block_params, tgt_mask, src_mask, xp=np, nf=norm_first, act=act, drop=drop: L.decoder_block_forward(
+                x, memory, block_params, 2, tgt_padding_mask=tgt_mask, memory_padding_mask=src_mask, norm_first=nf,
+                activation=act, drop_rate=drop, rng=HostRandom(17, xp), training=drop > 0),
+            lambda d, c: L.decoder_block_backward(d, c),
+            lambda r: [_randn(r, 2, 4, 8), _randn(r, 2, 5, 8), _seq2seq_block_params(r, 8, 16, decoder=True),
+                       _pad_mask(r, 2, 4), _pad_mask(r, 2, 5)],
+            max_coords=16,
+        ))  # fmt: skip
+    return checks
+
+
 def all_checks() -> list[Check]:
-    """Every check npgpt ships: the layers, then the whole model."""
+    """Every check npgpt ships: the GPT-2 layers (fine-tuning's included), the encoder-decoder layers,
+    then the whole models (the fine-tuning model's included)."""
     from .finetune.gradchecks import finetune_model_checks
     from .model_check import model_checks
+    from .seq2seq.check import seq2seq_model_checks
 
-    return layer_checks() + model_checks() + finetune_model_checks()
+    return layer_checks() + seq2seq_layer_checks() + model_checks() + finetune_model_checks() + seq2seq_model_checks()

@@ -20,7 +20,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 
 from . import layers as L
-from .backend import DEFAULT_DTYPE, device_of, get_array_module, get_xp, to_numpy
+from .backend import DEFAULT_DTYPE, device_of, get_array_module, get_xp
 from .config import GPTConfig
 from .layers.block import BLOCK_PARAM_NAMES
 
@@ -60,16 +60,40 @@ def param_shapes(config: GPTConfig) -> dict[str, tuple]:
     return shapes
 
 
-def init_params(config: GPTConfig, seed: int = 0, xp=np, dtype=DEFAULT_DTYPE) -> dict:
-    """GPT-2's initialisation: weights ~ N(0, 0.02), the two residual output projections of each block
-    ~ N(0, 0.02 / sqrt(2 L)) (so the residual stream's variance does not grow with depth), biases 0,
-    LayerNorm weights 1. Drawn on the host with NumPy, so CPU and GPU models with one seed are equal."""
+INITS = ("gpt2", "pytorch")
+
+
+def init_params(config: GPTConfig, seed: int = 0, xp=np, dtype=DEFAULT_DTYPE, init: str = "gpt2") -> dict:
+    """Fresh parameters, drawn on the host with NumPy (so CPU and GPU models with one seed are equal).
+
+    init="gpt2", GPT-2's initialisation: weights ~ N(0, 0.02), the two residual output projections of
+    each block ~ N(0, 0.02 / sqrt(2 L)) (so the residual stream's variance does not grow with depth),
+    biases 0, LayerNorm weights 1.
+
+    init="pytorch", what PyTorch's layers do by default, as in the GPTModel of "Build a Large Language
+    Model (From Scratch)" (which keeps them): nn.Embedding tables (wte, wpe) ~ N(0, 1); every nn.Linear
+    weight and bias ~ U(-1/sqrt(fan_in), +1/sqrt(fan_in)), fan_in being the layer's input width (C for
+    c_attn, attn.c_proj, c_fc and the untied lm_head; 4C for mlp.c_proj), since kaiming_uniform_ with
+    a = sqrt(5) gives bound sqrt(6 / ((1 + a^2) fan_in)) = 1/sqrt(fan_in); LayerNorm weights 1, biases 0.
+    A tied head is the N(0, 1) token table itself."""
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
     rng = np.random.default_rng(seed)
     resid_std = 0.02 / math.sqrt(2 * max(config.n_layers, 1))
     params = {}
     for name, shape in param_shapes(config).items():
         if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
             value = np.ones(shape, dtype=dtype)
+        elif name.endswith(("ln_1.bias", "ln_2.bias", "ln_f.bias")):
+            value = np.zeros(shape, dtype=dtype)
+        elif init == "pytorch":
+            if name in ("wte.weight", "wpe.weight"):
+                value = rng.standard_normal(shape, dtype=np.float32)
+            else:  # HF layout: (C_in, C_out) weights, lm_head (V, C) as nn.Linear stores it
+                fan_in = shape[1] if name == "lm_head.weight" else _linear_fan_in(name, config.emb_dim)
+                bound = np.float32(1.0 / math.sqrt(fan_in))
+                value = rng.uniform(-bound, bound, size=shape).astype(np.float32)
+            value = value.astype(dtype)
         elif name.endswith(".bias"):
             value = np.zeros(shape, dtype=dtype)
         else:
@@ -77,6 +101,11 @@ def init_params(config: GPTConfig, seed: int = 0, xp=np, dtype=DEFAULT_DTYPE) ->
             value = (rng.standard_normal(shape, dtype=np.float32) * np.float32(std)).astype(dtype)
         params[name] = xp.asarray(value)
     return params
+
+
+def _linear_fan_in(name: str, C: int) -> int:
+    """Input width of the linear layer a block parameter belongs to (its weight's and its bias's)."""
+    return 4 * C if ".mlp.c_proj." in name else C
 
 
 def make_rng(seed, xp):
@@ -87,12 +116,13 @@ def make_rng(seed, xp):
 class GPT:
     """GPT-2 with hand-written forward and backward.
 
-    model = GPT(GPTConfig.from_preset("nano"), seed=0, device="cpu", dtype=np.float32)
+    model = GPT(GPTConfig.from_preset("nano"), seed=0, device="cpu", dtype=np.float32)  # init="gpt2" or "pytorch"
     logits, loss, cache = model.forward(idx, targets, training=True)
     grads = model.backward(cache)       # same keys as model.params
     """
 
-    def __init__(self, config: GPTConfig, seed: int = 0, device: str | None = None, dtype=DEFAULT_DTYPE, params=None):
+    def __init__(self, config: GPTConfig, seed: int = 0, device: str | None = None, dtype=DEFAULT_DTYPE, params=None,
+                 init: str = "gpt2"):  # fmt: skip
         if not isinstance(config, GPTConfig):
             raise ValueError(f"GPT needs a GPTConfig, got {type(config).__name__}; use GPTConfig(**your_dict)")
         dtype = np.dtype(dtype)
@@ -100,7 +130,7 @@ class GPT:
             raise ValueError(f"GPT dtype must be float32 or float64, got {dtype}")
         self.config = config
         if params is None:
-            params = init_params(config, seed, get_xp(device), dtype)
+            params = init_params(config, seed, get_xp(device), dtype, init=init)
         elif device is not None:
             raise ValueError("pass either params (already on their device) or device, not both")
         xp = get_array_module(params.get("wte.weight"))
@@ -180,7 +210,7 @@ class GPT:
 
     # --- training forward / backward ------------------------------------------------------------
 
-    def _check_idx(self, idx, what="idx"):
+    def check_idx(self, idx, what="idx"):
         xp = self.xp
         idx = xp.asarray(idx)
         if idx.ndim != 2:
@@ -206,7 +236,7 @@ class GPT:
         which read cache.hidden (B, T, C) and pass its gradient to backward as dhidden.
         """
         cfg, p = self.config, self.params
-        idx = self._check_idx(idx)
+        idx = self.check_idx(idx)
         B, T = idx.shape
         rng = self.rng if rng is None else rng
         drop = cfg.drop_rate if training else 0.0
@@ -302,90 +332,16 @@ class GPT:
         _, loss, cache = self.forward(idx, targets, training=training, rng=rng)
         return float(loss), self.backward(cache, dloss=dloss)
 
-    # --- inference with a KV cache -------------------------------------------------------------
+    # --- generation (npgpt/generate.py) ---------------------------------------------------------
 
-    def new_kv_cache(self, batch_size: int, length: int | None = None):
-        """Per-layer (k, v) buffers of shape (B, NH, length, hs) for incremental decoding."""
-        cfg = self.config
-        length = cfg.context_length if length is None else length
-        shape = (batch_size, cfg.n_heads, length, cfg.head_size)
-        return [(self.xp.zeros(shape, self.dtype), self.xp.zeros(shape, self.dtype)) for _ in range(cfg.n_layers)]
+    def generate_stream(self, idx, max_new_tokens: int, **kwargs) -> Iterator[np.ndarray]:
+        """npgpt.generate.generate_stream(self, ...): the next token ids, (B,) NumPy int64, step by step."""
+        from .generate import generate_stream
 
-    def forward_kv(self, idx, kv_cache, pos: int, last_only: bool = True):
-        """Inference forward for positions pos .. pos+Tn-1, reading and extending `kv_cache`.
-
-        idx: (B, Tn) new token ids. Returns logits (B, V) for the last position (last_only) or
-        (B, Tn, V). No dropout, no cache for a backward: this path is for generation.
-        """
-        cfg, p = self.config, self.params
-        idx = self._check_idx(idx)
-        Tn = idx.shape[1]
-        if pos + Tn > cfg.context_length:
-            raise ValueError(f"positions {pos}..{pos + Tn - 1} exceed context_length {cfg.context_length}")
-        x = p["wte.weight"][idx] + p["wpe.weight"][pos : pos + Tn]  # (B, Tn, C)
-        for i in range(cfg.n_layers):
-            bp = self.block_params(i)
-            h, _ = L.layernorm_forward(x, bp["ln_1.weight"], bp["ln_1.bias"], cfg.ln_eps)
-            qkv, _ = L.linear_forward(h, bp["attn.c_attn.weight"], bp.get("attn.c_attn.bias"))  # (B, Tn, 3C)
-            a = L.attention_step_kv(qkv, cfg.n_heads, kv_cache[i][0], kv_cache[i][1], pos)  # (B, Tn, C)
-            a, _ = L.linear_forward(a, bp["attn.c_proj.weight"], bp["attn.c_proj.bias"])
-            x = x + a
-            h, _ = L.layernorm_forward(x, bp["ln_2.weight"], bp["ln_2.bias"], cfg.ln_eps)
-            m, _ = L.ffn_forward(h, bp["mlp.c_fc.weight"], bp["mlp.c_fc.bias"], bp["mlp.c_proj.weight"], bp["mlp.c_proj.bias"])
-            x = x + m
-        if last_only:
-            x = x[:, -1:]  # (B, 1, C): only the next token's logits are needed
-        x, _ = L.layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"], cfg.ln_eps)
-        logits, _ = L.linear_forward(x, self.head_weight)  # (B, Tx, V)
-        return logits[:, -1] if last_only else logits
-
-    def generate_stream(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                        top_p: float | None = None, seed: int | None = None, rng=None, eos_id: int | None = None,
-                        use_kv_cache: bool = True) -> Iterator[np.ndarray]:  # fmt: skip
-        """Yield the next token ids, (B,) NumPy int64, one step at a time.
-
-        temperature 0 is greedy (argmax). top_k keeps the k most likely tokens, top_p the smallest set
-        whose probability reaches p. Sampling happens on the host with a NumPy generator (`rng`, or
-        one seeded with `seed`), so CPU and GPU runs with one seed draw alike. Stops early when every
-        row has produced `eos_id`. Longer than context_length: the model sees the last context_length
-        tokens (the KV cache is rebuilt for the shifted window, which gives the same tokens as recomputing).
-        """
-        from .sampling import sample_next
-
-        idx = np.asarray(to_numpy(idx))
-        if idx.ndim != 2 or idx.shape[1] < 1 or idx.dtype.kind not in "iu":
-            raise ValueError(f"the prompt must be a (B, T) integer array with T >= 1, got shape {idx.shape} dtype {idx.dtype}")
-        rng = np.random.default_rng(seed) if rng is None else rng
-        ctx = self.config.context_length
-        seq = idx.astype(np.int64)
-        B = seq.shape[0]
-        done = np.zeros(B, dtype=bool)
-        kv, pos = None, 0
-        for _ in range(max_new_tokens):
-            if not use_kv_cache:
-                window = seq[:, -ctx:]
-                logits = self.forward(window)[0][:, -1]  # (B, V)
-            elif kv is None or pos + 1 > ctx:
-                window = seq[:, -ctx:]  # (re)fill the cache with the visible window
-                kv = self.new_kv_cache(B)
-                logits = self.forward_kv(self.xp.asarray(window), kv, 0)
-                pos = window.shape[1]
-            else:
-                logits = self.forward_kv(self.xp.asarray(seq[:, -1:]), kv, pos)
-                pos += 1
-            nxt = sample_next(to_numpy(logits), rng, temperature=temperature, top_k=top_k, top_p=top_p)  # (B,)
-            if eos_id is not None:
-                nxt = np.where(done, eos_id, nxt)
-                done |= nxt == eos_id
-            seq = np.concatenate([seq, nxt[:, None]], axis=1)
-            yield nxt
-            if eos_id is not None and done.all():
-                return
+        return generate_stream(self, idx, max_new_tokens, **kwargs)
 
     def generate(self, idx, max_new_tokens: int, **kwargs) -> np.ndarray:
-        """(B, T) prompt ids -> (B, T + n) NumPy ids, n <= max_new_tokens. Options as generate_stream."""
-        prompt = np.asarray(to_numpy(idx)).astype(np.int64)
-        steps = list(self.generate_stream(prompt, max_new_tokens, **kwargs))
-        if not steps:
-            return prompt
-        return np.concatenate([prompt, np.stack(steps, axis=1)], axis=1)
+        """npgpt.generate.generate(self, ...): (B, T) prompt ids -> (B, T + n) NumPy ids, n <= max_new_tokens."""
+        from .generate import generate
+
+        return generate(self, idx, max_new_tokens, **kwargs)

@@ -1,53 +1,47 @@
-"""`npgpt train` and its Python API: pretrain (or fine-tune) a GPT on text files.
+"""The Python API of `npgpt train`: pretrain (or fine-tune) a GPT on text files.
 
     from npgpt.train import TrainConfig, train
     result = train(TrainConfig(data=["the-verdict"], preset="nano", epochs=10))
 
-One optimizer step: for each of `grad_accum` micro-batches, forward with dropout and backward (the
-loss scaled by 1/grad_accum so the gradients sum to the mean), then clip the global gradient norm,
-then AdamW with the learning rate of the warmup + cosine schedule. A step whose loss or gradient norm
-is not finite is skipped without touching the weights or the optimizer state.
+One optimizer step (update.py): for each of `grad_accum` micro-batches, forward with dropout and
+backward (the loss scaled by 1/grad_accum so the gradients sum to the mean), then clip the global
+gradient norm, then AdamW with the learning rate of the warmup + cosine schedule. A step whose loss or
+gradient norm is not finite is skipped without touching the weights or the optimizer state.
 
 A run directory holds metrics.jsonl (one JSON record per step and per evaluation), loss.png (train and
 val loss against steps and tokens seen), summary.json, and checkpoints/step-XXXXXXXX/ directories in the
-Hugging Face layout (see checkpoint.py), the newest `keep_last` of them.
+Hugging Face layout (see checkpoint.py), the newest `keep_last` of them. The command line is in
+npgpt/cli/train.py.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import json
 import math
-import resource
 import shutil
 import signal
-import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from . import checkpoint as ckpt
-from .checkpoint import (
-    CHECKPOINT_DIR,
-    checkpoint_dirs,
-    clean_stray_temporaries,
-    latest_checkpoint,
-    save_training_checkpoint,
-)
+from .atomic import atomic_write_json
 from .backend import set_tf32, to_numpy
-from .config import PRESETS, GPTConfig
+from .checkpoint import CHECKPOINT_DIR, checkpoint_dirs, clean_stray_temporaries, latest_checkpoint, save_training_checkpoint
+from .config import GPTConfig
 from .data import Batches, TokenWindows, load_token_ids, resolve_data_path, split_ids
-from .distributed import allreduce_grads_, broadcast_params_, get_world, limit_threads_per_rank
-from .engine import TrainStep
+from .distributed import broadcast_params_, get_world, limit_threads_per_rank
+from .engine import make_engine
+from .generate import generate
+from .metrics import MetricsLog, peak_rss_mb, plot_losses, read_metrics
 from .model import GPT, make_rng
-from .optim import AdamW, clip_grad_norm, grad_norm
+from .optim import AdamW
 from .precision import LossScaler, check_precision, compute_dtype
 from .schedule import LRSchedule
 from .tokenizer import decode, encode, tokenizer_hash
-
+from .update import Updater
 
 
 class TrainingAborted(RuntimeError):
@@ -160,29 +154,12 @@ class TrainResult:
     skipped_steps: int = 0
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process in MB.
-
-    On Linux this is VmHWM from /proc/self/status, the high-water mark of this program's own memory
-    (ru_maxrss would also count the parent's memory at fork time). Elsewhere ru_maxrss (KB on Linux,
-    bytes on macOS)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
-
-
 def params_finite(params: dict) -> bool:
     return all(bool(np.isfinite(to_numpy(v)).all()) for v in params.values())
 
 
 def sample_text(model: GPT, prompt_ids: list[int], n_tokens: int, temperature: float, top_k, seed: int) -> str:
-    out = model.generate(np.asarray([prompt_ids]), n_tokens, temperature=temperature, top_k=top_k, seed=seed)
+    out = generate(model, np.asarray([prompt_ids]), n_tokens, temperature=temperature, top_k=top_k, seed=seed)
     return decode(out[0])
 
 
@@ -231,6 +208,50 @@ def build_model(cfg: TrainConfig) -> GPT:
     return GPT(cfg.model_config(), seed=cfg.seed, device=cfg.device, dtype=dtype)
 
 
+def build_or_resume(cfg: TrainConfig, world, out_dir: Path) -> tuple[GPT, Path | None, dict | None]:
+    """(model, the checkpoint resumed or None, its training state or None): a fresh model, or the newest
+    complete checkpoint's with --resume. With --overwrite the old checkpoints are removed. Every rank
+    ends with rank 0's weights (and, on GPUs under MPI, an NCCL communicator)."""
+    if not cfg.resume and not cfg.overwrite and checkpoint_dirs(out_dir):
+        raise ValueError(
+            f"{out_dir} already holds checkpoints of an earlier run; pass --resume to continue it, "
+            "--overwrite to start again there (its checkpoints are replaced), or choose another --out-dir"
+        )
+    resume_dir = latest_checkpoint(out_dir, warn=world.is_root) if cfg.resume else None
+    if cfg.resume and resume_dir is None:
+        raise ValueError(f"--resume: no complete checkpoint in {out_dir / CHECKPOINT_DIR}; start without --resume")
+    state = None
+    if resume_dir is not None:
+        from .pretrained import load_pretrained
+
+        state = json.loads((resume_dir / ckpt.STATE_FILE).read_text())
+        if cfg.max_steps is not None and cfg.max_steps <= state["step"]:
+            raise ValueError(f"--max-steps {cfg.max_steps} is not beyond step {state['step']} of the checkpoint "
+                             f"{resume_dir}, so there is nothing to resume; give a larger --max-steps")  # fmt: skip
+        model = load_pretrained(resume_dir, device=cfg.device, dtype=np.dtype(cfg.dtype))
+        if state.get("tokenizer") != tokenizer_hash():
+            raise ValueError(f"{resume_dir} was trained with another tokenizer; it cannot be resumed with this one")
+    else:
+        model = build_model(cfg)
+    world.barrier()
+    if state is None and world.is_root:
+        for old in checkpoint_dirs(out_dir):  # only reached with --overwrite
+            shutil.rmtree(old)
+    if world.backend != "none" and model.device == "cuda":
+        world.setup_nccl()  # gradients stay on the GPUs: NCCL all-reduce, MPI only for the rendezvous
+    broadcast_params_(world, model.params)
+    return model, resume_dir, state
+
+
+def default_prompt_ids(cfg: TrainConfig, train_ids, context_length: int) -> list[int]:
+    """The prompt of the samples: --sample-prompt, or the first 8 tokens of the text's first non-empty line."""
+    text = cfg.sample_prompt
+    if text is None:
+        first_line = next((ln for ln in decode(train_ids[:64]).splitlines() if ln.strip()), "")
+        text = decode(encode(first_line)[:8]) or "\n"
+    return encode(text)[-(context_length - 1) :] or [0]
+
+
 class Trainer:
     """One training run: set up from a TrainConfig, then `run()`. Under MPI every rank builds one, all
     ranks compute, and only rank 0 writes (see distributed.py)."""
@@ -245,99 +266,69 @@ class Trainer:
         if cfg.batch_size % world.size:
             raise ValueError(f"--batch-size {cfg.batch_size} is the global batch and must be divisible by the "
                              f"{world.size} ranks; use a multiple of {world.size}")  # fmt: skip
-        self.out_dir = out_dir = Path(cfg.out_dir)
+        self.out_dir = Path(cfg.out_dir)
         if world.is_root:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            clean_stray_temporaries(out_dir)
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            clean_stray_temporaries(self.out_dir)
         world.barrier()
+        self._load_data()
+        self.model, self.resume_dir, state = build_or_resume(cfg, world, self.out_dir)
+        self._set_up_training()
+        if state is not None:
+            self._restore(state)
+        self.prompt_ids = default_prompt_ids(cfg, self.train_ids, self.model.config.context_length)
+        self.metrics_path = self.out_dir / "metrics.jsonl"
+        self.metrics = MetricsLog(self.metrics_path, resume_at=self.step if state is not None else None, enabled=world.is_root)
+        self.last_ckpt: Path | None = self.resume_dir
+        self.last_train = self.last_val = None
+        self.recent: list[float] = []  # the losses of the steps since the last evaluation
+        self.sample = ""
+        self.bar = None
+        self.bad_in_a_row = 0  # consecutive non-finite steps
 
-        # Data: every rank reads the same global batches and keeps its own rows of each.
+    # --- setting up ---------------------------------------------------------------------------------
+    def _load_data(self) -> None:
+        """Every rank reads the same tokens; each keeps its own rows of every global batch (train_step)."""
+        cfg = self.cfg
         paths = [resolve_data_path(p) for p in cfg.data]
         ids = load_token_ids(paths, cache_dir=cfg.cache_dir, errors=cfg.encoding_errors)
         self.train_ids, self.val_ids = split_ids(ids, cfg.train_ratio)
 
-        # Model and state, fresh or resumed
-        if not cfg.resume and not cfg.overwrite and checkpoint_dirs(out_dir):
-            raise ValueError(
-                f"{out_dir} already holds checkpoints of an earlier run; pass --resume to continue it, "
-                "--overwrite to start again there (its checkpoints are replaced), or choose another --out-dir"
-            )
-        self.resume_dir = latest_checkpoint(out_dir, warn=world.is_root) if cfg.resume else None
-        if cfg.resume and self.resume_dir is None:
-            raise ValueError(f"--resume: no complete checkpoint in {out_dir / CHECKPOINT_DIR}; start without --resume")
-        state = None
-        if self.resume_dir is not None:
-            from .pretrained import load_pretrained
-
-            state = json.loads((self.resume_dir / ckpt.STATE_FILE).read_text())
-            if cfg.max_steps is not None and cfg.max_steps <= state["step"]:
-                raise ValueError(f"--max-steps {cfg.max_steps} is not beyond step {state['step']} of the checkpoint "
-                                 f"{self.resume_dir}, so there is nothing to resume; give a larger --max-steps")  # fmt: skip
-            self.model = load_pretrained(self.resume_dir, device=cfg.device, dtype=np.dtype(cfg.dtype))
-            if state.get("tokenizer") != tokenizer_hash():
-                raise ValueError(f"{self.resume_dir} was trained with another tokenizer; it cannot be resumed with this one")
-        else:
-            self.model = build_model(cfg)
-        world.barrier()
-        if state is None and world.is_root:
-            for old in checkpoint_dirs(out_dir):  # only reached with --overwrite
-                shutil.rmtree(old)
-        model = self.model
-        if world.backend != "none" and model.device == "cuda":
-            world.setup_nccl()  # gradients stay on the GPUs: NCCL all-reduce, MPI only for the rendezvous
-        broadcast_params_(world, model.params)
-
-        self.T = T = cfg.context_length or model.config.context_length
-        if T > model.config.context_length:
-            raise ValueError(f"--context-length {T} exceeds the model's context_length {model.config.context_length}")
-        self.train_windows = TokenWindows(self.train_ids, T, cfg.stride, name="train")
-        self.val_windows = TokenWindows(self.val_ids, T, cfg.stride, name="val") if len(self.val_ids) else None
+    def _set_up_training(self) -> None:
+        """Windows and batches, the schedule, the engine, the optimizer and the update."""
+        cfg, model, world = self.cfg, self.model, self.world
+        self.seq_len = cfg.context_length or model.config.context_length
+        if self.seq_len > model.config.context_length:
+            raise ValueError(f"--context-length {self.seq_len} exceeds the model's context_length {model.config.context_length}")
+        self.train_windows = TokenWindows(self.train_ids, self.seq_len, cfg.stride, name="train")
+        self.val_windows = TokenWindows(self.val_ids, self.seq_len, cfg.stride, name="val") if len(self.val_ids) else None
         self.batches = Batches(self.train_windows, cfg.batch_size, shuffle=True, seed=cfg.seed)
-        self.B, self.A = cfg.batch_size, cfg.grad_accum
-        self.b = self.B // world.size  # this rank's rows of each batch
-        steps_per_epoch = max(1, self.batches.batches_per_epoch // self.A)
+        self.batch_size, self.grad_accum = cfg.batch_size, cfg.grad_accum  # the global batch, micro-batches per step
+        self.rank_batch = self.batch_size // world.size  # this rank's rows of each batch
+        steps_per_epoch = max(1, self.batches.batches_per_epoch // self.grad_accum)
         self.total_steps = cfg.max_steps or max(1, int(math.ceil(cfg.epochs * steps_per_epoch)))
         self.schedule = LRSchedule(cfg.lr, self.total_steps, cfg.warmup_steps, cfg.min_lr, cfg.schedule)
-        if cfg.engine == "fast":
-            model.flatten_params_()  # one buffer for the weights, as for the gradients: AdamW in one pass
+        self.engine = make_engine(cfg.engine, model, self.rank_batch, self.seq_len, precision=cfg.precision)
         self.optimizer = AdamW(model.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-        self.engine = TrainStep(model, self.b, T, precision=cfg.precision) if cfg.engine == "fast" else None
         self.scaler = LossScaler(scale=cfg.loss_scale) if cfg.precision == "fp16" else None
+        self.updater = Updater(self.engine, self.optimizer, world=world, scaler=self.scaler, grad_clip=cfg.grad_clip)
         self.step, self.tokens_seen, self.skipped = 0, 0, 0
         self.history = {"train": [], "val": []}  # (step, tokens, loss) at each evaluation
-        if state is not None:
-            m, v = ckpt.load_optimizer_tensors(self.resume_dir)
-            self.optimizer.load_state_dict({**state["optimizer"], "m": m, "v": v})
-            self.batches.load_state_dict(state["data"])
-            self.step, self.tokens_seen = state["step"], state["tokens_seen"]
-            self.skipped = state.get("skipped_steps", 0)
-            self.history = state.get("history", self.history)
-            if self.scaler is not None and state.get("loss_scaler"):
-                self.scaler.load_state_dict(state["loss_scaler"])
 
-        prompt_text = cfg.sample_prompt
-        if prompt_text is None:
-            first_line = next((ln for ln in decode(self.train_ids[:64]).splitlines() if ln.strip()), "")
-            prompt_text = decode(encode(first_line)[:8]) or "\n"
-        self.prompt_ids = encode(prompt_text)[-(model.config.context_length - 1):] or [0]
-
-        self.metrics_path = out_dir / "metrics.jsonl"
-        self.metrics = None
-        if world.is_root:
-            if state is not None:
-                keep_metrics_until(self.metrics_path, self.step)  # drop records of steps about to be redone
-            self.metrics = open(self.metrics_path, "a" if state is not None else "w", encoding="utf-8")
-        self.last_ckpt: Path | None = self.resume_dir
-        self.last_train = self.last_val = None
-        self.recent: list[float] = []
-        self.sample = ""
-        self.bar = None
+    def _restore(self, state: dict) -> None:
+        """The optimizer, data position, counters, history and loss scale of the checkpoint resumed."""
+        m, v = ckpt.load_optimizer_tensors(self.resume_dir)
+        self.optimizer.load_state_dict({**state["optimizer"], "m": m, "v": v})
+        self.batches.load_state_dict(state["data"])
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.skipped = state.get("skipped_steps", 0)
+        self.history = state.get("history", self.history)
+        if self.scaler is not None and state.get("loss_scaler"):
+            self.scaler.load_state_dict(state["loss_scaler"])
 
     # --- pieces of the loop ---------------------------------------------------------------------------------
     def log(self, record: dict) -> None:
-        if self.metrics is not None:
-            self.metrics.write(json.dumps(record) + "\n")
-            self.metrics.flush()
+        self.metrics.write(record)
 
     def say(self, text: str) -> None:
         if self.world.is_root:
@@ -373,12 +364,11 @@ class Trainer:
         world, windows = self.world, self.val_windows
         mine = np.arange(world.rank, len(windows), world.size)
         if self.cfg.eval_batches is not None:
-            mine = mine[: self.cfg.eval_batches * self.b]
+            mine = mine[: self.cfg.eval_batches * self.rank_batch]
         total = count = 0.0
-        for i in range(0, len(mine), self.b):
-            x, y = windows.batch(mine[i : i + self.b])
-            loss = self.engine.loss(x, y) if self.engine is not None else float(self.model.forward(x, y)[1])
-            total += loss * y.size
+        for i in range(0, len(mine), self.rank_batch):
+            x, y = windows.batch(mine[i : i + self.rank_batch])
+            total += self.engine.loss(x, y) * y.size
             count += y.size
         total, count = world.allreduce_sum([total, count])
         return float(total / max(count, 1))
@@ -406,112 +396,94 @@ class Trainer:
 
     def train_step(self) -> tuple[float, float, float]:
         """One optimizer step over grad_accum micro-batches -> (loss, gradient norm, learning rate)."""
-        model, engine, world, A = self.model, self.engine, self.world, self.A
         lr = self.schedule(self.step)
-        grads, loss_sum = None, 0.0
-        scale = self.scaler.scale if self.scaler is not None else 1.0  # fp16: gradients come back scaled
-        lo, hi = world.rank * self.b, (world.rank + 1) * self.b
-        for micro in range(A):
+        lo, hi = self.world.rank * self.rank_batch, (self.world.rank + 1) * self.rank_batch
+        micro_batches = []
+        for micro in range(self.grad_accum):
             x, y = self.batches.next()
-            x, y = x[lo:hi], y[lo:hi]  # this rank's rows of the global batch
-            rng = self.micro_batch_rng(micro)
-            if engine is not None:  # the fast path: gradients accumulate in engine.grads
-                loss_sum += engine(x, y, training=True, rng=rng, dloss=scale / A, accumulate=micro > 0)
-                grads = engine.grads
-                continue
-            _, loss, cache = model.forward(x, y, training=True, rng=rng)  # the readable reference
-            g = model.backward(cache, dloss=1.0 / A)
-            del cache
-            loss_sum += float(loss)
-            if grads is None:
-                grads = g
-            else:
-                for k in grads:
-                    grads[k] += g[k]
-        allreduce_grads_(world, grads, engine.grad_flat if engine is not None else None)
-        if scale != 1.0:
-            engine.grad_flat *= engine.grad_flat.dtype.type(1.0 / scale)  # the true (float32) gradients
-        loss_val = float(world.allreduce_sum([loss_sum / A])[0]) / world.size
-        with np.errstate(over="ignore", invalid="ignore") if self.scaler is not None else contextlib.nullcontext():
-            norm = clip_grad_norm(grads, self.cfg.grad_clip) if self.cfg.grad_clip else grad_norm(grads)  # inf: fp16 overflow
-        finite = math.isfinite(loss_val) and math.isfinite(norm)
-        if self.scaler is not None and math.isfinite(loss_val):
-            self.scaler.update(math.isfinite(norm))
-            if not finite and not self.scaler.overflowed_at_min:  # float16 overflow: a smaller scale, not a divergence
-                self.skipped += 1
-                self.log({"kind": "skip", "step": self.step, "loss": loss_val, "grad_norm": norm,
-                          "reason": "fp16 overflow", "loss_scale": self.scaler.scale})  # fmt: skip
-                self.say(f"step {self.step}: float16 gradients overflowed; update skipped, loss scale now {self.scaler.scale:g}")
-                return loss_val, norm, lr
-        if finite:
-            self.optimizer.step(grads, lr=lr)
+            micro_batches.append((x[lo:hi], y[lo:hi], self.micro_batch_rng(micro)))  # this rank's rows
+        r = self.updater(micro_batches, lr=lr)
+        if r.overflow:  # float16 overflow: the update was skipped and the loss scale lowered
+            self.skipped += 1
+            self.log({"kind": "skip", "step": self.step, "loss": r.loss, "grad_norm": r.grad_norm,
+                      "reason": "fp16 overflow", "loss_scale": self.scaler.scale})  # fmt: skip
+            self.say(f"step {self.step}: float16 gradients overflowed; update skipped, loss scale now {self.scaler.scale:g}")
+        elif r.applied:
             self.bad_in_a_row = 0
-            self.recent.append(loss_val)
+            self.recent.append(r.loss)
         else:
             self.skipped += 1
             self.bad_in_a_row += 1
-            self.log({"kind": "skip", "step": self.step, "loss": loss_val, "grad_norm": norm})
-            self.say(f"step {self.step}: loss {loss_val} / gradient norm {norm} not finite; update skipped")
+            self.log({"kind": "skip", "step": self.step, "loss": r.loss, "grad_norm": r.grad_norm})
+            self.say(f"step {self.step}: loss {r.loss} / gradient norm {r.grad_norm} not finite; update skipped")
             if self.bad_in_a_row >= self.cfg.max_bad_steps:
                 raise TrainingAborted(
                     f"{self.bad_in_a_row} consecutive steps had a non-finite loss or gradient (last at step {self.step}); "
                     "training stopped. Lower --lr, set --grad-clip, or check the data"
                     + (f"; the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else "")
                 )
-        return loss_val, norm, lr
+        return r.loss, r.grad_norm, lr
 
     # --- the loop ------------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         from tqdm.auto import tqdm
 
-        cfg, model, world = self.cfg, self.model, self.world
-        B, A, T = self.B, self.A, self.T
-        tokens_per_step = B * A * T
-        ranks = f" on {world.size} ranks" if world.size > 1 else ""
-        self.say(f"npgpt train: {model.num_params():,} parameters ({model.config.n_layers} layers, C={model.config.emb_dim}, "
-                 f"NH={model.config.n_heads}) on {model.device}{ranks}, {model.dtype}"
-                 f"{'' if cfg.precision == 'fp32' else f' weights, {cfg.precision} compute'}; {len(self.train_ids):,} train / "
-                 f"{len(self.val_ids):,} val tokens; {self.total_steps} steps of {B}x{A}x{T} tokens"
-                 + (f"; resuming at step {self.step}" if self.step else ""))  # fmt: skip
-        first_step, interrupted, step_times = self.step, False, []
-        self.bad_in_a_row = 0
+        self.say(self._banner())
+        first_step, step_times = self.step, []
         t_start = time.perf_counter()
-        self.bar = tqdm(total=self.total_steps, initial=self.step, disable=not (cfg.progress and world.is_root),
+        self.bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.cfg.progress and self.world.is_root),
                         unit="step", dynamic_ncols=True)  # fmt: skip
         with _StopRequest() as stop:
             try:
-                while self.step < self.total_steps:
-                    t0 = time.perf_counter()
-                    loss, norm, lr = self.train_step()
-                    self.step += 1
-                    self.tokens_seen += tokens_per_step
-                    dt = time.perf_counter() - t0
-                    step_times.append(dt)
-                    self.log({"kind": "step", "step": self.step, "tokens": self.tokens_seen, "loss": loss, "lr": lr,
-                              "grad_norm": norm, "ms": dt * 1e3, "tokens_per_s": tokens_per_step / dt})  # fmt: skip
-                    self.bar.update(1)
-                    self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / dt:,.0f}")
-                    if self.step % cfg.eval_interval == 0 or self.step == self.total_steps:
-                        self.eval_and_sample()
-                    if world.allreduce_max(1.0 if stop.signal is not None else 0.0) > 0:  # every rank stops together
-                        interrupted = True
-                        break
-                    if cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0 and self.step < self.total_steps:
-                        self.save()
+                interrupted = self._loop(stop, step_times)
                 if self.step > first_step or self.last_ckpt is None:
                     self.save()
             finally:
                 self.bar.close()
-                if self.metrics is not None:
-                    self.metrics.close()
+                self.metrics.close()
+        return self._finish(time.perf_counter() - t_start, step_times, interrupted)
 
-        seconds = time.perf_counter() - t_start
+    def _banner(self) -> str:
+        cfg, model, world = self.cfg, self.model, self.world
+        c = model.config
+        ranks = f" on {world.size} ranks" if world.size > 1 else ""
+        compute = "" if cfg.precision == "fp32" else f" weights, {cfg.precision} compute"
+        return (f"npgpt train: {model.num_params():,} parameters ({c.n_layers} layers, C={c.emb_dim}, NH={c.n_heads}) on "
+                f"{model.device}{ranks}, {model.dtype}{compute}; {len(self.train_ids):,} train / {len(self.val_ids):,} val "
+                f"tokens; {self.total_steps} steps of {self.batch_size}x{self.grad_accum}x{self.seq_len} tokens"
+                + (f"; resuming at step {self.step}" if self.step else ""))  # fmt: skip
+
+    def _loop(self, stop, step_times: list) -> bool:
+        """Steps until total_steps, with evaluations and checkpoints; True when a signal stopped it."""
+        cfg, tokens_per_step = self.cfg, self.batch_size * self.grad_accum * self.seq_len
+        while self.step < self.total_steps:
+            t0 = time.perf_counter()
+            loss, norm, lr = self.train_step()
+            self.step += 1
+            self.tokens_seen += tokens_per_step
+            dt = time.perf_counter() - t0
+            step_times.append(dt)
+            self.log({"kind": "step", "step": self.step, "tokens": self.tokens_seen, "loss": loss, "lr": lr,
+                      "grad_norm": norm, "ms": dt * 1e3, "tokens_per_s": tokens_per_step / dt})  # fmt: skip
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / dt:,.0f}")
+            if self.step % cfg.eval_interval == 0 or self.step == self.total_steps:
+                self.eval_and_sample()
+            if self.world.allreduce_max(1.0 if stop.signal is not None else 0.0) > 0:  # every rank stops together
+                return True
+            if cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0 and self.step < self.total_steps:
+                self.save()
+        return False
+
+    def _finish(self, seconds: float, step_times: list, interrupted: bool) -> TrainResult:
+        """The loss plot, summary.json and the printed summary."""
         plot = None
-        if world.is_root and (self.history["train"] or self.history["val"]):
+        if self.world.is_root and (self.history["train"] or self.history["val"]):
             step_losses = [(r["step"], r["loss"]) for r in read_metrics(self.metrics_path) if r.get("kind") == "step"]
             plot = plot_losses(self.history, self.out_dir / "loss.png", step_losses)
         times = step_times[1:] or step_times  # the first step includes one-off allocations
         median = float(np.median(times)) if times else float("nan")
+        tokens_per_step = self.batch_size * self.grad_accum * self.seq_len
         result = TrainResult(
             steps=self.step, tokens_seen=self.tokens_seen, train_loss=self.last_train, val_loss=self.last_val,
             seconds=seconds, ms_per_step=1e3 * median, tokens_per_second=tokens_per_step / median,
@@ -519,8 +491,8 @@ class Trainer:
             checkpoint=str(self.last_ckpt) if self.last_ckpt else None, plot=str(plot) if plot else None,
             sample=self.sample, interrupted=interrupted, skipped_steps=self.skipped,
         )  # fmt: skip
-        if world.is_root:
-            ckpt.atomic_write_json(self.out_dir / "summary.json", asdict(result))
+        if self.world.is_root:
+            atomic_write_json(self.out_dir / "summary.json", asdict(result))
             print_summary(result)
             if interrupted:
                 print(f"Interrupted by a signal; saved {self.last_ckpt}. Resume with:\n"
@@ -533,25 +505,6 @@ def train(cfg: TrainConfig) -> TrainResult:
     return Trainer(cfg).run()
 
 
-def read_metrics(path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            pass  # a line cut short by a crash
-    return records
-
-
-def keep_metrics_until(path, step: int) -> None:
-    """Rewrite metrics.jsonl without the records of steps after `step` (they are about to be redone)."""
-    records = [r for r in read_metrics(path) if r.get("step", 0) <= step]
-    ckpt.atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode())
-
-
 def print_summary(r: TrainResult) -> None:
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     print(
@@ -561,121 +514,3 @@ def print_summary(r: TrainResult) -> None:
         + (f", {r.skipped_steps} non-finite steps skipped" if r.skipped_steps else "")
         + f"\ncheckpoint: {r.checkpoint}\nloss plot:  {r.plot}\nsample:     {r.sample!r}"
     )
-
-
-def plot_losses(history: dict, path, step_losses=None) -> Path:
-    """Train and val loss against steps (bottom axis) and tokens seen (top axis), as a PNG.
-
-    history: {"train": [(step, tokens, loss)], "val": [...]} at each evaluation; step_losses: the loss
-    of every step, drawn faintly behind."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if step_losses:
-        s, loss = zip(*step_losses)
-        ax.plot(s, loss, "-", color="tab:blue", alpha=0.25, linewidth=0.8, label="train loss (each step)")
-    for name, style in (("train", "-o"), ("val", "--s")):
-        pts = history.get(name) or []
-        if pts:
-            s, _, loss = zip(*pts)
-            label = "train loss (mean since last eval)" if name == "train" else "val loss"
-            ax.plot(s, loss, style, markersize=3, label=label, color="tab:blue" if name == "train" else "tab:orange")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    pts = (history.get("train") or []) + (history.get("val") or [])
-    if pts:
-        steps = np.array([p[0] for p in pts], dtype=float)
-        toks = np.array([p[1] for p in pts], dtype=float)
-        if steps.max() > 0:
-            per_step = toks.max() / steps.max()
-            top = ax.secondary_xaxis("top", functions=(lambda s: s * per_step, lambda t: t / per_step))
-            top.set_xlabel("tokens seen")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-# --- command line -------------------------------------------------------------------------------
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = TrainConfig()
-    g = p.add_argument_group("data")
-    g.add_argument("--data", nargs="+", default=d.data, metavar="FILE",
-                   help="UTF-8 text files, or bundled corpora by name: the-verdict (default), tang300")
-    g.add_argument("--train-ratio", type=float, default=d.train_ratio, help="share of tokens for training (default 0.9)")
-    g.add_argument("--stride", type=int, default=None, help="step between windows (default: the context length)")
-    g.add_argument("--encoding-errors", choices=["strict", "replace"], default=d.encoding_errors,
-                   help="invalid UTF-8: stop with an error (strict) or replace the bytes with U+FFFD")
-    g.add_argument("--cache-dir", default=None, help="where tokenised data is cached (default ~/.cache/npgpt/tokens)")
-    g = p.add_argument_group("model")
-    g.add_argument("--preset", default=d.preset, choices=sorted(PRESETS), help="model size (default nano)")
-    g.add_argument("--context-length", type=int, help="tokens per window (and the model's context for a new model)")
-    g.add_argument("--emb-dim", type=int)
-    g.add_argument("--n-heads", type=int)
-    g.add_argument("--n-layers", type=int)
-    g.add_argument("--drop-rate", type=float)
-    g.add_argument("--qkv-bias", action=argparse.BooleanOptionalAction, default=None)
-    g.add_argument("--tie-weights", action=argparse.BooleanOptionalAction, default=None)
-    g.add_argument("--init-from", metavar="DIR", help="start from a Hugging Face GPT-2 directory or an npgpt checkpoint")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=d.batch_size)
-    g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
-    g.add_argument("--epochs", type=float, default=d.epochs)
-    g.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
-    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
-    g.add_argument("--min-lr", type=float, help="final learning rate of the cosine (default lr/10)")
-    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    g.add_argument("--schedule", choices=["cosine", "constant"], default=d.schedule)
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--beta1", type=float, default=d.beta1)
-    g.add_argument("--beta2", type=float, default=d.beta2)
-    g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="global gradient-norm limit (0: off)")
-    g.add_argument("--max-bad-steps", type=int, default=d.max_bad_steps,
-                   help="consecutive non-finite steps before training stops")
-    g = p.add_argument_group("evaluation and output")
-    g.add_argument("--out-dir", default=d.out_dir)
-    g.add_argument("--eval-interval", type=int, default=d.eval_interval)
-    g.add_argument("--eval-batches", type=int, help="validation batches per evaluation (default: all)")
-    g.add_argument("--sample-prompt", help="prompt for the sample at each evaluation (default: the text's first line)")
-    g.add_argument("--sample-tokens", type=int, default=d.sample_tokens)
-    g.add_argument("--sample-temperature", type=float, default=d.sample_temperature)
-    g.add_argument("--sample-top-k", type=int)
-    g.add_argument("--checkpoint-interval", type=int, help="steps between checkpoints (the end is always saved)")
-    g.add_argument("--keep-last", type=int, default=d.keep_last, help="checkpoints kept (default 3)")
-    g.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out-dir")
-    g.add_argument("--overwrite", action="store_true", help="start afresh in an --out-dir that holds an earlier run")
-    g = p.add_argument_group("machine")
-    g.add_argument("--engine", choices=["fast", "reference"], default=d.engine,
-                   help="fast: preallocated fused step (default); reference: the readable layer-by-layer code")
-    g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=d.tf32,
-                   help="TensorFloat-32 matrix products on the GPU (default on; no effect on the CPU)")
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--device", choices=["cpu", "cuda", "auto"], help="default: $NPGPT_DEVICE or auto")
-    g.add_argument("--dtype", choices=["float32", "float64"], default=d.dtype)
-    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=d.precision,
-                   help="bf16/fp16: mixed precision, 16-bit activations and matrix products with float32 weights "
-                        "(fast engine; meant for GPUs, slow on the CPU). Default fp32")
-    g.add_argument("--loss-scale", type=float, default=d.loss_scale,
-                   help="fp16: initial loss scale of dynamic loss scaling (default 65536)")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-
-
-def config_from_args(args) -> TrainConfig:
-    names = {f.name for f in fields(TrainConfig)}
-    values = {k: v for k, v in vars(args).items() if k in names}
-    if values.get("grad_clip") == 0:
-        values["grad_clip"] = None
-    return TrainConfig(**values)
-
-
-def run(args) -> int:
-    result = train(config_from_args(args))
-    return 130 if result.interrupted else 0

@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from npgpt.backend import cuda_available
+from npgpt.backend import cuda_available, cuda_unavailable_reason
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -23,6 +23,30 @@ def _isolated_token_cache(tmp_path_factory):
 
 
 needs_cuda = pytest.mark.skipif(not cuda_available(), reason="needs CuPy and a working CUDA GPU")
+# On a GPU machine, NPGPT_REQUIRE_CUDA=1 turns every skip for want of CUDA into a failure that says why
+# CUDA is not usable, so `pytest -m cuda` cannot pass with everything skipped.
+REQUIRE_CUDA = os.environ.get("NPGPT_REQUIRE_CUDA") == "1"
+
+
+def _skips_for_want_of_cuda(item) -> bool:
+    for mark in item.iter_markers("skipif"):
+        reason = str(mark.kwargs.get("reason", ""))
+        if mark.args and mark.args[0] is True and ("CUDA" in reason or "GPU" in reason):
+            return True
+    return False
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that skips because CUDA is missing carries the `cuda` marker, so -m cuda selects it."""
+    for item in items:
+        if _skips_for_want_of_cuda(item) and item.get_closest_marker("cuda") is None:
+            item.add_marker(pytest.mark.cuda)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    if REQUIRE_CUDA and _skips_for_want_of_cuda(item):
+        pytest.fail(f"NPGPT_REQUIRE_CUDA=1 but CUDA is not usable: {cuda_unavailable_reason()}", pytrace=False)
 
 
 def backend_params():

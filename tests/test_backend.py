@@ -109,3 +109,71 @@ def test_package_source_never_imports_an_autograd_library():
     others = [p for p in Path(npgpt.__file__).parent.rglob("*.py") if p.name != "bench_torch.py"]
     assert not [str(p) for p in others if re.search(r"^\s*from\s+\.+bench_torch|import\s+npgpt\.bench_torch", p.read_text(), re.M)
                 and p.name != "bench.py"]
+
+
+def test_the_reason_names_the_exception_a_first_kernel_raised(monkeypatch):
+    """CuPy 14 wheels ship no CUDA headers: the first kernel fails to compile. That must be said, not swallowed."""
+
+    class Runtime:
+        @staticmethod
+        def getDeviceCount():
+            return 1
+
+    class Probe:
+        def __iadd__(self, other):
+            raise RuntimeError("CUDA headers not found: find_nvidia_header_directory('cudart') failed")
+
+    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=Runtime()), zeros=lambda *a, **k: Probe(),
+                                 float32=np.float32)  # fmt: skip
+    monkeypatch.setattr(backend, "_import_cupy", lambda: fake)
+    backend.cuda_available.cache_clear()
+    try:
+        assert backend.cuda_available() is False
+        reason = backend.cuda_unavailable_reason()
+        assert "RuntimeError" in reason and "find_nvidia_header_directory" in reason
+    finally:
+        backend.cuda_available.cache_clear()
+
+
+def test_set_tf32_survives_a_cupy_without_a_working_gpu(monkeypatch):
+    """CuPy importable but no GPU: CuPy raises CUDARuntimeError (not ImportError) when asked to change its
+    cached compute type. CPU training must not crash on that."""
+    import sys
+
+    class CUDARuntimeError(RuntimeError):
+        pass
+
+    def set_compute_type(*a):
+        raise CUDARuntimeError("cudaErrorNoDevice: no CUDA-capable device is detected")
+
+    linalg = types.SimpleNamespace(set_compute_type=set_compute_type, COMPUTE_TYPE_TF32=1, COMPUTE_TYPE_DEFAULT=0)
+    core = types.ModuleType("cupy._core")
+    core._routines_linalg = linalg
+    monkeypatch.setitem(sys.modules, "cupy", types.ModuleType("cupy"))
+    monkeypatch.setitem(sys.modules, "cupy._core", core)
+    monkeypatch.setitem(sys.modules, "cupy._core._routines_linalg", linalg)
+    monkeypatch.setenv("CUPY_TF32", "0")
+    backend.set_tf32(True)  # does not raise
+    assert backend.tf32_enabled()
+    backend.set_tf32(False)
+    assert not backend.tf32_enabled()
+
+
+def test_require_cuda_turns_skips_into_failures_that_say_why(tmp_path):
+    """NPGPT_REQUIRE_CUDA=1: a CUDA test cannot pass by skipping (on a GPU machine it runs and passes)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).parent
+    env = {**os.environ, "NPGPT_REQUIRE_CUDA": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda",
+                           str(tests / "test_cuda_blas.py")], capture_output=True, text=True, env=env,
+                          cwd=tmp_path)  # fmt: skip
+    if backend.cuda_available():
+        assert proc.returncode == 0, proc.stdout[-2000:]
+    else:
+        assert proc.returncode == 1, proc.stdout[-2000:]
+        assert "NPGPT_REQUIRE_CUDA=1 but CUDA is not usable: " in proc.stdout
+        assert " skipped" not in proc.stdout.splitlines()[-1]

@@ -2,17 +2,33 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from npgpt.bench import flops_per_token
 from npgpt.cli import main
 from npgpt.config import GPTConfig
+from npgpt.engine import FastLossAndGrads
+from npgpt.model import GPT
 
 
-def test_flops_per_token_closed_form():
-    cfg = GPTConfig.from_preset("gpt2")
-    # 6 * (12 layers * 12 C^2 + V C) + 12 L T C, at T = 256
-    assert flops_per_token(cfg, 256) == 6 * (12 * 12 * 768**2 + 50257 * 768) + 12 * 12 * 256 * 768
+def test_flops_per_token_counts_the_gemms_the_fast_step_makes(monkeypatch):
+    """Every matrix product of a fast forward + backward, counted as 2 m n k multiply-adds as it runs
+    (np.matmul wrapped), adds up to flops_per_token * tokens: the formula matches the work."""
+    cfg = GPTConfig(vocab_size=61, context_length=16, emb_dim=32, n_heads=2, n_layers=2, tie_weights=False)
+    B, T = 3, 16
+    step = FastLossAndGrads(GPT(cfg, seed=0), B, T)
+    x = np.random.default_rng(0).integers(0, 61, (B, T))
+    counted, real = [0], np.matmul
+
+    def counting_matmul(a, b, out=None):
+        result = real(a, b, out=out)
+        counted[0] += 2 * result.size * a.shape[-1]
+        return result
+
+    monkeypatch.setattr(np, "matmul", counting_matmul)
+    step(x, x)
+    assert counted[0] == flops_per_token(cfg, T) * B * T
 
 
 def test_bench_runs_and_writes_json(tmp_path, capsys):

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from npgpt import GPT, GPTConfig
+from npgpt.generate import forward_kv, new_kv_cache
 from npgpt.model import param_shapes
 
 GPT_CONFIG_124M = {"vocab_size": 50257, "context_length": 1024, "emb_dim": 768, "n_heads": 12,
@@ -173,9 +174,9 @@ def test_kv_forward_logits_equal_full_forward(rng):
     m = GPT(small(drop_rate=0.0), seed=0, dtype=np.float64)
     idx = rng.integers(0, 101, size=(2, 9))
     full = m.forward(idx)[0]
-    kv = m.new_kv_cache(2)
-    step = [m.forward_kv(idx[:, :4], kv, 0, last_only=False)]
-    step += [m.forward_kv(idx[:, t : t + 1], kv, t, last_only=False) for t in range(4, 9)]
+    kv = new_kv_cache(m, 2)
+    step = [forward_kv(m, idx[:, :4], kv, 0, last_only=False)]
+    step += [forward_kv(m, idx[:, t : t + 1], kv, t, last_only=False) for t in range(4, 9)]
     np.testing.assert_allclose(np.concatenate(step, axis=1), full, rtol=1e-12, atol=1e-12)
 
 

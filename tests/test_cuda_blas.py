@@ -453,6 +453,8 @@ def test_engine_attention_through_bmm_matches_matmul(monkeypatch, drop_rate):
     """The fast engine with "bmm" enabled: every attention product it makes has a layout bmm accepts
     (no ValueError), and computed by the model of cuBLAS above through bmm's arguments, in the engine's
     own buffers, the loss and every gradient equal those of the matmul path (float64, 1e-12)."""
+    import dataclasses
+
     from npgpt import engine as engine_mod
     from npgpt.config import GPTConfig
     from npgpt.model import GPT, make_rng
@@ -475,9 +477,9 @@ def test_engine_attention_through_bmm_matches_matmul(monkeypatch, drop_rate):
     results = []
     for use_bmm in (False, True):
         model = GPT(cfg, seed=2, dtype=np.float64)
-        step = engine_mod.TrainStep(model, 4, 16)  # batch smaller than the buffers: sliced views
+        step = engine_mod.FastLossAndGrads(model, 4, 16)  # batch smaller than the buffers: sliced views
         if use_bmm:
-            step.bmm = engine_mod._cublas_matmul  # what "bmm" selects on CuPy arrays
+            step.ops = dataclasses.replace(step.ops, heads_matmul=blas.matmul)  # what "bmm" selects on CuPy arrays
         loss = step(x, y, training=drop_rate > 0, rng=make_rng(3, np))
         results.append((loss, step.grad_flat.copy()))
     assert len(calls) == 6 * cfg.n_layers  # scores, att @ v; dv, datt, dk, dq

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from conftest import needs_cuda
 
-from npgpt import engine
+from npgpt import fast
 from npgpt.cuda import KERNEL_NAMES, enabled_kernels, kernel_enabled
 from npgpt.cuda import emulate
 from npgpt.cuda import kernels as K
@@ -106,11 +106,11 @@ def test_layernorm_fwd(dev, rng, request, N, C):
     x = (rng.standard_normal((N, C)) * 2 + 0.5).astype(f32)
     w, b = rng.standard_normal(C).astype(f32), rng.standard_normal(C).astype(f32)
     ref, ref_m, ref_r = np.empty((N, C)), np.empty(N), np.empty(N)
-    engine._layernorm_fwd(x.astype(f64), w.astype(f64), b.astype(f64), 1e-5, ref, ref_m, ref_r)
+    fast.layernorm_forward(ref, ref_m, ref_r, x.astype(f64), w.astype(f64), b.astype(f64), 1e-5)
     out, c1 = dev.guarded(np.zeros((N, C), f32))
     mean, c2 = dev.guarded(np.zeros(N, f32))
     rstd, c3 = dev.guarded(np.zeros(N, f32))
-    K.layernorm_fwd(dev.put(x), dev.put(w), dev.put(b), 1e-5, out, mean, rstd)
+    K.layernorm_forward(out, mean, rstd, dev.put(x), dev.put(w), dev.put(b), 1e-5)
     c1(), c2(), c3()
     assert_close(dev.get(out), ref, 1e-5, 1e-5, "out")
     assert_close(dev.get(mean), ref_m, 1e-5, 1e-5, "mean")
@@ -127,16 +127,16 @@ def test_layernorm_bwd(dev, rng, request, N, C, alias):
     dout = rng.standard_normal((N, C)).astype(f32)
     dw0, db0 = rng.standard_normal(C).astype(f32), rng.standard_normal(C).astype(f32)  # added into
     _, m64, r64 = np.empty((N, C)), np.empty(N), np.empty(N)
-    engine._layernorm_fwd(x.astype(f64), w.astype(f64), w.astype(f64), 1e-5, _, m64, r64)
+    fast.layernorm_forward(_, m64, r64, x.astype(f64), w.astype(f64), w.astype(f64), 1e-5)
     mean, rstd = m64.astype(f32), r64.astype(f32)
     ref_dx, ref_dw, ref_db = np.empty((N, C)), dw0.astype(f64), db0.astype(f64)
-    engine._layernorm_bwd(dout.astype(f64), x.astype(f64), mean.astype(f64), rstd.astype(f64), w.astype(f64), ref_dx,
-                          ref_dw, ref_db, np.empty((N, C)))  # fmt: skip
+    fast.layernorm_backward(ref_dx, ref_dw, ref_db, dout.astype(f64), x.astype(f64), mean.astype(f64), rstd.astype(f64),
+                            w.astype(f64), scratch=np.empty((N, C)))  # fmt: skip
     d_dout, c0 = dev.guarded(dout)
     dx, c1 = (d_dout, c0) if alias else dev.guarded(np.zeros((N, C), f32))
     dw, c2 = dev.guarded(dw0)
     db, c3 = dev.guarded(db0)
-    K.layernorm_bwd(d_dout, dev.put(x), dev.put(mean), dev.put(rstd), dev.put(w), dx, dw, db, scratch=None)
+    K.layernorm_backward(dx, dw, db, d_dout, dev.put(x), dev.put(mean), dev.put(rstd), dev.put(w), scratch=None)
     c0(), c1(), c2(), c3()
     assert_close(dev.get(dx), ref_dx, 1e-5, 1e-5, "dx")
     assert_close(dev.get(dw), ref_dw, 1e-5, 1e-5, "dw")
@@ -150,7 +150,7 @@ def test_layernorm_bwd_is_deterministic_and_uses_scratch(dev, rng):
     results = []
     for scratch in (None, dev.put(np.zeros((N, C), f32))):
         dx, dw, db = dev.put(np.zeros((N, C), f32)), dev.put(np.zeros(C, f32)), dev.put(np.zeros(C, f32))
-        K.layernorm_bwd(*args[:4], args[4], dx, dw, db, scratch=scratch)
+        K.layernorm_backward(dx, dw, db, *args[:4], args[4], scratch=scratch)
         results.append([dev.get(a) for a in (dx, dw, db)])
     for a, b in zip(*results):
         np.testing.assert_array_equal(a, b)
@@ -163,7 +163,7 @@ GELU_SHAPES = [(1, 1), (3, 7), (5, 12), (33, 64), gpu_only(1024, 3072), gpu_only
 
 def _gelu_ref(x64):
     out = np.empty_like(x64)
-    engine._gelu_fwd(x64, out, np.empty((1, engine.ROW_BLOCK, 8 * x64.shape[1])))
+    fast.gelu_forward(out, x64, scratch=np.empty((1, fast.ROW_BLOCK, 8 * x64.shape[1])))
     return out
 
 
@@ -185,7 +185,7 @@ def test_gelu_bias_fwd(dev, rng, request, N, C, with_bias, layout):
     else:
         d_h, _ = dev.guarded(h)
         out, c1 = dev.guarded(np.zeros((N, C), f32))
-    K.gelu_bias_fwd(d_h, dev.put(bias) if with_bias else None, out)
+    K.gelu_forward(out, d_h, dev.put(bias) if with_bias else None)
     c1()
     assert_close(dev.get(out), ref, 1e-5, 1e-6, "gelu", scale=np.abs(pre32).max())
     assert_close(dev.get(d_h), pre32, 1e-6, 0, "h + bias, in place")
@@ -199,7 +199,7 @@ def test_gelu_bias_fwd_into_separate_pre(dev, rng, request, N, C):
     bias = rng.standard_normal(C).astype(f32)
     d_h = dev.put(h)
     pre, out = dev.put(np.zeros((N, C), f32)), dev.put(np.zeros((N, C), f32))
-    K.gelu_bias_fwd(d_h, dev.put(bias), out, pre=pre)
+    K.gelu_forward(out, d_h, dev.put(bias), pre=pre)
     np.testing.assert_array_equal(dev.get(d_h), h)  # untouched
     assert_close(dev.get(pre), (h + bias).astype(f32), 1e-6, 0, "pre")
     pre32 = (h + bias).astype(f32)
@@ -214,13 +214,13 @@ def test_gelu_bwd(dev, rng, request, N, C, layout):
     x = (rng.standard_normal((N, C)) * 3).astype(f32)
     d0 = rng.standard_normal((N, C)).astype(f32)
     ref = d0.astype(f64)
-    engine._gelu_bwd(ref, x.astype(f64), np.empty((1, engine.ROW_BLOCK, 8 * C)))
+    fast.gelu_backward_(ref, x.astype(f64), scratch=np.empty((1, fast.ROW_BLOCK, 8 * C)))
     if layout == "offset":
         db_ = dev.put(np.concatenate([np.zeros(1, f32), d0.reshape(-1)]))
         d, c = db_[1:].reshape(N, C), (lambda: None)
     else:
         d, c = dev.guarded(d0)
-    K.gelu_bwd_(d, dev.put(x))
+    K.gelu_backward_(d, dev.put(x))
     c()
     assert_close(dev.get(d), ref, 1e-5, 1e-6, "dgelu", scale=np.abs(d0).max())
 
@@ -265,12 +265,12 @@ def test_cross_entropy(dev, rng, request, N, V, want_grad):
         np.testing.assert_array_equal(dev.get(z), z0)
 
 
-def test_cross_entropy_matches_engine_helper(dev, rng):
+def test_cross_entropy_matches_fast_op(dev, rng):
     N, V = 6, 50257
     z0 = (rng.standard_normal((N, V)) * 2).astype(f32)
     t = rng.integers(0, V, N)
     ref = z0.astype(f64)
-    ref_loss = engine._cross_entropy_inplace(ref, t, True)  # leaves (softmax - onehot) / N in ref
+    ref_loss = fast.cross_entropy_(ref, t, True)  # leaves (softmax - onehot) / N in ref
     z = dev.put(z0)
     loss = K.cross_entropy_(z, dev.put(t), scale=1.0 / N, want_grad=True)  # scale given: no host sync
     assert_close(float(loss), ref_loss, 1e-5, 0, "loss")
@@ -354,19 +354,19 @@ ATT_CASES = [
 
 
 def _attention_ref(q, k, v, dout, scale):
-    """float64 out, lse, dq, dk, dv of scores = scale * q k^T (causal), via the engine's slab helpers."""
+    """float64 out, lse, dq, dk, dv of scores = scale * q k^T (causal), via the fast ops at the head level."""
     q, k, v, dout = (a.astype(f64) for a in (q, k, v, dout))
     B, NH, T, hs = q.shape
     qs = q * scale
     bias = np.triu(np.full((T, T), -np.inf), k=1)
     att, out = np.empty((B, NH, T, T)), np.empty((B, NH, T, hs))
-    engine._attention_fwd_slab(qs, k, v, att, bias, None, 1.0, None, out)
+    fast.attention_heads_forward(out, att, qs, k, v, bias, None, 1.0)
     s = qs @ np.swapaxes(k, -1, -2) + bias
     mx = s.max(-1, keepdims=True)
     lse = np.log(np.exp(s - mx).sum(-1)) + mx[..., 0]
     dq, dk, dv = np.empty_like(q), np.empty_like(q), np.empty_like(q)
     dq[...] = dout
-    engine._attention_bwd_slab(qs, k, v, att, None, 1.0, scale, np.empty((B, NH, T, T)), dq, dk, dv)
+    fast.attention_heads_backward_(dq, dk, dv, np.empty((B, NH, T, T)), qs, k, v, att, None, 1.0, scale)
     return out, lse, dq, dk, dv
 
 

@@ -5,7 +5,7 @@ import pytest
 
 import npgpt
 from npgpt.backend import to_numpy
-from npgpt.engine import TrainStep
+from npgpt.engine import FastLossAndGrads
 from npgpt.gradcheck import HostRandom, relative_error
 from npgpt.model_check import random_params, tiny_config
 
@@ -32,7 +32,7 @@ def test_fast_step_equals_reference(case, dtype, tol, xp):
     V = model.config.vocab_size
     rng = np.random.default_rng(1)
     training = model.config.drop_rate > 0
-    engine = TrainStep(model, 3, 8)
+    engine = FastLossAndGrads(model, 3, 8)
     for b, t in [(3, 8), (2, 5), (1, 1)]:  # full buffers, then smaller batches in the same buffers
         x = xp.asarray(rng.integers(0, V, (b, t)))
         y = xp.asarray(rng.integers(0, V, (b, t)))
@@ -50,10 +50,10 @@ def test_gradient_accumulation_in_the_engine():
     model = make({}, np.float64)
     rng = np.random.default_rng(2)
     x, y = rng.integers(0, 37, (4, 6)), rng.integers(0, 37, (4, 6))
-    big = TrainStep(model, 4, 6)
+    big = FastLossAndGrads(model, 4, 6)
     big(x, y)
     expected = {k: v.copy() for k, v in big.grads.items()}
-    acc = TrainStep(model, 2, 6)
+    acc = FastLossAndGrads(model, 2, 6)
     acc(x[:2], y[:2], dloss=0.5)
     acc(x[2:], y[2:], dloss=0.5, accumulate=True)
     for k in expected:
@@ -62,7 +62,7 @@ def test_gradient_accumulation_in_the_engine():
 
 def test_gradients_are_views_of_one_flat_buffer():
     model = make({}, np.float32)
-    engine = TrainStep(model, 2, 4)
+    engine = FastLossAndGrads(model, 2, 4)
     assert list(engine.grads) == list(model.params)
     total = sum(g.size for g in engine.grads.values())
     assert engine.grad_flat.size == total
@@ -71,11 +71,11 @@ def test_gradients_are_views_of_one_flat_buffer():
 
 
 def test_engine_rejects_what_does_not_fit():
-    engine = TrainStep(make({}, np.float32), 2, 4)
+    engine = FastLossAndGrads(make({}, np.float32), 2, 4)
     with pytest.raises(ValueError, match="does not fit"):
         engine(np.zeros((3, 4), dtype=np.int64), np.zeros((3, 4), dtype=np.int64))
     with pytest.raises(ValueError, match="exceeds the model's context_length"):
-        TrainStep(make({}, np.float32), 2, 9)
+        FastLossAndGrads(make({}, np.float32), 2, 9)
 
 
 @pytest.mark.skipif(__import__("shutil").which("g++") is None, reason="the CUDA emulation needs g++")
@@ -88,7 +88,7 @@ def test_cuda_kernel_path_matches_reference_in_emulation(drop):
     cfg = tiny_config(emb_dim=32, n_heads=2, n_layers=2, drop_rate=drop)  # head size 16: the kernel's smallest
     model = npgpt.GPT(cfg, dtype=np.float32, device="cpu")
     model.params = {k: v.astype(np.float32) for k, v in random_params(cfg, np.random.default_rng(0)).items()}
-    engine = TrainStep(model, 2, 8, kernels=KERNEL_NAMES)
+    engine = FastLossAndGrads(model, 2, 8, kernels=KERNEL_NAMES)
     assert "attention" in engine.kernels
     rng = np.random.default_rng(3)
     for b, t in [(2, 8), (1, 5)]:
@@ -100,3 +100,59 @@ def test_cuda_kernel_path_matches_reference_in_emulation(drop):
         assert abs(fast - float(loss)) < 1e-5 * float(loss)
         for k in ref:
             assert relative_error(engine.grads[k], ref[k]) < 2e-5, k
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-12), (np.float32, 3e-6)])
+def test_fast_step_ignores_targets_as_the_reference_does(dtype, tol):
+    """Targets equal to ignore_index (-100) count neither in the mean loss nor in any gradient."""
+    model = make({"drop_rate": 0.2}, dtype)
+    rng = np.random.default_rng(4)
+    x, y = rng.integers(0, 37, (3, 8)), rng.integers(0, 37, (3, 8))
+    y[0, :3] = -100
+    y[2, 5] = -100
+    _, loss, cache = model.forward(x, y, training=True, rng=HostRandom(5))
+    ref = model.backward(cache, dloss=0.7)
+    engine = FastLossAndGrads(model, 3, 8)
+    fast_loss = engine(x, y, training=True, rng=HostRandom(5), dloss=0.7)
+    assert abs(fast_loss - float(loss)) <= tol * abs(float(loss))
+    for k in ref:
+        assert relative_error(engine.grads[k], ref[k]) < tol, k
+    assert engine.loss(x, y) == pytest.approx(float(model.forward(x, y)[1]), rel=tol)
+    with pytest.raises(ValueError, match="every target equals ignore_index"):
+        engine(x, np.full_like(y, -100))
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, 37\) or equal ignore_index"):
+        engine(x, np.where(y == -100, -3, y))
+
+
+def test_fast_step_equals_reference_in_the_row_blocks_with_two_threads(monkeypatch):
+    """Big enough that every CPU op splits its rows over two threads and loops over row blocks (N = 74
+    rows, ROW_BLOCK = 32), head size 64, dropout on: the whole model against the reference."""
+    monkeypatch.setenv("NPGPT_THREADS", "2")
+    cfg = tiny_config(vocab_size=61, context_length=40, emb_dim=128, n_heads=2, n_layers=1, drop_rate=0.1)
+    model = npgpt.GPT(cfg, dtype=np.float64, device="cpu")
+    model.params = random_params(cfg, np.random.default_rng(0))
+    engine = FastLossAndGrads(model, 2, 40)
+    assert engine.threads == 2
+    rng = np.random.default_rng(1)
+    x, y = rng.integers(0, 61, (2, 37)), rng.integers(0, 61, (2, 37))
+    _, loss, cache = model.forward(x, y, training=True, rng=HostRandom(5))
+    ref = model.backward(cache)
+    fast_loss = engine(x, y, training=True, rng=HostRandom(5))
+    assert abs(fast_loss - float(loss)) <= 1e-12 * abs(float(loss))
+    for k in ref:
+        assert relative_error(engine.grads[k], ref[k]) < 1e-12, k
+
+
+@pytest.mark.skipif(__import__("shutil").which("g++") is None, reason="the CUDA emulation needs g++")
+def test_cross_entropy_kernel_in_the_step_ignores_targets():
+    """The cross-entropy kernel (emulated) inside the step, with ignored targets, against the reference."""
+    model = make({}, np.float32)
+    engine = FastLossAndGrads(model, 3, 8, kernels=["cross_entropy"])
+    rng = np.random.default_rng(6)
+    x, y = rng.integers(0, 37, (3, 8)), rng.integers(0, 37, (3, 8))
+    y[1, 2:6] = -100
+    _, loss, cache = model.forward(x, y)
+    ref = model.backward(cache)
+    assert abs(engine(x, y) - float(loss)) < 1e-5 * float(loss)
+    for k in ref:
+        assert relative_error(engine.grads[k], ref[k]) < 2e-5, k

@@ -1,6 +1,7 @@
 """The learner's track: every script in examples/ runs in fast mode and shows what it claims to show,
 and docs/backprop.md has every anchor the layer files point to."""
 
+import ast
 import os
 import re
 import subprocess
@@ -27,8 +28,9 @@ EXPECTED_EXAMPLES = [
     "10_training_loop.py",
     "11_chinese_pretraining.py",
     "12_check_your_own_layer.py",
-    "13_classification_finetuning.py",
-    "14_instruction_finetuning.py",
+    "13_translation_transformer.py",
+    "14_classification_finetuning.py",
+    "15_instruction_finetuning.py",
 ]
 
 
@@ -70,6 +72,7 @@ def test_01_layernorm(tmp_path):
     out = run_example("01_layernorm.py", tmp_path)
     assert "every row has mean 0 and variance 1" in out
     assert "layernorm gradcheck: all passed" in out
+    assert re.search(r"layernorm\s+dx\s+65/96\s", out)  # sampled: 64 random coordinates + the largest gradient's
     assert "FAIL" not in out
 
 
@@ -160,9 +163,100 @@ def test_12_check_your_own_layer(tmp_path):
     assert "All checks behaved as expected" in out
 
 
-def test_13_classification_finetuning(tmp_path):
-    out = run_example("13_classification_finetuning.py", tmp_path)
-    run_dir = tmp_path / "13_classification_finetuning"
+# --- every example is also a notebook -------------------------------------------------------------
+
+CELL_MARKER = re.compile(r"^# %%(.*)$", re.MULTILINE)
+
+
+def percent_cells(source: str) -> list[tuple[str, str]]:
+    """(kind, text) of every cell of a `# %%` script, kind "markdown" for `# %% [markdown]` cells,
+    "code" for the others and "before" for the text above the first marker (which VS Code does not run)."""
+    marks = list(CELL_MARKER.finditer(source))
+    cells = [("before", source[: marks[0].start()] if marks else source)]
+    for m, nxt in zip(marks, marks[1:] + [None]):
+        kind = "markdown" if m.group(1).strip() == "[markdown]" else "code"
+        cells.append((kind, source[m.end() : nxt.start() if nxt else len(source)]))
+    return cells
+
+
+@pytest.mark.parametrize("name", EXPECTED_EXAMPLES)
+def test_every_example_is_a_notebook_with_prose_between_its_cells(name):
+    source = (EXAMPLES / name).read_text(encoding="utf-8")
+    cells = percent_cells(source)
+    kinds = [kind for kind, _ in cells]
+    assert kinds.count("markdown") >= 1 and kinds.count("code") >= 2, f"{name}: too few cells"
+    before = cells[0][1].strip()  # only the docstring: an editor that skips it loses nothing
+    assert isinstance(ast.literal_eval(before), str), f"{name}: code above the first `# %%` line"
+    assert "Notebook:" in before, f"{name}'s docstring must say it opens as a notebook"
+    for kind, text in cells[1:]:
+        if kind == "markdown":
+            lines = [line for line in text.splitlines() if line.strip()]
+            assert lines and all(line.startswith("#") for line in lines), f"{name}: markdown cell with code:\n{text}"
+        else:
+            compile(text, f"{name} cell", "exec")  # a cell must not cut a statement in two
+    assert not list(EXAMPLES.glob("*.ipynb")), "no .ipynb copies to keep in sync"
+
+
+@pytest.mark.parametrize("name", EXPECTED_EXAMPLES)
+def test_jupytext_reads_the_same_cells(name):
+    """What Jupyter shows through jupytext: the docstring cell, then the cells above, markdown as markdown."""
+    jupytext = pytest.importorskip("jupytext")
+    notebook = jupytext.read(EXAMPLES / name)
+    ours = [(kind, text.strip("\n")) for kind, text in percent_cells((EXAMPLES / name).read_text(encoding="utf-8"))]
+    assert [c.cell_type for c in notebook.cells] == ["code" if kind == "before" else kind for kind, _ in ours]
+    for cell, (kind, text) in zip(notebook.cells, ours):
+        if kind == "markdown":  # jupytext strips the comment signs
+            assert cell.source == "\n".join(line[2:] if line.startswith("# ") else line.lstrip("#") for line in text.splitlines())
+        else:
+            assert cell.source.strip() == text.strip()
+
+
+NOTEBOOK_RUNNER = """
+import sys
+sys.path.insert(0, sys.argv[2])
+from test_examples import percent_cells
+namespace = {"__name__": "__main__"}  # a notebook kernel: no __file__, cells run one after the other
+source = open(sys.argv[1], encoding="utf-8").read()
+for kind, text in percent_cells(source):
+    if kind != "markdown":
+        exec(compile(text, sys.argv[1], "exec"), namespace)
+"""
+
+
+@pytest.mark.parametrize("name", EXPECTED_EXAMPLES)
+def test_examples_run_cell_by_cell_like_a_notebook(name, tmp_path):
+    """Cells run in order in one namespace with no __file__ (as in Jupyter); plots go to out/ in the
+    working directory, the notebook's folder."""
+    env = {**os.environ, "NPGPT_EXAMPLES_FAST": "1", "NPGPT_DEVICE": "cpu", "MPLBACKEND": "Agg", "PYTHONIOENCODING": "utf-8"}
+    env.pop("NPGPT_EXAMPLES_OUT", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", NOTEBOOK_RUNNER, str(EXAMPLES / name), str(Path(__file__).parent)],
+        cwd=tmp_path, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"{name} as a notebook:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    pngs = {"02_gelu_vs_relu.py": "02_gelu_vs_relu.png", "04_shortcut_connections.py": "04_shortcut_connections.png",
+            "10_training_loop.py": "10_training_loop.png", "11_chinese_pretraining.py": "11_chinese_pretraining/loss.png",
+            "14_classification_finetuning.py": "14_classification_finetuning/confusion.png",
+            "15_instruction_finetuning.py": "15_instruction_finetuning/loss.png"}  # fmt: skip
+    if name in pngs:
+        assert_png(tmp_path / "out" / pngs[name])
+
+
+def test_13_translation_transformer(tmp_path):
+    out = run_example("13_translation_transformer.py", tmp_path)
+    assert_png(tmp_path / "13_translation_transformer.png")
+    assert "2,064 pairs -> 1,858 for training, 206 held out" in out
+    assert re.search(r"padding mask \(True = ignored as a key\):\n\[\[False", out)
+    assert re.search(r"decoder: tgt_in \(3, \d+\) \+ memory -> logits \(3, \d+, 1847\)", out)
+    first, last = (float(v) for v in re.search(r"held-out loss (\S+) -> (\S+)", out).groups())
+    assert last < first  # it learns, even in a few steps
+    assert out.count("greedy: ") == 3 and out.count("beam 4: ") == 3
+    assert re.search(r"held-out \(50 pairs, greedy\): exact match \S+%, BLEU \S+", out)
+
+
+def test_14_classification_finetuning(tmp_path):
+    out = run_example("14_classification_finetuning.py", tmp_path)
+    run_dir = tmp_path / "14_classification_finetuning"
     for png in ("loss.png", "accuracy.png", "confusion.png"):
         assert_png(run_dir / png)
     assert "'春眠不觉晓，': 14 tokens, padded to 23; the head reads position 13, which has seen '春眠不觉晓，'" in out
@@ -172,9 +266,9 @@ def test_13_classification_finetuning(tmp_path):
     assert out.count("true: ") == 4
 
 
-def test_14_instruction_finetuning(tmp_path):
-    out = run_example("14_instruction_finetuning.py", tmp_path)
-    assert_png(tmp_path / "14_instruction_finetuning" / "loss.png")
+def test_15_instruction_finetuning(tmp_path):
+    out = run_example("15_instruction_finetuning.py", tmp_path)
+    assert_png(tmp_path / "15_instruction_finetuning" / "loss.png")
     assert "### Instruction:\nContinue this line of the poem." in out and "### Response:\n" in out
     assert re.search(r"\d+ positions: \d+ targets inside the prompt are -100, \d+ count", out)
     assert "'Continue this line of the poem.': exact" in out

@@ -139,3 +139,98 @@ def test_inputs_are_not_modified_by_the_check():
     before = x.copy()
     gradcheck(L.gelu_forward, L.gelu_backward, [x])
     assert np.array_equal(x, before)
+
+
+# --- gradients in the wrong order, per-tensor shape errors, the "checked" column, assert_gradients ----
+
+
+def _linear_inputs(rng, n=2, c_in=3, c_out=4):
+    return [rng.standard_normal((n, c_in)), rng.standard_normal((c_in, c_out)), rng.standard_normal(c_out)]
+
+
+def test_gradients_returned_in_another_order_are_named_as_such():
+    def swapped(dout, cache):
+        dx, dweight, dbias = L.linear_backward(dout, cache)
+        return dweight, dx, dbias
+
+    res = gradcheck(L.linear_forward, swapped, _linear_inputs(np.random.default_rng(0)))
+    assert [r.input for r in res] == ["x", "weight", "bias"] and not any(r.passed for r in res)
+    for r in res:  # every row says what is wrong, not "gradient of x has shape (3, 4)"
+        assert "gradients appear to be in a different order than the inputs (x, weight, bias)" in r.note
+        assert "fit (weight, x, bias)" in r.note
+        assert "expected" not in r.note
+
+
+def test_equal_shapes_in_another_order_are_recognised_by_their_numbers():
+    """x (3, 3) and a square weight (3, 3): the shapes cannot tell the two apart, the values can."""
+
+    def forward(x, weight):
+        return L.linear_forward(x, weight)
+
+    def swapped(dout, cache):
+        dx, dweight, _ = L.linear_backward(dout, cache)
+        return dweight, dx
+
+    rng = np.random.default_rng(1)
+    res = gradcheck(forward, swapped, [rng.standard_normal((3, 3)), rng.standard_normal((3, 3))])
+    assert not any(r.passed for r in res) and all(r.max_rel_error > 1e-2 for r in res)
+    assert "gradients appear to be in a different order than the inputs (x, weight)" in res[0].note
+    assert "the gradient returned for weight matches the finite differences of x" in res[0].note
+    assert "the gradient returned for x matches the finite differences of weight" in res[1].note
+
+
+def test_a_wrong_gradient_of_the_same_shape_is_not_called_a_reordering():
+    def forward(a, b):
+        return a * b, (a, b)
+
+    def wrong(dout, cache):
+        a, b = cache
+        return dout * b, dout * b  # b's gradient should be dout * a
+
+    rng = np.random.default_rng(2)
+    ra, rb = gradcheck(forward, wrong, [rng.standard_normal(5), rng.standard_normal(5)])
+    assert ra.passed and not rb.passed
+    assert "order" not in rb.note
+
+
+def test_a_wrong_shape_fails_only_its_own_row():
+    def short_bias(dout, cache):
+        dx, dweight, dbias = L.linear_backward(dout, cache)
+        return dx, dweight, dbias[:2]
+
+    rx, rw, rb = gradcheck(L.linear_forward, short_bias, _linear_inputs(np.random.default_rng(3)))
+    assert rx.passed and rw.passed and rx.n_checked == 6 and rw.n_checked == 12
+    assert not rb.passed and rb.note == "gradient of bias has shape (2,), expected (4,)"
+    assert (rb.n_checked, rb.n_total) == (0, 4)
+
+
+def test_the_table_says_how_many_coordinates_were_perturbed():
+    rng = np.random.default_rng(123)
+    x = rng.standard_normal((3, 4, 8))  # 96 coordinates, more than max_coords=64: sampled
+    rx, rw, rb = gradcheck(L.layernorm_forward, L.layernorm_backward, [x, rng.standard_normal(8), rng.standard_normal(8)])
+    assert rx.n_total == 96 and rx.n_checked in (64, 65) and (rw.n_checked, rw.n_total) == (8, 8)
+    table = npgpt.format_results([rx, rw, rb])
+    assert table.splitlines()[0].split() == ["layer", "input", "checked", "max", "rel", "error", "tol", "result"]
+    assert f" {rx.n_checked}/96 " in table and " 8/8 " in table
+
+
+def test_assert_gradients_passes_silently_and_fails_with_the_table():
+    x = np.random.default_rng(4).standard_normal((4, 5))
+    results = npgpt.assert_gradients(swish_forward, swish_backward, [x])
+    assert len(results) == 1 and results[0].passed
+
+    def bad_backward(dout, cache):
+        x, s = cache
+        return dout * s
+
+    with pytest.raises(AssertionError) as info:
+        npgpt.assert_gradients(swish_forward, bad_backward, [x], layer="swish")
+    message = str(info.value)
+    assert message.startswith("1 of 1 gradients disagree with finite differences")
+    assert "max rel error" in message and "swish dx: rel error" in message and "FAILED at" in message
+
+
+def test_assert_gradients_passes_keywords_to_gradcheck():
+    x = np.random.default_rng(5).standard_normal((40, 50))
+    (r,) = npgpt.assert_gradients(L.gelu_forward, L.gelu_backward, [x], max_coords=10, tol=1e-7)
+    assert r.n_total == 2000 and 10 <= r.n_checked <= 11

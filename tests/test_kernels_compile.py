@@ -3,6 +3,7 @@ and through NVRTC (the compiler CuPy uses at run time) when an NVRTC library can
 pip package nvidia-cuda-nvrtc-cu12 from `pip install 'npgpt[kernels]'`, or a CUDA toolkit's). Neither
 needs a GPU."""
 
+import importlib
 import re
 import shutil
 import subprocess
@@ -49,12 +50,32 @@ def test_nvcc_compiles(source, arch, tmp_path):
     assert out.stat().st_size > 0
 
 
+def _resolve(dotted: str):
+    module, _, attr = dotted.rpartition(".")
+    return importlib.import_module(module), getattr(importlib.import_module(module), attr)
+
+
 @pytest.mark.skipif(not SOURCES, reason="no .cu files in kernels/ yet")
 @pytest.mark.parametrize("source", SOURCES, ids=[p.name for p in SOURCES])
-def test_header_states_math_shapes_launch_and_reference(source):
-    head = source.read_text()[:6000].lower()
-    for word in ("math", "shape", "launch", "reference", "tolerance"):
-        assert word in head, f"{source.name}'s header does not state its {word}"
+def test_header_names_the_python_function_it_must_match(source):
+    """The header's `// Matches:` line names Python functions that exist, and a fast op named there
+    names this kernel file back in its module docstring: renaming either side fails here."""
+    (line,) = re.findall(r"^// Matches: (.+)$", source.read_text()[:6000], flags=re.M)
+    for dotted in [name.strip() for name in line.split(",")]:
+        module, fn = _resolve(dotted)
+        assert callable(fn), dotted
+        if module.__name__.startswith("npgpt.fast."):
+            assert f"kernels/{source.name}" in module.__doc__, f"{module.__name__} does not name kernels/{source.name}"
+
+
+def test_every_wrapper_names_a_fast_op_that_exists():
+    from npgpt.cuda import kernels
+
+    named = re.findall(r"Fast op it matches: (npgpt\.fast\.[\w.]+)", "\n".join(
+        f.__doc__ or "" for f in vars(kernels).values() if callable(f)))  # fmt: skip
+    assert len(named) >= 9  # layernorm x2, gelu x2, cross-entropy, attention x2 at the level of heads, flash x2
+    for dotted in named:
+        assert callable(_resolve(dotted)[1]), dotted
 
 
 def _entries(ptx):

@@ -13,7 +13,7 @@ import pytest
 
 from npgpt.checkpoint import STATE_FILE
 from npgpt.config import GPTConfig
-from npgpt.engine import TrainStep
+from npgpt.engine import FastLossAndGrads
 from npgpt.model import GPT, make_rng
 from npgpt.precision import LossScaler, compute_dtype
 from npgpt.safetensors_io import load_safetensors
@@ -37,7 +37,7 @@ def step_grads(precision, dtype=np.float32, cfg=CFG, dloss=1.0, seed=0, training
     """(loss, float64 copy of the flat gradient / dloss, step) of one fast-engine step from seed-1 weights."""
     model = GPT(cfg, seed=1, dtype=dtype)
     model.flatten_params_()
-    step = TrainStep(model, 3, 16, precision=precision)
+    step = FastLossAndGrads(model, 3, 16, precision=precision)
     x, y = batch(seed)
     loss = step(x, y, training=training, rng=make_rng(rng_seed, np) if training else None, dloss=dloss)
     return loss, step.grad_flat.astype(np.float64) / dloss, step
@@ -96,7 +96,7 @@ def test_16_bit_engine_tracks_float64_within_its_rounding():
 def test_16_bit_step_keeps_float32_weights_and_gradients(precision):
     model = GPT(CFG, seed=1)
     before = {k: v.copy() for k, v in model.params.items()}
-    step = TrainStep(model, 3, 16, precision=precision)  # params not flattened: copied key by key
+    step = FastLossAndGrads(model, 3, 16, precision=precision)  # params not flattened: copied key by key
     assert step.dtype == compute_dtype(precision) and step.param_flat.dtype == step.dtype
     x, y = batch()
     step(x, y)
@@ -108,7 +108,7 @@ def test_16_bit_step_keeps_float32_weights_and_gradients(precision):
     fresh = GPT(CFG, seed=1)
     for k, v in fresh.params.items():
         v[...] = model.params[k]
-    assert step.loss(x, y) == TrainStep(fresh, 3, 16, precision=precision).loss(x, y)
+    assert step.loss(x, y) == FastLossAndGrads(fresh, 3, 16, precision=precision).loss(x, y)
 
 
 def test_dropout_masks_match_between_precisions():
@@ -124,7 +124,7 @@ def test_dropout_masks_match_between_precisions():
 def test_gradient_accumulation_adds_in_float32(precision):
     model = GPT(CFG, seed=1)
     model.flatten_params_()
-    step = TrainStep(model, 3, 16, precision=precision)
+    step = FastLossAndGrads(model, 3, 16, precision=precision)
     (x1, y1), (x2, y2) = batch(1), batch(2)
     step(x1, y1, dloss=0.5)
     g1 = step.grad_flat.copy()
@@ -149,11 +149,11 @@ def test_fp16_small_gradients_need_the_loss_scale_and_overflow_shows_as_inf():
 
 def test_precision_errors_name_the_fix(monkeypatch):
     with pytest.raises(ValueError, match="float32 master weights"):
-        TrainStep(GPT(CFG, seed=1, dtype=np.float64), 3, 16, precision="bf16")
+        FastLossAndGrads(GPT(CFG, seed=1, dtype=np.float64), 3, 16, precision="bf16")
     with pytest.raises(ValueError, match="precision must be one of"):
-        TrainStep(GPT(CFG, seed=1), 3, 16, precision="fp8")
+        FastLossAndGrads(GPT(CFG, seed=1), 3, 16, precision="fp8")
     with pytest.raises(ValueError, match="CUDA kernels work in float32"):
-        TrainStep(GPT(CFG, seed=1), 3, 16, precision="fp16", kernels=["layernorm"])
+        FastLossAndGrads(GPT(CFG, seed=1), 3, 16, precision="fp16", kernels=["layernorm"])
     with pytest.raises(ValueError, match="fast engine"):
         TrainConfig(precision="bf16", engine="reference").validate()
     with pytest.raises(ValueError, match="--loss-scale"):

@@ -157,12 +157,12 @@ def test_adamw_kernel_path_equals_per_tensor_path(monkeypatch):
     NumPy update, decay mask included; and the gradient norm through the sq_norm kernel."""
     import npgpt
     import npgpt.optim as optim
-    from npgpt.engine import TrainStep
+    from npgpt.engine import FastLossAndGrads
 
     def build():
         model = npgpt.GPT(npgpt.GPTConfig(vocab_size=23, context_length=4, emb_dim=16, n_heads=2, n_layers=1), seed=1)
         model.flatten_params_()
-        step = TrainStep(model, 2, 4)
+        step = FastLossAndGrads(model, 2, 4)
         x = np.random.default_rng(0).integers(0, 23, (2, 4))
         step(x, x)
         return model, step.grads

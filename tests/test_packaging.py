@@ -31,11 +31,16 @@ def test_wheel_contains_kernels_and_assets(wheel):
         "npgpt/assets/the-verdict.txt",
         "npgpt/assets/tang300.txt",
         "npgpt/assets/NOTICE.md",
+        "npgpt/assets/en_ms_cldr.tsv",
+        "npgpt/seq2seq/model.py",
+        "npgpt/layers/decoder_block.py",
         "npgpt/assets/tang-forms-train.csv",
         "npgpt/assets/tang-instruct-test.json",
         "npgpt/finetune/classifier.py",
         "npgpt/layers/classifier_head.py",
         "npgpt/layers/attention.py",
+        "npgpt/fast/attention.py",
+        "npgpt/cli/__init__.py",
         "npgpt/cuda/kernels.py",
         "npgpt/cuda/emulate.py",
         "npgpt/kernels/common.cuh",
@@ -53,7 +58,7 @@ def test_non_editable_install_finds_kernels_and_tokenizer(wheel, tmp_path):
                           capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     code = (
-        "import npgpt, npgpt.kernels as k, npgpt.tokenizer as t;"
+        "import npgpt, npgpt.kernels as k, npgpt.tokenizer as t, npgpt.engine, npgpt.cli;"
         "assert str(k.kernel_dir()).startswith(%r), k.kernel_dir();"
         "assert (k.kernel_dir() / 'README.md').is_file();"
         "assert npgpt.__file__.startswith(%r);"

@@ -107,10 +107,10 @@ def test_signal_finishes_the_step_saves_and_exits_130(tmp_path, sig):
 
 def _nan_on_calls(monkeypatch, calls):
     """Make the backward (reference or fast engine) produce a NaN gradient on the given (1-based) calls."""
-    from npgpt.engine import TrainStep
+    from npgpt.engine import FastLossAndGrads
 
     count = {"n": 0}
-    real_backward, real_step = npgpt.GPT.backward, TrainStep.__call__
+    real_backward, real_step = npgpt.GPT.backward, FastLossAndGrads.__call__
 
     def backward(self, cache, *a, **k):
         count["n"] += 1
@@ -128,7 +128,7 @@ def _nan_on_calls(monkeypatch, calls):
         return loss
 
     monkeypatch.setattr(npgpt.GPT, "backward", backward)
-    monkeypatch.setattr(TrainStep, "__call__", step)
+    monkeypatch.setattr(FastLossAndGrads, "__call__", step)
 
 
 @pytest.mark.parametrize("engine", ["fast", "reference"])

@@ -1,7 +1,7 @@
 """The hand-written CUDA kernels of the GPU fast path (kernels/*.cu) and what they need on the host.
 
-- `npgpt.cuda.kernels`: CuPy wrappers, one per kernel, with the contracts of the npgpt.engine /
-  npgpt.optim helpers they replace (CuPy is imported only when a wrapper is first called).
+- `npgpt.cuda.kernels`: CuPy wrappers with the contracts and positional arguments of the fast ops
+  (npgpt/fast/) and npgpt.optim helpers they replace (CuPy is imported only when a wrapper is called).
 - `npgpt.cuda.nvrtc`: NVRTC through ctypes, to compile the sources to PTX without CuPy or a GPU.
 - `npgpt.cuda.blas`: attention's batched matrix products as one cuBLAS call each (no copies of
   transposed operands, TF32 honoured), the "bmm" name below.
@@ -21,12 +21,12 @@ ENV_VAR = "NPGPT_CUDA_KERNELS"
 
 # The names a caller checks with kernel_enabled(), and the source file each one lives in.
 KERNEL_FILES = {
-    "layernorm": "layernorm.cu",  # layernorm_fwd, layernorm_bwd
-    "gelu": "gelu.cu",  # gelu_bias_fwd, gelu_bwd_
+    "layernorm": "layernorm.cu",  # layernorm_forward, layernorm_backward
+    "gelu": "gelu.cu",  # gelu_forward (bias add fused), gelu_backward_
     "cross_entropy": "cross_entropy.cu",  # cross_entropy_
     "adamw": "adamw.cu",  # adamw_flat_
     "sq_norm": "adamw.cu",  # sq_norm (the global gradient norm, squared)
-    "attention": "attention.cu",  # attention_fwd, attention_bwd (no dropout)
+    "attention": "attention.cu",  # flash_attention_forward/_backward over attention_fwd/_bwd (no dropout)
 }
 # Fast paths that are not kernels of ours but are switched the same way, opt-in until run on a GPU.
 LIBRARY_PATHS = {

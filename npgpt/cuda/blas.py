@@ -247,3 +247,18 @@ def bmm(a, b, out, *, trans_a=False, trans_b=False, tf32=True, alpha=1.0, beta=0
             args.batch, types.compute_type, cublas.CUBLAS_GEMM_DEFAULT,
         )  # fmt: skip
     return out
+
+
+def matmul(out, a, b) -> None:
+    """out = a @ b for CuPy stacks of matrices through `bmm`: transposed operands become cuBLAS op flags
+    instead of copies, and float32 honours the TF32 setting (CuPy's N-D matmul does neither; see above).
+    2-D products keep CuPy's matmul, which does both.
+
+    Fast op it matches: npgpt.fast.common.matmul (same arguments); the fast step uses it for attention's
+    products when NPGPT_CUDA_KERNELS enables "bmm"."""
+    from npgpt.backend import get_array_module, tf32_enabled
+
+    if out.ndim <= 2:
+        get_array_module(out).matmul(a, b, out=out)
+        return
+    bmm(a, b, out, tf32=tf32_enabled())

@@ -1,7 +1,9 @@
 """CuPy wrappers for the CUDA kernels in kernels/*.cu, one Python function per operation.
 
-Each wrapper has the contract of the NumPy/CuPy helper it replaces (named in its docstring), checks
-dtypes, shapes and layouts, and launches on CuPy's current stream. Nothing here imports CuPy until a
+Each wrapper has the contract, and the positional arguments, of the fast op it replaces (npgpt/fast/,
+named in its docstring as "Fast op it matches"), so the fast step (npgpt/engine.py) can pick either
+implementation of an op once, when it is built. A wrapper checks dtypes, shapes and layouts and
+launches on CuPy's current stream. Nothing here imports CuPy until a
 wrapper is called with CuPy arrays, so this module imports on any machine (the compile checks read
 KERNEL_ENTRIES). Given NumPy arrays instead, the same wrappers run the same kernels on the CPU through
 npgpt.cuda.emulate (slow; for tests without a GPU).
@@ -12,8 +14,8 @@ header's text before the source is handed over, because CuPy's cache key covers 
 and options but not the files it includes: a changed header must change the key. Every kernel is
 `extern "C"`, so no name_expressions are needed.
 
-Which wrappers the fast path uses is decided by the caller with npgpt.cuda.kernel_enabled();
-this module does not look at $NPGPT_CUDA_KERNELS.
+Which wrappers the fast path uses is decided by the caller (npgpt.engine.choose_ops, from
+npgpt.cuda.enabled_kernels()); this module does not look at $NPGPT_CUDA_KERNELS.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import re
 import numpy as np
 
 from npgpt.backend import get_array_module, is_cupy_array
+from npgpt.fast.attention import merge_heads_into, split_heads_into
 from npgpt.kernels import kernel_dir, kernel_source
 
 BLOCK = 256  # threads per block of every kernel but cross_entropy's
@@ -149,22 +152,24 @@ def _grid_stride_blocks(work: int) -> int:
 # --- LayerNorm ------------------------------------------------------------------------------------------
 
 
-def layernorm_fwd(x, w, b, eps, out, mean, rstd):
-    """out = (x - mean) * rstd * w + b over the last axis; stores mean and rstd (N,).
+def layernorm_forward(out, mean, rstd, x, weight, bias, eps):
+    """out = (x - mean) * rstd * weight + bias over the last axis; stores mean and rstd (N,).
 
-    Reference: npgpt.engine._layernorm_fwd (same arguments, without `threads`). x, out: (N, C); w, b: (C,);
-    mean, rstd: (N,); float32, contiguous. Kernel: layernorm_fwd in kernels/layernorm.cu.
+    Fast op it matches: npgpt.fast.layernorm.layernorm_forward (same arguments, without `threads`).
+    x, out: (N, C); weight, bias: (C,); mean, rstd: (N,); float32, contiguous. Kernel: layernorm_fwd in
+    kernels/layernorm.cu.
     """
     N, C = x.shape
     _f32("x", x)
     _f32("out", out, (N, C))
-    _f32("w", w, (C,))
-    _f32("b", b, (C,))
+    _f32("weight", weight, (C,))
+    _f32("bias", bias, (C,))
     _f32("mean", mean, (N,))
     _f32("rstd", rstd, (N,))
     if N == 0:
         return out
-    _launch("layernorm.cu", "layernorm_fwd", (-(-N // 8),), BLOCK, (x, w, b, out, mean, rstd, _i32(N), _i32(C), _f(eps)))
+    _launch("layernorm.cu", "layernorm_fwd", (-(-N // 8),), BLOCK,
+            (x, weight, bias, out, mean, rstd, _i32(N), _i32(C), _f(eps)))  # fmt: skip
     return out
 
 
@@ -175,15 +180,15 @@ def layernorm_bwd_chunks(N: int) -> tuple[int, int]:
     return -(-N // rows), rows
 
 
-def layernorm_bwd(dout, x, mean, rstd, w, dx, dw, db, scratch=None):
-    """dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dout * w (overwritten);
-    dw += sum(dout * xhat), db += sum(dout) over the rows (added into, deterministic two-pass sums).
+def layernorm_backward(dx, dweight, dbias, dout, x, mean, rstd, weight, *, scratch=None):
+    """dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dout * weight (overwritten);
+    dweight += sum(dout * xhat), dbias += sum(dout) over the rows (added into, deterministic two-pass sums).
 
-    Reference: npgpt.engine._layernorm_bwd (same arguments, without `threads`). dout, x, dx: (N, C);
-    mean, rstd: (N,); w, dw, db: (C,). dx may be dout itself. `scratch`: a float32 contiguous array of at
-    least 2 * nchunks * C elements for the partial sums (the engine's (N, C) scratch is enough when
-    N >= 2 * nchunks, i.e. N >= 2); allocated when None or too small.
-    Kernels: layernorm_bwd_dwdb_partial, layernorm_bwd_dwdb_finalize, layernorm_bwd_dx.
+    Fast op it matches: npgpt.fast.layernorm.layernorm_backward (same arguments, without `threads`).
+    dout, x, dx: (N, C); mean, rstd: (N,); weight, dweight, dbias: (C,). dx may be dout itself.
+    `scratch`: a float32 contiguous array of at least 2 * nchunks * C elements for the partial sums
+    (an (N, C) scratch is enough when N >= 2 * nchunks, i.e. N >= 2); allocated when None, too small or
+    not contiguous. Kernels: layernorm_bwd_dwdb_partial, layernorm_bwd_dwdb_finalize, layernorm_bwd_dx.
     """
     xp = get_array_module(x)
     N, C = x.shape
@@ -192,9 +197,9 @@ def layernorm_bwd(dout, x, mean, rstd, w, dx, dw, db, scratch=None):
     _f32("dx", dx, (N, C))
     _f32("mean", mean, (N,))
     _f32("rstd", rstd, (N,))
-    _f32("w", w, (C,))
-    _f32("dw", dw, (C,))
-    _f32("db", db, (C,))
+    _f32("weight", weight, (C,))
+    _f32("dweight", dweight, (C,))
+    _f32("dbias", dbias, (C,))
     if N == 0:
         return dx
     nchunks, rows = layernorm_bwd_chunks(N)
@@ -205,47 +210,48 @@ def layernorm_bwd(dout, x, mean, rstd, w, dx, dw, db, scratch=None):
         partial = xp.empty(need, dtype=np.float32)
     _launch("layernorm.cu", "layernorm_bwd_dwdb_partial", (-(-C // 32), nchunks), BLOCK,
             (dout, x, mean, rstd, partial, _i32(N), _i32(C), _i32(rows)))  # fmt: skip
-    _launch("layernorm.cu", "layernorm_bwd_dwdb_finalize", (-(-C // BLOCK),), BLOCK, (partial, dw, db, _i32(nchunks), _i32(C)))
-    _launch("layernorm.cu", "layernorm_bwd_dx", (-(-N // 8),), BLOCK, (dout, x, mean, rstd, w, dx, _i32(N), _i32(C)))
+    _launch("layernorm.cu", "layernorm_bwd_dwdb_finalize", (-(-C // BLOCK),), BLOCK, (partial, dweight, dbias, _i32(nchunks), _i32(C)))
+    _launch("layernorm.cu", "layernorm_bwd_dx", (-(-N // 8),), BLOCK, (dout, x, mean, rstd, weight, dx, _i32(N), _i32(C)))
     return dx
 
 
 # --- GELU -----------------------------------------------------------------------------------------------
 
 
-def gelu_bias_fwd(h, bias, out, pre=None):
-    """pre = h + bias (the MLP pre-activation, kept for the backward), out = gelu(pre).
+def gelu_forward(out, x, bias=None, *, pre=None):
+    """pre = x + bias (the MLP pre-activation, kept for the backward), out = gelu(pre).
 
-    Reference: `fc += bias` then npgpt.engine._gelu_fwd(fc, out). h: (N, C) float32 contiguous, the GEMM
-    output without its bias; bias: (C,) or None (no add: h already is the pre-activation); out: (N, C),
-    not aliasing h. pre defaults to h (the add happens in place). float4 loads when C % 4 == 0 and the
-    arrays are 16-byte aligned. Kernels: gelu_bias_fwd, gelu_bias_fwd_vec4.
+    Fast op it matches: npgpt.fast.gelu.gelu_forward (same arguments, without scratch and threads).
+    x: (N, C) float32 contiguous, the GEMM output without its bias; bias: (C,) or None (no add: x already
+    is the pre-activation); out: (N, C), not aliasing x. pre defaults to x (the add happens in place,
+    as in the fast op). float4 loads when C % 4 == 0 and the arrays are 16-byte aligned.
+    Kernels: gelu_bias_fwd, gelu_bias_fwd_vec4.
     """
-    N, C = h.shape
-    pre = h if pre is None else pre
-    _f32("h", h)
+    N, C = x.shape
+    pre = x if pre is None else pre
+    _f32("x", x)
     _f32("out", out, (N, C))
     _f32("pre", pre, (N, C))
     has_bias = bias is not None
     if has_bias:
         _f32("bias", bias, (C,))
-    b = bias if has_bias else h  # never read when has_bias == 0
+    b = bias if has_bias else x  # never read when has_bias == 0
     n = N * C
     if n == 0:
         return out
-    if C % 4 == 0 and _aligned16(h, b, pre, out):
+    if C % 4 == 0 and _aligned16(x, b, pre, out):
         _launch("gelu.cu", "gelu_bias_fwd_vec4", (_grid_stride_blocks(n // 4),), BLOCK,
-                (h, b, pre, out, _i64(n // 4), _i32(C // 4), _i32(has_bias)))  # fmt: skip
+                (x, b, pre, out, _i64(n // 4), _i32(C // 4), _i32(has_bias)))  # fmt: skip
     else:
-        _launch("gelu.cu", "gelu_bias_fwd", (_grid_stride_blocks(n),), BLOCK, (h, b, pre, out, _i64(n), _i32(C), _i32(has_bias)))
+        _launch("gelu.cu", "gelu_bias_fwd", (_grid_stride_blocks(n),), BLOCK, (x, b, pre, out, _i64(n), _i32(C), _i32(has_bias)))
     return out
 
 
-def gelu_bwd_(d, x):
+def gelu_backward_(d, x):
     """d *= gelu'(x), in place; x is the pre-activation (with bias). Returns d.
 
-    Reference: npgpt.engine._gelu_bwd(d, x). d, x: same shape, float32, contiguous, not aliasing.
-    Kernels: gelu_bwd_inplace, gelu_bwd_inplace_vec4.
+    Fast op it matches: npgpt.fast.gelu.gelu_backward_ (same arguments, without scratch and threads).
+    d, x: same shape, float32, contiguous, not aliasing. Kernels: gelu_bwd_inplace, gelu_bwd_inplace_vec4.
     """
     _f32("d", d)
     _f32("x", x, d.shape)
@@ -262,17 +268,18 @@ def gelu_bwd_(d, x):
 # --- softmax cross-entropy ------------------------------------------------------------------------------
 
 
-def cross_entropy_(logits, targets, scale=None, want_grad=True, ignore_index=-100, losses=None, dloss=1.0):
+def cross_entropy_(logits, targets, want_grad=True, dloss=1.0, ignore_index=-100, *, n_valid=None, scale=None,
+                   losses=None):  # fmt: skip
     """Mean softmax cross-entropy of the rows of `logits` (N, V); with want_grad the logits are
     overwritten in place by the gradient (softmax - onehot) * scale, zero rows where the target is
-    ignore_index. Returns the mean loss over the rows that count, as a CuPy 0-d float64 array (no
-    host synchronisation unless `scale` has to be computed).
+    ignore_index. Returns the mean loss over the rows that count, as a 0-d float64 array of the
+    logits' module (no host synchronisation unless `scale` has to be computed).
 
-    scale: dloss / n_valid (n_valid = rows whose target != ignore_index); None computes it, which
-    reads n_valid back to the host. Pass it (e.g. dloss / N when nothing is ignored) to avoid that.
+    Fast op it matches: npgpt.fast.cross_entropy.cross_entropy_ (same arguments, without threads and
+    block; it returns a Python float). scale: dloss / n_valid (n_valid = rows whose target !=
+    ignore_index); None computes it from n_valid when given, else reads the count back to the host.
     losses: (N,) float32 scratch for the per-row losses, allocated when None.
-    Reference: npgpt.engine._cross_entropy_inplace (scale = 1/N, no ignore_index) and
-    npgpt.layers.cross_entropy.softmax_cross_entropy_forward/_backward. Kernel: cross_entropy_fwd_bwd.
+    Kernel: cross_entropy_fwd_bwd.
     """
     xp = get_array_module(logits)
     N, V = logits.shape
@@ -283,15 +290,15 @@ def cross_entropy_(logits, targets, scale=None, want_grad=True, ignore_index=-10
     if losses is None:
         losses = xp.empty(N, dtype=np.float32)
     _f32("losses", losses, (N,))
-    n_valid = (targets != ignore_index).sum()
+    counted = (targets != ignore_index).sum()
     if want_grad and scale is None:
-        nv = int(n_valid)
+        nv = int(counted) if n_valid is None else int(n_valid)
         scale = float(dloss) / nv if nv else 0.0
     if N:
         _launch("cross_entropy.cu", "cross_entropy_fwd_bwd", (N,), CE_BLOCK,
                 (logits, targets, losses, _i32(N), _i32(V), _f(scale if want_grad else 0.0), _i32(bool(want_grad)),
                  _i64(ignore_index)))  # fmt: skip
-    return losses.sum(dtype=np.float64) / n_valid  # nan when every row is ignored
+    return losses.sum(dtype=np.float64) / counted  # nan when every row is ignored
 
 
 # --- AdamW and the gradient norm ------------------------------------------------------------------------
@@ -411,8 +418,8 @@ def attention_fwd(q, k, v, out, lse, scale):
     """Causal attention without dropout: out = softmax(scale * q k^T + causal mask) v, per head, and
     lse = logsumexp of each row of the masked scores (kept for the backward). O(T) extra memory.
 
-    Reference: npgpt.engine._attention_fwd_slab with keep=None (which takes q pre-scaled: call with
-    scale=1 then) and npgpt.layers.attention.attention_forward without dropout. With attention
+    Fast op it matches: npgpt.fast.attention.attention_heads_forward with keep=None (which takes q
+    pre-scaled: call with scale=1 then), and so npgpt.layers.attention.attention_forward without dropout. With attention
     dropout on, use the reference path instead.
     q, k, v, out: (B, NH, T, hs) float32, hs in ATTENTION_HEAD_SIZES, (T, hs) rows of each head contiguous,
     all with one head stride (views into buffers allocated for a longer T are fine), 16-byte aligned;
@@ -434,10 +441,10 @@ def attention_bwd(q, k, v, out, lse, dout, dq, dk, dv, scale, dq_mult=1.0, D=Non
         dq = dq_mult * scale * dS @ k,   dk = scale * dS^T @ q,   dv = P^T @ dout,
         dS = P * (dout @ v^T - rowsum(dout * out))
 
-    Reference: npgpt.engine._attention_bwd_slab with keep=None: the engine's q is pre-scaled by
-    1/sqrt(hs) and it wants dq for the unscaled q, i.e. scale=1, dq_mult=1/sqrt(hs). With scale=1/sqrt(hs)
+    Fast op it matches: npgpt.fast.attention.attention_heads_backward_ with keep=None: the fast step's q
+    is pre-scaled by 1/sqrt(hs) and it wants dq for the unscaled q, i.e. scale=1, dq_mult=1/sqrt(hs). With scale=1/sqrt(hs)
     on an unscaled q, dq_mult=1 gives npgpt.layers.attention.attention_backward's dq.
-    Arrays as in attention_fwd (out and lse from it). dout may be dq itself (the engine keeps dy in dq's
+    Arrays as in attention_fwd (out and lse from it). dout may be dq itself (the fast step keeps dy in dq's
     slot); no other aliasing. D: scratch for rowsum(dout * out), float32 with at least B * NH * lse head
     stride elements (allocated when None). Kernels: attention_bwd_rowdot, attention_bwd_dkdv_hs<hs>,
     attention_bwd_dq_hs<hs>.
@@ -458,3 +465,33 @@ def attention_bwd(q, k, v, out, lse, dout, dq, dk, dv, scale, dq_mult=1.0, D=Non
     _launch("attention.cu", f"attention_bwd_dq_hs{hs}", grid, BLOCK,
             (q, k, v, lse, D, dout, dq, _i32(T), _i64(stride), _i64(lse_stride), _f(scale), _f(dq_mult)), defines=defines)  # fmt: skip
     return dq, dk, dv
+
+
+def flash_attention_forward(y, heads, lse, qkv, *, head_out=None):
+    """y (b, t, C) = causal attention over qkv (b, t, 3C) without dropout, through attention_fwd: O(t)
+    memory. Saves heads (3, b, NH, t, hs) (q scaled by 1/sqrt(hs), k, v) and lse (b, NH, t), each
+    row's logsumexp, instead of the probabilities.
+
+    Fast op it matches: npgpt.fast.attention.attention_forward with p = 0 (which saves the probabilities
+    `att` where this saves `lse`). head_out: (b, NH, t, hs) scratch (allocated when None).
+    """
+    split_heads_into(heads, qkv)
+    if head_out is None:
+        head_out = get_array_module(qkv).empty_like(heads[0])
+    attention_fwd(heads[0], heads[1], heads[2], head_out, lse, scale=1.0)
+    merge_heads_into(y, head_out)
+
+
+def flash_attention_backward(dqkv, dy, heads, lse, y, *, dheads, head_out):
+    """dqkv (b, t, 3C) from dy (b, t, C), through attention_bwd, with the forward's heads, lse and output
+    y (b, t, C), from which the probabilities are recomputed.
+
+    Fast op it matches: npgpt.fast.attention.attention_backward with no dropout. dheads (3, b, NH, t,
+    hs) and head_out (b, NH, t, hs): scratch.
+    """
+    _, b, NH, t, hs = heads.shape
+    dheads[0][...] = dy.reshape(b, t, NH, hs).transpose(0, 2, 1, 3)  # dy lives in dq's slot
+    head_out[...] = y.reshape(b, t, NH, hs).transpose(0, 2, 1, 3)  # the forward's output, per head
+    attention_bwd(heads[0], heads[1], heads[2], head_out, lse, dheads[0], dheads[0], dheads[1], dheads[2],
+                  scale=1.0, dq_mult=1.0 / math.sqrt(hs))  # fmt: skip
+    dqkv.reshape(b, t, 3, NH, hs)[...] = dheads.transpose(1, 3, 0, 2, 4)

@@ -7,8 +7,8 @@
 
 Modules: tables.py and instructions.py (data), classifier.py (the model with a classification head
 and its Hugging Face files), steps.py (one step's forward and backward), trainer.py (the shared
-loop), classify.py and instruct.py (the two tasks), plots.py, and the two commands' argparse code in
-cli_finetune.py and cli_classify.py.
+loop), classify.py and instruct.py (the two tasks), plots.py. The two commands' argparse code lives
+in npgpt/cli/finetune.py and npgpt/cli/classify.py.
 """
 
 from __future__ import annotations

@@ -80,7 +80,7 @@ class Classifier:
     def forward(self, idx, labels=None, lm_weight: float = 0.0, training: bool = False, rng=None):
         """idx: (B, T) right-padded ids; labels: (B,) ids or None -> (logits (B, k), loss 0-d or None, cache)."""
         lm_weight = L.mixed_loss.check_lm_weight(lm_weight)
-        idx = self.model._check_idx(idx)
+        idx = self.model.check_idx(idx)
         use_lm = labels is not None and lm_weight > 0
         lm_logits, _, trunk = self.model.forward(idx, None, training=training, rng=rng, lm_head=use_lm)
         logits, c_head = L.classifier_head_forward(trunk.hidden, idx, self.score, self.pad_token_id)  # (B, k)

@@ -55,17 +55,22 @@ def check_block_params(p) -> None:
         )
 
 
-def block_forward(x, block_params, n_head, *, eps=1e-5, drop_rate=0.0, rng=None, training=False):
+def block_forward(x, block_params, n_head, *, eps=1e-5, drop_rate=0.0, rng=None, training=False, attend=None):
     """x: (B, T, C) -> out: (B, T, C).
 
     drop_rate applies, when training, to the attention probabilities and to both residual
     branches, as in GPT-2 (attn_pdrop = resid_pdrop = drop_rate); `rng` draws the masks.
+    attend: a function qkv (B, T, 3C) -> (y (B, T, C), cache) that replaces the causal attention, for
+    inference only: generation passes one that reads and extends a KV cache (npgpt/generate.py).
     """
     p = block_params
     check_block_params(p)
     h, c_ln1 = layernorm_forward(x, p["ln_1.weight"], p["ln_1.bias"], eps)  # (B, T, C)
     qkv, c_attn = linear_forward(h, p["attn.c_attn.weight"], p.get("attn.c_attn.bias"))  # -> (B, T, 3C)
-    a, c_att = attention_forward(qkv, n_head, attn_pdrop=drop_rate, rng=rng, training=training)  # -> (B, T, C)
+    if attend is None:
+        a, c_att = attention_forward(qkv, n_head, attn_pdrop=drop_rate, rng=rng, training=training)  # -> (B, T, C)
+    else:
+        a, c_att = attend(qkv)
     a, c_proj = linear_forward(a, p["attn.c_proj.weight"], p["attn.c_proj.bias"])  # (B, T, C)
     a, c_d1 = dropout_forward(a, drop_rate, rng, training)
     x1 = x + a  # shortcut around attention

@@ -1,4 +1,5 @@
-"""`npgpt finetune`: train a classifier or an instruction follower from a pretrained (or new) GPT.
+"""`npgpt finetune`: its arguments, mapped onto npgpt.finetune.FinetuneConfig, and the call of
+npgpt.finetune.finetune (a classifier or an instruction follower from a pretrained or new GPT).
 
     npgpt finetune --task classify --data train.csv --test-data test.csv --init-from runs/npgpt --out-dir runs/cls
     npgpt finetune --task classify                 # the bundled tang-forms set, a new nano model
@@ -11,7 +12,7 @@ import argparse
 from dataclasses import fields
 
 from ..config import PRESETS
-from .config import BUNDLED, TRAINABLE, FinetuneConfig
+from ..finetune.config import BUNDLED, TRAINABLE, FinetuneConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -63,7 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from . import finetune
+    from ..finetune import finetune
 
     names = {f.name for f in fields(FinetuneConfig)}
     values = {k: v for k, v in vars(args).items() if k in names}

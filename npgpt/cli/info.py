@@ -24,8 +24,8 @@ def _version(module: str) -> str:
 def collect(device=None) -> dict:
     import numpy as np
 
-    from . import __version__
-    from .backend import cuda_available, cuda_unavailable_reason, resolve_device
+    from .. import __version__
+    from ..backend import cuda_available, cuda_unavailable_reason, resolve_device
 
     info = {
         "npgpt": __version__,
@@ -63,7 +63,7 @@ def collect(device=None) -> dict:
         info["CUDA runtime"] = str(cupy.cuda.runtime.runtimeGetVersion())
     else:
         info["CUDA"] = f"not available: {cuda_unavailable_reason()}"
-    from .distributed import get_world
+    from ..distributed import get_world
 
     try:
         world = get_world()
@@ -80,7 +80,7 @@ def collect(device=None) -> dict:
 
 
 def _enabled_kernels() -> set:
-    from .cuda import enabled_kernels
+    from ..cuda import enabled_kernels
 
     try:
         return enabled_kernels()

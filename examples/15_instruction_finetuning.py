@@ -1,4 +1,4 @@
-"""Step 14 - Instruction tuning: a prompt template, and a loss on the response only.
+"""Step 15 - Instruction tuning: a prompt template, and a loss on the response only.
 
 What it teaches: an instruction-following model is the same GPT trained on examples that look like
     <template with the instruction and input> <response> <|endoftext|>
@@ -10,16 +10,18 @@ longest example. The end token teaches the model to stop. The data is bundled: t
 lines of 唐诗三百首 (continue a line; say whether a half-line is a line's first or second half), split by
 poem with a fixed seed (scripts/make_finetune_data.py).
 
-Run:   python examples/14_instruction_finetuning.py      (a few minutes on a laptop CPU)
-Fast:  NPGPT_EXAMPLES_FAST=1 python examples/14_instruction_finetuning.py   (a tiny run)
-Output: examples/out/14_instruction_finetuning/ (folder set by NPGPT_EXAMPLES_OUT):
+Run:   python examples/15_instruction_finetuning.py      (a few minutes on a laptop CPU)
+Fast:  NPGPT_EXAMPLES_FAST=1 python examples/15_instruction_finetuning.py   (a tiny run)
+Output: examples/out/15_instruction_finetuning/ (folder set by NPGPT_EXAMPLES_OUT):
         loss.png, metrics.jsonl, summary.json, checkpoints/
-Then:  npgpt generate --checkpoint examples/out/14_instruction_finetuning \\
+Then:  npgpt generate --checkpoint examples/out/15_instruction_finetuning \\
            --instruction "Is this the first or the second half of a line?" --input "处处闻啼鸟。"
+Notebook: the `# %%` lines mark cells; VS Code, PyCharm and Jupyter (with jupytext) open this file as a notebook.
 
 Glossary: B=batch, T=time, V=vocab.
 """
 
+# %%
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -32,9 +34,14 @@ from npgpt.finetune.instructions import ALPACA, IGNORE_INDEX, InstructionSet, re
 from npgpt.tokenizer import decode
 
 FAST = os.environ.get("NPGPT_EXAMPLES_FAST") == "1"
-OUT = Path(os.environ.get("NPGPT_EXAMPLES_OUT") or Path(__file__).resolve().parent / "out")
+HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()  # a notebook has no __file__
+OUT = Path(os.environ.get("NPGPT_EXAMPLES_OUT") or HERE / "out")
 
-# 1. One example, token by token: what the model reads, and which targets count.
+# %% [markdown]
+# ## 1. One example, token by token
+# What the model reads, and which targets count.
+
+# %%
 train_records = read_instructions(bundled_file("tang-instruct-train.json"))
 example = InstructionSet.build(train_records[:1], ALPACA, context_length=256)
 x, y = example.example(0)  # inputs (n,), targets (n,) = the next tokens, -100 where masked
@@ -43,7 +50,11 @@ masked = int((y == IGNORE_INDEX).sum())
 print(f"{len(x)} positions: {masked} targets inside the prompt are -100, {len(x) - masked} count: "
       f"{decode([t for t in y if t != IGNORE_INDEX])!r}\n")
 
-# 2. Tune a new small model from scratch (init_from="runs/..." starts from a pretrained one instead).
+# %% [markdown]
+# ## 2. Tune
+# A new small model from scratch (`init_from="runs/..."` starts from a pretrained one instead).
+
+# %%
 config = FinetuneConfig(
     task="instruct",
     data="tang-instruct",  # the bundled set: train, val and test files
@@ -57,15 +68,19 @@ config = FinetuneConfig(
     batch_size=8,
     lr=3e-3,
     samples=2,
-    out_dir=str(OUT / "14_instruction_finetuning"),
+    out_dir=str(OUT / "15_instruction_finetuning"),
     overwrite=True,
     keep_last=1,
     progress=not FAST,
 )
 result = finetune(config)
 
-# 3. Score each instruction of the test set separately, with the template stored in the checkpoint:
-#    exact answers, and answers in the right form (a half-line ending in a full stop; "first" or "second").
+# %% [markdown]
+# ## 3. Score each instruction of the test set separately
+# With the template stored in the checkpoint: exact answers, and answers in the right form (a half-line
+# ending in a full stop; "first" or "second").
+
+# %%
 model = load_pretrained(result.checkpoint)
 template = stored_template(result.checkpoint)
 test = read_instructions(bundled_file("tang-instruct-test.json"))[: 6 if FAST else None]

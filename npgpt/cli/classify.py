@@ -27,9 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from .classifier import load_classifier
-    from .plots import confusion_matrix, format_confusion
-    from .tables import PAD_ID, ClassificationSet, LabelMap, Row, read_labelled
+    from ..finetune.classifier import load_classifier
+    from ..finetune.plots import confusion_matrix, format_confusion
+    from ..finetune.tables import PAD_ID, ClassificationSet, LabelMap, Row, read_labelled
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")

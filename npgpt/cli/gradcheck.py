@@ -22,9 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from .backend import get_xp, resolve_device
-    from .gradcheck import format_results
-    from .gradcheck_suite import all_checks
+    from ..backend import get_xp, resolve_device
+    from ..gradcheck import format_results
+    from ..gradcheck_suite import all_checks
 
     checks = all_checks()
     if args.only:

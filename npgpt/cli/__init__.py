@@ -1,6 +1,9 @@
-"""The `npgpt` command line: train, generate, finetune, classify, gradcheck, bench, info.
+"""The `npgpt` command line: train, generate, finetune, classify, gradcheck, bench, info, seq2seq (the
+console script `npgpt`, and `python -m npgpt`).
 
-Each subcommand's arguments and work live in its own module; this file only wires them together.
+Each subcommand's arguments and work live in its own module of this package (npgpt/cli/train.py, ...);
+this file only wires them together. The Python API they call (npgpt.train, npgpt.generate, npgpt.bench,
+...) never imports argparse.
 """
 
 from __future__ import annotations
@@ -10,9 +13,9 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-    from . import bench, cli_gradcheck, generate, info, train
-    from .finetune import cli_classify, cli_finetune
+    from .. import __version__
+    from . import seq2seq as seq2seq_cli
+    from . import bench, classify, finetune, generate, gradcheck, info, train
 
     parser = argparse.ArgumentParser(
         prog="npgpt",
@@ -23,11 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module, help_text in [
         ("train", train, "pretrain or fine-tune a GPT on text files (default: the bundled short story)"),
         ("generate", generate, "continue a prompt with a trained checkpoint"),
-        ("finetune", cli_finetune, "fine-tune a GPT: a classifier (--task classify) or on instructions (--task instruct)"),
-        ("classify", cli_classify, "predict labels with a fine-tuned classifier"),
-        ("gradcheck", cli_gradcheck, "check every layer's backward against finite differences"),
+        ("finetune", finetune, "fine-tune a GPT: a classifier (--task classify) or on instructions (--task instruct)"),
+        ("classify", classify, "predict labels with a fine-tuned classifier"),
+        ("gradcheck", gradcheck, "check every layer's backward against finite differences"),
         ("bench", bench, "time a training step and generation"),
         ("info", info, "show the backend, devices, BLAS and versions"),
+        ("seq2seq", seq2seq_cli, "the encoder-decoder Transformer: train, translate, eval (English -> Malay bundled)"),
     ]:
         p = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(p)
@@ -41,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "run", None) is None:
         parser.print_help()
         return 2
-    from .train import TrainingAborted
+    from ..train import TrainingAborted
 
     try:
         return int(args.run(args) or 0)

@@ -1,0 +1,231 @@
+"""`npgpt bench`: time a full training step (forward, backward, AdamW) and greedy generation.
+
+    npgpt bench                                   # 124M, B=2, T=256, float32, on the CPU
+    npgpt bench --vs-torch                        # the same model, weights and batch in PyTorch eager
+    npgpt bench --preset nano --engine both       # fast engine against the readable reference
+    npgpt bench --device cuda --batch-size 8 --context-length 1024 --precision bf16 --vs-torch --torch-compile
+
+What is measured and how: npgpt/bench.py. With --vs-torch the npgpt and PyTorch steps alternate in one
+process (same thread count, same device, same precision: --precision bf16/fp16 is torch.autocast there,
+fp32 follows --tf32/--no-tf32) and the ratios are printed; --torch-compile adds a torch.compile twin
+beside eager. On the CPU the peak memory of each is measured in a fresh subprocess (peak resident set
+size), so neither inherits the other's allocations; on a GPU the run prints what CuPy's memory pool held
+and torch's peak allocated. Generation: greedy decoding with the KV cache against transformers' generate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from ..backend import set_tf32
+from ..bench import (
+    NpgptStep,
+    bench_generation,
+    flops_per_token,
+    gpu_peak_gflops,
+    make_batch,
+    peak_kind,
+    peak_sgemm_gflops,
+    set_threads,
+    time_steps,
+    torch_precision,
+)
+from ..config import GPTConfig
+from ..metrics import peak_rss_mb
+from ..model import GPT
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="gpt2")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--context-length", type=int, default=256)
+    p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="matrix products in float32 (TF32 on a GPU unless --no-tf32) or mixed precision, bf16/fp16 "
+                        "with float32 master weights (the same torch.autocast in the --vs-torch twin)")  # fmt: skip
+    p.add_argument("--engine", choices=["fast", "reference", "both"], default="fast")
+    p.add_argument("--drop-rate", type=float, default=0.0, help="dropout during the timed steps (default off)")
+    p.add_argument("--threads", type=int, help="BLAS (and torch) threads (default: as configured)")
+    p.add_argument("--vs-torch", action="store_true", help="also run the same step in PyTorch eager (transformers' GPT-2)")
+    p.add_argument("--torch-attn", choices=["sdpa", "eager"], default="sdpa", help="transformers' attention implementation")
+    p.add_argument("--torch-compile", action="store_true", help="with --vs-torch, also time a torch.compile twin beside eager")
+    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory subprocesses")
+    p.add_argument("--generate", type=int, default=50, metavar="N", help="greedy tokens to generate (0: skip)")
+    p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matrix products on the GPU")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--memory-worker", choices=["npgpt", "torch"], help=argparse.SUPPRESS)
+
+
+def memory_worker(args) -> int:
+    """Run warmup+steps of one framework in this fresh process and print its peak RSS as JSON."""
+    set_threads(args.threads)
+    cfg = GPTConfig.from_preset(args.preset, drop_rate=0.0)
+    model = GPT(cfg, seed=args.seed, device="cpu", dtype=np.dtype(args.dtype))
+    x, y = make_batch(cfg, args.batch_size, args.context_length, args.seed)
+    if args.memory_worker == "torch":
+        from ..bench_torch import TorchStep
+
+        step = TorchStep(model, args.torch_attn, precision=torch_precision(args.precision, tf32=False))
+        del model  # the torch twin holds its own copy of the weights
+    else:
+        engine = "fast" if args.engine == "both" else args.engine
+        step = NpgptStep(model, args.batch_size, args.context_length, engine, precision=args.precision)
+    for _ in range(2):
+        step(x, y, False, None)
+    print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
+    return 0
+
+
+def measure_memory(args, framework: str) -> float | None:
+    cmd = [sys.executable, "-m", "npgpt", "bench", "--memory-worker", framework, "--preset", args.preset,
+           "--batch-size", str(args.batch_size), "--context-length", str(args.context_length), "--dtype", args.dtype,
+           "--engine", args.engine, "--torch-attn", args.torch_attn, "--seed", str(args.seed),
+           "--precision", args.precision]  # fmt: skip
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "NPGPT_DEVICE": "cpu"})
+    if out.returncode != 0:
+        print(f"  (memory measurement of {framework} failed: {out.stderr.strip().splitlines()[-1:]})")
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+
+
+def run(args) -> int:
+    if args.memory_worker:
+        return memory_worker(args)
+    _check_args(args)
+    set_tf32(args.tf32)
+    threads = set_threads(args.threads)
+    cfg = GPTConfig.from_preset(args.preset, drop_rate=args.drop_rate)
+    T, B = args.context_length, args.batch_size
+    if T > cfg.context_length:
+        raise ValueError(f"--context-length {T} exceeds the preset's context_length {cfg.context_length}")
+    model = GPT(cfg, seed=args.seed, device=args.device, dtype=np.dtype(args.dtype))
+    x, y = make_batch(cfg, B, T, args.seed)
+    tf32 = args.tf32 and model.device == "cuda"  # TF32 exists only on the GPU
+    steps, torch_step = _build_steps(args, cfg, model, threads, tf32)
+    times, losses = time_steps(steps, x, y, args.steps, args.warmup, args.drop_rate > 0, args.seed, model.xp)
+    precision = args.precision + (" with TF32" if args.precision == "fp32" and tf32 else "")
+    print(f"npgpt bench: preset {args.preset} ({model.num_params():,} parameters), B={B} T={T}, {args.dtype}, "
+          f"precision {precision}, {model.device}, {threads} BLAS thread(s); "
+          f"median of {args.steps} steps after {args.warmup} warm-up")  # fmt: skip
+    report = {"preset": args.preset, "B": B, "T": T, "dtype": args.dtype, "precision": args.precision, "tf32": tf32,
+              "device": model.device, "threads": threads, "flops_per_step": flops_per_token(cfg, T) * B * T, "steps": {}}  # fmt: skip
+    if torch_step is not None:
+        report["torch_precision"] = torch_step.precision
+    _report_steps(args, report, times, losses, model.device, tf32)
+    if model.device == "cuda":
+        _report_gpu_memory(args, report, torch_step)
+    if args.memory and model.device == "cpu":
+        _report_peak_memory(args, report)
+    if args.generate:
+        _report_generation(args, report, model, torch_step)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+def _check_args(args) -> None:
+    if args.torch_compile and not args.vs_torch:
+        raise ValueError("--torch-compile times a torch.compile twin beside --vs-torch's eager one; add --vs-torch")
+    if args.torch_compile and args.warmup < 1:
+        raise ValueError("--torch-compile compiles during the first step; use --warmup 1 or more so that is not timed")
+    if args.vs_torch and args.dtype != "float32":
+        raise ValueError("--vs-torch compares float32 models (torch's twin keeps float32 weights; mixed precision "
+                         "is --precision bf16/fp16); drop --dtype")  # fmt: skip
+
+
+def _build_steps(args, cfg, model, threads: int, tf32: bool) -> tuple[dict, object]:
+    """The steps to time by name, and the torch eager twin (None without --vs-torch), which also runs the
+    generation comparison. A second npgpt engine (--engine both) gets its own model with the same seed."""
+    B, T, dtype = args.batch_size, args.context_length, np.dtype(args.dtype)
+    engines = ["fast", "reference"] if args.engine == "both" else [args.engine]
+    steps = {f"npgpt {e}": NpgptStep(GPT(cfg, seed=args.seed, device=args.device, dtype=dtype) if i else model,
+                                     B, T, e, precision=args.precision)
+             for i, e in enumerate(engines)}  # fmt: skip
+    if not args.vs_torch:
+        return steps, None
+    try:
+        from ..bench_torch import TorchStep
+    except ImportError:
+        raise ValueError("--vs-torch needs PyTorch and transformers: pip install 'npgpt[parity]'") from None
+    twins = {f"torch eager ({args.torch_attn})": False}
+    if args.torch_compile:
+        twins[f"torch.compile ({args.torch_attn})"] = True
+    for name, compiled in twins.items():
+        steps[name] = TorchStep(model, args.torch_attn, threads=threads, device=model.device,
+                                precision=torch_precision(args.precision, tf32), compile=compiled)  # fmt: skip
+    return steps, steps[f"torch eager ({args.torch_attn})"]
+
+
+def _report_steps(args, report: dict, times: dict, losses: dict, device: str, tf32: bool) -> None:
+    """The table of ms/step, tokens/s, GFLOP/s and MFU, and the throughput ratios against the first step."""
+    tokens, flops = report["B"] * report["T"], report["flops_per_step"]
+    peak = peak_sgemm_gflops(dtype=np.dtype(args.dtype)) if device == "cpu" else gpu_peak_gflops(args.precision, tf32)
+    if peak:
+        report["peak_sgemm_gflops" if device == "cpu" else "peak_gpu_gflops"] = peak
+    print(f"  {'':28s} {'ms/step':>9s} {'tokens/s':>9s} {'GFLOP/s':>8s} {'MFU':>6s}  first losses")
+    for name, sec in times.items():
+        gf = flops / sec / 1e9
+        mfu = f"{100 * gf / peak:5.1f}%" if peak else "   n/a"
+        print(f"  {name:28s} {sec * 1e3:9.1f} {tokens / sec:9.1f} {gf:8.1f} {mfu}  {' '.join(f'{v:.4f}' for v in losses[name][:3])}")
+        report["steps"][name] = {"ms": sec * 1e3, "tokens_per_s": tokens / sec, "gflops": gf, "losses": losses[name]}
+    if peak and device == "cpu":
+        print(f"  peak sgemm (2048^3 np.matmul, same process): {peak:.1f} GFLOP/s")
+    elif peak:
+        kind = {"fp32": "FP32", "tf32": "TF32", "16-bit": args.precision.upper()}[peak_kind(args.precision, tf32)]
+        print(f"  MFU against the GPU's dense {kind} peak, {peak / 1e3:.0f} TFLOP/s")
+    first = next(iter(times))
+    for name in list(times)[1:]:
+        ratio = times[name] / times[first]
+        print(f"  {first} is {ratio:.2f}x the throughput of {name}")
+        report.setdefault("ratios", {})[f"{first} / {name}"] = ratio
+
+
+def _report_gpu_memory(args, report: dict, torch_step) -> None:
+    import cupy
+
+    # CuPy keeps no peak; its pool never gives memory back (nothing in npgpt calls free_all_blocks), so
+    # what it holds after the steps is its high-water mark, cached free blocks included. torch's
+    # allocator keeps a peak of the memory its tensors held, since the last twin was built.
+    pool = cupy.get_default_memory_pool()
+    held = pool.total_bytes() / 2**20
+    line = f"  GPU memory: npgpt's CuPy pool held {held:,.0f} MB ({pool.used_bytes() / 2**20:,.0f} MB in use after)"
+    report["gpu_pool_mb"] = held
+    if torch_step is not None:
+        report["torch_peak_allocated_mb"] = torch_step.peak_memory_mb()
+        line += f"; torch peak allocated {report['torch_peak_allocated_mb']:,.0f} MB"
+        line += " (eager and torch.compile twins together)" if args.torch_compile else ""
+    print(line)
+
+
+def _report_peak_memory(args, report: dict) -> None:
+    mem = {"npgpt": measure_memory(args, "npgpt")}
+    if args.vs_torch:
+        mem["torch"] = measure_memory(args, "torch")
+    line = ", ".join(f"{k} {v:,.0f} MB" for k, v in mem.items() if v)
+    print(f"  peak memory of a training step (fresh process, peak RSS): {line}"
+          + (f"; npgpt/torch = {mem['npgpt'] / mem['torch']:.2f}" if mem.get("torch") and mem.get("npgpt") else ""))  # fmt: skip
+    report["peak_memory_mb"] = mem
+
+
+def _report_generation(args, report: dict, model, torch_step) -> None:
+    gen = bench_generation(model, args.generate, args.prompt_tokens, args.seed, torch_step)
+    line = f"  greedy generation, KV cache, {args.generate} tokens after {args.prompt_tokens}: npgpt {gen['npgpt_tokens_per_s']:.1f} tokens/s"
+    if "torch_tokens_per_s" in gen:
+        line += (f", transformers generate {gen['torch_tokens_per_s']:.1f} tokens/s "
+                 f"(ratio {gen['npgpt_tokens_per_s'] / gen['torch_tokens_per_s']:.2f}; same tokens: {gen['same_tokens']})")  # fmt: skip
+    print(line)
+    report["generation"] = gen

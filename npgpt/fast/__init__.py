@@ -1,0 +1,57 @@
+"""npgpt's fast ops: one file per readable layer of npgpt/layers/, same names, same math.
+
+    layers/layernorm.py   out, cache = layernorm_forward(x, weight, bias)        (readable: fresh arrays, a cache)
+    fast/layernorm.py     layernorm_forward(out, mean, rstd, x, weight, bias, eps, threads=2)
+                          (fast: outputs first, written into buffers the caller allocated once)
+
+Each fast op computes what its readable twin computes (tests/test_fast_ops.py holds each pair equal:
+float64 to ~1e-12, float32 to ~1e-5) and says in its module docstring where the state it saves
+differs. Threading (CPU row blocks over several threads) and 16-bit compute are handled inside the
+ops. Positional arguments are an op's contract; keyword-only ones (threads=, scratch=, matmul=) are
+resources of one implementation, which the fast step (npgpt/engine.py) binds once when it chooses
+each op's implementation: these NumPy/CuPy functions, or the CUDA kernels of npgpt.cuda.kernels,
+which have the same positional arguments.
+
+| readable layer (npgpt/layers/) | fast op (npgpt/fast/)                                          | CUDA kernel (kernels/) |
+| embedding                      | embedding_forward/_backward, add_position_embedding_, position_embedding_backward | - |
+| linear                         | linear_forward, linear_backward                                | - (cuBLAS)             |
+| layernorm                      | layernorm_forward, layernorm_backward                          | layernorm.cu           |
+| gelu                           | gelu_forward (bias add fused), gelu_backward_                  | gelu.cu                |
+| attention                      | attention_forward, attention_backward (+ the head-level pair)  | attention.cu (no dropout) |
+| cross_entropy                  | cross_entropy_ (forward and backward in place)                 | cross_entropy.cu       |
+| dropout                        | dropout_forward, dropout_backward                              | -                      |
+| last_token                     | last_token_index, last_token_forward, last_token_backward     | -                      |
+
+The composites block and ffn, and fine-tuning's classifier_head (last_token + linear) and mixed_loss
+(two cross-entropies, weighted), have no op of their own: the fast steps call their parts' ops.
+"""
+
+from .attention import (
+    attention_backward,
+    attention_forward,
+    attention_heads_backward_,
+    attention_heads_forward,
+    merge_heads_into,
+    split_heads_into,
+)
+from .common import in_threads, matmul, rowdot
+from .cross_entropy import GPU_LOSS_ROWS, IGNORE_INDEX, LOSS_ROWS, cross_entropy_
+from .dropout import dropout_backward, dropout_forward
+from .embedding import add_position_embedding_, embedding_backward, embedding_forward, position_embedding_backward
+from .gelu import GPU_ROW_BLOCK, ROW_BLOCK, gelu_backward_, gelu_forward, gelu_scratch
+from .last_token import last_token_backward, last_token_forward, last_token_index
+from .layernorm import layernorm_backward, layernorm_forward
+from .linear import linear_backward, linear_forward
+
+__all__ = [
+    "attention_forward", "attention_backward", "attention_heads_forward", "attention_heads_backward_",
+    "split_heads_into", "merge_heads_into",
+    "matmul", "rowdot", "in_threads",
+    "cross_entropy_", "IGNORE_INDEX", "LOSS_ROWS", "GPU_LOSS_ROWS",
+    "dropout_forward", "dropout_backward",
+    "embedding_forward", "embedding_backward", "add_position_embedding_", "position_embedding_backward",
+    "gelu_forward", "gelu_backward_", "gelu_scratch", "ROW_BLOCK", "GPU_ROW_BLOCK",
+    "last_token_index", "last_token_forward", "last_token_backward",
+    "layernorm_forward", "layernorm_backward",
+    "linear_forward", "linear_backward",
+]  # fmt: skip

@@ -1,0 +1,131 @@
+"""Fast causal multi-head self-attention: all (batch, head) pairs at once, into preallocated buffers.
+
+Glossary: B=batch, T=time, C=channels, NH=heads, hs=C//NH (head size); b, t: the batch and time in use.
+    q, k, v = split(qkv);  q' = q / sqrt(hs)               (b,t,3C) -> 3 x (b,NH,t,hs), q pre-scaled
+    att = softmax(q' @ k^T + bias)                         (b,NH,t,t), bias -inf above the diagonal
+    y   = merge(dropout(att) @ v)                          (b,NH,t,hs) -> (b,t,C)
+
+Readable twin: npgpt.layers.attention (attention_forward / attention_backward). Differences:
+- saved state: the readable cache keeps q, k, v and att; this keeps them too, in the caller's
+  buffers: `heads` (3, b, NH, t, hs) holds q already divided by sqrt(hs) (one multiply instead of
+  one per score), k and v; `att` the probabilities before dropout; the caller keeps the keep-mask;
+- the mask is an additive bias (0 on and below the diagonal, -inf above), built once by the caller;
+- the products of each step run on the whole (b, NH) stack at once (`matmul`: common.matmul, or on a
+  GPU npgpt.cuda.blas.matmul, one cuBLAS call per product with transposes as flags);
+- 16-bit compute: the softmax's row sums are taken in float32.
+The head-level pair attention_heads_forward / attention_heads_backward_ is what the CUDA kernels match.
+CUDA kernel: kernels/attention.cu (flash attention: O(t) memory, no dropout, keeps each row's logsumexp
+instead of att), npgpt.cuda.kernels.attention_fwd / attention_bwd at the head level and
+flash_attention_forward / flash_attention_backward at the level of this file's attention_forward /
+attention_backward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..backend import get_array_module
+from ..layers.dropout import dropout_mask
+from ..precision import is_low_precision
+from .common import matmul, rowdot
+
+
+def split_heads_into(heads, qkv) -> None:
+    """heads (3, b, NH, t, hs) <- qkv (b*t, 3C) or (b, t, 3C), the fused projection [q | k | v]; q is
+    divided by sqrt(hs) on the way."""
+    _, b, NH, t, hs = heads.shape
+    heads[...] = qkv.reshape(b, t, 3, NH, hs).transpose(2, 0, 3, 1, 4)  # (b, t, 3C) -> (3, b, NH, t, hs)
+    heads[0] *= heads.dtype.type(1.0 / math.sqrt(hs))  # fold the 1/sqrt(hs) into q
+
+
+def merge_heads_into(y, head_out) -> None:
+    """y (b*t, C) or (b, t, C) <- head_out (b, NH, t, hs)."""
+    b, NH, t, hs = head_out.shape
+    y.reshape(b, t, NH, hs)[...] = head_out.transpose(0, 2, 1, 3)  # (b, NH, t, hs) -> (b, t, C)
+
+
+def attention_forward(y, heads, att, qkv, bias, p: float = 0.0, rng=None, *, dropped=None, head_out=None, matmul=matmul):
+    """y (b, t, C) = causal attention over qkv (b, t, 3C) (or the same as 2-D (b*t, ...) views).
+
+    Saves heads (3, b, NH, t, hs) (q scaled by 1/sqrt(hs), k, v) and att (b, NH, t, t), the
+    probabilities before dropout. bias: (t, t), 0 on and below the diagonal, -inf above. p > 0: dropout
+    on att with a mask drawn from `rng` (as layers.attention draws it), returned; else returns None.
+    dropped (b, NH, t, t) and head_out (b, NH, t, hs): scratch (allocated when None)."""
+    xp = get_array_module(qkv)
+    split_heads_into(heads, qkv)
+    q, k, v = heads[0], heads[1], heads[2]
+    keep = dropout_mask(att.shape, p, rng, xp) if p > 0 else None
+    if keep is not None and dropped is None:
+        dropped = xp.empty_like(att)
+    if head_out is None:
+        head_out = xp.empty_like(q)
+    attention_heads_forward(head_out, att, q, k, v, bias, keep, att.dtype.type(1.0 / (1.0 - p)), dropped=dropped, matmul=matmul)
+    merge_heads_into(y, head_out)
+    return keep
+
+
+def attention_backward(dqkv, dy, heads, att, keep=None, p: float = 0.0, *, dheads=None, datt=None, matmul=matmul) -> None:
+    """dqkv (b, t, 3C) from dy (b, t, C), with the forward's heads, att and keep-mask (None: no dropout).
+    dheads (3, b, NH, t, hs) and datt (b, NH, t, t): scratch (allocated when None).
+
+    Differentiates  `y = att' @ v`,  `att = softmax(q' @ k^T + bias)`  (layers/attention.py):
+        dv = att'^T @ dy;  datt = dy @ v^T (through the mask);  dscores = att * (datt - rowsum(datt * att));
+        dk = dscores^T @ q';  dq = dscores @ k / sqrt(hs)."""
+    xp = get_array_module(dy)
+    _, b, NH, t, hs = heads.shape
+    if dheads is None:
+        dheads = xp.empty_like(heads)
+    if datt is None:
+        datt = xp.empty_like(att)
+    dheads[0][...] = dy.reshape(b, t, NH, hs).transpose(0, 2, 1, 3)  # dy lives in dq's slot until dq is computed
+    attention_heads_backward_(dheads[0], dheads[1], dheads[2], datt, heads[0], heads[1], heads[2], att, keep,
+                              att.dtype.type(1.0 / (1.0 - p)), att.dtype.type(1.0 / math.sqrt(hs)), matmul=matmul)  # fmt: skip
+    dqkv.reshape(b, t, 3, NH, hs)[...] = dheads.transpose(1, 3, 0, 2, 4)  # (3, b, NH, t, hs) -> (b, t, 3C)
+
+
+# --- over (..., t, hs) stacks of heads ------------------------------------------------------------------
+
+
+def attention_heads_forward(out, att, q, k, v, bias, keep=None, drop_scale=1.0, *, dropped=None, matmul=matmul) -> None:
+    """att = softmax(q @ k^T + bias) (rows), out = dropout(att) @ v. Shapes (..., t, hs) and (..., t, t);
+    q is already scaled (by 1/sqrt(hs) in GPT-2); bias is 0 on and below the diagonal and -inf above it.
+    keep: the dropout mask (None: no dropout), drop_scale 1/(1 - p), dropped: scratch like att."""
+    xp = get_array_module(q)
+    matmul(att, q, xp.swapaxes(k, -1, -2))  # scores
+    att += bias  # the future gets -inf
+    att -= att.max(axis=-1, keepdims=True)
+    xp.exp(att, out=att)
+    att /= att.sum(axis=-1, keepdims=True, dtype=np.float32 if is_low_precision(att.dtype) else None)
+    used = att
+    if keep is not None:
+        xp.multiply(att, keep, out=dropped)
+        dropped *= drop_scale
+        used = dropped
+    matmul(out, used, v)
+
+
+def attention_heads_backward_(dq, dk, dv, datt, q, k, v, att, keep=None, drop_scale=1.0, inv_sqrt=1.0, *, matmul=matmul) -> None:
+    """The backward of attention_heads_forward. dq holds dy on entry (it is read before dq is written);
+    datt is scratch like att. inv_sqrt: the factor of q's scale that dq must carry (1/sqrt(hs) for the
+    unscaled q of GPT-2's qkv), so dq is the gradient of the q before the scaling."""
+    xp = get_array_module(q)
+    dy = dq
+    if keep is not None:
+        xp.multiply(att, keep, out=datt)  # the dropped probabilities that multiplied v
+        datt *= drop_scale
+        matmul(dv, xp.swapaxes(datt, -1, -2), dy)  # dv = att'^T @ dy
+        matmul(datt, dy, xp.swapaxes(v, -1, -2))  # datt' = dy @ v^T
+        datt *= keep  # back through the mask
+        datt *= drop_scale
+    else:
+        matmul(dv, xp.swapaxes(att, -1, -2), dy)  # dv = att^T @ dy
+        matmul(datt, dy, xp.swapaxes(v, -1, -2))  # datt = dy @ v^T
+    # softmax backward, in place: dscores = att * (datt - sum(datt * att))
+    datt -= rowdot(datt, att)[..., None]
+    datt *= att
+    # scores = q' @ k^T with q' = q * inv_sqrt:  dk = dscores^T @ q',  dq = dscores @ k * inv_sqrt
+    matmul(dk, xp.swapaxes(datt, -1, -2), q)
+    matmul(dq, datt, k)  # overwrites dy, which is no longer needed
+    dq *= inv_sqrt

@@ -1,0 +1,44 @@
+"""What the fast ops share: the matrix product, row-wise dot products, and CPU threads over row ranges.
+
+Glossary: n = rows, C = channels. Not a layer: npgpt/layers/ has no twin of this file.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import get_array_module
+from ..parallel import parallel_ranges
+from ..precision import is_low_precision
+
+
+def matmul(out, a, b) -> None:
+    """out = a @ b (stacks of matrices too). With 16-bit operands on the CPU the product is taken of
+    float32 copies and rounded once into `out`, as a GPU's tensor cores accumulate 16-bit products in
+    float32 (NumPy has no 16-bit BLAS, and no bfloat16 matmul that writes bfloat16). On the GPU with
+    NPGPT_CUDA_KERNELS=bmm, attention's products go through npgpt.cuda.blas.matmul instead (same contract)."""
+    xp = get_array_module(out)
+    if xp is np and is_low_precision(out.dtype):
+        out[...] = np.matmul(a.astype(np.float32), b.astype(np.float32))
+    else:
+        xp.matmul(a, b, out=out)
+
+
+def rowdot(a, b):
+    """sum(a * b, axis=-1) without materialising a * b on the CPU (16-bit operands: summed in float32)."""
+    xp = get_array_module(a)
+    if is_low_precision(a.dtype):
+        return (a * b).sum(axis=-1, dtype=np.float32)
+    if xp is np:
+        sub = "abcdefgh"[: a.ndim]
+        return np.einsum(f"{sub},{sub}->{sub[:-1]}", a, b)
+    return (a * b).sum(axis=-1)
+
+
+def in_threads(n: int, work, threads: int) -> None:
+    """work(lo, hi, worker) over contiguous row ranges of range(n), on `threads` threads at once (NumPy
+    releases the GIL inside its loops, so elementwise work spreads over the cores; see parallel.py)."""
+    if threads <= 1 or n < 2 * threads:
+        work(0, n, 0)
+    else:
+        parallel_ranges(n, work, threads)

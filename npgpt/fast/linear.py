@@ -1,0 +1,58 @@
+"""Fast affine layer: out = x @ weight + bias as one 2-D GEMM into a preallocated buffer.
+
+Glossary: n = rows (B*T), C_in / C_out = channels in / out.
+
+Readable twin: npgpt.layers.linear (linear_forward / linear_backward). Differences:
+- outputs first, into buffers the caller owns; x, out, dx are 2-D (n, C);
+- no cache: the backward is given x and weight again (the caller keeps x as an activation);
+- the gradients are written straight into the caller's buffers (in the fast step, views of its one
+  flat gradient buffer), or added into them with accumulate=True (gradient accumulation);
+- a weight gradient that is a transposed view (the tied output head: the (V, C) table used as a
+  (C, V) weight) is computed in its buffer's own layout, dweight^T = dout^T @ x, so nothing is copied;
+- 16-bit compute (precision.py): x, weight, out and dx are 16-bit and the products accumulate in
+  float32 (common.matmul); the weight and bias gradients are float32, so the 16-bit weight product
+  goes through `scratch` and is then copied or added into the float32 buffer.
+CUDA: plain cuBLAS GEMMs (CuPy's matmul); no kernel of ours.
+"""
+
+from __future__ import annotations
+
+from ..backend import get_array_module
+from .common import matmul
+
+
+def linear_forward(out, x, weight, bias=None) -> None:
+    """out (n, C_out) = x (n, C_in) @ weight (C_in, C_out) + bias (C_out,) (None: no bias)."""
+    matmul(out, x, weight)  # (n, C_in) @ (C_in, C_out) -> (n, C_out)
+    if bias is not None:
+        out += bias
+
+
+def linear_backward(dx, dweight, dbias, dout, x, weight, accumulate: bool = False, *, scratch=None) -> None:
+    """dx (n, C_in) = dout @ weight^T;  dweight (C_in, C_out) = x^T @ dout;  dbias (C_out,) = sum_n dout.
+
+    Differentiates  `out = x @ weight + bias`  (derivation in layers/linear.py). dweight and dbias are
+    overwritten, or added into with accumulate=True; dbias None: the layer has no bias. dout: (n, C_out).
+    scratch: a 1-D buffer of x's dtype with at least dweight.size elements, used when accumulating or
+    when dweight's dtype differs from x's (16-bit compute); allocated when needed and not given."""
+    matmul(dx, dout, weight.T)  # (n, C_out) @ (C_out, C_in) -> (n, C_in)
+    a, b, target = x.T, dout, dweight  # (C_in, n) @ (n, C_out) -> (C_in, C_out)
+    if not dweight.flags.c_contiguous and dweight.T.flags.c_contiguous:
+        a, b, target = dout.T, x, dweight.T  # the buffer's own layout: (C_out, n) @ (n, C_in) -> (C_out, C_in)
+    if not accumulate and target.dtype == x.dtype:
+        get_array_module(target).matmul(a, b, out=target)
+    else:
+        if scratch is None:
+            scratch = get_array_module(x).empty(target.size, dtype=x.dtype)
+        product = scratch[: target.size].reshape(target.shape)
+        matmul(product, a, b)
+        if accumulate:
+            target += product
+        else:
+            target[...] = product
+    if dbias is not None:
+        total = dout.sum(axis=0, dtype=dbias.dtype)  # (n, C_out) -> (C_out,)
+        if accumulate:
+            dbias += total
+        else:
+            dbias[...] = total

@@ -1,0 +1,111 @@
+"""Checkpoints of the encoder-decoder model, in npgpt's checkpoint layout (npgpt/checkpoint.py):
+
+    run/checkpoints/step-XXXXXXXX/
+      model.safetensors      the parameters under the names of seq2seq/model.py (no pickle)
+      config.json            {"npgpt_seq2seq": {format_version, config, dtype, vocab: {gpt2_ids: [...]}}}
+      optimizer.safetensors  AdamW moments m.<name>, v.<name>
+      trainer_state.json     step, data position, split, history, settings
+      manifest.json          sha256 and size of each file above, written last
+
+The same helpers as GPT training write and check them: every file atomically, the manifest last, a
+checkpoint counts only when its manifest verifies and its weights are finite, --resume takes the
+newest good one, and cleanup never removes the last good one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .. import checkpoint as ckpt
+from ..atomic import atomic_write_json
+from ..backend import get_xp
+from .config import Seq2SeqConfig
+from .model import Seq2Seq
+from .vocab import Vocab
+
+FORMAT_VERSION = 1
+CONFIG_KEY = "npgpt_seq2seq"
+
+
+def save_model(ckpt_dir, model: Seq2Seq, vocab: Vocab) -> None:
+    """model.safetensors and config.json (with the vocabulary's GPT-2 ids) into ckpt_dir."""
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.save_tensors(ckpt_dir / ckpt.MODEL_FILE, model.params)
+    meta = {"format_version": FORMAT_VERSION, "model": "encoder-decoder Transformer (npgpt.seq2seq)",
+            "config": model.config.to_dict(), "dtype": np.dtype(model.dtype).name,
+            "vocab": {"kind": "gpt2-bpe-restricted", "specials": ["<pad>", "<bos>", "<eos>"],
+                      "gpt2_ids": vocab.to_list()}}  # fmt: skip
+    atomic_write_json(ckpt_dir / ckpt.CONFIG_FILE, {CONFIG_KEY: meta})
+
+
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint directory, or a run directory (its newest good checkpoint)."""
+    path = Path(path)
+    if (path / ckpt.CHECKPOINT_DIR).is_dir():
+        found = ckpt.latest_checkpoint(path)
+        if found is None:
+            raise ValueError(f"{path} has no complete checkpoint in {path / ckpt.CHECKPOINT_DIR}")
+        return found
+    if not (path / ckpt.CONFIG_FILE).is_file() or not (path / ckpt.MODEL_FILE).is_file():
+        raise ValueError(f"{path} is neither a seq2seq checkpoint (model.safetensors + config.json) nor a run "
+                         "directory with checkpoints/; pass the --out-dir of `npgpt seq2seq train`")  # fmt: skip
+    return path
+
+
+def load_model(path, device: str | None = None, dtype=None) -> tuple[Seq2Seq, Vocab, Path]:
+    """(model, vocab, checkpoint dir) from a checkpoint or run directory; the manifest is verified first."""
+    from ..safetensors_io import load_safetensors
+
+    d = resolve_checkpoint(path)
+    if (d / ckpt.MANIFEST_FILE).is_file():
+        problem = ckpt.verify_manifest(d)
+        if problem is not None:
+            raise ValueError(f"refusing a damaged checkpoint: {problem}")
+    try:
+        meta = json.loads((d / ckpt.CONFIG_FILE).read_text(encoding="utf-8"))[CONFIG_KEY]
+    except (ValueError, KeyError):
+        raise ValueError(f"{d / ckpt.CONFIG_FILE} is not a seq2seq config (a GPT checkpoint? use `npgpt generate`)") from None
+    config = Seq2SeqConfig.from_dict(meta["config"])
+    vocab = Vocab(meta["vocab"]["gpt2_ids"])
+    if len(vocab) != config.tgt_vocab_size:
+        raise ValueError(f"{d}: the vocabulary has {len(vocab)} ids but the model {config.tgt_vocab_size}")
+    dtype = np.dtype(dtype or meta.get("dtype", "float32"))
+    xp = get_xp(device)
+    params = {k: xp.asarray(v.astype(dtype, copy=False)) for k, v in load_safetensors(d / ckpt.MODEL_FILE).items()}
+    return Seq2Seq(config, params=params), vocab, d
+
+
+def save_training_checkpoint(out_dir, model: Seq2Seq, vocab: Vocab, optimizer, state: dict, keep_last: int,
+                             protect=()) -> Path:  # fmt: skip
+    """A complete checkpoint written in a temporary directory, verified, renamed into place; then old
+    ones are removed by npgpt's rule (only good checkpoints count; the new one and `protect` stay)."""
+    root = Path(out_dir) / ckpt.CHECKPOINT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    step = state["step"]
+    final = root / f"step-{step:08d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-step-{step:08d}-"))
+    try:
+        save_model(tmp, model, vocab)
+        ckpt._maybe_crash_for_tests()
+        state = {**state, "optimizer": ckpt.save_optimizer(tmp, optimizer)}
+        atomic_write_json(tmp / ckpt.STATE_FILE, state)
+        ckpt.write_manifest(tmp, step)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        ckpt.fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    problem = ckpt.checkpoint_problem(final)
+    if problem is not None:
+        raise OSError(f"the checkpoint just written does not verify: {problem}")
+    ckpt.remove_old_checkpoints(out_dir, keep_last, protect=(final, *protect))
+    return final

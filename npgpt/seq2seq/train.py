@@ -1,0 +1,450 @@
+"""Training the encoder-decoder Transformer on sentence pairs (`npgpt seq2seq train`).
+
+    from npgpt.seq2seq.train import Seq2SeqTrainConfig, train
+    result = train(Seq2SeqTrainConfig(out_dir="runs/en-ms"))
+
+The data: the bundled English -> Malay CLDR pairs (or --data pairs.tsv), split by a seed into training
+pairs and held-out pairs (or --val-data for a held-out file). The vocabulary: GPT-2 BPE restricted to
+the tokens of the data (vocab.py). One optimizer step: forward with dropout on a batch of pairs of
+similar length, backward, global-norm clipping, AdamW at the warmup + cosine learning rate. A step
+whose loss or gradient norm is not finite is skipped without touching the weights.
+
+At each evaluation: held-out loss (teacher forcing), greedy exact match on a fixed sample of held-out
+pairs, and one sample translation. At the end: exact match and corpus BLEU (sacreBLEU) on the whole
+held-out split. The run directory holds metrics.jsonl, loss.png, heldout.tsv (the pairs the model
+never trained on), summary.json and checkpoints/step-XXXXXXXX/ (seq2seq/checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+from .. import checkpoint as ckpt
+from ..atomic import atomic_write_bytes, atomic_write_json
+from ..backend import to_numpy
+from ..model import make_rng
+from ..optim import AdamW, clip_grad_norm
+from ..schedule import LRSchedule
+from .checkpoint import load_model, save_training_checkpoint
+from .config import Seq2SeqConfig
+from .data import PairBatches, collate, encode_pairs, read_pairs, resolve_pairs_path, split_pairs
+from .evaluate import score, translate_ids
+from .model import Seq2Seq
+from .vocab import Vocab
+
+
+@dataclass
+class Seq2SeqTrainConfig:
+    # data
+    data: str | None = None  # a TSV of source<TAB>target lines; None: the bundled English -> Malay pairs
+    val_data: str | None = None  # held-out pairs from a file (then all of `data` trains)
+    held_out: float = 0.1  # share of `data` held out when there is no val_data
+    split_seed: int = 0  # the seed of that split
+    # model (Seq2SeqConfig)
+    d_model: int = 128
+    n_heads: int = 4
+    n_encoder_layers: int = 2
+    n_decoder_layers: int = 2
+    d_ff: int = 256
+    dropout: float = 0.1
+    norm: str = "post"
+    activation: str = "relu"
+    pos_encoding: str = "sinusoidal"
+    tie_embeddings: str = "all"
+    max_len: int = 48
+    # optimisation
+    batch_size: int = 64  # pairs per step
+    max_steps: int = 2500
+    lr: float = 2e-3
+    min_lr: float | None = None  # default lr / 10
+    warmup_steps: int = 200
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.98  # the paper's
+    grad_clip: float | None = 1.0
+    max_bad_steps: int = 5
+    # evaluation and output
+    out_dir: str = "runs/seq2seq"
+    eval_interval: int = 250
+    eval_pairs: int = 500  # held-out pairs scored at each evaluation (the final one scores them all)
+    final_beam: int = 1  # beam of the final evaluation (1 = greedy)
+    checkpoint_interval: int | None = None  # steps; the end of the run is always saved
+    keep_last: int = 2
+    resume: bool = False
+    overwrite: bool = False
+    # machine
+    seed: int = 0
+    device: str | None = None
+    dtype: str = "float32"
+    progress: bool = True
+
+    def model_config(self, vocab_size: int) -> Seq2SeqConfig:
+        return Seq2SeqConfig(
+            src_vocab_size=vocab_size, tgt_vocab_size=vocab_size, d_model=self.d_model, n_heads=self.n_heads,
+            n_encoder_layers=self.n_encoder_layers, n_decoder_layers=self.n_decoder_layers, d_ff=self.d_ff,
+            dropout=self.dropout, norm=self.norm, activation=self.activation, pos_encoding=self.pos_encoding,
+            tie_embeddings=self.tie_embeddings, max_len=self.max_len,
+        )  # fmt: skip
+
+    def validate(self) -> None:
+        for name in ("batch_size", "max_steps", "eval_interval", "keep_last", "final_beam"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.eval_pairs < 0:
+            raise ValueError(f"--eval-pairs must be >= 0, got {self.eval_pairs}")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"--dtype must be float32 or float64, got {self.dtype!r}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"--grad-clip must be > 0 (or 0 for none), got {self.grad_clip}")
+
+
+@dataclass
+class Seq2SeqTrainResult:
+    steps: int
+    seconds: float
+    cpu_seconds: float  # user + system time of this process
+    train_loss: float | None
+    val_loss: float | None
+    exact_match: float | None  # on the whole held-out split
+    bleu: float | None
+    n_held_out: int
+    out_dir: str
+    checkpoint: str | None
+    plot: str | None
+    sample: str
+    interrupted: bool = False
+    skipped_steps: int = 0
+
+
+class TrainingAborted(RuntimeError):
+    """Training stopped on purpose (repeated non-finite steps, non-finite weights)."""
+
+
+class _StopRequest:
+    """SIGINT / SIGTERM set a flag: the loop finishes its step, saves and returns (exit 130)."""
+
+    def __enter__(self):
+        self.signal, self._old = None, {}
+
+        def handler(signum, frame):
+            if self.signal is not None:
+                raise KeyboardInterrupt
+            self.signal = signum
+
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, handler)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+
+def cpu_seconds() -> float:
+    import os
+
+    t = os.times()
+    return t.user + t.system
+
+
+def data_fingerprint(pairs) -> str:
+    h = hashlib.sha256()
+    for s, t in pairs:
+        h.update(s.encode() + b"\t" + t.encode() + b"\n")
+    return h.hexdigest()[:16]
+
+
+class Seq2SeqTrainer:
+    def __init__(self, cfg: Seq2SeqTrainConfig):
+        cfg.validate()
+        self.cfg = cfg
+        self.t0, self.cpu0 = time.perf_counter(), cpu_seconds()
+        self.out_dir = out_dir = Path(cfg.out_dir)
+        if not cfg.resume and not cfg.overwrite and ckpt.checkpoint_dirs(out_dir):
+            raise ValueError(f"{out_dir} already holds checkpoints of an earlier run; pass --resume to continue it, "
+                             "--overwrite to start again there, or choose another --out-dir")  # fmt: skip
+        resume_dir = ckpt.latest_checkpoint(out_dir) if cfg.resume else None
+        if cfg.resume and resume_dir is None:
+            raise ValueError(f"--resume: no complete checkpoint in {out_dir / ckpt.CHECKPOINT_DIR}; start without --resume")
+
+        # data: read, split, vocabulary, encode (every problem is reported before anything is written)
+        pairs = read_pairs(resolve_pairs_path(cfg.data))
+        if cfg.val_data is not None:
+            self.train_pairs, self.held_pairs = pairs, read_pairs(resolve_pairs_path(cfg.val_data))
+        else:
+            self.train_pairs, self.held_pairs = split_pairs(pairs, cfg.held_out, cfg.split_seed)
+        fingerprint = data_fingerprint(self.train_pairs) + data_fingerprint(self.held_pairs)
+        state = None
+        if resume_dir is not None:
+            state = json.loads((resume_dir / ckpt.STATE_FILE).read_text())
+            if state.get("data_fingerprint") != fingerprint:
+                raise ValueError(f"{resume_dir} was trained on other data or another split; resume with the same "
+                                 "--data, --val-data, --held-out and --split-seed")  # fmt: skip
+            if cfg.max_steps <= state["step"]:
+                raise ValueError(f"--max-steps {cfg.max_steps} is not beyond step {state['step']} of {resume_dir}; "
+                                 "give a larger --max-steps")  # fmt: skip
+            self.model, self.vocab, _ = load_model(resume_dir, device=cfg.device, dtype=cfg.dtype)
+        else:
+            self.vocab = Vocab.from_texts([t for p in self.train_pairs + self.held_pairs for t in p])
+            model_cfg = cfg.model_config(len(self.vocab))
+            self.model = Seq2Seq(model_cfg, seed=cfg.seed, device=cfg.device, dtype=np.dtype(cfg.dtype))
+        limit = self.model.config.max_len
+        self.train_src, self.train_tgt = encode_pairs(self.train_pairs, self.vocab, limit, "training data")
+        self.held_src, self.held_tgt = encode_pairs(self.held_pairs, self.vocab, limit, "held-out data")
+        self.batches = PairBatches(self.train_src, self.train_tgt, cfg.batch_size, seed=cfg.seed)
+        sample_rows = np.random.default_rng(cfg.seed).permutation(len(self.held_pairs))[: cfg.eval_pairs]
+        self.eval_rows = np.sort(sample_rows)
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.clean_stray_temporaries(out_dir)
+        if state is None:
+            for old in ckpt.checkpoint_dirs(out_dir):  # only reached with --overwrite
+                shutil.rmtree(old)
+        self.schedule = LRSchedule(cfg.lr, cfg.max_steps, cfg.warmup_steps, cfg.min_lr)
+        self.optimizer = AdamW(self.model.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+        self.step, self.skipped = 0, 0
+        self.history = {"train": [], "val": [], "exact": []}  # (step, value) at each evaluation
+        self.fingerprint = fingerprint
+        self.resume_dir = resume_dir
+        if state is not None:
+            m, v = ckpt.load_optimizer_tensors(resume_dir)
+            self.optimizer.load_state_dict({**state["optimizer"], "m": m, "v": v})
+            self.batches.load_state_dict(state["data"])
+            self.step, self.skipped = state["step"], state.get("skipped_steps", 0)
+            self.history = state["history"]
+        self.metrics_path = out_dir / "metrics.jsonl"
+        if state is not None:
+            records = [r for r in _read_jsonl(self.metrics_path) if r.get("step", 0) <= self.step]
+            atomic_write_bytes(self.metrics_path, "".join(json.dumps(r) + "\n" for r in records).encode())
+        self.metrics = open(self.metrics_path, "a" if state is not None else "w", encoding="utf-8")
+        if state is None:
+            atomic_write_bytes(out_dir / "heldout.tsv", "".join(f"{s}\t{t}\n" for s, t in self.held_pairs).encode())
+        self.last_ckpt = resume_dir
+        self.recent: list[float] = []
+        self.last_train = self.last_val = self.last_exact = None
+        self.sample = ""
+        self.bar = None
+
+    # --- pieces of the loop ---------------------------------------------------------------------------
+
+    def log(self, record: dict) -> None:
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+
+    def say(self, text: str) -> None:
+        (self.bar.write if self.bar is not None else print)(text)
+
+    def training_state(self) -> dict:
+        return {"format_version": 1, "step": self.step, "skipped_steps": self.skipped, "data": self.batches.state_dict(),
+                "data_fingerprint": self.fingerprint, "history": self.history, "train_config": asdict(self.cfg),
+                "n_train": len(self.train_pairs), "n_held_out": len(self.held_pairs),
+                "rng": "dropout masks are seeded per step from (seed, step)"}  # fmt: skip
+
+    def save(self) -> None:
+        if not all(bool(np.isfinite(to_numpy(v)).all()) for v in self.model.params.values()):
+            raise TrainingAborted(f"step {self.step}: the weights are no longer finite, so no checkpoint was written; "
+                                  "lower --lr and restart")  # fmt: skip
+        protect = [self.resume_dir] if self.resume_dir is not None and self.last_ckpt == self.resume_dir else []
+        self.last_ckpt = save_training_checkpoint(self.out_dir, self.model, self.vocab, self.optimizer,
+                                                  self.training_state(), self.cfg.keep_last, protect=protect)  # fmt: skip
+
+    def train_step(self) -> tuple[float, float, float]:
+        model, cfg = self.model, self.cfg
+        lr = self.schedule(self.step)
+        src, tgt_in, targets = self.batches.next()
+        seed = int(np.random.SeedSequence([cfg.seed, self.step]).generate_state(1)[0])
+        _, loss, cache = model.forward(src, tgt_in, targets, training=True, rng=make_rng(seed, model.xp))
+        grads = model.backward(cache)
+        del cache
+        loss = float(loss)
+        norm = clip_grad_norm(grads, cfg.grad_clip) if cfg.grad_clip else math.sqrt(sum(float((g * g).sum()) for g in grads.values()))
+        if math.isfinite(loss) and math.isfinite(norm):
+            self.optimizer.step(grads, lr=lr)
+            self.bad_in_a_row = 0
+            self.recent.append(loss)
+        else:
+            self.skipped += 1
+            self.bad_in_a_row += 1
+            self.log({"kind": "skip", "step": self.step, "loss": loss, "grad_norm": norm})
+            self.say(f"step {self.step}: loss {loss} / gradient norm {norm} not finite; update skipped")
+            if self.bad_in_a_row >= cfg.max_bad_steps:
+                raise TrainingAborted(f"{self.bad_in_a_row} consecutive steps had a non-finite loss or gradient; "
+                                      "lower --lr or check the data")  # fmt: skip
+        return loss, norm, lr
+
+    def held_out_loss(self, rows) -> float | None:
+        if len(rows) == 0:
+            return None
+        total = count = 0.0
+        for i in range(0, len(rows), 256):
+            r = rows[i : i + 256]
+            src, tgt_in, targets = collate([self.held_src[j] for j in r], [self.held_tgt[j] for j in r])
+            _, loss, _ = self.model.forward(src, tgt_in, targets)
+            n = int((targets != self.model.config.pad_id).sum())
+            total += float(loss) * n
+            count += n
+        return total / count
+
+    def score_held_out(self, rows, beam=1):
+        """(exact match, BLEU, hypotheses) of the held-out pairs `rows`."""
+        hyps = [self.vocab.decode(o) for o in translate_ids(self.model, [self.held_src[j] for j in rows], beam=beam)]
+        s = score(hyps, [self.held_pairs[j][1] for j in rows])
+        return s.exact_match, s.bleu, hyps
+
+    def eval_and_sample(self) -> None:
+        self.last_train = float(np.mean(self.recent)) if self.recent else self.last_train
+        self.recent = []
+        self.last_val = self.held_out_loss(self.eval_rows)
+        sample = ""
+        if len(self.eval_rows):
+            self.last_exact, _, hyps = self.score_held_out(self.eval_rows)
+            src, ref = self.held_pairs[self.eval_rows[0]]
+            sample = f"{src!r} -> {hyps[0]!r}" + ("" if hyps[0] == ref else f" (reference {ref!r})")
+        self.sample = sample
+        for key, value in (("train", self.last_train), ("val", self.last_val), ("exact", self.last_exact)):
+            if value is not None:
+                self.history[key].append((self.step, value))
+        self.log({"kind": "eval", "step": self.step, "train_loss": self.last_train, "val_loss": self.last_val,
+                  "exact_match": self.last_exact, "sample": sample})  # fmt: skip
+        fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
+        self.say(f"step {self.step:>5}  train {fmt(self.last_train, '.3f')}  held-out {fmt(self.last_val, '.3f')}  "
+                 f"exact {fmt(self.last_exact, '.1%')}  | {sample}")  # fmt: skip
+
+    # --- the loop -----------------------------------------------------------------------------------
+
+    def run(self) -> Seq2SeqTrainResult:
+        from tqdm.auto import tqdm
+
+        cfg, model = self.cfg, self.model
+        mc = model.config
+        print(f"npgpt seq2seq train: {model.num_params():,} parameters (d_model {mc.d_model}, {mc.n_heads} heads, "
+              f"{mc.n_encoder_layers}+{mc.n_decoder_layers} layers, d_ff {mc.d_ff}, {mc.norm}-norm, {mc.activation}, "
+              f"{mc.pos_encoding} positions) on {model.device}, {model.dtype}; vocabulary {len(self.vocab):,}; "
+              f"{len(self.train_pairs):,} training / {len(self.held_pairs):,} held-out pairs; {cfg.max_steps} steps "
+              f"of {cfg.batch_size} pairs" + (f"; resuming at step {self.step}" if self.step else ""))  # fmt: skip
+        first_step, interrupted = self.step, False
+        self.bad_in_a_row = 0
+        self.bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not cfg.progress, unit="step", dynamic_ncols=True)
+        with _StopRequest() as stop:
+            try:
+                while self.step < cfg.max_steps:
+                    t0 = time.perf_counter()
+                    loss, norm, lr = self.train_step()
+                    self.step += 1
+                    dt = time.perf_counter() - t0
+                    self.log({"kind": "step", "step": self.step, "loss": loss, "lr": lr, "grad_norm": norm, "ms": dt * 1e3})
+                    self.bar.update(1)
+                    self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
+                    if self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps:
+                        self.eval_and_sample()
+                    if stop.signal is not None:
+                        interrupted = True
+                        break
+                    if cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0 and self.step < cfg.max_steps:
+                        self.save()
+                if self.step > first_step or self.last_ckpt is None:
+                    self.save()
+            finally:
+                self.bar.close()
+                self.bar = None
+                self.metrics.close()
+        exact = bleu = None
+        if not interrupted and self.held_pairs:
+            t0 = time.perf_counter()
+            exact, bleu, hyps = self.score_held_out(np.arange(len(self.held_pairs)), beam=cfg.final_beam)
+            misses = [(s, h, t) for (s, t), h in zip(self.held_pairs, hyps) if h != t]
+            with open(self.out_dir / "heldout_errors.tsv", "w", encoding="utf-8") as f:
+                f.write("".join(f"{s}\t{h}\t{t}\n" for s, h, t in misses))
+            print(f"held-out: exact match {exact:.2%} ({len(self.held_pairs) - len(misses):,}/{len(self.held_pairs):,}), "
+                  f"BLEU {bleu:.2f} ({'greedy' if cfg.final_beam == 1 else f'beam {cfg.final_beam}'}, "
+                  f"{time.perf_counter() - t0:.1f}s)")  # fmt: skip
+        plot = plot_history(self.history, self.out_dir / "loss.png", _read_jsonl(self.metrics_path)) if self.history["train"] else None
+        result = Seq2SeqTrainResult(
+            steps=self.step, seconds=time.perf_counter() - self.t0, cpu_seconds=cpu_seconds() - self.cpu0,
+            train_loss=self.last_train, val_loss=self.last_val, exact_match=exact, bleu=bleu,
+            n_held_out=len(self.held_pairs), out_dir=str(self.out_dir),
+            checkpoint=str(self.last_ckpt) if self.last_ckpt else None, plot=str(plot) if plot else None,
+            sample=self.sample, interrupted=interrupted, skipped_steps=self.skipped,
+        )  # fmt: skip
+        atomic_write_json(self.out_dir / "summary.json", asdict(result))
+        print(f"\nDone: {result.steps} steps in {result.seconds:.1f}s wall, {result.cpu_seconds:.1f}s CPU (user+sys)\n"
+              f"checkpoint: {result.checkpoint}\nloss plot:  {result.plot}")  # fmt: skip
+        if interrupted:
+            print(f"Interrupted by a signal; saved {self.last_ckpt}. Resume with:\n"
+                  f"  npgpt seq2seq train --out-dir {self.out_dir} --resume  (plus the same data and model options)")  # fmt: skip
+        return result
+
+
+def train(cfg: Seq2SeqTrainConfig) -> Seq2SeqTrainResult:
+    return Seq2SeqTrainer(cfg).run()
+
+
+def _read_jsonl(path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            pass  # a line cut short by a crash
+    return out
+
+
+def plot_history(history: dict, path, records=()) -> Path:
+    """Training and held-out loss against steps, and held-out exact match on a second axis, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [(r["step"], r["loss"]) for r in records if r.get("kind") == "step"]
+    if steps:
+        s, loss = zip(*steps)
+        ax.plot(s, loss, "-", color="tab:blue", alpha=0.25, linewidth=0.8, label="train loss (each step)")
+    for key, style, color, label in (("train", "-o", "tab:blue", "train loss (mean since last eval)"),
+                                     ("val", "--s", "tab:orange", "held-out loss")):  # fmt: skip
+        if history.get(key):
+            s, v = zip(*history[key])
+            ax.plot(s, v, style, markersize=3, color=color, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy loss")
+    ax.grid(alpha=0.3)
+    lines, labels = ax.get_legend_handles_labels()
+    if history.get("exact"):
+        ax2 = ax.twinx()
+        s, v = zip(*history["exact"])
+        ax2.plot(s, [100 * x for x in v], "-^", markersize=3, color="tab:green", label="held-out exact match")
+        ax2.set_ylabel("exact match (%)")
+        ax2.set_ylim(0, 100)
+        l2, lab2 = ax2.get_legend_handles_labels()
+        lines, labels = lines + l2, labels + lab2
+    ax.legend(lines, labels, loc="center right", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def config_from_args(args) -> Seq2SeqTrainConfig:
+    names = {f.name for f in fields(Seq2SeqTrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    if values.get("grad_clip") == 0:
+        values["grad_clip"] = None
+    return Seq2SeqTrainConfig(**values)

@@ -1,0 +1,212 @@
+"""Each fast op (npgpt/fast/) against its readable twin (npgpt/layers/), op by op.
+
+Relative error max|a - b| / max(|a| + |b|) (npgpt.gradcheck.relative_error) below 1e-12 in float64 and
+1e-5 in float32, on random inputs and random upstream gradients, at sizes that enter the CPU row
+blocks: N = B*T = 150 rows (ROW_BLOCK = 32 rows of GELU, LOSS_ROWS = 4 of the loss; 150 is a multiple
+of neither), T = 75, head size 64, with one and with two threads, dropout on and off, ignored targets.
+"""
+
+import numpy as np
+import pytest
+
+from npgpt import fast
+from npgpt import layers as L
+from npgpt.gradcheck import relative_error
+
+B, T, C, NH, V = 2, 75, 128, 2, 97  # head size 64
+N = B * T
+DTYPES = [pytest.param(np.float64, 1e-12, id="float64"), pytest.param(np.float32, 1e-5, id="float32")]
+THREADS = [1, 2]
+
+
+def randn(rng, *shape, dtype, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(dtype)
+
+
+def close(got, want, tol, what):
+    err = relative_error(got, want)
+    assert err < tol, f"{what}: relative error {err:.2e} >= {tol:.0e}"
+
+
+def test_the_sizes_enter_the_row_blocks():
+    assert N > 4 * fast.ROW_BLOCK and N % fast.ROW_BLOCK and N % fast.LOSS_ROWS and T % 16
+    assert C // NH == 64
+
+
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+def test_embedding(dtype, tol, rng):
+    ids = rng.integers(0, V, (B, T))
+    wte, wpe = randn(rng, V, C, dtype=dtype), randn(rng, T + 5, C, dtype=dtype)
+    tok, c_tok = L.embedding_forward(ids, wte)
+    pos, c_pos = L.embedding_forward(np.arange(T), wpe)
+    x = np.empty((N, C), dtype)
+    fast.embedding_forward(x, ids.reshape(-1), wte)
+    fast.add_position_embedding_(x.reshape(B, T, C), wpe)
+    close(x, (tok + pos).reshape(N, C), tol, "wte[ids] + wpe[:T]")
+    dx = randn(rng, N, C, dtype=dtype)
+    dwte, dwpe = np.zeros_like(wte), np.zeros_like(wpe)
+    fast.embedding_backward(dwte, dx, ids.reshape(-1))
+    fast.position_embedding_backward(dwpe, dx.reshape(B, T, C))
+    close(dwte, L.embedding_backward(dx.reshape(B, T, C), c_tok), tol, "dwte")
+    close(dwpe, L.embedding_backward(dx.reshape(B, T, C).sum(axis=0), c_pos), tol, "dwpe")
+
+
+@pytest.mark.parametrize("accumulate", [False, True], ids=["write", "accumulate"])
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+def test_linear(dtype, tol, accumulate, rng):
+    x, w, b = randn(rng, N, C, dtype=dtype), randn(rng, C, 3 * C, dtype=dtype, scale=0.1), randn(rng, 3 * C, dtype=dtype)
+    ref, cache = L.linear_forward(x, w, b)
+    out = np.empty((N, 3 * C), dtype)
+    fast.linear_forward(out, x, w, b)
+    close(out, ref, tol, "out")
+    dout = randn(rng, N, 3 * C, dtype=dtype)
+    ref_dx, ref_dw, ref_db = L.linear_backward(dout, cache)
+    dw0, db0 = randn(rng, C, 3 * C, dtype=dtype), randn(rng, 3 * C, dtype=dtype)  # what was there before
+    dx, dw, db = np.empty_like(x), dw0.copy(), db0.copy()
+    fast.linear_backward(dx, dw, db, dout, x, w, accumulate)
+    close(dx, ref_dx, tol, "dx")
+    close(dw, ref_dw + dw0 if accumulate else ref_dw, tol, "dweight")
+    close(db, ref_db + db0 if accumulate else ref_db, tol, "dbias")
+
+
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+def test_linear_with_a_transposed_weight_as_the_tied_head(dtype, tol, rng):
+    """logits = x @ wte^T: the (V, C) gradient buffer is given as its (C, V) transpose."""
+    x, table = randn(rng, N, C, dtype=dtype), randn(rng, V, C, dtype=dtype, scale=0.1)
+    ref, cache = L.linear_forward(x, table.T)
+    out = np.empty((N, V), dtype)
+    fast.linear_forward(out, x, table.T)
+    close(out, ref, tol, "logits")
+    dout = randn(rng, N, V, dtype=dtype)
+    ref_dx, ref_dw, _ = L.linear_backward(dout, cache)
+    dx, dtable = np.empty_like(x), np.empty_like(table)
+    fast.linear_backward(dx, dtable.T, None, dout, x, table.T)
+    close(dx, ref_dx, tol, "dx")
+    close(dtable, ref_dw.T, tol, "dtable")
+
+
+@pytest.mark.parametrize("alias", [False, True], ids=["dx", "dx-is-dout"])
+@pytest.mark.parametrize("threads", THREADS)
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+def test_layernorm(dtype, tol, threads, alias, rng):
+    x = randn(rng, N, C, dtype=dtype, scale=2.0) + dtype(0.5)
+    w, b = randn(rng, C, dtype=dtype) + dtype(1), randn(rng, C, dtype=dtype)
+    ref, cache = L.layernorm_forward(x, w, b, 1e-5)
+    out, mean, rstd = np.empty_like(x), np.empty(N, dtype), np.empty(N, dtype)
+    fast.layernorm_forward(out, mean, rstd, x, w, b, 1e-5, threads=threads)
+    close(out, ref, tol, "out")
+    close(mean, x.astype(np.float64).mean(axis=1), tol, "mean")
+    close(rstd, cache.rstd[:, 0], tol, "rstd")
+    dout = randn(rng, N, C, dtype=dtype)
+    ref_dx, ref_dw, ref_db = L.layernorm_backward(dout, cache)
+    dx = dout.copy() if alias else np.empty_like(x)
+    dw, db = np.zeros_like(w), np.zeros_like(b)
+    fast.layernorm_backward(dx, dw, db, dx if alias else dout, x, mean, rstd, w, threads=threads)
+    close(dx, ref_dx, tol, "dx")
+    close(dw, ref_dw, tol, "dweight")
+    close(db, ref_db, tol, "dbias")
+
+
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("threads", THREADS)
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+def test_gelu(dtype, tol, threads, with_bias, rng):
+    H = 4 * C
+    h, bias = randn(rng, N, H, dtype=dtype, scale=3.0), randn(rng, H, dtype=dtype)
+    pre = h + bias if with_bias else h.copy()  # the pre-activation
+    ref, cache = L.gelu_forward(pre)
+    x, out = h.copy(), np.empty_like(h)
+    fast.gelu_forward(out, x, bias if with_bias else None, threads=threads)
+    close(x, pre, tol, "x += bias, in place")
+    close(out, ref, tol, "gelu")
+    dout = randn(rng, N, H, dtype=dtype)
+    d = dout.copy()
+    fast.gelu_backward_(d, x, threads=threads)
+    close(d, L.gelu_backward(dout, cache), tol, "dx")
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2], ids=["no-dropout", "dropout"])
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+def test_attention(dtype, tol, p, rng):
+    qkv = randn(rng, B, T, 3 * C, dtype=dtype)
+    ref, cache = L.attention_forward(qkv, NH, attn_pdrop=p, rng=np.random.default_rng(7), training=p > 0)
+    hs = C // NH
+    heads, att = np.empty((3, B, NH, T, hs), dtype), np.empty((B, NH, T, T), dtype)
+    y = np.empty((N, C), dtype)  # 2-D, as the fast step keeps it
+    bias = np.triu(np.full((T, T), -np.inf, dtype=dtype), k=1)
+    keep = fast.attention_forward(y, heads, att, qkv.reshape(N, 3 * C), bias, p, np.random.default_rng(7))
+    close(y, ref.reshape(N, C), tol, "y")
+    close(att, cache.att, tol, "probabilities")
+    assert (keep is None) == (p == 0) and (keep is None or np.array_equal(keep, cache.keep))
+    close(heads[0] * dtype(np.sqrt(hs)), cache.q, tol, "q (kept divided by sqrt(hs))")
+    dy = randn(rng, B, T, C, dtype=dtype)
+    dqkv = np.empty((N, 3 * C), dtype)
+    fast.attention_backward(dqkv, dy.reshape(N, C), heads, att, keep, p)
+    close(dqkv, L.attention_backward(dy, cache).reshape(N, 3 * C), tol, "dqkv")
+
+
+@pytest.mark.parametrize("ignore", [False, True], ids=["all-count", "ignore_index"])
+@pytest.mark.parametrize("threads", THREADS)
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+def test_cross_entropy(dtype, tol, threads, ignore, rng):
+    logits = randn(rng, N, V, dtype=dtype, scale=3.0)
+    targets = rng.integers(0, V, N)
+    if ignore:
+        targets[rng.random(N) < 0.3] = -100
+        targets[fast.LOSS_ROWS : 2 * fast.LOSS_ROWS] = -100  # a whole block ignored
+    ref_loss, cache = L.softmax_cross_entropy_forward(logits, targets)
+    ref_dlogits = L.softmax_cross_entropy_backward(0.7, cache)
+    z = logits.copy()
+    loss = fast.cross_entropy_(z, targets, True, 0.7, threads=threads)
+    assert isinstance(loss, float)
+    close(loss, float(ref_loss), tol, "loss")
+    close(z, ref_dlogits, tol, "dlogits")
+    assert not z[targets == -100].any()  # ignored rows get no gradient
+    n_valid = int((targets != -100).sum())
+    assert fast.cross_entropy_(logits.copy(), targets, False, n_valid=n_valid, threads=threads) == pytest.approx(loss, rel=tol)
+
+
+def test_cross_entropy_with_every_target_ignored_is_an_error():
+    with pytest.raises(ValueError, match="every target equals ignore_index"):
+        fast.cross_entropy_(np.zeros((3, 5)), np.full(3, -100))
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["out", "in-place"])
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+def test_dropout(dtype, tol, in_place, rng):
+    x = randn(rng, B, T, C, dtype=dtype)
+    ref, cache = L.dropout_forward(x, 0.3, np.random.default_rng(3))
+    out = x.copy() if in_place else np.empty_like(x)
+    keep = fast.dropout_forward(out, out if in_place else x, 0.3, np.random.default_rng(3))
+    assert np.array_equal(keep, cache.keep)
+    close(out, ref, tol, "out")
+    dout = randn(rng, B, T, C, dtype=dtype)
+    dx = dout.copy() if in_place else np.empty_like(dout)
+    fast.dropout_backward(dx, dx if in_place else dout, keep, 0.3)
+    close(dx, L.dropout_backward(dout, cache), tol, "dx")
+
+
+@pytest.mark.parametrize("accumulate", [False, True], ids=["write", "accumulate"])
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+def test_last_token(dtype, tol, accumulate, rng):
+    """The gather of each row's last non-padding position and its scatter back, padded rows included
+    (a row of padding only reads position 0, as the readable rule says)."""
+    pad = 5
+    idx = rng.integers(0, V - 1, (B + 1, T))
+    idx[idx >= pad] += 1  # real tokens never equal pad
+    idx[0, 40:] = pad  # right padding
+    idx[1, :] = pad  # padding only
+    x = randn(rng, B + 1, T, C, dtype=dtype)
+    ref, cache = L.last_token_forward(x, idx, pad)
+    last = np.empty(B + 1, dtype=np.int64)
+    fast.last_token_index(last, idx, pad)
+    assert last.tolist() == [39, 0, T - 1]
+    h = np.empty((B + 1, C), dtype)
+    fast.last_token_forward(h, x, last)
+    close(h, ref, tol, "h")
+    dh = randn(rng, B + 1, C, dtype=dtype)
+    before = randn(rng, B + 1, T, C, dtype=dtype)
+    dx = before.copy()
+    fast.last_token_backward(dx, dh, last, accumulate)
+    want = L.last_token_backward(dh, cache)
+    close(dx, want + before if accumulate else want, tol, "dx")
