@@ -270,10 +270,10 @@ class GPT:
         added to what the LM head sends back: the trunk gets the sum of both heads' gradients.
         trainable: names of the parameters that need gradients (default: all); only those are returned.
         Frozen weights get no weight-gradient GEMM, and the backward stops below the lowest trainable
-        layer (see _backward_plan).
+        layer (see backward_plan).
         """
         cfg = self.config
-        need, lowest = self._backward_plan(trainable)
+        need, lowest = self.backward_plan(trainable)
         d = None
         if cache.loss is not None and dloss is not None:
             d = L.softmax_cross_entropy_backward(dloss, cache.loss)  # (B, T, V)
@@ -310,9 +310,10 @@ class GPT:
         # a parameter no loss reached (the LM head when only dhidden came in) has a zero gradient
         return {k: grads[k] if k in grads else self.xp.zeros_like(v) for k, v in self.params.items() if k in need}
 
-    def _backward_plan(self, trainable) -> tuple[set, int]:
+    def backward_plan(self, trainable) -> tuple[set, int]:
         """(names needing gradients, lowest layer that needs a backward): -1 the embeddings, i block i,
-        n_layers ln_f, n_layers + 1 nothing below the LM head. A tied head is the embedding table."""
+        n_layers ln_f, n_layers + 1 nothing below the LM head. A tied head is the embedding table.
+        (The fast engine plans its backward with this too.)"""
         if trainable is None:
             return set(self.params), -1
         need = set(trainable)

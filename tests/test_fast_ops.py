@@ -210,3 +210,22 @@ def test_last_token(dtype, tol, accumulate, rng):
     fast.last_token_backward(dx, dh, last, accumulate)
     want = L.last_token_backward(dh, cache)
     close(dx, want + before if accumulate else want, tol, "dx")
+
+
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+def test_linear_backward_skips_what_is_not_wanted(dtype, tol, rng):
+    """dweight None (a frozen weight, the readable weight_grad=False) and dx None (nothing below trains):
+    those products are not computed and the others are unchanged."""
+    x, w, b = randn(rng, N, C, dtype=dtype), randn(rng, C, 3 * C, dtype=dtype, scale=0.1), randn(rng, 3 * C, dtype=dtype)
+    _, cache = L.linear_forward(x, w, b)
+    dout = randn(rng, N, 3 * C, dtype=dtype)
+    ref_dx, ref_dw, ref_db = L.linear_backward(dout, cache)
+    frozen_dx, none_w, none_b = L.linear_backward(dout, cache, weight_grad=False)
+    assert none_w is None and none_b is None
+    dx = np.full_like(x, np.nan)
+    fast.linear_backward(dx, None, None, dout, x, w)
+    close(dx, frozen_dx, tol, "dx of a frozen layer")
+    dw, db = np.full_like(w, np.nan), np.full_like(b, np.nan)
+    fast.linear_backward(None, dw, db, dout, x, w)
+    close(dw, ref_dw, tol, "dweight without dx")
+    close(db, ref_db, tol, "dbias without dx")
