@@ -64,6 +64,25 @@ def test_classify_run_writes_plots_metrics_and_a_classifier(classify_run, capsys
     assert len(lines) == 5 and sum(probs) == pytest.approx(1, abs=1e-3) and probs == sorted(probs, reverse=True)
 
 
+def test_the_reference_engine_gives_the_same_run(classify_run, tmp_path):
+    """The fast engine (the default) and --engine reference: the same step losses and the same end."""
+    out = tmp_path / "ref"
+    assert main(["finetune", "--task", "classify", "--max-examples", "24", "--epochs", "1", "--context-length", "32",
+                 "--emb-dim", "32", "--n-heads", "2", "--n-layers", "1", "--lm-weight", "0.5", "--out-dir", str(out),
+                 "--no-progress", "--engine", "reference"]) == 0  # fmt: skip
+
+    def steps(run):
+        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"step"' in line]
+
+    fast, ref = steps(classify_run), steps(out)
+    assert len(fast) == len(ref) == 3
+    for f, r in zip(fast, ref):
+        for key in ("loss", "ft_loss", "lm_loss", "grad_norm"):
+            assert f[key] == pytest.approx(r[key], rel=1e-4), key
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (classify_run, out)]
+    assert summaries[0]["test_loss"] == pytest.approx(summaries[1]["test_loss"], rel=1e-4)
+
+
 def test_classify_scores_a_file_like_the_run_scored_its_test_set(classify_run, tmp_path, capsys):
     rows = [(r.text, r.label) for r in read_labelled(bundled_file("tang-forms-test.csv"))[:24]]  # what the run scored
     path = write_csv(tmp_path / "test.csv", rows)

@@ -228,3 +228,6 @@ def test_defaults_follow_the_starting_point():
     assert (inst.lm_weight, inst.lr, inst.trainable, inst.data) == (0.0, 3e-3, "head", "tang-instruct")
     with pytest.raises(ValueError, match="cannot be combined with --init-from"):
         FinetuneConfig(init_from="runs/x", n_layers=2).resolved()
+    assert new.engine == "fast"  # the fast engine trains by default; "reference" runs the readable layers
+    with pytest.raises(ValueError, match="--engine must be one of fast, reference"):
+        FinetuneConfig(engine="gpu").resolved()

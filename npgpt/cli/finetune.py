@@ -12,7 +12,7 @@ import argparse
 from dataclasses import fields
 
 from ..config import PRESETS
-from ..finetune.config import BUNDLED, TRAINABLE, FinetuneConfig
+from ..finetune.config import BUNDLED, ENGINES, TRAINABLE, FinetuneConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,6 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-last", type=int, default=d.keep_last, help="checkpoints kept (default 2)")
     g.add_argument("--overwrite", action="store_true", help="replace the checkpoints of an earlier run in --out-dir")
     g.add_argument("--samples", type=int, default=d.samples, help="instruct: responses printed at the end")
+    g.add_argument("--engine", choices=ENGINES, default=d.engine,
+                   help="fast: preallocated buffers, frozen layers skipped (default); reference: the readable layers")
     g.add_argument("--device", choices=["cpu", "cuda", "auto"], help="default: $NPGPT_DEVICE or auto")
     g.add_argument("--dtype", choices=["float32", "float64"], default=d.dtype)
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")

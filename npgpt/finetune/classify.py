@@ -19,7 +19,7 @@ from ..tokenizer import encode
 from .classifier import Classifier
 from .config import FinetuneConfig, trainable_names
 from .plots import confusion_matrix, format_confusion, plot_confusion, plot_curves
-from .steps import ClassifierStep
+from .steps import ClassifierStep, classifier_step
 from .tables import ClassificationSet, LabelMap, read_labelled, stratified_split
 from .trainer import Run, build_trunk, check_out_dir
 
@@ -88,7 +88,7 @@ def run_classify(cfg: FinetuneConfig) -> ClassifyResult:
     clf = Classifier.new(model, labels.names, seed=cfg.seed)
     trainable = trainable_names("classify", cfg.trainable, clf.params, model.config.n_layers,
                                 model.config.tie_weights, lam)  # fmt: skip
-    step = ClassifierStep(clf, trainable, lam)
+    step = classifier_step(cfg.engine, clf, trainable, lam, cfg.batch_size, T)
     n_train = sum(int(clf.params[k].size) for k in trainable)
     extra = {"finetune": {"lm_weight": lam, "trainable": cfg.trainable, "max_length": T}}
     steps_per_epoch = -(-len(train) // cfg.batch_size)
@@ -98,7 +98,7 @@ def run_classify(cfg: FinetuneConfig) -> ClassifyResult:
     run.say(f"npgpt finetune --task classify: {len(labels.names)} labels, {len(train)} train / {len(val) if val else 0} val"
             f" / {len(test) if test else 0} test texts{f' ({truncated} cut to {T} tokens)' if truncated else ''}; "
             f"{n_train:,} of {sum(int(v.size) for v in clf.params.values()):,} parameters train "
-            f"({cfg.trainable}), lambda {lam}, {run.total_steps} steps on {model.device}")  # fmt: skip
+            f"({cfg.trainable}), lambda {lam}, {run.total_steps} steps on {model.device} ({cfg.engine} engine)")  # fmt: skip
     if lam > 0 and cfg.trainable == "head":
         run.say("note: with --trainable head the LM term reaches no trainable parameter: it is reported, not trained on")
     history = {k: [] for k in ("train_loss", "train_acc", "val_loss", "val_acc")}

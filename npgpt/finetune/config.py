@@ -16,6 +16,7 @@ from ..layers.mixed_loss import check_lm_weight
 
 TASKS = ("classify", "instruct")
 TRAINABLE = ("head", "last-block", "all")
+ENGINES = ("fast", "reference")
 # Data sets shipped in npgpt/assets, made by scripts/make_finetune_data.py from tang300.txt.
 BUNDLED = {
     "tang-forms": {"task": "classify", "train": "tang-forms-train.csv", "val": "tang-forms-val.csv",
@@ -69,6 +70,7 @@ class FinetuneConfig:
     samples: int = 3  # instruct: responses generated for test (or val) instructions at the end
     max_new_tokens: int = 24  # instruct: longest response generated when scoring
     # machine
+    engine: str = "fast"  # fast: the preallocated fast step (engine.py); reference: the readable layers
     device: str | None = None
     dtype: str = "float32"
     progress: bool = True
@@ -96,6 +98,8 @@ class FinetuneConfig:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         if not 0.0 < self.val_share < 1.0:
             raise ValueError(f"--val-share must lie in (0, 1), got {self.val_share}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"--dtype must be float32 or float64, got {self.dtype!r}")
         if self.init_from is not None:

@@ -23,7 +23,7 @@ from ..tokenizer import EOT_ID, decode, encode
 from .config import FinetuneConfig, trainable_names
 from .instructions import ALPACA, InstructionSet, read_instructions, render_prompt
 from .plots import plot_curves
-from .steps import InstructStep
+from .steps import InstructStep, instruct_step
 from .trainer import Run, build_trunk, check_out_dir
 
 
@@ -125,7 +125,7 @@ def run_instruct(cfg: FinetuneConfig) -> InstructResult:
     train, val, test = build(records, train_src), build(val_records, val_src), build(test_records, test_src)
     trainable = trainable_names("instruct", cfg.trainable, model.params, model.config.n_layers,
                                 model.config.tie_weights, 0.0)  # fmt: skip
-    step = InstructStep(model, trainable)
+    step = instruct_step(cfg.engine, model, trainable, cfg.batch_size, T)
     extra = {"mask_prompt": cfg.mask_prompt, "max_length": T}
     steps_per_epoch = -(-len(train) // cfg.batch_size)
     run = Run(cfg, step, model.params, trainable, steps_per_epoch, lambda d: write_instruct_model(d, model, ALPACA, extra))
@@ -135,7 +135,7 @@ def run_instruct(cfg: FinetuneConfig) -> InstructResult:
             f"test records ({train.response_tokens():,} trained-on target tokens"
             f"{', prompt masked' if cfg.mask_prompt else ', prompt included'})"
             f"{f'; {skipped} longer than {T} tokens left out' if skipped else ''}; {n_train:,} of {model.num_params():,} "
-            f"parameters train ({cfg.trainable}), {run.total_steps} steps on {model.device}")  # fmt: skip
+            f"parameters train ({cfg.trainable}), {run.total_steps} steps on {model.device} ({cfg.engine} engine)")  # fmt: skip
     history = {"train_loss": [], "val_loss": []}
     try:
         for epoch in range(cfg.epochs + 1):

@@ -1,9 +1,10 @@
-"""One fine-tuning step's forward and backward, on the readable layers: the piece a faster engine replaces.
+"""One fine-tuning step's forward and backward, on the readable layers (the reference engine).
 
 Both step objects have the same shape as the training engine's step: call it on a batch, then read
 `.loss` (a float) and `.grads` (a dict over the trainable parameters only). `.evaluate(batch)` is the
-forward without dropout and without gradients. The loop in trainer.py uses nothing else, so a fast
-twin with these four names (e.g. over npgpt's preallocated engine) drops in without touching it.
+forward without dropout and without gradients. The loop in trainer.py uses nothing else; the fast
+twins in fast_steps.py (the default, --engine fast) have the same four names and compute the same
+numbers. classifier_step / instruct_step pick one by the engine's name.
 """
 
 from __future__ import annotations
@@ -13,6 +14,25 @@ import numpy as np
 from ..backend import to_numpy
 from ..model import GPT
 from .classifier import Classifier
+
+
+def classifier_step(engine: str, clf: Classifier, trainable: list[str], lm_weight: float, batch_size: int,
+                    seq_len: int):  # fmt: skip
+    """The classification step of `engine` ("fast" or "reference") for batches of up to (batch_size, seq_len)."""
+    if engine == "fast":
+        from .fast_steps import FastClassifierStep
+
+        return FastClassifierStep(clf, trainable, lm_weight, batch_size, seq_len)
+    return ClassifierStep(clf, trainable, lm_weight)
+
+
+def instruct_step(engine: str, model: GPT, trainable: list[str], batch_size: int, seq_len: int):
+    """The instruction-tuning step of `engine` ("fast" or "reference") for batches of up to (batch_size, seq_len)."""
+    if engine == "fast":
+        from .fast_steps import FastInstructStep
+
+        return FastInstructStep(model, trainable, batch_size, seq_len)
+    return InstructStep(model, trainable)
 
 
 class ClassifierStep:
