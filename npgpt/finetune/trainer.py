@@ -139,7 +139,11 @@ class Run:
     def save(self, epoch: int, history: dict) -> Path:
         state = {"format_version": ckpt.FORMAT_VERSION, "step": self.n_step, "epoch": epoch, "task": self.cfg.task,
                  "trainable": self.trainable, "schedule": {"max_lr": self.schedule.max_lr, "total_steps": self.total_steps},
-                 "tokenizer": tokenizer_hash(), "finetune_config": vars(self.cfg), "history": history}  # fmt: skip
+                 "tokenizer": tokenizer_hash(), "finetune_config": vars(self.cfg), "history": history,
+                 # where the data stands: saved after a whole epoch, so the next one starts at its first batch
+                 # (each epoch's order is a permutation seeded by (seed, epoch))
+                 "data": {"epoch": epoch, "cursor": 0, "seed": self.cfg.seed, "batch_size": self.cfg.batch_size,
+                          "shuffle": True, "steps_per_epoch": self.steps_per_epoch}}  # fmt: skip
         self.last_ckpt = ckpt.save_training_checkpoint(self.out, None, self.optimizer, state, self.cfg.keep_last,
                                                        write_model=self.write_model)  # fmt: skip
         return self.last_ckpt
