@@ -217,17 +217,19 @@ def test_trainable_choices():
         "lm_head.weight", "ln_f.weight", "ln_f.bias", *[k for k in lm if k.startswith("h.1.")]}
 
 
-def test_defaults_follow_the_starting_point():
+def test_defaults_follow_the_starting_point(tmp_path):
     from npgpt.finetune import FinetuneConfig
 
     new = FinetuneConfig(task="classify").resolved()
     assert (new.lm_weight, new.lr, new.trainable, new.data, new.epochs) == (0.0, 5e-4, "all", "tang-forms", 5)
-    tuned = FinetuneConfig(task="classify", init_from="runs/x").resolved()
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "config.json").write_text("{}")  # --init-from must exist (only its listing is read here)
+    tuned = FinetuneConfig(task="classify", init_from=str(tmp_path / "x")).resolved()
     assert (tuned.lm_weight, tuned.lr, tuned.trainable) == (0.5, 5e-5, "last-block")
     inst = FinetuneConfig(task="instruct", lr=3e-3, trainable="head").resolved()
     assert (inst.lm_weight, inst.lr, inst.trainable, inst.data) == (0.0, 3e-3, "head", "tang-instruct")
     with pytest.raises(ValueError, match="cannot be combined with --init-from"):
-        FinetuneConfig(init_from="runs/x", n_layers=2).resolved()
+        FinetuneConfig(init_from=str(tmp_path / "x"), n_layers=2).resolved()
     assert new.engine == "fast"  # the fast engine trains by default; "reference" runs the readable layers
     with pytest.raises(ValueError, match="--engine must be one of fast, reference"):
         FinetuneConfig(engine="gpu").resolved()

@@ -26,15 +26,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
 
 
+def check_args(args) -> None:
+    """Every argument, before the checkpoint or the data is read."""
+    from .. import validate as V
+    from ..finetune.tables import FORMATS
+    from ..pretrained import check_source
+
+    V.integer("--batch-size", args.batch_size, 1)
+    if args.text is not None and not args.text.strip():
+        raise ValueError("--text is empty; give the text to classify")
+    if args.data is not None:
+        path = V.in_path("--data", args.data, what="a labelled .csv/.tsv/.jsonl/.json file")
+        if path.is_dir():
+            raise ValueError(f"--data {args.data} is a folder; give a labelled .csv/.tsv/.jsonl/.json file")
+        if path.suffix.lower() not in FORMATS:
+            raise ValueError(f"--data {args.data}: unknown table format {path.suffix!r}; use .csv, .tsv, .jsonl or .json")
+    check_source(args.checkpoint, "--checkpoint")
+
+
 def run(args) -> int:
     from ..finetune.classifier import load_classifier
     from ..finetune.plots import confusion_matrix, format_confusion
     from ..finetune.tables import PAD_ID, ClassificationSet, LabelMap, Row, read_labelled
 
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.text is not None and not args.text.strip():
-        raise ValueError("--text is empty; give the text to classify")
+    check_args(args)
     rows = [Row(args.text, "", "--text")] if args.text is not None else read_labelled(
         args.data, args.text_column, args.label_column)  # fmt: skip
     clf = load_classifier(args.checkpoint, device=args.device, dtype=np.dtype(args.dtype))

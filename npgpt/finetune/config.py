@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from .. import validate as V
 from ..config import PRESETS, GPTConfig
 from ..layers.mixed_loss import check_lm_weight
 
@@ -76,38 +77,84 @@ class FinetuneConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        """Every check that needs no file: a bad value is one ValueError, before anything is written."""
+        """Every setting by itself and against the others, reading nothing from disk but the paths'
+        existence (validate.py's rules, as `npgpt train`): a bad value is one ValueError naming the
+        flag, before any file is touched. What needs the data (columns, labels, lengths) is checked
+        when it is read, still before anything is written."""
+        integer, real = V.integer, V.real
         if self.task not in TASKS:
             raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        # data
+        self._check_data("--data", self.data, bundled=True)
+        self._check_data("--val-data", self.val_data)
+        self._check_data("--test-data", self.test_data)
+        if self.data in BUNDLED and BUNDLED[self.data]["task"] != self.task:
+            raise ValueError(f"the bundled set {self.data!r} is for --task {BUNDLED[self.data]['task']}")
+        real("--val-share", self.val_share, 0, 1, lo_open=True, hi_open=True, hint="it is the share of --data held out")
+        if self.max_examples is not None:
+            integer("--max-examples", self.max_examples, 2, hint="leave it out to use every example")
+        # the model
+        if self.preset not in PRESETS:
+            raise ValueError(f"--preset {self.preset!r} is not a preset; choose one of {', '.join(PRESETS)}")
+        for flag, value, lo in (("--context-length", self.context_length, 2), ("--emb-dim", self.emb_dim, 1),
+                                ("--n-heads", self.n_heads, 1), ("--n-layers", self.n_layers, 0)):  # fmt: skip
+            if value is not None:
+                integer(flag, value, lo)
+        if self.drop_rate is not None:
+            real("--drop-rate", self.drop_rate, 0, 1, hi_open=True, hint="0 turns dropout off")
+        if self.init_from is not None:
+            from ..pretrained import check_source
+
+            check_source(self.init_from, "--init-from")
+            shaped = [f"--{k.replace('_', '-')}" for k in ("emb_dim", "n_heads", "n_layers") if getattr(self, k) is not None]
+            if shaped:
+                raise ValueError(f"{', '.join(shaped)} cannot be combined with --init-from: the checkpoint fixes the "
+                                 "model's shape; leave them out")  # fmt: skip
+        else:
+            c = GPTConfig.from_preset(self.preset)
+            C, NH = self.emb_dim or c.emb_dim, self.n_heads or c.n_heads
+            if C % NH:
+                raise ValueError(f"--emb-dim {C} is not divisible by --n-heads {NH}; choose --n-heads from "
+                                 f"{[h for h in range(1, min(C, 64) + 1) if C % h == 0]} or a multiple of {NH} for --emb-dim")  # fmt: skip
         if self.lm_weight is not None:
             if self.task != "classify":
                 raise ValueError("--lm-weight mixes the LM loss into a classifier's loss; drop it for --task instruct")
             check_lm_weight(self.lm_weight)
         if self.trainable is not None and self.trainable not in TRAINABLE:
             raise ValueError(f"--trainable must be one of {', '.join(TRAINABLE)}, got {self.trainable!r}")
-        if self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
-        for name in ("epochs", "batch_size", "keep_last"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.max_examples is not None and self.max_examples < 2:
-            raise ValueError(f"--max-examples must be at least 2, got {self.max_examples}")
-        if self.context_length is not None and self.context_length < 2:
-            raise ValueError(f"--context-length must be at least 2, got {self.context_length}")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"--lr must be > 0, got {self.lr}")
-        if not 0.0 < self.val_share < 1.0:
-            raise ValueError(f"--val-share must lie in (0, 1), got {self.val_share}")
+        # optimisation
+        if self.epochs is not None:
+            integer("--epochs", self.epochs, 1)
+        integer("--batch-size", self.batch_size, 1)
+        if self.lr is not None:
+            real("--lr", self.lr, 0, lo_open=True)
+        if self.min_lr is not None:
+            real("min_lr", self.min_lr, 0, self.lr, hint="it is the final learning rate, at most the peak lr")
+        integer("--warmup-steps", self.warmup_steps, 0)
+        real("--weight-decay", self.weight_decay, 0)
+        if self.grad_clip is not None:
+            real("--grad-clip", self.grad_clip, 0, lo_open=True, hint="0 turns clipping off")
+        integer("--seed", self.seed, 0)
+        # output and machine
+        V.out_dir("--out-dir", self.out_dir)
+        integer("--keep-last", self.keep_last, 1)
+        integer("--samples", self.samples, 0)
+        integer("max_new_tokens", self.max_new_tokens, 1)
         if self.engine not in ENGINES:
             raise ValueError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"--dtype must be float32 or float64, got {self.dtype!r}")
-        if self.init_from is not None:
-            shaped = [f"--{k.replace('_', '-')}" for k in ("emb_dim", "n_heads", "n_layers") if getattr(self, k) is not None]
-            if shaped:
-                raise ValueError(f"{', '.join(shaped)} cannot be combined with --init-from: the checkpoint fixes the model's shape")
-        if self.data in BUNDLED and BUNDLED[self.data]["task"] != self.task:
-            raise ValueError(f"the bundled set {self.data!r} is for --task {BUNDLED[self.data]['task']}")
+
+    def _check_data(self, flag: str, value, bundled: bool = False) -> None:
+        """A data file of this task's format that exists (or, for --data, a bundled set's name)."""
+        if value is None or (bundled and value in BUNDLED and not Path(value).exists()):
+            return
+        path = V.in_path(flag, value, what="a data file" + (f" or a bundled set ({', '.join(BUNDLED)})" if bundled else ""))
+        if path.is_dir():
+            raise ValueError(f"{flag} {value} is a folder; give a data file")
+        formats = (".csv", ".tsv", ".jsonl", ".json") if self.task == "classify" else (".json", ".jsonl")
+        if path.suffix.lower() not in formats:
+            raise ValueError(f"{flag} {value}: --task {self.task} reads {', '.join(formats)} files, not {path.suffix or 'a file without an extension'!r}")
 
     def resolved(self) -> FinetuneConfig:
         """A checked copy with the defaults filled in: data, epochs, lr, lm_weight, trainable."""

@@ -67,7 +67,7 @@ def stored_template(checkpoint) -> dict:
     template = (config.get("npgpt") or {}).get("instruct")
     if not isinstance(template, dict) or "prompt_input" not in template or "prompt_no_input" not in template:
         raise ValueError(f"{checkpoint} was not instruction-tuned (its config.json stores no prompt template); "
-                         "use --prompt, or tune it with: npgpt finetune --task instruct")  # fmt: skip
+                         "drop --instruction and use --prompt, or tune it with: npgpt finetune --task instruct")  # fmt: skip
     return template
 
 

@@ -22,7 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from .. import checkpoint as ckpt
-from ..backend import get_array_module
+from ..backend import get_array_module, resolve_device
+from ..config import GPTConfig
+from ..memory import check_fits, estimate_training
 from ..model import GPT, make_rng
 from ..optim import AdamW, clip_grad_norm, grad_norm
 from ..schedule import LRSchedule
@@ -45,13 +47,22 @@ def check_out_dir(cfg: FinetuneConfig) -> Path:
 
 def build_trunk(cfg: FinetuneConfig, longest: int) -> tuple[GPT, int]:
     """(the pretrained model of --init-from or a new model of --preset, tokens per example); `longest`
-    is the longest training example in tokens (see FinetuneConfig.context_for)."""
+    is the longest training example in tokens (see FinetuneConfig.context_for). The run's memory is
+    estimated (check_memory) before the model is made or loaded."""
     dtype = np.dtype(cfg.dtype)
     if cfg.init_from is None:
         T = cfg.context_for(longest)
-        return GPT(cfg.new_model_config(T), seed=cfg.seed, device=cfg.device, dtype=dtype), T
-    from ..pretrained import load_pretrained
+        config = cfg.new_model_config(T)
+        check_memory(cfg, config, T)
+        return GPT(config, seed=cfg.seed, device=cfg.device, dtype=dtype), T
+    from ..pretrained import load_pretrained, source_config
 
+    config = source_config(cfg.init_from)
+    if config is not None:
+        if cfg.context_length is not None and cfg.context_length > config.context_length:
+            raise ValueError(f"--context-length {cfg.context_length} exceeds the context of {cfg.init_from} "
+                             f"({config.context_length}); give at most that")  # fmt: skip
+        check_memory(cfg, config, cfg.context_for(longest, config.context_length))
     model = load_pretrained(cfg.init_from, device=cfg.device, dtype=dtype)
     if cfg.drop_rate is not None:
         model.config = model.config.replace(drop_rate=cfg.drop_rate)
@@ -59,6 +70,16 @@ def build_trunk(cfg: FinetuneConfig, longest: int) -> tuple[GPT, int]:
         raise ValueError(f"--context-length {cfg.context_length} exceeds the context of {cfg.init_from} "
                          f"({model.config.context_length}); give at most that")  # fmt: skip
     return model, cfg.context_for(longest, model.config.context_length)
+
+
+def check_memory(cfg: FinetuneConfig, config: GPTConfig, seq_len: int) -> None:
+    """Refuse, with the numbers, a run whose estimated memory exceeds what is available, before anything
+    is allocated. memory.py's estimate for training every parameter: an upper bound when some are frozen
+    (their gradients and AdamW moments are never allocated)."""
+    device = resolve_device(cfg.device)
+    est = estimate_training(config, cfg.batch_size, seq_len, cfg.dtype, "fp32", cfg.engine, gpu=device == "cuda")
+    fix = "make the batch smaller (--batch-size, --context-length)" + ("" if cfg.init_from else " or the model (--preset, --emb-dim, --n-layers)")
+    check_fits(est, device, fix=fix)
 
 
 class Run:
