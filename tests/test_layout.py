@@ -71,9 +71,11 @@ def test_only_the_command_line_uses_argparse_or_the_cli_package():
 
 
 def test_every_readable_layer_has_a_fast_twin_of_the_same_name():
-    # Composites have no fast file: the fast steps wire their parts directly, GPT-2's block and MLP in
-    # engine.py, the encoder's and decoder's blocks (post- or pre-norm sub-layers) in seq2seq/engine.py.
-    composites = {"block", "ffn", "encoder_block", "decoder_block"}
+    # Composites, which have no compute of their own: the fast steps call their parts' ops. GPT-2's block and
+    # MLP (engine.py runs their layers); the encoder's and decoder's blocks (post- or pre-norm sub-layers, wired
+    # in seq2seq/engine.py); classifier_head = last_token + linear, and mixed_loss = two cross-entropies
+    # weighted and summed (a fast step calls fast.last_token_*, fast.linear_* and fast.cross_entropy_ for them).
+    composites = {"block", "ffn", "encoder_block", "decoder_block", "classifier_head", "mixed_loss"}
     layers = {p.stem for p in (ROOT / "layers").glob("*.py")}
     assert composites <= layers
     readable = layers - {"__init__"} - composites

@@ -20,14 +20,16 @@ which have the same positional arguments.
 | attention                      | attention_forward, attention_backward (+ the head-level pair)  | attention.cu (no dropout) |
 | cross_entropy                  | cross_entropy_ (forward and backward in place)                 | cross_entropy.cu       |
 | dropout                        | dropout_forward, dropout_backward                              | -                      |
+| last_token                     | last_token_index, last_token_forward, last_token_backward     | -                      |
 | relu                           | relu_forward (bias add fused), relu_backward_                  | -                      |
 | sinusoidal                     | sinusoidal_table_into, add_sinusoidal_ (backward: the identity) | -                     |
 | masked_attention               | masked_attention_forward / _backward, attention_bias_into      | - (cuBLAS)             |
 | multihead_attention            | multihead_attention_forward / _backward (the four projections) | - (cuBLAS)             |
 | feedforward                    | feedforward_forward / _backward (ReLU or GELU)                 | gelu.cu for GELU       |
 
-The composites block, ffn (GPT-2) and encoder_block, decoder_block (the encoder-decoder) have no file
-here: their fast steps wire the ops directly (engine.py, seq2seq/engine.py).
+The composites have no file here, having no op of their own: GPT-2's block and ffn (engine.py wires their
+ops), the encoder-decoder's encoder_block and decoder_block (seq2seq/engine.py), and fine-tuning's
+classifier_head (last_token + linear) and mixed_loss (two cross-entropies, weighted).
 """
 
 from .attention import (
@@ -44,6 +46,7 @@ from .dropout import dropout_backward, dropout_forward
 from .embedding import add_position_embedding_, embedding_backward, embedding_forward, position_embedding_backward
 from .feedforward import FeedForwardSaved, feedforward_backward, feedforward_forward
 from .gelu import GPU_ROW_BLOCK, ROW_BLOCK, gelu_backward_, gelu_forward, gelu_scratch
+from .last_token import last_token_backward, last_token_forward, last_token_index
 from .layernorm import layernorm_backward, layernorm_forward
 from .linear import linear_backward, linear_forward
 from .masked_attention import attention_bias_into, head_view, masked_attention_backward, masked_attention_forward
@@ -59,6 +62,7 @@ __all__ = [
     "dropout_forward", "dropout_backward",
     "embedding_forward", "embedding_backward", "add_position_embedding_", "position_embedding_backward",
     "gelu_forward", "gelu_backward_", "gelu_scratch", "ROW_BLOCK", "GPU_ROW_BLOCK",
+    "last_token_index", "last_token_forward", "last_token_backward",
     "layernorm_forward", "layernorm_backward",
     "linear_forward", "linear_backward",
     # the encoder-decoder Transformer's (npgpt.seq2seq)
