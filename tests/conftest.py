@@ -73,3 +73,13 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} is not there (CI places ../shared beside the clone)")
     return SHARED_DATA
+
+
+@pytest.fixture
+def fake_cupy(monkeypatch):
+    """CuPy's CPU stand-in (tests/fake_cupy.py) installed as `cupy` for one test: npgpt's CuPy code paths
+    run on DeviceArrays, and the module counts host transfers, records GEMMs, devices and allocations."""
+    import fake_cupy as fc
+
+    yield fc.install(monkeypatch)
+    fc.uninstall()
