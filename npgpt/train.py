@@ -32,7 +32,7 @@ from .backend import set_tf32, to_numpy
 from .checkpoint import CHECKPOINT_DIR, checkpoint_dirs, clean_stray_temporaries, latest_checkpoint, save_training_checkpoint
 from .config import GPTConfig
 from .data import Batches, TokenWindows, load_token_ids, resolve_data_path, split_ids
-from .distributed import broadcast_params_, get_world, limit_threads_per_rank
+from .distributed import broadcast_params_, get_world, limit_threads_per_rank, use_local_gpu
 from .engine import make_engine
 from .generate import generate
 from .metrics import MetricsLog, peak_rss_mb, plot_losses, read_metrics
@@ -259,8 +259,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         cfg.validate()
         self.cfg = cfg
-        set_tf32(cfg.tf32)
         self.world = world = get_world()
+        use_local_gpu(world, cfg.device)  # under MPI: this rank's GPU, before anything is allocated
         if world.size > 1:
             limit_threads_per_rank(world)
         if cfg.batch_size % world.size:
@@ -273,6 +273,8 @@ class Trainer:
         world.barrier()
         self._load_data()
         self.model, self.resume_dir, state = build_or_resume(cfg, world, self.out_dir)
+        if self.model.device == "cuda":  # CUDA state only for a CUDA model
+            set_tf32(cfg.tf32)
         self._set_up_training()
         if state is not None:
             self._restore(state)
