@@ -6,6 +6,14 @@ import pytest
 
 from npgpt.backend import cuda_available, cuda_unavailable_reason
 
+if os.environ.get("NPGPT_FAKE_CUDA") == "1":  # a dry run of the GPU tests' own logic on the CPU stand-in
+    import sys
+
+    import fake_cupy
+
+    sys.modules.update(fake_cupy.modules())
+    fake_cupy.reset()
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 

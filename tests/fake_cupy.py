@@ -32,6 +32,7 @@ Nothing here is fast; use tiny models.
 from __future__ import annotations
 
 import ctypes
+import importlib.machinery
 import re
 import sys
 import types
@@ -316,18 +317,27 @@ def _cuda_dtype(code):
     return CUDA_DTYPES[code]
 
 
-def gemm_strided_batched(args, alpha, A, a_off, B, b_off, beta, C, c_off):
+def to_tf32(x):
+    """float32 values rounded to TF32's 10-bit mantissa (to nearest), as the tensor cores read them."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32)
+
+
+def gemm_strided_batched(args, alpha, A, a_off, B, b_off, beta, C, c_off, tf32=False):
     """cuBLAS's gemmStridedBatched on flat 1-D buffers: for i < args.batch, the column-major matrices
     A at element a_off + i * stride_a (leading dimension lda), B and C likewise; C = alpha op(A) op(B)
     + beta C, with op = transpose for CUBLAS_OP_T, and C not read when beta == 0. Asserts cuBLAS's
     rules on the leading dimensions and that every element read or written lies inside its buffer.
-    16-bit operands are multiplied in float32 and the result rounded once (CUBLAS_COMPUTE_32F)."""
+    16-bit operands are multiplied in float32 and the result rounded once (CUBLAS_COMPUTE_32F); with
+    tf32 the float32 operands are rounded to TF32 first (CUBLAS_COMPUTE_32F_FAST_TF32)."""
     m, n, k = args.m, args.n, args.k
     assert args.transa in (0, 1) and args.transb in (0, 1)
     a_rows, a_cols = (m, k) if args.transa == 0 else (k, m)
     b_rows, b_cols = (k, n) if args.transb == 0 else (n, k)
     assert args.lda >= max(1, a_rows) and args.ldb >= max(1, b_rows) and args.ldc >= max(1, m), args
     up = (lambda x: x.astype(np.float32)) if C.dtype.itemsize == 2 else (lambda x: x)
+    if tf32:
+        up = to_tf32
 
     def index(buf, off, rows, cols, ld):
         idx = off + np.arange(rows)[:, None] + np.arange(cols)[None, :] * ld
@@ -341,7 +351,7 @@ def gemm_strided_batched(args, alpha, A, a_off, B, b_off, beta, C, c_off):
         op_a = up(A[ia]) if args.transa == 0 else up(A[ia]).T
         op_b = up(B[ib]) if args.transb == 0 else up(B[ib]).T
         product = alpha * (op_a @ op_b)
-        C[ic] = product if beta == 0 else product + beta * up(C[ic])
+        C[ic] = product if beta == 0 else product + beta * C[ic].astype(product.dtype)
 
 
 def _extent(rows, cols, ld, stride, batch) -> int:
@@ -363,7 +373,7 @@ def _host_buffer(ptr: int, count: int, dtype) -> np.ndarray:
 
 def _gemm_strided_batched_ex(handle, transa, transb, m, n, k, alpha_ptr, a_ptr, a_type, lda, stride_a, b_ptr, b_type,
                              ldb, stride_b, beta_ptr, c_ptr, c_type, ldc, stride_c, batch, compute_type, algo):  # fmt: skip
-    from npgpt.cuda.blas import CUBLAS_COMPUTE_64F, GemmArgs
+    from npgpt.cuda.blas import CUBLAS_COMPUTE_32F_FAST_TF32, CUBLAS_COMPUTE_64F, GemmArgs
 
     assert a_type == b_type == c_type, (a_type, b_type, c_type)
     dtype = _cuda_dtype(c_type)
@@ -376,7 +386,7 @@ def _gemm_strided_batched_ex(handle, transa, transb, m, n, k, alpha_ptr, a_ptr, 
     A = _host_buffer(a_ptr, _extent(a_rows, a_cols, lda, stride_a, batch), dtype)
     B = _host_buffer(b_ptr, _extent(b_rows, b_cols, ldb, stride_b, batch), dtype)
     C = _host_buffer(c_ptr, _extent(m, n, ldc, stride_c, batch), dtype)
-    gemm_strided_batched(args, alpha, A, 0, B, 0, beta, C, 0)
+    gemm_strided_batched(args, alpha, A, 0, B, 0, beta, C, 0, tf32=compute_type == CUBLAS_COMPUTE_32F_FAST_TF32)
 
 
 def _nrm2(x, out=None):
@@ -420,6 +430,7 @@ def modules() -> dict:
     """The sys.modules entries that make `import cupy` (and the pieces npgpt imports) find the fake."""
     cupy = _FakeCupy("cupy")
     cupy.__file__ = __file__
+    cupy.__spec__ = importlib.machinery.ModuleSpec("cupy", None)  # importlib.util.find_spec("cupy") finds it
     cupy.ndarray = DeviceArray
     cupy.matmul, cupy.asnumpy, cupy.asarray, cupy.ascontiguousarray = matmul, asnumpy, asarray, ascontiguousarray
     cupy.array = lambda a, dtype=None, copy=True: _device(np.array(a, dtype=dtype))
@@ -465,7 +476,7 @@ def install(monkeypatch, devices: int = 1):
     for name, mod in modules().items():
         monkeypatch.setitem(sys.modules, name, mod)
     monkeypatch.setenv("CUPY_TF32", "0")
-    monkeypatch.delenv("NPGPT_CUDA_KERNELS", raising=False)
+    monkeypatch.setenv("NPGPT_CUDA_KERNELS", "none")  # not even npgpt.cuda.DEFAULT_ON: tests that want kernels say so
     _clear_caches()
     return sys.modules[__name__]
 

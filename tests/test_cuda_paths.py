@@ -92,8 +92,9 @@ def test_float32_attention_products_honour_tf32(fake_cupy, tf32, monkeypatch):
         assert nd == [] and {c[1] for c in fake_cupy.gemm_calls} == {blas.CUBLAS_COMPUTE_32F_FAST_TF32}
     else:
         assert fake_cupy.gemm_calls == [] and len(nd) == 6 * engine.model.config.n_layers
-    assert abs(gpu_loss - cpu_loss) <= 1e-6 * abs(cpu_loss)
-    assert relative_error(gpu_g, cpu_g) < 1e-5
+    tol = 1e-3 if tf32 else 1e-6  # TF32 keeps 10 of float32's 23 mantissa bits in the products
+    assert abs(gpu_loss - cpu_loss) <= tol * abs(cpu_loss)
+    assert relative_error(gpu_g, cpu_g) < 10 * tol
 
 
 def test_bmm_enabled_routes_every_dtype_through_cublas(fake_cupy, monkeypatch):
