@@ -6,7 +6,8 @@ import pytest
 
 from npgpt.backend import cuda_available, cuda_unavailable_reason
 
-if os.environ.get("NPGPT_FAKE_CUDA") == "1":  # a dry run of the GPU tests' own logic on the CPU stand-in
+FAKE_CUDA = os.environ.get("NPGPT_FAKE_CUDA") == "1"
+if FAKE_CUDA:  # a dry run of the GPU tests' own logic on the CPU stand-in
     import sys
 
     import fake_cupy
@@ -31,6 +32,8 @@ def _isolated_token_cache(tmp_path_factory):
 
 
 needs_cuda = pytest.mark.skipif(not cuda_available(), reason="needs CuPy and a working CUDA GPU")
+# For the tests that start Python processes of their own: those import the real CuPy, not the stand-in.
+not_with_the_stand_in = pytest.mark.skipif(FAKE_CUDA, reason="starts its own Python processes, which the CPU stand-in (fake_cupy) does not reach")
 # On a GPU machine, NPGPT_REQUIRE_CUDA=1 turns every skip for want of CUDA into a failure that says why
 # CUDA is not usable, so `pytest -m cuda` cannot pass with everything skipped.
 REQUIRE_CUDA = os.environ.get("NPGPT_REQUIRE_CUDA") == "1"

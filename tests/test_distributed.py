@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import not_with_the_stand_in
 
 import npgpt
 from npgpt.gradcheck import relative_error
@@ -144,6 +145,7 @@ def nccl_results(ranks: int) -> list:
 
 @pytest.mark.cuda
 @needs_gpu
+@not_with_the_stand_in
 def test_one_rank_nccl_all_reduce_runs():
     """One GPU: the NCCL communicator of a one-rank MPI world is built and the all-reduce runs on it
     (before issue 13 it was never called with one rank); the mean over one rank leaves the buffer as is."""
@@ -154,6 +156,7 @@ def test_one_rank_nccl_all_reduce_runs():
 
 @pytest.mark.cuda
 @needs_gpu
+@not_with_the_stand_in
 def test_two_rank_nccl_all_reduce_averages():
     """Two GPUs: each rank on its own GPU, and the all-reduce leaves the mean on both."""
     if gpu_count() < 2:
@@ -166,6 +169,7 @@ def test_two_rank_nccl_all_reduce_averages():
 
 @pytest.mark.cuda
 @needs_gpu
+@not_with_the_stand_in
 def test_one_rank_nccl_run_matches_the_single_process_run(tmp_path):
     single, nccl = tmp_path / "single", tmp_path / "nccl"
     args = [*TINY, "--device", "cuda", "--batch-size", "2", "--max-steps", "3"]
@@ -182,6 +186,7 @@ def test_one_rank_nccl_run_matches_the_single_process_run(tmp_path):
 
 @pytest.mark.cuda
 @needs_gpu
+@not_with_the_stand_in
 def test_two_ranks_on_two_gpus_equal_one_gpu(tmp_path):
     """Two ranks on two GPUs with the global batch of one GPU: the same losses (float32 summation order
     aside). Skipped on a machine with one GPU."""
