@@ -9,6 +9,7 @@ Used by checkpoints (checkpoint.py), the token cache (data.py) and the run's met
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -57,3 +58,14 @@ def atomic_write_bytes(path, data: bytes) -> None:
 
 def atomic_write_json(path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def explain_os_error(e: OSError) -> str:
+    """One line for an error of the environment (disk, permissions), with what to do about it."""
+    where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+    text = (e.strerror or str(e)) + where
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return f"{text}; free some space (or choose another --out-dir) and run again"
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"{text}; choose a folder you can write to"
+    return text

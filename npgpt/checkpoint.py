@@ -13,13 +13,16 @@ place, and the manifest goes last: a checkpoint without a manifest that verifies
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import itertools
 import json
 import os
+import re
 import shutil
 import signal
+import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -37,13 +40,19 @@ MANIFEST_FILE = "manifest.json"
 
 def save_tensors(path, tensors: dict, metadata: dict | None = None) -> None:
     """Arrays (NumPy or CuPy) -> a safetensors file, atomically, written straight from the arrays
-    (never the whole file in memory)."""
+    (never the whole file in memory). A failed write (a full disk) is an OSError, as for any file."""
+    from safetensors import SafetensorError
     from safetensors.numpy import save_file
 
     host = {k: np.ascontiguousarray(to_numpy(v)) for k, v in tensors.items()}
     meta = {"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}}
     with atomic_path(path) as tmp:
-        save_file(host, tmp, metadata=meta)
+        try:
+            save_file(host, tmp, metadata=meta)
+        except SafetensorError as e:  # the Rust writer's I/O errors: "... (os error 28)"
+            code = re.search(r"os error (\d+)", str(e))
+            err = int(code.group(1)) if code else errno.EIO
+            raise OSError(err, os.strerror(err) if code else str(e), str(path)) from None
 
 
 def sha256_file(path) -> str:
@@ -175,7 +184,7 @@ def checkpoint_problem(d) -> str | None:
         return f"{d} cannot be read ({e.strerror})"
     if _verified.get(d) == stats:
         return None
-    problem = verify_manifest(d, required=TRAINING_FILES)
+    problem = verify_manifest(d, required=TRAINING_FILES) or _state_problem(d)
     if problem is None:
         try:
             problem = first_nonfinite(d / MODEL_FILE)
@@ -184,6 +193,26 @@ def checkpoint_problem(d) -> str | None:
     if problem is None:
         _verified[d] = stats
     return problem
+
+
+def _state_problem(d: Path) -> str | None:
+    """The training state must name the step of its folder (a manifest only proves that the files are
+    what was written, and a state edited by hand, with a new manifest, could say anything)."""
+    try:
+        state = json.loads((d / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        return f"{d / STATE_FILE} cannot be read as JSON ({e})"
+    step = state.get("step") if isinstance(state, dict) else None
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0 or step != int(d.name[5:]):
+        return f"{d / STATE_FILE} holds step {step!r}, not the step {int(d.name[5:])} of its folder"
+    if not isinstance(state.get("data"), dict) or not isinstance(state.get("optimizer"), dict):
+        return f"{d / STATE_FILE} lacks its data position or optimizer state"
+    return None
+
+
+def warn_line(text: str) -> None:
+    """A warning as one plain line on stderr (no Python warning machinery, no source line)."""
+    print(f"npgpt: warning: {text}", file=sys.stderr)
 
 
 def good_checkpoints(out_dir, warn=None) -> list[Path]:
@@ -205,7 +234,7 @@ def latest_checkpoint(out_dir, warn=True) -> Path | None:
         if problem is None:
             return d
         if warn:
-            warnings.warn(f"skipping checkpoint {d}: {problem}; trying the previous one", stacklevel=2)
+            warn_line(f"skipping checkpoint {d}: {problem}; trying the previous one")
     return None
 
 
@@ -218,15 +247,35 @@ def remove_old_checkpoints(out_dir, keep_last: int, protect=()) -> list[Path]:
     good = good_checkpoints(out_dir)
     kept = set(good[-keep_last:]) | protect
     oldest_kept = min((int(p.name[5:]) for p in kept), default=None)
-    removed = []
-    for d in checkpoint_dirs(out_dir):
-        if d in kept:
-            continue
-        if d in good or (oldest_kept is not None and int(d.name[5:]) < oldest_kept):
-            shutil.rmtree(d, ignore_errors=True)
-            _verified.pop(d, None)
-            removed.append(d)
+    removed = [d for d in checkpoint_dirs(out_dir)
+               if d not in kept and (d in good or (oldest_kept is not None and int(d.name[5:]) < oldest_kept))]  # fmt: skip
+    remove_checkpoints(removed)
     return removed
+
+
+_removals = itertools.count()
+
+
+def remove_checkpoints(dirs) -> None:
+    """Delete checkpoint folders, each first renamed to a .tmp-* name in one atomic step, so a crash in
+    the middle never leaves a half-deleted step-* folder (the next start removes the .tmp-* rest)."""
+    for d in dirs:
+        d = Path(d)
+        trash = d.parent / f".tmp-removed-{d.name}-{os.getpid()}-{next(_removals)}"
+        try:
+            os.replace(d, trash)
+        except FileNotFoundError:
+            continue
+        _verified.pop(d, None)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Rename the folder src onto dst. An existing dst (a damaged checkpoint of the same step) is first
+    renamed out of the way, so at every moment dst is either the old folder, absent, or the new one."""
+    if dst.exists():
+        remove_checkpoints([dst])
+    os.replace(src, dst)
 
 
 def clean_stray_temporaries(out_dir) -> None:
@@ -255,9 +304,7 @@ def save_training_checkpoint(out_dir, model, optimizer, state: dict, keep_last: 
         state = {**state, "optimizer": save_optimizer(tmp, optimizer)}
         atomic_write_json(tmp / STATE_FILE, state)
         write_manifest(tmp, step)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)
         fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -39,8 +39,11 @@ def resolve_data_path(spec: str) -> Path:
     if spec in BUNDLED and not Path(spec).exists():
         return bundled_path(spec)
     path = Path(spec).expanduser()
+    if path.is_dir():
+        raise ValueError(f"--data {spec} is a folder; give UTF-8 text files (e.g. --data {Path(spec) / '*.txt'}) "
+                         f"or one of the bundled corpora: {', '.join(BUNDLED)}")  # fmt: skip
     if not path.is_file():
-        raise ValueError(f"data file {spec!r} does not exist (or is not a file); give a UTF-8 text file "
+        raise ValueError(f"--data {spec} does not exist (or is not a file); give a UTF-8 text file "
                          f"or one of the bundled corpora: {', '.join(BUNDLED)}")  # fmt: skip
     return path
 
@@ -204,6 +207,6 @@ class Batches:
             raise ValueError(
                 f"the saved data position is for {state.get('n_windows')} windows in batches of "
                 f"{state.get('batch_size')}, but this run has {len(self.windows)} windows in batches of "
-                f"{self.batch_size}; resume with the same data, context length, stride and batch size"
+                f"{self.batch_size}; resume with the same --data, --train-ratio, --context-length, --stride and --batch-size"
             )
         self.epoch, self.cursor, self.seed, self.shuffle = state["epoch"], state["cursor"], state["seed"], state["shuffle"]

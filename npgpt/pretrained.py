@@ -67,7 +67,7 @@ def _model_files(directory: Path) -> list[Path]:
     raise ValueError(f"{directory} has no model.safetensors")
 
 
-def _resolve(path) -> tuple[list[Path], Path | None]:
+def _resolve(path, warn: bool = True) -> tuple[list[Path], Path | None]:
     """(weight files, config.json or None) for a directory, a run directory or a .safetensors file."""
     path = Path(path).expanduser()
     if not path.exists():
@@ -80,12 +80,42 @@ def _resolve(path) -> tuple[list[Path], Path | None]:
     if not (path / "config.json").is_file() and (path / "checkpoints").is_dir():
         from .checkpoint import latest_checkpoint
 
-        latest = latest_checkpoint(path)
+        latest = latest_checkpoint(path, warn=warn)
         if latest is None:
             raise ValueError(f"the run directory {path} has no complete checkpoint")
         path = latest
     cfg = path / "config.json"
     return _model_files(path), cfg if cfg.is_file() else None
+
+
+def check_source(path, flag: str) -> Path:
+    """For the command line: `path` (given as `flag`) is something load_pretrained can read, or a
+    ValueError in the command line's terms. Reads only directory listings."""
+    p = Path(path).expanduser()
+    what = "a checkpoint folder (config.json + model.safetensors), a training run's --out-dir, or a .safetensors file"
+    if not p.exists():
+        raise ValueError(f"{flag} {path} does not exist; give {what}")
+    if p.is_file():
+        if p.suffix != ".safetensors":
+            raise ValueError(f"{flag} {path} is not a .safetensors file (npgpt reads safetensors only); give {what}")
+        if not (p.parent / "config.json").is_file():
+            raise ValueError(f"{flag} {path} has no config.json beside it; put the model's config.json there")
+        return p
+    if (p / "config.json").is_file():
+        return p
+    if (p / "checkpoints").is_dir():
+        return p  # a run: its newest good checkpoint is found when loading
+    has_weights = (p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file()
+    if has_weights:
+        raise ValueError(f"{flag} {path} has model weights but no config.json; put the model's config.json beside them")
+    raise ValueError(f"{flag} {path} holds neither a checkpoint nor a training run; give {what}")
+
+
+def source_config(path) -> GPTConfig | None:
+    """The GPTConfig of what load_pretrained(path) would load, read without loading any weights; None
+    when there is no config.json beside them. ValueError for what load_pretrained would refuse."""
+    _, cfg_path = _resolve(path, warn=False)
+    return read_config(cfg_path) if cfg_path is not None else None
 
 
 def normalize_state_dict(tensors: dict, config: GPTConfig, source: str = "checkpoint") -> dict:

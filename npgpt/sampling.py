@@ -8,13 +8,20 @@ from __future__ import annotations
 import numpy as np
 
 
-def check_sampling_args(temperature, top_k, top_p) -> None:
-    if temperature is None or not np.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
-    if top_k is not None and (int(top_k) != top_k or top_k < 1):
-        raise ValueError(f"top_k must be a positive integer or None, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+def check_sampling_args(temperature, top_k, top_p, prefix: str = "") -> None:
+    """ValueError for settings that cannot sample. prefix: "--" names them as flags (--top-k), "--sample-"
+    as `npgpt train`'s (--sample-top-k); "" as the arguments of this module."""
+
+    def name(arg):
+        return prefix + arg.replace("_", "-") if prefix else arg
+
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not np.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"{name('temperature')} must be a finite number >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, float, np.integer))
+                              or not np.isfinite(top_k) or int(top_k) != top_k or top_k < 1):  # fmt: skip
+        raise ValueError(f"{name('top_k')} must be a whole number of at least 1 (or left out: no limit), got {top_k}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0):
+        raise ValueError(f"{name('top_p')} must be in (0, 1] (or left out: no limit), got {top_p}")
 
 
 def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None):

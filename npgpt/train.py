@@ -6,7 +6,12 @@
 One optimizer step (update.py): for each of `grad_accum` micro-batches, forward with dropout and
 backward (the loss scaled by 1/grad_accum so the gradients sum to the mean), then clip the global
 gradient norm, then AdamW with the learning rate of the warmup + cosine schedule. A step whose loss or
-gradient norm is not finite is skipped without touching the weights or the optimizer state.
+gradient norm is not finite is skipped without touching the weights or the optimizer state; weights
+that are not finite, or give a non-finite loss, are never saved: the run has diverged and stops
+(TrainingAborted) with its last good checkpoint kept.
+
+Setting up checks everything before touching the run's folder: the settings (TrainConfig.validate),
+the data, the checkpoint to resume and what it can honour, and the memory the run needs (memory.py).
 
 A run directory holds metrics.jsonl (one JSON record per step and per evaluation), loss.png (train and
 val loss against steps and tokens seen), summary.json, and checkpoints/step-XXXXXXXX/ directories in the
@@ -16,9 +21,9 @@ npgpt/cli/train.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,25 +32,40 @@ from pathlib import Path
 import numpy as np
 
 from . import checkpoint as ckpt
-from .atomic import atomic_write_json
-from .backend import set_tf32, to_numpy
-from .checkpoint import CHECKPOINT_DIR, checkpoint_dirs, clean_stray_temporaries, latest_checkpoint, save_training_checkpoint
-from .config import GPTConfig
+from .atomic import atomic_write_json, explain_os_error
+from .backend import resolve_device, set_tf32, to_numpy
+from .checkpoint import (CHECKPOINT_DIR, checkpoint_dirs, clean_stray_temporaries, latest_checkpoint, remove_checkpoints,
+                         save_training_checkpoint)  # fmt: skip
+from . import validate as V
+from .config import PRESETS, GPTConfig
 from .data import Batches, TokenWindows, load_token_ids, resolve_data_path, split_ids
 from .distributed import broadcast_params_, get_world, limit_threads_per_rank, use_local_gpu
 from .engine import make_engine
 from .generate import generate
+from .memory import available_memory, check_fits, estimate_training
 from .metrics import MetricsLog, peak_rss_mb, plot_losses, read_metrics
 from .model import GPT, make_rng
 from .optim import AdamW
 from .precision import LossScaler, check_precision, compute_dtype
 from .schedule import LRSchedule
+from .sampling import check_sampling_args
 from .tokenizer import decode, encode, tokenizer_hash
 from .update import Updater
 
 
 class TrainingAborted(RuntimeError):
-    """Training stopped on purpose (repeated non-finite steps, non-finite weights); the message says why."""
+    """Training stopped on purpose: it diverged (repeated non-finite steps, weights that are not finite or
+    give a non-finite loss); the message says why and names the last good checkpoint. CLI exit code 1."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """A second SIGINT / SIGTERM stopped training at once; the message names the newest checkpoint. CLI
+    exit code 130."""
+
+
+class SaveFailed(RuntimeError):
+    """A checkpoint could not be written (a full disk, a folder turned read-only); the previous one is
+    intact and the message names it. CLI exit code 2."""
 
 
 @dataclass
@@ -57,7 +77,7 @@ class TrainConfig:
     encoding_errors: str = "strict"  # or "replace"
     cache_dir: str | None = None  # token cache (default ~/.cache/npgpt/tokens or $NPGPT_CACHE_DIR)
     # model
-    preset: str = "nano"
+    preset: str | None = None  # None: "nano" for a new model (a resumed or --init-from model keeps its own)
     context_length: int | None = None
     emb_dim: int | None = None
     n_heads: int | None = None
@@ -108,19 +128,81 @@ class TrainConfig:
             for k in ("context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias", "tie_weights")
             if getattr(self, k) is not None
         }
-        return GPTConfig.from_preset(self.preset, **overrides)
+        return GPTConfig.from_preset(self.preset or "nano", **overrides)
 
     def validate(self) -> None:
-        if self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError("--batch-size and --grad-accum must be at least 1")
-        if self.max_steps is None and (self.epochs is None or self.epochs <= 0):
+        """Every setting by itself and against the others, reading nothing from disk but the paths'
+        existence: a run that cannot work is refused here, before any file is touched. Messages name
+        the command line's flags."""
+        integer, real = V.integer, V.real
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"--preset {self.preset!r} is not a preset; choose one of {', '.join(PRESETS)}")
+        if not self.data:
+            raise ValueError("no training data given (--data FILE ...)")
+        real("--train-ratio", self.train_ratio, 0, 1, lo_open=True, hint="it is the share of tokens used for training")
+        if self.stride is not None:
+            integer("--stride", self.stride, 1)
+        if self.encoding_errors not in ("strict", "replace"):
+            raise ValueError(f"--encoding-errors must be strict or replace, got {self.encoding_errors!r}")
+        cache = Path(self.cache_dir).expanduser() if self.cache_dir is not None else None
+        if cache is not None and cache.exists() and not cache.is_dir():
+            raise ValueError(f"--cache-dir {self.cache_dir} is a file, not a folder; give a folder for the token cache")
+        # the model
+        for flag, value, lo in (("--context-length", self.context_length, 1), ("--emb-dim", self.emb_dim, 1),
+                                ("--n-heads", self.n_heads, 1), ("--n-layers", self.n_layers, 0)):  # fmt: skip
+            if value is not None:
+                integer(flag, value, lo)
+        if self.drop_rate is not None:
+            real("--drop-rate", self.drop_rate, 0, 1, hi_open=True, hint="0 turns dropout off")
+        if self.init_from is not None:
+            from .pretrained import check_source
+
+            check_source(self.init_from, "--init-from")
+            fixed = [f"--{k.replace('_', '-')}" for k in ("preset", "emb_dim", "n_heads", "n_layers", "qkv_bias", "tie_weights")
+                     if getattr(self, k) is not None]  # fmt: skip
+            if fixed:
+                raise ValueError(f"{', '.join(fixed)} cannot be combined with --init-from: the checkpoint fixes the "
+                                 "model's shape; leave them out")  # fmt: skip
+        elif not self.resume:
+            c = GPTConfig.from_preset(self.preset or "nano")
+            C, NH = self.emb_dim or c.emb_dim, self.n_heads or c.n_heads
+            if C % NH:
+                raise ValueError(f"--emb-dim {C} is not divisible by --n-heads {NH}; choose --n-heads from "
+                                 f"{[h for h in range(1, min(C, 64) + 1) if C % h == 0]} or a multiple of {NH} for --emb-dim")  # fmt: skip
+        # optimisation
+        integer("--batch-size", self.batch_size, 1)
+        integer("--grad-accum", self.grad_accum, 1)
+        if self.max_steps is not None:
+            integer("--max-steps", self.max_steps, 1)
+        elif self.epochs is None:
             raise ValueError("give a positive --epochs or --max-steps")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"--max-steps must be at least 1, got {self.max_steps}")
-        if self.eval_interval < 1:
-            raise ValueError(f"--eval-interval must be at least 1, got {self.eval_interval}")
-        if self.keep_last < 1:
-            raise ValueError(f"--keep-last must be at least 1, got {self.keep_last}")
+        if self.epochs is not None:  # checked even when --max-steps overrides it: a typo is still a typo
+            real("--epochs", self.epochs, 0, lo_open=True, hint="or give --max-steps")
+        real("--lr", self.lr, 0, lo_open=True)
+        if self.min_lr is not None:
+            real("--min-lr", self.min_lr, 0, self.lr, hint=f"it is the final learning rate, at most --lr {self.lr:g}")
+        integer("--warmup-steps", self.warmup_steps, 0)
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"--schedule must be cosine or constant, got {self.schedule!r}")
+        real("--weight-decay", self.weight_decay, 0)
+        real("--beta1", self.beta1, 0, 1, hi_open=True)
+        real("--beta2", self.beta2, 0, 1, hi_open=True)
+        if self.grad_clip is not None:
+            real("--grad-clip", self.grad_clip, 0, lo_open=True, hint="0 turns clipping off")
+        integer("--max-bad-steps", self.max_bad_steps, 1)
+        # evaluation, samples, checkpoints
+        V.out_dir("--out-dir", self.out_dir)
+        integer("--eval-interval", self.eval_interval, 1)
+        if self.eval_batches is not None:
+            integer("--eval-batches", self.eval_batches, 1, hint="leave it out to evaluate the whole validation split")
+        integer("--sample-tokens", self.sample_tokens, 0)
+        check_sampling_args(self.sample_temperature, self.sample_top_k, None, prefix="--sample-")
+        if self.checkpoint_interval is not None:
+            integer("--checkpoint-interval", self.checkpoint_interval, 1, hint="leave it out to save only at the end")
+        integer("--keep-last", self.keep_last, 1)
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues the run in --out-dir and --overwrite replaces it; give one of them")
+        # machine
         if self.engine not in ("fast", "reference"):
             raise ValueError(f"--engine must be fast or reference, got {self.engine!r}")
         if self.dtype not in ("float32", "float64"):
@@ -132,8 +214,7 @@ class TrainConfig:
             compute_dtype(self.precision, np.dtype(self.dtype))  # float32 master weights, ml_dtypes for bf16
         if not (1.0 <= self.loss_scale <= 2.0**24):
             raise ValueError(f"--loss-scale must lie in [1, 2**24], got {self.loss_scale}")
-        if not self.data:
-            raise ValueError("no training data given (--data FILE ...)")
+        integer("--seed", self.seed, 0)
 
 
 @dataclass
@@ -167,17 +248,24 @@ def sample_text(model: GPT, prompt_ids: list[int], n_tokens: int, temperature: f
 
 
 class _StopRequest:
-    """SIGINT / SIGTERM set a flag; the loop finishes its step, saves and exits with 130."""
+    """SIGINT / SIGTERM set a flag: the loop finishes its step, saves and exits with 130. A second signal
+    stops at once (KeyboardInterrupt), except while a checkpoint is being written: that save finishes
+    first, so a checkpoint is never left half-written, and training stops right after it."""
 
     def __init__(self):
         self.signal = None
+        self.saving = False  # a checkpoint is being written
+        self.second = False  # a second signal came during the save
         self._old = {}
 
     def __enter__(self):
         def handler(signum, frame):
-            if self.signal is not None:  # a second signal: stop now
+            if self.signal is None:
+                self.signal = signum
+            elif self.saving:
+                self.second = True
+            else:  # a second signal: stop now
                 raise KeyboardInterrupt
-            self.signal = signum
 
         for s in (signal.SIGINT, signal.SIGTERM):
             try:
@@ -190,57 +278,129 @@ class _StopRequest:
         for s, old in self._old.items():
             signal.signal(s, old)
 
+    @contextlib.contextmanager
+    def saving_section(self):
+        """Signals only take note while the body runs; a second one stops training after it."""
+        self.saving = True
+        try:
+            yield
+        finally:
+            self.saving = False
+        if self.second:
+            raise KeyboardInterrupt
 
-def build_model(cfg: TrainConfig) -> GPT:
-    dtype = np.dtype(cfg.dtype)
-    if cfg.init_from:
+
+def build_model(cfg: TrainConfig, config: GPTConfig, resume_dir: Path | None) -> GPT:
+    """The model a run starts from: the checkpoint resumed, the --init-from one, or a fresh one; with
+    `config` (find_start's), which carries --drop-rate for the first two."""
+    if resume_dir is not None or cfg.init_from:
         from .pretrained import load_pretrained
 
-        fixed = [f"--{k.replace('_', '-')}" for k in ("emb_dim", "n_heads", "n_layers", "qkv_bias", "tie_weights")
-                 if getattr(cfg, k) is not None]  # fmt: skip
-        if fixed:
-            raise ValueError(f"{', '.join(fixed)} cannot be combined with --init-from: the checkpoint fixes the model's shape")
-        model = load_pretrained(cfg.init_from, device=cfg.device, dtype=dtype)
-        changes = {k: getattr(cfg, k) for k in ("drop_rate",) if getattr(cfg, k) is not None}
-        if changes:
-            model.config = model.config.replace(**changes)
+        model = load_pretrained(resume_dir or cfg.init_from, device=cfg.device, dtype=np.dtype(cfg.dtype))
+        model.config = config
         return model
-    return GPT(cfg.model_config(), seed=cfg.seed, device=cfg.device, dtype=dtype)
+    return GPT(config, seed=cfg.seed, device=cfg.device, dtype=np.dtype(cfg.dtype))
 
 
-def build_or_resume(cfg: TrainConfig, world, out_dir: Path) -> tuple[GPT, Path | None, dict | None]:
-    """(model, the checkpoint resumed or None, its training state or None): a fresh model, or the newest
-    complete checkpoint's with --resume. With --overwrite the old checkpoints are removed. Every rank
-    ends with rank 0's weights (and, on GPUs under MPI, an NCCL communicator)."""
+def check_memory(cfg: TrainConfig, config: GPTConfig, rows: int) -> None:
+    """Refuse, with the numbers, a run whose estimated memory (memory.py) exceeds what is available,
+    before anything is allocated."""
+    device = resolve_device(cfg.device)
+    seq_len = min(cfg.context_length or config.context_length, config.context_length)
+    est = estimate_training(config, rows, seq_len, cfg.dtype, cfg.precision, cfg.engine, cfg.grad_accum, gpu=device == "cuda")
+    available = available_memory(device)
+    fixed_model = cfg.resume or cfg.init_from
+    if available is not None and est.weights + est.gradients + est.optimizer > available:
+        fix = ("the model alone (weights, gradients, AdamW moments) does not fit: " +
+               ("use a machine with more memory" if fixed_model else "make it smaller (--preset, --emb-dim, --n-layers)"))
+    else:
+        fix = ("make the batch smaller (--batch-size, --context-length; --grad-accum keeps the batch in smaller pieces)"
+               + ("" if fixed_model else " or the model (--n-layers, --emb-dim)"))  # fmt: skip
+    check_fits(est, device, fix=fix, available=available)
+
+
+MODEL_FLAGS = ("emb_dim", "n_heads", "n_layers", "qkv_bias", "tie_weights")
+
+
+def check_resume_flags(cfg: TrainConfig, saved: GPTConfig, state: dict, resume_dir: Path) -> None:
+    """Refuse, by name, flags that a resumed run cannot honour: a model shape other than the checkpoint's
+    (--preset, --emb-dim, ...), another --seed (the data order is the run's), another --init-from."""
+    wanted = {}
+    if cfg.preset is not None:
+        preset = GPTConfig.from_preset(cfg.preset)
+        wanted.update({k: (getattr(preset, k), f"--preset {cfg.preset}") for k in MODEL_FLAGS})
+    for k in MODEL_FLAGS:
+        v = getattr(cfg, k)
+        if v is not None:
+            flag = f"--{'' if v or not isinstance(v, bool) else 'no-'}{k.replace('_', '-')}"
+            wanted[k] = (v, flag if isinstance(v, bool) else f"{flag} {v}")
+    differ = [(flag, k, v) for k, (v, flag) in wanted.items() if getattr(saved, k) != v]
+    if differ:
+        flags = sorted({flag for flag, _, _ in differ})
+        saved_txt = ", ".join(f"{k}={getattr(saved, k)}" for _, k, _ in differ)
+        raise ValueError(f"{' and '.join(flags)} cannot be honoured by --resume: the checkpoint {resume_dir} has "
+                         f"{saved_txt}, and a resumed run keeps its model; leave {' and '.join(flags)} out "
+                         "(or start a new run in another --out-dir)")  # fmt: skip
+    run_cfg = state.get("train_config") or {}
+    if "seed" in state and state["seed"] != cfg.seed:
+        raise ValueError(f"--seed {cfg.seed} differs from the seed {state['seed']} of the run being resumed, whose data "
+                         f"order and dropout follow its seed; resume with --seed {state['seed']}")  # fmt: skip
+    if cfg.init_from is not None and run_cfg.get("init_from") != cfg.init_from:
+        raise ValueError(f"--init-from {cfg.init_from} cannot be honoured by --resume: the run continues from its own "
+                         f"checkpoint {resume_dir}; leave --init-from out")  # fmt: skip
+
+
+def check_training_state(state, resume_dir: Path) -> None:
+    """The numbers a resume relies on, read from trainer_state.json (the manifest only says that the file
+    is what was written, not that what was written makes sense)."""
+
+    def bad(what):
+        return ValueError(f"{resume_dir / ckpt.STATE_FILE} {what}; the file was edited or written by another program. "
+                          "Remove that checkpoint folder to resume from the one before it")  # fmt: skip
+
+    if not isinstance(state, dict):
+        raise bad("is not a JSON object")
+    for key in ("step", "tokens_seen", "skipped_steps"):
+        v = state.get(key, 0)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise bad(f"holds {key} = {v!r}, not a whole number >= 0")
+    for key in ("data", "optimizer"):
+        if not isinstance(state.get(key), dict):
+            raise bad(f"has no valid {key!r} entry")
+
+
+def find_start(cfg: TrainConfig, out_dir: Path, warn: bool = True) -> tuple[GPTConfig, Path | None, dict | None]:
+    """(the model's config, the checkpoint to resume or None, its training state or None), reading only
+    small files: nothing is loaded, allocated, or changed in out_dir."""
     if not cfg.resume and not cfg.overwrite and checkpoint_dirs(out_dir):
         raise ValueError(
             f"{out_dir} already holds checkpoints of an earlier run; pass --resume to continue it, "
             "--overwrite to start again there (its checkpoints are replaced), or choose another --out-dir"
         )
-    resume_dir = latest_checkpoint(out_dir, warn=world.is_root) if cfg.resume else None
-    if cfg.resume and resume_dir is None:
-        raise ValueError(f"--resume: no complete checkpoint in {out_dir / CHECKPOINT_DIR}; start without --resume")
-    state = None
-    if resume_dir is not None:
-        from .pretrained import load_pretrained
+    if not cfg.resume:
+        if not cfg.init_from:
+            return cfg.model_config(), None, None
+        from .pretrained import source_config
 
-        state = json.loads((resume_dir / ckpt.STATE_FILE).read_text())
-        if cfg.max_steps is not None and cfg.max_steps <= state["step"]:
-            raise ValueError(f"--max-steps {cfg.max_steps} is not beyond step {state['step']} of the checkpoint "
-                             f"{resume_dir}, so there is nothing to resume; give a larger --max-steps")  # fmt: skip
-        model = load_pretrained(resume_dir, device=cfg.device, dtype=np.dtype(cfg.dtype))
-        if state.get("tokenizer") != tokenizer_hash():
-            raise ValueError(f"{resume_dir} was trained with another tokenizer; it cannot be resumed with this one")
-    else:
-        model = build_model(cfg)
-    world.barrier()
-    if state is None and world.is_root:
-        for old in checkpoint_dirs(out_dir):  # only reached with --overwrite
-            shutil.rmtree(old)
-    if world.backend != "none" and model.device == "cuda":
-        world.setup_nccl()  # gradients stay on the GPUs: NCCL all-reduce, MPI only for the rendezvous
-    broadcast_params_(world, model.params)
-    return model, resume_dir, state
+        config = source_config(cfg.init_from)
+        if config is None:
+            raise ValueError(f"--init-from {cfg.init_from} has no config.json beside its weights; put the model's config.json there")
+        return (config.replace(drop_rate=cfg.drop_rate) if cfg.drop_rate is not None else config), None, None
+    resume_dir = latest_checkpoint(out_dir, warn=warn)
+    if resume_dir is None:
+        raise ValueError(f"--resume: no complete checkpoint in {out_dir / CHECKPOINT_DIR}; start without --resume")
+    from .pretrained import read_config
+
+    state = json.loads((resume_dir / ckpt.STATE_FILE).read_text())
+    check_training_state(state, resume_dir)
+    if cfg.max_steps is not None and cfg.max_steps <= state["step"]:
+        raise ValueError(f"--max-steps {cfg.max_steps} is not beyond step {state['step']} of the checkpoint "
+                         f"{resume_dir}, so there is nothing to resume; give a larger --max-steps")  # fmt: skip
+    if state.get("tokenizer") != tokenizer_hash():
+        raise ValueError(f"{resume_dir} was trained with another tokenizer; it cannot be resumed with this one")
+    saved = read_config(resume_dir / ckpt.CONFIG_FILE)
+    check_resume_flags(cfg, saved, state, resume_dir)
+    return (saved.replace(drop_rate=cfg.drop_rate) if cfg.drop_rate is not None else saved), resume_dir, state
 
 
 def default_prompt_ids(cfg: TrainConfig, train_ids, context_length: int) -> list[int]:
@@ -254,7 +414,11 @@ def default_prompt_ids(cfg: TrainConfig, train_ids, context_length: int) -> list
 
 class Trainer:
     """One training run: set up from a TrainConfig, then `run()`. Under MPI every rank builds one, all
-    ranks compute, and only rank 0 writes (see distributed.py)."""
+    ranks compute, and only rank 0 writes (see distributed.py).
+
+    Setting up reads and checks everything first (the settings, the data, the checkpoint to resume, the
+    memory the run needs) and touches the run's folder only once all of it holds, so a refused run
+    changes nothing there."""
 
     def __init__(self, cfg: TrainConfig):
         cfg.validate()
@@ -267,25 +431,41 @@ class Trainer:
             raise ValueError(f"--batch-size {cfg.batch_size} is the global batch and must be divisible by the "
                              f"{world.size} ranks; use a multiple of {world.size}")  # fmt: skip
         self.out_dir = Path(cfg.out_dir)
+        # 1. read and check (settings, data, the checkpoint to resume, memory), then allocate; nothing in
+        #    out_dir is created, changed or removed yet
+        self._load_data()
+        config, self.resume_dir, state = find_start(cfg, self.out_dir, warn=world.is_root)
+        self._set_up_data(config.context_length)
+        check_memory(cfg, config, self.rank_batch)
+        self.model = build_model(cfg, config, self.resume_dir)
+        if self.model.device == "cuda":  # CUDA state only for a CUDA model (a CPU run never touches CUDA)
+            set_tf32(cfg.tf32)
+        world.barrier()
+        if world.backend != "none" and self.model.device == "cuda":
+            world.setup_nccl()  # gradients stay on the GPUs: NCCL all-reduce, MPI only for the rendezvous
+        broadcast_params_(world, self.model.params)  # every rank starts from rank 0's weights
+        self._set_up_training()
+        if state is not None:
+            self._restore(state)
+            if self.step >= self.total_steps:
+                raise ValueError(f"the run in {self.out_dir} is already at step {self.step} of {self.total_steps}, so "
+                                 "there is nothing to train; give a larger --max-steps (or --epochs) to continue it")  # fmt: skip
+        self.prompt_ids = default_prompt_ids(cfg, self.train_ids, self.model.config.context_length)
+        # 2. the run is valid: from here on its folder is written
+        self.replaced = checkpoint_dirs(self.out_dir) if state is None else []  # --overwrite: removed at the first save
         if world.is_root:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             clean_stray_temporaries(self.out_dir)
         world.barrier()
-        self._load_data()
-        self.model, self.resume_dir, state = build_or_resume(cfg, world, self.out_dir)
-        if self.model.device == "cuda":  # CUDA state only for a CUDA model
-            set_tf32(cfg.tf32)
-        self._set_up_training()
-        if state is not None:
-            self._restore(state)
-        self.prompt_ids = default_prompt_ids(cfg, self.train_ids, self.model.config.context_length)
         self.metrics_path = self.out_dir / "metrics.jsonl"
         self.metrics = MetricsLog(self.metrics_path, resume_at=self.step if state is not None else None, enabled=world.is_root)
         self.last_ckpt: Path | None = self.resume_dir
         self.last_train = self.last_val = None
+        self.last_finite: tuple[int, float] | None = None  # (step, loss) of the last step with a finite loss
         self.recent: list[float] = []  # the losses of the steps since the last evaluation
         self.sample = ""
         self.bar = None
+        self.stop = None  # the _StopRequest while run() runs
         self.bad_in_a_row = 0  # consecutive non-finite steps
 
     # --- setting up ---------------------------------------------------------------------------------
@@ -296,12 +476,13 @@ class Trainer:
         ids = load_token_ids(paths, cache_dir=cfg.cache_dir, errors=cfg.encoding_errors)
         self.train_ids, self.val_ids = split_ids(ids, cfg.train_ratio)
 
-    def _set_up_training(self) -> None:
-        """Windows and batches, the schedule, the engine, the optimizer and the update."""
-        cfg, model, world = self.cfg, self.model, self.world
-        self.seq_len = cfg.context_length or model.config.context_length
-        if self.seq_len > model.config.context_length:
-            raise ValueError(f"--context-length {self.seq_len} exceeds the model's context_length {model.config.context_length}")
+    def _set_up_data(self, context_length: int) -> None:
+        """Windows and batches for a model of this context length (the data must hold enough of them)."""
+        cfg, world = self.cfg, self.world
+        self.seq_len = cfg.context_length or context_length
+        if self.seq_len > context_length:
+            raise ValueError(f"--context-length {self.seq_len} exceeds the model's context_length {context_length}; "
+                             f"use at most {context_length}")  # fmt: skip
         self.train_windows = TokenWindows(self.train_ids, self.seq_len, cfg.stride, name="train")
         self.val_windows = TokenWindows(self.val_ids, self.seq_len, cfg.stride, name="val") if len(self.val_ids) else None
         self.batches = Batches(self.train_windows, cfg.batch_size, shuffle=True, seed=cfg.seed)
@@ -310,6 +491,10 @@ class Trainer:
         steps_per_epoch = max(1, self.batches.batches_per_epoch // self.grad_accum)
         self.total_steps = cfg.max_steps or max(1, int(math.ceil(cfg.epochs * steps_per_epoch)))
         self.schedule = LRSchedule(cfg.lr, self.total_steps, cfg.warmup_steps, cfg.min_lr, cfg.schedule)
+
+    def _set_up_training(self) -> None:
+        """The engine, the optimizer and the update."""
+        cfg, model, world = self.cfg, self.model, self.world
         self.engine = make_engine(cfg.engine, model, self.rank_batch, self.seq_len, precision=cfg.precision)
         self.optimizer = AdamW(model.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
         self.scaler = LossScaler(scale=cfg.loss_scale) if cfg.precision == "fp16" else None
@@ -346,18 +531,55 @@ class Trainer:
             "rng": "dropout masks are seeded per step from (seed, step, micro-batch[, rank])",
         }  # fmt: skip
 
-    def save(self) -> None:
-        """A checkpoint of the current state (rank 0 writes; every rank checks the weights first)."""
+    def probe_loss(self) -> float:
+        """The loss of the current weights on the first batch of the validation split (the training split
+        when there is none), without dropout: a check that the weights still compute something finite."""
+        windows = self.val_windows if self.val_windows is not None else self.train_windows
+        x, y = windows.batch(np.arange(min(self.rank_batch, len(windows))))
+        return float(self.engine.loss(x, y))
+
+    def weights_problem(self) -> str | None:
+        """Why the current weights must not be saved (not finite, or a non-finite loss), or None."""
         if not params_finite(self.model.params):
-            self.log({"kind": "error", "step": self.step, "message": "non-finite weights: checkpoint not written"})
-            raise TrainingAborted(f"step {self.step}: the weights are no longer finite, so no checkpoint was written; "
-                                  "lower --lr and restart" + (f" from {self.last_ckpt}" if self.last_ckpt else ""))  # fmt: skip
-        if self.world.is_root:
-            # until this run has a checkpoint of its own, the one it resumed from is never cleaned up
-            protect = [self.resume_dir] if self.resume_dir is not None and self.last_ckpt == self.resume_dir else []
-            self.last_ckpt = save_training_checkpoint(self.out_dir, self.model, self.optimizer, self.training_state(),
-                                                      self.cfg.keep_last, protect=protect)  # fmt: skip
-        self.world.barrier()
+            return "the weights are no longer finite"
+        loss = self.probe_loss()
+        if not math.isfinite(loss):
+            return f"the weights give a non-finite loss ({loss}) on a validation batch"
+        return None
+
+    def diverged(self, problem: str) -> TrainingAborted:
+        """The error that stops a diverged run: what happened, the last finite loss, what to do."""
+        last = (f"the last finite training loss was {self.last_finite[1]:.3f} at step {self.last_finite[0]}"
+                if self.last_finite else "no step of this run had a finite loss")  # fmt: skip
+        skipped = f", {self.skipped} non-finite steps skipped" if self.skipped else ""
+        keep = (f"the last good checkpoint {self.last_ckpt} is kept; lower --lr (now {self.cfg.lr:g}) and --resume"
+                if self.last_ckpt else f"no checkpoint was kept; lower --lr (now {self.cfg.lr:g}) and start again")  # fmt: skip
+        return TrainingAborted(f"step {self.step}: training diverged: {problem}, so no checkpoint was written "
+                               f"({last}{skipped}); {keep}")  # fmt: skip
+
+    def save(self) -> None:
+        """A checkpoint of the current state (rank 0 writes; every rank checks the weights first). Weights
+        that are not finite, or give a non-finite loss, are never saved: the run has diverged and stops,
+        keeping its last good checkpoint. A second signal during the save lets it finish first."""
+        problem = self.weights_problem()
+        if problem is not None:
+            self.log({"kind": "error", "step": self.step, "message": f"{problem}: checkpoint not written"})
+            raise self.diverged(problem)
+        with self.stop.saving_section() if self.stop is not None else contextlib.nullcontext():
+            if self.world.is_root:
+                # until this run has a checkpoint of its own, the one it resumed from is never cleaned up
+                protect = [self.resume_dir] if self.resume_dir is not None and self.last_ckpt == self.resume_dir else []
+                try:
+                    self.last_ckpt = save_training_checkpoint(self.out_dir, self.model, self.optimizer, self.training_state(),
+                                                              self.cfg.keep_last, protect=protect)  # fmt: skip
+                except OSError as e:
+                    kept = f"the newest checkpoint is still {self.last_ckpt}" if self.last_ckpt else "no checkpoint was written"
+                    raise SaveFailed(f"the checkpoint of step {self.step} could not be written: "
+                                     f"{explain_os_error(e)}; {kept}") from None  # fmt: skip
+                if self.replaced:  # --overwrite: the earlier run's checkpoints go once this run has one
+                    remove_checkpoints([d for d in self.replaced if d != self.last_ckpt])
+                    self.replaced = []
+            self.world.barrier()
 
     def evaluate(self) -> float | None:
         """Validation loss; under MPI each rank evaluates every size-th window and the sums are combined."""
@@ -397,7 +619,9 @@ class Trainer:
         return make_rng(int(np.random.SeedSequence(parts).generate_state(1)[0]), self.model.xp)
 
     def train_step(self) -> tuple[float, float, float]:
-        """One optimizer step over grad_accum micro-batches -> (loss, gradient norm, learning rate)."""
+        """One optimizer step over grad_accum micro-batches -> (loss, gradient norm, learning rate). The
+        step is number self.step + 1 in the logs (steps count from 1; self.step counts those done)."""
+        number = self.step + 1
         lr = self.schedule(self.step)
         lo, hi = self.world.rank * self.rank_batch, (self.world.rank + 1) * self.rank_batch
         micro_batches = []
@@ -407,20 +631,21 @@ class Trainer:
         r = self.updater(micro_batches, lr=lr)
         if r.overflow:  # float16 overflow: the update was skipped and the loss scale lowered
             self.skipped += 1
-            self.log({"kind": "skip", "step": self.step, "loss": r.loss, "grad_norm": r.grad_norm,
+            self.log({"kind": "skip", "step": number, "loss": r.loss, "grad_norm": r.grad_norm,
                       "reason": "fp16 overflow", "loss_scale": self.scaler.scale})  # fmt: skip
-            self.say(f"step {self.step}: float16 gradients overflowed; update skipped, loss scale now {self.scaler.scale:g}")
+            self.say(f"step {number}: float16 gradients overflowed; update skipped, loss scale now {self.scaler.scale:g}")
         elif r.applied:
             self.bad_in_a_row = 0
             self.recent.append(r.loss)
+            self.last_finite = (number, r.loss)
         else:
             self.skipped += 1
             self.bad_in_a_row += 1
-            self.log({"kind": "skip", "step": self.step, "loss": r.loss, "grad_norm": r.grad_norm})
-            self.say(f"step {self.step}: loss {r.loss} / gradient norm {r.grad_norm} not finite; update skipped")
+            self.log({"kind": "skip", "step": number, "loss": r.loss, "grad_norm": r.grad_norm})
+            self.say(f"step {number}: loss {r.loss} / gradient norm {r.grad_norm} not finite; update skipped")
             if self.bad_in_a_row >= self.cfg.max_bad_steps:
                 raise TrainingAborted(
-                    f"{self.bad_in_a_row} consecutive steps had a non-finite loss or gradient (last at step {self.step}); "
+                    f"{self.bad_in_a_row} consecutive steps had a non-finite loss or gradient (last at step {number}); "
                     "training stopped. Lower --lr, set --grad-clip, or check the data"
                     + (f"; the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else "")
                 )
@@ -435,15 +660,27 @@ class Trainer:
         t_start = time.perf_counter()
         self.bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.cfg.progress and self.world.is_root),
                         unit="step", dynamic_ncols=True)  # fmt: skip
-        with _StopRequest() as stop:
+        # Overflow in a diverging run is detected and reported (skipped steps, weights_problem), not warned about.
+        with _StopRequest() as stop, np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            self.stop = stop
             try:
                 interrupted = self._loop(stop, step_times)
                 if self.step > first_step or self.last_ckpt is None:
                     self.save()
+            except KeyboardInterrupt:  # a second signal
+                raise TrainingInterrupted(self._stopped_at_once()) from None
             finally:
+                self.stop = None
                 self.bar.close()
                 self.metrics.close()
-        return self._finish(time.perf_counter() - t_start, step_times, interrupted)
+        return self._finish(time.perf_counter() - t_start, step_times, interrupted, first_step)
+
+    def _stopped_at_once(self) -> str:
+        done = self.last_ckpt is not None and self.last_ckpt.name == f"step-{self.step:08d}"
+        if done:
+            return f"a second signal stopped training after the checkpoint of step {self.step} was written: {self.last_ckpt}"
+        where = f"the newest checkpoint is {self.last_ckpt}" if self.last_ckpt else "this run wrote no checkpoint"
+        return f"a second signal stopped training at step {self.step} without saving it; {where}"
 
     def _banner(self) -> str:
         cfg, model, world = self.cfg, self.model, self.world
@@ -477,8 +714,9 @@ class Trainer:
                 self.save()
         return False
 
-    def _finish(self, seconds: float, step_times: list, interrupted: bool) -> TrainResult:
-        """The loss plot, summary.json and the printed summary."""
+    def _finish(self, seconds: float, step_times: list, interrupted: bool, first_step: int) -> TrainResult:
+        """The loss plot, summary.json and the printed summary. summary.json is replaced only by a complete
+        one: this process took steps, so its timings and training loss exist."""
         plot = None
         if self.world.is_root and (self.history["train"] or self.history["val"]):
             step_losses = [(r["step"], r["loss"]) for r in read_metrics(self.metrics_path) if r.get("kind") == "step"]
@@ -486,16 +724,22 @@ class Trainer:
         times = step_times[1:] or step_times  # the first step includes one-off allocations
         median = float(np.median(times)) if times else float("nan")
         tokens_per_step = self.batch_size * self.grad_accum * self.seq_len
+        train_loss = float(np.mean(self.recent)) if interrupted and self.recent else self.last_train
         result = TrainResult(
-            steps=self.step, tokens_seen=self.tokens_seen, train_loss=self.last_train, val_loss=self.last_val,
+            steps=self.step, tokens_seen=self.tokens_seen, train_loss=train_loss, val_loss=self.last_val,
             seconds=seconds, ms_per_step=1e3 * median, tokens_per_second=tokens_per_step / median,
             peak_memory_mb=peak_rss_mb(), out_dir=str(self.out_dir),
             checkpoint=str(self.last_ckpt) if self.last_ckpt else None, plot=str(plot) if plot else None,
             sample=self.sample, interrupted=interrupted, skipped_steps=self.skipped,
         )  # fmt: skip
+        numbers = (result.train_loss, result.seconds, result.ms_per_step, result.tokens_per_second)
+        complete = self.step > first_step and all(v is not None and math.isfinite(v) for v in numbers)
         if self.world.is_root:
-            atomic_write_json(self.out_dir / "summary.json", asdict(result))
+            if complete:
+                atomic_write_json(self.out_dir / "summary.json", asdict(result))
             print_summary(result)
+            if not complete:
+                print("summary.json not written: this run has no finite training loss or timing to report")
             if interrupted:
                 print(f"Interrupted by a signal; saved {self.last_ckpt}. Resume with:\n"
                       f"  npgpt train --out-dir {self.out_dir} --resume  (plus the same data and model options)")  # fmt: skip
@@ -508,7 +752,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 
 def print_summary(r: TrainResult) -> None:
-    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    fmt = lambda v: "n/a" if v is None or not math.isfinite(v) else f"{v:.3f}"  # noqa: E731
     print(
         f"\nDone: {r.steps} steps, {r.tokens_seen:,} tokens in {r.seconds:.1f}s "
         f"({r.ms_per_step:.0f} ms/step, {r.tokens_per_second:,.0f} tokens/s, peak memory {r.peak_memory_mb:,.0f} MB)\n"

@@ -130,7 +130,7 @@ def test_a_finished_run_is_never_clobbered(trained, pairs_file, tmp_path, capsys
     one_line_error(code, err, "other data")
     code, _, err = run_cli(capsys, "train", "--data", str(pairs_file), "--out-dir", str(tmp_path / "x"), "--d-model", "30",
                            "--n-heads", "4", "--no-progress")  # fmt: skip
-    one_line_error(code, err, "not divisible by n_heads=4")
+    one_line_error(code, err, "--d-model 30 is not divisible by --n-heads 4")
     after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in latest_checkpoint(trained).iterdir()}
     assert after == before
     assert Path(latest_checkpoint(trained)) == ck

@@ -4,12 +4,42 @@ and `python -m npgpt`).
 Each subcommand's arguments and work live in its own module of this package (npgpt/cli/train.py, ...);
 this file only wires them together. The Python API they call (npgpt.train, npgpt.generate, npgpt.bench,
 ...) never imports argparse.
+
+What the user sees when something is wrong is decided here, the same for every command: bad input is
+one line on stderr naming the flag, its value and the fix, exit code 2 (argparse's own errors too);
+training that stops itself (divergence) exits 1; an interrupt exits 130 with one line; the environment
+failing (a full disk, a read-only folder, too little memory) is one line and exit 2. Never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+
+# A value that starts with "-" but is a number (-1e-3, -inf, -nan): argparse would read it as a flag.
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*([eE][-+]?\d+)?|\.\d+([eE][-+]?\d+)?|inf(inity)?|nan)$", re.IGNORECASE)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with its errors as one line ("npgpt train: error: argument --lr: ... (see --help)")
+    instead of the usage text followed by the error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def join_negative_values(argv: list[str]) -> list[str]:
+    """`--lr -1e-3` -> `--lr=-1e-3`, so a negative number is read as the flag's value (and then refused
+    by range, naming the flag) rather than as an unknown flag."""
+    out: list[str] = []
+    for arg in argv:
+        prev = out[-1] if out else ""
+        if _NEGATIVE_NUMBER.match(arg) and prev.startswith("--") and "=" not in prev and prev != "--":
+            out[-1] = f"{prev}={arg}"
+        else:
+            out.append(arg)
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import seq2seq as seq2seq_cli
     from . import bench, generate, gradcheck, info, train
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="npgpt",
         description="GPT-2 in plain NumPy and CuPy, with every backward pass written by hand.",
     )
@@ -37,22 +67,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(text) -> str:
+    return "; ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = parser.parse_args(join_negative_values(argv))
+    except SystemExit as e:  # --help, --version, or a parse error already printed as one line
+        return e.code if isinstance(e.code, int) else 0
     if getattr(args, "run", None) is None:
         parser.print_help()
         return 2
-    from ..train import TrainingAborted
+    from ..atomic import explain_os_error
+    from ..train import SaveFailed, TrainingAborted, TrainingInterrupted
 
+    name = f"npgpt {args.command}"
     try:
         return int(args.run(args) or 0)
     except ValueError as e:  # bad input: one line that names the problem and the fix
-        print(f"npgpt {args.command}: error: {e}", file=sys.stderr)
+        print(f"{name}: error: {one_line(e)}", file=sys.stderr)
         return 2
-    except TrainingAborted as e:  # training stopped itself (non-finite loss or weights)
-        print(f"npgpt {args.command}: stopped: {e}", file=sys.stderr)
+    except SaveFailed as e:  # a checkpoint could not be written; the previous one is intact
+        print(f"{name}: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except TrainingAborted as e:  # training stopped itself (divergence: non-finite loss or weights)
+        print(f"{name}: stopped: {one_line(e)}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as e:  # a second Ctrl-C / SIGTERM: stopped at once
+        print(f"\n{name}: interrupted: {one_line(e)}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"\n{name}: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError as e:  # an allocation the estimate did not foresee
+        print(f"{name}: error: out of memory{': ' + str(e) if str(e) else ''}; make the model or the batch smaller",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    except OSError as e:  # the environment: a full disk, a read-only folder, a vanished file
+        print(f"{name}: error: {one_line(explain_os_error(e))}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

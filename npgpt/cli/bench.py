@@ -23,6 +23,7 @@ import sys
 
 import numpy as np
 
+from ..atomic import atomic_write_json
 from ..backend import set_tf32
 from ..bench import (
     NpgptStep,
@@ -108,8 +109,7 @@ def run(args) -> int:
     threads = set_threads(args.threads)
     cfg = GPTConfig.from_preset(args.preset, drop_rate=args.drop_rate)
     T, B = args.context_length, args.batch_size
-    if T > cfg.context_length:
-        raise ValueError(f"--context-length {T} exceeds the preset's context_length {cfg.context_length}")
+    _check_memory(args, cfg)
     model = GPT(cfg, seed=args.seed, device=args.device, dtype=np.dtype(args.dtype))
     x, y = make_batch(cfg, B, T, args.seed)
     tf32 = args.tf32 and model.device == "cuda"  # TF32 exists only on the GPU
@@ -133,12 +133,33 @@ def run(args) -> int:
     if args.generate:
         _report_generation(args, report, model, torch_step)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        atomic_write_json(args.json, report)
     return 0
 
 
 def _check_args(args) -> None:
+    """Every argument, before anything is built or timed (--json's file is checked, not yet written)."""
+    from .. import validate as V
+    from ..config import PRESETS
+
+    if args.preset not in PRESETS:
+        raise ValueError(f"--preset {args.preset!r} is not a preset; choose one of {', '.join(PRESETS)}")
+    V.integer("--batch-size", args.batch_size, 1)
+    V.integer("--context-length", args.context_length, 1)
+    preset_ctx = PRESETS[args.preset]["context_length"]
+    if args.context_length > preset_ctx:
+        raise ValueError(f"--context-length {args.context_length} exceeds the context length {preset_ctx} of "
+                         f"--preset {args.preset}; use at most {preset_ctx}")  # fmt: skip
+    V.integer("--steps", args.steps, 1, hint="the median of the timed steps is reported")
+    V.integer("--warmup", args.warmup, 0)
+    V.real("--drop-rate", args.drop_rate, 0, 1, hi_open=True, hint="0 turns dropout off")
+    if args.threads is not None:
+        V.integer("--threads", args.threads, 1, hint="leave it out to keep the configured count")
+    V.integer("--generate", args.generate, 0, hint="0 skips the generation benchmark")
+    V.integer("--prompt-tokens", args.prompt_tokens, 1)
+    V.integer("--seed", args.seed, 0)
+    if args.json is not None:
+        V.out_file("--json", args.json)
     if args.torch_compile and not args.vs_torch:
         raise ValueError("--torch-compile times a torch.compile twin beside --vs-torch's eager one; add --vs-torch")
     if args.torch_compile and args.warmup < 1:
@@ -146,6 +167,19 @@ def _check_args(args) -> None:
     if args.vs_torch and args.dtype != "float32":
         raise ValueError("--vs-torch compares float32 models (torch's twin keeps float32 weights; mixed precision "
                          "is --precision bf16/fp16); drop --dtype")  # fmt: skip
+
+
+def _check_memory(args, cfg) -> None:
+    """Refuse, with the numbers, a benchmark that cannot fit (every engine timed holds its own model)."""
+    from ..backend import resolve_device
+    from ..memory import MemoryEstimate, check_fits, estimate_training
+
+    device = resolve_device(args.device)
+    engines = ["fast", "reference"] if args.engine == "both" else [args.engine]
+    parts = [estimate_training(cfg, args.batch_size, args.context_length, args.dtype, args.precision, e, gpu=device == "cuda")
+             for e in engines]  # fmt: skip
+    est = MemoryEstimate(*(sum(getattr(p, f) for p in parts) for f in ("weights", "gradients", "optimizer", "activations", "workspace")))
+    check_fits(est, device, fix="use a smaller --preset, --batch-size or --context-length")
 
 
 def _build_steps(args, cfg, model, threads: int, tf32: bool) -> tuple[dict, object]:

@@ -35,35 +35,51 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
 
 
+def check_args(args) -> None:
+    """Every argument, before the checkpoint is loaded."""
+    from .. import validate as V
+    from ..pretrained import check_source
+    from ..sampling import check_sampling_args
+
+    check_sampling_args(args.temperature, args.top_k, args.top_p, prefix="--")
+    V.integer("--max-new-tokens", args.max_new_tokens, 0)
+    V.integer("--num-samples", args.num_samples, 1)
+    V.integer("--seed", args.seed, 0)
+    check_source(args.checkpoint, "--checkpoint")
+
+
 def run(args) -> int:
     from ..generate import generate_stream
     from ..pretrained import load_pretrained
-    from ..sampling import check_sampling_args
 
-    check_sampling_args(args.temperature, args.top_k, args.top_p)
-    if args.max_new_tokens < 0:
-        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    check_args(args)
     model = load_pretrained(args.checkpoint, device=args.device, dtype=np.dtype(args.dtype))
     prompt_ids = encode(args.prompt) or [EOT_ID]  # an empty prompt starts from <|endoftext|>
     rng = np.random.default_rng(args.seed)
     out = sys.stdout
-    for n in range(args.num_samples):
-        if args.num_samples > 1:
-            out.write(f"\n--- sample {n + 1} ---\n")
-        out.write(args.prompt)
-        out.flush()
-        decoder = StreamDecoder()
-        t0, count = time.perf_counter(), 0
-        for tok in generate_stream(
-            model, np.asarray([prompt_ids]), args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-            top_p=args.top_p, rng=rng, eos_id=EOT_ID if args.stop_at_eot else None, use_kv_cache=args.kv_cache,
-        ):  # fmt: skip
-            count += 1
-            if args.stop_at_eot and int(tok[0]) == EOT_ID:
-                break
-            out.write(decoder.push(int(tok[0])))
+    try:
+        for n in range(args.num_samples):
+            if args.num_samples > 1:
+                out.write(f"\n--- sample {n + 1} ---\n")
+            out.write(args.prompt)
             out.flush()
-        out.write(decoder.flush() + "\n")
-        dt = time.perf_counter() - t0
-        print(f"[{count} tokens in {dt:.2f}s, {count / max(dt, 1e-9):.1f} tokens/s]", file=sys.stderr)
+            decoder = StreamDecoder()
+            t0, count = time.perf_counter(), 0
+            for tok in generate_stream(
+                model, np.asarray([prompt_ids]), args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, rng=rng, eos_id=EOT_ID if args.stop_at_eot else None, use_kv_cache=args.kv_cache,
+            ):  # fmt: skip
+                count += 1
+                if args.stop_at_eot and int(tok[0]) == EOT_ID:
+                    break
+                out.write(decoder.push(int(tok[0])))
+                out.flush()
+            out.write(decoder.flush() + "\n")
+            dt = time.perf_counter() - t0
+            print(f"[{count} tokens in {dt:.2f}s, {count / max(dt, 1e-9):.1f} tokens/s]", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C: end the line written so far, one line on stderr, exit 130
+        out.write("\n")
+        out.flush()
+        print("npgpt generate: interrupted", file=sys.stderr)
+        return 130
     return 0

@@ -26,9 +26,16 @@ def run(args) -> int:
     from ..gradcheck import format_results
     from ..gradcheck_suite import all_checks
 
+    from .. import validate as V
+
+    V.integer("--seed", args.seed, 0)
     checks = all_checks()
     if args.only:
-        pattern = re.compile(args.only)
+        try:
+            pattern = re.compile(args.only)
+        except re.error as e:
+            raise ValueError(f"--only {args.only!r} is not a regular expression ({e}); write special characters with a "
+                             r"backslash (e.g. 'c_attn\.weight') or give part of a name (see --list)") from None  # fmt: skip
         checks = [c for c in checks if pattern.search(c.layer)]
         if not checks:
             raise ValueError(f"no check matches --only {args.only!r}; see `npgpt gradcheck --list`")

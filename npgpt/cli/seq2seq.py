@@ -115,10 +115,13 @@ def run_train(args) -> int:
 def _load(args):
     from ..seq2seq.checkpoint import load_model
 
-    if args.beam < 1:
-        raise ValueError(f"--beam must be at least 1, got {args.beam}")
-    if args.length_penalty < 0:
-        raise ValueError(f"--length-penalty must be >= 0, got {args.length_penalty}")
+    from .. import validate as V
+
+    V.integer("--beam", args.beam, 1)
+    V.real("--length-penalty", args.length_penalty, 0)
+    if getattr(args, "show", None) is not None:
+        V.integer("--show", args.show, 0)
+    V.in_path("--checkpoint", args.checkpoint, "the --out-dir of `npgpt seq2seq train` or one of its checkpoints")
     return load_model(args.checkpoint, device=args.device)
 
 

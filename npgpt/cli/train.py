@@ -23,7 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="invalid UTF-8: stop with an error (strict) or replace the bytes with U+FFFD")
     g.add_argument("--cache-dir", default=None, help="where tokenised data is cached (default ~/.cache/npgpt/tokens)")
     g = p.add_argument_group("model")
-    g.add_argument("--preset", default=d.preset, choices=sorted(PRESETS), help="model size (default nano)")
+    g.add_argument("--preset", default=d.preset, choices=sorted(PRESETS),
+                   help="model size (default nano; a resumed or --init-from model keeps its own)")
     g.add_argument("--context-length", type=int, help="tokens per window (and the model's context for a new model)")
     g.add_argument("--emb-dim", type=int)
     g.add_argument("--n-heads", type=int)

@@ -15,7 +15,6 @@ newest good one, and cleanup never removes the last good one.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -51,10 +50,10 @@ def resolve_checkpoint(path) -> Path:
     if (path / ckpt.CHECKPOINT_DIR).is_dir():
         found = ckpt.latest_checkpoint(path)
         if found is None:
-            raise ValueError(f"{path} has no complete checkpoint in {path / ckpt.CHECKPOINT_DIR}")
+            raise ValueError(f"--checkpoint {path} has no complete checkpoint in {path / ckpt.CHECKPOINT_DIR}")
         return found
     if not (path / ckpt.CONFIG_FILE).is_file() or not (path / ckpt.MODEL_FILE).is_file():
-        raise ValueError(f"{path} is neither a seq2seq checkpoint (model.safetensors + config.json) nor a run "
+        raise ValueError(f"--checkpoint {path} is neither a seq2seq checkpoint (model.safetensors + config.json) nor a run "
                          "directory with checkpoints/; pass the --out-dir of `npgpt seq2seq train`")  # fmt: skip
     return path
 
@@ -97,9 +96,7 @@ def save_training_checkpoint(out_dir, model: Seq2Seq, vocab: Vocab, optimizer, s
         state = {**state, "optimizer": ckpt.save_optimizer(tmp, optimizer)}
         atomic_write_json(tmp / ckpt.STATE_FILE, state)
         ckpt.write_manifest(tmp, step)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        ckpt.replace_dir(tmp, final)
         ckpt.fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

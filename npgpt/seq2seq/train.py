@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass, fields
@@ -96,15 +95,48 @@ class Seq2SeqTrainConfig:
         )  # fmt: skip
 
     def validate(self) -> None:
-        for name in ("batch_size", "max_steps", "eval_interval", "keep_last", "final_beam"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.eval_pairs < 0:
-            raise ValueError(f"--eval-pairs must be >= 0, got {self.eval_pairs}")
+        """Every setting, by the command line's flag names, before anything is read or written."""
+        from .. import validate as V
+        from .config import ACTIVATIONS, NORMS, POSITIONS, TIES
+
+        for name in ("data", "val_data"):
+            value = getattr(self, name)
+            if value is not None and value != "en-ms" and not Path(value).expanduser().is_file():
+                raise ValueError(f"--{name.replace('_', '-')} {value} does not exist (or is not a file); give a UTF-8 TSV "
+                                 "of source<TAB>target lines, or leave --data out for the bundled en-ms corpus")  # fmt: skip
+        V.real("--held-out", self.held_out, 0, 1, hi_open=True)
+        V.integer("--split-seed", self.split_seed, 0)
+        for name in ("d_model", "n_heads", "n_encoder_layers", "n_decoder_layers", "d_ff", "max_len"):
+            V.integer(f"--{name.replace('_', '-')}", getattr(self, name), 1)
+        if self.d_model % self.n_heads:
+            raise ValueError(f"--d-model {self.d_model} is not divisible by --n-heads {self.n_heads}; choose --n-heads "
+                             f"from {[h for h in range(1, min(self.d_model, 64) + 1) if self.d_model % h == 0]}")  # fmt: skip
+        if self.pos_encoding == "sinusoidal" and self.d_model % 2:
+            raise ValueError(f"sinusoidal positions need an even --d-model, got {self.d_model}; or use --pos-encoding learned")
+        V.real("--dropout", self.dropout, 0, 1, hi_open=True, hint="0 turns dropout off")
+        for name, allowed in (("norm", NORMS), ("activation", ACTIVATIONS), ("pos_encoding", POSITIONS), ("tie_embeddings", TIES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in ("batch_size", "max_steps", "eval_interval", "keep_last", "final_beam", "max_bad_steps"):
+            V.integer(f"--{name.replace('_', '-')}", getattr(self, name), 1)
+        V.real("--lr", self.lr, 0, lo_open=True)
+        if self.min_lr is not None:
+            V.real("--min-lr", self.min_lr, 0, self.lr, hint=f"it is the final learning rate, at most --lr {self.lr:g}")
+        V.integer("--warmup-steps", self.warmup_steps, 0)
+        V.real("--weight-decay", self.weight_decay, 0)
+        V.real("--beta1", self.beta1, 0, 1, hi_open=True)
+        V.real("--beta2", self.beta2, 0, 1, hi_open=True)
+        if self.grad_clip is not None:
+            V.real("--grad-clip", self.grad_clip, 0, lo_open=True, hint="0 turns clipping off")
+        V.out_dir("--out-dir", self.out_dir)
+        V.integer("--eval-pairs", self.eval_pairs, 0)
+        if self.checkpoint_interval is not None:
+            V.integer("--checkpoint-interval", self.checkpoint_interval, 1, hint="leave it out to save only at the end")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues the run in --out-dir and --overwrite replaces it; give one of them")
+        V.integer("--seed", self.seed, 0)
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"--dtype must be float32 or float64, got {self.dtype!r}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"--grad-clip must be > 0 (or 0 for none), got {self.grad_clip}")
 
 
 @dataclass
@@ -209,9 +241,8 @@ class Seq2SeqTrainer:
 
         out_dir.mkdir(parents=True, exist_ok=True)
         ckpt.clean_stray_temporaries(out_dir)
-        if state is None:
-            for old in ckpt.checkpoint_dirs(out_dir):  # only reached with --overwrite
-                shutil.rmtree(old)
+        if state is None:  # only reached with --overwrite
+            ckpt.remove_checkpoints(ckpt.checkpoint_dirs(out_dir))
         self.schedule = LRSchedule(cfg.lr, cfg.max_steps, cfg.warmup_steps, cfg.min_lr)
         self.optimizer = AdamW(self.model.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
         self.step, self.skipped = 0, 0
@@ -274,11 +305,11 @@ class Seq2SeqTrainer:
             self.optimizer.step(grads, lr=lr)
             self.bad_in_a_row = 0
             self.recent.append(loss)
-        else:
+        else:  # numbered as the "step" record that follows (self.step counts the steps done)
             self.skipped += 1
             self.bad_in_a_row += 1
-            self.log({"kind": "skip", "step": self.step, "loss": loss, "grad_norm": norm})
-            self.say(f"step {self.step}: loss {loss} / gradient norm {norm} not finite; update skipped")
+            self.log({"kind": "skip", "step": self.step + 1, "loss": loss, "grad_norm": norm})
+            self.say(f"step {self.step + 1}: loss {loss} / gradient norm {norm} not finite; update skipped")
             if self.bad_in_a_row >= cfg.max_bad_steps:
                 raise TrainingAborted(f"{self.bad_in_a_row} consecutive steps had a non-finite loss or gradient; "
                                       "lower --lr or check the data")  # fmt: skip

@@ -1,0 +1,246 @@
+"""Every command, every numeric and path flag, fed bad values: each is refused with exit code 2 and one
+line on stderr that names the flag, without a traceback, and an existing run's files stay byte for byte
+what they were (sha256 before and after), although every `train` case also passes --overwrite.
+
+The cases run in-process through npgpt.cli.main (fast); a few run through `python -m npgpt` as well, to
+see what the interpreter itself prints."""
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+from npgpt.cli import main
+
+TINY = ["--preset", "nano", "--emb-dim", "8", "--n-heads", "2", "--n-layers", "1", "--tie-weights", "--context-length",
+        "16", "--batch-size", "2", "--no-progress", "--sample-tokens", "2"]  # fmt: skip
+
+# Placeholders, replaced by paths of the fixture: RUN (an existing training run), FILE (a file), DIR (an empty
+# folder), MISSING (a path that does not exist), BELOW (a path below FILE), WEIGHTS (weights without config.json),
+# PAIRS (a small TSV of sentence pairs).
+BASE = {
+    "train": ["train", *TINY, "--max-steps", "2", "--out-dir", "RUN", "--overwrite"],
+    "generate": ["generate", "--checkpoint", "RUN", "--max-new-tokens", "2"],
+    "gradcheck": ["gradcheck", "--only", "^linear$"],
+    "bench": ["bench", "--preset", "nano", "--context-length", "8", "--steps", "1", "--warmup", "0", "--generate", "0",
+              "--no-memory"],  # fmt: skip
+    "info": ["info"],
+    "seq2seq train": ["seq2seq", "train", "--data", "PAIRS", "--out-dir", "RUN", "--overwrite", "--max-steps", "2",
+                      "--d-model", "16", "--n-heads", "2", "--d-ff", "16", "--batch-size", "4", "--no-progress"],  # fmt: skip
+    "seq2seq translate": ["seq2seq", "translate", "--checkpoint", "RUN", "--text", "one"],
+    "seq2seq eval": ["seq2seq", "eval", "--checkpoint", "RUN", "--data", "PAIRS"],
+}
+
+INT_POS = ["0", "-1", "nan", "abc", "-1e3"]  # for flags that take a whole number >= 1
+INT_NONNEG = ["-1", "nan", "2.5", "abc"]  # for flags that take a whole number >= 0
+UNIT_OPEN = ["-0.1", "1", "nan", "inf", "abc"]  # for a share or probability in [0, 1)
+POSITIVE = ["0", "-1e-3", "nan", "inf", "abc"]  # for a finite number > 0
+NONNEG = ["-1", "nan", "inf", "abc"]  # for a finite number >= 0
+
+TABLE = {
+    "train": {
+        "--train-ratio": ["0", "-0.5", "1.5", "nan", "inf", "abc"],
+        "--stride": INT_POS,
+        "--cache-dir": ["FILE"],
+        "--context-length": INT_POS + ["1000000"],  # more than the data holds
+        "--emb-dim": INT_POS + ["10000000"],  # more memory than the machine has
+        "--n-heads": INT_POS + ["3"],  # does not divide --emb-dim
+        "--n-layers": INT_NONNEG + ["100000000"],
+        "--drop-rate": UNIT_OPEN,
+        "--init-from": ["MISSING", "FILE", "DIR", "WEIGHTS"],
+        "--batch-size": INT_POS + ["1000000000"],
+        "--grad-accum": INT_POS,
+        "--epochs": POSITIVE,
+        "--max-steps": INT_POS + ["1.5", "inf"],
+        "--lr": POSITIVE + ["1e400", "-inf"],
+        "--min-lr": NONNEG + ["1"],  # above --lr
+        "--warmup-steps": INT_NONNEG,
+        "--weight-decay": NONNEG,
+        "--beta1": UNIT_OPEN,
+        "--beta2": UNIT_OPEN,
+        "--grad-clip": ["-1", "nan", "inf", "abc"],
+        "--max-bad-steps": INT_POS,
+        "--out-dir": ["FILE", "BELOW"],
+        "--eval-interval": INT_POS,
+        "--eval-batches": INT_POS,
+        "--sample-tokens": ["-5", "nan", "abc"],
+        "--sample-temperature": NONNEG,
+        "--sample-top-k": INT_POS,
+        "--checkpoint-interval": INT_POS,
+        "--keep-last": INT_POS,
+        "--seed": INT_NONNEG,
+        "--loss-scale": ["0", "0.5", "1e30", "nan", "inf", "abc"],
+        "--data": ["MISSING", "DIR"],
+        "--preset": ["gpt5"],
+        "--engine": ["turbo"],
+        "--dtype": ["float16"],
+        "--precision": ["fp8"],
+        "--device": ["gpu"],
+        "--schedule": ["linear"],
+    },
+    "generate": {
+        "--checkpoint": ["MISSING", "FILE", "DIR", "WEIGHTS"],
+        "--max-new-tokens": INT_NONNEG,
+        "--temperature": NONNEG,
+        "--top-k": INT_POS,
+        "--top-p": ["0", "-0.5", "1.5", "nan", "inf", "abc"],
+        "--seed": INT_NONNEG,
+        "--num-samples": INT_POS,
+        "--dtype": ["int8"],
+    },
+    "gradcheck": {
+        "--only": ["([", "*"],
+        "--seed": INT_NONNEG,
+        "--device": ["tpu"],
+    },
+    "bench": {
+        "--preset": ["gpt5"],
+        "--batch-size": INT_POS + ["100000000"],
+        "--context-length": INT_POS + ["65"],  # longer than the preset's context
+        "--steps": INT_POS,
+        "--warmup": INT_NONNEG,
+        "--drop-rate": UNIT_OPEN,
+        "--threads": INT_POS,
+        "--generate": INT_NONNEG,
+        "--prompt-tokens": INT_POS,
+        "--json": ["DIR", "BELOW", "MISSING/x.json"],
+        "--seed": INT_NONNEG,
+        "--engine": ["turbo"],
+    },
+    "info": {
+        "--device": ["gpu", "abc"],
+    },
+    "seq2seq train": {
+        "--data": ["MISSING", "DIR"],
+        "--val-data": ["MISSING"],
+        "--held-out": ["-0.1", "1", "nan", "abc"],
+        "--split-seed": INT_NONNEG,
+        "--d-model": INT_POS + ["15"],  # not divisible by --n-heads 2
+        "--n-heads": INT_POS,
+        "--n-encoder-layers": INT_POS,
+        "--n-decoder-layers": INT_POS,
+        "--d-ff": INT_POS,
+        "--dropout": UNIT_OPEN,
+        "--max-len": INT_POS,
+        "--batch-size": INT_POS,
+        "--max-steps": INT_POS,
+        "--lr": POSITIVE,
+        "--min-lr": NONNEG + ["1"],
+        "--warmup-steps": INT_NONNEG,
+        "--weight-decay": NONNEG,
+        "--beta1": UNIT_OPEN,
+        "--beta2": UNIT_OPEN,
+        "--grad-clip": ["-1", "nan", "inf"],
+        "--max-bad-steps": INT_POS,
+        "--out-dir": ["FILE", "BELOW"],
+        "--eval-interval": INT_POS,
+        "--eval-pairs": INT_NONNEG,
+        "--final-beam": INT_POS,
+        "--checkpoint-interval": INT_POS,
+        "--keep-last": INT_POS,
+        "--seed": INT_NONNEG,
+        "--norm": ["middle"],
+    },
+    "seq2seq translate": {
+        "--beam": INT_POS,
+        "--length-penalty": NONNEG,
+        "--checkpoint": ["MISSING"],
+    },
+    "seq2seq eval": {
+        "--show": INT_NONNEG,
+        "--data": ["MISSING", "DIR"],
+        "--beam": ["0", "abc"],
+        "--length-penalty": ["-1", "nan"],
+        "--checkpoint": ["MISSING", "FILE"],
+    },
+}
+
+CASES = [pytest.param(cmd, flag, value, id=f"{cmd}-{flag}={value}") for cmd, flags in TABLE.items()
+         for flag, values in flags.items() for value in values]  # fmt: skip
+
+
+def sha256_tree(root):
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def places(tmp_path_factory):
+    base = tmp_path_factory.mktemp("bad-inputs")
+    run = base / "run"
+    assert main(["train", *TINY, "--max-steps", "2", "--out-dir", str(run)]) == 0
+    (base / "file.txt").write_text("a file, not a folder\n")
+    (base / "empty").mkdir()
+    weights = base / "weights-only"
+    weights.mkdir()
+    (weights / "model.safetensors").write_bytes((run / "checkpoints" / "step-00000002" / "model.safetensors").read_bytes())
+    (base / "pairs.tsv").write_text("one\tsatu\ntwo\tdua\nthree\ttiga\n" * 10, encoding="utf-8")
+    return {"RUN": run, "FILE": base / "file.txt", "DIR": base / "empty", "MISSING": base / "missing",
+            "BELOW": base / "file.txt" / "below", "WEIGHTS": weights, "PAIRS": base / "pairs.tsv",
+            "sha256": sha256_tree(run)}  # fmt: skip
+
+
+def fill(args, places):
+    out = []
+    for a in args:
+        for key in sorted((k for k in places if k.isupper()), key=len, reverse=True):
+            if a == key or a.startswith(key + "/"):
+                a = str(places[key]) + a[len(key) :]
+                break
+        out.append(a)
+    return out
+
+
+@pytest.mark.parametrize("cmd, flag, value", CASES)
+def test_a_bad_value_is_one_line_exit_2_and_touches_nothing(cmd, flag, value, places, capsys):
+    argv = fill(BASE[cmd] + [flag, value], places)
+    capsys.readouterr()
+    code = main(argv)
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, (argv, out, err)
+    assert len(lines) == 1, err
+    assert flag in lines[0], err
+    assert "Traceback" not in err
+    assert sha256_tree(places["RUN"]) == places["sha256"]  # as the fixture made it
+
+
+def test_the_table_covers_every_numeric_and_path_flag():
+    """Each command's flags that take a number or a path appear in TABLE (a new flag must be added)."""
+    import argparse
+
+    from npgpt.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parsers = dict(sub.choices)
+    s2s = next(a for a in parsers["seq2seq"]._actions if isinstance(a, argparse._SubParsersAction))
+    parsers.update({f"seq2seq {k}": v for k, v in s2s.choices.items()})
+    skip = {"--help", "--prompt", "--sample-prompt", "--text", "--memory-worker", "--torch-attn", "--encoding-errors",
+            "--activation", "--pos-encoding", "--tie-embeddings", "--device", "--dtype", "--precision", "--list",
+            "--engine", "--schedule", "--preset", "--norm"}  # text, or choices (a few of them are in TABLE anyway)  # fmt: skip
+    for name, parser in parsers.items():
+        if name == "seq2seq":
+            continue
+        for action in parser._actions:
+            flag = next((o for o in action.option_strings if o.startswith("--")), None)
+            if flag is None or flag in skip or action.nargs == 0:
+                continue
+            assert flag in TABLE[name], f"npgpt {name} {flag} has no bad values in TABLE"
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--lr", "-1e-3"],
+    ["train", "--out-dir", "FILE"],
+    ["gradcheck", "--only", "(["],
+    ["bench", "--json", "DIR", "--preset", "nano", "--context-length", "8"],
+    ["generate", "--checkpoint", "WEIGHTS"],
+    ["info", "--device", "gpu"],
+])  # fmt: skip
+def test_through_the_interpreter_no_traceback(argv, places):
+    env = {**os.environ, "NPGPT_DEVICE": "cpu"}
+    proc = subprocess.run([sys.executable, "-m", "npgpt", *fill(argv, places)], capture_output=True, text=True, env=env,
+                          timeout=120)  # fmt: skip
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert argv[1] in lines[0]
