@@ -5,7 +5,7 @@ Glossary: B=batch, T=time, C=channels, NH=heads, hs=C//NH, V=vocab, N=B*T rows, 
 Both have one interface, which `npgpt train` and `npgpt bench` drive through update.py:
 
     engine = make_engine("fast", model, batch_size=2, seq_len=256)    # or "reference"
-    loss = engine(x, y, training=True, rng=rng, dloss=1.0, accumulate=False)   # a Python float
+    loss = engine(x, y, training=True, rng=rng, dloss=1.0, accumulate=False)   # a Python float (sync=False: maybe on the GPU)
     engine.grads        # the gradients, keyed like model.params (engine.grad_flat: their one buffer, or None)
     engine.loss(x, y)   # the mean loss without dropout and without a backward (evaluation)
 
@@ -47,7 +47,7 @@ from typing import Callable
 import numpy as np
 
 from . import fast
-from .backend import flat_base, views_into
+from .backend import flat_base, get_array_module, host_scalars, views_into
 from .layers.dropout import check_dropout_p
 from .parallel import num_threads
 from .precision import compute_dtype, is_low_precision
@@ -79,7 +79,7 @@ class ReferenceLossAndGrads:
         self.model, self.grads = model, None
 
     def __call__(self, idx, targets, training: bool = False, rng=None, dloss: float = 1.0, accumulate: bool = False,
-                 backward: bool = True) -> float:  # fmt: skip
+                 backward: bool = True, sync: bool = True) -> float:  # fmt: skip
         if not accumulate:
             self.grads = None
         _, loss, cache = self.model.forward(idx, targets, training=training, rng=rng)
@@ -90,7 +90,7 @@ class ReferenceLossAndGrads:
             else:
                 for k, g in grads.items():
                     self.grads[k] += g
-        return float(loss)
+        return float(loss) if sync else loss
 
     def loss(self, idx, targets) -> float:
         """Mean loss without dropout and without a backward (for evaluation)."""
@@ -197,23 +197,26 @@ class Ops:
     layernorm_backward: Callable  # (dx, dweight, dbias, dout, x, mean, rstd, weight, scratch=)
     gelu_forward: Callable  # (out, x, bias)
     gelu_backward_: Callable  # (d, x)
-    cross_entropy_: Callable  # (logits, targets, want_grad, dloss, n_valid=) -> loss
+    cross_entropy_: Callable  # (logits, targets, want_grad, dloss, n_valid=) -> loss (on a GPU a 0-d device array)
     heads_matmul: Callable  # (out, a, b): attention's products over stacks of heads
     flash_forward: Callable | None  # (y, heads, lse, qkv, head_out=): attention without dropout, or None
     flash_backward: Callable | None  # (dqkv, dy, heads, lse, y, dheads=, head_out=)
 
 
-def resolve_kernels(kernels, xp, precision: str, low_precision: bool, head_size: int) -> set:
-    """The CUDA kernels to use: `kernels`, or by default those $NPGPT_CUDA_KERNELS enables on a GPU
-    (none on the CPU; given NumPy arrays the kernels run in npgpt.cuda.emulate, which is how the tests
-    check this path). Our kernels are float32-only: with 16-bit precision only "bmm" (cuBLAS) remains."""
+def resolve_kernels(kernels, xp, precision: str, dtype, head_size: int) -> set:
+    """The CUDA kernels to use for activations of `dtype`: `kernels`, or by default those
+    $NPGPT_CUDA_KERNELS enables on a GPU (none on the CPU; given NumPy arrays the kernels run in
+    npgpt.cuda.emulate, which is how the tests check this path). Our kernels are float32-only: for any
+    other dtype (float64, or 16-bit precision) only "bmm" (cuBLAS, any float dtype) remains; naming
+    another kernel explicitly for such a dtype is a ValueError."""
     from .cuda import enabled_kernels
 
     names = (enabled_kernels() if xp is not np else set()) if kernels is None else set(kernels)
-    if low_precision:
+    if np.dtype(dtype) != np.float32:
         if kernels and set(kernels) - {"bmm"}:
-            raise ValueError(f"the CUDA kernels work in float32; precision {precision!r} cannot use "
-                             f"{sorted(set(kernels) - {'bmm'})}")  # fmt: skip
+            what = f"precision {precision!r}" if is_low_precision(dtype) else f"dtype {np.dtype(dtype).name}"
+            raise ValueError(f"the CUDA kernels work in float32; {what} cannot use "
+                             f"{sorted(set(kernels) - {'bmm'})} (only 'bmm')")  # fmt: skip
         names &= {"bmm"}
     if "attention" in names:
         from .cuda.kernels import ATTENTION_HEAD_SIZES
@@ -225,13 +228,17 @@ def resolve_kernels(kernels, xp, precision: str, low_precision: bool, head_size:
 
 def choose_ops(kernels: set, xp, threads: int, gelu_scratch, loss_rows: int) -> Ops:
     """Bind each op to its CUDA kernel when `kernels` names it, else to the NumPy/CuPy fast op with this
-    step's threads and scratch."""
+    step's threads and scratch. Attention's products on a GPU: every one through cuBLAS's strided-batched
+    GEMM with "bmm", else only those that CuPy's own N-D matmul gets wrong (16-bit, and float32 with TF32
+    on: cuda/blas.py, matmul_where_needed)."""
     ck = None
     if kernels - {"bmm"}:
         from .cuda import kernels as ck
     heads_matmul = fast.matmul
-    if "bmm" in kernels and xp is not np:
-        from .cuda.blas import matmul as heads_matmul
+    if xp is not np:
+        from .cuda import blas
+
+        heads_matmul = blas.matmul if "bmm" in kernels else blas.matmul_where_needed
 
     def pick(name, kernel, fallback):  # the wrapper called `kernel` in npgpt.cuda.kernels, or the fast op
         return getattr(ck, kernel) if name in kernels else fallback
@@ -241,7 +248,8 @@ def choose_ops(kernels: set, xp, threads: int, gelu_scratch, loss_rows: int) -> 
         layernorm_backward=pick("layernorm", "layernorm_backward", partial(fast.layernorm_backward, threads=threads)),
         gelu_forward=pick("gelu", "gelu_forward", partial(fast.gelu_forward, scratch=gelu_scratch, threads=threads)),
         gelu_backward_=pick("gelu", "gelu_backward_", partial(fast.gelu_backward_, scratch=gelu_scratch, threads=threads)),
-        cross_entropy_=pick("cross_entropy", "cross_entropy_", partial(fast.cross_entropy_, threads=threads, block=loss_rows)),
+        cross_entropy_=pick("cross_entropy", "cross_entropy_",
+                            partial(fast.cross_entropy_, threads=threads, block=loss_rows, sync=False)),
         heads_matmul=heads_matmul,
         flash_forward=pick("attention", "flash_attention_forward", None),
         flash_backward=pick("attention", "flash_attention_backward", None),
@@ -277,7 +285,7 @@ class FastLossAndGrads:
         self.stat_dtype = np.dtype(model.dtype)  # weights, gradients, LayerNorm statistics, sums over rows
         self.lowp = is_low_precision(self.dtype)
         self.threads = num_threads() if xp is np else 1  # CPU threads for the elementwise ops
-        self.kernels = resolve_kernels(kernels, xp, precision, self.lowp, cfg.head_size)
+        self.kernels = resolve_kernels(kernels, xp, precision, self.dtype, cfg.head_size)
         flash = "attention" in self.kernels
         B, T = self.batch_size, self.seq_len
         self.acts = plan_activations(xp, cfg, B, T, self.dtype, self.stat_dtype, flash, lm_head)
@@ -312,47 +320,52 @@ class FastLossAndGrads:
         return self.acts.nbytes() + self.work.nbytes() + int(self.grad_flat.nbytes) + int(extra)
 
     def _check(self, idx, targets):
-        """(idx, targets, n_valid) as arrays of the model's module; ValueError for what does not fit."""
-        xp, V = self.xp, self.model.config.vocab_size
-        idx = xp.asarray(idx)
+        """(idx, targets, n_valid) as arrays of the model's module; ValueError for what does not fit.
+        The ids are checked where they are: NumPy ids (what training feeds) on the host before the copy
+        to the GPU, so the check never waits for the GPU; ids already on a GPU there, read back once."""
+        V = self.model.config.vocab_size
+        here = get_array_module(idx, targets)  # where the ids are now
+        idx = here.asarray(idx)
         if idx.ndim != 2 or idx.dtype.kind not in "iu":
             raise ValueError(f"idx must be a (B, T) integer array, got shape {tuple(idx.shape)} dtype {idx.dtype}")
         b, t = idx.shape
         if b > self.batch_size or t > self.seq_len or b < 1 or t < 1:
             raise ValueError(f"batch of shape ({b}, {t}) does not fit this step's buffers ({self.batch_size}, {self.seq_len})")
-        if int(idx.min()) < 0 or int(idx.max()) >= V:
+        stats = [idx.min(), idx.max()]
+        if targets is not None:
+            targets = here.asarray(targets)
+            if targets.shape != idx.shape:
+                raise ValueError(f"targets have shape {tuple(targets.shape)}, idx {tuple(idx.shape)}")
+            valid = targets != IGNORE_INDEX
+            stats += [valid.sum(), here.where(valid, targets, 0).min(), targets.max()]
+        stats = [int(v) for v in host_scalars(*stats)]  # no wait for NumPy ids, one read for CuPy ones
+        if stats[0] < 0 or stats[1] >= V:
             raise ValueError(f"token ids must lie in [0, {V})")
         if targets is None:
-            return idx, None, 0
-        targets = xp.asarray(targets)
-        if targets.shape != idx.shape:
-            raise ValueError(f"targets have shape {tuple(targets.shape)}, idx {tuple(idx.shape)}")
-        n_valid = targets.size
-        if int(targets.min()) < 0:  # ignored positions, or ids out of range
-            valid = targets != IGNORE_INDEX
-            n_valid = int(valid.sum())
-            if n_valid == 0:
-                raise ValueError(f"every target equals ignore_index={IGNORE_INDEX}, so the mean loss is undefined")
-            if int(xp.where(valid, targets, 0).min()) < 0:
-                raise ValueError(f"targets must lie in [0, {V}) or equal ignore_index={IGNORE_INDEX}")
-        if int(targets.max()) >= V:
+            return self.xp.asarray(idx), None, 0
+        n_valid, low, high = stats[2:]
+        if n_valid == 0:
+            raise ValueError(f"every target equals ignore_index={IGNORE_INDEX}, so the mean loss is undefined")
+        if low < 0 or high >= V:
             raise ValueError(f"targets must lie in [0, {V}) or equal ignore_index={IGNORE_INDEX}")
-        return idx, targets, n_valid
+        return self.xp.asarray(idx), self.xp.asarray(targets), n_valid
 
     def __call__(self, idx, targets, training: bool = False, rng=None, dloss: float = 1.0, accumulate: bool = False,
-                 backward: bool = True) -> float:  # fmt: skip
+                 backward: bool = True, sync: bool = True) -> float:  # fmt: skip
         """Forward (and backward unless backward=False) on one batch; returns the mean loss over the
-        targets that are not IGNORE_INDEX."""
-        loss = self.forward(idx, targets, training=training, rng=rng, dloss=dloss, backward=backward)
+        targets that are not IGNORE_INDEX: a Python float, or with sync=False on a GPU a 0-d device
+        array (nothing waits for the GPU; update.py reads it together with the gradient norm)."""
+        loss = self.forward(idx, targets, training=training, rng=rng, dloss=dloss, backward=backward, sync=sync)
         if backward:
             self.backward(accumulate=accumulate)
         return loss
 
     def forward(self, idx, targets=None, training: bool = False, rng=None, dloss: float = 1.0, backward: bool = True,
-                lm_head: bool = True) -> float | None:  # fmt: skip
+                lm_head: bool = True, sync: bool = True) -> float | None:  # fmt: skip
         """The forward half of __call__: the mean loss over the targets that are not IGNORE_INDEX (None
-        without targets). With backward=True the gradient of dloss * loss is left in the logits for
-        backward(). lm_head=False stops after the final LayerNorm (`hidden`): no logits, no targets."""
+        without targets; with sync=False a 0-d device array, as __call__ says). With backward=True the
+        gradient of dloss * loss is left in the logits for backward(). lm_head=False stops after the final
+        LayerNorm (`hidden`): no logits, no targets."""
         if not lm_head and targets is not None:
             raise ValueError("targets need the LM head's logits; pass lm_head=True or no targets")
         if lm_head and self.acts.logits is None:
@@ -372,7 +385,7 @@ class FastLossAndGrads:
         with self._overflow_allowed():
             loss = self._forward(idx, targets, n_valid, b, t, p, rng, want_grad=backward, dloss=dloss, lm_head=lm_head)
         self._pending = (idx, b, t, p, targets is not None and backward) if backward else None
-        return loss
+        return float(loss) if sync and loss is not None else loss
 
     def backward(self, dhidden=None, accumulate: bool = False) -> None:
         """The backward half of __call__, after forward(..., backward=True): the gradients of the
@@ -427,7 +440,7 @@ class FastLossAndGrads:
         if targets is None:
             return None
         # the gradient left in the logits is dloss * (softmax - onehot) / n_valid: scaled before any rounding
-        return float(self.ops.cross_entropy_(a.logits[:n], targets.reshape(-1), want_grad, dloss, n_valid=n_valid))
+        return self.ops.cross_entropy_(a.logits[:n], targets.reshape(-1), want_grad, dloss, n_valid=n_valid)
 
     def _block_forward(self, l, x, b, t, p, rng, masks):  # noqa: E741
         """x1 = x + dropout(c_proj(attention(c_attn(ln_1(x))))); out = x1 + dropout(mlp(ln_2(x1)))."""

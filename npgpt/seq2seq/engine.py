@@ -270,7 +270,7 @@ class Seq2SeqFastLossAndGrads:
         # Not "attention" (the flash kernel is causal, without padding or dropout) nor "bmm": cuBLAS's strided
         # batched GEMM needs each operand's batch axes to collapse into one stride, which the heads, strided
         # views (b, NH, t, hs) of (b, t, C) rows, do not (CuPy's matmul copies them instead).
-        self.kernels = resolve_kernels(kernels, xp, "fp32", False, cfg.head_size) - {"attention", "bmm"}
+        self.kernels = resolve_kernels(kernels, xp, "fp32", self.dtype, cfg.head_size) - {"attention", "bmm"}
         B, S, T = self.batch_size, self.src_len, self.tgt_len
         self.acts = plan_activations(xp, cfg, B, S, T, self.dtype)
         self.work = plan_workspace(xp, cfg, B, S, T, self.dtype, self.threads)
