@@ -120,8 +120,8 @@ class NpgptStep:
     def __call__(self, x, y, training, rng) -> float:
         loss = self.updater([(x, y, rng)], training=training).loss
         xp = self.model.xp
-        if xp is not np:
-            xp.cuda.Stream.null.synchronize()
+        if xp is not np:  # the update's AdamW is still queued after its one read: wait for all of it
+            xp.cuda.get_current_stream().synchronize()  # CuPy's current stream, where npgpt's work goes
         return loss
 
 

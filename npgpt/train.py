@@ -39,7 +39,7 @@ from .checkpoint import (CHECKPOINT_DIR, checkpoint_dirs, clean_stray_temporarie
 from . import validate as V
 from .config import PRESETS, GPTConfig
 from .data import Batches, TokenWindows, load_token_ids, resolve_data_path, split_ids
-from .distributed import broadcast_params_, get_world, limit_threads_per_rank
+from .distributed import broadcast_params_, get_world, limit_threads_per_rank, use_local_gpu
 from .engine import make_engine
 from .generate import generate
 from .memory import RECOMPUTE_MODES, available_memory, check_fits, estimate_training, plan_report
@@ -447,8 +447,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         cfg.validate()
         self.cfg = cfg
-        set_tf32(cfg.tf32)
         self.world = world = get_world()
+        use_local_gpu(world, cfg.device)  # under MPI: this rank's GPU, before anything is allocated
         if world.size > 1:
             limit_threads_per_rank(world)
         if cfg.batch_size % world.size:
@@ -462,6 +462,8 @@ class Trainer:
         self._set_up_data(config.context_length)
         check_memory(cfg, config, self.rank_batch)
         self.model = build_model(cfg, config, self.resume_dir)
+        if self.model.device == "cuda":  # CUDA state only for a CUDA model (a CPU run never touches CUDA)
+            set_tf32(cfg.tf32)
         world.barrier()
         if world.backend != "none" and self.model.device == "cuda":
             world.setup_nccl()  # gradients stay on the GPUs: NCCL all-reduce, MPI only for the rendezvous

@@ -111,7 +111,6 @@ def run(args) -> int:
     if args.memory_worker:
         return memory_worker(args)
     _check_args(args)
-    set_tf32(args.tf32)
     threads = set_threads(args.threads)
     cfg = GPTConfig.from_preset(args.preset, drop_rate=args.drop_rate)
     T, B = args.context_length, args.batch_size
@@ -127,6 +126,8 @@ def run(args) -> int:
     model = GPT(cfg, seed=args.seed, device=args.device, dtype=np.dtype(args.dtype))
     x, y = make_batch(cfg, B, T, args.seed)
     tf32 = args.tf32 and model.device == "cuda"  # TF32 exists only on the GPU
+    if model.device == "cuda":  # CUDA state only for a CUDA model
+        set_tf32(args.tf32)
     steps, torch_step = _build_steps(args, cfg, model, threads, tf32)
     times, losses = time_steps(steps, x, y, args.steps, args.warmup, args.drop_rate > 0, args.seed, model.xp)
     precision = args.precision + (" with TF32" if args.precision == "fp32" and tf32 else "")
