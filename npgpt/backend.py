@@ -132,6 +132,20 @@ def to_numpy(a):
     return np.asarray(a)
 
 
+def host_scalars(*values) -> list[float]:
+    """Python floats of `values`, scalars that may live on a GPU (0-d CuPy arrays; None stays None).
+    However many are on the GPU, they are read in one device-to-host copy: a single wait for the GPU,
+    which is how the training step reads its loss and gradient norm together (update.py)."""
+    out = list(values)
+    on_gpu = [i for i, v in enumerate(values) if is_cupy_array(v)]
+    if on_gpu:
+        cupy = sys.modules["cupy"]
+        host = cupy.stack([values[i].astype(np.float64).reshape(()) for i in on_gpu]).get()  # the one read
+        for i, v in zip(on_gpu, host):
+            out[i] = v
+    return [None if v is None else float(v) for v in out]
+
+
 def to_device(a, device: str | None = None, dtype=None):
     """Put `a` on `device` ("cpu" or "cuda", resolved as in `resolve_device`), optionally casting."""
     xp = get_xp(device)

@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 
+from . import memory
 from .engine import make_engine
 from .generate import generate
 from .model import make_rng
@@ -24,15 +25,7 @@ from .optim import AdamW
 from .precision import LossScaler
 from .update import Updater
 
-
-def flops_per_token(config, T: int) -> float:
-    """Training FLOPs per token: 6 * (matmul parameters) + 12 * L * T * C (attention scores and mixing).
-
-    Half of the attention products are masked in a causal model; the formula counts them anyway, as
-    the PaLM paper's MFU definition does, so figures compare with other reports."""
-    C, L, V = config.emb_dim, config.n_layers, config.vocab_size
-    matmul_params = L * (12 * C * C) + V * C  # c_attn 3C^2, c_proj C^2, c_fc 4C^2, mlp c_proj 4C^2; head V*C
-    return 6.0 * matmul_params + 12.0 * L * T * C
+flops_per_token = memory.flops_per_token  # training FLOPs per token, defined beside the memory estimate
 
 
 def peak_sgemm_gflops(n: int = 2048, repeats: int = 5, dtype=np.float32) -> float:
@@ -115,11 +108,11 @@ class NpgptStep:
     loss as `npgpt train` does (precision.LossScaler: unscale the float32 gradients, skip the update on
     an overflow), the work torch's GradScaler does in the --vs-torch twin."""
 
-    def __init__(self, model, B, T, engine: str, lr=1e-4, precision: str = "fp32"):
+    def __init__(self, model, B, T, engine: str, lr=1e-4, precision: str = "fp32", recompute: str = "none"):
         if precision != "fp32" and engine != "fast":
             raise ValueError(f"--precision {precision} runs in the fast engine only; use --engine fast")
         self.model, self.engine_name, self.precision = model, engine, precision
-        self.engine = make_engine(engine, model, B, T, precision=precision)
+        self.engine = make_engine(engine, model, B, T, precision=precision, recompute=recompute)
         self.opt = AdamW(model.params, lr=lr, weight_decay=0.1)
         self.scaler = LossScaler() if precision == "fp16" else None
         self.updater = Updater(self.engine, self.opt, scaler=self.scaler, measure_norm=False)
@@ -127,8 +120,8 @@ class NpgptStep:
     def __call__(self, x, y, training, rng) -> float:
         loss = self.updater([(x, y, rng)], training=training).loss
         xp = self.model.xp
-        if xp is not np:
-            xp.cuda.Stream.null.synchronize()
+        if xp is not np:  # the update's AdamW is still queued after its one read: wait for all of it
+            xp.cuda.get_current_stream().synchronize()  # CuPy's current stream, where npgpt's work goes
         return loss
 
 

@@ -290,16 +290,18 @@ def clean_stray_temporaries(out_dir) -> None:
                     f.unlink(missing_ok=True)
 
 
-def save_training_checkpoint(out_dir, model, optimizer, state: dict, keep_last: int, protect=()) -> Path:
+def save_training_checkpoint(out_dir, model, optimizer, state: dict, keep_last: int, protect=(), write_model=None) -> Path:
     """Write a complete checkpoint into a temporary directory, verify it, rename it into place, then
-    remove old checkpoints (remove_old_checkpoints; the new one and `protect` are never removed)."""
+    remove old checkpoints (remove_old_checkpoints; the new one and `protect` are never removed).
+    write_model(directory): writes model.safetensors and config.json (default: save_model of `model`;
+    fine-tuning passes its own, e.g. a classifier's files)."""
     root = Path(out_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     step = state["step"]
     final = root / f"step-{step:08d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-step-{step:08d}-"))
     try:
-        save_model(tmp, model)
+        save_model(tmp, model) if write_model is None else write_model(tmp)
         _maybe_crash_for_tests()
         state = {**state, "optimizer": save_optimizer(tmp, optimizer)}
         atomic_write_json(tmp / STATE_FILE, state)

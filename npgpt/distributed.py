@@ -89,7 +89,8 @@ class MPIComm(SingleProcess):
         self.nccl = None
 
     def setup_nccl(self) -> None:
-        """One GPU per rank (the local rank's) and an NCCL communicator, its id sent over MPI."""
+        """One GPU per rank (the local rank's, chosen again here in case use_local_gpu was not called)
+        and an NCCL communicator, its id sent over MPI."""
         import cupy
         from cupy.cuda import nccl
 
@@ -157,6 +158,30 @@ def get_world():
     return _WORLD
 
 
+def use_local_gpu(world, device: str | None = None) -> int | None:
+    """Make this rank's GPU (its local rank, modulo the node's GPUs) CuPy's current device, before anything
+    touches CUDA: the CUDA probe, the model, its buffers and the NCCL communicator then all live on it,
+    instead of every rank also holding memory on GPU 0. Call it as soon as the world is known. Nothing is
+    done without MPI, for a run asked to be on the CPU (`device`, else $NPGPT_DEVICE), or where no CUDA
+    device answers (resolve_device reports that later). Returns the device chosen, or None."""
+    if world.backend == "none":
+        return None
+    wanted = device if device is not None else os.environ.get("NPGPT_DEVICE", "auto")
+    if str(wanted or "auto").strip().lower() == "cpu":
+        return None
+    try:
+        import cupy
+
+        count = cupy.cuda.runtime.getDeviceCount()  # initialises the driver, allocates nothing
+    except Exception:  # no CuPy, no driver: not a GPU run (or one that fails later with the reason)
+        return None
+    if count < 1:
+        return None
+    chosen = world.local_rank % count
+    cupy.cuda.Device(chosen).use()
+    return chosen
+
+
 def limit_threads_per_rank(world) -> int | None:
     """Split the machine's cores among the ranks on it, so N ranks do not each start all-core BLAS pools."""
     if world.local_size <= 1:
@@ -176,8 +201,9 @@ def broadcast_params_(world, params: dict) -> None:
 
 def allreduce_grads_(world, grads: dict, flat=None) -> None:
     """Average the gradients over the ranks: one all-reduce over `flat` when the gradients are views of
-    it (the fast engine), else through a packed copy."""
-    if world.size == 1:
+    it (the fast engine), else through a packed copy. Without MPI nothing is done; an MPI world of one
+    rank (NPGPT_DIST=mpi) still makes the call, so that one GPU can try the NCCL path."""
+    if world.backend == "none":
         return
     if flat is not None:
         world.allreduce_mean_(flat)

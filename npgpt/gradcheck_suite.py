@@ -150,6 +150,50 @@ def _composite_checks() -> list[Check]:
             lambda r, B=B, T=T, C=C, NH=NH, qkv_bias=qkv_bias: [_randn(r, B, T, C), _block_params(r, C, qkv_bias), NH],
             max_coords=24,
         ))  # fmt: skip
+    checks += finetune_layer_checks()
+    return checks
+
+
+def _padded_ids(r, B, T, V, pad):
+    """(B, T) ids in [0, V) without pad, each row right-padded with pad after a random length in [1, T]."""
+    ids = r.integers(0, V - 1, size=(B, T))
+    ids[ids >= pad] += 1  # real tokens never equal pad
+    for b, n in enumerate(r.integers(1, T + 1, size=B)):
+        ids[b, n:] = pad
+    return ids
+
+
+def finetune_layer_checks() -> list[Check]:
+    """The fine-tuning layers: last-token pooling, the classification head, the mixed loss."""
+    checks: list[Check] = []
+    add = checks.append
+    for B, T, C, pad in [(3, 5, 4, 6), (1, 1, 3, 0), (4, 6, 5, 2)]:
+        add(Check(
+            f"last_token B{B} T{T} C{C}",
+            lambda x, idx, pad=pad: L.last_token_forward(x, idx, pad),
+            lambda d, c: L.last_token_backward(d, c),
+            lambda r, B=B, T=T, C=C, pad=pad: [_randn(r, B, T, C), _padded_ids(r, B, T, 7, pad)],
+        ))  # fmt: skip
+    for B, T, C, k in [(3, 5, 6, 4), (1, 1, 4, 2), (4, 3, 8, 3)]:
+        add(Check(
+            f"classifier_head B{B} T{T} C{C} k{k}",
+            lambda x, idx, weight: L.classifier_head_forward(x, idx, weight, 5),
+            lambda d, c: L.classifier_head_backward(d, c),
+            lambda r, B=B, T=T, C=C, k=k: [_randn(r, B, T, C), _padded_ids(r, B, T, 9, 5), _randn(r, k, C)],
+        ))  # fmt: skip
+    for B, T, k, V, lam, n_ignored in [(3, 4, 3, 11, 0.5, 4), (2, 3, 2, 7, 1.0, 0), (1, 2, 5, 9, 0.3, 1)]:
+        def mixed_inputs(r, B=B, T=T, k=k, V=V, n_ignored=n_ignored):
+            targets = r.integers(0, V, size=(B, T))
+            targets.reshape(-1)[r.choice(B * T, size=n_ignored, replace=False)] = IGNORE
+            return [2.0 * _randn(r, B, k), r.integers(0, k, size=B), 2.0 * _randn(r, B, T, V), targets]
+
+        add(Check(
+            f"mixed_loss B{B} T{T} k{k} V{V} lambda{lam}" + (f" ignore{n_ignored}" if n_ignored else ""),
+            lambda cls_logits, labels, lm_logits, lm_targets, lam=lam: L.mixed_loss_forward(
+                cls_logits, labels, lm_logits, lm_targets, lm_weight=lam),
+            lambda d, c: L.mixed_loss_backward(d, c),
+            mixed_inputs,
+        ))  # fmt: skip
     return checks
 
 
@@ -280,8 +324,10 @@ def seq2seq_layer_checks() -> list[Check]:
 
 
 def all_checks() -> list[Check]:
-    """Every check npgpt ships: the GPT-2 layers, the encoder-decoder layers, then the whole models."""
+    """Every check npgpt ships: the GPT-2 layers (fine-tuning's included), the encoder-decoder layers,
+    then the whole models (the fine-tuning model's included)."""
+    from .finetune.gradchecks import finetune_model_checks
     from .model_check import model_checks
     from .seq2seq.check import seq2seq_model_checks
 
-    return layer_checks() + seq2seq_layer_checks() + model_checks() + seq2seq_model_checks()
+    return layer_checks() + seq2seq_layer_checks() + model_checks() + finetune_model_checks() + seq2seq_model_checks()

@@ -31,8 +31,9 @@ class GPTCache(NamedTuple):
     drop: L.DropoutCache
     blocks: list  # [BlockCache] * n_layers
     ln_f: L.LayerNormCache
-    head: L.LinearCache
+    head: L.LinearCache | None  # None when forward ran with lm_head=False
     loss: L.CrossEntropyCache | None  # None when forward had no targets
+    hidden: object = None  # (B, T, C) ln_f's output: what the LM head reads, and any head of your own
 
 
 def param_shapes(config: GPTConfig) -> dict[str, tuple]:
@@ -225,11 +226,14 @@ class GPT:
             raise ValueError(f"{what} is empty (T=0); give at least one token")
         return idx
 
-    def forward(self, idx, targets=None, training=False, rng=None):
+    def forward(self, idx, targets=None, training=False, rng=None, lm_head=True):
         """idx: (B, T) token ids; targets: (B, T) ids or None -> (logits (B, T, V), loss (0-d) or None, cache).
 
         training=True turns dropout on (drop_rate of the config); `rng` draws the masks (default:
         the model's own generator, seeded from the model's seed, so a run is reproducible).
+        Targets equal to -100 are left out of the loss (the mean is over the other positions).
+        lm_head=False stops after the final LayerNorm (logits and loss None): for heads of your own,
+        which read cache.hidden (B, T, C) and pass its gradient to backward as dhidden.
         """
         cfg, p = self.config, self.params
         idx = self.check_idx(idx)
@@ -245,44 +249,84 @@ class GPT:
             x, c = L.block_forward(x, self.block_params(i), cfg.n_heads, eps=cfg.ln_eps, drop_rate=drop, rng=rng, training=training)
             c_blocks.append(c)
         x, c_ln_f = L.layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"], cfg.ln_eps)
+        if not lm_head:
+            if targets is not None:
+                raise ValueError("targets need the LM head's logits; pass lm_head=True or no targets")
+            return None, None, GPTCache(c_tok, c_pos, c_drop, c_blocks, c_ln_f, None, None, x)
         logits, c_head = L.linear_forward(x, self.head_weight)  # (B, T, C) -> (B, T, V)
         loss, c_loss = None, None
         if targets is not None:
             targets = self.xp.asarray(targets)
             loss, c_loss = L.softmax_cross_entropy_forward(logits, targets)
-        return logits, loss, GPTCache(c_tok, c_pos, c_drop, c_blocks, c_ln_f, c_head, c_loss)
+        return logits, loss, GPTCache(c_tok, c_pos, c_drop, c_blocks, c_ln_f, c_head, c_loss, x)
 
-    def backward(self, cache: GPTCache, dloss=1.0, dlogits=None) -> dict:
+    def backward(self, cache: GPTCache, dloss=1.0, dlogits=None, dhidden=None, trainable=None) -> dict:
         """Gradients of every parameter, keyed like self.params.
 
         dloss: upstream gradient of the loss (scale it for gradient accumulation or loss scaling).
         dlogits: (B, T, V) upstream gradient of the logits, for losses of your own (added to the
         loss's gradient when the forward also had targets).
+        dhidden: (B, T, C) upstream gradient of cache.hidden from a head of your own (a classifier),
+        added to what the LM head sends back: the trunk gets the sum of both heads' gradients.
+        trainable: names of the parameters that need gradients (default: all); only those are returned.
+        Frozen weights get no weight-gradient GEMM, and the backward stops below the lowest trainable
+        layer (see backward_plan).
         """
         cfg = self.config
+        need, lowest = self.backward_plan(trainable)
         d = None
         if cache.loss is not None and dloss is not None:
             d = L.softmax_cross_entropy_backward(dloss, cache.loss)  # (B, T, V)
         if dlogits is not None:
             d = dlogits if d is None else d + dlogits
-        if d is None:
-            raise ValueError("backward has nothing to differentiate: the forward had no targets, so pass dlogits")
+        if d is None and dhidden is None:
+            raise ValueError("backward has nothing to differentiate: the forward had no targets, so pass dlogits or dhidden")
+        if d is not None and cache.head is None:
+            raise ValueError("the forward ran with lm_head=False, so there are no logits to differentiate; pass dhidden only")
         grads = {}
-        dx, dhead, _ = L.linear_backward(d, cache.head)  # (B, T, V) -> (B, T, C); dhead (C, V)
-        dx, grads["ln_f.weight"], grads["ln_f.bias"] = L.layernorm_backward(dx, cache.ln_f)
-        for i in reversed(range(cfg.n_layers)):
-            dx, g = L.block_backward(dx, cache.blocks[i])
+        head_name = "wte.weight" if cfg.tie_weights else "lm_head.weight"
+        dx, dhead = dhidden, None
+        if d is not None:
+            dx_head, dhead, _ = L.linear_backward(d, cache.head, weight_grad=head_name in need)  # (B, T, V) -> (B, T, C); dhead (C, V)
+            dx = dx_head if dx is None else dx + dx_head
+        if lowest <= cfg.n_layers:  # something at or below ln_f is trainable
+            dx, grads["ln_f.weight"], grads["ln_f.bias"] = L.layernorm_backward(dx, cache.ln_f)
+        for i in reversed(range(max(lowest, 0), cfg.n_layers)):
+            frozen = not any(f"h.{i}.{k}" in need for k in self._block_keys[i])
+            dx, g = L.block_backward(dx, cache.blocks[i], weight_grads=not frozen)
             grads.update({f"h.{i}.{k}": v for k, v in g.items()})
-        dx = L.dropout_backward(dx, cache.drop)
-        # x = tok + pos: both get dx; pos (T, C) was broadcast over the batch, so its gradient sums over B.
-        dwte = L.embedding_backward(dx, cache.tok)  # (V, C)
-        grads["wpe.weight"] = L.embedding_backward(dx.sum(axis=0), cache.pos)  # (T, C) -> (context_length, C)
-        if cfg.tie_weights:
-            dwte += dhead.T  # the output head's share of the tied table
-        else:
-            grads["lm_head.weight"] = self.xp.ascontiguousarray(dhead.T)
-        grads["wte.weight"] = dwte
-        return {k: grads[k] for k in self.params}
+        if lowest < 0:  # the embeddings are trainable
+            dx = L.dropout_backward(dx, cache.drop)
+            # x = tok + pos: both get dx; pos (T, C) was broadcast over the batch, so its gradient sums over B.
+            if "wte.weight" in need:
+                grads["wte.weight"] = L.embedding_backward(dx, cache.tok)  # (V, C)
+            if "wpe.weight" in need:
+                grads["wpe.weight"] = L.embedding_backward(dx.sum(axis=0), cache.pos)  # (T, C) -> (context_length, C)
+        if dhead is not None:
+            if cfg.tie_weights:
+                grads["wte.weight"] += dhead.T  # the output head's share of the tied table
+            else:
+                grads["lm_head.weight"] = self.xp.ascontiguousarray(dhead.T)
+        # a parameter no loss reached (the LM head when only dhidden came in) has a zero gradient
+        return {k: grads[k] if k in grads else self.xp.zeros_like(v) for k, v in self.params.items() if k in need}
+
+    def backward_plan(self, trainable) -> tuple[set, int]:
+        """(names needing gradients, lowest layer that needs a backward): -1 the embeddings, i block i,
+        n_layers ln_f, n_layers + 1 nothing below the LM head. A tied head is the embedding table.
+        (The fast engine plans its backward with this too.)"""
+        if trainable is None:
+            return set(self.params), -1
+        need = set(trainable)
+        unknown = sorted(need - set(self.params))
+        if unknown:
+            raise ValueError(f"trainable names {unknown[:5]} are not parameters of this model; use names like 'h.0.ln_1.weight'")
+        L_ = self.config.n_layers
+        if need & {"wte.weight", "wpe.weight"}:
+            return need, -1
+        blocks = [i for i in range(L_) if any(f"h.{i}.{k}" in need for k in self._block_keys[i])]
+        if blocks:
+            return need, min(blocks)
+        return need, L_ if need & {"ln_f.weight", "ln_f.bias"} else L_ + 1
 
     def loss_and_grads(self, idx, targets, training=True, rng=None, dloss=1.0):
         """forward + backward in one call -> (loss as a float, grads)."""

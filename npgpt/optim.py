@@ -150,49 +150,72 @@ def _adamw_update(p, g, m, v, scratch, b1, b2, eps, lr, decay, bc1, bc2) -> None
     v += scratch
     if decay:
         p *= 1.0 - decay
+    if lr == 0:
+        return
+    # (lr / bc1) m / (sqrt(v) / sqrt(bc2) + eps) = m / (sqrt(v) bc1 / (lr sqrt(bc2)) + eps bc1 / lr): the
+    # constants folded, one pass fewer over the block (13 instead of 14; docs/benchmarks.md)
     xp.sqrt(v, out=scratch)
-    scratch *= 1.0 / math.sqrt(bc2)
-    scratch += eps  # sqrt(v_hat) + eps
+    scratch *= bc1 / (lr * math.sqrt(bc2))
+    scratch += eps * bc1 / lr
     xp.divide(m, scratch, out=scratch)
-    scratch *= lr / bc1
     p -= scratch
 
 
 def _kernel_enabled(array, name: str) -> bool:
-    """True when `array` is on a GPU and $NPGPT_CUDA_KERNELS enables the kernel `name`."""
-    if get_array_module(array) is np:
+    """True when `array` is a float32 array on a GPU (the kernels are float32-only) and
+    $NPGPT_CUDA_KERNELS enables the kernel `name`."""
+    if get_array_module(array) is np or array.dtype != np.float32:
         return False
     from .cuda import kernel_enabled
 
     return kernel_enabled(name)
 
 
-def grad_norm(grads: dict) -> float:
-    """Global L2 norm of all gradients, sqrt(sum_k sum_i g_ki^2), as a Python float."""
+def grad_norm(grads: dict, *, sync: bool = True):
+    """Global L2 norm of all gradients, sqrt(sum_k sum_i g_ki^2), as a Python float.
+
+    On a GPU the norm is one reduction over the flat gradient buffer when the gradients are views of one
+    (the fast engine's): the sq_norm kernel (kernels/adamw.cu) when enabled, else cuBLAS's nrm2. With
+    sync=False it is returned as a 0-d device array, so nothing waits for the GPU (update.py reads it
+    with the loss); on the CPU sync makes no difference."""
+    xp = get_array_module(*grads.values())
+    if xp is np:
+        return math.sqrt(sum(float(np.dot(g.reshape(-1), g.reshape(-1))) for g in grads.values()))
     flat = flat_base(grads)
     if flat is not None and _kernel_enabled(flat, "sq_norm"):  # one deterministic reduction (kernels/adamw.cu)
         from .cuda import kernels as ck
 
-        return math.sqrt(ck.sq_norm(flat))
-    total = 0.0
-    for g in grads.values():
-        xp = get_array_module(g)
-        flat = g.reshape(-1)
-        total += float(xp.dot(flat, flat))
-    return math.sqrt(total)
+        norm = xp.sqrt(ck.sq_norm(flat, sync=False)[0])
+    elif flat is not None and flat.dtype in (np.float32, np.float64):
+        from cupy import cublas
+
+        norm = cublas.nrm2(flat)  # one pass, no temporary, the result left on the device
+    else:
+        norm = xp.sqrt(sum(xp.dot(g.reshape(-1), g.reshape(-1)) for g in grads.values()))
+    return float(norm) if sync else norm
 
 
-def clip_grad_norm(grads: dict, max_norm: float) -> float:
+def clip_grad_norm(grads: dict, max_norm: float, *, sync: bool = True):
     """Scale all gradients in place so their global norm is at most max_norm; return the norm before.
 
     As in PyTorch: scale = max_norm / (norm + 1e-6), applied only when it is below 1. A non-finite
-    norm is returned untouched (the trainer's non-finite guard decides what to do).
+    norm is returned untouched (the trainer's non-finite guard decides what to do). On a GPU the scale
+    is computed and applied there (one multiply over the flat gradient buffer, by 1 when no clipping is
+    needed), so with sync=False nothing waits for the GPU and the norm is returned as a 0-d device array.
     """
     if not max_norm > 0:
         raise ValueError(f"max_norm must be > 0, got {max_norm}")
-    norm = grad_norm(grads)
-    scale = max_norm / (norm + 1e-6)
-    if math.isfinite(norm) and scale < 1.0:
-        for g in grads.values():
-            g *= scale
-    return norm
+    xp = get_array_module(*grads.values())
+    flat = flat_base(grads)
+    targets = [flat] if flat is not None else list(grads.values())
+    norm = grad_norm(grads, sync=False)
+    if xp is np:
+        scale = max_norm / (norm + 1e-6)
+        if math.isfinite(norm) and scale < 1.0:
+            for g in targets:
+                g *= scale
+        return norm
+    scale = xp.where(xp.isfinite(norm), xp.minimum(max_norm / (norm + 1e-6), 1.0), 1.0)
+    for g in targets:
+        g *= scale.astype(g.dtype)
+    return float(norm) if sync else norm

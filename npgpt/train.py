@@ -41,10 +41,10 @@ from .checkpoint import (CHECKPOINT_DIR, checkpoint_dirs, clean_stray_temporarie
 from . import validate as V
 from .config import PRESETS, GPTConfig
 from .data import Batches, TokenWindows, load_token_ids, read_text, resolve_data_path, split_ids, split_text_ids
-from .distributed import broadcast_params_, get_world, limit_threads_per_rank
+from .distributed import broadcast_params_, get_world, limit_threads_per_rank, use_local_gpu
 from .engine import make_engine
 from .generate import generate
-from .memory import available_memory, check_fits, estimate_training
+from .memory import RECOMPUTE_MODES, available_memory, check_fits, estimate_training, plan_report
 from .metrics import MetricsLog, peak_rss_mb, plot_losses, read_metrics
 from .model import GPT, make_rng
 from .optim import DECAY_FILTERS, AdamW
@@ -126,6 +126,8 @@ class TrainConfig:
     engine: str = "fast"  # "fast" (engine.py: preallocated, fused) or "reference" (model.forward/backward)
     tf32: bool = True  # TensorFloat-32 matrix products on GPUs that have them (no effect on the CPU)
     precision: str = "fp32"  # "bf16" / "fp16": 16-bit activations and products, float32 weights (precision.py)
+    recompute: str = "none"  # "attention" / "mlp" / "block": keep less in the forward, recompute it (engine.py)
+    dry_run: bool = False  # print the memory estimate and FLOPs (dry_run_report) and allocate nothing
     loss_scale: float = 2.0**16  # fp16's initial loss scale (dynamic: halved on overflow, doubled after 2000 clean steps)
     seed: int = 0
     device: str | None = None
@@ -239,6 +241,10 @@ class TrainConfig:
             compute_dtype(self.precision, np.dtype(self.dtype))  # float32 master weights, ml_dtypes for bf16
         if not (1.0 <= self.loss_scale <= 2.0**24):
             raise ValueError(f"--loss-scale must lie in [1, 2**24], got {self.loss_scale}")
+        if self.recompute not in RECOMPUTE_MODES:
+            raise ValueError(f"--recompute must be one of {', '.join(RECOMPUTE_MODES)}, got {self.recompute!r}")
+        if self.recompute != "none" and self.engine != "fast":
+            raise ValueError(f"--recompute {self.recompute} runs in the fast engine; drop --engine {self.engine}")
         integer("--seed", self.seed, 0)
 
 
@@ -333,7 +339,8 @@ def check_memory(cfg: TrainConfig, config: GPTConfig, rows: int) -> None:
     before anything is allocated."""
     device = resolve_device(cfg.device)
     seq_len = min(cfg.context_length or config.context_length, config.context_length)
-    est = estimate_training(config, rows, seq_len, cfg.dtype, cfg.precision, cfg.engine, cfg.grad_accum, gpu=device == "cuda")
+    est = estimate_training(config, rows, seq_len, cfg.dtype, cfg.precision, cfg.engine, cfg.grad_accum,
+                            gpu=device == "cuda", recompute=cfg.recompute)  # fmt: skip
     available = available_memory(device)
     fixed_model = cfg.resume or cfg.init_from
     if available is not None and est.weights + est.gradients + est.optimizer > available:
@@ -341,8 +348,25 @@ def check_memory(cfg: TrainConfig, config: GPTConfig, rows: int) -> None:
                ("use a machine with more memory" if fixed_model else "make it smaller (--preset, --emb-dim, --n-layers)"))
     else:
         fix = ("make the batch smaller (--batch-size, --context-length; --grad-accum keeps the batch in smaller pieces)"
-               + ("" if fixed_model else " or the model (--n-layers, --emb-dim)"))  # fmt: skip
+               + (", keep less with --recompute attention|mlp|block" if cfg.engine == "fast" and cfg.recompute != "block" else "")
+               + ("" if fixed_model else " or the model (--n-layers, --emb-dim)")
+               + "; --dry-run shows the largest batch that fits")  # fmt: skip
     check_fits(est, device, fix=fix, available=available)
+
+
+def dry_run_report(cfg: TrainConfig) -> str:
+    """What `npgpt train --dry-run` prints (memory.plan_report for this run's model, batch and settings),
+    after the same checks as a run (settings, the checkpoint to resume); no data is read, nothing is
+    allocated, nothing is written."""
+    cfg.validate()
+    config, _, _ = find_start(cfg, Path(cfg.out_dir), warn=False)
+    seq_len = cfg.context_length or config.context_length
+    if seq_len > config.context_length:
+        raise ValueError(f"--context-length {seq_len} exceeds the model's context_length {config.context_length}; "
+                         f"use at most {config.context_length}")  # fmt: skip
+    name = cfg.init_from or (f"resumed from {cfg.out_dir}" if cfg.resume else cfg.preset or "nano")
+    return plan_report(config, cfg.batch_size, seq_len, cfg.dtype, cfg.precision, cfg.engine, cfg.grad_accum,
+                       cfg.recompute, resolve_device(cfg.device), name=name)  # fmt: skip
 
 
 MODEL_FLAGS = ("emb_dim", "n_heads", "n_layers", "qkv_bias", "tie_weights")
@@ -456,8 +480,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         cfg.validate()
         self.cfg = cfg
-        set_tf32(cfg.tf32)
         self.world = world = get_world()
+        use_local_gpu(world, cfg.device)  # under MPI: this rank's GPU, before anything is allocated
         if world.size > 1:
             limit_threads_per_rank(world)
         if cfg.batch_size % world.size:
@@ -471,6 +495,8 @@ class Trainer:
         self._set_up_data(config.context_length)
         check_memory(cfg, config, self.rank_batch)
         self.model = build_model(cfg, config, self.resume_dir)
+        if self.model.device == "cuda":  # CUDA state only for a CUDA model (a CPU run never touches CUDA)
+            set_tf32(cfg.tf32)
         world.barrier()
         if world.backend != "none" and self.model.device == "cuda":
             world.setup_nccl()  # gradients stay on the GPUs: NCCL all-reduce, MPI only for the rendezvous
@@ -530,7 +556,8 @@ class Trainer:
     def _set_up_training(self) -> None:
         """The engine, the optimizer and the update."""
         cfg, model, world = self.cfg, self.model, self.world
-        self.engine = make_engine(cfg.engine, model, self.rank_batch, self.seq_len, precision=cfg.precision)
+        self.engine = make_engine(cfg.engine, model, self.rank_batch, self.seq_len, precision=cfg.precision,
+                                  recompute=cfg.recompute)  # fmt: skip
         self.optimizer = AdamW(model.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
                                decay_filter=DECAY_FILTERS[cfg.weight_decay_on])  # fmt: skip
         self.scaler = LossScaler(scale=cfg.loss_scale) if cfg.precision == "fp16" else None

@@ -16,6 +16,10 @@ In order:
    untouched. With loss scaling, an overflow of the float16 gradients (a finite loss, an infinite norm)
    halves the scale and is reported as `overflow`, not as a divergence, unless the scale is at its minimum;
 6. AdamW (optim.py) with the learning rate given.
+
+On a GPU an update waits for the GPU once: the losses and the gradient norm stay on the device (the
+engines' and optim's sync=False) and are read together in one copy (backend.host_scalars) for the
+finite test; the ids are checked on the host before they are copied (engine.py).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .backend import host_scalars
 from .distributed import SingleProcess, allreduce_grads_
 from .optim import clip_grad_norm, grad_norm
 
@@ -52,18 +57,22 @@ class Updater:
         """micro_batches: a list of (x, y, rng), each (b, T) token ids and the dropout generator."""
         engine, world, count = self.engine, self.world, len(micro_batches)
         scale = self.scaler.scale if self.scaler is not None else 1.0  # fp16: gradients come back scaled
-        loss_sum = 0.0
+        loss_sum = 0.0  # on a GPU, a 0-d device array until the one read below
         for i, (x, y, rng) in enumerate(micro_batches):
-            loss_sum += engine(x, y, training=training, rng=rng, dloss=scale / count, accumulate=i > 0)
+            loss_sum = loss_sum + engine(x, y, training=training, rng=rng, dloss=scale / count, accumulate=i > 0, sync=False)
         grads = engine.grads
         allreduce_grads_(world, grads, engine.grad_flat)
         if scale != 1.0:
             engine.grad_flat *= engine.grad_flat.dtype.type(1.0 / scale)  # the true (float32) gradients
-        loss = float(world.allreduce_sum([loss_sum / count])[0]) / world.size
         norm = None
         if self.grad_clip or self.measure_norm or self.scaler is not None:
             with np.errstate(over="ignore", invalid="ignore") if self.scaler is not None else contextlib.nullcontext():
-                norm = clip_grad_norm(grads, self.grad_clip) if self.grad_clip else grad_norm(grads)  # inf: fp16 overflow
+                if self.grad_clip:  # inf: fp16 overflow
+                    norm = clip_grad_norm(grads, self.grad_clip, sync=False)
+                else:
+                    norm = grad_norm(grads, sync=False)
+        loss_sum, norm = host_scalars(loss_sum, norm)  # the step's one wait for the GPU
+        loss = float(world.allreduce_sum([loss_sum / count])[0]) / world.size
         finite = math.isfinite(loss) and (norm is None or math.isfinite(norm))
         if self.scaler is not None and math.isfinite(loss):
             self.scaler.update(math.isfinite(norm))

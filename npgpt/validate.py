@@ -7,7 +7,8 @@ refusal a ValueError that names the flag, the value and the fix (the CLI prints 
     out_file("--json", "bench.json")             # a file that can be written; not created
 
 These only read: a run's files are never created, changed or removed here. They are used by
-npgpt.train.TrainConfig.validate, the `npgpt generate | bench | gradcheck` commands and seq2seq.
+npgpt.train.TrainConfig.validate, npgpt.finetune.FinetuneConfig.validate, the `npgpt generate | bench |
+gradcheck | classify` commands and seq2seq.
 """
 
 from __future__ import annotations

@@ -6,6 +6,15 @@ import pytest
 
 from npgpt.backend import cuda_available, cuda_unavailable_reason
 
+FAKE_CUDA = os.environ.get("NPGPT_FAKE_CUDA") == "1"
+if FAKE_CUDA:  # a dry run of the GPU tests' own logic on the CPU stand-in
+    import sys
+
+    import fake_cupy
+
+    sys.modules.update(fake_cupy.modules())
+    fake_cupy.reset()
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
@@ -23,6 +32,8 @@ def _isolated_token_cache(tmp_path_factory):
 
 
 needs_cuda = pytest.mark.skipif(not cuda_available(), reason="needs CuPy and a working CUDA GPU")
+# For the tests that start Python processes of their own: those import the real CuPy, not the stand-in.
+not_with_the_stand_in = pytest.mark.skipif(FAKE_CUDA, reason="starts its own Python processes, which the CPU stand-in (fake_cupy) does not reach")
 # On a GPU machine, NPGPT_REQUIRE_CUDA=1 turns every skip for want of CUDA into a failure that says why
 # CUDA is not usable, so `pytest -m cuda` cannot pass with everything skipped.
 REQUIRE_CUDA = os.environ.get("NPGPT_REQUIRE_CUDA") == "1"
@@ -73,3 +84,13 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} is not there (CI places ../shared beside the clone)")
     return SHARED_DATA
+
+
+@pytest.fixture
+def fake_cupy(monkeypatch):
+    """CuPy's CPU stand-in (tests/fake_cupy.py) installed as `cupy` for one test: npgpt's CuPy code paths
+    run on DeviceArrays, and the module counts host transfers, records GEMMs, devices and allocations."""
+    import fake_cupy as fc
+
+    yield fc.install(monkeypatch)
+    fc.uninstall()

@@ -19,7 +19,7 @@ TINY = ["--preset", "nano", "--emb-dim", "8", "--n-heads", "2", "--n-layers", "1
 
 # Placeholders, replaced by paths of the fixture: RUN (an existing training run), FILE (a file), DIR (an empty
 # folder), MISSING (a path that does not exist), BELOW (a path below FILE), WEIGHTS (weights without config.json),
-# PAIRS (a small TSV of sentence pairs).
+# PAIRS (a small TSV of sentence pairs), CSV (a small labelled table).
 BASE = {
     "train": ["train", *TINY, "--max-steps", "2", "--out-dir", "RUN", "--overwrite"],
     "generate": ["generate", "--checkpoint", "RUN", "--max-new-tokens", "2"],
@@ -29,6 +29,10 @@ BASE = {
     "info": ["info"],
     "seq2seq train": ["seq2seq", "train", "--data", "PAIRS", "--out-dir", "RUN", "--overwrite", "--max-steps", "2",
                       "--d-model", "16", "--n-heads", "2", "--d-ff", "16", "--batch-size", "4", "--no-progress"],  # fmt: skip
+    "finetune": ["finetune", "--task", "classify", "--data", "CSV", "--epochs", "1", "--emb-dim", "8", "--n-heads", "2",
+                 "--n-layers", "1", "--context-length", "16", "--batch-size", "2", "--out-dir", "RUN", "--overwrite",
+                 "--no-progress"],  # fmt: skip
+    "classify": ["classify", "--checkpoint", "RUN", "--data", "CSV"],
     "seq2seq translate": ["seq2seq", "translate", "--checkpoint", "RUN", "--text", "one"],
     "seq2seq eval": ["seq2seq", "eval", "--checkpoint", "RUN", "--data", "PAIRS"],
 }
@@ -81,6 +85,7 @@ TABLE = {
         "--data": ["MISSING", "DIR"],
         "--preset": ["gpt5"],
         "--engine": ["turbo"],
+        "--recompute": ["everything"],
         "--dtype": ["float16"],
         "--precision": ["fp8"],
         "--device": ["gpu"],
@@ -94,6 +99,47 @@ TABLE = {
         "--top-p": ["0", "-0.5", "1.5", "nan", "inf", "abc"],
         "--seed": INT_NONNEG,
         "--num-samples": INT_POS,
+        "--dtype": ["int8"],
+        "--instruction": [" ", "Say hi."],  # empty; RUN was not instruction-tuned (it stores no template)
+        "--input": ["kiwi"],  # without --instruction
+    },
+    "finetune": {  # every case fails before the run's folder (RUN, with --overwrite) is touched
+        "--task": ["regress"],
+        "--data": ["MISSING", "DIR", "FILE"],  # FILE: a .txt, not a table
+        "--val-data": ["MISSING", "DIR", "FILE"],
+        "--test-data": ["MISSING", "DIR", "FILE"],
+        "--text-column": ["body"],  # the table has no such column
+        "--label-column": ["class"],
+        "--val-share": ["0", "1", "-0.5", "nan", "inf", "abc"],
+        "--max-examples": ["1", "-1", "nan", "abc"],
+        "--init-from": ["MISSING", "FILE", "DIR", "WEIGHTS"],
+        "--preset": ["gpt5"],
+        "--emb-dim": INT_POS + ["15", "10000000"],  # not divisible by --n-heads 2; more memory than the machine has
+        "--n-heads": INT_POS + ["3"],
+        "--n-layers": INT_NONNEG + ["100000000"],
+        "--context-length": ["1", "-1", "nan", "abc", "100000000"],
+        "--drop-rate": UNIT_OPEN,
+        "--lm-weight": ["-0.1", "1.5", "nan", "inf", "abc"],
+        "--trainable": ["some"],
+        "--epochs": INT_POS,
+        "--batch-size": INT_POS + ["1000000000"],
+        "--lr": POSITIVE + ["1e400"],
+        "--warmup-steps": INT_NONNEG,
+        "--weight-decay": NONNEG,
+        "--grad-clip": ["-1", "nan", "inf", "abc"],
+        "--seed": INT_NONNEG,
+        "--out-dir": ["FILE", "BELOW"],
+        "--keep-last": INT_POS,
+        "--samples": INT_NONNEG,
+        "--engine": ["turbo"],
+        "--dtype": ["float16"],
+    },
+    "classify": {
+        "--checkpoint": ["MISSING", "FILE", "DIR", "WEIGHTS"],
+        "--data": ["MISSING", "DIR", "FILE"],
+        "--text-column": ["body"],
+        "--label-column": ["class"],
+        "--batch-size": INT_POS,
         "--dtype": ["int8"],
     },
     "gradcheck": {
@@ -114,6 +160,7 @@ TABLE = {
         "--json": ["DIR", "BELOW", "MISSING/x.json"],
         "--seed": INT_NONNEG,
         "--engine": ["turbo"],
+        "--recompute": ["everything"],
     },
     "info": {
         "--device": ["gpu", "abc"],
@@ -148,6 +195,7 @@ TABLE = {
         "--keep-last": INT_POS,
         "--seed": INT_NONNEG,
         "--norm": ["middle"],
+        "--engine": ["turbo"],
     },
     "seq2seq translate": {
         "--beam": INT_POS,
@@ -182,8 +230,10 @@ def places(tmp_path_factory):
     weights.mkdir()
     (weights / "model.safetensors").write_bytes((run / "checkpoints" / "step-00000002" / "model.safetensors").read_bytes())
     (base / "pairs.tsv").write_text("one\tsatu\ntwo\tdua\nthree\ttiga\n" * 10, encoding="utf-8")
+    (base / "labelled.csv").write_text("text,label\n" + "a cat sat,cat\na dog ran,dog\n" * 6, encoding="utf-8")
     return {"RUN": run, "FILE": base / "file.txt", "DIR": base / "empty", "MISSING": base / "missing",
             "BELOW": base / "file.txt" / "below", "WEIGHTS": weights, "PAIRS": base / "pairs.tsv",
+            "CSV": base / "labelled.csv",
             "sha256": sha256_tree(run)}  # fmt: skip
 
 
@@ -242,6 +292,7 @@ def test_the_table_covers_every_numeric_and_path_flag():
     ["bench", "--json", "DIR", "--preset", "nano", "--context-length", "8"],
     ["generate", "--checkpoint", "WEIGHTS"],
     ["info", "--device", "gpu"],
+    ["finetune", "--lm-weight", "2", "--task", "classify"],
 ])  # fmt: skip
 def test_through_the_interpreter_no_traceback(argv, places):
     env = {**os.environ, "NPGPT_DEVICE": "cpu"}

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from conftest import needs_cuda
 from npgpt.bench import flops_per_token
 from npgpt.cli import main
 from npgpt.config import GPTConfig
@@ -42,6 +43,50 @@ def test_bench_runs_and_writes_json(tmp_path, capsys):
     fast, ref = report["steps"]["npgpt fast"], report["steps"]["npgpt reference"]
     assert fast["losses"][:2] == pytest.approx(ref["losses"][:2], rel=1e-5)  # same model, same batch, same first steps
     assert report["generation"]["npgpt_tokens_per_s"] > 0
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_bench_on_cuda(tmp_path, capsys):
+    """`npgpt bench --device cuda`: the step runs on the GPU, its first loss is the CPU's (same weights
+    and batch, TF32 off), and the GPU memory and MFU lines are there."""
+    common = ["bench", "--preset", "nano", "--context-length", "64", "--batch-size", "2", "--steps", "2", "--warmup", "1",
+              "--no-memory", "--generate", "4", "--no-tf32"]  # fmt: skip
+    reports = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / f"{device}.json"
+        assert main([*common, "--device", device, "--json", str(out)]) == 0
+        reports[device] = json.loads(out.read_text())
+    text = capsys.readouterr().out
+    gpu = reports["cuda"]
+    assert gpu["device"] == "cuda" and gpu["tf32"] is False and gpu["gpu_pool_mb"] > 0
+    assert "GPU memory: npgpt's CuPy pool held" in text
+    cpu_losses, gpu_losses = reports["cpu"]["steps"]["npgpt fast"]["losses"], gpu["steps"]["npgpt fast"]["losses"]
+    assert gpu_losses[0] == pytest.approx(cpu_losses[0], rel=1e-5)
+    assert gpu["steps"]["npgpt fast"]["tokens_per_s"] > 0 and gpu["generation"]["npgpt_tokens_per_s"] > 0
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_bench_on_cuda_against_torch(tmp_path, precision):
+    """`npgpt bench --device cuda --vs-torch` in float32 (TF32 off) and bf16: both steps run and start
+    from the same loss (identical weights and batch). (torch.compile: benchmarks/gpu_check.sh times it.)"""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    if not torch.cuda.is_available():
+        pytest.skip("this PyTorch build has no CUDA")
+    out = tmp_path / "b.json"
+    args = ["bench", "--device", "cuda", "--preset", "nano", "--context-length", "64", "--batch-size", "2", "--steps", "2",
+            "--warmup", "1", "--no-memory", "--generate", "0", "--vs-torch", "--precision", precision,
+            "--json", str(out)] + (["--no-tf32"] if precision == "fp32" else [])  # fmt: skip
+    assert main(args) == 0
+    report = json.loads(out.read_text())
+    losses = {k: v["losses"][0] for k, v in report["steps"].items()}
+    assert len(losses) == 2, losses
+    ours = losses.pop("npgpt fast")
+    for name, theirs in losses.items():
+        assert ours == pytest.approx(theirs, rel=1e-5 if precision == "fp32" else 2e-2), name
 
 
 def test_bench_against_torch(tmp_path, capsys):

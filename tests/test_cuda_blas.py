@@ -8,7 +8,9 @@ and it must touch nothing but out's elements. The layouts that one strided batch
 be a ValueError naming the operand.
 
 With a GPU (skipped without CuPy and a device): `bmm` against NumPy in float64 and cupy.matmul, for
-float32 with and without TF32, float16 and float64, and the constants against CuPy's cuBLAS module.
+float32 with and without TF32, float16, bfloat16 and float64, the constants against CuPy's cuBLAS module,
+and matmul_where_needed (what the fast step uses without NPGPT_CUDA_KERNELS=bmm) on bfloat16 stacks,
+which CuPy 14.2's own N-D matmul cannot multiply.
 """
 
 import itertools
@@ -17,38 +19,13 @@ import math
 import numpy as np
 import pytest
 from conftest import needs_cuda
+from fake_cupy import gemm_strided_batched
 
 from npgpt.cuda import blas
 from npgpt.cuda.blas import CUBLAS_OP_N, CUBLAS_OP_T, strided_batched_args
 
 
-# --- a NumPy model of cublasGemmStridedBatched -----------------------------------------------------------
-
-
-def gemm_strided_batched(args, alpha, A, a_off, B, b_off, beta, C, c_off):
-    """cuBLAS's gemmStridedBatched on flat 1-D buffers: for i < args.batch, the column-major matrices
-    A at element a_off + i * stride_a (leading dimension lda), B and C likewise; C = alpha op(A) op(B)
-    + beta C, with op = transpose for CUBLAS_OP_T, and C not read when beta == 0. Asserts cuBLAS's
-    rules on the leading dimensions and that every element read or written lies inside its buffer."""
-    m, n, k = args.m, args.n, args.k
-    assert args.transa in (CUBLAS_OP_N, CUBLAS_OP_T) and args.transb in (CUBLAS_OP_N, CUBLAS_OP_T)
-    a_rows, a_cols = (m, k) if args.transa == CUBLAS_OP_N else (k, m)
-    b_rows, b_cols = (k, n) if args.transb == CUBLAS_OP_N else (n, k)
-    assert args.lda >= max(1, a_rows) and args.ldb >= max(1, b_rows) and args.ldc >= max(1, m), args
-
-    def index(buf, off, rows, cols, ld):
-        idx = off + np.arange(rows)[:, None] + np.arange(cols)[None, :] * ld
-        assert idx.size == 0 or (idx.min() >= 0 and idx.max() < buf.size), f"touches elements outside: {args}"
-        return idx
-
-    for i in range(args.batch):
-        ia = index(A, a_off + i * args.stride_a, a_rows, a_cols, args.lda)
-        ib = index(B, b_off + i * args.stride_b, b_rows, b_cols, args.ldb)
-        ic = index(C, c_off + i * args.stride_c, m, n, args.ldc)
-        op_a = A[ia] if args.transa == CUBLAS_OP_N else A[ia].T
-        op_b = B[ib] if args.transb == CUBLAS_OP_N else B[ib].T
-        product = alpha * (op_a @ op_b)
-        C[ic] = product if beta == 0 else product + beta * C[ic]
+# --- the NumPy model of cublasGemmStridedBatched (tests/fake_cupy.py, which also runs it for the fake CuPy) ---
 
 
 def offset(view, mem):
@@ -369,24 +346,33 @@ def gpu_cases(rng, dtype):
     yield q, k, c, False, True, 0.5, -1.5
 
 
+def _bf16():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    return ml_dtypes.bfloat16
+
+
+# bfloat16 keeps 8 significant bits: the output's rounding alone is up to 2^-9 of each element
 @pytest.mark.parametrize("dtype,tf32,tol", [(np.float32, False, 1e-5), (np.float32, True, 2e-3),
-                                            (np.float16, True, 2e-3), (np.float64, True, 1e-12)],
-                         ids=["f32", "tf32", "f16", "f64"])  # fmt: skip
+                                            (np.float16, True, 2e-3), ("bfloat16", True, 8e-3),
+                                            (np.float64, True, 1e-12)],
+                         ids=["f32", "tf32", "f16", "bf16", "f64"])  # fmt: skip
 @pytest.mark.cuda
 @needs_cuda
 def test_bmm_matches_numpy(rng, dtype, tf32, tol):
     import cupy
 
+    dtype = _bf16() if dtype == "bfloat16" else dtype
+
     for i, (a, b, out, ta, tb, alpha, beta) in enumerate(gpu_cases(rng, dtype)):
         a64, b64, c64 = (cupy.asnumpy(x).astype(np.float64) for x in (a, b, out))
         ref = alpha * np.matmul(op(a64, ta), op(b64, tb)) + (beta * c64 if beta else 0.0)
-        outside = cupy.asnumpy(out.base) if out.base is not None else None
+        outside = cupy.asnumpy(out.base).astype(np.float64) if out.base is not None else None  # (bf16 NaNs compare)
         got = blas.bmm(a, b, out, trans_a=ta, trans_b=tb, tf32=tf32, alpha=alpha, beta=beta)
         assert got is out
         err = rel_err(cupy.asnumpy(out), ref)
         assert err <= tol, f"case {i}: relative error {err:.3g} > {tol:g}"
         if outside is not None:  # nothing written outside out's elements
-            after = cupy.asnumpy(out.base)
+            after = cupy.asnumpy(out.base).astype(np.float64)
             mask = np.ones(after.shape, bool)
             mask[tuple(slice(0, n) for n in out.shape)] = False
             np.testing.assert_array_equal(after[mask], outside[mask], err_msg=f"case {i}: wrote outside out")
@@ -436,6 +422,24 @@ def test_bmm_edges_and_errors(rng):
         blas.bmm(x.astype(cupy.int32), x.astype(cupy.int32), x.astype(cupy.int32))
     with pytest.raises(ValueError, match=r"^a: its last two axes"):
         blas.bmm(cupy.ones((2, 3, 6), cupy.float32)[..., ::2], x, x.copy())
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", ["bfloat16", np.float16])
+def test_matmul_where_needed_multiplies_16bit_stacks(rng, dtype):
+    """The attention products of a bf16 / fp16 step (no NPGPT_CUDA_KERNELS): 4-D stacks with a
+    transposed operand, through cuBLAS, against NumPy in float64 on the same 16-bit inputs."""
+    import cupy
+
+    dtype = _bf16() if dtype == "bfloat16" else dtype
+    q = cupy.asarray(rng.standard_normal((2, 3, 33, 32))).astype(dtype)
+    k = cupy.asarray(rng.standard_normal((2, 3, 33, 32))).astype(dtype)
+    out = cupy.full((2, 3, 33, 33), np.nan, dtype=dtype)
+    blas.matmul_where_needed(out, q, cupy.swapaxes(k, -1, -2))
+    q64, k64 = (cupy.asnumpy(x).astype(np.float64) for x in (q, k))
+    err = rel_err(cupy.asnumpy(out), np.matmul(q64, np.swapaxes(k64, -1, -2)))
+    assert err <= 8e-3, err
 
 
 # --- the engine's attention through bmm, on the CPU ------------------------------------------------------

@@ -451,8 +451,14 @@ def test_attention_result_does_not_depend_on_the_schedule(rng, seed, monkeypatch
 
 
 def test_enabled_kernels_reads_the_environment(monkeypatch):
+    from npgpt.cuda import DEFAULT_ON
+
     monkeypatch.delenv("NPGPT_CUDA_KERNELS", raising=False)
-    assert enabled_kernels() == set()  # opt-in: nothing by default
+    assert enabled_kernels() == set(DEFAULT_ON) and DEFAULT_ON <= set(KERNEL_NAMES)  # what a GPU verified
+    monkeypatch.setattr("npgpt.cuda.DEFAULT_ON", frozenset({"gelu", "bmm"}))
+    assert enabled_kernels() == {"gelu", "bmm"}
+    monkeypatch.setenv("NPGPT_CUDA_KERNELS", "none")
+    assert enabled_kernels() == set()
     monkeypatch.setenv("NPGPT_CUDA_KERNELS", " LayerNorm, gelu ,")
     assert enabled_kernels() == {"layernorm", "gelu"}
     assert kernel_enabled("gelu") and not kernel_enabled("attention")

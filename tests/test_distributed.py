@@ -1,6 +1,10 @@
 """Data parallelism over MPI: 2 ranks with global batch 2b against one process with batch 2b.
 
-Runs `mpiexec -n 2` from the mpi extra (mpi4py + the MPICH wheel); skipped when they are missing."""
+Runs `mpiexec -n 2` from the mpi extra (mpi4py + the MPICH wheel); skipped when they are missing.
+On GPUs (the `cuda` tests) the gradients go through NCCL. NCCL refuses two ranks on one GPU ("Duplicate
+GPU detected", since NCCL 2.5), so with one GPU the NCCL tests run one rank (NPGPT_DIST=mpi): the
+communicator is built and the all-reduce runs, but a mean over one rank is the identity; the tests that
+check a real mean over two ranks need two GPUs and say so when they skip."""
 
 import importlib.util
 import json
@@ -11,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import not_with_the_stand_in
 
 import npgpt
 from npgpt.gradcheck import relative_error
@@ -103,8 +108,68 @@ def test_forced_mpi_world_of_one_rank_matches_a_plain_run(tmp_path):
     assert [r["loss"] for r in records(plain, "step")] == [r["loss"] for r in records(forced, "step")]
 
 
+needs_gpu = pytest.mark.skipif(not __import__("npgpt.backend", fromlist=["x"]).cuda_available(), reason="needs CuPy and a GPU")
+
+# Each rank r fills a flat float32 buffer with (r + 1) * [0, 1, ..., 9] and all-reduces it as training does
+# (allreduce_grads_ over views of it); the mean over n ranks is (n + 1) / 2 * [0, ..., 9].
+NCCL_WORKER = """
+import json, cupy
+from npgpt.distributed import allreduce_grads_, get_world, use_local_gpu
+world = get_world()
+chosen = use_local_gpu(world, "cuda")
+world.setup_nccl()
+flat = cupy.arange(10, dtype=cupy.float32) * (world.rank + 1)
+grads = {"a": flat[:6].reshape(2, 3), "b": flat[6:]}
+allreduce_grads_(world, grads, flat)
+cupy.cuda.get_current_stream().synchronize()
+print(json.dumps({"rank": world.rank, "size": world.size, "backend": world.backend, "device": chosen,
+                  "flat": cupy.asnumpy(flat).tolist()}))
+"""
+
+
+def gpu_count() -> int:
+    import cupy
+
+    return cupy.cuda.runtime.getDeviceCount()
+
+
+def nccl_results(ranks: int) -> list:
+    env = {**os.environ, "NPGPT_DIST": "mpi"}
+    cmd = [sys.executable, "-c", NCCL_WORKER]
+    if ranks > 1:
+        cmd = [MPIEXEC, "-n", str(ranks), *cmd]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return sorted((json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")), key=lambda r: r["rank"])
+
+
 @pytest.mark.cuda
-@pytest.mark.skipif(not __import__("npgpt.backend", fromlist=["x"]).cuda_available(), reason="needs CuPy and a GPU")
+@needs_gpu
+@not_with_the_stand_in
+def test_one_rank_nccl_all_reduce_runs():
+    """One GPU: the NCCL communicator of a one-rank MPI world is built and the all-reduce runs on it
+    (before issue 13 it was never called with one rank); the mean over one rank leaves the buffer as is."""
+    (r,) = nccl_results(1)
+    assert r["backend"] == "mpi+nccl" and r["size"] == 1 and r["device"] == 0
+    assert r["flat"] == [float(i) for i in range(10)]
+
+
+@pytest.mark.cuda
+@needs_gpu
+@not_with_the_stand_in
+def test_two_rank_nccl_all_reduce_averages():
+    """Two GPUs: each rank on its own GPU, and the all-reduce leaves the mean on both."""
+    if gpu_count() < 2:
+        pytest.skip("a mean over two NCCL ranks needs two GPUs (NCCL refuses two ranks on one GPU)")
+    results = nccl_results(2)
+    assert [r["device"] for r in results] == [0, 1]
+    for r in results:
+        assert r["backend"] == "mpi+nccl" and r["flat"] == [1.5 * i for i in range(10)], r
+
+
+@pytest.mark.cuda
+@needs_gpu
+@not_with_the_stand_in
 def test_one_rank_nccl_run_matches_the_single_process_run(tmp_path):
     single, nccl = tmp_path / "single", tmp_path / "nccl"
     args = [*TINY, "--device", "cuda", "--batch-size", "2", "--max-steps", "3"]
@@ -115,4 +180,24 @@ def test_one_rank_nccl_run_matches_the_single_process_run(tmp_path):
         assert proc.returncode == 0, proc.stderr
     a = [r["loss"] for r in records(single, "step")]
     b = [r["loss"] for r in records(nccl, "step")]
+    assert len(a) == len(b) == 3, (a, b)
     assert all(abs(x - y) <= 1e-6 * abs(x) for x, y in zip(a, b)), (a, b)
+
+
+@pytest.mark.cuda
+@needs_gpu
+@not_with_the_stand_in
+def test_two_ranks_on_two_gpus_equal_one_gpu(tmp_path):
+    """Two ranks on two GPUs with the global batch of one GPU: the same losses (float32 summation order
+    aside). Skipped on a machine with one GPU."""
+    if gpu_count() < 2:
+        pytest.skip("two NCCL ranks need two GPUs (NCCL refuses two ranks on one GPU)")
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = [*TINY, "--device", "cuda", "--no-tf32", "--batch-size", "4", "--max-steps", "4"]
+    for out, ranks in ((one, 1), (two, 2)):
+        cmd = [sys.executable, "-m", "npgpt", "train", *args, "--out-dir", str(out)]
+        cmd = [MPIEXEC, "-n", "2", *cmd] if ranks == 2 else cmd
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ}, timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    a, b = [r["loss"] for r in records(one, "step")], [r["loss"] for r in records(two, "step")]
+    assert len(a) == len(b) == 4 and all(abs(x - y) <= 1e-5 * abs(x) for x, y in zip(a, b)), (a, b)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import npgpt
+from conftest import needs_cuda
 from npgpt.backend import to_numpy
 from npgpt.engine import FastLossAndGrads
 from npgpt.gradcheck import HostRandom, relative_error
@@ -141,6 +142,73 @@ def test_fast_step_equals_reference_in_the_row_blocks_with_two_threads(monkeypat
     assert abs(fast_loss - float(loss)) <= 1e-12 * abs(float(loss))
     for k in ref:
         assert relative_error(engine.grads[k], ref[k]) < 1e-12, k
+
+
+# --- the engine on a real GPU, with its fast paths: kernels, bmm, 16 bits, float64 (skipped without one) -------
+
+
+def _gpu_and_cpu_steps(kernels, dtype=np.float32, precision="fp32", drop=0.0):
+    """(loss, grads as float64 NumPy) of one step of the same model and batch: the NumPy fast engine,
+    and the CuPy fast engine with `kernels` (a list, or None for $NPGPT_CUDA_KERNELS)."""
+    import cupy
+
+    cfg = tiny_config(emb_dim=64, n_heads=4, n_layers=2, drop_rate=drop)  # head size 16: the flash kernel fits
+    host = {k: v.astype(dtype) for k, v in random_params(cfg, np.random.default_rng(0)).items()}
+    rng = np.random.default_rng(3)
+    x, y = rng.integers(0, cfg.vocab_size, (2, 8)), rng.integers(0, cfg.vocab_size, (2, 8))
+    out = []
+    for xp in (np, cupy):
+        model = npgpt.GPT(cfg, dtype=dtype, device="cpu")
+        model.params = {k: xp.asarray(v) for k, v in host.items()}
+        engine = FastLossAndGrads(model, 2, 8, precision=precision, kernels=kernels if xp is cupy else None)
+        loss = engine(x, y, dloss=0.5)
+        out.append((loss, {k: to_numpy(g).astype(np.float64) for k, g in engine.grads.items()}, engine))
+    return out
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("kernels", [["bmm"], "all"])
+def test_cuda_engine_with_its_kernels_matches_numpy(kernels, monkeypatch):
+    """The fast step on CuPy with every hand-written kernel (flash attention, LayerNorm, GELU, the loss)
+    and with bmm, in full float32 (TF32 off), against the NumPy fast step."""
+    from npgpt.backend import set_tf32
+    from npgpt.cuda import KERNEL_NAMES
+
+    monkeypatch.setenv("CUPY_TF32", "0")
+    set_tf32(False)
+    (cpu_loss, cpu, _), (gpu_loss, gpu, engine) = _gpu_and_cpu_steps(list(KERNEL_NAMES) if kernels == "all" else kernels)
+    if kernels == "all":
+        assert engine.kernels == set(KERNEL_NAMES) and engine.used_flash == [True, True]
+    assert abs(gpu_loss - cpu_loss) <= 1e-5 * cpu_loss
+    for k in cpu:
+        assert relative_error(gpu[k], cpu[k]) < 5e-5, k
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("kernels", [[], ["bmm"]])
+def test_cuda_engine_in_16_bits_matches_numpy(precision, kernels):
+    """bf16 / fp16 on CuPy, with and without "bmm": attention's 16-bit products go through cuBLAS either
+    way (CuPy's N-D matmul raises for bfloat16). Against the NumPy 16-bit step, within 16-bit rounding."""
+    pytest.importorskip("ml_dtypes")
+    (cpu_loss, cpu, _), (gpu_loss, gpu, _) = _gpu_and_cpu_steps(kernels, precision=precision)
+    assert abs(gpu_loss - cpu_loss) <= 5e-3 * cpu_loss
+    for k in cpu:
+        assert relative_error(gpu[k], cpu[k]) < 5e-2, k
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_engine_in_float64_with_every_kernel_enabled(monkeypatch):
+    """NPGPT_CUDA_KERNELS=all on a float64 model: the float32 kernels stand aside, bmm runs in float64."""
+    monkeypatch.setenv("NPGPT_CUDA_KERNELS", "all")
+    (cpu_loss, cpu, _), (gpu_loss, gpu, engine) = _gpu_and_cpu_steps(None, dtype=np.float64)
+    assert engine.kernels == {"bmm"}
+    assert abs(gpu_loss - cpu_loss) <= 1e-12 * cpu_loss
+    for k in cpu:
+        assert relative_error(gpu[k], cpu[k]) < 1e-10, k
 
 
 @pytest.mark.skipif(__import__("shutil").which("g++") is None, reason="the CUDA emulation needs g++")

@@ -29,6 +29,8 @@ EXPECTED_EXAMPLES = [
     "11_chinese_pretraining.py",
     "12_check_your_own_layer.py",
     "13_translation_transformer.py",
+    "14_classification_finetuning.py",
+    "15_instruction_finetuning.py",
 ]
 
 
@@ -233,7 +235,9 @@ def test_examples_run_cell_by_cell_like_a_notebook(name, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, f"{name} as a notebook:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     pngs = {"02_gelu_vs_relu.py": "02_gelu_vs_relu.png", "04_shortcut_connections.py": "04_shortcut_connections.png",
-            "10_training_loop.py": "10_training_loop.png", "11_chinese_pretraining.py": "11_chinese_pretraining/loss.png"}  # fmt: skip
+            "10_training_loop.py": "10_training_loop.png", "11_chinese_pretraining.py": "11_chinese_pretraining/loss.png",
+            "14_classification_finetuning.py": "14_classification_finetuning/confusion.png",
+            "15_instruction_finetuning.py": "15_instruction_finetuning/loss.png"}  # fmt: skip
     if name in pngs:
         assert_png(tmp_path / "out" / pngs[name])
 
@@ -248,6 +252,28 @@ def test_13_translation_transformer(tmp_path):
     assert last < first  # it learns, even in a few steps
     assert out.count("greedy: ") == 3 and out.count("beam 4: ") == 3
     assert re.search(r"held-out \(50 pairs, greedy\): exact match \S+%, BLEU \S+", out)
+
+
+def test_14_classification_finetuning(tmp_path):
+    out = run_example("14_classification_finetuning.py", tmp_path)
+    run_dir = tmp_path / "14_classification_finetuning"
+    for png in ("loss.png", "accuracy.png", "confusion.png"):
+        assert_png(run_dir / png)
+    assert "'春眠不觉晓，': 14 tokens, padded to 23; the head reads position 13, which has seen '春眠不觉晓，'" in out
+    assert "FAIL" not in out and "mixed_loss" in out and "classifier_head" in out
+    acc, base = re.search(r"test accuracy (\S+)% against a majority-class baseline of (\S+)%", out).groups()
+    assert 0 <= float(acc) <= 100 and 0 < float(base) < 100
+    assert out.count("true: ") == 4
+
+
+def test_15_instruction_finetuning(tmp_path):
+    out = run_example("15_instruction_finetuning.py", tmp_path)
+    assert_png(tmp_path / "15_instruction_finetuning" / "loss.png")
+    assert "### Instruction:\nContinue this line of the poem." in out and "### Response:\n" in out
+    assert re.search(r"\d+ positions: \d+ targets inside the prompt are -100, \d+ count", out)
+    assert "'Continue this line of the poem.': exact" in out
+    assert "'Is this the first or the second half of a line?': exact" in out
+    assert "the most frequent answer in training" in out
 
 
 # --- docs/backprop.md --------------------------------------------------------------------------------

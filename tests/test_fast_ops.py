@@ -184,3 +184,48 @@ def test_dropout(dtype, tol, in_place, rng):
     dx = dout.copy() if in_place else np.empty_like(dout)
     fast.dropout_backward(dx, dx if in_place else dout, keep, 0.3)
     close(dx, L.dropout_backward(dout, cache), tol, "dx")
+
+
+@pytest.mark.parametrize("accumulate", [False, True], ids=["write", "accumulate"])
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+def test_last_token(dtype, tol, accumulate, rng):
+    """The gather of each row's last non-padding position and its scatter back, padded rows included
+    (a row of padding only reads position 0, as the readable rule says)."""
+    pad = 5
+    idx = rng.integers(0, V - 1, (B + 1, T))
+    idx[idx >= pad] += 1  # real tokens never equal pad
+    idx[0, 40:] = pad  # right padding
+    idx[1, :] = pad  # padding only
+    x = randn(rng, B + 1, T, C, dtype=dtype)
+    ref, cache = L.last_token_forward(x, idx, pad)
+    last = np.empty(B + 1, dtype=np.int64)
+    fast.last_token_index(last, idx, pad)
+    assert last.tolist() == [39, 0, T - 1]
+    h = np.empty((B + 1, C), dtype)
+    fast.last_token_forward(h, x, last)
+    close(h, ref, tol, "h")
+    dh = randn(rng, B + 1, C, dtype=dtype)
+    before = randn(rng, B + 1, T, C, dtype=dtype)
+    dx = before.copy()
+    fast.last_token_backward(dx, dh, last, accumulate)
+    want = L.last_token_backward(dh, cache)
+    close(dx, want + before if accumulate else want, tol, "dx")
+
+
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+def test_linear_backward_skips_what_is_not_wanted(dtype, tol, rng):
+    """dweight None (a frozen weight, the readable weight_grad=False) and dx None (nothing below trains):
+    those products are not computed and the others are unchanged."""
+    x, w, b = randn(rng, N, C, dtype=dtype), randn(rng, C, 3 * C, dtype=dtype, scale=0.1), randn(rng, 3 * C, dtype=dtype)
+    _, cache = L.linear_forward(x, w, b)
+    dout = randn(rng, N, 3 * C, dtype=dtype)
+    ref_dx, ref_dw, ref_db = L.linear_backward(dout, cache)
+    frozen_dx, none_w, none_b = L.linear_backward(dout, cache, weight_grad=False)
+    assert none_w is None and none_b is None
+    dx = np.full_like(x, np.nan)
+    fast.linear_backward(dx, None, None, dout, x, w)
+    close(dx, frozen_dx, tol, "dx of a frozen layer")
+    dw, db = np.full_like(w, np.nan), np.full_like(b, np.nan)
+    fast.linear_backward(None, dw, db, dout, x, w)
+    close(dw, ref_dw, tol, "dweight without dx")
+    close(db, ref_db, tol, "dbias without dx")

@@ -39,3 +39,13 @@ def test_cupy_mixed_precision_tracks_numpy_float32(tmp_path, precision):
     cpu = losses(tmp_path, "cpu", device="cpu")
     gpu = losses(tmp_path, precision, device="cuda", precision=precision)
     assert np.abs(gpu / cpu - 1).max() < 5e-3, (gpu, cpu)
+
+
+@pytest.mark.parametrize("kernels", ["all", "bmm"])
+def test_cupy_training_with_the_fast_paths_tracks_numpy(tmp_path, monkeypatch, kernels):
+    """The same 20 steps with NPGPT_CUDA_KERNELS=all (every hand-written kernel, AdamW and the gradient norm
+    included) and with bmm alone, TF32 off, against NumPy."""
+    cpu = losses(tmp_path, "cpu", device="cpu")
+    monkeypatch.setenv("NPGPT_CUDA_KERNELS", kernels)
+    gpu = losses(tmp_path, f"gpu-{kernels}", device="cuda", tf32=False)
+    assert np.abs(gpu / cpu - 1).max() < 1e-4, (gpu, cpu)

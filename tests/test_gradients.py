@@ -38,7 +38,8 @@ def test_model_gradient(check):
 
 def test_checks_cover_every_layer():
     layers = {c.layer.split()[0] for c in LAYER_CHECKS}
-    assert layers == {"embedding", "linear", "layernorm", "gelu", "attention", "cross_entropy", "dropout", "ffn", "block"}
+    assert layers == {"embedding", "linear", "layernorm", "gelu", "attention", "cross_entropy", "dropout", "ffn", "block",
+                      "last_token", "classifier_head", "mixed_loss"}
     shapes = " ".join(c.layer for c in LAYER_CHECKS)
     assert "B1 T1" in shapes  # the degenerate sizes are covered
     assert {"NH1", "NH2", "NH3", "NH4", "NH8"} <= set(shapes.split())

@@ -34,6 +34,10 @@ def test_wheel_contains_kernels_and_assets(wheel):
         "npgpt/assets/en_ms_cldr.tsv",
         "npgpt/seq2seq/model.py",
         "npgpt/layers/decoder_block.py",
+        "npgpt/assets/tang-forms-train.csv",
+        "npgpt/assets/tang-instruct-test.json",
+        "npgpt/finetune/classifier.py",
+        "npgpt/layers/classifier_head.py",
         "npgpt/layers/attention.py",
         "npgpt/fast/attention.py",
         "npgpt/cli/__init__.py",
@@ -59,8 +63,10 @@ def test_non_editable_install_finds_kernels_and_tokenizer(wheel, tmp_path):
         "assert (k.kernel_dir() / 'README.md').is_file();"
         "assert npgpt.__file__.startswith(%r);"
         "assert t.encode('Every effort moves you') == [6109, 3626, 6100, 345];"
+        "from npgpt.finetune.config import bundled_file;"
+        "assert str(bundled_file('tang-forms-train.csv')).startswith(%r) and bundled_file('tang-instruct-val.json').is_file();"
         "print('ok')"
-    ) % (str(target), str(target))
+    ) % (str(target), str(target), str(target))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                           env={"PYTHONPATH": str(target), "PATH": ""})  # fmt: skip
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr

@@ -1,5 +1,5 @@
-"""The `npgpt` command line: train, generate, gradcheck, bench, info, seq2seq (the console script `npgpt`,
-and `python -m npgpt`).
+"""The `npgpt` command line: train, generate, finetune, classify, gradcheck, bench, info, seq2seq (the
+console script `npgpt`, and `python -m npgpt`).
 
 Each subcommand's arguments and work live in its own module of this package (npgpt/cli/train.py, ...);
 this file only wires them together. The Python API they call (npgpt.train, npgpt.generate, npgpt.bench,
@@ -45,7 +45,7 @@ def join_negative_values(argv: list[str]) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
     from . import seq2seq as seq2seq_cli
-    from . import bench, generate, gradcheck, info, train
+    from . import bench, classify, finetune, generate, gradcheck, info, train
 
     parser = ArgumentParser(
         prog="npgpt",
@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module, help_text in [
         ("train", train, "pretrain or fine-tune a GPT on text files (default: the bundled short story)"),
         ("generate", generate, "continue a prompt with a trained checkpoint"),
+        ("finetune", finetune, "fine-tune a GPT: a classifier (--task classify) or on instructions (--task instruct)"),
+        ("classify", classify, "predict labels with a fine-tuned classifier"),
         ("gradcheck", gradcheck, "check every layer's backward against finite differences"),
         ("bench", bench, "time a training step and generation"),
         ("info", info, "show the backend, devices, BLAS and versions"),

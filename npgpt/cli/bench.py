@@ -54,6 +54,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="matrix products in float32 (TF32 on a GPU unless --no-tf32) or mixed precision, bf16/fp16 "
                         "with float32 master weights (the same torch.autocast in the --vs-torch twin)")  # fmt: skip
     p.add_argument("--engine", choices=["fast", "reference", "both"], default="fast")
+    p.add_argument("--recompute", choices=["none", "attention", "mlp", "block"], default="none",
+                   help="the fast engine's activation recompute (see npgpt train --help)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the memory estimate, the largest batch that fits and the FLOPs; time nothing")
     p.add_argument("--drop-rate", type=float, default=0.0, help="dropout during the timed steps (default off)")
     p.add_argument("--threads", type=int, help="BLAS (and torch) threads (default: as configured)")
     p.add_argument("--vs-torch", action="store_true", help="also run the same step in PyTorch eager (transformers' GPT-2)")
@@ -81,7 +85,8 @@ def memory_worker(args) -> int:
         del model  # the torch twin holds its own copy of the weights
     else:
         engine = "fast" if args.engine == "both" else args.engine
-        step = NpgptStep(model, args.batch_size, args.context_length, engine, precision=args.precision)
+        step = NpgptStep(model, args.batch_size, args.context_length, engine, precision=args.precision,
+                         recompute=args.recompute if engine == "fast" else "none")  # fmt: skip
     for _ in range(2):
         step(x, y, False, None)
     print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
@@ -92,7 +97,7 @@ def measure_memory(args, framework: str) -> float | None:
     cmd = [sys.executable, "-m", "npgpt", "bench", "--memory-worker", framework, "--preset", args.preset,
            "--batch-size", str(args.batch_size), "--context-length", str(args.context_length), "--dtype", args.dtype,
            "--engine", args.engine, "--torch-attn", args.torch_attn, "--seed", str(args.seed),
-           "--precision", args.precision]  # fmt: skip
+           "--precision", args.precision, "--recompute", args.recompute]  # fmt: skip
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "NPGPT_DEVICE": "cpu"})
@@ -106,14 +111,23 @@ def run(args) -> int:
     if args.memory_worker:
         return memory_worker(args)
     _check_args(args)
-    set_tf32(args.tf32)
     threads = set_threads(args.threads)
     cfg = GPTConfig.from_preset(args.preset, drop_rate=args.drop_rate)
     T, B = args.context_length, args.batch_size
+    if args.dry_run:
+        from ..backend import resolve_device
+        from ..memory import plan_report
+
+        for e in ["fast", "reference"] if args.engine == "both" else [args.engine]:
+            print(plan_report(cfg, B, T, args.dtype, args.precision, e, recompute=args.recompute if e == "fast" else "none",
+                              device=resolve_device(args.device), name=args.preset))  # fmt: skip
+        return 0
     _check_memory(args, cfg)
     model = GPT(cfg, seed=args.seed, device=args.device, dtype=np.dtype(args.dtype))
     x, y = make_batch(cfg, B, T, args.seed)
     tf32 = args.tf32 and model.device == "cuda"  # TF32 exists only on the GPU
+    if model.device == "cuda":  # CUDA state only for a CUDA model
+        set_tf32(args.tf32)
     steps, torch_step = _build_steps(args, cfg, model, threads, tf32)
     times, losses = time_steps(steps, x, y, args.steps, args.warmup, args.drop_rate > 0, args.seed, model.xp)
     precision = args.precision + (" with TF32" if args.precision == "fp32" and tf32 else "")
@@ -175,10 +189,13 @@ def _check_memory(args, cfg) -> None:
 
     device = resolve_device(args.device)
     engines = ["fast", "reference"] if args.engine == "both" else [args.engine]
-    parts = [estimate_training(cfg, args.batch_size, args.context_length, args.dtype, args.precision, e, gpu=device == "cuda")
+    parts = [estimate_training(cfg, args.batch_size, args.context_length, args.dtype, args.precision, e, gpu=device == "cuda",
+                               recompute=args.recompute if e == "fast" else "none")
              for e in engines]  # fmt: skip
-    est = MemoryEstimate(*(sum(getattr(p, f) for p in parts) for f in ("weights", "gradients", "optimizer", "activations", "workspace")))
-    check_fits(est, device, fix="use a smaller --preset, --batch-size or --context-length")
+    est = MemoryEstimate(*(sum(getattr(p, f) for p in parts)
+                           for f in ("weights", "gradients", "optimizer", "activations", "workspace", "transient")))  # fmt: skip
+    check_fits(est, device, fix="use a smaller --preset, --batch-size or --context-length, or --recompute "
+                                "attention|mlp|block; --dry-run shows the largest batch that fits")  # fmt: skip
 
 
 def _build_steps(args, cfg, model, threads: int, tf32: bool) -> tuple[dict, object]:
@@ -187,7 +204,7 @@ def _build_steps(args, cfg, model, threads: int, tf32: bool) -> tuple[dict, obje
     B, T, dtype = args.batch_size, args.context_length, np.dtype(args.dtype)
     engines = ["fast", "reference"] if args.engine == "both" else [args.engine]
     steps = {f"npgpt {e}": NpgptStep(GPT(cfg, seed=args.seed, device=args.device, dtype=dtype) if i else model,
-                                     B, T, e, precision=args.precision)
+                                     B, T, e, precision=args.precision, recompute=args.recompute if e == "fast" else "none")
              for i, e in enumerate(engines)}  # fmt: skip
     if not args.vs_torch:
         return steps, None
@@ -250,6 +267,14 @@ def _report_peak_memory(args, report: dict) -> None:
     if args.vs_torch:
         mem["torch"] = measure_memory(args, "torch")
     line = ", ".join(f"{k} {v:,.0f} MB" for k, v in mem.items() if v)
+    from ..memory import estimate_training
+
+    engine = "fast" if args.engine == "both" else args.engine
+    cfg = GPTConfig.from_preset(args.preset, drop_rate=0.0)  # the memory worker's model
+    est = estimate_training(cfg, args.batch_size, args.context_length, args.dtype, args.precision, engine,
+                            recompute=args.recompute if engine == "fast" else "none")  # fmt: skip
+    report["npgpt_estimate_mb"] = est.total / 2**20
+    line += f" (npgpt's estimate without the interpreter and BLAS: {est.total / 2**20:,.0f} MiB)"
     print(f"  peak memory of a training step (fresh process, peak RSS): {line}"
           + (f"; npgpt/torch = {mem['npgpt'] / mem['torch']:.2f}" if mem.get("torch") and mem.get("npgpt") else ""))  # fmt: skip
     report["peak_memory_mb"] = mem

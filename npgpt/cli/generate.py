@@ -2,6 +2,7 @@
 
     npgpt generate --checkpoint runs/npgpt --prompt "Every effort moves you" --max-new-tokens 50
     npgpt generate --checkpoint path/to/gpt2 --temperature 0.8 --top-k 40 --seed 1
+    npgpt generate --checkpoint runs/chat --instruction "Continue this line of the poem." --input "床前明月光，"
 
 --checkpoint takes a run directory (its newest complete checkpoint), a checkpoint directory, or a
 Hugging Face GPT-2 directory (config.json + model.safetensors).
@@ -22,6 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default="runs/npgpt", metavar="DIR",
                    help="run directory, checkpoint directory or Hugging Face GPT-2 directory (default runs/npgpt)")
     p.add_argument("--prompt", default="Every effort moves you", help="text to continue")
+    p.add_argument("--instruction", help="instruction-tuned checkpoints: the task; the prompt is the checkpoint's "
+                   "own template filled in, and only the response is printed")
+    p.add_argument("--input", default="", help="with --instruction: the input the task works on (optional)")
     p.add_argument("--max-new-tokens", type=int, default=50)
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default); try 0.8")
     p.add_argument("--top-k", type=int, help="sample only from the k most likely tokens")
@@ -45,6 +49,10 @@ def check_args(args) -> None:
     V.integer("--max-new-tokens", args.max_new_tokens, 0)
     V.integer("--num-samples", args.num_samples, 1)
     V.integer("--seed", args.seed, 0)
+    if args.input and args.instruction is None:
+        raise ValueError("--input goes with --instruction (an instruction-tuned checkpoint); use --prompt otherwise")
+    if args.instruction is not None and not args.instruction.strip():
+        raise ValueError("--instruction is empty; give the task in words")
     check_source(args.checkpoint, "--checkpoint")
 
 
@@ -53,6 +61,11 @@ def run(args) -> int:
     from ..pretrained import load_pretrained
 
     check_args(args)
+    shown = args.prompt
+    if args.instruction is not None:  # the template stored with the checkpoint; the response ends at <|endoftext|>
+        from ..finetune.instruct import instruction_prompt
+
+        args.prompt, shown, args.stop_at_eot = instruction_prompt(args.checkpoint, args.instruction, args.input), "", True
     model = load_pretrained(args.checkpoint, device=args.device, dtype=np.dtype(args.dtype))
     prompt_ids = encode(args.prompt) or [EOT_ID]  # an empty prompt starts from <|endoftext|>
     rng = np.random.default_rng(args.seed)
@@ -61,7 +74,7 @@ def run(args) -> int:
         for n in range(args.num_samples):
             if args.num_samples > 1:
                 out.write(f"\n--- sample {n + 1} ---\n")
-            out.write(args.prompt)
+            out.write(shown)
             out.flush()
             decoder = StreamDecoder()
             t0, count = time.perf_counter(), 0

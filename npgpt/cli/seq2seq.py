@@ -71,6 +71,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--device", choices=["cpu", "cuda", "auto"], help="default: $NPGPT_DEVICE or auto")
     g.add_argument("--dtype", choices=["float32", "float64"], default=d.dtype)
+    g.add_argument("--engine", choices=["fast", "reference"], default=d.engine,
+                   help="fast: buffers planned once, fast ops (npgpt/fast/); reference: the readable layers (default fast)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 

@@ -10,7 +10,7 @@ from dataclasses import fields
 
 from ..config import PRESETS
 from ..recipes import RECIPES, recipe_values
-from ..train import DECAY_CHOICES, TrainConfig, train
+from ..train import DECAY_CHOICES, TrainConfig, dry_run_report, train
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -94,6 +94,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(fast engine; meant for GPUs, slow on the CPU). Default fp32")
     g.add_argument("--loss-scale", type=float, default=d.loss_scale,
                    help="fp16: initial loss scale of dynamic loss scaling (default 65536)")
+    g.add_argument("--recompute", choices=["none", "attention", "mlp", "block"], default=d.recompute,
+                   help="keep less in the forward and recompute it in the backward (fast engine): attention's "
+                        "probabilities, GELU's output, or a whole block from its input. Same results, less memory")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the memory this run needs (weights, gradients, AdamW, activations), the largest "
+                        "batch that fits, and the FLOPs of a step; allocate nothing")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     _record_given_flags(p)
 
@@ -126,5 +132,9 @@ def config_from_args(args) -> TrainConfig:
 
 
 def run(args) -> int:
-    result = train(config_from_args(args))
+    cfg = config_from_args(args)
+    if cfg.dry_run:
+        print(dry_run_report(cfg))
+        return 0
+    result = train(cfg)
     return 130 if result.interrupted else 0

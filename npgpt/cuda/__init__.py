@@ -4,13 +4,17 @@
   (npgpt/fast/) and npgpt.optim helpers they replace (CuPy is imported only when a wrapper is called).
 - `npgpt.cuda.nvrtc`: NVRTC through ctypes, to compile the sources to PTX without CuPy or a GPU.
 - `npgpt.cuda.blas`: attention's batched matrix products as one cuBLAS call each (no copies of
-  transposed operands, TF32 honoured), the "bmm" name below.
+  transposed operands, TF32 honoured, 16-bit on tensor cores). The fast step always sends the products
+  CuPy's own N-D matmul cannot do right through it (bfloat16 and float16, float32 with TF32 on); the
+  "bmm" name below sends every other one (float32 without TF32, float64) through it too.
 - `enabled_kernels()`: which kernels the fast path may use, from $NPGPT_CUDA_KERNELS.
 
-Every kernel is opt-in until its test (tests/test_cuda_kernels.py) has passed on a real GPU:
+A fast path is on by default only once benchmarks/gpu_check.sh has verified it on a real GPU (DEFAULT_ON;
+none yet); the others are opt-in:
     NPGPT_CUDA_KERNELS=all                      every kernel
     NPGPT_CUDA_KERNELS=layernorm,gelu           a comma list of names from KERNEL_NAMES
-    unset, "", "none"                           none (the default: the CuPy reference path)
+    NPGPT_CUDA_KERNELS="" or none               none (the CuPy ops alone)
+    unset                                       DEFAULT_ON
 """
 
 from __future__ import annotations
@@ -28,19 +32,24 @@ KERNEL_FILES = {
     "sq_norm": "adamw.cu",  # sq_norm (the global gradient norm, squared)
     "attention": "attention.cu",  # flash_attention_forward/_backward over attention_fwd/_bwd (no dropout)
 }
-# Fast paths that are not kernels of ours but are switched the same way, opt-in until run on a GPU.
+# Fast paths that are not kernels of ours but are switched the same way.
 LIBRARY_PATHS = {
-    "bmm": "npgpt/cuda/blas.py",  # attention's batched GEMMs through cublasGemmStridedBatchedEx
+    "bmm": "npgpt/cuda/blas.py",  # every attention GEMM through cublasGemmStridedBatchedEx (16-bit and TF32 always are)
 }
 KERNEL_NAMES = tuple(KERNEL_FILES) + tuple(LIBRARY_PATHS)
+# On when $NPGPT_CUDA_KERNELS is unset: the names that benchmarks/gpu_check.sh's report lists as verified
+# on a real GPU ("Fast paths"). Empty until one has run it (issue 13, section 3).
+DEFAULT_ON: frozenset = frozenset()
 
 
 def enabled_kernels(value: str | None = None) -> set[str]:
-    """The kernel names enabled by `value` (default: $NPGPT_CUDA_KERNELS): a comma list of names from
-    KERNEL_NAMES, "all", or empty / "none" for none. An unknown name is a ValueError (a typo must not
-    silently leave a kernel off)."""
+    """The kernel names enabled by `value` (default: $NPGPT_CUDA_KERNELS, or DEFAULT_ON when it is unset):
+    a comma list of names from KERNEL_NAMES, "all", or empty / "none" for none. An unknown name is a
+    ValueError (a typo must not silently leave a kernel off)."""
     if value is None:
-        value = os.environ.get(ENV_VAR, "")
+        value = os.environ.get(ENV_VAR)
+        if value is None:
+            return set(DEFAULT_ON)
     names = {part.strip().lower() for part in value.split(",")} - {""}
     if not names or names == {"none"}:
         return set()

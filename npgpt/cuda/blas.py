@@ -1,20 +1,28 @@
 """Batched matrix products on the GPU through one cuBLAS call, for the attention's stacks of heads.
 
-Why not `cupy.matmul`: read from CuPy's source (cupy/_core/_routines_linalg.pyx, `matmul`), N-D
+Why not `cupy.matmul`: read from CuPy 14.2's source (cupy/_core/_routines_linalg.pyx, `matmul`), N-D
 matmul (ndim > 2)
 
 - makes both operands C-contiguous with `ascontiguousarray`, so a transposed operand such as
   `swapaxes(k, -1, -2)` is copied in full on every call;
-- calls `cublas.gemmStridedBatchedEx` with the compute type set to the legacy data type CUDA_R_32F
-  for float32, so it ignores CuPy's TF32 setting (`CUPY_TF32` / `set_compute_type`), which only the
-  2-D `dot` path (`tensordot_core_v11`, CUBLAS_COMPUTE_32F_FAST_TF32) honours;
-- for float16 / bfloat16 uses CUBLAS_COMPUTE_32F (sm_70+ / sm_80+), but upcasts to float32 when
-  either operand is 1-D;
+- calls `cublas.gemmStridedBatchedEx` only for the dtypes 'fdFD', with the compute type set to the
+  legacy data type (CUDA_R_32F for float32), so it ignores CuPy's TF32 setting (`CUPY_TF32` /
+  `set_compute_type`), which only the 2-D `dot` path (`tensordot_core_v11`,
+  CUBLAS_COMPUTE_32F_FAST_TF32) honours;
+- computes float16 ('e') in float32: both operands are converted to float32 copies and multiplied
+  without tensor cores, and the result converted back;
+- sends every other dtype, bfloat16 ('E') included, to its integer GEMM kernel, which fails with
+  `TypeError: data type 'E' not understood`: a bfloat16 attention cannot run through it at all;
 - writes to a temporary and copies it when `out` is not C-contiguous.
+(2-D products, through `dot`, are fine in every float dtype: gemmEx with float32 accumulation for the
+16-bit ones, TF32 honoured.)
 
-So a float32 attention run through CuPy gets no TF32 and extra copies. `bmm` calls the same cuBLAS
-function itself: a transposed operand becomes an op flag, a column-major operand (the transpose of
-a row-major one) a flipped op flag, and float32 uses CUBLAS_COMPUTE_32F_FAST_TF32 unless `tf32=False`.
+So attention's products go through `bmm`, which calls the same cuBLAS function itself: a transposed
+operand becomes an op flag, a column-major operand (the transpose of a row-major one) a flipped op flag,
+float32 uses CUBLAS_COMPUTE_32F_FAST_TF32 unless `tf32=False`, and float16 / bfloat16 run on tensor
+cores with float32 accumulation (CUBLAS_COMPUTE_32F). The fast step uses `matmul_where_needed` (16-bit,
+and float32 with TF32 on, through `bmm`; the rest through CuPy) unless NPGPT_CUDA_KERNELS enables
+"bmm", which sends every product through `matmul`.
 
 cuBLAS is column-major: a row-major (r, c) matrix with row stride ld is, to cuBLAS, the (c, r)
 matrix with leading dimension ld. So out = op(a) @ op(b) (row-major) is computed as
@@ -251,8 +259,8 @@ def bmm(a, b, out, *, trans_a=False, trans_b=False, tf32=True, alpha=1.0, beta=0
 
 def matmul(out, a, b) -> None:
     """out = a @ b for CuPy stacks of matrices through `bmm`: transposed operands become cuBLAS op flags
-    instead of copies, and float32 honours the TF32 setting (CuPy's N-D matmul does neither; see above).
-    2-D products keep CuPy's matmul, which does both.
+    instead of copies, float32 honours the TF32 setting, 16-bit dtypes run on tensor cores (CuPy's N-D
+    matmul does none of these; see above). 2-D products keep CuPy's matmul, which does all three.
 
     Fast op it matches: npgpt.fast.common.matmul (same arguments); the fast step uses it for attention's
     products when NPGPT_CUDA_KERNELS enables "bmm"."""
@@ -262,3 +270,26 @@ def matmul(out, a, b) -> None:
         get_array_module(out).matmul(a, b, out=out)
         return
     bmm(a, b, out, tf32=tf32_enabled())
+
+
+def needs_bmm(dtype) -> bool:
+    """True for the dtypes whose N-D products CuPy's matmul cannot do as it should: float16 and bfloat16
+    (no tensor cores; bfloat16 fails outright) and float32 while TF32 is on (ignored)."""
+    from npgpt.backend import tf32_enabled
+
+    dtype = np.dtype(dtype)
+    return dtype.itemsize == 2 or (dtype == np.float32 and tf32_enabled())
+
+
+def matmul_where_needed(out, a, b) -> None:
+    """out = a @ b for CuPy arrays: through `bmm` (see `matmul`) where `needs_bmm(out.dtype)`, else
+    CuPy's own matmul. The fast step's attention products on a GPU when "bmm" is not enabled: what CuPy
+    gets wrong goes through cuBLAS whatever NPGPT_CUDA_KERNELS says.
+
+    Fast op it matches: npgpt.fast.common.matmul (same arguments)."""
+    from npgpt.backend import get_array_module
+
+    if out.ndim > 2 and needs_bmm(out.dtype):
+        matmul(out, a, b)
+    else:
+        get_array_module(out).matmul(a, b, out=out)

@@ -18,15 +18,30 @@ which have the same positional arguments.
 | layernorm                      | layernorm_forward, layernorm_backward                          | layernorm.cu           |
 | gelu                           | gelu_forward (bias add fused), gelu_backward_                  | gelu.cu                |
 | attention                      | attention_forward, attention_backward (+ the head-level pair)  | attention.cu (no dropout) |
+|                                | attention_rows_forward / _backward_ (recompute: no T x T kept) | -                      |
 | cross_entropy                  | cross_entropy_ (forward and backward in place)                 | cross_entropy.cu       |
 | dropout                        | dropout_forward, dropout_backward                              | -                      |
+| last_token                     | last_token_index, last_token_forward, last_token_backward     | -                      |
+| relu                           | relu_forward (bias add fused), relu_backward_                  | -                      |
+| sinusoidal                     | sinusoidal_table_into, add_sinusoidal_ (backward: the identity) | -                     |
+| masked_attention               | masked_attention_forward / _backward, attention_bias_into      | - (cuBLAS)             |
+| multihead_attention            | multihead_attention_forward / _backward (the four projections) | - (cuBLAS)             |
+| feedforward                    | feedforward_forward / _backward (ReLU or GELU)                 | gelu.cu for GELU       |
+
+The composites have no file here, having no op of their own: GPT-2's block and ffn (engine.py wires their
+ops), the encoder-decoder's encoder_block and decoder_block (seq2seq/engine.py), and fine-tuning's
+classifier_head (last_token + linear) and mixed_loss (two cross-entropies, weighted).
 """
 
 from .attention import (
+    ATTENTION_ROWS,
     attention_backward,
     attention_forward,
     attention_heads_backward_,
     attention_heads_forward,
+    attention_rows_backward_,
+    attention_rows_forward,
+    attention_rows_scratch,
     merge_heads_into,
     split_heads_into,
 )
@@ -34,18 +49,32 @@ from .common import in_threads, matmul, rowdot
 from .cross_entropy import GPU_LOSS_ROWS, IGNORE_INDEX, LOSS_ROWS, cross_entropy_
 from .dropout import dropout_backward, dropout_forward
 from .embedding import add_position_embedding_, embedding_backward, embedding_forward, position_embedding_backward
+from .feedforward import FeedForwardSaved, feedforward_backward, feedforward_forward
 from .gelu import GPU_ROW_BLOCK, ROW_BLOCK, gelu_backward_, gelu_forward, gelu_scratch
+from .last_token import last_token_backward, last_token_forward, last_token_index
 from .layernorm import layernorm_backward, layernorm_forward
 from .linear import linear_backward, linear_forward
+from .masked_attention import attention_bias_into, head_view, masked_attention_backward, masked_attention_forward
+from .multihead_attention import AttentionSaved, multihead_attention_backward, multihead_attention_forward
+from .relu import relu_backward_, relu_forward
+from .sinusoidal import add_sinusoidal_, sinusoidal_table_into
 
 __all__ = [
     "attention_forward", "attention_backward", "attention_heads_forward", "attention_heads_backward_",
     "split_heads_into", "merge_heads_into",
+    "attention_rows_forward", "attention_rows_backward_", "attention_rows_scratch", "ATTENTION_ROWS",
     "matmul", "rowdot", "in_threads",
     "cross_entropy_", "IGNORE_INDEX", "LOSS_ROWS", "GPU_LOSS_ROWS",
     "dropout_forward", "dropout_backward",
     "embedding_forward", "embedding_backward", "add_position_embedding_", "position_embedding_backward",
     "gelu_forward", "gelu_backward_", "gelu_scratch", "ROW_BLOCK", "GPU_ROW_BLOCK",
+    "last_token_index", "last_token_forward", "last_token_backward",
     "layernorm_forward", "layernorm_backward",
     "linear_forward", "linear_backward",
+    # the encoder-decoder Transformer's (npgpt.seq2seq)
+    "relu_forward", "relu_backward_",
+    "sinusoidal_table_into", "add_sinusoidal_",
+    "attention_bias_into", "head_view", "masked_attention_forward", "masked_attention_backward",
+    "AttentionSaved", "multihead_attention_forward", "multihead_attention_backward",
+    "FeedForwardSaved", "feedforward_forward", "feedforward_backward",
 ]  # fmt: skip

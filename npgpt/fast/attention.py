@@ -14,6 +14,10 @@ Readable twin: npgpt.layers.attention (attention_forward / attention_backward). 
   GPU npgpt.cuda.blas.matmul, one cuBLAS call per product with transposes as flags);
 - 16-bit compute: the softmax's row sums are taken in float32.
 The head-level pair attention_heads_forward / attention_heads_backward_ is what the CUDA kernels match.
+Recompute (engine.py, recompute="attention"/"block"): attention_rows_forward / attention_rows_backward_
+keep nothing T x T; they work a block of ATTENTION_ROWS query rows at a time against only the keys those
+rows can see, and the backward recomputes each block's probabilities from q and k (as the flash kernel
+does on the GPU, without its online softmax: a block's rows are complete, so its softmax is exact).
 CUDA kernel: kernels/attention.cu (flash attention: O(t) memory, no dropout, keeps each row's logsumexp
 instead of att), npgpt.cuda.kernels.attention_fwd / attention_bwd at the head level and
 flash_attention_forward / flash_attention_backward at the level of this file's attention_forward /
@@ -129,3 +133,77 @@ def attention_heads_backward_(dq, dk, dv, datt, q, k, v, att, keep=None, drop_sc
     matmul(dk, xp.swapaxes(datt, -1, -2), q)
     matmul(dq, datt, k)  # overwrites dy, which is no longer needed
     dq *= inv_sqrt
+
+
+# --- recompute: the probabilities are never kept, row block by row block ------------------------------
+
+ATTENTION_ROWS = 128  # query rows per block of the recomputing attention (its scratch is (b, NH, rows, t) x 2)
+
+
+def attention_rows_scratch(xp, b: int, NH: int, t: int, dtype, rows: int | None = None):
+    """The scratch of attention_rows_forward / _backward: two (b, NH, rows, t) blocks of probabilities
+    (rows: ATTENTION_ROWS by default); its height is the block of query rows they work on."""
+    return xp.empty((2, b, NH, min(rows or ATTENTION_ROWS, t), t), dtype=dtype)
+
+
+def _probabilities(s, q, k, bias, i0, i1, matmul):
+    """s (..., i1-i0, i1) = softmax(q[i0:i1] @ k[:i1]^T + bias[i0:i1, :i1]): query rows i0..i1 see keys
+    0..i1 only (the causal mask hides the rest), so the block is (i1-i0) x i1."""
+    xp = get_array_module(q)
+    matmul(s, q[..., i0:i1, :], xp.swapaxes(k[..., :i1, :], -1, -2))  # (.., r, hs) @ (.., hs, i1) -> (.., r, i1)
+    s += bias[i0:i1, :i1]
+    s -= s.max(axis=-1, keepdims=True)
+    xp.exp(s, out=s)
+    s /= s.sum(axis=-1, keepdims=True, dtype=np.float32 if is_low_precision(s.dtype) else None)
+
+
+def attention_rows_forward(out, q, k, v, bias, keep=None, drop_scale=1.0, *, scratch, matmul=matmul) -> None:
+    """out (..., t, hs) = dropout(softmax(q @ k^T + bias)) @ v, like attention_heads_forward, but block
+    of query rows by block, so only scratch (2, ..., rows, t) holds probabilities and nothing is kept
+    for the backward (attention_rows_backward recomputes them from q and k, as the flash kernel does).
+    keep: the (..., t, t) dropout mask or None."""
+    t, rows = q.shape[-2], scratch.shape[-2]
+    for i0 in range(0, t, rows):
+        i1 = min(t, i0 + rows)
+        s = scratch[0, ..., : i1 - i0, :i1]  # (.., r, i1)
+        _probabilities(s, q, k, bias, i0, i1, matmul)
+        if keep is not None:
+            s *= keep[..., i0:i1, :i1]
+            s *= drop_scale
+        matmul(out[..., i0:i1, :], s, v[..., :i1, :])  # (.., r, i1) @ (.., i1, hs) -> (.., r, hs)
+
+
+def attention_rows_backward_(dq, dk, dv, q, k, v, bias, keep=None, drop_scale=1.0, inv_sqrt=1.0, *, scratch, tmp,
+                             matmul=matmul) -> None:  # fmt: skip
+    """The backward of attention_rows_forward, with the probabilities recomputed block of query rows by
+    block. dq holds dy on entry (each block's rows are read before they are written); dk, dv are written.
+    tmp: scratch like q (the partial dk, dv of a block). Per block of rows R (keys 0..i1):
+        dv[:i1] += P'^T @ dy[R];  dP = dy[R] @ v[:i1]^T (through the mask);  dS = P * (dP - rowsum(dP * P));
+        dk[:i1] += dS^T @ q[R];  dq[R] = dS @ k[:i1] * inv_sqrt."""
+    xp = get_array_module(q)
+    t, rows = q.shape[-2], scratch.shape[-2]
+    dk[...] = 0
+    dv[...] = 0
+    for i0 in range(0, t, rows):
+        i1 = min(t, i0 + rows)
+        p, dp = scratch[0, ..., : i1 - i0, :i1], scratch[1, ..., : i1 - i0, :i1]  # (.., r, i1)
+        _probabilities(p, q, k, bias, i0, i1, matmul)
+        dy = dq[..., i0:i1, :]  # (.., r, hs)
+        part = tmp[..., :i1, :]  # (.., i1, hs)
+        if keep is not None:
+            xp.multiply(p, keep[..., i0:i1, :i1], out=dp)
+            dp *= drop_scale  # the dropped probabilities that multiplied v
+            matmul(part, xp.swapaxes(dp, -1, -2), dy)
+        else:
+            matmul(part, xp.swapaxes(p, -1, -2), dy)  # (.., i1, r) @ (.., r, hs)
+        dv[..., :i1, :] += part
+        matmul(dp, dy, xp.swapaxes(v[..., :i1, :], -1, -2))  # (.., r, hs) @ (.., hs, i1)
+        if keep is not None:
+            dp *= keep[..., i0:i1, :i1]
+            dp *= drop_scale
+        dp -= rowdot(dp, p)[..., None]
+        dp *= p  # dS
+        matmul(part, xp.swapaxes(dp, -1, -2), q[..., i0:i1, :])  # (.., i1, r) @ (.., r, hs)
+        dk[..., :i1, :] += part
+        matmul(dy, dp, k[..., :i1, :])  # dq of these rows; overwrites their dy, no longer needed
+        dy *= inv_sqrt

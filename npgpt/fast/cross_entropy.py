@@ -8,7 +8,7 @@ Readable twin: npgpt.layers.cross_entropy (softmax_cross_entropy_forward / _back
 - forward and backward in one pass, in place: the logits become the probabilities and then the
   gradient, so no second (n, V) array exists (the readable cache keeps the probabilities);
 - dloss (the upstream gradient: 1/grad_accum, or the fp16 loss scale) is applied before any
-  rounding; the loss is returned as a Python float;
+  rounding; the loss is returned as a Python float (or, sync=False, left on the GPU);
 - LOSS_ROWS rows at a time on the CPU, so a block (about 800 KB for GPT-2's vocabulary) stays in
   cache; each thread takes a contiguous share of the rows and the partial sums are added at the end;
 - 16-bit logits are worked on in float32 copies of each block and the gradient is rounded once.
@@ -30,11 +30,12 @@ IGNORE_INDEX = -100  # as npgpt.layers.cross_entropy and PyTorch
 
 
 def cross_entropy_(logits, targets, want_grad: bool = True, dloss: float = 1.0, ignore_index: int = IGNORE_INDEX, *,
-                   n_valid: int | None = None, threads: int = 1, block: int = LOSS_ROWS) -> float:  # fmt: skip
+                   n_valid: int | None = None, threads: int = 1, block: int = LOSS_ROWS, sync: bool = True) -> float:  # fmt: skip
     """Mean cross-entropy of the rows of `logits` (n, V) against `targets` (n,) over the rows whose
     target is not ignore_index; with want_grad the logits are overwritten by dloss * (softmax - onehot)
     / n_valid (zero rows where the target is ignored). n_valid: how many targets count, when the caller
-    knows (it saves a pass over the targets). Returns the mean loss as a Python float.
+    knows (it saves a pass over the targets, and on a GPU a wait for it). Returns the mean loss as a
+    Python float; with sync=False on a GPU as a 0-d device array (no wait for the GPU).
 
     Differentiates  `loss = -mean_r (z[r, t_r] - logsumexp(z[r, :]))`:  d logsumexp / dz = softmax(z)
     (derivation in layers/cross_entropy.py and docs/backprop.md#cross-entropy)."""
@@ -78,4 +79,5 @@ def cross_entropy_(logits, targets, want_grad: bool = True, dloss: float = 1.0, 
         partial[worker] = total
 
     in_threads(n, rows, threads)
-    return float(sum(partial)) / n_valid
+    total = sum(partial)  # on a GPU, a 0-d device array
+    return float(total) / n_valid if sync else total / n_valid

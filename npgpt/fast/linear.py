@@ -11,7 +11,10 @@ Readable twin: npgpt.layers.linear (linear_forward / linear_backward). Differenc
   (C, V) weight) is computed in its buffer's own layout, dweight^T = dout^T @ x, so nothing is copied;
 - 16-bit compute (precision.py): x, weight, out and dx are 16-bit and the products accumulate in
   float32 (common.matmul); the weight and bias gradients are float32, so the 16-bit weight product
-  goes through `scratch` and is then copied or added into the float32 buffer.
+  goes through `scratch` and is then copied or added into the float32 buffer;
+- a gradient that is not wanted is not computed: dweight None (a frozen layer, the readable
+  weight_grad=False) skips the x^T @ dout GEMM, dbias None the bias sum, and dx None (nothing below
+  the layer trains; the readable twin always returns dx) skips the dout @ weight^T GEMM.
 CUDA: plain cuBLAS GEMMs (CuPy's matmul); no kernel of ours.
 """
 
@@ -32,10 +35,24 @@ def linear_backward(dx, dweight, dbias, dout, x, weight, accumulate: bool = Fals
     """dx (n, C_in) = dout @ weight^T;  dweight (C_in, C_out) = x^T @ dout;  dbias (C_out,) = sum_n dout.
 
     Differentiates  `out = x @ weight + bias`  (derivation in layers/linear.py). dweight and dbias are
-    overwritten, or added into with accumulate=True; dbias None: the layer has no bias. dout: (n, C_out).
-    scratch: a 1-D buffer of x's dtype with at least dweight.size elements, used when accumulating or
-    when dweight's dtype differs from x's (16-bit compute); allocated when needed and not given."""
-    matmul(dx, dout, weight.T)  # (n, C_out) @ (C_out, C_in) -> (n, C_in)
+    overwritten, or added into with accumulate=True; dbias None: the layer has no bias (or a frozen
+    one). dweight None: the weight is frozen, its GEMM is skipped. dx None: no input gradient wanted.
+    dout: (n, C_out). scratch: a 1-D buffer of x's dtype with at least dweight.size elements, used when
+    accumulating or when dweight's dtype differs from x's (16-bit compute); allocated when needed."""
+    if dx is not None:
+        matmul(dx, dout, weight.T)  # (n, C_out) @ (C_out, C_in) -> (n, C_in)
+    if dweight is not None:
+        _weight_grad(dweight, dout, x, accumulate, scratch)
+    if dbias is not None:
+        total = dout.sum(axis=0, dtype=dbias.dtype)  # (n, C_out) -> (C_out,)
+        if accumulate:
+            dbias += total
+        else:
+            dbias[...] = total
+
+
+def _weight_grad(dweight, dout, x, accumulate: bool, scratch) -> None:
+    """dweight (C_in, C_out) = x^T @ dout, written or added into (see linear_backward)."""
     a, b, target = x.T, dout, dweight  # (C_in, n) @ (n, C_out) -> (C_in, C_out)
     if not dweight.flags.c_contiguous and dweight.T.flags.c_contiguous:
         a, b, target = dout.T, x, dweight.T  # the buffer's own layout: (C_out, n) @ (n, C_in) -> (C_out, C_in)
@@ -50,9 +67,3 @@ def linear_backward(dx, dweight, dbias, dout, x, weight, accumulate: bool = Fals
             target += product
         else:
             target[...] = product
-    if dbias is not None:
-        total = dout.sum(axis=0, dtype=dbias.dtype)  # (n, C_out) -> (C_out,)
-        if accumulate:
-            dbias += total
-        else:
-            dbias[...] = total

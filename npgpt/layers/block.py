@@ -81,28 +81,30 @@ def block_forward(x, block_params, n_head, *, eps=1e-5, drop_rate=0.0, rng=None,
     return out, BlockCache(c_ln1, c_attn, c_att, c_proj, c_d1, c_ln2, c_mlp, c_d2)
 
 
-def block_backward(dout, cache: BlockCache):
+def block_backward(dout, cache: BlockCache, weight_grads=True):
     """Gradients of x and of every block parameter.
 
     Differentiates  `x1 = x + f(x)`,  `out = x1 + g(x1)`:  a shortcut copies its input, so its
     gradient passes through unchanged and adds to the branch's:  dx1 = dout + g'(x1)^T dout,
     dx = dx1 + f'(x)^T dx1.  Each branch runs its layers' backwards in reverse order.
     dout: (B, T, C). Returns (dx (B, T, C), grads) with grads keyed like block_params.
+    weight_grads=False (a frozen block that gradients only pass through): grads is {}, and the four
+    linear layers' weight-gradient GEMMs are skipped.
     """
     c = cache
     g = {}
     # out = x1 + dropout(mlp(ln_2(x1)))
     dm = dropout_backward(dout, c.drop_mlp)
-    dh, g["mlp.c_fc.weight"], g["mlp.c_fc.bias"], g["mlp.c_proj.weight"], g["mlp.c_proj.bias"] = ffn_backward(dm, c.mlp)
+    dh, g["mlp.c_fc.weight"], g["mlp.c_fc.bias"], g["mlp.c_proj.weight"], g["mlp.c_proj.bias"] = ffn_backward(dm, c.mlp, weight_grads)
     dh, g["ln_2.weight"], g["ln_2.bias"] = layernorm_backward(dh, c.ln_2)
     dx1 = dout + dh  # shortcut + branch
     # x1 = x + dropout(c_proj(attention(c_attn(ln_1(x)))))
     da = dropout_backward(dx1, c.drop_attn)
-    da, g["attn.c_proj.weight"], g["attn.c_proj.bias"] = linear_backward(da, c.c_proj)
+    da, g["attn.c_proj.weight"], g["attn.c_proj.bias"] = linear_backward(da, c.c_proj, weight_grads)
     dqkv = attention_backward(da, c.attn)  # (B, T, C) -> (B, T, 3C)
-    dh, g["attn.c_attn.weight"], dqkv_bias = linear_backward(dqkv, c.c_attn)  # (B, T, 3C) -> (B, T, C)
+    dh, g["attn.c_attn.weight"], dqkv_bias = linear_backward(dqkv, c.c_attn, weight_grads)  # (B, T, 3C) -> (B, T, C)
     if dqkv_bias is not None:
         g["attn.c_attn.bias"] = dqkv_bias
     dh, g["ln_1.weight"], g["ln_1.bias"] = layernorm_backward(dh, c.ln_1)
     dx = dx1 + dh  # shortcut + branch
-    return dx, g
+    return dx, (g if weight_grads else {})

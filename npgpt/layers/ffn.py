@@ -29,14 +29,15 @@ def ffn_forward(x, w_fc, b_fc, w_proj, b_proj):
     return out, FFNCache(c_fc, c_gelu, c_proj)
 
 
-def ffn_backward(dout, cache: FFNCache):
+def ffn_backward(dout, cache: FFNCache, weight_grads=True):
     """The chain rule through the three steps, last first.
 
     Differentiates  `out = gelu(x @ w_fc + b_fc) @ w_proj + b_proj`:  the projection's backward gives
     da (and dw_proj, db_proj), GELU's gives dh = da * gelu'(h), the expansion's gives dx (and dw_fc, db_fc).
     dout: (B, T, C). Returns (dx, dw_fc, db_fc, dw_proj, db_proj) in forward-argument order.
+    weight_grads=False (frozen weights): the four parameter gradients are None, their GEMMs skipped.
     """
-    da, dw_proj, db_proj = linear_backward(dout, cache.proj)  # (B, T, C) -> (B, T, H)
+    da, dw_proj, db_proj = linear_backward(dout, cache.proj, weight_grads)  # (B, T, C) -> (B, T, H)
     dh = gelu_backward(da, cache.gelu)  # (B, T, H)
-    dx, dw_fc, db_fc = linear_backward(dh, cache.fc)  # (B, T, H) -> (B, T, C)
+    dx, dw_fc, db_fc = linear_backward(dh, cache.fc, weight_grads)  # (B, T, H) -> (B, T, C)
     return dx, dw_fc, db_fc, dw_proj, db_proj

@@ -32,19 +32,22 @@ def linear_forward(x, weight, bias=None):
     return out, LinearCache(x, weight, bias is not None)
 
 
-def linear_backward(dout, cache: LinearCache):
+def linear_backward(dout, cache: LinearCache, weight_grad=True):
     """Gradients of x, weight and bias.
 
     Differentiates  `out = x @ weight + bias`.  Row by row out[n, j] = sum_i x[n, i] w[i, j] + b[j], so
     dx[n, i] = sum_j dout[n, j] w[i, j]  (dx = dout @ w.T),  dw[i, j] = sum_n x[n, i] dout[n, j]
     (dw = x.T @ dout),  and db[j] = sum_n dout[n, j].
     dout: (..., C_out). Returns (dx (..., C_in), dweight (C_in, C_out), dbias (C_out,) or None).
+    weight_grad=False (a frozen layer): dx only, dweight and dbias are None and the x.T @ dout GEMM is skipped.
     """
     x, weight, has_bias = cache
     C_in, C_out = weight.shape
     dout2 = dout.reshape(-1, C_out)  # (..., C_out) -> (N, C_out)
     x2 = x.reshape(-1, C_in)  # (..., C_in) -> (N, C_in)
     dx = (dout2 @ weight.T).reshape(x.shape)  # (N, C_out) @ (C_out, C_in) -> (..., C_in)
+    if not weight_grad:
+        return dx, None, None
     dweight = x2.T @ dout2  # (C_in, N) @ (N, C_out) -> (C_in, C_out)
     dbias = dout2.sum(axis=0) if has_bias else None  # (N, C_out) -> (C_out,)
     return dx, dweight, dbias

@@ -163,6 +163,22 @@ class Seq2Seq:
     def num_params(self) -> int:
         return int(sum(v.size for v in self.params.values()))
 
+    def flatten_params_(self):
+        """Lay every parameter out in one contiguous buffer, in key order; `params` become views of it
+        (same keys, shapes and values), so AdamW and gradient clipping can run over one buffer. The fast
+        engine (seq2seq/engine.py) calls this; build the optimizer after it. Returns the buffer."""
+        from ..backend import flat_base, views_into
+
+        existing = flat_base(self.params)
+        if existing is not None:
+            return existing
+        flat = self.xp.empty(self.num_params(), dtype=self.dtype)
+        views = views_into(flat, self.params)
+        for k, v in self.params.items():
+            views[k][...] = v
+        self.params = views
+        return flat
+
     def check_params(self, params: dict) -> None:
         expected = param_shapes(self.config)
         problems = [f"missing {k} {s}" for k, s in expected.items() if k not in params]

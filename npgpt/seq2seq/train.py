@@ -6,8 +6,10 @@
 The data: the bundled English -> Malay CLDR pairs (or --data pairs.tsv), split by a seed into training
 pairs and held-out pairs (or --val-data for a held-out file). The vocabulary: GPT-2 BPE restricted to
 the tokens of the data (vocab.py). One optimizer step: forward with dropout on a batch of pairs of
-similar length, backward, global-norm clipping, AdamW at the warmup + cosine learning rate. A step
-whose loss or gradient norm is not finite is skipped without touching the weights.
+similar length, backward (the fast engine of seq2seq/engine.py by default, or the readable model with
+--engine reference), global-norm clipping, AdamW at the warmup + cosine learning rate, all through
+update.py's Updater as in GPT training. A step whose loss or gradient norm is not finite is skipped
+without touching the weights.
 
 At each evaluation: held-out loss (teacher forcing), greedy exact match on a fixed sample of held-out
 pairs, and one sample translation. At the end: exact match and corpus BLEU (sacreBLEU) on the whole
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import signal
 import time
 from dataclasses import asdict, dataclass, fields
@@ -30,12 +31,15 @@ import numpy as np
 from .. import checkpoint as ckpt
 from ..atomic import atomic_write_bytes, atomic_write_json
 from ..backend import to_numpy
+from ..metrics import read_metrics
 from ..model import make_rng
-from ..optim import AdamW, clip_grad_norm
+from ..optim import AdamW
 from ..schedule import LRSchedule
+from ..update import Updater
 from .checkpoint import load_model, save_training_checkpoint
 from .config import Seq2SeqConfig
 from .data import PairBatches, collate, encode_pairs, read_pairs, resolve_pairs_path, split_pairs
+from .engine import make_engine
 from .evaluate import score, translate_ids
 from .model import Seq2Seq
 from .vocab import Vocab
@@ -84,6 +88,7 @@ class Seq2SeqTrainConfig:
     seed: int = 0
     device: str | None = None
     dtype: str = "float32"
+    engine: str = "fast"  # "fast" (seq2seq/engine.py) or "reference" (Seq2Seq.forward / backward)
     progress: bool = True
 
     def model_config(self, vocab_size: int) -> Seq2SeqConfig:
@@ -137,6 +142,8 @@ class Seq2SeqTrainConfig:
         V.integer("--seed", self.seed, 0)
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"--dtype must be float32 or float64, got {self.dtype!r}")
+        if self.engine not in ("fast", "reference"):
+            raise ValueError(f"--engine must be fast or reference, got {self.engine!r}")
 
 
 @dataclass
@@ -244,7 +251,11 @@ class Seq2SeqTrainer:
         if state is None:  # only reached with --overwrite
             ckpt.remove_checkpoints(ckpt.checkpoint_dirs(out_dir))
         self.schedule = LRSchedule(cfg.lr, cfg.max_steps, cfg.warmup_steps, cfg.min_lr)
+        # the engine's buffers fit the longest training pair; "fast" lays the weights out in one buffer first
+        longest = (max(map(len, self.train_src)), max(map(len, self.train_tgt)) + 1)  # targets gain <bos> / <eos>
+        self.engine = make_engine(cfg.engine, self.model, cfg.batch_size, *longest)
         self.optimizer = AdamW(self.model.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+        self.updater = Updater(self.engine, self.optimizer, grad_clip=cfg.grad_clip)
         self.step, self.skipped = 0, 0
         self.history = {"train": [], "val": [], "exact": []}  # (step, value) at each evaluation
         self.fingerprint = fingerprint
@@ -257,7 +268,7 @@ class Seq2SeqTrainer:
             self.history = state["history"]
         self.metrics_path = out_dir / "metrics.jsonl"
         if state is not None:
-            records = [r for r in _read_jsonl(self.metrics_path) if r.get("step", 0) <= self.step]
+            records = [r for r in read_metrics(self.metrics_path) if r.get("step", 0) <= self.step]
             atomic_write_bytes(self.metrics_path, "".join(json.dumps(r) + "\n" for r in records).encode())
         self.metrics = open(self.metrics_path, "a" if state is not None else "w", encoding="utf-8")
         if state is None:
@@ -296,13 +307,9 @@ class Seq2SeqTrainer:
         lr = self.schedule(self.step)
         src, tgt_in, targets = self.batches.next()
         seed = int(np.random.SeedSequence([cfg.seed, self.step]).generate_state(1)[0])
-        _, loss, cache = model.forward(src, tgt_in, targets, training=True, rng=make_rng(seed, model.xp))
-        grads = model.backward(cache)
-        del cache
-        loss = float(loss)
-        norm = clip_grad_norm(grads, cfg.grad_clip) if cfg.grad_clip else math.sqrt(sum(float((g * g).sum()) for g in grads.values()))
-        if math.isfinite(loss) and math.isfinite(norm):
-            self.optimizer.step(grads, lr=lr)
+        result = self.updater([((src, tgt_in), targets, make_rng(seed, model.xp))], lr=lr)
+        loss, norm = result.loss, result.grad_norm
+        if result.applied:
             self.bad_in_a_row = 0
             self.recent.append(loss)
         else:  # numbered as the "step" record that follows (self.step counts the steps done)
@@ -362,7 +369,8 @@ class Seq2SeqTrainer:
         mc = model.config
         print(f"npgpt seq2seq train: {model.num_params():,} parameters (d_model {mc.d_model}, {mc.n_heads} heads, "
               f"{mc.n_encoder_layers}+{mc.n_decoder_layers} layers, d_ff {mc.d_ff}, {mc.norm}-norm, {mc.activation}, "
-              f"{mc.pos_encoding} positions) on {model.device}, {model.dtype}; vocabulary {len(self.vocab):,}; "
+              f"{mc.pos_encoding} positions) on {model.device}, {model.dtype}, {cfg.engine} engine; "
+              f"vocabulary {len(self.vocab):,}; "
               f"{len(self.train_pairs):,} training / {len(self.held_pairs):,} held-out pairs; {cfg.max_steps} steps "
               f"of {cfg.batch_size} pairs" + (f"; resuming at step {self.step}" if self.step else ""))  # fmt: skip
         first_step, interrupted = self.step, False
@@ -401,7 +409,7 @@ class Seq2SeqTrainer:
             print(f"held-out: exact match {exact:.2%} ({len(self.held_pairs) - len(misses):,}/{len(self.held_pairs):,}), "
                   f"BLEU {bleu:.2f} ({'greedy' if cfg.final_beam == 1 else f'beam {cfg.final_beam}'}, "
                   f"{time.perf_counter() - t0:.1f}s)")  # fmt: skip
-        plot = plot_history(self.history, self.out_dir / "loss.png", _read_jsonl(self.metrics_path)) if self.history["train"] else None
+        plot = plot_history(self.history, self.out_dir / "loss.png", read_metrics(self.metrics_path)) if self.history["train"] else None
         result = Seq2SeqTrainResult(
             steps=self.step, seconds=time.perf_counter() - self.t0, cpu_seconds=cpu_seconds() - self.cpu0,
             train_loss=self.last_train, val_loss=self.last_val, exact_match=exact, bleu=bleu,
@@ -420,19 +428,6 @@ class Seq2SeqTrainer:
 
 def train(cfg: Seq2SeqTrainConfig) -> Seq2SeqTrainResult:
     return Seq2SeqTrainer(cfg).run()
-
-
-def _read_jsonl(path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            pass  # a line cut short by a crash
-    return out
 
 
 def plot_history(history: dict, path, records=()) -> Path:

@@ -1,0 +1,295 @@
+"""Two parts of benchmarks/gpu_check.sh that are easier in Python: the training comparison, and the report.
+
+    python benchmarks/gpu_check_tools.py train WORK_DIR [--device cuda] [--max-steps 20]
+    python benchmarks/gpu_check_tools.py report WORK_DIR OUT_DIR [--quiet]
+
+`train` runs `npgpt train` on the nano preset (dropout off, the bundled story) once on the CPU (NumPy, the
+reference) and then on the GPU in five settings: float32 with TF32 off, the same with
+NPGPT_CUDA_KERNELS=all, TF32, bf16, and bf16 with NPGPT_CUDA_KERNELS=all (which leaves bmm). It prints, per
+setting, the largest relative difference of the step losses from the CPU's and whether it is within the
+setting's bound (those of tests/test_gpu_training.py), and writes them to WORK_DIR/train.json.
+
+`report` reads what gpu_check.sh left in WORK_DIR (parts.tsv: one line per part with its exit code,
+seconds and time limit; PART.log: each part's output; train.json) and in OUT_DIR (bench.jsonl, bench.md
+from gpu_bench.py), writes OUT_DIR/report.md and OUT_DIR/logs.txt (every log, in the order run), and
+prints the one-screen summary: each part's result, which fast paths the run verified (to turn on by
+default), the benchmark table, and the issue's targets. gpu_check.sh runs it quietly after every part
+too, so that a check killed from outside leaves a report of the parts that had ended (and names the
+others as not run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# --- the training comparison ----------------------------------------------------------------------------
+
+# name -> (extra `npgpt train` arguments, environment, bound on max |loss / cpu loss - 1| over 20 steps)
+SETTINGS = {
+    "fp32": (["--no-tf32"], {"NPGPT_CUDA_KERNELS": "none"}, 1e-4),
+    "fp32 kernels=all": (["--no-tf32"], {"NPGPT_CUDA_KERNELS": "all"}, 1e-4),
+    "tf32": (["--tf32"], {"NPGPT_CUDA_KERNELS": "none"}, 5e-3),
+    "bf16": (["--precision", "bf16"], {"NPGPT_CUDA_KERNELS": "none"}, 5e-3),
+    "bf16 kernels=all": (["--precision", "bf16"], {"NPGPT_CUDA_KERNELS": "all"}, 5e-3),
+}
+TRAIN_ARGS = ["--preset", "nano", "--drop-rate", "0", "--batch-size", "4", "--lr", "1e-3", "--no-progress",
+              "--sample-tokens", "2", "--eval-batches", "1", "--overwrite"]  # fmt: skip
+
+
+def step_losses(run_dir: Path) -> list:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r["loss"] for r in records if r.get("kind") == "step"]
+
+
+def train_run(work: Path, name: str, device: str, args: list, env: dict, steps: int) -> dict:
+    out = work / "train" / re.sub(r"\W+", "-", name)
+    cmd = [sys.executable, "-m", "npgpt", "train", *TRAIN_ARGS, "--max-steps", str(steps), "--eval-interval", str(steps),
+           "--device", device, "--out-dir", str(out), *args]  # fmt: skip
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
+    run = {"command": " ".join(cmd[1:]), "env": env, "seconds": round(time.perf_counter() - t0, 1), "exit": proc.returncode}
+    if proc.returncode:
+        run["error"] = (proc.stderr.strip().splitlines() or ["(no message)"])[-1][:300]
+        print(proc.stdout[-2000:], proc.stderr[-3000:], sep="\n", flush=True)
+    else:
+        run["losses"] = step_losses(out)
+    return run
+
+
+def train(args) -> int:
+    work = Path(args.work)
+    steps = args.max_steps
+    print(f"npgpt train --preset nano, {steps} steps: the CPU (NumPy) against {args.device} in {len(SETTINGS)} settings", flush=True)
+    model = args.model_args.split()
+    ref = train_run(work, "cpu", "cpu", ["--no-tf32", *model], {}, steps)
+    results = {"cpu": ref}
+    print(f"  {'cpu (reference)':22s} {'exit ' + str(ref['exit']):8s} {ref['seconds']:6.1f} s", flush=True)
+    worst = 0
+    for name, (extra, env, bound) in SETTINGS.items():
+        run = train_run(work, name, args.device, [*extra, *model], env, steps)
+        run["bound"] = bound
+        if "losses" in run and "losses" in ref and len(run["losses"]) == len(ref["losses"]) == steps:
+            run["max_rel_diff"] = max(abs(a / b - 1) for a, b in zip(run["losses"], ref["losses"]))
+            run["ok"] = run["max_rel_diff"] <= bound
+            verdict = f"max rel diff {run['max_rel_diff']:.1e} (bound {bound:.0e}): " + ("ok" if run["ok"] else "TOO FAR")
+        else:
+            run["ok"] = False
+            verdict = "FAILED: " + run.get("error", f"{len(run.get('losses', []))} step losses")
+        worst = max(worst, 0 if run["ok"] else 1)
+        results[name] = run
+        print(f"  {name:22s} {'exit ' + str(run['exit']):8s} {run['seconds']:6.1f} s  {verdict}", flush=True)
+    (work / "train.json").write_text(json.dumps(results, indent=1))
+    return worst
+
+
+# --- the report ----------------------------------------------------------------------------------------------
+
+PARTS = {  # the log name gpu_check.sh gives each part -> what the report calls it
+    "install": "install npgpt (no network)",
+    "nvidia-smi": "nvidia-smi",
+    "info": "npgpt info",
+    "pytest": "NPGPT_REQUIRE_CUDA=1 pytest -m cuda",
+    "gradcheck": "npgpt gradcheck --device cuda",
+    "train": "20 training steps, CuPy against NumPy",
+    "bench": "benchmark table (gpu_bench.py)",
+}
+# Each fast path (npgpt.cuda.KERNEL_NAMES) and the CUDA tests that exercise it, by test id. A path counts as
+# verified when its own tests ran and passed, a whole-step test or a training run with it on passed too, and
+# nothing that exercised it failed (its tests, those whole-step tests and runs, the benchmark's kernels twin).
+FAST_PATH_TESTS = {
+    "layernorm": r"test_cuda_kernels\.py::test_layernorm",
+    "gelu": r"test_cuda_kernels\.py::test_gelu",
+    "cross_entropy": r"test_cuda_kernels\.py::test_cross_entropy",
+    "adamw": r"test_cuda_kernels\.py::test_adamw",
+    "sq_norm": r"test_cuda_kernels\.py::test_sq_norm",
+    "attention": r"test_cuda_kernels\.py::test_attention\[",
+    "bmm": r"test_cuda_blas\.py::(test_bmm|test_matmul_where_needed|test_constants)",
+}
+ENGINE_TESTS = {  # whole-step and training tests that cover a fast path together with the others
+    "kernels": r"(test_engine\.py::test_cuda_engine_with_its_kernels_matches_numpy\[all\]"
+               r"|test_gpu_training\.py::test_cupy_training_with_the_fast_paths_tracks_numpy\[all\])",
+    "bmm": r"(test_engine\.py::test_cuda_engine_with_its_kernels_matches_numpy\[kernels0\]|test_engine\.py::"
+           r"test_cuda_engine_in_16_bits|test_gpu_training\.py::test_cupy_training_with_the_fast_paths_tracks_numpy\[bmm\])",
+}
+# A `pytest -v` result line. gpu_check.sh runs pytest from its work directory on the checkout's test files,
+# so pytest writes each test's path relative to that directory ("../../repo/tests/test_x.py::t PASSED"):
+# the id is taken from "tests/" on.
+RESULT = re.compile(r"^(?:\S*/)?(tests/test_[^/\s]+\.py::\S+)\s+(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)")
+
+
+def read_parts(work: Path) -> list:
+    parts = []
+    tsv = work / "parts.tsv"
+    for line in tsv.read_text().splitlines() if tsv.exists() else []:
+        name, rc, secs, limit = (line.split("\t") + ["", "", "", ""])[:4]
+        parts.append({"name": name, "rc": int(rc or -1), "seconds": int(secs or 0), "limit": int(limit or 0),
+                      "log": work / f"{name}.log"})  # fmt: skip
+    return parts
+
+
+def pytest_results(log: Path) -> dict:
+    """test id -> outcome, from `pytest -v` lines (they are written as each test ends, so a run that was
+    stopped by its time limit still gives the tests that finished)."""
+    results = {}
+    for line in log.read_text(errors="replace").splitlines() if log.exists() else []:
+        m = RESULT.match(line)
+        if m:
+            results[m.group(1)] = m.group(2)
+    return results
+
+
+def fast_path_verdicts(tests: dict, train: dict, bench: list) -> dict:
+    """Per fast path: the evidence this run gathered and whether it all passed."""
+    verdicts = {}
+    engine = {k: [o for t, o in tests.items() if re.search(p, t)] for k, p in ENGINE_TESTS.items()}
+    for path, pattern in FAST_PATH_TESTS.items():
+        own = [o for t, o in tests.items() if re.search(pattern, t)]
+        whole = engine["bmm" if path == "bmm" else "kernels"]
+        runs = [r for n, r in train.items() if "kernels=all" in n]  # every path is on in those
+        ran = [o for o in own + whole if o in ("PASSED", "FAILED", "ERROR")]
+        bad = [o for o in own + whole if o in ("FAILED", "ERROR")] + [r for r in runs if not r.get("ok")]
+        bench_failed = [u for u in bench if u.get("twins", {}).get("npgpt+kernels", {}).get("error")]
+        evidence = (f"{own.count('PASSED')}/{len(own)} of its tests passed; whole-step test "
+                    f"{'/'.join(whole) or 'not run'}; training with kernels=all "
+                    f"{'ok' if runs and all(r.get('ok') for r in runs) else 'not ok' if runs else 'not run'}")  # fmt: skip
+        if bench_failed:
+            evidence += f"; the npgpt+kernels twin failed in {len(bench_failed)} benchmark unit(s)"
+        whole_ok = "PASSED" in whole or (runs and all(r.get("ok") for r in runs))
+        verdicts[path] = {"verified": bool(ran) and not bad and not bench_failed and own.count("PASSED") > 0 and bool(whole_ok),
+                          "evidence": evidence}  # fmt: skip
+    return verdicts
+
+
+def read_bench(out: Path) -> list:
+    path = out / "bench.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def targets(bench: list) -> list:
+    """The issue's targets on 124M at 16 x 1024: npgpt TF32 >= torch eager TF32 tokens/s; bf16 >= 40% MFU."""
+    lines = []
+    for u in bench:
+        if u.get("kind") != "unit" or u.get("B") != 16 or u.get("T") != 1024 or "twins" not in u:
+            continue
+        tw = u["twins"]
+        best = max((tw[n] for n in ("npgpt", "npgpt+kernels") if "tokens_per_s" in tw.get(n, {})),
+                   key=lambda r: r["tokens_per_s"], default=None)  # fmt: skip
+        if best is None:
+            continue
+        if u["precision"] == "tf32" and "tokens_per_s" in tw.get("torch eager", {}):
+            ratio = best["tokens_per_s"] / tw["torch eager"]["tokens_per_s"]
+            lines.append(f"npgpt TF32 >= PyTorch eager TF32 (16x1024): {ratio:.2f}x -> {'met' if ratio >= 1 else 'not met'}")
+        if u["precision"] == "bf16" and best.get("mfu") is not None:
+            lines.append(f"npgpt bf16 >= 40% MFU (16x1024): {100 * best['mfu']:.1f}% -> {'met' if best['mfu'] >= 0.4 else 'not met'}")
+    return lines
+
+
+def part_result(part: dict, tests: dict, train: dict) -> str:
+    rc, name = part["rc"], part["name"]
+    if rc in (124, 137):
+        head = f"TIMED OUT at {part['limit']} s"
+    elif rc == 0:
+        head = "ok"
+    else:
+        head = f"exit {rc}"
+    log = part["log"].read_text(errors="replace") if part["log"].exists() else ""
+    if name == "pytest":
+        counts = {o: list(tests.values()).count(o) for o in ("PASSED", "FAILED", "ERROR", "SKIPPED")}
+        head += ": " + ", ".join(f"{v} {k.lower()}" for k, v in counts.items() if v)
+        collected = re.findall(r"^(\d+(?:/\d+)? tests? collected.*)$", log, re.M)
+        if not tests and collected:
+            head += collected[-1]  # (head ends with ": " here)
+    elif name == "gradcheck":
+        m = re.findall(r"^(\d+/\d+ passed.*)$", log, re.M)
+        head += f": {m[-1]}" if m else ""
+    elif name == "train" and train:
+        ok = sum(1 for k, r in train.items() if k != "cpu" and r.get("ok"))
+        head += f": {ok}/{len(train) - 1} GPU settings track the CPU"
+    elif name == "nvidia-smi":
+        m = re.search(r"\|\s+\d+\s+(NVIDIA [^|]*?)\s{2,}", log)
+        head += f": {m.group(1).strip()}" if m else ""
+    elif name == "install":
+        head += ": " + (log.strip().splitlines() or [""])[-1][:100]
+    return head
+
+
+def report(args) -> int:
+    work, out = Path(args.work), Path(args.out)
+    parts = read_parts(work)
+    tests = pytest_results(work / "pytest.log")
+    train_path = work / "train.json"
+    train_runs = json.loads(train_path.read_text()) if train_path.exists() else {}
+    bench = read_bench(out)
+    machine = bench[0] if bench and bench[0].get("kind") == "machine" else {}
+    smi = work / "nvidia-smi.log"
+    m = re.search(r"\|\s+\d+\s+(NVIDIA [^|]*?)\s{2,}", smi.read_text(errors="replace")) if smi.exists() else None
+    if "gpu" not in machine and m:  # the benchmark did not get to describe the machine
+        machine = {**machine, "gpu": m.group(1).strip()}
+    verdicts = fast_path_verdicts(tests, train_runs, bench[1:])
+    table = (out / "bench.md").read_text().strip() if (out / "bench.md").exists() else "(no benchmark units ran)"
+    failed = [t for t, o in tests.items() if o in ("FAILED", "ERROR")]
+
+    summary = ["# npgpt GPU check", "",
+               f"GPU: {machine.get('gpu', 'unknown')}, {machine.get('memory_gib', '?')} GiB; CuPy {machine.get('cupy', '?')} "
+               f"(CUDA runtime {machine.get('cuda_runtime', '?')}, driver {machine.get('driver', '?')}); "
+               f"PyTorch {machine.get('torch', '?')}; Python {machine.get('python', '?')}; {time.strftime('%Y-%m-%d %H:%M')}.", "",
+               "| part | result | seconds |", "| --- | --- | ---: |"]  # fmt: skip
+    for p in parts:
+        summary.append(f"| {PARTS.get(p['name'], p['name'])} | {part_result(p, tests, train_runs)} | {p['seconds']} |")
+    done = {p["name"] for p in parts}
+    for name, title in PARTS.items():
+        if name not in done:  # the check was stopped before it (or is still running: an interim report)
+            summary.append(f"| {title} | not run | |")
+    if failed:
+        summary += ["", "Failed tests:"] + [f"- {t}" for t in failed[:30]] + ([f"- ... {len(failed) - 30} more"] if len(failed) > 30 else [])
+    on = sorted(k for k, v in verdicts.items() if v["verified"])
+    summary += ["", "## Fast paths", "",
+                "Verified by this run (to turn on by default: DEFAULT_ON in npgpt/cuda/__init__.py): "
+                + (", ".join(on) if on else "none"), "", "| fast path | verified | evidence |", "| --- | --- | --- |"]  # fmt: skip
+    for k, v in verdicts.items():
+        summary.append(f"| {k} | {'yes' if v['verified'] else 'NO'} | {v['evidence']} |")
+    if train_runs:
+        summary += ["", "## Training, CuPy against NumPy", "", "| setting | max relative loss difference | bound | ok |",
+                    "| --- | ---: | ---: | --- |"]  # fmt: skip
+        for name, r in train_runs.items():
+            if name != "cpu":
+                diff = f"{r['max_rel_diff']:.1e}" if "max_rel_diff" in r else r.get("error", "no losses")[:80]
+                summary.append(f"| {name} | {diff} | {r.get('bound', 0):.0e} | {'yes' if r.get('ok') else 'NO'} |")
+    summary += ["", "## Benchmark (124M)", "", table, ""] + [f"- {t}" for t in targets(bench[1:])]
+    text = "\n".join(summary) + "\n"
+    (out / "report.md").write_text(text)
+    with (out / "logs.txt").open("w") as f:
+        for p in parts:
+            f.write(f"\n===== {p['name']}: exit {p['rc']} in {p['seconds']} s (limit {p['limit']} s) =====\n")
+            f.write(p["log"].read_text(errors="replace") if p["log"].exists() else "(no log)\n")
+    if not args.quiet:
+        print(text)
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="20 training steps on the GPU in five settings against the CPU")
+    t.add_argument("work")
+    t.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    t.add_argument("--max-steps", type=int, default=20)
+    t.add_argument("--model-args", default="", help="more `npgpt train` arguments, e.g. a smaller model for a dry run")
+    r = sub.add_parser("report", help="write OUT/report.md and OUT/logs.txt, print the summary")
+    r.add_argument("work")
+    r.add_argument("out")
+    r.add_argument("--quiet", action="store_true", help="write the files, print nothing (the interim reports)")
+    args = ap.parse_args(argv)
+    return train(args) if args.cmd == "train" else report(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""Instruction tuning: the masked language-model loss on Alpaca-style records, then sample responses.
+
+Per epoch the run reports the training loss (the mean of the epoch's step losses, with dropout) and
+the validation loss (after the epoch, no dropout); both are means over response tokens only when the
+prompt is masked. Epoch 0 is the model before tuning. At the end it scores the test records (or the
+validation ones): the masked loss, and the share whose greedy response equals the expected output
+exactly, and prints a few responses.
+
+The prompt template is stored in the checkpoint's config.json under "npgpt" -> "instruct", where
+`npgpt generate --instruction` finds it (instruction_prompt below).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .. import checkpoint as ckpt
+from ..tokenizer import EOT_ID, decode, encode
+from .config import FinetuneConfig, trainable_names
+from .instructions import ALPACA, InstructionSet, read_instructions, render_prompt
+from .plots import plot_curves
+from .steps import InstructStep, instruct_step
+from .trainer import Run, build_trunk, check_out_dir
+
+
+@dataclass
+class InstructResult:
+    train_examples: int
+    val_examples: int
+    test_examples: int
+    skipped_examples: int  # longer than the context
+    trainable_params: int
+    frozen_params: int
+    history: dict
+    test_loss: float | None
+    exact_match: float | None  # share of scored records whose greedy response equals the output
+    scored_on: str  # "test" or "val"
+    samples: list
+    seconds: float
+    steps: int
+    ms_per_step: float
+    checkpoint: str
+    plots: dict = field(default_factory=dict)
+    out_dir: str = ""
+
+
+def write_instruct_model(directory, model, template: dict, extra: dict) -> None:
+    """The model in the Hugging Face GPT-2 layout, its config.json carrying the prompt template."""
+    ckpt.save_model(directory, model)
+    path = Path(directory) / ckpt.CONFIG_FILE
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["npgpt"]["task"] = "instruct"
+    config["npgpt"]["instruct"] = {**template, **extra}
+    ckpt.atomic_write_json(path, config)
+
+
+def stored_template(checkpoint) -> dict:
+    """The prompt template saved with an instruction-tuned checkpoint (a run, checkpoint or model directory)."""
+    from ..pretrained import _resolve
+
+    _, cfg_path = _resolve(checkpoint)
+    config = json.loads(Path(cfg_path).read_text(encoding="utf-8")) if cfg_path is not None else {}
+    template = (config.get("npgpt") or {}).get("instruct")
+    if not isinstance(template, dict) or "prompt_input" not in template or "prompt_no_input" not in template:
+        raise ValueError(f"{checkpoint} was not instruction-tuned (its config.json stores no prompt template); "
+                         "drop --instruction and use --prompt, or tune it with: npgpt finetune --task instruct")  # fmt: skip
+    return template
+
+
+def instruction_prompt(checkpoint, instruction: str, input_text: str = "") -> str:
+    """The prompt `npgpt generate --instruction` feeds the model: the checkpoint's own template, filled in."""
+    if not instruction.strip():
+        raise ValueError("--instruction is empty; give the task in words")
+    return render_prompt(stored_template(checkpoint), instruction, input_text)
+
+
+def respond(model, template: dict, instruction: str, input_text: str = "", max_new_tokens: int = 40) -> str:
+    """Greedy response to one instruction, up to the end token."""
+    prompt = encode(render_prompt(template, instruction, input_text), allow_endoftext=False)
+    prompt = prompt[-(model.config.context_length - 1):]
+    out = model.generate(np.asarray([prompt]), max_new_tokens, temperature=0.0, eos_id=EOT_ID)[0, len(prompt):]
+    out = out[: list(out).index(EOT_ID)] if EOT_ID in out else out
+    return decode(out)
+
+
+def evaluate(step: InstructStep, data: InstructionSet, batch_size: int) -> float:
+    total = count = 0
+    for batch in data.batches(batch_size):
+        s, n = step.evaluate(batch)
+        total, count = total + s, count + n
+    return total / max(count, 1)
+
+
+def read_sets(cfg: FinetuneConfig):
+    """(train, val, test or None) lists of Records, read and checked; val is a seeded share when not given."""
+    train_path, val_path, test_path = cfg.files()
+    n = cfg.max_examples  # quick trials: the first n records of each file
+    records = read_instructions(train_path)[:n]
+    if val_path is not None:
+        val_records = read_instructions(val_path)[:n]
+    else:  # a seeded share of the records
+        order = np.random.default_rng(cfg.seed).permutation(len(records))
+        n_val = max(1, int(round(cfg.val_share * len(records)))) if len(records) > 1 else 0
+        val_idx = set(order[:n_val].tolist())
+        val_records = [r for i, r in enumerate(records) if i in val_idx]
+        records = [r for i, r in enumerate(records) if i not in val_idx]
+    test_records = read_instructions(test_path)[:n] if test_path is not None else None
+    return (records, train_path), (val_records, val_path or train_path), (test_records, test_path)
+
+
+def run_instruct(cfg: FinetuneConfig) -> InstructResult:
+    cfg = cfg.resolved()
+    check_out_dir(cfg)
+    (records, train_src), (val_records, val_src), (test_records, test_src) = read_sets(cfg)
+    longest = max(len(InstructionSet.build([r], ALPACA, 10**9).ids[0]) - 1 for r in records)
+    model, T = build_trunk(cfg, longest)
+
+    def build(recs, src):
+        return InstructionSet.build(recs, ALPACA, T, cfg.mask_prompt, source=str(src)) if recs else None
+
+    train, val, test = build(records, train_src), build(val_records, val_src), build(test_records, test_src)
+    trainable = trainable_names("instruct", cfg.trainable, model.params, model.config.n_layers,
+                                model.config.tie_weights, 0.0)  # fmt: skip
+    step = instruct_step(cfg.engine, model, trainable, cfg.batch_size, T)
+    extra = {"mask_prompt": cfg.mask_prompt, "max_length": T}
+    steps_per_epoch = -(-len(train) // cfg.batch_size)
+    run = Run(cfg, step, model.params, trainable, steps_per_epoch, lambda d: write_instruct_model(d, model, ALPACA, extra))
+    skipped = train.skipped + (val.skipped if val else 0) + (test.skipped if test else 0)
+    n_train = sum(int(model.params[k].size) for k in trainable)
+    run.say(f"npgpt finetune --task instruct: {len(train)} train / {len(val) if val else 0} val / {len(test) if test else 0} "
+            f"test records ({train.response_tokens():,} trained-on target tokens"
+            f"{', prompt masked' if cfg.mask_prompt else ', prompt included'})"
+            f"{f'; {skipped} longer than {T} tokens left out' if skipped else ''}; {n_train:,} of {model.num_params():,} "
+            f"parameters train ({cfg.trainable}), {run.total_steps} steps on {model.device} ({cfg.engine} engine)")  # fmt: skip
+    history = {"train_loss": [], "val_loss": []}
+    try:
+        for epoch in range(cfg.epochs + 1):
+            record = {"kind": "epoch", "epoch": epoch}
+            if epoch > 0:
+                losses = run.train_epoch(train.batches(cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch), epoch)
+                record["train_loss"] = float(np.mean(losses)) if losses else float("nan")
+                history["train_loss"].append((epoch, record["train_loss"]))
+            if val is not None:
+                record["val_loss"] = evaluate(step, val, cfg.batch_size)
+                history["val_loss"].append((epoch, record["val_loss"]))
+            run.log(record)
+            run.say(f"epoch {epoch:>3}" + (f"  train loss {record['train_loss']:.3f}" if epoch else "  (before tuning)")
+                    + (f"  |  val loss {record['val_loss']:.3f}" if val is not None else ""))  # fmt: skip
+            if epoch > 0:
+                run.save(epoch, history)
+    finally:
+        timing = run.close()
+    return finish(cfg, model, step, train, val, test, history, timing, run.last_ckpt, trainable, skipped, run.step_losses)
+
+
+def finish(cfg, model, step, train, val, test, history, timing, last_ckpt, trainable, skipped, step_losses) -> InstructResult:
+    out = Path(cfg.out_dir)
+    plots = {"loss": str(plot_curves({"train": history["train_loss"], "val": history["val_loss"]}, out / "loss.png",
+                                     "loss on response tokens" if cfg.mask_prompt else "loss", step_points=step_losses,
+                                     names={"train": "train (mean over the epoch)", "val": "validation"}))}  # fmt: skip
+    scored, name = (test, "test") if test is not None else (val, "val")
+    test_loss = exact = None
+    samples = []
+    if scored is not None:
+        test_loss = evaluate(step, scored, cfg.batch_size)
+        hits = 0
+        for i, r in enumerate(scored.records):
+            got = respond(model, ALPACA, r.instruction, r.input, cfg.max_new_tokens)
+            hits += got.strip() == r.output.strip()
+            if i < cfg.samples:
+                samples.append({"instruction": r.instruction, "input": r.input, "expected": r.output, "response": got})
+        exact = hits / len(scored)
+    result = InstructResult(
+        train_examples=len(train), val_examples=len(val) if val else 0, test_examples=len(test) if test else 0,
+        skipped_examples=skipped, trainable_params=sum(int(model.params[n].size) for n in trainable),
+        frozen_params=sum(int(v.size) for n, v in model.params.items() if n not in trainable), history=history,
+        test_loss=test_loss, exact_match=exact, scored_on=name, samples=samples, seconds=timing["seconds"],
+        steps=timing["steps"], ms_per_step=timing["ms_per_step"], checkpoint=str(last_ckpt), plots=plots, out_dir=str(out),
+    )  # fmt: skip
+    ckpt.atomic_write_json(out / "summary.json", asdict(result))
+    print(f"\nDone: {result.steps} steps in {result.seconds:.1f}s ({result.ms_per_step:.0f} ms/step)")
+    if scored is not None:
+        print(f"{name} loss {test_loss:.3f}; greedy response equals the expected output for {exact:.1%} of {len(scored)} records")
+    for s in samples:
+        print(f"--- {s['instruction']} | {s['input']!r}\n    expected {s['expected']!r}\n    response {s['response']!r}")
+    print(f"checkpoint: {last_ckpt}\n  try: npgpt generate --checkpoint {out} --instruction \"...\" --input \"...\"")
+    print("plots:      " + ", ".join(plots.values()))
+    return result
