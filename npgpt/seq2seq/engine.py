@@ -76,7 +76,7 @@ class Seq2SeqReferenceLossAndGrads:
         self.model, self.grads = model, None
 
     def __call__(self, batch, targets, training: bool = False, rng=None, dloss: float = 1.0, accumulate: bool = False,
-                 backward: bool = True) -> float:  # fmt: skip
+                 backward: bool = True, sync: bool = True) -> float:  # fmt: skip
         src, tgt_in = _pair(batch)
         if not accumulate:
             self.grads = None
@@ -294,9 +294,10 @@ class Seq2SeqFastLossAndGrads:
         return self.acts.nbytes() + self.work.nbytes() + int(self.grad_flat.nbytes)
 
     def __call__(self, batch, targets, training: bool = False, rng=None, dloss: float = 1.0, accumulate: bool = False,
-                 backward: bool = True) -> float:  # fmt: skip
+                 backward: bool = True, sync: bool = True) -> float:  # fmt: skip
         """Forward (and backward unless backward=False) on one batch; returns the mean loss over the
-        targets that are not padding."""
+        targets that are not padding, a Python float (sync is update.py's interface: GPT's engines may
+        return a device array with sync=False; this one always reads the loss)."""
         limits = (self.batch_size, self.src_len, self.tgt_len)
         src, tgt_in, targets, rows = check_batch(self.model, batch, targets, limits)
         p = self.cfg.dropout if training else 0.0
