@@ -652,12 +652,16 @@ class Trainer:
         mine = np.arange(world.rank, len(windows), world.size)
         if self.cfg.eval_batches is not None:
             mine = mine[: self.cfg.eval_batches * self.rank_batch]
+        return self._mean_loss(windows, mine)
+
+    def _mean_loss(self, windows, mine) -> float:
+        """Mean loss (dropout off, no update) over this rank's windows `mine`, averaged over all ranks."""
         total = count = 0.0
         for i in range(0, len(mine), self.rank_batch):
             x, y = windows.batch(mine[i : i + self.rank_batch])
             total += self.engine.loss(x, y) * y.size
             count += y.size
-        total, count = world.allreduce_sum([total, count])
+        total, count = self.world.allreduce_sum([total, count])
         return float(total / max(count, 1))
 
     def eval_train_windows(self) -> np.ndarray:
@@ -674,13 +678,7 @@ class Trainer:
             return None
         world, windows = self.world, self.train_windows
         mine = self.eval_train_windows()[world.rank :: world.size]
-        total = count = 0.0
-        for i in range(0, len(mine), self.rank_batch):
-            x, y = windows.batch(mine[i : i + self.rank_batch])
-            total += self.engine.loss(x, y) * y.size
-            count += y.size
-        total, count = world.allreduce_sum([total, count])
-        return float(total / max(count, 1))
+        return self._mean_loss(windows, mine)
 
     def eval_and_sample(self) -> None:
         self.last_train = float(np.mean(self.recent)) if self.recent else self.last_train
