@@ -6,11 +6,14 @@ Each setting runs in a fresh process: import npgpt, touch BLAS's buffers with on
 resident size (VmRSS), build the model, the fast engine and AdamW, run `--steps` training steps (dropout
 as the preset has it) and read the peak resident size (VmHWM). "measured" is the difference: the
 memory of the run itself, which is what the estimate counts. The time is the last step's.
+
+tests/test_memory_rss.py runs the same child (CHILD, measure) on small shapes.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -32,8 +35,8 @@ from npgpt.optim import AdamW
 from npgpt.update import Updater
 gc.collect()
 before = status("VmRSS")
-kw = json.loads(sys.argv[1])
-cfg = GPTConfig.from_preset(kw["preset"])
+kw = json.loads(sys.argv[1])  # {"config": GPTConfig's fields, "B", "T", "recompute", "steps"}
+cfg = GPTConfig(**kw["config"])
 B, T = kw["B"], kw["T"]
 model = GPT(cfg, seed=0, dtype=np.float32)
 engine = make_engine("fast", model, B, T, recompute=kw["recompute"])
@@ -45,6 +48,16 @@ for i in range(kw["steps"]):
     seconds = time.perf_counter() - t
 print(json.dumps({"measured": status("VmHWM") - before, "seconds": seconds, "loss": loss}))
 """
+
+
+def measure(config: dict, B: int, T: int, recompute: str, steps: int = 1, env=None, timeout=None) -> dict:
+    """Run CHILD in a fresh process: {"measured": peak bytes above the interpreter, "seconds", "loss"}."""
+    kw = dict(config=config, B=B, T=T, recompute=recompute, steps=steps)
+    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(kw)], capture_output=True, text=True, env=env,
+                         timeout=timeout)  # fmt: skip
+    if out.returncode:
+        raise RuntimeError(out.stderr.strip() or f"the child exited {out.returncode}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -63,12 +76,11 @@ def main() -> None:
     print("| --recompute | estimate | measured peak RSS (above the interpreter) | estimate / measured | step s | loss |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for mode in args.recompute:
-        kw = dict(preset=args.preset, B=args.batch_size, T=args.context_length, recompute=mode, steps=args.steps)
-        out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(kw)], capture_output=True, text=True)
-        if out.returncode:
-            print(f"| {mode} | failed: {out.stderr.strip().splitlines()[-1:]} |")
+        try:
+            r = measure(dataclasses.asdict(cfg), args.batch_size, args.context_length, mode, args.steps)
+        except RuntimeError as e:
+            print(f"| {mode} | failed: {str(e).splitlines()[-1:]} |")
             continue
-        r = json.loads(out.stdout.strip().splitlines()[-1])
         est = estimate_training(cfg, args.batch_size, args.context_length, recompute=mode).total
         print(f"| {mode} | {fmt_bytes(est)} | {fmt_bytes(r['measured'])} | {est / r['measured']:.3f} | "
               f"{r['seconds']:.1f} | {r['loss']:.6f} |", flush=True)
