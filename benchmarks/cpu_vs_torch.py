@@ -1,10 +1,13 @@
 """Regenerate docs/benchmarks.md's CPU table: npgpt against PyTorch eager on this machine.
 
-    python benchmarks/cpu_vs_torch.py            # runs `npgpt bench --vs-torch` and rewrites the table
-    python benchmarks/cpu_vs_torch.py --steps 7
+    python benchmarks/cpu_vs_torch.py                      # B=2 T=256 and B=4 T=1024, one library per process
+    python benchmarks/cpu_vs_torch.py --shapes 2x256 --steps 7
+    python benchmarks/cpu_vs_torch.py --in-process         # npgpt and PyTorch alternating in one process
 
-Everything is measured in one run of `npgpt bench` (steps alternate between npgpt and PyTorch in one
-process; peak memory comes from a fresh process for each). Needs the parity extra (torch, transformers).
+Each shape is one run of `npgpt bench --vs-torch --engine both --isolate`: the fast engine, the readable
+reference and PyTorch eager (transformers) each run warm-up and timed steps in their own fresh process,
+one after the other (the median of the timed steps is reported; the same processes give peak memory),
+and the peak sgemm rate is measured in the same run. Needs the parity extra (torch, transformers).
 """
 
 from __future__ import annotations
@@ -33,59 +36,86 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="gpt2")
-    ap.add_argument("--batch-size", type=int, default=2)
-    ap.add_argument("--context-length", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--torch-attn", default="sdpa")
-    args = ap.parse_args()
+def shape(text: str) -> tuple[int, int]:
+    try:
+        b, t = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a shape is BxT, e.g. 2x256; got {text!r}") from None
+    if b < 1 or t < 1:
+        raise argparse.ArgumentTypeError(f"a shape's B and T are at least 1; got {text!r}")
+    return b, t
+
+
+def bench(args, B: int, T: int) -> dict | None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bench.json"
+        steps = args.steps if T * B <= 2048 else args.large_steps
         cmd = [sys.executable, "-m", "npgpt", "bench", "--vs-torch", "--engine", "both", "--preset", args.preset,
-               "--batch-size", str(args.batch_size), "--context-length", str(args.context_length), "--steps",
-               str(args.steps), "--warmup", str(args.warmup), "--torch-attn", args.torch_attn, "--json", str(out)]  # fmt: skip
+               "--batch-size", str(B), "--context-length", str(T), "--steps", str(steps), "--warmup", str(args.warmup),
+               "--torch-attn", args.torch_attn, "--json", str(out)] + ([] if args.in_process else ["--isolate"])  # fmt: skip
+        if T * B > 2048:
+            cmd += ["--generate", "0"]  # generation is measured once, at the small shape
+        print(" ".join(cmd[2:]), flush=True)
         proc = subprocess.run(cmd, text=True, capture_output=True)
         print(proc.stdout, end="")
         if proc.returncode:
             print(proc.stderr, file=sys.stderr)
-            return proc.returncode
-        r = json.loads(out.read_text())
+            return None
+        return json.loads(out.read_text())
+
+
+def rows_for(r: dict, torch_attn: str) -> list[str]:
+    steps, peak, mem = r["steps"], r["peak_sgemm_gflops"], r.get("peak_memory_mb", {})
+    tt = steps[next(k for k in steps if k.startswith("torch"))]
+    rows = []
+    for name, key, mb in (("npgpt (fast engine)", "npgpt fast", mem.get("npgpt")), ("npgpt (readable reference)", "npgpt reference", None),
+                          (f"PyTorch eager ({torch_attn})", next(k for k in steps if k.startswith("torch")), mem.get("torch"))):  # fmt: skip
+        s = steps[key]
+        rows.append(f"| B={r['B']}, T={r['T']} | {name} | {s['ms']:,.0f} | {s['tokens_per_s']:.1f} | {s['gflops']:.1f} "
+                    f"| {100 * s['gflops'] / peak:.1f}% | {tt['ms'] / s['ms']:.2f}x | {f'{mb:,.0f}' if mb else '-'} |")  # fmt: skip
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="gpt2")
+    ap.add_argument("--shapes", nargs="+", type=shape, default=[(2, 256), (4, 1024)], metavar="BxT")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per library at the small shapes")
+    ap.add_argument("--large-steps", type=int, default=3, help="timed steps when B*T > 2048")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--torch-attn", default="sdpa")
+    ap.add_argument("--in-process", action="store_true", help="alternate the libraries' steps in one process instead")
+    args = ap.parse_args()
+    runs = []
+    for B, T in args.shapes:
+        r = bench(args, B, T)
+        if r is None:
+            return 1
+        runs.append(r)
     import numpy
     import torch
 
-    steps = r["steps"]
-    torch_name = next(k for k in steps if k.startswith("torch"))
-    fast, ref, tt = steps["npgpt fast"], steps["npgpt reference"], steps[torch_name]
-    mem = r.get("peak_memory_mb", {})
-    gen = r.get("generation", {})
-    peak = r["peak_sgemm_gflops"]
-    rows = [
-        "| | ms/step | tokens/s | GFLOP/s | CPU MFU | vs PyTorch |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for name, s in (("npgpt (fast engine)", fast), ("npgpt (readable reference)", ref), (f"PyTorch eager ({args.torch_attn})", tt)):
-        rows.append(f"| {name} | {s['ms']:.0f} | {s['tokens_per_s']:.1f} | {s['gflops']:.1f} | {100 * s['gflops'] / peak:.1f}% "
-                    f"| {tt['ms'] / s['ms']:.2f}x |")  # fmt: skip
+    first = runs[0]
+    gen = first.get("generation", {})
+    how = ("npgpt and PyTorch alternating in one process" if args.in_process else
+           "each library (and engine) in its own fresh process, one after the other")  # fmt: skip
+    shapes = " and ".join(f"B={r['B']}, T={r['T']} ({r['peak_sgemm_gflops']:.1f})" for r in runs)
     table = "\n".join([
-        f"Machine: {cpu_name()}, {r['threads']} BLAS threads; Python {platform.python_version()}, NumPy {numpy.__version__}, "
+        f"Machine: {cpu_name()}, {first['threads']} BLAS threads; Python {platform.python_version()}, NumPy {numpy.__version__}, "
         f"PyTorch {torch.__version__}. Measured {date.today().isoformat()}.",
         "",
-        f"Command: `python benchmarks/cpu_vs_torch.py` (runs `npgpt bench --vs-torch --engine both --preset {args.preset} "
-        f"--batch-size {args.batch_size} --context-length {args.context_length} --steps {args.steps}`).",
+        f"Command: `python benchmarks/cpu_vs_torch.py{' --in-process' if args.in_process else ''}` (for each shape, "
+        f"`npgpt bench --vs-torch --engine both --preset {args.preset} --batch-size B --context-length T"
+        f"{'' if args.in_process else ' --isolate'}`).",
         "",
-        f"Training step of {args.preset} (forward, backward, AdamW), B={r['B']}, T={r['T']}, float32, dropout off; "
-        f"median of {args.steps} steps after {args.warmup} warm-up, npgpt and PyTorch alternating in one process. "
-        f"Peak sgemm in the same run: {peak:.1f} GFLOP/s.",
+        f"Training step of {args.preset} (forward, backward, AdamW), float32, dropout off; median of {args.steps} timed "
+        f"steps ({args.large_steps} at the large shape) after {args.warmup} warm-up, {how}. MFU is against the peak "
+        f"sgemm rate measured in the same run (GFLOP/s, in brackets): {shapes}. Peak memory: peak resident set "
+        f"size of the process that ran the steps.",
         "",
-        *rows,
-        "",
-        "| peak memory of a training step (fresh process, VmHWM) | MB |",
-        "| --- | ---: |",
-        f"| npgpt | {mem.get('npgpt', float('nan')):,.0f} |",
-        f"| PyTorch | {mem.get('torch', float('nan')):,.0f} |",
+        "| shape | | ms/step | tokens/s | GFLOP/s | CPU MFU | vs PyTorch | peak MB |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        *(row for r in runs for row in rows_for(r, args.torch_attn)),
         "",
         f"Greedy generation with the KV cache, {gen.get('npgpt_tokens_per_s', 0):.1f} tokens/s for npgpt against "
         f"{gen.get('torch_tokens_per_s', 0):.1f} for transformers' generate (ratio "
@@ -99,7 +129,8 @@ def main() -> int:
     _, tail = rest.split(END, 1)
     DOC.parent.mkdir(exist_ok=True)
     DOC.write_text(f"{head}{BEGIN}\n{table}\n{END}{tail}")
-    print(f"wrote {DOC}")
+    (DOC.parent / "cpu_vs_torch.json").write_text(json.dumps(runs, indent=1))
+    print(f"wrote {DOC} and docs/cpu_vs_torch.json")
     return 0
 
 

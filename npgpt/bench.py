@@ -125,8 +125,9 @@ class NpgptStep:
         return loss
 
 
-def time_steps(steps: dict, x, y, n_timed, n_warmup, training, seed, xp=np):
-    """Alternate the given step functions; median seconds of each, and the first losses."""
+def time_steps(steps: dict, x, y, n_timed, n_warmup, training, seed, xp=np, raw: bool = False):
+    """Alternate the given step functions; median seconds of each (raw=True: every timed step's
+    seconds), and the losses of every step."""
     times = {k: [] for k in steps}
     losses = {k: [] for k in steps}
     for i in range(n_warmup + n_timed):
@@ -137,7 +138,7 @@ def time_steps(steps: dict, x, y, n_timed, n_warmup, training, seed, xp=np):
             losses[name].append(loss)
             if i >= n_warmup:
                 times[name].append(dt)
-    return {k: statistics.median(v) for k, v in times.items()}, losses
+    return (times if raw else {k: statistics.median(v) for k, v in times.items()}), losses
 
 
 def set_threads(n: int | None) -> int:

@@ -104,3 +104,32 @@ def test_bench_against_torch(tmp_path, capsys):
     mem = report["peak_memory_mb"]
     assert mem["npgpt"] > 0 and mem["torch"] > 0
     assert "npgpt fast / torch eager (sdpa)" in report["ratios"]
+
+
+def test_bench_isolate_times_each_library_in_its_own_process(tmp_path, capsys):
+    """--isolate: each engine and the torch twin run in a fresh process; the losses are those of the
+    in-process run (same weights, batch and steps), and the peak memory comes from those processes."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    common = ["bench", "--preset", "nano", "--context-length", "16", "--batch-size", "1", "--steps", "2", "--warmup", "1",
+              "--vs-torch", "--engine", "both", "--generate", "0"]  # fmt: skip
+    reports = {}
+    for mode in ("alternating", "isolate"):
+        out = tmp_path / f"{mode}.json"
+        assert main([*common, "--json", str(out)] + (["--isolate"] if mode == "isolate" else [])) == 0
+        reports[mode] = json.loads(out.read_text())
+    assert "each in its own process" in capsys.readouterr().out
+    iso, alt = reports["isolate"], reports["alternating"]
+    assert iso["isolated"] is True and alt["isolated"] is False
+    assert set(iso["steps"]) == set(alt["steps"]) == {"npgpt fast", "npgpt reference", "torch eager (sdpa)"}
+    for name, s in iso["steps"].items():
+        assert len(s["losses"]) == 3 and s["ms"] > 0
+        assert s["losses"] == pytest.approx(alt["steps"][name]["losses"], rel=1e-6), name
+    assert iso["peak_memory_mb"]["npgpt"] > 0 and iso["peak_memory_mb"]["torch"] > 0
+
+
+def test_bench_isolate_refuses_the_gpu_and_torch_compile(capsys):
+    for extra in (["--device", "cuda"], ["--vs-torch", "--torch-compile"]):
+        assert main(["bench", "--preset", "nano", "--context-length", "16", "--isolate", *extra]) == 2
+        err = capsys.readouterr().err
+        assert "--isolate" in err and len(err.strip().splitlines()) == 1, err

@@ -8,7 +8,8 @@
 What is measured and how: npgpt/bench.py. With --vs-torch the npgpt and PyTorch steps alternate in one
 process (same thread count, same device, same precision: --precision bf16/fp16 is torch.autocast there,
 fp32 follows --tf32/--no-tf32) and the ratios are printed; --torch-compile adds a torch.compile twin
-beside eager. On the CPU the peak memory of each is measured in a fresh subprocess (peak resident set
+beside eager. --isolate (CPU) times each instead in its own fresh process, one after the other, so
+neither shares a process, a heap or a warm cache with the other; the same processes give peak memory. On the CPU the peak memory of each is measured in a fresh subprocess (peak resident set
 size), so neither inherits the other's allocations; on a GPU the run prints what CuPy's memory pool held
 and torch's peak allocated. Generation: greedy decoding with the KV cache against transformers' generate.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -63,6 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vs-torch", action="store_true", help="also run the same step in PyTorch eager (transformers' GPT-2)")
     p.add_argument("--torch-attn", choices=["sdpa", "eager"], default="sdpa", help="transformers' attention implementation")
     p.add_argument("--torch-compile", action="store_true", help="with --vs-torch, also time a torch.compile twin beside eager")
+    p.add_argument("--isolate", action="store_true",
+                   help="time each library (and engine) in its own fresh process, one after the other, instead of "
+                        "alternating their steps in one process (CPU only)")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory subprocesses")
     p.add_argument("--generate", type=int, default=50, metavar="N", help="greedy tokens to generate (0: skip)")
     p.add_argument("--prompt-tokens", type=int, default=16)
@@ -73,38 +78,63 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def memory_worker(args) -> int:
-    """Run warmup+steps of one framework in this fresh process and print its peak RSS as JSON."""
-    set_threads(args.threads)
-    cfg = GPTConfig.from_preset(args.preset, drop_rate=0.0)
+    """Run --warmup untimed and --steps timed steps of one framework in this fresh process; print as JSON
+    its peak RSS, the timed steps' seconds and every step's loss."""
+    threads = set_threads(args.threads)
+    cfg = GPTConfig.from_preset(args.preset, drop_rate=args.drop_rate)
     model = GPT(cfg, seed=args.seed, device="cpu", dtype=np.dtype(args.dtype))
     x, y = make_batch(cfg, args.batch_size, args.context_length, args.seed)
     if args.memory_worker == "torch":
         from ..bench_torch import TorchStep
 
-        step = TorchStep(model, args.torch_attn, precision=torch_precision(args.precision, tf32=False))
+        step = TorchStep(model, args.torch_attn, threads=threads, precision=torch_precision(args.precision, tf32=False))
         del model  # the torch twin holds its own copy of the weights
     else:
         engine = "fast" if args.engine == "both" else args.engine
         step = NpgptStep(model, args.batch_size, args.context_length, engine, precision=args.precision,
                          recompute=args.recompute if engine == "fast" else "none")  # fmt: skip
-    for _ in range(2):
-        step(x, y, False, None)
-    print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
+    times, losses = time_steps({"step": step}, x, y, args.steps, args.warmup, args.drop_rate > 0, args.seed, raw=True)
+    print(json.dumps({"peak_rss_mb": peak_rss_mb(), "seconds": times["step"], "losses": losses["step"]}))
     return 0
 
 
-def measure_memory(args, framework: str) -> float | None:
+def run_worker(args, framework: str, engine: str | None = None, steps: int = 1, warmup: int = 1) -> dict | None:
+    """One memory_worker in a fresh process (`engine`: the npgpt engine, default --engine's); its JSON, or
+    None (with a line saying why) when it failed."""
     cmd = [sys.executable, "-m", "npgpt", "bench", "--memory-worker", framework, "--preset", args.preset,
            "--batch-size", str(args.batch_size), "--context-length", str(args.context_length), "--dtype", args.dtype,
-           "--engine", args.engine, "--torch-attn", args.torch_attn, "--seed", str(args.seed),
-           "--precision", args.precision, "--recompute", args.recompute]  # fmt: skip
+           "--engine", engine or args.engine, "--torch-attn", args.torch_attn, "--seed", str(args.seed),
+           "--precision", args.precision, "--recompute", args.recompute, "--steps", str(steps), "--warmup", str(warmup),
+           "--drop-rate", str(args.drop_rate)]  # fmt: skip
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "NPGPT_DEVICE": "cpu"})
     if out.returncode != 0:
-        print(f"  (memory measurement of {framework} failed: {out.stderr.strip().splitlines()[-1:]})")
+        print(f"  (the {framework} process failed: {out.stderr.strip().splitlines()[-1:]})")
         return None
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure_memory(args, framework: str) -> float | None:
+    """Peak RSS (MB) of two training steps of `framework` in a fresh process."""
+    result = run_worker(args, framework)
+    return None if result is None else result["peak_rss_mb"]
+
+
+def time_isolated(args) -> tuple[dict, dict, dict]:
+    """--isolate: each engine and the torch twin timed in its own fresh process, one after the other.
+    (median seconds, losses, peak RSS MB) by the names the in-process table uses."""
+    runs = [(f"npgpt {e}", "npgpt", e) for e in (["fast", "reference"] if args.engine == "both" else [args.engine])]
+    if args.vs_torch:
+        runs.append((f"torch eager ({args.torch_attn})", "torch", None))
+    times, losses, peaks = {}, {}, {}
+    for name, framework, engine in runs:
+        result = run_worker(args, framework, engine, steps=args.steps, warmup=args.warmup)
+        if result is None:
+            raise RuntimeError(f"the isolated run of {name} failed (its error is printed above)")
+        times[name], losses[name] = statistics.median(result["seconds"]), result["losses"]
+        peaks.setdefault(framework, result["peak_rss_mb"])  # npgpt's: the first engine's, as without --isolate
+    return times, losses, peaks
 
 
 def run(args) -> int:
@@ -128,21 +158,28 @@ def run(args) -> int:
     tf32 = args.tf32 and model.device == "cuda"  # TF32 exists only on the GPU
     if model.device == "cuda":  # CUDA state only for a CUDA model
         set_tf32(args.tf32)
-    steps, torch_step = _build_steps(args, cfg, model, threads, tf32)
-    times, losses = time_steps(steps, x, y, args.steps, args.warmup, args.drop_rate > 0, args.seed, model.xp)
+    peaks = None
+    if args.isolate:  # the model above stays for generation; the timed steps run in their own processes
+        times, losses, peaks = time_isolated(args)
+        torch_step = _torch_twin(args, model, threads, tf32, compiled=False) if args.vs_torch else None
+    else:
+        steps, torch_step = _build_steps(args, cfg, model, threads, tf32)
+        times, losses = time_steps(steps, x, y, args.steps, args.warmup, args.drop_rate > 0, args.seed, model.xp)
     precision = args.precision + (" with TF32" if args.precision == "fp32" and tf32 else "")
+    how = "each in its own process" if args.isolate else "alternating in one process"
     print(f"npgpt bench: preset {args.preset} ({model.num_params():,} parameters), B={B} T={T}, {args.dtype}, "
           f"precision {precision}, {model.device}, {threads} BLAS thread(s); "
-          f"median of {args.steps} steps after {args.warmup} warm-up")  # fmt: skip
+          f"median of {args.steps} steps after {args.warmup} warm-up" + (f", {how}" if len(times) > 1 else ""))  # fmt: skip
     report = {"preset": args.preset, "B": B, "T": T, "dtype": args.dtype, "precision": args.precision, "tf32": tf32,
-              "device": model.device, "threads": threads, "flops_per_step": flops_per_token(cfg, T) * B * T, "steps": {}}  # fmt: skip
+              "device": model.device, "threads": threads, "flops_per_step": flops_per_token(cfg, T) * B * T,
+              "isolated": bool(args.isolate), "steps": {}}  # fmt: skip
     if torch_step is not None:
         report["torch_precision"] = torch_step.precision
     _report_steps(args, report, times, losses, model.device, tf32)
     if model.device == "cuda":
         _report_gpu_memory(args, report, torch_step)
     if args.memory and model.device == "cpu":
-        _report_peak_memory(args, report)
+        _report_peak_memory(args, report, peaks)
     if args.generate:
         _report_generation(args, report, model, torch_step)
     if args.json:
@@ -177,6 +214,10 @@ def _check_args(args) -> None:
         raise ValueError("--torch-compile times a torch.compile twin beside --vs-torch's eager one; add --vs-torch")
     if args.torch_compile and args.warmup < 1:
         raise ValueError("--torch-compile compiles during the first step; use --warmup 1 or more so that is not timed")
+    if args.isolate and args.device != "cpu":
+        raise ValueError("--isolate times CPU runs in fresh processes; drop it, or use --device cpu")
+    if args.isolate and args.torch_compile:
+        raise ValueError("--isolate times torch eager only; drop --torch-compile (it runs beside eager in one process)")
     if args.vs_torch and args.dtype != "float32":
         raise ValueError("--vs-torch compares float32 models (torch's twin keeps float32 weights; mixed precision "
                          "is --precision bf16/fp16); drop --dtype")  # fmt: skip
@@ -208,17 +249,21 @@ def _build_steps(args, cfg, model, threads: int, tf32: bool) -> tuple[dict, obje
              for i, e in enumerate(engines)}  # fmt: skip
     if not args.vs_torch:
         return steps, None
-    try:
-        from ..bench_torch import TorchStep
-    except ImportError:
-        raise ValueError("--vs-torch needs PyTorch and transformers: pip install 'npgpt[parity]'") from None
     twins = {f"torch eager ({args.torch_attn})": False}
     if args.torch_compile:
         twins[f"torch.compile ({args.torch_attn})"] = True
     for name, compiled in twins.items():
-        steps[name] = TorchStep(model, args.torch_attn, threads=threads, device=model.device,
-                                precision=torch_precision(args.precision, tf32), compile=compiled)  # fmt: skip
+        steps[name] = _torch_twin(args, model, threads, tf32, compiled)
     return steps, steps[f"torch eager ({args.torch_attn})"]
+
+
+def _torch_twin(args, model, threads: int, tf32: bool, compiled: bool):
+    try:
+        from ..bench_torch import TorchStep
+    except ImportError:
+        raise ValueError("--vs-torch needs PyTorch and transformers: pip install 'npgpt[parity]'") from None
+    return TorchStep(model, args.torch_attn, threads=threads, device=model.device,
+                     precision=torch_precision(args.precision, tf32), compile=compiled)  # fmt: skip
 
 
 def _report_steps(args, report: dict, times: dict, losses: dict, device: str, tf32: bool) -> None:
@@ -262,10 +307,14 @@ def _report_gpu_memory(args, report: dict, torch_step) -> None:
     print(line)
 
 
-def _report_peak_memory(args, report: dict) -> None:
-    mem = {"npgpt": measure_memory(args, "npgpt")}
-    if args.vs_torch:
-        mem["torch"] = measure_memory(args, "torch")
+def _report_peak_memory(args, report: dict, peaks: dict | None = None) -> None:
+    """peaks: what the isolated runs measured (--isolate), else two steps of each in a fresh process."""
+    if peaks is not None:
+        mem = dict(peaks)
+    else:
+        mem = {"npgpt": measure_memory(args, "npgpt")}
+        if args.vs_torch:
+            mem["torch"] = measure_memory(args, "torch")
     line = ", ".join(f"{k} {v:,.0f} MB" for k, v in mem.items() if v)
     from ..memory import estimate_training
 
@@ -281,8 +330,12 @@ def _report_peak_memory(args, report: dict) -> None:
 
 
 def _report_generation(args, report: dict, model, torch_step) -> None:
-    gen = bench_generation(model, args.generate, args.prompt_tokens, args.seed, torch_step)
-    line = f"  greedy generation, KV cache, {args.generate} tokens after {args.prompt_tokens}: npgpt {gen['npgpt_tokens_per_s']:.1f} tokens/s"
+    n_new = min(args.generate, model.config.context_length - args.prompt_tokens)  # the KV cache holds the context
+    if n_new < 1:
+        print(f"  (no generation: --prompt-tokens {args.prompt_tokens} fills the context of {model.config.context_length})")
+        return
+    gen = bench_generation(model, n_new, args.prompt_tokens, args.seed, torch_step)
+    line = f"  greedy generation, KV cache, {n_new} tokens after {args.prompt_tokens}: npgpt {gen['npgpt_tokens_per_s']:.1f} tokens/s"
     if "torch_tokens_per_s" in gen:
         line += (f", transformers generate {gen['torch_tokens_per_s']:.1f} tokens/s "
                  f"(ratio {gen['npgpt_tokens_per_s'] / gen['torch_tokens_per_s']:.2f}; same tokens: {gen['same_tokens']})")  # fmt: skip
