@@ -140,7 +140,7 @@ class Activations:
     ln2: list  # L x (N, C)
     ln2_mean: list  # L x (N,)
     ln2_rstd: list  # L x (N,)
-    fc: list  # L x (N, 4C): the MLP's pre-activation (bias included)
+    fc: list  # L x (N, 4C): the MLP's pre-activation (bias included), or its gelu' (FastLossAndGrads.gelu_keeps_grad)
     act: list  # L x (N, 4C): GELU's output
     lnf: object  # (N, C)
     lnf_mean: object  # (N,)
@@ -337,6 +337,10 @@ class FastLossAndGrads:
         self.rows_attention = self.work.att_rows is not None  # attention recomputed in the backward
         loss_rows = fast.LOSS_ROWS if xp is np else fast.GPU_LOSS_ROWS
         self.ops = choose_ops(self.kernels, xp, self.threads, self.work.gelu, loss_rows)
+        # GELU's derivative computed in the forward and kept in place of its input (fast/gelu.py's second
+        # pair): not with the CUDA kernel or 16-bit activations, nor when the backward rebuilds GELU's
+        # output from that input (recompute="mlp")
+        self.gelu_keeps_grad = "gelu" not in self.kernels and not self.lowp and self.recompute != "mlp"
         # The gradients: one flat buffer (float32 also with 16-bit compute), a view per trainable parameter.
         need, self.lowest = model.backward_plan(trainable)  # lowest: -1 the embeddings, ..., L + 1 nothing
         shapes = {k: p for k, p in model.params.items() if k in need}
@@ -356,6 +360,7 @@ class FastLossAndGrads:
         self._added_into = [k for k in self._added_into if k in self.grads]
         self._pending = None  # what the last forward leaves for its backward
         self._shape = None  # (b, t) of the last forward
+        self._want_grad = False  # whether the last forward prepared a backward
         self.masks = None  # the dropout keep-masks of the last training forward
         self.used_flash = [False] * cfg.n_layers  # which layers took the flash kernel in the last forward
 
@@ -473,7 +478,7 @@ class FastLossAndGrads:
     def _forward(self, idx, targets, n_valid, b, t, p, rng, want_grad, dloss, lm_head=True):
         a, cfg, weights = self.acts, self.model.config, self.weights
         n, masks = b * t, {}
-        self._shape = (b, t)
+        self._shape, self._want_grad = (b, t), want_grad
         x = a.resid[0][:n]
         fast.embedding_forward(x, idx.reshape(-1), weights["wte.weight"])  # (n, C) token embeddings
         fast.add_position_embedding_(x.reshape(b, t, cfg.emb_dim), weights["wpe.weight"])  # + positions
@@ -511,7 +516,10 @@ class FastLossAndGrads:
         h2, fc, act = a.ln2[l][:n], a.fc[l][:n], a.act[l][:n]
         self._layernorm(pre + "ln_2", h2, a.ln2_mean[l][:n], a.ln2_rstd[l][:n], x1)
         fast.linear_forward(fc, h2, weights[pre + "mlp.c_fc.weight"])  # (n, 4C); the bias is added by GELU
-        self.ops.gelu_forward(act, fc, weights[pre + "mlp.c_fc.bias"])
+        if self.gelu_keeps_grad and self._want_grad:  # fc becomes gelu'(fc + bias), what the backward multiplies by
+            fast.gelu_forward_keep_grad(act, fc, weights[pre + "mlp.c_fc.bias"], scratch=self.work.gelu, threads=self.threads)
+        else:
+            self.ops.gelu_forward(act, fc, weights[pre + "mlp.c_fc.bias"])
         if replay:
             return None
         fast.linear_forward(branch, act, weights[pre + "mlp.c_proj.weight"], weights[pre + "mlp.c_proj.bias"])  # (n, C)
@@ -618,7 +626,10 @@ class FastLossAndGrads:
             fast.dropout_backward(dm, dx, self.masks[f"res2_{l}"], p)
         dact, dh2, dln = w.n4c[:n], w.nc2[:n], w.nc[:n]
         self._linear_backward(dact, dm, a.act[l][:n], self._layer(pre + "mlp.c_proj"), accumulate)
-        self.ops.gelu_backward_(dact, a.fc[l][:n])  # dact becomes dfc, in place
+        if self.gelu_keeps_grad:
+            fast.gelu_backward_saved_(dact, a.fc[l][:n], threads=self.threads)  # dfc = dact * gelu'
+        else:
+            self.ops.gelu_backward_(dact, a.fc[l][:n])  # dact becomes dfc, in place
         self._linear_backward(dh2, dact, a.ln2[l][:n], self._layer(pre + "mlp.c_fc"), accumulate)
         self._layernorm_backward(pre + "ln_2", dln, dh2, a.resid_mid[l][:n], a.ln2_mean[l][:n], a.ln2_rstd[l][:n], scratch)
         dx += dln  # dx1 = dout + branch

@@ -125,6 +125,35 @@ def test_gelu(dtype, tol, threads, with_bias, rng):
     close(d, L.gelu_backward(dout, cache), tol, "dx")
 
 
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("threads", THREADS)
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+def test_gelu_keeping_its_derivative(dtype, tol, threads, with_bias, rng):
+    """gelu_forward_keep_grad leaves gelu'(x) where x was; gelu_backward_saved_ multiplies by it. Inputs
+    reach far into both tails (exp(-2u) overflows to inf below about x = -10: g is then exactly 0)."""
+    H = 4 * C
+    h, bias = randn(rng, N, H, dtype=dtype, scale=3.0), randn(rng, H, dtype=dtype)
+    h[0, :6] = [-60.0, -20.0, -9.5, 0.0, 9.5, 60.0]
+    pre = h + bias if with_bias else h.copy()
+    ref, cache = L.gelu_forward(pre)
+    x, out = h.copy(), np.empty_like(h)
+    with np.errstate(all="raise"):  # no warning escapes the op
+        fast.gelu_forward_keep_grad(out, x, bias if with_bias else None, threads=threads)
+    close(out, ref, tol, "gelu")
+    dout = randn(rng, N, H, dtype=dtype)
+    close(x, L.gelu_backward(np.ones_like(dout), cache), tol, "gelu' kept in x")
+    d = dout.copy()
+    fast.gelu_backward_saved_(d, x, threads=threads)
+    close(d, L.gelu_backward(dout, cache), tol, "dx")
+
+
+def test_gelu_keeping_its_derivative_refuses_16_bit():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    x = np.zeros((4, 8), dtype=ml_dtypes.bfloat16)
+    with pytest.raises(ValueError, match="16-bit"):
+        fast.gelu_forward_keep_grad(np.empty_like(x), x)
+
+
 @pytest.mark.parametrize("p", [0.0, 0.2], ids=["no-dropout", "dropout"])
 @pytest.mark.parametrize("dtype, tol", DTYPES)
 def test_attention(dtype, tol, p, rng):

@@ -17,6 +17,7 @@ which have the same positional arguments.
 | linear                         | linear_forward, linear_backward                                | - (cuBLAS)             |
 | layernorm                      | layernorm_forward, layernorm_backward                          | layernorm.cu           |
 | gelu                           | gelu_forward (bias add fused), gelu_backward_                  | gelu.cu                |
+|                                | gelu_forward_keep_grad / gelu_backward_saved_ (keeps gelu')    | -                      |
 | attention                      | attention_forward, attention_backward (+ the head-level pair)  | attention.cu (no dropout) |
 |                                | attention_rows_forward / _backward_ (recompute: no T x T kept) | -                      |
 | cross_entropy                  | cross_entropy_ (forward and backward in place)                 | cross_entropy.cu       |
@@ -50,7 +51,15 @@ from .cross_entropy import GPU_LOSS_ROWS, IGNORE_INDEX, LOSS_ROWS, cross_entropy
 from .dropout import dropout_backward, dropout_forward
 from .embedding import add_position_embedding_, embedding_backward, embedding_forward, position_embedding_backward
 from .feedforward import FeedForwardSaved, feedforward_backward, feedforward_forward
-from .gelu import GPU_ROW_BLOCK, ROW_BLOCK, gelu_backward_, gelu_forward, gelu_scratch
+from .gelu import (
+    GPU_ROW_BLOCK,
+    ROW_BLOCK,
+    gelu_backward_,
+    gelu_backward_saved_,
+    gelu_forward,
+    gelu_forward_keep_grad,
+    gelu_scratch,
+)
 from .last_token import last_token_backward, last_token_forward, last_token_index
 from .layernorm import layernorm_backward, layernorm_forward
 from .linear import linear_backward, linear_forward
@@ -67,7 +76,7 @@ __all__ = [
     "cross_entropy_", "IGNORE_INDEX", "LOSS_ROWS", "GPU_LOSS_ROWS",
     "dropout_forward", "dropout_backward",
     "embedding_forward", "embedding_backward", "add_position_embedding_", "position_embedding_backward",
-    "gelu_forward", "gelu_backward_", "gelu_scratch", "ROW_BLOCK", "GPU_ROW_BLOCK",
+    "gelu_forward", "gelu_backward_", "gelu_forward_keep_grad", "gelu_backward_saved_", "gelu_scratch", "ROW_BLOCK", "GPU_ROW_BLOCK",
     "last_token_index", "last_token_forward", "last_token_backward",
     "layernorm_forward", "layernorm_backward",
     "linear_forward", "linear_backward",
