@@ -98,10 +98,7 @@ def attention_heads_forward(out, att, q, k, v, bias, keep=None, drop_scale=1.0, 
     keep: the dropout mask (None: no dropout), drop_scale 1/(1 - p), dropped: scratch like att."""
     xp = get_array_module(q)
     matmul(att, q, xp.swapaxes(k, -1, -2))  # scores
-    att += bias  # the future gets -inf
-    att -= att.max(axis=-1, keepdims=True)
-    xp.exp(att, out=att)
-    att /= att.sum(axis=-1, keepdims=True, dtype=np.float32 if is_low_precision(att.dtype) else None)
+    _softmax_(att, bias)
     used = att
     if keep is not None:
         xp.multiply(att, keep, out=dropped)
@@ -127,12 +124,26 @@ def attention_heads_backward_(dq, dk, dv, datt, q, k, v, att, keep=None, drop_sc
         matmul(dv, xp.swapaxes(att, -1, -2), dy)  # dv = att^T @ dy
         matmul(datt, dy, xp.swapaxes(v, -1, -2))  # datt = dy @ v^T
     # softmax backward, in place: dscores = att * (datt - sum(datt * att))
-    datt -= rowdot(datt, att)[..., None]
-    datt *= att
+    _softmax_backward_(datt, att)
     # scores = q' @ k^T with q' = q * inv_sqrt:  dk = dscores^T @ q',  dq = dscores @ k * inv_sqrt
     matmul(dk, xp.swapaxes(datt, -1, -2), q)
     matmul(dq, datt, k)  # overwrites dy, which is no longer needed
     dq *= inv_sqrt
+
+
+def _softmax_(s, bias) -> None:
+    """s (..., r, c) = softmax(s + bias) over its rows, in place; bias 0 where a key is seen, -inf where not."""
+    xp = get_array_module(s)
+    s += bias  # the future gets -inf
+    s -= s.max(axis=-1, keepdims=True)
+    xp.exp(s, out=s)
+    s /= s.sum(axis=-1, keepdims=True, dtype=np.float32 if is_low_precision(s.dtype) else None)
+
+
+def _softmax_backward_(d, prob) -> None:
+    """d (..., r, c) = prob * (d - rowsum(d * prob)), in place: the softmax's backward (d holds dprob on entry)."""
+    d -= rowdot(d, prob)[..., None]
+    d *= prob
 
 
 # --- recompute: the probabilities are never kept, row block by row block ------------------------------
@@ -151,10 +162,7 @@ def _probabilities(s, q, k, bias, i0, i1, matmul):
     0..i1 only (the causal mask hides the rest), so the block is (i1-i0) x i1."""
     xp = get_array_module(q)
     matmul(s, q[..., i0:i1, :], xp.swapaxes(k[..., :i1, :], -1, -2))  # (.., r, hs) @ (.., hs, i1) -> (.., r, i1)
-    s += bias[i0:i1, :i1]
-    s -= s.max(axis=-1, keepdims=True)
-    xp.exp(s, out=s)
-    s /= s.sum(axis=-1, keepdims=True, dtype=np.float32 if is_low_precision(s.dtype) else None)
+    _softmax_(s, bias[i0:i1, :i1])
 
 
 def attention_rows_forward(out, q, k, v, bias, keep=None, drop_scale=1.0, *, scratch, matmul=matmul) -> None:
@@ -201,8 +209,7 @@ def attention_rows_backward_(dq, dk, dv, q, k, v, bias, keep=None, drop_scale=1.
         if keep is not None:
             dp *= keep[..., i0:i1, :i1]
             dp *= drop_scale
-        dp -= rowdot(dp, p)[..., None]
-        dp *= p  # dS
+        _softmax_backward_(dp, p)  # dS
         matmul(part, xp.swapaxes(dp, -1, -2), q[..., i0:i1, :])  # (.., i1, r) @ (.., r, hs)
         dk[..., :i1, :] += part
         matmul(dy, dp, k[..., :i1, :])  # dq of these rows; overwrites their dy, no longer needed
