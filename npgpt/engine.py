@@ -335,6 +335,9 @@ class FastLossAndGrads:
         self.acts = plan_activations(xp, cfg, B, T, self.dtype, self.stat_dtype, flash, recompute, lm_head)
         self.work = plan_workspace(xp, cfg, B, T, self.dtype, self.stat_dtype, self.threads, flash, recompute)
         self.rows_attention = self.work.att_rows is not None  # attention recomputed in the backward
+        # attention's products in causal blocks of query rows on the CPU (fast.attention_causal_forward);
+        # a GPU takes the whole stack in one batched product
+        self.causal_rows = fast.CAUSAL_ROWS if xp is np else None
         loss_rows = fast.LOSS_ROWS if xp is np else fast.GPU_LOSS_ROWS
         self.ops = choose_ops(self.kernels, xp, self.threads, self.work.gelu, loss_rows)
         # GELU's derivative computed in the forward and kept in place of its input (fast/gelu.py's second
@@ -569,7 +572,7 @@ class FastLossAndGrads:
                 w.att = self.xp.empty_like(a.att[l])
         att, dropped, head_out = a.att[l][:b, :, :t, :t], w.att[:b, :, :t, :t], w.heads[0, :b, :, :t]
         return fast.attention_forward(y, heads, att, qkv, w.causal_bias[:t, :t], p, rng, dropped=dropped, head_out=head_out,
-                                      matmul=self.ops.heads_matmul)  # fmt: skip
+                                      matmul=self.ops.heads_matmul, rows=self.causal_rows)  # fmt: skip
 
     # --- backward: the same lines in reverse order ------------------------------------------------
     def _backward(self, idx, b, t, p, accumulate, head=True, dhidden=None):
@@ -664,7 +667,8 @@ class FastLossAndGrads:
             return
         keep = self.masks[f"att{l}"] if p > 0 else None
         att, datt = a.att[l][:b, :, :t, :t], w.att[:b, :, :t, :t]
-        fast.attention_backward(dqkv, dy, heads, att, keep, p, dheads=dheads, datt=datt, matmul=self.ops.heads_matmul)
+        fast.attention_backward(dqkv, dy, heads, att, keep, p, dheads=dheads, datt=datt, matmul=self.ops.heads_matmul,
+                                rows=self.causal_rows)  # fmt: skip
 
     def _attention_mask(self, l, b, t, p, masks):  # noqa: E741
         """Layer l's attention dropout mask drawn again from the copy of the generator the forward kept."""

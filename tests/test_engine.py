@@ -127,13 +127,15 @@ def test_fast_step_ignores_targets_as_the_reference_does(dtype, tol):
 
 def test_fast_step_equals_reference_in_the_row_blocks_with_two_threads(monkeypatch):
     """Big enough that every CPU op splits its rows over two threads and loops over row blocks (N = 74
-    rows, ROW_BLOCK = 32), head size 64, dropout on: the whole model against the reference."""
+    rows, ROW_BLOCK = 32; attention in causal blocks of 16 query rows, 37 = 16 + 16 + 5), head size 64,
+    dropout on: the whole model against the reference."""
     monkeypatch.setenv("NPGPT_THREADS", "2")
+    monkeypatch.setattr(npgpt.fast, "CAUSAL_ROWS", 16)
     cfg = tiny_config(vocab_size=61, context_length=40, emb_dim=128, n_heads=2, n_layers=1, drop_rate=0.1)
     model = npgpt.GPT(cfg, dtype=np.float64, device="cpu")
     model.params = random_params(cfg, np.random.default_rng(0))
     engine = FastLossAndGrads(model, 2, 40)
-    assert engine.threads == 2
+    assert engine.threads == 2 and engine.causal_rows == 16
     rng = np.random.default_rng(1)
     x, y = rng.integers(0, 61, (2, 37)), rng.integers(0, 61, (2, 37))
     _, loss, cache = model.forward(x, y, training=True, rng=HostRandom(5))

@@ -174,6 +174,29 @@ def test_attention(dtype, tol, p, rng):
     close(dqkv, L.attention_backward(dy, cache).reshape(N, 3 * C), tol, "dqkv")
 
 
+@pytest.mark.parametrize("rows", [16, 32, 64], ids=lambda r: f"rows{r}")
+@pytest.mark.parametrize("p", [0.0, 0.2], ids=["no-dropout", "dropout"])
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+def test_attention_in_causal_blocks(dtype, tol, p, rows, rng):
+    """rows=: causal blocks of query rows (T = 75 is a multiple of none). What the blocks never write is
+    NaN here: were any of it read (forward or backward), the results would be NaN."""
+    qkv = randn(rng, B, T, 3 * C, dtype=dtype)
+    ref, cache = L.attention_forward(qkv, NH, attn_pdrop=p, rng=np.random.default_rng(7), training=p > 0)
+    hs = C // NH
+    heads, att = np.empty((3, B, NH, T, hs), dtype), np.full((B, NH, T, T), np.nan, dtype)
+    y = np.empty((N, C), dtype)
+    bias = np.triu(np.full((T, T), -np.inf, dtype=dtype), k=1)
+    keep = fast.attention_forward(y, heads, att, qkv.reshape(N, 3 * C), bias, p, np.random.default_rng(7),
+                                  dropped=np.full_like(att, np.nan), rows=rows)  # fmt: skip
+    close(y, ref.reshape(N, C), tol, "y")
+    seen = np.arange(T)[None, :] < (np.arange(T) // rows * rows + rows)[:, None]  # (T, T): what a row's block wrote
+    close(att[..., seen], cache.att[..., seen], tol, "probabilities")
+    dy = randn(rng, B, T, C, dtype=dtype)
+    dqkv = np.empty((N, 3 * C), dtype)
+    fast.attention_backward(dqkv, dy.reshape(N, C), heads, att, keep, p, datt=np.full_like(att, np.nan), rows=rows)
+    close(dqkv, L.attention_backward(dy, cache).reshape(N, 3 * C), tol, "dqkv")
+
+
 @pytest.mark.parametrize("ignore", [False, True], ids=["all-count", "ignore_index"])
 @pytest.mark.parametrize("threads", THREADS)
 @pytest.mark.parametrize("dtype, tol", DTYPES)

@@ -19,6 +19,7 @@ which have the same positional arguments.
 | gelu                           | gelu_forward (bias add fused), gelu_backward_                  | gelu.cu                |
 |                                | gelu_forward_keep_grad / gelu_backward_saved_ (keeps gelu')    | -                      |
 | attention                      | attention_forward, attention_backward (+ the head-level pair)  | attention.cu (no dropout) |
+|                                | attention_causal_forward / _backward_ (CPU: causal row blocks) | -                      |
 |                                | attention_rows_forward / _backward_ (recompute: no T x T kept) | -                      |
 | cross_entropy                  | cross_entropy_ (forward and backward in place)                 | cross_entropy.cu       |
 | dropout                        | dropout_forward, dropout_backward                              | -                      |
@@ -36,7 +37,10 @@ classifier_head (last_token + linear) and mixed_loss (two cross-entropies, weigh
 
 from .attention import (
     ATTENTION_ROWS,
+    CAUSAL_ROWS,
     attention_backward,
+    attention_causal_backward_,
+    attention_causal_forward,
     attention_forward,
     attention_heads_backward_,
     attention_heads_forward,
@@ -72,6 +76,7 @@ __all__ = [
     "attention_forward", "attention_backward", "attention_heads_forward", "attention_heads_backward_",
     "split_heads_into", "merge_heads_into",
     "attention_rows_forward", "attention_rows_backward_", "attention_rows_scratch", "ATTENTION_ROWS",
+    "attention_causal_forward", "attention_causal_backward_", "CAUSAL_ROWS",
     "matmul", "rowdot", "in_threads",
     "cross_entropy_", "IGNORE_INDEX", "LOSS_ROWS", "GPU_LOSS_ROWS",
     "dropout_forward", "dropout_backward",

@@ -14,6 +14,9 @@ Readable twin: npgpt.layers.attention (attention_forward / attention_backward). 
   GPU npgpt.cuda.blas.matmul, one cuBLAS call per product with transposes as flags);
 - 16-bit compute: the softmax's row sums are taken in float32.
 The head-level pair attention_heads_forward / attention_heads_backward_ is what the CUDA kernels match.
+Causal blocks (rows=, the fast step's default on the CPU): attention_causal_forward / _backward_ cut the
+query rows (and in the backward the keys) into blocks of CAUSAL_ROWS and skip the products and
+exponentials of what the mask hides; att then holds each block row only up to its diagonal block.
 Recompute (engine.py, recompute="attention"/"block"): attention_rows_forward / attention_rows_backward_
 keep nothing T x T; they work a block of ATTENTION_ROWS query rows at a time against only the keys those
 rows can see, and the backward recomputes each block's probabilities from q and k (as the flash kernel
@@ -50,13 +53,16 @@ def merge_heads_into(y, head_out) -> None:
     y.reshape(b, t, NH, hs)[...] = head_out.transpose(0, 2, 1, 3)  # (b, NH, t, hs) -> (b, t, C)
 
 
-def attention_forward(y, heads, att, qkv, bias, p: float = 0.0, rng=None, *, dropped=None, head_out=None, matmul=matmul):
+def attention_forward(y, heads, att, qkv, bias, p: float = 0.0, rng=None, *, dropped=None, head_out=None, matmul=matmul,
+                      rows: int | None = None):  # fmt: skip
     """y (b, t, C) = causal attention over qkv (b, t, 3C) (or the same as 2-D (b*t, ...) views).
 
     Saves heads (3, b, NH, t, hs) (q scaled by 1/sqrt(hs), k, v) and att (b, NH, t, t), the
     probabilities before dropout. bias: (t, t), 0 on and below the diagonal, -inf above. p > 0: dropout
     on att with a mask drawn from `rng` (as layers.attention draws it), returned; else returns None.
-    dropped (b, NH, t, t) and head_out (b, NH, t, hs): scratch (allocated when None)."""
+    dropped (b, NH, t, t) and head_out (b, NH, t, hs): scratch (allocated when None). rows: causal blocks
+    of that many query rows (attention_causal_forward; None: the whole stack at once); then att holds
+    the probabilities on and left of each block's diagonal only, and the backward must be given the same rows."""
     xp = get_array_module(qkv)
     split_heads_into(heads, qkv)
     q, k, v = heads[0], heads[1], heads[2]
@@ -65,14 +71,16 @@ def attention_forward(y, heads, att, qkv, bias, p: float = 0.0, rng=None, *, dro
         dropped = xp.empty_like(att)
     if head_out is None:
         head_out = xp.empty_like(q)
-    attention_heads_forward(head_out, att, q, k, v, bias, keep, att.dtype.type(1.0 / (1.0 - p)), dropped=dropped, matmul=matmul)
+    attention_heads_forward(head_out, att, q, k, v, bias, keep, att.dtype.type(1.0 / (1.0 - p)), dropped=dropped, matmul=matmul,
+                            rows=rows)  # fmt: skip
     merge_heads_into(y, head_out)
     return keep
 
 
-def attention_backward(dqkv, dy, heads, att, keep=None, p: float = 0.0, *, dheads=None, datt=None, matmul=matmul) -> None:
+def attention_backward(dqkv, dy, heads, att, keep=None, p: float = 0.0, *, dheads=None, datt=None, matmul=matmul,
+                       rows: int | None = None) -> None:  # fmt: skip
     """dqkv (b, t, 3C) from dy (b, t, C), with the forward's heads, att and keep-mask (None: no dropout).
-    dheads (3, b, NH, t, hs) and datt (b, NH, t, t): scratch (allocated when None).
+    dheads (3, b, NH, t, hs) and datt (b, NH, t, t): scratch (allocated when None). rows: as the forward.
 
     Differentiates  `y = att' @ v`,  `att = softmax(q' @ k^T + bias)`  (layers/attention.py):
         dv = att'^T @ dy;  datt = dy @ v^T (through the mask);  dscores = att * (datt - rowsum(datt * att));
@@ -85,17 +93,23 @@ def attention_backward(dqkv, dy, heads, att, keep=None, p: float = 0.0, *, dhead
         datt = xp.empty_like(att)
     dheads[0][...] = dy.reshape(b, t, NH, hs).transpose(0, 2, 1, 3)  # dy lives in dq's slot until dq is computed
     attention_heads_backward_(dheads[0], dheads[1], dheads[2], datt, heads[0], heads[1], heads[2], att, keep,
-                              att.dtype.type(1.0 / (1.0 - p)), att.dtype.type(1.0 / math.sqrt(hs)), matmul=matmul)  # fmt: skip
+                              att.dtype.type(1.0 / (1.0 - p)), att.dtype.type(1.0 / math.sqrt(hs)), matmul=matmul,
+                              rows=rows)  # fmt: skip
     dqkv.reshape(b, t, 3, NH, hs)[...] = dheads.transpose(1, 3, 0, 2, 4)  # (3, b, NH, t, hs) -> (b, t, 3C)
 
 
 # --- over (..., t, hs) stacks of heads ------------------------------------------------------------------
 
 
-def attention_heads_forward(out, att, q, k, v, bias, keep=None, drop_scale=1.0, *, dropped=None, matmul=matmul) -> None:
+def attention_heads_forward(out, att, q, k, v, bias, keep=None, drop_scale=1.0, *, dropped=None, matmul=matmul,
+                            rows: int | None = None) -> None:  # fmt: skip
     """att = softmax(q @ k^T + bias) (rows), out = dropout(att) @ v. Shapes (..., t, hs) and (..., t, t);
     q is already scaled (by 1/sqrt(hs) in GPT-2); bias is 0 on and below the diagonal and -inf above it.
-    keep: the dropout mask (None: no dropout), drop_scale 1/(1 - p), dropped: scratch like att."""
+    keep: the dropout mask (None: no dropout), drop_scale 1/(1 - p), dropped: scratch like att.
+    rows: work in causal blocks of that many query rows (attention_causal_forward; None: all at once)."""
+    if rows is not None and rows < q.shape[-2]:
+        attention_causal_forward(out, att, q, k, v, bias, keep, drop_scale, rows=rows, dropped=dropped, matmul=matmul)
+        return
     xp = get_array_module(q)
     matmul(att, q, xp.swapaxes(k, -1, -2))  # scores
     _softmax_(att, bias)
@@ -107,10 +121,15 @@ def attention_heads_forward(out, att, q, k, v, bias, keep=None, drop_scale=1.0, 
     matmul(out, used, v)
 
 
-def attention_heads_backward_(dq, dk, dv, datt, q, k, v, att, keep=None, drop_scale=1.0, inv_sqrt=1.0, *, matmul=matmul) -> None:
+def attention_heads_backward_(dq, dk, dv, datt, q, k, v, att, keep=None, drop_scale=1.0, inv_sqrt=1.0, *, matmul=matmul,
+                              rows: int | None = None) -> None:  # fmt: skip
     """The backward of attention_heads_forward. dq holds dy on entry (it is read before dq is written);
     datt is scratch like att. inv_sqrt: the factor of q's scale that dq must carry (1/sqrt(hs) for the
-    unscaled q of GPT-2's qkv), so dq is the gradient of the q before the scaling."""
+    unscaled q of GPT-2's qkv), so dq is the gradient of the q before the scaling. rows: as the forward
+    was given (attention_causal_backward_)."""
+    if rows is not None and rows < q.shape[-2]:
+        attention_causal_backward_(dq, dk, dv, datt, q, k, v, att, keep, drop_scale, inv_sqrt, rows=rows, matmul=matmul)
+        return
     xp = get_array_module(q)
     dy = dq
     if keep is not None:
@@ -128,6 +147,65 @@ def attention_heads_backward_(dq, dk, dv, datt, q, k, v, att, keep=None, drop_sc
     # scores = q' @ k^T with q' = q * inv_sqrt:  dk = dscores^T @ q',  dq = dscores @ k * inv_sqrt
     matmul(dk, xp.swapaxes(datt, -1, -2), q)
     matmul(dq, datt, k)  # overwrites dy, which is no longer needed
+    dq *= inv_sqrt
+
+
+# --- causal blocks (the CPU's default): the products skip what the mask hides ------------------------
+
+CAUSAL_ROWS = 128  # query rows (and keys) per block of attention_causal_forward / _backward_ on the CPU
+
+
+def attention_causal_forward(out, att, q, k, v, bias, keep=None, drop_scale=1.0, *, rows: int, dropped=None,
+                             matmul=matmul) -> None:  # fmt: skip
+    """attention_heads_forward block of `rows` query rows by block: rows i0..i1 see keys 0..i1 only, so
+    their scores, softmax and product with v run on (.., i1-i0, i1) and skip the keys the causal mask
+    hides (for long t about half the products and exponentials). att keeps the probabilities on and
+    left of each block's diagonal block, where attention_causal_backward_ reads them; att[.., i0:i1, i1:]
+    is never written or read. Same arguments and results as attention_heads_forward."""
+    xp = get_array_module(q)
+    t = q.shape[-2]
+    for i0 in range(0, t, rows):
+        i1 = min(t, i0 + rows)
+        s = att[..., i0:i1, :i1]  # (.., r, i1)
+        matmul(s, q[..., i0:i1, :], xp.swapaxes(k[..., :i1, :], -1, -2))  # (.., r, hs) @ (.., hs, i1)
+        _softmax_(s, bias[i0:i1, :i1])
+        used = s
+        if keep is not None:
+            used = dropped[..., i0:i1, :i1]
+            xp.multiply(s, keep[..., i0:i1, :i1], out=used)
+            used *= drop_scale
+        matmul(out[..., i0:i1, :], used, v[..., :i1, :])  # (.., r, i1) @ (.., i1, hs) -> (.., r, hs)
+
+
+def attention_causal_backward_(dq, dk, dv, datt, q, k, v, att, keep=None, drop_scale=1.0, inv_sqrt=1.0, *, rows: int,
+                               matmul=matmul) -> None:  # fmt: skip
+    """attention_heads_backward_ on the blocks attention_causal_forward wrote (same arguments; dq holds
+    dy on entry). The keys are cut into the same blocks: key block K = k0..k1 is seen by query rows
+    k0..t only, and on those rows every probability of K was written (0 above the diagonal), so
+        dv[K] = P'[k0:, K]^T @ dy[k0:]   and   dk[K] = dS[k0:, K]^T @ q'[k0:]   (a product per key block),
+        dP = dy[R] @ v[:i1]^T,  dS = P * (dP - rowsum(dP * P)),  dq[R] = dS @ k[:i1] * inv_sqrt  (per row block)."""
+    xp = get_array_module(q)
+    t = q.shape[-2]
+    dy, blocks = dq, [(i0, min(t, i0 + rows)) for i0 in range(0, t, rows)]
+    src = att  # the probabilities that multiplied v: with dropout, the dropped ones, made in datt first
+    if keep is not None:
+        for i0, i1 in blocks:
+            xp.multiply(att[..., i0:i1, :i1], keep[..., i0:i1, :i1], out=datt[..., i0:i1, :i1])
+            datt[..., i0:i1, :i1] *= drop_scale
+        src = datt
+    for k0, k1 in blocks:  # dv = P'^T @ dy, key block by key block
+        matmul(dv[..., k0:k1, :], xp.swapaxes(src[..., k0:, k0:k1], -1, -2), dy[..., k0:, :])  # (.., kb, t-k0) @ (.., t-k0, hs)
+    for i0, i1 in blocks:  # dS, row block by row block
+        d = datt[..., i0:i1, :i1]  # (.., r, i1)
+        matmul(d, dy[..., i0:i1, :], xp.swapaxes(v[..., :i1, :], -1, -2))  # dP' = dy @ v^T
+        if keep is not None:
+            d *= keep[..., i0:i1, :i1]  # back through the mask
+            d *= drop_scale
+        _softmax_backward_(d, att[..., i0:i1, :i1])
+    for k0, k1 in blocks:  # dk = dS^T @ q'
+        matmul(dk[..., k0:k1, :], xp.swapaxes(datt[..., k0:, k0:k1], -1, -2), q[..., k0:, :])
+    for i0, i1 in blocks:  # dq = dS @ k, last: it overwrites dy
+        matmul(dq[..., i0:i1, :], datt[..., i0:i1, :i1], k[..., :i1, :])
     dq *= inv_sqrt
 
 
