@@ -4,10 +4,12 @@
     python benchmarks/cpu_vs_torch.py --shapes 2x256 --steps 7
     python benchmarks/cpu_vs_torch.py --in-process         # npgpt and PyTorch alternating in one process
 
-Each shape is one run of `npgpt bench --vs-torch --engine both --isolate`: the fast engine, the readable
-reference and PyTorch eager (transformers) each run warm-up and timed steps in their own fresh process,
-one after the other (the median of the timed steps is reported; the same processes give peak memory),
-and the peak sgemm rate is measured in the same run. Needs the parity extra (torch, transformers).
+Each shape is one run of `npgpt bench --vs-torch --isolate --rounds R`: the fast engine, the readable
+reference (small shapes only) and PyTorch eager (transformers) each run warm-up and timed steps in their
+own fresh process, one after the other, R times over (the libraries alternating, so a machine whose
+speed drifts affects both alike); the median of every round's timed steps is reported, the same
+processes give peak memory, and each measures the peak sgemm rate after its steps (MFU is against
+their median). Needs the parity extra (torch, transformers).
 """
 
 from __future__ import annotations
@@ -49,17 +51,19 @@ def shape(text: str) -> tuple[int, int]:
 def bench(args, B: int, T: int) -> dict | None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bench.json"
-        steps = args.steps if T * B <= 2048 else args.large_steps
-        cmd = [sys.executable, "-m", "npgpt", "bench", "--vs-torch", "--engine", "both", "--preset", args.preset,
-               "--batch-size", str(B), "--context-length", str(T), "--steps", str(steps), "--warmup", str(args.warmup),
-               "--torch-attn", args.torch_attn, "--json", str(out)] + ([] if args.in_process else ["--isolate"])  # fmt: skip
+        large = T * B > 2048
+        steps, rounds = (args.large_steps, args.large_rounds) if large else (args.steps, args.rounds)
+        cmd = [sys.executable, "-m", "npgpt", "bench", "--vs-torch", "--engine", "fast" if large else "both",
+               "--preset", args.preset, "--batch-size", str(B), "--context-length", str(T), "--steps", str(steps),
+               "--warmup", str(args.warmup), "--torch-attn", args.torch_attn, "--json", str(out)]  # fmt: skip
+        if not args.in_process:
+            cmd += ["--isolate", "--rounds", str(rounds)]
         if T * B > 2048:
             cmd += ["--generate", "0"]  # generation is measured once, at the small shape
         print(" ".join(cmd[2:]), flush=True)
-        proc = subprocess.run(cmd, text=True, capture_output=True)
+        proc = subprocess.run(cmd, text=True, stdout=subprocess.PIPE)
         print(proc.stdout, end="")
         if proc.returncode:
-            print(proc.stderr, file=sys.stderr)
             return None
         return json.loads(out.read_text())
 
@@ -70,9 +74,15 @@ def rows_for(r: dict, torch_attn: str) -> list[str]:
     rows = []
     for name, key, mb in (("npgpt (fast engine)", "npgpt fast", mem.get("npgpt")), ("npgpt (readable reference)", "npgpt reference", None),
                           (f"PyTorch eager ({torch_attn})", next(k for k in steps if k.startswith("torch")), mem.get("torch"))):  # fmt: skip
+        if key not in steps:  # the reference is timed at the small shapes only
+            continue
         s = steps[key]
+        ratio = f"{tt['ms'] / s['ms']:.2f}x"
+        if key == "npgpt fast" and len(r.get("per_round_ms", [])) > 1:
+            each = [x[next(k for k in x if k.startswith("torch"))] / x[key] for x in r["per_round_ms"]]
+            ratio += f" ({', '.join(f'{e:.2f}' for e in each)})"
         rows.append(f"| B={r['B']}, T={r['T']} | {name} | {s['ms']:,.0f} | {s['tokens_per_s']:.1f} | {s['gflops']:.1f} "
-                    f"| {100 * s['gflops'] / peak:.1f}% | {tt['ms'] / s['ms']:.2f}x | {f'{mb:,.0f}' if mb else '-'} |")  # fmt: skip
+                    f"| {100 * s['gflops'] / peak:.1f}% | {ratio} | {f'{mb:,.0f}' if mb else '-'} |")  # fmt: skip
     return rows
 
 
@@ -82,6 +92,8 @@ def main() -> int:
     ap.add_argument("--shapes", nargs="+", type=shape, default=[(2, 256), (4, 1024)], metavar="BxT")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per library at the small shapes")
     ap.add_argument("--large-steps", type=int, default=3, help="timed steps when B*T > 2048")
+    ap.add_argument("--rounds", type=int, default=3, help="process rounds at the small shapes")
+    ap.add_argument("--large-rounds", type=int, default=1, help="process rounds when B*T > 2048")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--torch-attn", default="sdpa")
     ap.add_argument("--in-process", action="store_true", help="alternate the libraries' steps in one process instead")
@@ -100,20 +112,22 @@ def main() -> int:
     how = ("npgpt and PyTorch alternating in one process" if args.in_process else
            "each library (and engine) in its own fresh process, one after the other")  # fmt: skip
     shapes = " and ".join(f"B={r['B']}, T={r['T']} ({r['peak_sgemm_gflops']:.1f})" for r in runs)
+    rounds = f"{args.rounds} rounds ({args.large_rounds} at the large shape)"
     table = "\n".join([
         f"Machine: {cpu_name()}, {first['threads']} BLAS threads; Python {platform.python_version()}, NumPy {numpy.__version__}, "
         f"PyTorch {torch.__version__}. Measured {date.today().isoformat()}.",
         "",
         f"Command: `python benchmarks/cpu_vs_torch.py{' --in-process' if args.in_process else ''}` (for each shape, "
         f"`npgpt bench --vs-torch --engine both --preset {args.preset} --batch-size B --context-length T"
-        f"{'' if args.in_process else ' --isolate'}`).",
+        f"{'' if args.in_process else ' --isolate --rounds R'}`; the large shape with `--engine fast`).",
         "",
         f"Training step of {args.preset} (forward, backward, AdamW), float32, dropout off; median of {args.steps} timed "
-        f"steps ({args.large_steps} at the large shape) after {args.warmup} warm-up, {how}. MFU is against the peak "
-        f"sgemm rate measured in the same run (GFLOP/s, in brackets): {shapes}. Peak memory: peak resident set "
-        f"size of the process that ran the steps.",
+        f"steps ({args.large_steps} at the large shape) after {args.warmup} warm-up, {how}"
+        f"{'' if args.in_process else ', ' + rounds}; in brackets after the fast engine's ratio, each round's. MFU is "
+        f"against the peak sgemm rate measured in the same run (GFLOP/s, in brackets): {shapes}. Peak memory: peak "
+        f"resident set size of the process that ran the steps.",
         "",
-        "| shape | | ms/step | tokens/s | GFLOP/s | CPU MFU | vs PyTorch | peak MB |",
+        "| shape | | ms/step | tokens/s | GFLOP/s | CPU MFU | vs PyTorch (per round) | peak MB |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
         *(row for r in runs for row in rows_for(r, args.torch_attn)),
         "",

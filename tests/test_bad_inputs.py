@@ -161,6 +161,7 @@ TABLE = {
         "--seed": INT_NONNEG,
         "--engine": ["turbo"],
         "--recompute": ["everything"],
+        "--rounds": INT_POS + ["2"],  # 2: without --isolate
     },
     "info": {
         "--device": ["gpu", "abc"],

@@ -116,11 +116,13 @@ def test_bench_isolate_times_each_library_in_its_own_process(tmp_path, capsys):
     reports = {}
     for mode in ("alternating", "isolate"):
         out = tmp_path / f"{mode}.json"
-        assert main([*common, "--json", str(out)] + (["--isolate"] if mode == "isolate" else [])) == 0
+        assert main([*common, "--json", str(out)] + (["--isolate", "--rounds", "2"] if mode == "isolate" else [])) == 0
         reports[mode] = json.loads(out.read_text())
-    assert "each in its own process" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "each in its own process, 2 rounds" in out and "round 2:" in out and "(per round: " in out
     iso, alt = reports["isolate"], reports["alternating"]
     assert iso["isolated"] is True and alt["isolated"] is False
+    assert len(iso["per_round_ms"]) == 2 and len(iso["worker_peak_sgemm_gflops"]) == 6  # 3 processes a round
     assert set(iso["steps"]) == set(alt["steps"]) == {"npgpt fast", "npgpt reference", "torch eager (sdpa)"}
     for name, s in iso["steps"].items():
         assert len(s["losses"]) == 3 and s["ms"] > 0
@@ -129,7 +131,7 @@ def test_bench_isolate_times_each_library_in_its_own_process(tmp_path, capsys):
 
 
 def test_bench_isolate_refuses_the_gpu_and_torch_compile(capsys):
-    for extra in (["--device", "cuda"], ["--vs-torch", "--torch-compile"]):
+    for extra in (["--device", "cuda"], ["--vs-torch", "--torch-compile"]):  # (--rounds without it: test_bad_inputs)
         assert main(["bench", "--preset", "nano", "--context-length", "16", "--isolate", *extra]) == 2
         err = capsys.readouterr().err
         assert "--isolate" in err and len(err.strip().splitlines()) == 1, err

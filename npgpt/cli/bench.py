@@ -68,6 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--isolate", action="store_true",
                    help="time each library (and engine) in its own fresh process, one after the other, instead of "
                         "alternating their steps in one process (CPU only)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="with --isolate: run the processes this many times, the libraries alternating; the median "
+                        "is taken over every round's timed steps, and each round's ratios are printed")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory subprocesses")
     p.add_argument("--generate", type=int, default=50, metavar="N", help="greedy tokens to generate (0: skip)")
     p.add_argument("--prompt-tokens", type=int, default=16)
@@ -94,7 +97,9 @@ def memory_worker(args) -> int:
         step = NpgptStep(model, args.batch_size, args.context_length, engine, precision=args.precision,
                          recompute=args.recompute if engine == "fast" else "none")  # fmt: skip
     times, losses = time_steps({"step": step}, x, y, args.steps, args.warmup, args.drop_rate > 0, args.seed, raw=True)
-    print(json.dumps({"peak_rss_mb": peak_rss_mb(), "seconds": times["step"], "losses": losses["step"]}))
+    rss = peak_rss_mb()
+    peak = peak_sgemm_gflops(dtype=np.dtype(args.dtype)) if args.steps > 1 else None  # this process's, for MFU
+    print(json.dumps({"peak_rss_mb": rss, "seconds": times["step"], "losses": losses["step"], "peak_gflops": peak}))
     return 0
 
 
@@ -121,20 +126,30 @@ def measure_memory(args, framework: str) -> float | None:
     return None if result is None else result["peak_rss_mb"]
 
 
-def time_isolated(args) -> tuple[dict, dict, dict]:
-    """--isolate: each engine and the torch twin timed in its own fresh process, one after the other.
-    (median seconds, losses, peak RSS MB) by the names the in-process table uses."""
+def time_isolated(args) -> tuple[dict, dict, dict, list, list]:
+    """--isolate: each engine and the torch twin timed in its own fresh process, one after the other,
+    --rounds times. (median seconds over every round's timed steps, the first round's losses, peak RSS
+    MB, each round's median seconds by name, each process's peak sgemm GFLOP/s), by the names the
+    in-process table uses."""
     runs = [(f"npgpt {e}", "npgpt", e) for e in (["fast", "reference"] if args.engine == "both" else [args.engine])]
     if args.vs_torch:
         runs.append((f"torch eager ({args.torch_attn})", "torch", None))
-    times, losses, peaks = {}, {}, {}
-    for name, framework, engine in runs:
-        result = run_worker(args, framework, engine, steps=args.steps, warmup=args.warmup)
-        if result is None:
-            raise RuntimeError(f"the isolated run of {name} failed (its error is printed above)")
-        times[name], losses[name] = statistics.median(result["seconds"]), result["losses"]
-        peaks.setdefault(framework, result["peak_rss_mb"])  # npgpt's: the first engine's, as without --isolate
-    return times, losses, peaks
+    seconds, losses, peaks, per_round, sgemm = {name: [] for name, _, _ in runs}, {}, {}, [], []
+    for r in range(args.rounds):
+        per_round.append({})
+        for name, framework, engine in runs:
+            result = run_worker(args, framework, engine, steps=args.steps, warmup=args.warmup)
+            if result is None:
+                raise RuntimeError(f"the isolated run of {name} failed (its error is printed above)")
+            seconds[name] += result["seconds"]
+            per_round[r][name] = statistics.median(result["seconds"])
+            losses.setdefault(name, result["losses"])
+            peaks.setdefault(framework, result["peak_rss_mb"])  # npgpt's: the first engine's, as without --isolate
+            if result.get("peak_gflops"):
+                sgemm.append(result["peak_gflops"])
+        if args.rounds > 1:
+            print(f"  round {r + 1}: " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in per_round[r].items()), flush=True)
+    return {k: statistics.median(v) for k, v in seconds.items()}, losses, peaks, per_round, sgemm
 
 
 def run(args) -> int:
@@ -158,24 +173,30 @@ def run(args) -> int:
     tf32 = args.tf32 and model.device == "cuda"  # TF32 exists only on the GPU
     if model.device == "cuda":  # CUDA state only for a CUDA model
         set_tf32(args.tf32)
-    peaks = None
+    peaks, per_round, sgemm = None, [], []
     if args.isolate:  # the model above stays for generation; the timed steps run in their own processes
-        times, losses, peaks = time_isolated(args)
+        times, losses, peaks, per_round, sgemm = time_isolated(args)
         torch_step = _torch_twin(args, model, threads, tf32, compiled=False) if args.vs_torch else None
     else:
         steps, torch_step = _build_steps(args, cfg, model, threads, tf32)
         times, losses = time_steps(steps, x, y, args.steps, args.warmup, args.drop_rate > 0, args.seed, model.xp)
     precision = args.precision + (" with TF32" if args.precision == "fp32" and tf32 else "")
     how = "each in its own process" if args.isolate else "alternating in one process"
+    if args.isolate and args.rounds > 1:
+        how += f", {args.rounds} rounds"
     print(f"npgpt bench: preset {args.preset} ({model.num_params():,} parameters), B={B} T={T}, {args.dtype}, "
           f"precision {precision}, {model.device}, {threads} BLAS thread(s); "
           f"median of {args.steps} steps after {args.warmup} warm-up" + (f", {how}" if len(times) > 1 else ""))  # fmt: skip
     report = {"preset": args.preset, "B": B, "T": T, "dtype": args.dtype, "precision": args.precision, "tf32": tf32,
               "device": model.device, "threads": threads, "flops_per_step": flops_per_token(cfg, T) * B * T,
-              "isolated": bool(args.isolate), "steps": {}}  # fmt: skip
+              "isolated": bool(args.isolate), "rounds": args.rounds if args.isolate else 0, "steps": {}}  # fmt: skip
+    if per_round:
+        report["per_round_ms"] = [{k: v * 1e3 for k, v in r.items()} for r in per_round]
+    if sgemm:
+        report["worker_peak_sgemm_gflops"] = sgemm
     if torch_step is not None:
         report["torch_precision"] = torch_step.precision
-    _report_steps(args, report, times, losses, model.device, tf32)
+    _report_steps(args, report, times, losses, model.device, tf32, statistics.median(sgemm) if sgemm else None)
     if model.device == "cuda":
         _report_gpu_memory(args, report, torch_step)
     if args.memory and model.device == "cpu":
@@ -216,6 +237,9 @@ def _check_args(args) -> None:
         raise ValueError("--torch-compile compiles during the first step; use --warmup 1 or more so that is not timed")
     if args.isolate and args.device != "cpu":
         raise ValueError("--isolate times CPU runs in fresh processes; drop it, or use --device cpu")
+    V.integer("--rounds", args.rounds, 1)
+    if args.rounds > 1 and not args.isolate:
+        raise ValueError("--rounds repeats the --isolate processes; add --isolate (in one process the steps already alternate)")
     if args.isolate and args.torch_compile:
         raise ValueError("--isolate times torch eager only; drop --torch-compile (it runs beside eager in one process)")
     if args.vs_torch and args.dtype != "float32":
@@ -266,10 +290,14 @@ def _torch_twin(args, model, threads: int, tf32: bool, compiled: bool):
                      precision=torch_precision(args.precision, tf32), compile=compiled)  # fmt: skip
 
 
-def _report_steps(args, report: dict, times: dict, losses: dict, device: str, tf32: bool) -> None:
-    """The table of ms/step, tokens/s, GFLOP/s and MFU, and the throughput ratios against the first step."""
+def _report_steps(args, report: dict, times: dict, losses: dict, device: str, tf32: bool, peak=None) -> None:
+    """The table of ms/step, tokens/s, GFLOP/s and MFU, and the throughput ratios against the first step.
+    peak: the CPU's sgemm GFLOP/s as the timed processes measured it (--isolate: their median), else
+    measured here."""
     tokens, flops = report["B"] * report["T"], report["flops_per_step"]
-    peak = peak_sgemm_gflops(dtype=np.dtype(args.dtype)) if device == "cpu" else gpu_peak_gflops(args.precision, tf32)
+    measured_here = peak is None
+    if peak is None:
+        peak = peak_sgemm_gflops(dtype=np.dtype(args.dtype)) if device == "cpu" else gpu_peak_gflops(args.precision, tf32)
     if peak:
         report["peak_sgemm_gflops" if device == "cpu" else "peak_gpu_gflops"] = peak
     print(f"  {'':28s} {'ms/step':>9s} {'tokens/s':>9s} {'GFLOP/s':>8s} {'MFU':>6s}  first losses")
@@ -279,14 +307,17 @@ def _report_steps(args, report: dict, times: dict, losses: dict, device: str, tf
         print(f"  {name:28s} {sec * 1e3:9.1f} {tokens / sec:9.1f} {gf:8.1f} {mfu}  {' '.join(f'{v:.4f}' for v in losses[name][:3])}")
         report["steps"][name] = {"ms": sec * 1e3, "tokens_per_s": tokens / sec, "gflops": gf, "losses": losses[name]}
     if peak and device == "cpu":
-        print(f"  peak sgemm (2048^3 np.matmul, same process): {peak:.1f} GFLOP/s")
+        where = "same process" if measured_here else "median over the timed processes, each after its steps"
+        print(f"  peak sgemm (2048^3 np.matmul, {where}): {peak:.1f} GFLOP/s")
     elif peak:
         kind = {"fp32": "FP32", "tf32": "TF32", "16-bit": args.precision.upper()}[peak_kind(args.precision, tf32)]
         print(f"  MFU against the GPU's dense {kind} peak, {peak / 1e3:.0f} TFLOP/s")
     first = next(iter(times))
     for name in list(times)[1:]:
         ratio = times[name] / times[first]
-        print(f"  {first} is {ratio:.2f}x the throughput of {name}")
+        rounds = report.get("per_round_ms", [])
+        each = f" (per round: {', '.join(f'{r[name] / r[first]:.2f}x' for r in rounds)})" if len(rounds) > 1 else ""
+        print(f"  {first} is {ratio:.2f}x the throughput of {name}{each}")
         report.setdefault("ratios", {})[f"{first} / {name}"] = ratio
 
 
