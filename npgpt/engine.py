@@ -132,7 +132,7 @@ class Activations:
     ln1: list  # L x (N, C)
     ln1_mean: list  # L x (N,) in the weights' dtype (float32 with 16-bit compute), as every *_mean, *_rstd
     ln1_rstd: list  # L x (N,)
-    qkv_heads: list  # L x (3, B, NH, T, hs): q (divided by sqrt(hs)), k, v
+    qkv_heads: list  # L x (3, B, NH, T, hs): q (divided by sqrt(hs)), k, v; on the CPU the same memory as (N, 3C) [q | k | v]
     att: list  # L x (B, NH, T, T) probabilities, allocated when first used (never with flash attention)
     lse: list  # L x (B, NH, T) each row's logsumexp, with the flash-attention kernel only (else [])
     atty: list  # L x (N, C): attention's output before c_proj
@@ -340,6 +340,9 @@ class FastLossAndGrads:
         self.causal_rows = fast.CAUSAL_ROWS if xp is np else None
         loss_rows = fast.LOSS_ROWS if xp is np else fast.GPU_LOSS_ROWS
         self.ops = choose_ops(self.kernels, xp, self.threads, self.work.gelu, loss_rows)
+        # on the CPU c_attn writes qkv into the layer's saved buffer and attention reads q, k, v there
+        # (fast.attention_in_place_*), with no copies into and out of the heads layout
+        self.qkv_in_place = xp is np and self.ops.flash_forward is None and not self.rows_attention
         # GELU's derivative computed in the forward and kept in place of its input (fast/gelu.py's second
         # pair): not with the CUDA kernel or 16-bit activations, nor when the backward rebuilds GELU's
         # output from that input (recompute="mlp")
@@ -505,7 +508,8 @@ class FastLossAndGrads:
         replay (recompute="block", in the backward): the same forward again with the same dropout
         masks, up to GELU's output (the MLP's c_proj output is not needed by the backward)."""
         a, w, weights, n, pre = self.acts, self.work, self.weights, b * t, f"h.{l}."
-        h, qkv, y, branch = a.ln1[l][:n], w.n3c[:n], a.atty[l][:n], w.nc[:n]
+        h, y, branch = a.ln1[l][:n], a.atty[l][:n], w.nc[:n]
+        qkv = self._saved_qkv(l, n) if self.qkv_in_place else w.n3c[:n]
         self._layernorm(pre + "ln_1", h, a.ln1_mean[l][:n], a.ln1_rstd[l][:n], x)
         fast.linear_forward(qkv, h, weights[pre + "attn.c_attn.weight"], weights.get(pre + "attn.c_attn.bias"))  # (n, 3C)
         mask = self._attention_forward(l, y, qkv, b, t, p, rng, masks, replay)  # (n, 3C) -> (n, C)
@@ -531,6 +535,11 @@ class FastLossAndGrads:
         out = a.resid[l + 1][:n]
         self.xp.add(x1, branch, out=out)  # shortcut around the MLP
         return out
+
+    def _saved_qkv(self, l, n):  # noqa: E741
+        """Layer l's saved attention state as (n, 3C) [q' | k | v] (qkv_in_place): the memory of its
+        qkv_heads buffer, which this path fills in qkv's layout."""
+        return self.acts.qkv_heads[l].reshape(-1)[: n * 3 * self.model.config.emb_dim].reshape(n, -1)
 
     def _dropout(self, x, p, rng, masks, key, replay):
         """Dropout on x in place: a fresh mask kept in masks[key], or (replay) the one kept there."""
@@ -571,6 +580,9 @@ class FastLossAndGrads:
             if w.att is None:
                 w.att = self.xp.empty_like(a.att[l])
         att, dropped, head_out = a.att[l][:b, :, :t, :t], w.att[:b, :, :t, :t], w.heads[0, :b, :, :t]
+        if self.qkv_in_place:  # qkv is the layer's saved buffer: q is scaled there, nothing is copied
+            return fast.attention_in_place_forward(y, qkv, att, w.causal_bias[:t, :t], p, rng, dropped=dropped,
+                                                   rows=self.causal_rows, matmul=self.ops.heads_matmul)  # fmt: skip
         return fast.attention_forward(y, heads, att, qkv, w.causal_bias[:t, :t], p, rng, dropped=dropped, head_out=head_out,
                                       matmul=self.ops.heads_matmul, rows=self.causal_rows)  # fmt: skip
 
@@ -667,6 +679,10 @@ class FastLossAndGrads:
             return
         keep = self.masks[f"att{l}"] if p > 0 else None
         att, datt = a.att[l][:b, :, :t, :t], w.att[:b, :, :t, :t]
+        if self.qkv_in_place:
+            fast.attention_in_place_backward(dqkv, dy, self._saved_qkv(l, b * t), att, keep, p, datt=datt,
+                                             rows=self.causal_rows, matmul=self.ops.heads_matmul)  # fmt: skip
+            return
         fast.attention_backward(dqkv, dy, heads, att, keep, p, dheads=dheads, datt=datt, matmul=self.ops.heads_matmul,
                                 rows=self.causal_rows)  # fmt: skip
 

@@ -197,6 +197,28 @@ def test_attention_in_causal_blocks(dtype, tol, p, rows, rng):
     close(dqkv, L.attention_backward(dy, cache).reshape(N, 3 * C), tol, "dqkv")
 
 
+@pytest.mark.parametrize("rows", [None, 16], ids=["whole", "rows16"])
+@pytest.mark.parametrize("p", [0.0, 0.2], ids=["no-dropout", "dropout"])
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+def test_attention_in_place(dtype, tol, p, rows, rng):
+    """The in-place pair reads q, k, v as views of qkv (q scaled there) and writes y and dqkv directly."""
+    qkv = randn(rng, B, T, 3 * C, dtype=dtype)
+    ref, cache = L.attention_forward(qkv, NH, attn_pdrop=p, rng=np.random.default_rng(7), training=p > 0)
+    att, y = np.full((B, NH, T, T), np.nan, dtype), np.empty((N, C), dtype)
+    bias = np.triu(np.full((T, T), -np.inf, dtype=dtype), k=1)
+    saved = qkv.reshape(N, 3 * C).copy()
+    keep = fast.attention_in_place_forward(y, saved, att, bias, p, np.random.default_rng(7), rows=rows)
+    close(y, ref.reshape(N, C), tol, "y")
+    hs = C // NH
+    close(saved[:, :C] * dtype(np.sqrt(hs)), qkv.reshape(N, 3 * C)[:, :C], tol, "q, scaled in place")
+    assert np.array_equal(saved[:, C:], qkv.reshape(N, 3 * C)[:, C:])  # k and v untouched
+    dy = randn(rng, B, T, C, dtype=dtype)
+    dqkv, dy_before = np.full((N, 3 * C), np.nan, dtype), dy.copy()
+    fast.attention_in_place_backward(dqkv, dy.reshape(N, C), saved, att, keep, p, rows=rows)
+    close(dqkv, L.attention_backward(dy, cache).reshape(N, 3 * C), tol, "dqkv")
+    assert np.array_equal(dy, dy_before)  # dy is read, not written
+
+
 @pytest.mark.parametrize("ignore", [False, True], ids=["all-count", "ignore_index"])
 @pytest.mark.parametrize("threads", THREADS)
 @pytest.mark.parametrize("dtype, tol", DTYPES)

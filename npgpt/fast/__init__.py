@@ -20,6 +20,7 @@ which have the same positional arguments.
 |                                | gelu_forward_keep_grad / gelu_backward_saved_ (keeps gelu')    | -                      |
 | attention                      | attention_forward, attention_backward (+ the head-level pair)  | attention.cu (no dropout) |
 |                                | attention_causal_forward / _backward_ (CPU: causal row blocks) | -                      |
+|                                | attention_in_place_forward / _backward (CPU: views of qkv)     | -                      |
 |                                | attention_rows_forward / _backward_ (recompute: no T x T kept) | -                      |
 | cross_entropy                  | cross_entropy_ (forward and backward in place)                 | cross_entropy.cu       |
 | dropout                        | dropout_forward, dropout_backward                              | -                      |
@@ -44,10 +45,14 @@ from .attention import (
     attention_forward,
     attention_heads_backward_,
     attention_heads_forward,
+    attention_in_place_backward,
+    attention_in_place_forward,
     attention_rows_backward_,
     attention_rows_forward,
     attention_rows_scratch,
+    head_view,
     merge_heads_into,
+    qkv_heads_view,
     split_heads_into,
 )
 from .common import in_threads, matmul, rowdot
@@ -67,7 +72,7 @@ from .gelu import (
 from .last_token import last_token_backward, last_token_forward, last_token_index
 from .layernorm import layernorm_backward, layernorm_forward
 from .linear import linear_backward, linear_forward
-from .masked_attention import attention_bias_into, head_view, masked_attention_backward, masked_attention_forward
+from .masked_attention import attention_bias_into, masked_attention_backward, masked_attention_forward
 from .multihead_attention import AttentionSaved, multihead_attention_backward, multihead_attention_forward
 from .relu import relu_backward_, relu_forward
 from .sinusoidal import add_sinusoidal_, sinusoidal_table_into
@@ -77,6 +82,7 @@ __all__ = [
     "split_heads_into", "merge_heads_into",
     "attention_rows_forward", "attention_rows_backward_", "attention_rows_scratch", "ATTENTION_ROWS",
     "attention_causal_forward", "attention_causal_backward_", "CAUSAL_ROWS",
+    "attention_in_place_forward", "attention_in_place_backward", "qkv_heads_view",
     "matmul", "rowdot", "in_threads",
     "cross_entropy_", "IGNORE_INDEX", "LOSS_ROWS", "GPU_LOSS_ROWS",
     "dropout_forward", "dropout_backward",

@@ -14,6 +14,8 @@ Readable twin: npgpt.layers.attention (attention_forward / attention_backward). 
   GPU npgpt.cuda.blas.matmul, one cuBLAS call per product with transposes as flags);
 - 16-bit compute: the softmax's row sums are taken in float32.
 The head-level pair attention_heads_forward / attention_heads_backward_ is what the CUDA kernels match.
+In place (the CPU's fast step): attention_in_place_forward / _backward read q, k, v as views of qkv and
+write y and dqkv directly, without the heads layout's copies; qkv then holds q already scaled.
 Causal blocks (rows=, the fast step's default on the CPU): attention_causal_forward / _backward_ cut the
 query rows (and in the backward the keys) into blocks of CAUSAL_ROWS and skip the products and
 exponentials of what the mask hides; att then holds each block row only up to its diagonal block.
@@ -98,6 +100,63 @@ def attention_backward(dqkv, dy, heads, att, keep=None, p: float = 0.0, *, dhead
     dqkv.reshape(b, t, 3, NH, hs)[...] = dheads.transpose(1, 3, 0, 2, 4)  # (3, b, NH, t, hs) -> (b, t, 3C)
 
 
+# --- in place: no copies into or out of the heads layout (the CPU's fast step) ---------------------------
+
+
+def qkv_heads_view(qkv, b: int, t: int, NH: int):
+    """(3, b, NH, t, hs) view of qkv (b*t, 3C) [q | k | v], no copy: each head's (t, hs) matrix keeps the
+    row stride 3C of qkv, which BLAS takes as it is."""
+    hs = qkv.shape[-1] // (3 * NH)
+    return qkv.reshape(b, t, 3, NH, hs).transpose(2, 0, 3, 1, 4)  # (b*t, 3C) -> (3, b, NH, t, hs)
+
+
+def head_view(x, n_head: int):
+    """(b, t, C) -> (b, NH, t, hs), a view (no copy): head h of row (i, j) is x[i, j, h*hs : (h+1)*hs]."""
+    b, t, C = x.shape
+    return x.reshape(b, t, n_head, C // n_head).transpose(0, 2, 1, 3)
+
+
+def attention_in_place_forward(y, qkv, att, bias, p: float = 0.0, rng=None, *, dropped=None, rows: int | None = None,
+                               matmul=matmul):  # fmt: skip
+    """attention_forward without the copies of split_heads_into and merge_heads_into: q, k, v are read
+    where the fused projection wrote them (views of qkv, (b*t, 3C)) and each head's output is written
+    into its columns of y (b*t, C). qkv's q columns are divided by sqrt(hs) in place, so afterwards qkv
+    holds [q' | k | v]: the saved state attention_in_place_backward reads. att (b, NH, t, t), bias,
+    p, rng, dropped, rows: as attention_forward. Returns the keep-mask (p > 0) or None."""
+    xp = get_array_module(qkv)
+    b, NH, t = att.shape[0], att.shape[1], att.shape[2]
+    C = qkv.shape[-1] // 3
+    qkv[:, :C] *= qkv.dtype.type(1.0 / math.sqrt(C // NH))  # fold the 1/sqrt(hs) into q, in place
+    q, k, v = qkv_heads_view(qkv, b, t, NH)
+    keep = dropout_mask(att.shape, p, rng, xp) if p > 0 else None
+    if keep is not None and dropped is None:
+        dropped = xp.empty_like(att)
+    attention_heads_forward(head_view(y.reshape(b, t, -1), NH), att, q, k, v, bias, keep, att.dtype.type(1.0 / (1.0 - p)),
+                            dropped=dropped, matmul=matmul, rows=rows)  # fmt: skip
+    return keep
+
+
+def attention_in_place_backward(dqkv, dy, qkv, att, keep=None, p: float = 0.0, *, datt=None, rows: int | None = None,
+                                matmul=matmul) -> None:  # fmt: skip
+    """dqkv (b*t, 3C) from dy (b*t, C) and what attention_in_place_forward left in qkv and att (the same
+    rows): dq, dk, dv are written straight into their columns of dqkv. Differentiates what
+    attention_backward does; with causal blocks dy is read where it is, else it is first copied into
+    dq's columns (attention_heads_backward_ takes dy in dq's place)."""
+    xp = get_array_module(dy)
+    b, NH, t = att.shape[0], att.shape[1], att.shape[2]
+    q, k, v = qkv_heads_view(qkv, b, t, NH)
+    dq, dk, dv = qkv_heads_view(dqkv, b, t, NH)
+    if datt is None:
+        datt = xp.empty_like(att)
+    drop_scale, inv_sqrt = att.dtype.type(1.0 / (1.0 - p)), att.dtype.type(1.0 / math.sqrt(q.shape[-1]))
+    if rows is not None and rows < t:
+        attention_causal_backward_(dq, dk, dv, datt, q, k, v, att, keep, drop_scale, inv_sqrt, rows=rows, matmul=matmul,
+                                   dy=head_view(dy.reshape(b, t, -1), NH))  # fmt: skip
+        return
+    dq[...] = head_view(dy.reshape(b, t, -1), NH)
+    attention_heads_backward_(dq, dk, dv, datt, q, k, v, att, keep, drop_scale, inv_sqrt, matmul=matmul)
+
+
 # --- over (..., t, hs) stacks of heads ------------------------------------------------------------------
 
 
@@ -178,15 +237,16 @@ def attention_causal_forward(out, att, q, k, v, bias, keep=None, drop_scale=1.0,
 
 
 def attention_causal_backward_(dq, dk, dv, datt, q, k, v, att, keep=None, drop_scale=1.0, inv_sqrt=1.0, *, rows: int,
-                               matmul=matmul) -> None:  # fmt: skip
+                               matmul=matmul, dy=None) -> None:  # fmt: skip
     """attention_heads_backward_ on the blocks attention_causal_forward wrote (same arguments; dq holds
-    dy on entry). The keys are cut into the same blocks: key block K = k0..k1 is seen by query rows
+    dy on entry, unless `dy` is given: then dy is read there and dq only written). The keys are cut
+    into the same blocks: key block K = k0..k1 is seen by query rows
     k0..t only, and on those rows every probability of K was written (0 above the diagonal), so
         dv[K] = P'[k0:, K]^T @ dy[k0:]   and   dk[K] = dS[k0:, K]^T @ q'[k0:]   (a product per key block),
         dP = dy[R] @ v[:i1]^T,  dS = P * (dP - rowsum(dP * P)),  dq[R] = dS @ k[:i1] * inv_sqrt  (per row block)."""
     xp = get_array_module(q)
     t = q.shape[-2]
-    dy, blocks = dq, [(i0, min(t, i0 + rows)) for i0 in range(0, t, rows)]
+    dy, blocks = dq if dy is None else dy, [(i0, min(t, i0 + rows)) for i0 in range(0, t, rows)]
     src = att  # the probabilities that multiplied v: with dropout, the dropped ones, made in datt first
     if keep is not None:
         for i0, i1 in blocks:

@@ -36,7 +36,7 @@ import numpy as np
 from ..backend import get_array_module
 from ..layers.dropout import dropout_mask
 from ..layers.masked_attention import blocked_keys
-from .attention import attention_heads_backward_, attention_heads_forward
+from .attention import attention_heads_backward_, attention_heads_forward, head_view
 from .common import in_threads, matmul
 
 
@@ -50,12 +50,6 @@ def attention_bias_into(bias, key_padding_mask=None, causal: bool = False) -> No
         bias[...] = 0
     else:
         bias[...] = xp.where(blocked, bias.dtype.type(-np.inf), bias.dtype.type(0))
-
-
-def head_view(x, n_head: int):
-    """(b, t, C) -> (b, NH, t, hs), a view (no copy): head h of row (i, j) is x[i, j, h*hs : (h+1)*hs]."""
-    b, t, C = x.shape
-    return x.reshape(b, t, n_head, C // n_head).transpose(0, 2, 1, 3)
 
 
 def _batch_slice(a, lo, hi):
