@@ -3,9 +3,10 @@
     python benchmarks/cpu_profile.py            # 124M, B=2, T=256: the issue's configuration
 
 Prints (1) the fast engine's step split into GEMM time (every np.matmul, timed), the rest of the
-forward/backward (elementwise work, copies, reductions) and AdamW; (2) GFLOP/s of the model's GEMM
-shapes in NumPy (OpenBLAS) and PyTorch (its own BLAS, MKL on x86 builds), same threads, same process.
-The second table needs torch (the parity extra); it is skipped without it.
+forward/backward (elementwise work, copies, reductions) and AdamW, and that rest op by op (each fast op
+the step calls, its GEMMs subtracted); (2) GFLOP/s of the model's GEMM shapes in NumPy (OpenBLAS) and
+PyTorch (its own BLAS, MKL on x86 builds), same threads, same process. The second table needs torch (the
+parity extra); it is skipped without it.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def step_breakdown(preset: str, B: int, T: int, steps: int) -> None:
     x, y = rng.integers(0, model.config.vocab_size, (B, T)), rng.integers(0, model.config.vocab_size, (B, T))
     real_matmul = np.matmul
     acc = {"s": 0.0, "flop": 0.0}
+    per_op = {}
 
     def timed_matmul(a, b, out=None):
         t0 = time.perf_counter()
@@ -46,10 +48,30 @@ def step_breakdown(preset: str, B: int, T: int, steps: int) -> None:
         acc["flop"] += 2.0 * a.size * b.shape[-1]
         return r
 
+    def timed_op(name, fn):  # the op's time without the GEMMs it runs
+        def run(*args, **kw):
+            g0, t0 = acc["s"], time.perf_counter()
+            try:
+                return fn(*args, **kw)
+            finally:
+                per_op[name] = per_op.get(name, 0.0) + time.perf_counter() - t0 - (acc["s"] - g0)
+
+        return run
+
+    import dataclasses
+
+    from npgpt import fast
+
+    originals = {k: getattr(fast, k) for k in fast.__all__ if callable(getattr(fast, k)) and k.endswith(("_forward", "_backward", "_backward_", "_", "_grad"))}
+    ops = {f.name: getattr(step.ops, f.name) for f in dataclasses.fields(step.ops) if getattr(step.ops, f.name) is not None}
     step(x, y)
     opt.step(step.grads)
     rows = []
     np.matmul = timed_matmul
+    for k, fn in originals.items():
+        setattr(fast, k, timed_op(k, fn))
+    for k, fn in ops.items():
+        object.__setattr__(step.ops, k, timed_op(k, fn))
     try:
         for _ in range(steps):
             acc.update(s=0.0, flop=0.0)
@@ -61,12 +83,20 @@ def step_breakdown(preset: str, B: int, T: int, steps: int) -> None:
             rows.append((t2 - t0, acc["s"], t1 - t0 - acc["s"], t2 - t1, acc["flop"]))
     finally:
         np.matmul = real_matmul
+        for k, fn in originals.items():
+            setattr(fast, k, fn)
+        for k, fn in ops.items():
+            object.__setattr__(step.ops, k, fn)
     total, gemm, rest, adamw, flop = np.median(np.array(rows), axis=0)
     print(f"fast engine, {preset}, B={B} T={T} (median of {steps} steps):")
     print(f"  whole step              {total * 1e3:8.0f} ms")
     print(f"  GEMMs (np.matmul)       {gemm * 1e3:8.0f} ms  {100 * gemm / total:4.0f}%   {flop / 1e9:.0f} GFLOP at {flop / gemm / 1e9:.0f} GFLOP/s")
     print(f"  rest of fwd+bwd         {rest * 1e3:8.0f} ms  {100 * rest / total:4.0f}%   (GELU, LayerNorm, softmaxes, loss, copies)")
     print(f"  AdamW                   {adamw * 1e3:8.0f} ms  {100 * adamw / total:4.0f}%")
+    print("  the rest, op by op (each fast op the step calls, its own GEMMs subtracted):")
+    for name, sec in sorted(per_op.items(), key=lambda kv: -kv[1]):
+        if sec / steps >= 5e-4:
+            print(f"    {name:30s} {sec / steps * 1e3:8.1f} ms")
 
 
 def gemm_table(C: int, V: int, N: int) -> None:
