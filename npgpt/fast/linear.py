@@ -12,6 +12,7 @@ Readable twin: npgpt.layers.linear (linear_forward / linear_backward). Differenc
 - 16-bit compute (precision.py): x, weight, out and dx are 16-bit and the products accumulate in
   float32 (common.matmul); the weight and bias gradients are float32, so the 16-bit weight product
   goes through `scratch` and is then copied or added into the float32 buffer;
+- the bias gradient (a column sum) is a GEMV with a ones vector on the CPU (column_sums);
 - a gradient that is not wanted is not computed: dweight None (a frozen layer, the readable
   weight_grad=False) skips the x^T @ dout GEMM, dbias None the bias sum, and dx None (nothing below
   the layer trains; the readable twin always returns dx) skips the dout @ weight^T GEMM.
@@ -19,6 +20,8 @@ CUDA: plain cuBLAS GEMMs (CuPy's matmul); no kernel of ours.
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 from ..backend import get_array_module
 from .common import matmul
@@ -44,11 +47,20 @@ def linear_backward(dx, dweight, dbias, dout, x, weight, accumulate: bool = Fals
     if dweight is not None:
         _weight_grad(dweight, dout, x, accumulate, scratch)
     if dbias is not None:
-        total = dout.sum(axis=0, dtype=dbias.dtype)  # (n, C_out) -> (C_out,)
+        total = column_sums(dout, dbias.dtype)  # (n, C_out) -> (C_out,)
         if accumulate:
             dbias += total
         else:
             dbias[...] = total
+
+
+def column_sums(a, dtype):
+    """a (n, C).sum(axis=0) in `dtype`. On the CPU, for a of that dtype, as ones (n,) @ a: a GEMV runs on
+    BLAS's threads and is 2-3x NumPy's column sum at the model's shapes (docs/benchmarks.md)."""
+    xp = get_array_module(a)
+    if xp is np and a.dtype == dtype:
+        return np.ones(a.shape[0], dtype=dtype) @ a  # (n,) @ (n, C) -> (C,)
+    return a.sum(axis=0, dtype=dtype)
 
 
 def _weight_grad(dweight, dout, x, accumulate: bool, scratch) -> None:
