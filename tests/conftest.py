@@ -94,3 +94,10 @@ def fake_cupy(monkeypatch):
 
     yield fc.install(monkeypatch)
     fc.uninstall()
+
+
+@pytest.fixture
+def split_small_work(monkeypatch):
+    """The fast ops keep small arrays on one thread (npgpt.fast.common.PARALLEL_MIN_ELEMENTS); tests of the
+    threaded paths use small arrays, so this lifts the threshold and threads=2 really splits the rows."""
+    monkeypatch.setattr("npgpt.fast.common.PARALLEL_MIN_ELEMENTS", 0)

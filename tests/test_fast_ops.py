@@ -19,6 +19,19 @@ DTYPES = [pytest.param(np.float64, 1e-12, id="float64"), pytest.param(np.float32
 THREADS = [1, 2]
 
 
+pytestmark = pytest.mark.usefixtures("split_small_work")  # threads=2 splits the rows even at these sizes
+
+
+def test_small_work_stays_on_one_thread(monkeypatch):
+    monkeypatch.setattr("npgpt.fast.common.PARALLEL_MIN_ELEMENTS", 1000)
+    calls = []
+    fast.in_threads(10, lambda lo, hi, w: calls.append((lo, hi, w)), 2, elements=999)
+    assert calls == [(0, 10, 0)]
+    calls.clear()
+    fast.in_threads(10, lambda lo, hi, w: calls.append((lo, hi, w)), 2, elements=1000)
+    assert sorted(calls) == [(0, 5, 0), (5, 10, 1)]
+
+
 def randn(rng, *shape, dtype, scale=1.0):
     return (rng.standard_normal(shape) * scale).astype(dtype)
 

@@ -15,6 +15,8 @@ from npgpt import fast
 from npgpt import layers as L
 from npgpt.gradcheck import relative_error
 
+pytestmark = pytest.mark.usefixtures("split_small_work")  # threads=2 splits the rows even at these sizes
+
 B, TQ, TK, C, NH, F = 5, 31, 23, 128, 2, 96  # head size 64
 N = B * TQ
 DTYPES = [pytest.param(np.float64, 1e-12, id="float64"), pytest.param(np.float32, 1e-5, id="float32")]

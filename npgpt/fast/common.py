@@ -35,9 +35,18 @@ def rowdot(a, b):
     return (a * b).sum(axis=-1)
 
 
-def in_threads(n: int, work, threads: int) -> None:
+PARALLEL_MIN_ELEMENTS = 2_000_000  # below this many elements an op's rows stay on one thread
+
+
+def in_threads(n: int, work, threads: int, *, elements: int | None = None) -> None:
     """work(lo, hi, worker) over contiguous row ranges of range(n), on `threads` threads at once (NumPy
-    releases the GIL inside its loops, so elementwise work spreads over the cores; see parallel.py)."""
+    releases the GIL inside its loops, so elementwise work spreads over the cores; see parallel.py).
+    elements: how many array elements the work covers; under PARALLEL_MIN_ELEMENTS one thread does it
+    all. Measured on the 2-core machine (docs/benchmarks.md): a second thread made LayerNorm on (512, 768)
+    1.4x slower and GELU on (512, 3072) no faster, while the loss over (512, 50257) ran 1.5x faster and
+    LayerNorm's backward over (4096, 768) 1.6x faster."""
+    if elements is not None and elements < PARALLEL_MIN_ELEMENTS:
+        threads = 1
     if threads <= 1 or n < 2 * threads:
         work(0, n, 0)
     else:

@@ -78,6 +78,6 @@ def cross_entropy_(logits, targets, want_grad: bool = True, dloss: float = 1.0, 
                     z16[...] = z
         partial[worker] = total
 
-    in_threads(n, rows, threads)
+    in_threads(n, rows, threads, elements=logits.size)
     total = sum(partial)  # on a GPU, a 0-d device array
     return float(total) / n_valid if sync else total / n_valid

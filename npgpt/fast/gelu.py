@@ -57,7 +57,7 @@ def gelu_forward(out, x, bias=None, *, scratch=None, threads: int = 1) -> None:
     """x (n, H) += bias (H,) in place when given (x then holds the pre-activation); out (n, H) = gelu(x).
     scratch: gelu_scratch(...) (allocated when None)."""
     scratch = _scratch_for(x, scratch, threads)
-    in_threads(x.shape[0], lambda lo, hi, w: _forward_rows(out[lo:hi], x[lo:hi], bias, scratch[w]), threads)
+    in_threads(x.shape[0], lambda lo, hi, w: _forward_rows(out[lo:hi], x[lo:hi], bias, scratch[w]), threads, elements=x.size)
 
 
 def _forward_rows(out, x, bias, scratch):
@@ -94,7 +94,7 @@ def gelu_backward_(d, x, *, scratch=None, threads: int = 1) -> None:
     Differentiates  `out = 0.5 x (1 + tanh(u))`,  u = s (x + a x^3)  (see layers/gelu.py):
         gelu'(x) = 0.5 (1 + th) + 0.5 s x (1 + 3 a x^2) (1 - th^2),  th = tanh(u)."""
     scratch = _scratch_for(x, scratch, threads)
-    in_threads(x.shape[0], lambda lo, hi, w: _backward_rows(d[lo:hi], x[lo:hi], scratch[w]), threads)
+    in_threads(x.shape[0], lambda lo, hi, w: _backward_rows(d[lo:hi], x[lo:hi], scratch[w]), threads, elements=x.size)
 
 
 def _backward_rows(d, x, scratch):
@@ -140,7 +140,8 @@ def gelu_forward_keep_grad(out, x, bias=None, *, scratch=None, threads: int = 1)
         raise ValueError("gelu_forward_keep_grad works in float32/float64; 16-bit x uses gelu_forward")
     scratch = _scratch_for(x, scratch, threads)
     with np.errstate(over="ignore", under="ignore"):  # exp(-2u) is inf below x = -10 (g = 0 exactly), 0 far above
-        in_threads(x.shape[0], lambda lo, hi, w: _forward_grad_rows(out[lo:hi], x[lo:hi], bias, scratch[w]), threads)
+        in_threads(x.shape[0], lambda lo, hi, w: _forward_grad_rows(out[lo:hi], x[lo:hi], bias, scratch[w]), threads,
+                   elements=x.size)  # fmt: skip
 
 
 def _forward_grad_rows(out, x, bias, scratch):
@@ -172,4 +173,4 @@ def _forward_grad_rows(out, x, bias, scratch):
 def gelu_backward_saved_(d, dgelu, *, threads: int = 1) -> None:
     """d (n, H) *= dgelu (n, H), in place: the backward of gelu_forward_keep_grad, whose dgelu = gelu'(x)."""
     xp = get_array_module(d)
-    in_threads(d.shape[0], lambda lo, hi, _w: xp.multiply(d[lo:hi], dgelu[lo:hi], out=d[lo:hi]), threads)
+    in_threads(d.shape[0], lambda lo, hi, _w: xp.multiply(d[lo:hi], dgelu[lo:hi], out=d[lo:hi]), threads, elements=d.size)

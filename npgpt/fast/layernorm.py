@@ -47,7 +47,7 @@ def layernorm_forward(out, mean, rstd, x, weight, bias, eps: float, *, threads: 
         if upcast:
             out[lo:hi] = o  # rounded to 16 bits once
 
-    in_threads(x.shape[0], rows, threads)
+    in_threads(x.shape[0], rows, threads, elements=x.size)
 
 
 def layernorm_backward(dx, dweight, dbias, dout, x, mean, rstd, weight, *, scratch=None, threads: int = 1) -> None:
@@ -84,7 +84,7 @@ def layernorm_backward(dx, dweight, dbias, dout, x, mean, rstd, weight, *, scrat
         if upcast:
             dx[lo:hi] = g
 
-    in_threads(x.shape[0], rows, threads)
+    in_threads(x.shape[0], rows, threads, elements=x.size)
     for part in partial:
         if part is not None:
             dweight += part[0]
