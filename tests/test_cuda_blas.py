@@ -482,6 +482,7 @@ def test_engine_attention_through_bmm_matches_matmul(monkeypatch, drop_rate):
     for use_bmm in (False, True):
         model = GPT(cfg, seed=2, dtype=np.float64)
         step = engine_mod.FastLossAndGrads(model, 4, 16)  # batch smaller than the buffers: sliced views
+        step.qkv_in_place, step.causal_rows = False, None  # as on a GPU: the heads layout, whole stacks
         if use_bmm:
             step.ops = dataclasses.replace(step.ops, heads_matmul=blas.matmul)  # what "bmm" selects on CuPy arrays
         loss = step(x, y, training=drop_rate > 0, rng=make_rng(3, np))
