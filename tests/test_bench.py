@@ -132,3 +132,12 @@ def test_bench_isolate_refuses_the_gpu_and_torch_compile(capsys):
         assert main(["bench", "--preset", "nano", "--context-length", "16", "--isolate", *extra]) == 2
         err = capsys.readouterr().err
         assert "--isolate" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_bench_isolate_reports_a_failed_process_in_one_line(monkeypatch, capsys):
+    from npgpt.cli import bench as cli_bench
+
+    monkeypatch.setattr(cli_bench, "run_worker", lambda *a, **k: {"error": "MemoryError: boom"})
+    assert main(["bench", "--preset", "nano", "--context-length", "16", "--isolate", "--generate", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "isolated run of npgpt fast failed: MemoryError: boom" in err[0], err

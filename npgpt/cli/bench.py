@@ -8,10 +8,11 @@
 What is measured and how: npgpt/bench.py. With --vs-torch the npgpt and PyTorch steps alternate in one
 process (same thread count, same device, same precision: --precision bf16/fp16 is torch.autocast there,
 fp32 follows --tf32/--no-tf32) and the ratios are printed; --torch-compile adds a torch.compile twin
-beside eager. --isolate (CPU) times each instead in its own fresh process, one after the other, so
-neither shares a process, a heap or a warm cache with the other; the same processes give peak memory. On the CPU the peak memory of each is measured in a fresh subprocess (peak resident set
-size), so neither inherits the other's allocations; on a GPU the run prints what CuPy's memory pool held
-and torch's peak allocated. Generation: greedy decoding with the KV cache against transformers' generate.
+beside eager. --isolate (CPU) times each instead in its own fresh process, one after the other
+(--rounds times, alternating), so none shares a process, a heap or a warm cache with another. On the
+CPU the peak memory of each is measured in a fresh subprocess (peak resident set size; with --isolate,
+the timed ones), so neither inherits the other's allocations; on a GPU the run prints what CuPy's
+memory pool held and torch's peak allocated. Generation: greedy decoding with the KV cache against transformers' generate.
 """
 
 from __future__ import annotations
@@ -103,9 +104,9 @@ def memory_worker(args) -> int:
     return 0
 
 
-def run_worker(args, framework: str, engine: str | None = None, steps: int = 1, warmup: int = 1) -> dict | None:
-    """One memory_worker in a fresh process (`engine`: the npgpt engine, default --engine's); its JSON, or
-    None (with a line saying why) when it failed."""
+def run_worker(args, framework: str, engine: str | None = None, steps: int = 1, warmup: int = 1) -> dict:
+    """One memory_worker in a fresh process (`engine`: the npgpt engine, default --engine's): its JSON, or
+    {"error": the last line of its stderr} when it failed."""
     cmd = [sys.executable, "-m", "npgpt", "bench", "--memory-worker", framework, "--preset", args.preset,
            "--batch-size", str(args.batch_size), "--context-length", str(args.context_length), "--dtype", args.dtype,
            "--engine", engine or args.engine, "--torch-attn", args.torch_attn, "--seed", str(args.seed),
@@ -115,15 +116,17 @@ def run_worker(args, framework: str, engine: str | None = None, steps: int = 1, 
         cmd += ["--threads", str(args.threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "NPGPT_DEVICE": "cpu"})
     if out.returncode != 0:
-        print(f"  (the {framework} process failed: {out.stderr.strip().splitlines()[-1:]})")
-        return None
+        return {"error": (out.stderr.strip().splitlines() or [f"exit status {out.returncode}"])[-1]}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def measure_memory(args, framework: str) -> float | None:
-    """Peak RSS (MB) of two training steps of `framework` in a fresh process."""
+    """Peak RSS (MB) of two training steps of `framework` in a fresh process (None, said, if it failed)."""
     result = run_worker(args, framework)
-    return None if result is None else result["peak_rss_mb"]
+    if "error" in result:
+        print(f"  (memory measurement of {framework} failed: {result['error']})")
+        return None
+    return result["peak_rss_mb"]
 
 
 def time_isolated(args) -> tuple[dict, dict, dict, list, list]:
@@ -139,8 +142,9 @@ def time_isolated(args) -> tuple[dict, dict, dict, list, list]:
         per_round.append({})
         for name, framework, engine in runs:
             result = run_worker(args, framework, engine, steps=args.steps, warmup=args.warmup)
-            if result is None:
-                raise RuntimeError(f"the isolated run of {name} failed (its error is printed above)")
+            if "error" in result:
+                raise ValueError(f"the isolated run of {name} failed: {result['error']} (run without --isolate "
+                                 "to see the whole error)")  # fmt: skip
             seconds[name] += result["seconds"]
             per_round[r][name] = statistics.median(result["seconds"])
             losses.setdefault(name, result["losses"])
@@ -174,9 +178,9 @@ def run(args) -> int:
     if model.device == "cuda":  # CUDA state only for a CUDA model
         set_tf32(args.tf32)
     peaks, per_round, sgemm = None, [], []
-    if args.isolate:  # the model above stays for generation; the timed steps run in their own processes
-        times, losses, peaks, per_round, sgemm = time_isolated(args)
+    if args.isolate:  # the model above (and torch's twin) stay for generation; the timed steps run in their own processes
         torch_step = _torch_twin(args, model, threads, tf32, compiled=False) if args.vs_torch else None
+        times, losses, peaks, per_round, sgemm = time_isolated(args)
     else:
         steps, torch_step = _build_steps(args, cfg, model, threads, tf32)
         times, losses = time_steps(steps, x, y, args.steps, args.warmup, args.drop_rate > 0, args.seed, model.xp)

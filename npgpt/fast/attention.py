@@ -240,8 +240,8 @@ def attention_causal_backward_(dq, dk, dv, datt, q, k, v, att, keep=None, drop_s
                                matmul=matmul, dy=None) -> None:  # fmt: skip
     """attention_heads_backward_ on the blocks attention_causal_forward wrote (same arguments; dq holds
     dy on entry, unless `dy` is given: then dy is read there and dq only written). The keys are cut
-    into the same blocks: key block K = k0..k1 is seen by query rows
-    k0..t only, and on those rows every probability of K was written (0 above the diagonal), so
+    into the same blocks: key block K = k0..k1 is seen by query rows k0..t only, and on those rows
+    every probability of K was written (0 above the diagonal), so
         dv[K] = P'[k0:, K]^T @ dy[k0:]   and   dk[K] = dS[k0:, K]^T @ q'[k0:]   (a product per key block),
         dP = dy[R] @ v[:i1]^T,  dS = P * (dP - rowsum(dP * P)),  dq[R] = dS @ k[:i1] * inv_sqrt  (per row block)."""
     xp = get_array_module(q)
