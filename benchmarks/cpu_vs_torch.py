@@ -58,7 +58,7 @@ def bench(args, B: int, T: int) -> dict | None:
                "--warmup", str(args.warmup), "--torch-attn", args.torch_attn, "--json", str(out)]  # fmt: skip
         if not args.in_process:
             cmd += ["--isolate", "--rounds", str(rounds)]
-        if T * B > 2048:
+        if large:
             cmd += ["--generate", "0"]  # generation is measured once, at the small shape
         print(" ".join(cmd[2:]), flush=True)
         proc = subprocess.run(cmd, text=True, stdout=subprocess.PIPE)
