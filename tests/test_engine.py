@@ -125,12 +125,11 @@ def test_fast_step_ignores_targets_as_the_reference_does(dtype, tol):
         engine(x, np.where(y == -100, -3, y))
 
 
-def test_fast_step_equals_reference_in_the_row_blocks_with_two_threads(monkeypatch):
+def test_fast_step_equals_reference_in_the_row_blocks_with_two_threads(monkeypatch, split_small_work):
     """Big enough that every CPU op splits its rows over two threads and loops over row blocks (N = 74
     rows, ROW_BLOCK = 32; attention in causal blocks of 16 query rows, 37 = 16 + 16 + 5), head size 64,
     dropout on: the whole model against the reference."""
     monkeypatch.setenv("NPGPT_THREADS", "2")
-    monkeypatch.setattr("npgpt.fast.common.PARALLEL_MIN_ELEMENTS", 0)  # small as they are, the rows split
     monkeypatch.setattr(npgpt.fast, "CAUSAL_ROWS", 16)
     cfg = tiny_config(vocab_size=61, context_length=40, emb_dim=128, n_heads=2, n_layers=1, drop_rate=0.1)
     model = npgpt.GPT(cfg, dtype=np.float64, device="cpu")
