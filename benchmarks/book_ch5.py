@@ -26,6 +26,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from npgpt.bench import cpu_name
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 RESULTS, PAGE, PLOT = DOCS / "book-ch5.json", DOCS / "book-ch5.md", DOCS / "book-ch5.png"
@@ -34,16 +36,6 @@ RESULTS, PAGE, PLOT = DOCS / "book-ch5.json", DOCS / "book-ch5.md", DOCS / "book
 BOOK = {0: (9.781, 9.933), 5: (8.111, 8.339), 10: (6.661, 7.048), 15: (5.961, 6.616), 25: (5.201, 6.348),
         35: (4.069, 6.226), 70: (0.985, 6.242), 75: (0.717, 6.293), 80: (0.541, 6.393), 85: (0.391, 6.452)}  # fmt: skip
 TOLERANCE = 0.4  # the issue's target: val within 0.4 of the book's at every published step
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def npgpt_command(out_dir: Path) -> list:

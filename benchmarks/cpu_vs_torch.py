@@ -23,19 +23,11 @@ import tempfile
 from datetime import date
 from pathlib import Path
 
+from npgpt.bench import cpu_name
+
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- cpu-table:begin -->", "<!-- cpu-table:end -->"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def shape(text: str) -> tuple[int, int]:

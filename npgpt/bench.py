@@ -11,9 +11,11 @@ in one process (time_steps).
 
 from __future__ import annotations
 
+import platform
 import re
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -90,6 +92,17 @@ def torch_precision(precision: str, tf32: bool) -> str:
     if precision == "fp32":
         return "tf32" if tf32 else "fp32"
     return precision
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), for the benchmark pages."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 # --- the steps being timed ------------------------------------------------------------------------------

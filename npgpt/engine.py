@@ -79,6 +79,15 @@ def make_engine(name: str, model, batch_size: int, seq_len: int, precision: str 
     return ReferenceLossAndGrads(model)
 
 
+def accumulated(total: dict | None, grads: dict) -> dict:
+    """grads, or (gradient accumulation) total with grads added into it, key by key."""
+    if total is None:
+        return grads
+    for k, g in grads.items():
+        total[k] += g
+    return total
+
+
 class ReferenceLossAndGrads:
     """The readable path behind the engine interface: GPT.forward and GPT.backward. `grads` are fresh
     arrays from each backward; they are released at the next call, before its forward allocates."""
@@ -94,12 +103,7 @@ class ReferenceLossAndGrads:
             self.grads = None
         _, loss, cache = self.model.forward(idx, targets, training=training, rng=rng)
         if backward:
-            grads = self.model.backward(cache, dloss=dloss)
-            if self.grads is None:
-                self.grads = grads
-            else:
-                for k, g in grads.items():
-                    self.grads[k] += g
+            self.grads = accumulated(self.grads, self.model.backward(cache, dloss=dloss))
         return float(loss) if sync else loss
 
     def loss(self, idx, targets) -> float:

@@ -42,7 +42,7 @@ import numpy as np
 
 from .. import fast
 from ..backend import views_into
-from ..engine import _nbytes, choose_ops, resolve_kernels
+from ..engine import _nbytes, accumulated, choose_ops, resolve_kernels
 from ..layers.multihead_attention import MHA_PARAM_NAMES
 from ..parallel import num_threads
 
@@ -82,12 +82,7 @@ class Seq2SeqReferenceLossAndGrads:
             self.grads = None
         _, loss, cache = self.model.forward(src, tgt_in, targets, training=training, rng=rng)
         if backward:
-            grads = self.model.backward(cache, dloss=dloss)
-            if self.grads is None:
-                self.grads = grads
-            else:
-                for k, g in grads.items():
-                    self.grads[k] += g
+            self.grads = accumulated(self.grads, self.model.backward(cache, dloss=dloss))
         return float(loss)
 
     def loss(self, batch, targets) -> float:
