@@ -13,7 +13,7 @@ import pytest
 from npgpt.cuda import KERNEL_FILES
 from npgpt.cuda.kernels import ATTENTION_HEAD_SIZES, KERNEL_ENTRIES, expanded_source
 from npgpt.cuda.nvrtc import compile_to_ptx, compile_with_log, find_nvrtc
-from npgpt.kernels import kernel_dir, kernel_source, kernel_sources
+from npgpt.cuda.sources import kernel_dir, kernel_source, kernel_sources
 
 SOURCES = kernel_sources()
 NVCC = shutil.which("nvcc")

@@ -26,7 +26,6 @@ def test_wheel_contains_kernels_and_assets(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     for required in [
         "npgpt/kernels/README.md",
-        "npgpt/kernels/__init__.py",
         "npgpt/assets/r50k_base.tiktoken",
         "npgpt/assets/the-verdict.txt",
         "npgpt/assets/tang300.txt",
@@ -58,7 +57,7 @@ def test_non_editable_install_finds_kernels_and_tokenizer(wheel, tmp_path):
                           capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     code = (
-        "import npgpt, npgpt.kernels as k, npgpt.tokenizer as t, npgpt.engine, npgpt.cli;"
+        "import npgpt, npgpt.cuda.sources as k, npgpt.tokenizer as t, npgpt.engine, npgpt.cli;"
         "assert str(k.kernel_dir()).startswith(%r), k.kernel_dir();"
         "assert (k.kernel_dir() / 'README.md').is_file();"
         "assert npgpt.__file__.startswith(%r);"
@@ -70,3 +69,16 @@ def test_non_editable_install_finds_kernels_and_tokenizer(wheel, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                           env={"PYTHONPATH": str(target), "PATH": ""})  # fmt: skip
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
+
+
+def test_kernels_folder_never_shadows_an_installed_package():
+    """kernels/ is data: an __init__.py there made `import kernels` from the repository root find it before Hugging
+    Face's `kernels` package, so transformers failed to import ("cannot import name 'CUDAProperties' from 'kernels'")."""
+    assert not (REPO / "kernels" / "__init__.py").exists()
+    code = "import importlib.util as u; s = u.find_spec('kernels'); print(s.origin if s else None)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() != str(REPO / "kernels" / "__init__.py")
+    from npgpt.cuda.sources import kernel_dir
+
+    assert (kernel_dir() / "common.cuh").is_file()

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from npgpt.kernels import kernel_dir
+from npgpt.cuda.sources import kernel_dir
 
 SHIM = r"""
 // npgpt.cuda.emulate: the CUDA execution model on the CPU (see the module docstring).

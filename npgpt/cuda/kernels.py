@@ -28,7 +28,7 @@ import numpy as np
 
 from npgpt.backend import get_array_module, is_cupy_array
 from npgpt.fast.attention import merge_heads_into, split_heads_into
-from npgpt.kernels import kernel_dir, kernel_source
+from npgpt.cuda.sources import kernel_dir, kernel_source
 
 BLOCK = 256  # threads per block of every kernel but cross_entropy's
 GRID_STRIDE_MAX_BLOCKS = 8192  # grid of the grid-stride kernels (gelu, adamw)
