@@ -117,17 +117,18 @@ class PrepareResult:
 
 
 # --- tokenizer processes ------------------------------------------------------------------------------------
-def tokenize_texts(texts: list[str], enc=None) -> tuple[np.ndarray, np.ndarray]:
+def tokenize_texts(texts: list[str], starts: list[bool], enc=None) -> tuple[np.ndarray, np.ndarray]:
     """(tokens per text, all the tokens one after the other as uint16), with GPT-2's BPE, ignoring special
-    tokens (a literal "<|endoftext|>" in the text is text, as tiktoken's encode_ordinary has it)."""
+    tokens (a literal "<|endoftext|>" in the text is text, as tiktoken's encode_ordinary has it); a text
+    that starts a document gets <|endoftext|> (50256) in front."""
     enc = enc or get_tokenizer()
-    parts = [np.array(enc.encode_ordinary(t), dtype=np.uint16) for t in texts]
+    parts = [np.array([EOT_ID] * first + enc.encode_ordinary(t), dtype=np.uint16) for t, first in zip(texts, starts)]
     lengths = np.array([len(p) for p in parts], dtype=np.int64)
     return lengths, (np.concatenate(parts) if parts else np.empty(0, np.uint16))
 
 
 def _tokenizer_process(conn) -> None:
-    """A tokenizer process: tasks (lists of texts) in, (lengths, tokens) out, until the pipe closes. A
+    """A tokenizer process: tasks (texts, starts) in, (lengths, tokens) out, until the pipe closes. A
     thread takes the tasks off the pipe as they come, so the main process never blocks sending one."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     enc = get_tokenizer()
@@ -144,10 +145,14 @@ def _tokenizer_process(conn) -> None:
     threading.Thread(target=receive, daemon=True).start()
     try:
         while (task := tasks.get()) is not None:
-            conn.send(tokenize_texts(task, enc))
+            conn.send(tokenize_texts(*task, enc))
     except (BrokenPipeError, EOFError, OSError):
         pass
     os._exit(0)
+
+
+def _payload(task) -> tuple[list[str], list[bool]]:
+    return [p.text for p in task], [p.starts_document for p in task]
 
 
 class TokenizerPool:
@@ -171,7 +176,7 @@ class TokenizerPool:
         if not self.procs:
             enc = get_tokenizer()
             for task in tasks:
-                yield task, tokenize_texts([p.text for p in task], enc)
+                yield task, tokenize_texts(*_payload(task), enc)
             return
         k, sent, pending = len(self.procs), 0, deque()
         tasks = iter(tasks)
@@ -182,7 +187,7 @@ class TokenizerPool:
                 if task is None:
                     exhausted = True
                     break
-                self.conns[sent % k].send([p.text for p in task])
+                self.conns[sent % k].send(_payload(task))
                 pending.append((task, sent % k))
                 sent += 1
             if not pending:
@@ -491,8 +496,7 @@ class Preparation:
         closed, at = [], 0
         for piece, n in zip(task, lengths.tolist()):
             toks, at = tokens[at : at + n], at + n
-            if piece.starts_document:
-                toks = np.concatenate([np.array([EOT_ID], dtype=np.uint16), toks])
+            if piece.starts_document:  # (its tokens begin with <|endoftext|>)
                 self.split, self.waiting, self.waiting_tokens = None, [], 0
             if self.split is not None:
                 closed += self._put(piece, toks)

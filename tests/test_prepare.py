@@ -234,12 +234,12 @@ def test_tokenizer_processes_keep_few_tasks_in_flight():
     def tasks():
         for i in range(12):
             pulled[0] += 1
-            yield [type("P", (), {"text": f"task {i} " * 50})()]
+            yield [type("P", (), {"text": f"task {i} " * 50, "starts_document": i % 2 == 0})()]
 
     with TokenizerPool(2) as pool:
         for i, (task, (lengths, tokens)) in enumerate(pool.map(tasks())):
             seen.append(pulled[0] - i)  # tasks taken but not yet handed back, this one included
-            assert list(tokens) == ENC.encode_ordinary(task[0].text)
+            assert list(tokens) == [EOT_ID] * (i % 2 == 0) + ENC.encode_ordinary(task[0].text) and list(lengths) == [len(tokens)]
     assert max(seen) <= 4 and len(seen) == 12
 
 
