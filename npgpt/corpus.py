@@ -25,7 +25,7 @@ import json
 import lzma
 import os
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -85,6 +85,8 @@ def find_sources(specs, exclude=None) -> list[Source]:
             if not matches:
                 raise ValueError(f"--data {spec!r} matches no file; check the pattern (quote it so the shell leaves it to npgpt)")
             for m in matches:
+                if exclude is not None and (Path(m).resolve() == exclude or exclude in Path(m).resolve().parents):
+                    continue  # the output folder (a glob like 'data/**' reaches it)
                 paths += _folder_files(Path(m), exclude) if os.path.isdir(m) else [m]
         elif os.path.isdir(os.path.expanduser(spec)):
             files = _folder_files(Path(os.path.expanduser(spec)), exclude)
@@ -154,7 +156,6 @@ class Notes:
     skipped: int = 0  # JSON lines that could not be used
     first_replaced: str = ""
     first_skipped: str = ""
-    lines: list = field(default_factory=list)
 
     def summary(self) -> list[str]:
         out = []
@@ -174,7 +175,7 @@ def _solid(ch: str) -> bool:
     return not ch.isspace()
 
 
-def _is_cut(text: str, p: int) -> bool:
+def is_safe_cut(text: str, p: int) -> bool:
     """True when text[:p] and text[p:] tokenize to the tokens of text: either "x y" cut before the
     space, or "x\\ny" cut after the newline, with x and y not whitespace.
 
@@ -193,30 +194,30 @@ def _is_cut(text: str, p: int) -> bool:
 
 
 def last_safe_cut(text: str, limit: int) -> int | None:
-    """The largest p <= limit with _is_cut(text, p), or None."""
+    """The largest p <= limit with is_safe_cut(text, p), or None."""
     space, newline = text.rfind(" ", 0, limit + 1), text.rfind("\n", 0, limit)  # cut at a space, after a newline
     while space > 0 or newline > 0:
         if space > newline:
-            if _is_cut(text, space):
+            if is_safe_cut(text, space):
                 return space
             space = text.rfind(" ", 0, space)
         else:
-            if _is_cut(text, newline + 1):
+            if is_safe_cut(text, newline + 1):
                 return newline + 1
             newline = text.rfind("\n", 0, newline)
     return None
 
 
 def first_safe_cut(text: str, start: int) -> int | None:
-    """The smallest p >= start with _is_cut(text, p) that can be told from `text` alone, or None."""
+    """The smallest p >= start with is_safe_cut(text, p) that can be told from `text` alone, or None."""
     space, newline = text.find(" ", start), text.find("\n", max(start - 1, 0))
     while space != -1 or newline != -1:
         if newline == -1 or (space != -1 and space < newline + 1):
-            if _is_cut(text, space):
+            if is_safe_cut(text, space):
                 return space
             space = text.find(" ", space + 1)
         else:
-            if newline + 1 >= start and _is_cut(text, newline + 1):
+            if newline + 1 >= start and is_safe_cut(text, newline + 1):
                 return newline + 1
             newline = text.find("\n", newline + 1)
     return None

@@ -14,10 +14,12 @@ The pipeline, in one process plus K tokenizer processes:
    A shard is written to a hidden `.partial` file and renamed when complete, so a visible shard is
    always whole, its header and sha256 final.
 
-Memory is bounded whatever the corpus: the reader holds one piece of a document (plus, for JSON lines,
-the line being parsed), the tasks in flight hold at most 2K + 1 pieces' text and tokens, shards go to
-disk as they grow, and each tokenizer process holds Python, NumPy and tiktoken's tables (~60-80 MB).
-At K = 2 that is about 300 MB (benchmarks/prepare_bench.py measures it on 1 GB).
+Memory is bounded whatever the corpus and its documents: the reader holds about two pieces of the
+current document (for JSON lines, also the line being parsed: a JSON value is parsed whole), at most 2K
+tasks of ~1M characters are in flight (their text, then their tokens), a document waiting for its split
+holds at most SPLIT_LOOKAHEAD tokens (2 MB), shards grow on disk, and each tokenizer process holds Python,
+NumPy and tiktoken's tables. Peak resident memory of the whole process tree, measured on 1 GB at K = 2:
+224 MB (benchmarks/prepare_bench.py; docs/benchmarks.md).
 
 Resuming: every `save_every` seconds and whenever a shard completes, the partial shards are flushed to
 disk and `manifest.json` is rewritten atomically with where reading is (npgpt.corpus.Position), each
@@ -202,25 +204,29 @@ class TokenizerPool:
                               "perhaps with fewer --workers") from None  # fmt: skip
             yield task, result
 
-    def close(self) -> None:
+    def close(self, at_once: bool = False) -> None:
+        """End the processes: after the tasks they hold, or (at_once, on an error or Ctrl-C) now."""
         for conn in self.conns:
             try:
-                conn.send(None)
+                if not at_once:
+                    conn.send(None)
                 conn.close()
             except OSError:
                 pass
         for proc in self.procs:
-            proc.join(timeout=5)
-            if proc.is_alive():
+            if at_once:
                 proc.terminate()
-                proc.join(timeout=5)
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
         self.procs, self.conns = [], []
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, *exc):
+        self.close(at_once=exc_type is not None)
 
 
 # --- writing shards ------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from npgpt.cli import main
-from npgpt.corpus import Piecer, _is_cut, find_sources, read_pieces
+from npgpt.corpus import Piecer, is_safe_cut, find_sources, read_pieces
 from npgpt.prepare import PrepareConfig, TokenizerPool, prepare
 from npgpt.tokenizer import EOT_ID, get_tokenizer
 
@@ -118,7 +118,7 @@ def corpus(tmp_path):
 
 # --- cutting documents into pieces --------------------------------------------------------------------------
 def test_unicode_whitespace_is_whitespace_to_python():
-    """_is_cut relies on it: every White_Space character (what GPT-2's `\\s` matches) is str.isspace()."""
+    """is_safe_cut relies on it: every White_Space character (what GPT-2's `\\s` matches) is str.isspace()."""
     white_space = [*range(0x9, 0xE), 0x20, 0x85, 0xA0, 0x1680, *range(0x2000, 0x200B), 0x2028, 0x2029, 0x202F, 0x205F, 0x3000]
     assert all(chr(c).isspace() for c in white_space)
 
@@ -131,13 +131,13 @@ def test_safe_cuts_give_the_tokens_of_the_whole():
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60)))
         whole = ENC.encode_ordinary(text)
         for p in range(1, len(text)):
-            if _is_cut(text, p):
+            if is_safe_cut(text, p):
                 cuts += 1
                 assert ENC.encode_ordinary(text[:p]) + ENC.encode_ordinary(text[p:]) == whole, (text, p)
     assert cuts > 1000
     for text in (VERDICT[:4000], TANG[:3000]):  # every cut of real text, English and Chinese
         whole = ENC.encode_ordinary(text)
-        found = [p for p in range(1, len(text)) if _is_cut(text, p)]
+        found = [p for p in range(1, len(text)) if is_safe_cut(text, p)]
         assert len(found) > 30
         for p in found[::7]:
             assert ENC.encode_ordinary(text[:p]) + ENC.encode_ordinary(text[p:]) == whole
@@ -160,11 +160,11 @@ def test_pieces_depend_on_the_text_alone_and_tokenize_as_the_whole(piece_chars):
         at = 0
         for piece in pieces[:-1]:  # the stated rule: the last cut within piece_chars, else the first one after
             rest = text[at:]
-            within = [q for q in range(1, min(piece_chars, len(rest)) + 1) if _is_cut(rest, q)]
-            assert _is_cut(rest, len(piece)) and len(piece) == (within[-1] if within else len(piece))
-            assert within or not any(_is_cut(rest, q) for q in range(1, len(piece)))
+            within = [q for q in range(1, min(piece_chars, len(rest)) + 1) if is_safe_cut(rest, q)]
+            assert is_safe_cut(rest, len(piece)) and len(piece) == (within[-1] if within else len(piece))
+            assert within or not any(is_safe_cut(rest, q) for q in range(1, len(piece)))
             at += len(piece)
-        assert len(pieces) > 1 or len(text) <= piece_chars or not any(_is_cut(text, q) for q in range(len(text)))
+        assert len(pieces) > 1 or len(text) <= piece_chars or not any(is_safe_cut(text, q) for q in range(len(text)))
 
 
 # --- what comes out ------------------------------------------------------------------------------------------
@@ -347,6 +347,28 @@ def test_sigkill_at_random_moments_gives_byte_identical_shards(tmp_path):
     assert tree(out) == final
 
 
+def test_ctrl_c_stops_at_once_in_one_line_and_the_run_continues(tmp_path):
+    data = resume_corpus(tmp_path)
+    out = tmp_path / "out"
+    run(data, tmp_path / "ref", shard_tokens=2000)
+    argv = [sys.executable, "-m", "npgpt", "prepare", "--data", *map(str, data), "--out", str(out), "--shard-tokens", "2000",
+            "--workers", "2", "--no-progress"]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 60
+    while len(children(proc.pid)) < 2 and time.monotonic() < deadline:  # the tokenizer processes are up
+        time.sleep(0.05)
+    workers = children(proc.pid)
+    proc.send_signal(signal.SIGINT)
+    t0 = time.monotonic()
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and time.monotonic() - t0 < 10, (proc.returncode, stderr)
+    assert "Traceback" not in stderr and stderr.strip().splitlines() == ["npgpt prepare: interrupted"], stderr
+    assert "run the same command again to continue" in stdout
+    assert gone(workers)
+    assert main(argv[3:]) == 0 and tree(out) == tree(tmp_path / "ref")
+
+
 def test_a_finished_folder_is_left_alone_and_other_settings_are_refused(corpus, tmp_path, capsys):
     specs, _ = corpus
     out = tmp_path / "out"
@@ -424,6 +446,10 @@ def test_globs_and_folders(tmp_path, capsys):
         (tmp_path / "x" / name).write_text(name)
     sources = find_sources([str(tmp_path / "x" / "*.txt"), str(tmp_path / "x")])
     assert [Path(s.path).name for s in sources] == ["a.txt", "b.txt"]  # sorted, each once, no hidden files
+    assert main(["prepare", "--data", str(tmp_path / "x"), "--out", str(tmp_path / "x" / "out"), "--workers", "0", "--no-progress"]) == 0
+    (tmp_path / "x" / "out" / "notes.txt").write_text("inside the output")
+    again = find_sources([str(tmp_path / "x" / "**"), str(tmp_path / "x")], exclude=tmp_path / "x" / "out")
+    assert [Path(s.path).name for s in again] == ["a.txt", "b.txt"]  # never the output folder's files
     line = one_error(capsys, ["prepare", "--data", str(tmp_path / "x" / "*.jsonl"), "--out", str(tmp_path / "o")])
     assert "matches no file" in line and "--data" in line
 
