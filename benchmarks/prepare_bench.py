@@ -14,7 +14,8 @@ time a training step waits for a batch of shards.
    same BPE, no reading, no writing), alternating with `npgpt prepare --workers K` on a JSON-lines file of
    exactly those documents (process start, reading, JSON, tokenizing, writing shards). --rounds rounds,
    each round's ratio printed, medians reported. Tokens are the documents' own (prepare's
-   <|endoftext|> separators are not counted).
+   <|endoftext|> separators are not counted). prepare's fixed start-up (the interpreter, the package and
+   the K tokenizer processes: `prepare` on a one-line file) is measured too.
 3. Peak memory: `npgpt prepare --workers K` on the whole corpus as a child process, the resident memory of
    its process tree (the main process and the tokenizer processes, VmRSS summed) sampled every 0.1 s.
 4. Data wait (`data_wait`): the time of WindowSampler.next() for a (B, T) batch drawn from the shards just
@@ -197,6 +198,11 @@ def main(argv=None) -> int:
         c = figures["corpus"]
         print(f"corpus: {c['documents']:,} documents in {c['files']} files, {c['text_bytes'] / 1e9:.2f} GB of text "
               f"({c['disk_bytes'] / 1e9:.2f} GB on disk), made in {c['seconds']:.0f} s")  # fmt: skip
+
+        (base / "one.txt").write_text("one short document\n")
+        startup = statistics.median(run_prepare([str(base / "one.txt")], base / "one-shards", K)["seconds"] for _ in range(3))
+        figures["startup_s"] = startup
+        print(f"start-up: npgpt prepare --workers {K} on one line takes {startup:.2f} s (median of 3)")
 
         texts = first_documents(corpus, int(args.ceiling_mb * 1e6))
         mb = sum(len(t.encode()) for t in texts) / 1e6

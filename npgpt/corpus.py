@@ -236,12 +236,13 @@ class Piecer:
         self.done = 0  # characters of the document handed out (or skipped) before parts
         self.skip = skip
         self.searched = 0  # where the search for a first cut past piece_chars may resume
+        self.next_try = piece_chars + 2  # characters needed before cutting is tried again
 
     def feed(self, text: str) -> Iterator[tuple[str, int]]:
         if text:
             self.parts.append(text)
             self.size += len(text)
-            if self.size >= self.piece_chars + 2:
+            if self.size >= self.next_try:
                 yield from self._cut(final=False)
 
     def finish(self) -> Iterator[tuple[str, int]]:
@@ -250,6 +251,7 @@ class Piecer:
     def _cut(self, final: bool):
         """-> (piece, characters of the document done after it) for each piece ready."""
         buf = "".join(self.parts)
+        self.next_try = self.piece_chars + 2
         while buf:
             n = len(buf)
             if n <= self.piece_chars and final:
@@ -261,8 +263,9 @@ class Piecer:
                 if p is None:
                     p = first_safe_cut(buf, max(self.piece_chars + 1, self.searched))
                     if p is None:
-                        if not final:
+                        if not final:  # no cut yet: look again once the text has doubled (no quadratic rescans)
                             self.searched = max(n - 2, self.piece_chars + 1)
+                            self.next_try = 2 * n
                             break
                         p = n
             piece, buf = buf[:p], buf[p:]

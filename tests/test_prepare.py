@@ -146,7 +146,7 @@ def test_safe_cuts_give_the_tokens_of_the_whole():
 @pytest.mark.parametrize("piece_chars", [16, 40, 300])
 def test_pieces_depend_on_the_text_alone_and_tokenize_as_the_whole(piece_chars):
     rng = random.Random(piece_chars)
-    for text in (VERDICT[:5000], TANG[:2000], "x" * 500 + " y" * 10, " \n" * 50):
+    for text in (VERDICT[:5000], TANG[:2000], "x" * 500 + " y" * 10, " \n" * 50, ("ab" * 97 + "\n\n") * 30 + VERDICT[:900]):
         at_once = Piecer(piece_chars)
         pieces = [p for p, *_ in [*at_once.feed(text), *at_once.finish()]]
         dribbled, fed, i = Piecer(piece_chars), [], 0
