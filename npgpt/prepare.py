@@ -353,10 +353,13 @@ def _difference(old: dict, new: dict) -> str | None:
         extra, missing = sorted(now - before), sorted(before - now)
         first = (f"{extra[0][0]} ({extra[0][1]:,} bytes) is new" if extra else f"{missing[0][0]} ({missing[0][1]:,} bytes) is gone") if extra or missing else "their order differs"
         return f"its inputs differ ({first})"
+
     def given(flag, value):
         return "without " + flag if value in (None, False) else "with " + flag + ("" if value is True else f" {value}")
 
     for key, flag in _FLAGS.items():
+        if key == "errors" and (old.get(key), new.get(key)) == ("strict", "replace"):
+            continue  # a run stopped by bad input goes on: until then strict and replace wrote the same
         if old.get(key) != new.get(key):
             return f"it was made {given(flag, old.get(key))}, this run is {given(flag, new.get(key))}"
     return None

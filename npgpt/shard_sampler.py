@@ -23,6 +23,8 @@ advances the same global position, so a checkpoint's data position is the same o
     x, y = sampler.next()                      # (16 / W, 1024) int64 each: this rank's rows
     state = sampler.state()                    # into the checkpoint
     sampler.restore(state)                     # on --resume
+
+`shard_batches(specs, T, B, seed, ...)` does the finding and building in one call for the training loop.
 """
 
 from __future__ import annotations
@@ -169,3 +171,19 @@ class WindowSampler:
     # the names npgpt.data.Batches uses, so the training loop can hold either
     state_dict = state
     load_state_dict = restore
+
+
+def shard_batches(specs, context_length: int, batch_size: int, seed: int = 0, stride: int | None = None,
+                  data_format: str = "auto", rank: int = 0, world_size: int = 1):  # fmt: skip
+    """What a training run needs from token shards, in one call: (the sampler of training batches, the
+    validation windows or None when there are no validation shards, the ShardSet for the banner).
+
+        sampler, val, shards = shard_batches(cfg.data, T, cfg.batch_size, cfg.seed, cfg.stride,
+                                             cfg.data_format, world.rank, world.size)
+    """
+    from .shards import find_shards
+
+    shards = find_shards(specs, data_format)
+    train = ShardWindows(shards.train, context_length, stride, name="train")
+    val = ShardWindows(shards.val, context_length, stride, name="validation") if shards.val else None
+    return WindowSampler(train, batch_size, seed=seed, rank=rank, world_size=world_size), val, shards

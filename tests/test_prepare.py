@@ -312,6 +312,14 @@ def gone(pids, within=10.0):
     return False
 
 
+def saved_tokens(out) -> int:
+    try:
+        totals = json.loads((out / "manifest.json").read_text())["totals"]
+    except (OSError, ValueError, KeyError):
+        return 0
+    return totals["train_tokens"] + totals["val_tokens"]
+
+
 def test_sigkill_at_random_moments_gives_byte_identical_shards(tmp_path):
     """`prepare` killed with SIGKILL again and again (two tokenizer processes, saving after every task),
     started again each time: the shards and manifest are byte for byte those of an uninterrupted run,
@@ -325,11 +333,15 @@ def test_sigkill_at_random_moments_gives_byte_identical_shards(tmp_path):
             f"prepare(PrepareConfig(data={[str(d) for d in data]!r}, out={str(out)!r}, shard_tokens=2000, val_share=0.05, "
             "workers=2, progress=False, piece_chars=300, task_chars=600, save_every=0.0))")  # fmt: skip
     rng = random.Random(29)
-    kills, progress = 0, []
+    kills, progress = 0, [0]
     while True:
         proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if kills < 4:
-            time.sleep(rng.uniform(0.8, 2.5))  # (a whole run takes ~3-4 s: process start ~1 s)
+            if kills:  # the first kill lands in the start-up, the others once this run has saved progress of its own
+                deadline = time.monotonic() + 60
+                while saved_tokens(out) <= progress[-1] and proc.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.4))
             workers = children(proc.pid)
             proc.send_signal(signal.SIGKILL)
         rc = proc.wait(timeout=120)
@@ -338,12 +350,11 @@ def test_sigkill_at_random_moments_gives_byte_identical_shards(tmp_path):
         assert rc == -signal.SIGKILL, proc.stderr.read()
         kills += 1
         assert gone(workers), "the tokenizer processes outlived the killed run"
-        for name, content in tree(out).items():
+        for name, content in (tree(out) if out.exists() else {}).items():
             if not name.startswith("."):
                 assert name == "manifest.json" or content == final[name], name  # a visible shard is a whole one
-        totals = json.loads((out / "manifest.json").read_text())["totals"] if (out / "manifest.json").exists() else {}
-        progress.append(totals.get("train_tokens", 0) + totals.get("val_tokens", 0))
-    assert kills == 4 and progress[-1] > 0, progress  # (killed after some progress, not only at start-up)
+        progress.append(saved_tokens(out))
+    assert kills == 4 and 0 < progress[2] < progress[3] < progress[4], progress  # each kill after new progress
     assert tree(out) == final
 
 
@@ -433,8 +444,10 @@ def test_errors_replace_goes_on_and_says_what_it_did(tmp_path, capsys):
             "--no-progress", "--val-tokens", "0"]  # fmt: skip
     assert main(argv) == 2
     capsys.readouterr()
-    assert main(argv + ["--errors", "replace", "--overwrite"]) == 0
+    assert main(argv + ["--errors", "replace"]) == 0  # the stopped run goes on
     said = capsys.readouterr().out
+    fresh = [*argv[:5], str(tmp_path / "fresh"), *argv[6:], "--errors", "replace"]
+    assert main(fresh) == 0 and tree(out) == tree(tmp_path / "fresh")
     assert "replaced invalid UTF-8 with U+FFFD in 1 place(s) (first: " in said and "a.txt: line 2, byte offset 14" in said
     assert "skipped 2 JSON line(s)" in said and "b.jsonl: line 2" in said
     assert documents_of(read_split(out, "train")[0]) == ["good text\nbad \ufffd byte\n", "kept", "kept too"]

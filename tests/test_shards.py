@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from npgpt.prepare import PrepareConfig, prepare
-from npgpt.shard_sampler import ShardWindows, WindowSampler
+from npgpt.shard_sampler import ShardWindows, WindowSampler, shard_batches
 from npgpt.shards import ShardFile, find_shards, looks_like_shards, open_shard, verify_prepared
 from npgpt.tokenizer import EOT_ID, get_tokenizer
 
@@ -264,3 +264,14 @@ def test_resident_memory_does_not_grow_with_the_corpus(tmp_path):
     grown = rss_kb() - before
     assert sampler.epoch == 1
     assert grown < 6_000, f"resident memory grew by {grown} kB"
+
+
+def test_shard_batches_builds_what_a_run_needs(tmp_path):
+    make_shards(tmp_path, [500, 300])
+    make_shards(tmp_path, [200], seed=1, prefix="val")
+    sampler, val, shards = shard_batches([str(tmp_path)], context_length=32, batch_size=4, seed=3, rank=1, world_size=2)
+    x, y = sampler.next()
+    assert x.shape == (2, 32) and len(val) == (200 - 33) // 32 + 1 and len(shards.train) == 2
+    assert sampler.state()["window"] == 4  # the global position: 4 windows of the first shard taken
+    (tmp_path / "val_000000.bin").unlink()
+    assert shard_batches([str(tmp_path)], 32, 4)[1] is None
