@@ -109,7 +109,7 @@ install_npgpt() {
         vsite=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') &&
         echo "$parents" >"$vsite/_npgpt_gpu_check_parents.pth" &&
         "$venv/bin/python" -m pip install --no-deps --no-index --no-build-isolation -e "$ROOT" &&
-        (cd "$WORK" && "$venv/bin/python" -c "import npgpt.kernels, npgpt.cli, npgpt.cuda.kernels; $CHECK_IMPORTS"); then
+        (cd "$WORK" && "$venv/bin/python" -c "import npgpt.cli, npgpt.cuda.kernels; from npgpt.cuda.sources import kernel_dir; kernel_dir(); $CHECK_IMPORTS"); then
         echo "$venv/bin/python" >"$WORK/python"
         echo "installed: editable (pip -e, no deps, no index) in a venv over the system packages"
         return 0
@@ -117,7 +117,7 @@ install_npgpt() {
     echo "the editable install failed; running from a copy of the package with its kernels on PYTHONPATH"
     rm -rf "$WORK/site" && mkdir -p "$WORK/site" && cp -r "$ROOT/npgpt" "$WORK/site/npgpt" &&
         rm -rf "$WORK/site/npgpt/kernels" && cp -r "$ROOT/kernels" "$WORK/site/npgpt/kernels" || return 1
-    (cd "$WORK" && PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c "import npgpt.kernels, npgpt.cli; $CHECK_IMPORTS") || return 1
+    (cd "$WORK" && PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c "import npgpt.cli; from npgpt.cuda.sources import kernel_dir; kernel_dir(); $CHECK_IMPORTS") || return 1
     echo "$PY" >"$WORK/python"
     echo "fallback" >"$WORK/fallback"
     echo "installed: fallback, a copy of npgpt/ and kernels/ on PYTHONPATH"
