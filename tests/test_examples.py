@@ -72,7 +72,9 @@ def test_01_layernorm(tmp_path):
     out = run_example("01_layernorm.py", tmp_path)
     assert "every row has mean 0 and variance 1" in out
     assert "layernorm gradcheck: all passed" in out
-    assert re.search(r"layernorm\s+dx\s+65/96\s", out)  # sampled: 64 random coordinates + the largest gradient's
+    assert re.search(r"layernorm\s+dx\s+64/96\s+axes\s", out)  # every index of every axis, 64 in all
+    assert re.search(r"layernorm\s+dweight\s+8/8\s+all\s", out)
+    assert "covers axes: every index of every axis perturbed at least once" in out
     assert "FAIL" not in out
 
 
