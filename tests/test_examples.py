@@ -2,6 +2,7 @@
 and docs/backprop.md has every anchor the layer files point to."""
 
 import ast
+import math
 import os
 import re
 import subprocess
@@ -254,6 +255,13 @@ def test_13_translation_transformer(tmp_path):
     assert last < first  # it learns, even in a few steps
     assert out.count("greedy: ") == 3 and out.count("beam 4: ") == 3
     assert re.search(r"held-out \(50 pairs, greedy\): exact match \S+%, BLEU \S+", out)
+    assert "cannot translate yet, so an exact match near 0% and a BLEU near 0 are expected" in out
+    # The untrained loss: ln V + s^2 / 2 for tied logits of spread s (about 1), not ln V.
+    loss = float(re.search(r"untrained loss (\S+)", out).group(1))
+    ln_v, s, predicted = (float(v) for v in re.search(r"ln V = (\S+), but .* std s = (\S+), .* = (\S+)$", out, re.M).groups())
+    assert ln_v == pytest.approx(math.log(1847), abs=1e-3) and 0.8 < s < 1.2
+    assert predicted == pytest.approx(ln_v + s * s / 2, abs=0.01)  # s is printed to 2 decimals
+    assert abs(loss - predicted) < 0.1 < loss - ln_v  # the half nat is real; the prediction accounts for it
 
 
 def test_14_classification_finetuning(tmp_path):
