@@ -329,11 +329,13 @@ def test_backprop_md_internal_links_resolve():
     assert not broken, f"links to missing sections: {broken}"
 
 
-def test_readme_lists_the_learning_track():
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    assert "## Learning track" in readme
-    section = readme.split("## Learning track", 1)[1].split("\n## ", 1)[0]
-    assert "docs/backprop.md" in section
+def test_the_learning_track_lists_every_example_and_the_readme_links_it():
+    """The README's learning track moved to docs/learning-track.md (issue 30); the README links it."""
+    track = (REPO / "docs" / "learning-track.md").read_text(encoding="utf-8")
+    assert "## All fifteen scripts" in track
+    section = track.split("## All fifteen scripts", 1)[1].split("\n## ", 1)[0]
+    assert "](backprop.md)" in section
     positions = [section.find(f"examples/{name}") for name in EXPECTED_EXAMPLES]
     assert all(p >= 0 for p in positions), "every example is listed"
     assert positions == sorted(positions), "examples are listed in course order"
+    assert "](docs/learning-track.md)" in (REPO / "README.md").read_text(encoding="utf-8")
