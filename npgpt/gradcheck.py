@@ -509,8 +509,7 @@ def compare_backends(
     return results
 
 
-COVERAGE_LEGEND = {
-    "all": "every entry perturbed",
+COVERAGE_LEGEND = {  # printed under a table that has such a row ("all" needs no explaining)
     "axes": "every index of every axis perturbed at least once, and the largest gradient entry (not every entry)",
 }
 
@@ -521,7 +520,7 @@ def format_results(results: Sequence[GradcheckResult]) -> str:
 
     "checked 65/96" means 65 of the tensor's 96 coordinates were perturbed; "covers" says which: "all",
     or "axes" (every index of every axis at least once, plus the largest analytic gradient; see
-    `sample_coordinates`), explained in a legend under the table. compare_backends compares every
+    `sample_coordinates`), which a line under the table explains. compare_backends compares every
     entry. Failures are explained below the table, one line each.
     """
     header = ("layer", "input", "checked", "covers", "max rel error", "tol", "result")

@@ -163,6 +163,8 @@ def test_12_check_your_own_layer(tmp_path):
     assert out.count("FAILED") == 3  # one line per deliberate mistake
     assert "backward modified dout" in out
     assert "gradient of x has shape (5,), expected (4, 5)" in out
+    assert "refused: gradcheck: mish_dropout's forward is not deterministic: two calls on the same inputs" in out
+    assert re.search(r"mish_dropout\s+dx\s+20/20\s+all\s+\S+\s+1e-07\s+pass", out)  # seeded inside: checked
     assert "All checks behaved as expected" in out
 
 

@@ -218,7 +218,7 @@ def test_the_table_says_how_many_coordinates_were_perturbed():
     assert re.search(rf"^layernorm\s+dx\s+{rx.n_checked}/96\s+axes\s+\S+\s+1e-07\s+pass$", table, re.M)
     assert re.search(r"^layernorm\s+dweight\s+8/8\s+all\s", table, re.M)
     assert any(line.startswith("covers axes: every index of every axis perturbed at least once") for line in lines)
-    assert "covers all: every entry perturbed" in lines
+    assert not any(line.startswith("covers all") for line in lines)  # needs no explaining
 
 
 def test_assert_gradients_passes_silently_and_fails_with_the_table():
