@@ -323,7 +323,7 @@ def test_slice_local_bugs_fail_on_every_seed(shape):
     """Issue 30's catalogue. With 64 random coordinates (the checker before the design), the time-step
     bug passed 9 seeds in 100 at (4, 32, 64) and 27 at (8, 64, 64), the channel bug 19 and 15 (measured
     on this layer; the issue saw 2/40 and 16/40 for the time step); the head, batch-row and last-column
-    bugs spoil a quarter or more of their tensor and were caught already. Perturbing every index of
+    bugs spoil an eighth or more of their tensor and were caught already. Perturbing every index of
     every axis finds each on all 100 seeds. Each check looks at the spoiled gradient only (`wrt`): the
     three shapes take about 3 s of CPU time (10 s of wall clock on the 2-core VM at a load average of 9)."""
     rng = np.random.default_rng(30)
