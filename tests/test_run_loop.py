@@ -11,6 +11,7 @@ epoch and the resume after SIGKILL goes on from that one or from an epoch's end.
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import pytest
 
 from npgpt.checkpoint import checkpoint_dirs, checkpoint_problem, latest_checkpoint
 from npgpt.cli import main
+from npgpt.loop import find_resume
 from npgpt.safetensors_io import load_safetensors
 from npgpt.seq2seq.data import bundled_pairs_path
 
@@ -108,10 +110,11 @@ def test_sigint_then_sigkill_then_resume_ends_bit_for_bit_as_an_uninterrupted_ru
     assert "--resume" in stdout and "Traceback" not in stderr
     stopped = max(steps_logged(out))
     assert latest_checkpoint(out, warn=False).name == f"step-{stopped:08d}" and stopped < total
+    assert json.loads((out / "summary.json").read_text())["interrupted"] is True  # complete: steps, finite numbers
     # 2. --resume, killed with SIGKILL at a random later step: every checkpoint left behind verifies
     proc = start(command(task, data, out) + ["--resume"])
-    wait_for_step(proc, out, rng.randint(stopped + 2, total - 4))
-    time.sleep(rng.uniform(0.0, 0.02))
+    wait_for_step(proc, out, rng.randint(stopped + 2, total - 8))
+    time.sleep(rng.uniform(0.0, 0.004))  # (a step takes longer: the kill lands before the last one)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=60) == -signal.SIGKILL
     for d in checkpoint_dirs(out):
@@ -125,3 +128,176 @@ def test_sigint_then_sigkill_then_resume_ends_bit_for_bit_as_an_uninterrupted_ru
     assert step_losses(out) == step_losses(ref) and len(step_losses(ref)) == total
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == total and not summary["interrupted"]
+
+
+# --- the loop itself, with a task of three numbers (no model: milliseconds) -----------------------------
+
+
+class Counter:
+    """A batch source whose batch is its position: next() -> i, state() / restore() of i."""
+
+    def __init__(self):
+        self.i = 0
+
+    def next(self):
+        self.i += 1
+        return self.i
+
+    def state(self):
+        return {"i": self.i}
+
+    def restore(self, state):
+        self.i = state["i"]
+
+
+class Approach:
+    """A task of the loop's shape: AdamW moves w towards `target`; batch i scales the target by 1 + 0.01 i (so
+    the data order matters); steps listed in `nan_at` get a NaN gradient; `nan_weights_at` poisons w;
+    report_nan: its result's train_loss is NaN. resume_dir: the checkpoint whose weights it starts from."""
+
+    summary_numbers = ("train_loss", "ms_per_step")
+
+    def __init__(self, nan_at=(), nan_weights_at=None, report_nan=False, resume_dir=None):
+        from npgpt.distributed import SingleProcess
+        from npgpt.optim import AdamW
+
+        self.world, self.batches = SingleProcess(), Counter()
+        self.w = {"w": np.zeros(3)}
+        if resume_dir is not None:  # a task loads its own weights; the loop restores the rest
+            self.w = {"w": load_safetensors(resume_dir / "model.safetensors")["w"]}
+        self.optimizer = AdamW(self.w, lr=0.1, weight_decay=0.0)
+        self.nan_at, self.nan_weights_at, self.report_nan = set(nan_at), nan_weights_at, report_nan
+        self.evaluated, self.restored = [], None
+
+    def banner(self, step):
+        return f"approach: resuming at step {step}" if step else "approach"
+
+    def train_step(self, number):
+        from npgpt.loop import StepResult
+
+        target = np.array([1.0, -2.0, 3.0]) * (1 + 0.01 * self.batches.next())
+        g = 2 * (self.w["w"] - target)
+        loss = float(np.sum((self.w["w"] - target) ** 2))
+        if number in self.nan_at:
+            g[0], loss = np.nan, float("nan")
+        applied = np.isfinite(loss)
+        if applied:
+            self.optimizer.step({"w": g})
+        if number == self.nan_weights_at:
+            self.w["w"][1] = np.inf
+        return StepResult(loss, float(np.linalg.norm(g)), 0.1, bool(applied), record={"extra": number})
+
+    def evaluate(self, at):
+        self.evaluated.append((at.step, at.train_loss))
+        return {"kind": "eval", "step": at.step, "train_loss": at.train_loss}, f"eval at {at.step}"
+
+    def weights_problem(self):
+        return None if np.isfinite(self.w["w"]).all() else "the weights are no longer finite"
+
+    def write_model(self, directory):
+        from npgpt.checkpoint import CONFIG_FILE, MODEL_FILE, atomic_write_json, save_tensors
+
+        save_tensors(directory / MODEL_FILE, self.w)
+        atomic_write_json(directory / CONFIG_FILE, {"approach": True})
+
+    def state(self):
+        return {"evaluated": self.evaluated}
+
+    def restore(self, state):
+        self.restored = state
+
+    def finish(self, report):
+        from dataclasses import make_dataclass
+
+        Result = make_dataclass("Result", ["train_loss", "ms_per_step", "steps"])
+        return Result(float("nan") if self.report_nan else report.train_loss, report.ms_per_step, report.steps)
+
+
+def settings(out, **kw):
+    from npgpt.loop import LoopSettings
+
+    base = dict(command="npgpt approach", out_dir=str(out), total_steps=10, lr=0.1, eval_interval=4, keep_last=2,
+                progress=False)  # fmt: skip
+    return LoopSettings(**{**base, **kw})
+
+
+def records(out, kind):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if f'"kind": "{kind}"' in line]
+
+
+def test_cadence_checkpoints_and_the_summary(tmp_path, capsys):
+    from npgpt.loop import run_task
+
+    out, task = tmp_path / "run", Approach()
+    result = run_task(task, settings(tmp_path / "run", eval_offset=1, eval_at_start=True, checkpoint_interval=3))
+    assert [s for s, _ in task.evaluated] == [0, 1, 5, 9, 10]  # the start, (s - 1) % 4 == 0, and the last
+    assert task.evaluated[0][1] is None  # nothing trained yet
+    steps = records(out, "step")
+    losses = [r["loss"] for r in steps]
+    assert [r["step"] for r in steps] == list(range(1, 11)) and [r["extra"] for r in steps] == list(range(1, 11))
+    assert task.evaluated[2][1] == pytest.approx(np.mean(losses[1:5]))  # the mean of steps 2..5
+    assert [d.name for d in checkpoint_dirs(out)] == ["step-00000009", "step-00000010"]  # 3, 6, 9, the end; keep 2
+    state = json.loads((out / "checkpoints" / "step-00000010" / "trainer_state.json").read_text())
+    assert state["step"] == 10 and state["data"] == {"i": 10} and state["evaluated"][-1] == [10, result.train_loss]
+    assert json.loads((out / "summary.json").read_text())["steps"] == 10
+    assert "summary.json not written" not in capsys.readouterr().out
+
+
+def test_a_result_with_a_non_finite_number_never_replaces_the_summary(tmp_path, capsys):
+    from npgpt.loop import run_task
+
+    out = tmp_path / "run"
+    run_task(Approach(), settings(out, total_steps=4))
+    before = (out / "summary.json").read_bytes()
+    capsys.readouterr()
+    resume_dir, state = find_resume(out, resume=True, overwrite=False)
+    run_task(Approach(report_nan=True, resume_dir=resume_dir), settings(out, total_steps=6), resume_dir, state)
+    assert "summary.json not written" in capsys.readouterr().out
+    assert (out / "summary.json").read_bytes() == before
+
+
+def test_resume_restores_everything_the_loop_saved(tmp_path, capsys):
+    from npgpt.loop import run_task
+
+    straight = Approach()
+    run_task(straight, settings(tmp_path / "straight"))
+    out = tmp_path / "split"
+    run_task(Approach(), settings(out, checkpoint_interval=6))
+    shutil.rmtree(out / "checkpoints" / "step-00000010")  # as if killed after the save of step 6
+    capsys.readouterr()
+    resume_dir, state = find_resume(out, resume=True, overwrite=False)
+    resumed = Approach(resume_dir=resume_dir)
+    run_task(resumed, settings(out), resume_dir, state)
+    assert "approach: resuming at step 6" in capsys.readouterr().out
+    assert resumed.restored["step"] == 6 and resumed.batches.i == 10 and resumed.optimizer.t == 10
+    assert np.array_equal(resumed.w["w"], straight.w["w"])  # the same ten updates on the same ten batches
+    without_time = [[{k: v for k, v in r.items() if k != "ms"} for r in records(run, "step")] for run in (out, tmp_path / "straight")]
+    assert without_time[0] == without_time[1] and len(without_time[0]) == 10
+    # the mean loss of steps 5..8 spans the resume (the loop saved the losses since the last evaluation)
+    assert resumed.evaluated[0][1] == straight.evaluated[1][1]
+
+
+def test_a_finished_run_is_not_resumed(tmp_path):
+    from npgpt.loop import run_task
+
+    out = tmp_path / "run"
+    run_task(Approach(), settings(out, total_steps=4))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=r"already at step 4 of 4, so there is nothing to train; give a larger --max-steps"):
+        run_task(Approach(), settings(out, total_steps=4), *find_resume(out, resume=True, overwrite=False))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_non_finite_steps_and_weights_stop_the_run(tmp_path):
+    from npgpt.loop import TrainingAborted, run_task
+
+    out = tmp_path / "run"
+    with pytest.raises(TrainingAborted, match=r"3 consecutive steps had a non-finite loss .*last at step 7.*step-00000004"):
+        run_task(Approach(nan_at={2, 5, 6, 7}), settings(out, checkpoint_interval=4, max_bad_steps=3))
+    assert [r["step"] for r in records(out, "skip")] == [2, 5, 6, 7]
+    out = tmp_path / "run2"
+    with pytest.raises(TrainingAborted, match=r"step 6: training diverged: the weights are no longer finite.*"
+                                              r"the last finite training loss was .* at step 5, 1 non-finite steps skipped.*step-00000003 is kept"):  # fmt: skip
+        run_task(Approach(nan_weights_at=5), settings(out, checkpoint_interval=3))
+    assert [d.name for d in checkpoint_dirs(out)] == ["step-00000003"]
+    assert records(out, "error")[0]["step"] == 6
