@@ -43,10 +43,10 @@ def data(tmp_path_factory):
 
 
 def command(task, data, out):
-    """The command line of each task's run: 24 to 40 steps of a tiny model, dropout on."""
+    """The command line of each task's run: 24 to 30 steps of a tiny model, dropout on."""
     if task == "pretrain":
-        return ["train", *GPT_TINY, "--context-length", "16", "--drop-rate", "0.1", "--max-steps", "40",
-                "--eval-interval", "10", "--checkpoint-interval", "15", "--sample-tokens", "2", "--out-dir", str(out)]  # fmt: skip
+        return ["train", *GPT_TINY, "--context-length", "16", "--drop-rate", "0.1", "--max-steps", "30",
+                "--eval-interval", "10", "--checkpoint-interval", "12", "--sample-tokens", "2", "--out-dir", str(out)]  # fmt: skip
     if task == "classify":  # 40 poems, batches of 4: 10 steps per epoch, 3 epochs
         return ["finetune", "--task", "classify", *GPT_TINY[:-3], "--batch-size", "4", "--max-examples", "40",
                 "--epochs", "3", "--context-length", "24", "--drop-rate", "0.1", "--lm-weight", "0.5", "--no-progress",
@@ -61,7 +61,7 @@ def command(task, data, out):
             "--no-progress", "--out-dir", str(out)]  # fmt: skip
 
 
-TOTAL = {"pretrain": 40, "classify": 30, "instruct": 24, "seq2seq": 30}
+TOTAL = {"pretrain": 30, "classify": 30, "instruct": 24, "seq2seq": 30}
 
 
 def start(args):
