@@ -32,15 +32,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import multiprocessing
 import os
 import queue
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import numpy as np
@@ -129,26 +131,30 @@ def tokenize_texts(texts: list[str], starts: list[bool], enc=None) -> tuple[np.n
     return lengths, (np.concatenate(parts) if parts else np.empty(0, np.uint16))
 
 
-def _tokenizer_process(conn) -> None:
-    """A tokenizer process: tasks (texts, starts) in, (lengths, tokens) out, until the pipe closes. A
+def tokenizer_process_main() -> None:
+    """A tokenizer process (started by TokenizerPool): tasks (texts, starts) arrive pickled on stdin,
+    (lengths, tokens) go back on stdout, until stdin closes (the main process ended, or was killed). A
     thread takes the tasks off the pipe as they come, so the main process never blocks sending one."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    tasks_in = Connection(os.dup(0), writable=False)
+    results_out = Connection(os.dup(1), readable=False)
+    os.dup2(2, 1)  # anything printed goes to stderr, never into the results
     enc = get_tokenizer()
     tasks: queue.Queue = queue.Queue()
 
     def receive():
         try:
-            while (task := conn.recv()) is not None:
+            while (task := tasks_in.recv()) is not None:
                 tasks.put(task)
-        except (EOFError, OSError):  # the main process ended (or was killed)
+        except (EOFError, OSError):
             pass
         tasks.put(None)
 
     threading.Thread(target=receive, daemon=True).start()
     try:
         while (task := tasks.get()) is not None:
-            conn.send(tokenize_texts(*task, enc))
-    except (BrokenPipeError, EOFError, OSError):
+            results_out.send(tokenize_texts(*task, enc))
+    except (EOFError, OSError):  # the main process is gone
         pass
     os._exit(0)
 
@@ -159,19 +165,25 @@ def _payload(task) -> tuple[list[str], list[bool]]:
 
 class TokenizerPool:
     """K processes tokenizing tasks; results come back in the order the tasks went out. K = 0 tokenizes
-    in this process. Use as a context manager (the processes end with it)."""
+    in this process. Use as a context manager (the processes end with it).
+
+    The processes are fresh interpreters in a session of their own: Ctrl-C at the terminal reaches only
+    the main process, which ends them (a process interrupted while it starts would print a traceback),
+    and when the main process dies, even by SIGKILL, their stdin closes and they end too."""
 
     def __init__(self, workers: int, depth: int = 2):
         self.depth = depth
-        self.procs, self.conns = [], []
-        ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads
+        self.procs, self.senders, self.receivers = [], [], []
+        package_parent = str(Path(__file__).resolve().parents[1])  # the npgpt this process runs, not another
+        code = f"import sys; sys.path.insert(0, {package_parent!r}); from npgpt.prepare import tokenizer_process_main; tokenizer_process_main()"
         for _ in range(workers):
-            mine, theirs = ctx.Pipe()
-            proc = ctx.Process(target=_tokenizer_process, args=(theirs,), daemon=True)
-            proc.start()
-            theirs.close()
+            proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    start_new_session=True)  # fmt: skip
+            self.senders.append(Connection(os.dup(proc.stdin.fileno()), readable=False))
+            self.receivers.append(Connection(os.dup(proc.stdout.fileno()), writable=False))
+            proc.stdin.close()
+            proc.stdout.close()
             self.procs.append(proc)
-            self.conns.append(mine)
 
     def map(self, tasks):
         """(task, (lengths, tokens)) for each task (a list of Pieces), in order."""
@@ -189,16 +201,16 @@ class TokenizerPool:
                 if task is None:
                     exhausted = True
                     break
-                self.conns[sent % k].send(_payload(task))
+                self.senders[sent % k].send(_payload(task))
                 pending.append((task, sent % k))
                 sent += 1
             if not pending:
                 return
             task, w = pending.popleft()
             try:
-                result = self.conns[w].recv()
+                result = self.receivers[w].recv()
             except (EOFError, OSError):
-                code = self.procs[w].exitcode
+                code = self.procs[w].poll()
                 raise OSError(f"a tokenizer process stopped unexpectedly (exit code {code}; killed by the system, "
                               "perhaps for memory?); run the same command again to continue from the last save, "
                               "perhaps with fewer --workers") from None  # fmt: skip
@@ -206,7 +218,7 @@ class TokenizerPool:
 
     def close(self, at_once: bool = False) -> None:
         """End the processes: after the tasks they hold, or (at_once, on an error or Ctrl-C) now."""
-        for conn in self.conns:
+        for conn in self.senders:
             try:
                 if not at_once:
                     conn.send(None)
@@ -216,11 +228,14 @@ class TokenizerPool:
         for proc in self.procs:
             if at_once:
                 proc.terminate()
-            proc.join(timeout=10)
-            if proc.is_alive():
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.join()
-        self.procs, self.conns = [], []
+                proc.wait()
+        for conn in self.receivers:
+            conn.close()
+        self.procs, self.senders, self.receivers = [], [], []
 
     def __enter__(self):
         return self

@@ -228,7 +228,8 @@ def test_output_depends_neither_on_processes_nor_on_piece_sizes(corpus, tmp_path
 
 
 def test_tokenizer_processes_keep_few_tasks_in_flight():
-    """The bound on memory: the pool takes a new task only when fewer than 2 per process are out."""
+    """The bound on memory: the pool takes a new task only when fewer than 2 per process are out. And the
+    processes never see Ctrl-C (one interrupted while it starts would print a traceback)."""
     pulled, seen = [0], []
 
     def tasks():
@@ -237,6 +238,8 @@ def test_tokenizer_processes_keep_few_tasks_in_flight():
             yield [type("P", (), {"text": f"task {i} " * 50, "starts_document": i % 2 == 0})()]
 
     with TokenizerPool(2) as pool:
+        for proc in pool.procs:  # Ctrl-C at a terminal never reaches them (a session of their own)
+            assert os.getsid(proc.pid) == proc.pid != os.getsid(0)
         for i, (task, (lengths, tokens)) in enumerate(pool.map(tasks())):
             seen.append(pulled[0] - i)  # tasks taken but not yet handed back, this one included
             assert list(tokens) == [EOT_ID] * (i % 2 == 0) + ENC.encode_ordinary(task[0].text) and list(lengths) == [len(tokens)]
@@ -359,18 +362,20 @@ def test_sigkill_at_random_moments_gives_byte_identical_shards(tmp_path):
 
 
 def test_ctrl_c_stops_at_once_in_one_line_and_the_run_continues(tmp_path):
+    """Ctrl-C while the tokenizer processes start: exit 130, one line, no traceback from any process, the
+    processes gone, and the same command finishes the run to the shards of one never stopped."""
     data = resume_corpus(tmp_path)
     out = tmp_path / "out"
     run(data, tmp_path / "ref", shard_tokens=2000)
     argv = [sys.executable, "-m", "npgpt", "prepare", "--data", *map(str, data), "--out", str(out), "--shard-tokens", "2000",
             "--workers", "2", "--no-progress"]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     deadline = time.monotonic() + 60
-    while len(children(proc.pid)) < 2 and time.monotonic() < deadline:  # the tokenizer processes are up
-        time.sleep(0.05)
+    while len(children(proc.pid)) < 2 and time.monotonic() < deadline:  # the tokenizer processes are starting
+        time.sleep(0.01)
     workers = children(proc.pid)
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C in a terminal: to every process of the group
     t0 = time.monotonic()
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130 and time.monotonic() - t0 < 10, (proc.returncode, stderr)
