@@ -19,7 +19,7 @@ current document (for JSON lines, also the line being parsed: a JSON value is pa
 tasks of ~1M characters are in flight (their text, then their tokens), a document waiting for its split
 holds at most SPLIT_LOOKAHEAD tokens (2 MB), shards grow on disk, and each tokenizer process holds Python,
 NumPy and tiktoken's tables. Peak resident memory of the whole process tree, measured on 1 GB at K = 2:
-224 MB (benchmarks/prepare_bench.py; docs/benchmarks.md).
+210 MB (benchmarks/prepare_bench.py; docs/benchmarks.md).
 
 Resuming: every `save_every` seconds and whenever a shard completes, the partial shards are flushed to
 disk and `manifest.json` is rewritten atomically with where reading is (npgpt.corpus.Position), each
