@@ -27,6 +27,7 @@ BASE = {
     "bench": ["bench", "--preset", "nano", "--context-length", "8", "--steps", "1", "--warmup", "0", "--generate", "0",
               "--no-memory"],  # fmt: skip
     "info": ["info"],
+    "prepare": ["prepare", "--data", "FILE", "--out", "RUN/prepared", "--no-progress"],
     "seq2seq train": ["seq2seq", "train", "--data", "PAIRS", "--out-dir", "RUN", "--overwrite", "--max-steps", "2",
                       "--d-model", "16", "--n-heads", "2", "--d-ff", "16", "--batch-size", "4", "--no-progress"],  # fmt: skip
     "finetune": ["finetune", "--task", "classify", "--data", "CSV", "--epochs", "1", "--emb-dim", "8", "--n-heads", "2",
@@ -90,6 +91,16 @@ TABLE = {
         "--precision": ["fp8"],
         "--device": ["gpu"],
         "--schedule": ["linear"],
+    },
+    "prepare": {  # every case fails before --out (inside RUN, whose files are checked) is made
+        "--data": ["MISSING", "DIR", "DIR/*.txt"],
+        "--out": ["FILE", "BELOW"],
+        "--text-field": [""],
+        "--shard-tokens": INT_POS + ["3000000000"],
+        "--val-tokens": INT_NONNEG,
+        "--val-share": UNIT_OPEN,
+        "--workers": INT_NONNEG,
+        "--errors": ["ignore"],
     },
     "generate": {
         "--checkpoint": ["MISSING", "FILE", "DIR", "WEIGHTS"],

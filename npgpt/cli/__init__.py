@@ -1,4 +1,4 @@
-"""The `npgpt` command line: train, generate, finetune, classify, gradcheck, bench, info, seq2seq (the
+"""The `npgpt` command line: train, prepare, generate, finetune, classify, gradcheck, bench, info, seq2seq (the
 console script `npgpt`, and `python -m npgpt`).
 
 Each subcommand's arguments and work live in its own module of this package (npgpt/cli/train.py, ...);
@@ -45,7 +45,7 @@ def join_negative_values(argv: list[str]) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
     from . import seq2seq as seq2seq_cli
-    from . import bench, classify, finetune, generate, gradcheck, info, train
+    from . import bench, classify, finetune, generate, gradcheck, info, prepare, train
 
     parser = ArgumentParser(
         prog="npgpt",
@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module, help_text in [
         ("train", train, "pretrain or fine-tune a GPT on text files (default: the bundled short story)"),
+        ("prepare", prepare, "tokenize text files and JSON lines into token shards (llm.c's format), in parallel"),
         ("generate", generate, "continue a prompt with a trained checkpoint"),
         ("finetune", finetune, "fine-tune a GPT: a classifier (--task classify) or on instructions (--task instruct)"),
         ("classify", classify, "predict labels with a fine-tuned classifier"),
