@@ -35,7 +35,7 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from .atomic import atomic_write_json, explain_os_error
-from .backend import resolve_device, set_tf32, to_numpy
+from .backend import resolve_device, set_tf32, tf32_mode, tf32_note, to_numpy
 from .checkpoint import (CHECKPOINT_DIR, checkpoint_dirs, clean_stray_temporaries, latest_checkpoint, remove_checkpoints,
                          save_training_checkpoint)  # fmt: skip
 from . import validate as V
@@ -778,7 +778,7 @@ class Trainer:
         ranks = f" on {world.size} ranks" if world.size > 1 else ""
         compute = "" if cfg.precision == "fp32" else f" weights, {cfg.precision} compute"
         return (f"npgpt train: {model.num_params():,} parameters ({c.n_layers} layers, C={c.emb_dim}, NH={c.n_heads}) on "
-                f"{model.device}{ranks}, {model.dtype}{compute}; {len(self.train_ids):,} train / {len(self.val_ids):,} val "
+                f"{model.device}{tf32_note(model.device)}{ranks}, {model.dtype}{compute}; {len(self.train_ids):,} train / {len(self.val_ids):,} val "
                 f"tokens; {self.total_steps} steps of {self.batch_size}x{self.grad_accum}x{self.seq_len} tokens"
                 + (f"; resuming at step {self.step}" if self.step else ""))  # fmt: skip
 
@@ -838,7 +838,8 @@ class Trainer:
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Run training as configured; returns a summary (also printed and written to summary.json)."""
-    return Trainer(cfg).run()
+    with tf32_mode():  # the TF32 setting the Trainer makes for a CUDA model ends with the run
+        return Trainer(cfg).run()
 
 
 def print_summary(r: TrainResult) -> None:

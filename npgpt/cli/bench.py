@@ -27,7 +27,7 @@ import sys
 import numpy as np
 
 from ..atomic import atomic_write_json
-from ..backend import set_tf32
+from ..backend import set_tf32, tf32_mode
 from ..bench import (
     NpgptStep,
     bench_generation,
@@ -159,6 +159,11 @@ def time_isolated(args) -> tuple[dict, dict, dict, list, list]:
 def run(args) -> int:
     if args.memory_worker:
         return memory_worker(args)
+    with tf32_mode():  # the TF32 setting of a GPU benchmark (set_tf32 below) ends with it
+        return _bench(args)
+
+
+def _bench(args) -> int:
     _check_args(args)
     threads = set_threads(args.threads)
     cfg = GPTConfig.from_preset(args.preset, drop_rate=args.drop_rate)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import checkpoint as ckpt
+from ..backend import tf32_note
 from ..tokenizer import encode
 from .classifier import Classifier
 from .config import FinetuneConfig, trainable_names
@@ -98,7 +99,7 @@ def run_classify(cfg: FinetuneConfig) -> ClassifyResult:
     run.say(f"npgpt finetune --task classify: {len(labels.names)} labels, {len(train)} train / {len(val) if val else 0} val"
             f" / {len(test) if test else 0} test texts{f' ({truncated} cut to {T} tokens)' if truncated else ''}; "
             f"{n_train:,} of {sum(int(v.size) for v in clf.params.values()):,} parameters train "
-            f"({cfg.trainable}), lambda {lam}, {run.total_steps} steps on {model.device} ({cfg.engine} engine)")  # fmt: skip
+            f"({cfg.trainable}), lambda {lam}, {run.total_steps} steps on {model.device}{tf32_note(model.device)} ({cfg.engine} engine)")  # fmt: skip
     if lam > 0 and cfg.trainable == "head":
         run.say("note: with --trainable head the LM term reaches no trainable parameter: it is reported, not trained on")
     history = {k: [] for k in ("train_loss", "train_acc", "val_loss", "val_acc")}

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import checkpoint as ckpt
+from ..backend import tf32_note
 from ..tokenizer import EOT_ID, decode, encode
 from .config import FinetuneConfig, trainable_names
 from .instructions import ALPACA, InstructionSet, read_instructions, render_prompt
@@ -135,7 +136,7 @@ def run_instruct(cfg: FinetuneConfig) -> InstructResult:
             f"test records ({train.response_tokens():,} trained-on target tokens"
             f"{', prompt masked' if cfg.mask_prompt else ', prompt included'})"
             f"{f'; {skipped} longer than {T} tokens left out' if skipped else ''}; {n_train:,} of {model.num_params():,} "
-            f"parameters train ({cfg.trainable}), {run.total_steps} steps on {model.device} ({cfg.engine} engine)")  # fmt: skip
+            f"parameters train ({cfg.trainable}), {run.total_steps} steps on {model.device}{tf32_note(model.device)} ({cfg.engine} engine)")  # fmt: skip
     history = {"train_loss": [], "val_loss": []}
     try:
         for epoch in range(cfg.epochs + 1):

@@ -30,7 +30,7 @@ import numpy as np
 
 from .. import checkpoint as ckpt
 from ..atomic import atomic_write_bytes, atomic_write_json
-from ..backend import to_numpy
+from ..backend import tf32_note, to_numpy
 from ..metrics import read_metrics
 from ..model import make_rng
 from ..optim import AdamW
@@ -369,7 +369,7 @@ class Seq2SeqTrainer:
         mc = model.config
         print(f"npgpt seq2seq train: {model.num_params():,} parameters (d_model {mc.d_model}, {mc.n_heads} heads, "
               f"{mc.n_encoder_layers}+{mc.n_decoder_layers} layers, d_ff {mc.d_ff}, {mc.norm}-norm, {mc.activation}, "
-              f"{mc.pos_encoding} positions) on {model.device}, {model.dtype}, {cfg.engine} engine; "
+              f"{mc.pos_encoding} positions) on {model.device}{tf32_note(model.device)}, {model.dtype}, {cfg.engine} engine; "
               f"vocabulary {len(self.vocab):,}; "
               f"{len(self.train_pairs):,} training / {len(self.held_pairs):,} held-out pairs; {cfg.max_steps} steps "
               f"of {cfg.batch_size} pairs" + (f"; resuming at step {self.step}" if self.step else ""))  # fmt: skip
