@@ -39,15 +39,44 @@ def rel(got, ref) -> float:
 
 def test_a_gpu_benchmark_leaves_tf32_as_it_found_it(fake_cupy, capsys):
     """`npgpt bench --device cuda` runs float32 with TF32 (its default) and afterwards TF32 is off again
-    and $CUPY_TF32 unset, as before it: before issue 25 both stayed on for the rest of the process."""
+    and $CUPY_TF32 unset, as before it: before issue 25 both stayed on for the rest of the process. (7:
+    the MFU line names the part whose peak it used, here an H100 PCIe's, not an SXM's.)"""
     from npgpt.cli import main
 
+    fake_cupy.device_name = "NVIDIA H100 PCIe"
     args = ["bench", "--device", "cuda", "--preset", "nano", "--context-length", "8", "--batch-size", "1", "--steps", "1",
             "--warmup", "0", "--no-memory", "--generate", "0"]  # fmt: skip
     assert main(args) == 0
-    assert "precision fp32 with TF32, cuda" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "precision fp32 with TF32, cuda" in out
+    assert "MFU against the H100 PCIe's dense TF32 peak, 378.0 TFLOP/s (device 'NVIDIA H100 PCIe')" in out
     assert fake_cupy.effective_compute_type() == fake_cupy.COMPUTE_TYPE_DEFAULT
     assert "CUPY_TF32" not in os.environ
+
+
+def test_npgpt_info_says_whether_tf32_is_on_and_whether_nccl_is_there(fake_cupy, capsys):
+    """(1 and 4) `npgpt info` on a GPU: TF32's state in this process and where it comes from, and NCCL's
+    version or what to install."""
+    from npgpt.cli import main
+
+    assert main(["info", "--device", "cuda"]) == 0
+    out = capsys.readouterr().out
+    assert _line(out, "TF32").startswith("off (CuPy's default, $CUPY_TF32 unset); npgpt train and npgpt bench turn")
+    assert _line(out, "NCCL") == "available (NCCL 2.27.3)"
+    with tf32_mode(True):
+        assert main(["info"]) == 0
+        assert _line(capsys.readouterr().out, "TF32").startswith("on ($CUPY_TF32=1)")
+    fake_cupy.set_nccl_available(False)
+    assert main(["info"]) == 0
+    assert _line(capsys.readouterr().out, "NCCL").startswith("not available to CuPy (pip install nvidia-nccl-cu12")
+
+
+def _line(out: str, key: str) -> str:
+    """The value `npgpt info` prints for `key`."""
+    for line in out.splitlines():
+        if line.split("  ")[0].strip() == key:
+            return line[len(key):].strip()
+    raise AssertionError(f"no {key!r} line in:\n{out}")
 
 
 def test_tf32_left_on_shows_in_float32_products_on_the_stand_in(fake_cupy):
