@@ -555,7 +555,10 @@ class _Random(types.ModuleType):
         return _Generator(seed)
 
     def __getattr__(self, name):
-        return _wrapped(getattr(np.random, name))
+        if name.startswith("__"):  # a module's own attributes (inspect walks sys.modules reading __file__)
+            raise AttributeError(name)
+        attr = getattr(np.random, name)
+        return _wrapped(attr) if callable(attr) and not isinstance(attr, type) else attr
 
 
 class _Stream:
@@ -857,6 +860,8 @@ class _FakeCupy(types.ModuleType):
     """`cupy`: NumPy's functions with results on the device, and the pieces above."""
 
     def __getattr__(self, name):
+        if name.startswith("__"):  # a module's own attributes: not NumPy's (its __path__ would make this a package)
+            raise AttributeError(name)
         attr = getattr(np, name)
         if isinstance(attr, np.ufunc):
             return _Ufunc(attr)
