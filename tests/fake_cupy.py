@@ -306,6 +306,8 @@ class DeviceArray:
             memo = {id(self._a): self}
             args, kwargs = _unwrap(args, memo, strict=False), _unwrap(kwargs, memo, strict=False)
             _note_reduction(name, self._a, kwargs.get("axis", args[0] if args else None))
+            if name in ("astype", "copy", "fill"):  # elementwise copy / fill kernels
+                _note_kernel(name, [self._a], args[0] if name == "astype" and args else None)
             return _rewrap(attr(*args, **kwargs), memo)
 
         method.__name__ = name
@@ -340,7 +342,9 @@ class DeviceArray:
     def __setitem__(self, key, value):  # host values are copied to the device (_routines_indexing.pyx:917, 1036)
         memo: dict = {}
         value = value._a if isinstance(value, DeviceArray) else value
-        self._a[_unwrap(key, memo, strict=False)] = value
+        key = _unwrap(key, memo, strict=False)
+        self._a[key] = value
+        _note_kernel("setitem", [self._a[key]] + ([value] if isinstance(value, np.ndarray) else []))
 
     def __deepcopy__(self, memo):
         return self.copy()
@@ -847,6 +851,7 @@ class _RawModule:
         filename = next(f for f, names in KERNEL_ENTRIES.items() if name in names)
 
         def launch(grid, block, args):
+            kernels.add(("rawmodule", filename, self.defines))  # CuPy compiles a RawModule once per source
             host = [a._a if isinstance(a, DeviceArray) else a for a in args]
             emulate.launch(filename, name, grid, int(block[0]), host, defines=self.defines)
 
