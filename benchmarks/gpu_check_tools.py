@@ -322,7 +322,7 @@ def part_result(part: dict, tests: dict, train: dict) -> str:
         mine = pytest_results(part["log"])
         counts = {o: list(mine.values()).count(o) for o in ("PASSED", "FAILED", "ERROR", "SKIPPED")}
         head += ": " + ", ".join(f"{v} {k.lower()}" for k, v in counts.items() if v)
-        collected = re.findall(r"^(\d+(?:/\d+)? tests? collected.*)$", log, re.M)
+        collected = re.findall(r"^=*\s*(\d+(?:/\d+)? tests? collected[^=]*?)\s*=*$", log, re.M)
         if not mine and collected:
             head += collected[-1]  # (head ends with ": " here)
     elif name == "probe":
