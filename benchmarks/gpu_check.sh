@@ -3,7 +3,8 @@
 #
 # The one-command check of npgpt's CUDA path (issues 13 and 25) for a machine with an NVIDIA GPU and no
 # network, whose Python already has CuPy (cupy-cuda12x or cupy-cuda13x, with its [ctk] headers), NumPy,
-# PyTorch, transformers, tiktoken, safetensors, ml_dtypes, matplotlib, tqdm, pytest and mpi4py. Nothing is
+# PyTorch, transformers, tiktoken, safetensors, ml_dtypes, matplotlib, tqdm and pytest (and mpi4py for
+# the NCCL part, whose tests fail saying so without it). Nothing is
 # downloaded: npgpt is installed into a throwaway venv that sees the system's packages (pip install
 # --no-deps --no-index --no-build-isolation -e .), or, if that fails, run from a copy of the package.
 #
