@@ -100,14 +100,23 @@ def part_of(test_file: str) -> str:
     return "pytest-more"
 
 
-def count(log: Path) -> dict:
-    """part -> {kind: kernels first needed there, "rawmodule <file>": 1 ...}, replayed in the parts' order."""
-    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+def check_order(test_file: str) -> tuple:
+    """Where gpu_check.sh runs a test file: its part, then its place in that part (the rest by name)."""
     order = ["pytest-core", "pytest-more", "pytest-nccl"]
-    rows.sort(key=lambda r: order.index(part_of(r["test"].split("::")[0].split("/")[-1])))
-    seen, parts = set(), {p: {} for p in order}
-    for r in rows:
-        part = parts[part_of(r["test"].split("::")[0].split("/")[-1])]
+    part = part_of(test_file)
+    files = PARTS.get(part, ())
+    return order.index(part), files.index(test_file) if test_file in files else len(files), test_file
+
+
+def count(log: Path) -> dict:
+    """part -> test file -> {kind: kernels first compiled there, "rawmodule <file>": n, ...}: the log's tests
+    (each with every kernel it used) replayed in gpu_check.sh's order, a kernel compiled at its first use."""
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    file_of = lambda r: r["test"].split("::")[0].split("/")[-1]  # noqa: E731
+    rows = sorted(enumerate(rows), key=lambda ir: (*check_order(file_of(ir[1])), ir[0]))
+    seen, parts = set(), {p: {} for p in ("pytest-core", "pytest-more", "pytest-nccl")}
+    for _, r in rows:
+        part = parts[part_of(file_of(r))].setdefault(file_of(r), {})
         for key in r["kernels"]:
             if key in seen:
                 continue
@@ -131,13 +140,18 @@ def main(argv=None) -> int:
     for k, v in times.items():
         print(f"  {k:32s} {v:6.2f} s")
     parts = count(Path(args.log))
-    print("\nkernels first compiled in each part, and the estimated compile time (every reduction a CUB one):")
+    print("\nkernels first compiled in each part and test file, and the estimated compile CPU seconds (every "
+          "reduction a CUB one):")
     result = {"compile_s": times, "parts": {}}
-    for part, kinds in parts.items():
-        seconds = sum(n * times.get(k, times["elementwise"]) for k, n in kinds.items())
-        result["parts"][part] = {"kernels": kinds, "compile_s": round(seconds, 1)}
-        summary = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
-        print(f"  {part:12s} {seconds:6.0f} s: {summary or 'none'}")
+    for part, files in parts.items():
+        part_s = 0.0
+        for name, kinds in files.items():
+            seconds = sum(n * times.get(k, times["elementwise"]) for k, n in kinds.items())
+            part_s += seconds
+            summary = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+            print(f"  {part:12s} {name:28s} {seconds:6.0f} s: {summary or 'none'}")
+        result["parts"][part] = {"files": files, "compile_s": round(part_s, 1)}
+        print(f"  {part:12s} {'(all)':28s} {part_s:6.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return 0

@@ -16,20 +16,19 @@ if FAKE_CUDA:  # a dry run of the GPU tests' own logic on the CPU stand-in
     fake_cupy.reset()
 
 KERNEL_LOG = os.environ.get("NPGPT_FAKE_KERNEL_LOG")  # with NPGPT_FAKE_CUDA=1: the kernels each test makes CuPy compile
-_logged_kernels: set = set()
 
 
 def pytest_runtest_teardown(item):
-    """With NPGPT_FAKE_KERNEL_LOG (and the stand-in for the session): one JSON line per test with the
-    kernels CuPy would have compiled for it that no earlier test needed (benchmarks/gpu_compile_budget.py
-    reads them)."""
+    """With NPGPT_FAKE_KERNEL_LOG (and the stand-in for the session): one JSON line per test with every kernel
+    it made CuPy use (benchmarks/gpu_compile_budget.py replays them in the GPU check's order: the first
+    use of each is a compile)."""
     if KERNEL_LOG and FAKE_CUDA:
         import json
 
-        new = sys.modules["fake_cupy"].kernels - _logged_kernels
-        _logged_kernels.update(new)
+        used = sys.modules["fake_cupy"].kernels_used
         with open(KERNEL_LOG, "a") as f:
-            f.write(json.dumps({"test": item.nodeid, "kernels": sorted(repr(k) for k in new)}) + "\n")
+            f.write(json.dumps({"test": item.nodeid, "kernels": sorted(repr(k) for k in used)}) + "\n")
+        used.clear()
 
 
 REPO = Path(__file__).resolve().parents[1]

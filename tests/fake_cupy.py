@@ -85,6 +85,7 @@ matmul_calls: list = []  # (ndim, dtype name) per cupy.matmul call
 nccl_calls: list = []  # (count, datatype, op) per NcclCommunicator.allReduce
 events: list = []  # ("use", device) and ("alloc", device)
 kernels: set = set()  # the kernels CuPy would have compiled (see _note_kernel)
+kernels_used: set = set()  # the same, since the last clear() (conftest.py: per test)
 device_count = 1
 current_device = 0
 device_name = "Fake GPU"
@@ -106,6 +107,7 @@ def reset(devices: int = 1) -> None:
     nccl_calls.clear()
     events.clear()
     kernels.clear()
+    kernels_used.clear()
     compute_types[:] = [COMPUTE_TYPE_TBD] * 4
 
 
@@ -240,6 +242,15 @@ def _note_kernel(name: str, arrays: list, out_dtype=None) -> None:
     key = ("elementwise", name, tuple(a.dtype.str for a in arrays), out_dtype and np.dtype(out_dtype).str,
            _merged_ndim(shape, strides), all(a.flags.c_contiguous for a in arrays))  # fmt: skip
     kernels.add(key)
+    kernels_used.add(key)
+
+
+# x + y, y + x and x += y run CuPy's ufunc kernel (cupy.add, with out=x for +=): one name for all three
+_OPERATOR_UFUNCS = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "truediv": np.true_divide,
+                    "floordiv": np.floor_divide, "mod": np.remainder, "pow": np.power, "and": np.bitwise_and,
+                    "or": np.bitwise_or, "xor": np.bitwise_xor, "lshift": np.left_shift, "rshift": np.right_shift,
+                    "lt": np.less, "le": np.less_equal, "eq": np.equal, "ne": np.not_equal, "gt": np.greater,
+                    "ge": np.greater_equal}  # fmt: skip
 
 
 REDUCTIONS = {"sum", "mean", "max", "min", "amax", "amin", "argmax", "argmin", "prod", "any", "all", "var", "std",
@@ -249,7 +260,9 @@ REDUCTIONS = {"sum", "mean", "max", "min", "amax", "amin", "argmax", "argmin", "
 def _note_reduction(name: str, a: np.ndarray, axis) -> None:
     if name in REDUCTIONS and isinstance(a, np.ndarray):
         whole = axis is None or (a.ndim <= 1)
-        kernels.add(("reduction", name, a.dtype.str, "all" if whole else "axis", a.flags.c_contiguous))
+        key = ("reduction", name, a.dtype.str, "all" if whole else "axis", a.flags.c_contiguous)
+        kernels.add(key)
+        kernels_used.add(key)
 
 
 # --- the array ----------------------------------------------------------------------------------------------
@@ -402,13 +415,17 @@ class DeviceArray:
 
 
 def _operator(name: str, inplace: bool = False):
+    base = name.strip("_")
+    base = base[1:] if base[1:] in _OPERATOR_UFUNCS and base[0] in "ir" else base  # __iadd__, __radd__ -> add
+    kernel = _OPERATOR_UFUNCS[base].__name__ if base in _OPERATOR_UFUNCS else base
+
     def op(self, other):
         memo = {id(self._a): self}
         other = _unwrap(other, memo, strict=True)  # a host array beside a device one: CuPy's TypeError
         r = getattr(self._a, name)(other)
         if r is NotImplemented:
             return r
-        _note_kernel(name.strip("_"), [self._a, other])
+        _note_kernel(kernel, [self._a, other])
         return self if inplace else _rewrap(r, memo)
 
     op.__name__ = name
@@ -851,7 +868,9 @@ class _RawModule:
         filename = next(f for f, names in KERNEL_ENTRIES.items() if name in names)
 
         def launch(grid, block, args):
-            kernels.add(("rawmodule", filename, self.defines))  # CuPy compiles a RawModule once per source
+            key = ("rawmodule", filename, self.defines)  # CuPy compiles a RawModule once per source and defines
+            kernels.add(key)
+            kernels_used.add(key)
             host = [a._a if isinstance(a, DeviceArray) else a for a in args]
             emulate.launch(filename, name, grid, int(block[0]), host, defines=self.defines)
 

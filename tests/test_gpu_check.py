@@ -424,3 +424,22 @@ def test_the_compile_timer_wraps_cupys_compiler_when_it_loads(tmp_path):
     assert record["part"] == "pytest-core" and record["timed"] is True
     assert record["fetch_n"] == 2 and record["nvrtc_n"] == 2 and record["nvrtc_s"] >= 0.1
     assert gpu_check_tools.compile_seconds(tmp_path) == {"pytest-core": (record["nvrtc_s"], 2)}
+
+
+def test_the_compile_budget_replays_the_kernels_in_the_checks_order(tmp_path):
+    """gpu_compile_budget.count: each test's kernels (all it used) replayed in gpu_check.sh's order of parts
+    and files; a kernel is compiled at its first use, so a kernel test_engine and test_bench share counts
+    in pytest-core, whatever order the logged run had."""
+    import gpu_compile_budget
+
+    ew = lambda name: repr(("elementwise", name, ("<f4",), None, 1, True))  # noqa: E731
+    rows = [{"test": "tests/test_bench.py::a", "kernels": [ew("add"), ew("exp")]},
+            {"test": "tests/test_engine.py::b", "kernels": [ew("add"), repr(("reduction", "sum", "<f4", "all", True))]},
+            {"test": "tests/test_cuda_kernels.py::c", "kernels": [repr(("rawmodule", "gelu.cu", ()))]},
+            {"test": "tests/test_layers.py::d", "kernels": [ew("add")]}]  # fmt: skip
+    log = tmp_path / "k.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    parts = gpu_compile_budget.count(log)
+    assert parts["pytest-core"] == {"test_layers.py": {"elementwise": 1}, "test_engine.py": {"reduction": 1},
+                                    "test_cuda_kernels.py": {"rawmodule gelu.cu": 1}}  # fmt: skip
+    assert parts["pytest-more"] == {"test_bench.py": {"elementwise": 1}} and parts["pytest-nccl"] == {}
