@@ -372,6 +372,13 @@ def report(args) -> int:
     for name, title in PARTS.items():
         if name not in done:  # the check was stopped before it (or is still running: an interim report)
             summary.append(f"| {title} | not run | | |")
+    timed_out = [p["name"] for p in parts if p["name"] in PYTEST_PARTS and p["rc"] in (124, 137)]
+    if timed_out:
+        n = sum(compiles.get(name, (0, 0))[1] for name in timed_out)
+        secs = sum(compiles.get(name, (0, 0))[0] for name in timed_out)
+        summary += ["", f"{', '.join(timed_out)} ran out of time after compiling {n} kernels ({secs:.0f} s): CuPy keeps "
+                    "them in its kernel cache (~/.cupy/kernel_cache), so running the check again on this machine gets "
+                    "further (docs/benchmarks.md, \"Where the limits come from\")."]  # fmt: skip
     if failed:
         summary += ["", "Failed tests:"] + [f"- {t}" for t in failed[:30]] + ([f"- ... {len(failed) - 30} more"] if len(failed) > 30 else [])
     on = sorted(k for k, v in verdicts.items() if v["verified"])
