@@ -73,10 +73,12 @@ print(scaled)
 # ## 4. Check the backward
 # Is `layernorm_backward` right? `gradcheck` compares it with central finite differences in float64:
 # it moves one input coordinate at a time by +-eps, re-runs the forward, and compares the slope with
-# the backward's gradient there. A tensor of up to 64 entries is checked at every coordinate; of a
-# larger one, 64 random coordinates plus the one with the largest gradient if they missed it. The
-# table's `checked` column says how many: `x` below has 3 * 4 * 8 = 96 coordinates, of which 65 are
-# checked.
+# the backward's gradient there. A tensor of up to 64 entries is checked at every coordinate. Of a
+# larger one, 64 coordinates chosen so that every index of every axis is moved at least once (every
+# batch row, every time step, every channel), plus the one with the largest gradient if they missed
+# it. The table's `checked` column says how many and `covers` says which: `x` below has
+# 3 * 4 * 8 = 96 coordinates, of which 64 are checked (`axes`); `weight` and `bias` are checked whole
+# (`all`).
 
 # %%
 x = rng.standard_normal((3, 4, 8))  # (B, T, C): gradcheck works on any leading shape

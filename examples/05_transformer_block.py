@@ -77,8 +77,9 @@ print("\nblock_backward: dx", dx.shape, "and", len(grads), "parameter gradients,
 # ## 3. Gradient check
 # In float64 on a small block (with the q|k|v bias, so every parameter is tested). `gradcheck`
 # perturbs coordinates of `x` and of every tensor in the params dict: all of them in a tensor of up to
-# 64 entries; in a larger one 64 random coordinates, plus the largest gradient's if they missed it.
-# The `checked` column says how many. Dropout is off (training=False), so the forward is deterministic.
+# 64 entries; in a larger one 64 coordinates that move every index of every axis at least once, plus
+# the largest gradient's if they missed it. The `checked` column says how many, `covers` which. Dropout
+# is off (training=False), so the forward is deterministic (the checker refuses one that is not).
 
 # %%
 B, T, C, NH = 2, 5, 8, 2

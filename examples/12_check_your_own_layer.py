@@ -6,7 +6,8 @@ and `npgpt.gradcheck` tests any such pair against finite differences. We write a
 Mish (x * tanh(softplus(x)), a smooth relative of GELU and Swish/SiLU), derive its backward by hand,
 and check it. Then we make the mistakes everyone makes once - a forgotten chain-rule factor, a
 backward that overwrites its input, a gradient of the wrong shape - and see how the check reports
-each one. Finally we combine Mish with npgpt's linear layer and check the composite.
+each one. Then we combine Mish with npgpt's linear layer and check the composite, and finally follow
+it with dropout, whose random mask the checker refuses until it is the same on every call.
 
 Run:   python examples/12_check_your_own_layer.py      (a second; NPGPT_EXAMPLES_FAST=1 changes nothing here)
 Notebook: the `# %%` lines mark cells; VS Code, PyCharm and Jupyter (with jupytext) open this file as a notebook.
@@ -18,7 +19,7 @@ Glossary: B=batch, C=channels (any shape works for an elementwise layer).
 import numpy as np
 
 import npgpt
-from npgpt.layers import linear_backward, linear_forward
+from npgpt.layers import dropout_backward, dropout_forward, linear_backward, linear_forward
 
 # %% [markdown]
 # ## 1. The layer
@@ -117,6 +118,38 @@ def linear_mish_backward(dout, cache):
 print("\n5. npgpt's linear layer followed by Mish:")
 weight, bias = rng.standard_normal((5, 3)), rng.standard_normal(3)  # (C_in, C_out), (C_out,)
 results = npgpt.gradcheck(linear_mish_forward, linear_mish_backward, [x, weight, bias])
+print(npgpt.format_results(results))
+assert all(r.passed for r in results)
+
+# %% [markdown]
+# ## 6. A random forward
+# Finite differences compare the loss at nearby inputs, so the forward must give the same output for
+# the same inputs. Dropout that draws a new mask on every call does not: every difference would
+# measure the new mask, and a correct backward would look wrong. The checker runs the forward twice
+# first and refuses such a layer with one line saying how to fix it: draw the mask from a generator
+# seeded inside the forward (or pass the mask in as an input).
+
+
+# %%
+def mish_dropout_forward(x, rng):
+    out, c_mish = mish_forward(x)
+    out, c_drop = dropout_forward(out, 0.5, rng)  # the mask comes from rng, which advances on every call
+    return out, (c_mish, c_drop)
+
+
+def mish_dropout_backward(dout, cache):
+    c_mish, c_drop = cache
+    return mish_backward(dropout_backward(dout, c_drop), c_mish)
+
+
+print("\n6. Mish then dropout, the generator passed in (it advances on every call):")
+try:
+    npgpt.gradcheck(mish_dropout_forward, mish_dropout_backward, [x, np.random.default_rng(1)])
+except ValueError as e:
+    print(f"refused: {e}")
+results = npgpt.gradcheck(lambda x: mish_dropout_forward(x, np.random.default_rng(1)), mish_dropout_backward, [x],
+                          layer="mish_dropout")  # fmt: skip
+print("with a generator seeded inside the forward (the same mask on every call):")
 print(npgpt.format_results(results))
 assert all(r.passed for r in results)
 

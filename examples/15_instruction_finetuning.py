@@ -4,9 +4,10 @@ What it teaches: an instruction-following model is the same GPT trained on examp
     <template with the instruction and input> <response> <|endoftext|>
 (the Alpaca format of chapter 7 of "Build a Large Language Model (From Scratch)"). The targets are the
 next tokens, as in pretraining, but every target inside the prompt and every padding position is set
-to -100 (ignore_index): the cross-entropy leaves them out, so the loss is the mean over the response
-tokens only, and those positions send back an exact zero gradient. Batches are padded to their own
-longest example. The end token teaches the model to stop. The data is bundled: two instructions on
+to -100 (ignore_index): the cross-entropy leaves them out, so the loss is one mean over every response
+token of the batch, each example's end token included (a token-weighted mean: an example counts by
+its number of response tokens), and those positions send back an exact zero gradient. Batches are
+padded to their own longest example. The end token teaches the model to stop. The data is bundled: two instructions on
 lines of 唐诗三百首 (continue a line; say whether a half-line is a line's first or second half), split by
 poem with a fixed seed (scripts/make_finetune_data.py).
 

@@ -12,15 +12,21 @@ How `gradcheck` tests it:
 2. A random upstream gradient `dout` ~ N(0, 1) with the output's shape (never all ones: a sum of
    ones hides bugs such as a softmax backward that forgets a term) defines the scalar
    L(inputs) = sum(forward(inputs)[0] * dout), whose gradient is exactly what backward returns.
-3. For every differentiable input, on all coordinates (or, for a tensor with more than `max_coords`,
-   a random sample of `max_coords` plus the coordinate where the analytic gradient is largest in
-   absolute value: "checked 65/96" in the table), the central difference
+3. For every differentiable input, on all coordinates (a tensor of at most `max_coords` entries) or
+   on a design that perturbs every index of every axis at least once (a larger one: see
+   `sample_coordinates`; "checked 65/96, axes" in the table), the central difference
    (L(x + eps e_i) - L(x - eps e_i)) / (2 eps) is compared with the analytic gradient by
        rel_error = max_i |a_i - n_i| / max(max_i (|a_i| + |n_i|), tiny)
-   a tensor-wide relative error that is not fooled by entries that are (nearly) zero.
+   a tensor-wide relative error that is not fooled by entries that are (nearly) zero. A backward
+   that is wrong on one slice (one time step, one head, one channel, one batch row, the last column)
+   is therefore caught whatever the seed.
 4. It also checks that backward returned the right number and shapes of gradients, in the inputs'
    order (gradients returned in another order are named as such), and did not modify dout or
    anything in the cache.
+5. Before any of that, forward runs twice on the unperturbed inputs: finite differences of a forward
+   that draws fresh random numbers on every call (a dropout mask from a global generator, or from a
+   Generator passed as an input) measure the randomness, not the gradient, so such a forward is
+   refused with a ValueError saying how to make it deterministic.
 
 `compare_backends` runs the same pair on NumPy and CuPy and compares the outputs and gradients
 (on a GPU, float32 results are checked against NumPy, not against finite differences).
@@ -69,6 +75,7 @@ class GradcheckResult:
     analytic: float = float("nan")  # analytic value there
     numeric: float = float("nan")  # reference value there (finite difference, or NumPy)
     note: str = ""  # why it failed when no number tells (wrong shape, mutated cache, exception)
+    coverage: str = ""  # "all": every coordinate; "axes": every index of every axis (sample_coordinates)
 
     def describe(self) -> str:
         where = "" if self.worst_index is None else f" at {self.worst_index}: analytic {self.analytic:.6g} vs reference {self.numeric:.6g}"
@@ -241,8 +248,12 @@ def gradcheck(
     forward(*inputs) -> (out, cache); backward(dout, cache) -> gradients of inputs[wrt], in order.
     wrt: indices of the differentiable inputs (default: every float array or dict of float arrays).
     names: one per input (default: forward's parameter names). eps: finite-difference step.
-    tol: largest accepted relative error. max_coords: coordinates sampled per tensor.
+    tol: largest accepted relative error. max_coords: a tensor of at most this many entries is checked
+    at every one; a larger one at max(max_coords, longest axis) coordinates that perturb every index of
+    every axis at least once, plus the largest analytic gradient (`sample_coordinates`).
+    seed: draws dout and the coordinates.
     Returns one GradcheckResult per differentiable tensor (a dict input gives one per key).
+    Raises ValueError when forward is not deterministic (two calls on the same inputs differ).
     """
     layer = layer or getattr(forward, "__name__", "layer").removesuffix("_forward")
     inputs = [_to_float64_numpy(x) for x in inputs]
@@ -252,8 +263,14 @@ def gradcheck(
     wrt = _differentiable(inputs, names, wrt)
 
     rng = np.random.default_rng(seed)
+
+    def output() -> np.ndarray:  # a private float64 copy: forward may return the same buffer every call
+        return np.array(to_numpy(forward(*inputs)[0]), dtype=np.float64, order="C")
+
+    first = output()
     out, cache = forward(*inputs)
-    out = np.asarray(to_numpy(out), dtype=np.float64)
+    out = np.array(to_numpy(out), dtype=np.float64, order="C")
+    _require_deterministic(layer, first, out)
     dout = rng.standard_normal(out.shape)  # the finite differences use this pristine copy
     dout_given = dout.copy()  # what backward receives (and must not modify)
     snapshot = _snapshot(cache, [])
@@ -278,9 +295,12 @@ def gradcheck(
     if not _unchanged(snapshot):
         purity.append("backward modified its cache")
 
-    def loss() -> float:
-        o, _ = forward(*inputs)
-        return math.fsum((np.asarray(to_numpy(o), dtype=np.float64) * dout).ravel())
+    dout_flat = dout.ravel()
+
+    def loss_change(plus: np.ndarray, minus: np.ndarray) -> float:
+        """L(x + eps e_i) - L(x - eps e_i) = sum((out+ - out-) * dout): the outputs are subtracted
+        first, so no digits are lost to the size of L itself."""
+        return float(np.dot((plus - minus).ravel(), dout_flat))
 
     results, compared = [], []  # compared: (gradient, coordinates, finite differences) per checked tensor
     for name, x, g, problem in pairs:
@@ -288,7 +308,7 @@ def gradcheck(
             results.append(GradcheckResult(layer, name, float("inf"), tol, False, 0, x.size, note=problem))
             compared.append(None)
             continue
-        result, seen = _check_tensor(layer, name, x, g, loss, rng, eps, tol, max_coords, purity)
+        result, seen = _check_tensor(layer, name, x, g, output, loss_change, rng, eps, tol, max_coords, purity)
         results.append(result)
         compared.append(seen)
     _note_swapped(results, compared, [p[0] for p in pairs], ", ".join(names[i] for i in wrt))
@@ -308,36 +328,74 @@ def _differentiable(inputs, names, wrt) -> list[int]:
     return wrt
 
 
-def _check_tensor(layer, name, x, g, loss, rng, eps, tol, max_coords, purity) -> tuple[GradcheckResult, tuple]:
-    """Central differences of loss() at up to max_coords coordinates of x (the largest gradient's always
-    among them) against the analytic gradient g -> (result, (g, coordinates, finite differences))."""
+def _require_deterministic(layer: str, first: np.ndarray, second: np.ndarray) -> None:
+    """Finite differences need L(x) to be a function of x: the same inputs must give the same output."""
+    if first.shape == second.shape and np.array_equal(first, second, equal_nan=True):
+        return
+    diff = "different shapes" if first.shape != second.shape else f"max difference {np.max(np.abs(first - second)):.3g}"
+    raise ValueError(
+        f"gradcheck: {layer}'s forward is not deterministic: two calls on the same inputs returned different outputs "
+        f"({diff}), so finite differences would measure its randomness, not its gradient; make it repeatable: "
+        "create its generator from a fixed seed inside the forward (rng = np.random.default_rng(0) on every call) "
+        "or pass the random mask in as an input"
+    )
+
+
+def sample_coordinates(shape, g, rng: np.random.Generator, max_coords: int = 64) -> tuple[np.ndarray, str]:
+    """Flat indices of the coordinates to perturb in a tensor of `shape`, and what they cover.
+
+    - At most `max_coords` entries: every one ("all").
+    - More: a Latin-square-like design ("axes"). With m = the longest axis, row j of the design is the
+      coordinate (p_0[j], p_1[j], ...), where p_a lists axis a's indices in random order, repeated
+      until it is m long. Each index of each axis thus appears at least once (and an axis of length d
+      about m/d times), so a backward wrong on one slice (one time step, one head, one channel, one
+      batch row, one column) is perturbed there whatever the seed. Rows are distinct: the longest axis
+      is one permutation. Random further coordinates fill the design up to `max_coords`, and the
+      coordinate of the largest |g| (the analytic gradient) is added when missing.
+
+    A bug confined to a few entries that are not a whole slice (one (b, t) pair, say) is only found
+    when one of them is drawn or holds the largest gradient.
+    """
+    shape = tuple(int(d) for d in shape)
+    n = math.prod(shape)
+    if n <= max_coords or not shape:
+        return np.arange(n), "all"
+    m = max(shape)
+    axes = [np.concatenate([rng.permutation(d) for _ in range(-(-m // d))])[:m] for d in shape]
+    design = np.ravel_multi_index(axes, shape)  # (m,) distinct flat indices
+    extra = max_coords - m
+    if extra > 0:
+        others = np.setdiff1d(np.arange(n), design)
+        design = np.concatenate([design, rng.choice(others, size=extra, replace=False)])
+    largest = int(np.argmax(np.abs(np.asarray(g).reshape(-1))))
+    return np.union1d(design, [largest]), "axes"
+
+
+def _check_tensor(layer, name, x, g, output, loss_change, rng, eps, tol, max_coords, purity) -> tuple[GradcheckResult, tuple]:
+    """Central differences at the coordinates of `sample_coordinates` against the analytic gradient g
+    -> (result, (g, coordinates, finite differences))."""
     g = np.asarray(to_numpy(g), dtype=np.float64)
     flat_x = x.reshape(-1)  # a view: perturbing it perturbs the input
-    n = flat_x.size
-    if n <= max_coords:
-        coords = np.arange(n)
-    else:
-        coords = rng.choice(n, size=max_coords, replace=False)
-        coords = np.union1d(coords, [int(np.argmax(np.abs(g)))])
+    coords, coverage = sample_coordinates(x.shape, g, rng, max_coords)
     numeric = np.empty(len(coords))
     for j, c in enumerate(coords):
         orig = flat_x[c]
         flat_x[c] = orig + eps
-        f_plus = loss()
+        plus = output()
         flat_x[c] = orig - eps
-        f_minus = loss()
+        minus = output()
         flat_x[c] = orig
-        numeric[j] = (f_plus - f_minus) / (2 * eps)
+        numeric[j] = loss_change(plus, minus) / (2 * eps)
     analytic = g.reshape(-1)[coords]
     err = relative_error(analytic, numeric)
     worst = int(np.argmax(np.abs(analytic - numeric))) if len(coords) else 0
     passed = err <= tol and not purity
     result = GradcheckResult(
-        layer, name, err, tol, passed, len(coords), n,
+        layer, name, err, tol, passed, len(coords), x.size,
         worst_index=tuple(int(v) for v in np.unravel_index(coords[worst], x.shape)) if len(coords) else None,
         analytic=float(analytic[worst]) if len(coords) else float("nan"),
         numeric=float(numeric[worst]) if len(coords) else float("nan"),
-        note="; ".join(purity),
+        note="; ".join(purity), coverage=coverage,
     )  # fmt: skip
     return result, (g, coords, numeric)
 
@@ -445,28 +503,39 @@ def compare_backends(
                 worst_index=None if worst is None else tuple(int(v) for v in worst),
                 analytic=float(dev_np[worst]) if worst is not None else float("nan"),
                 numeric=float(ref_np[worst]) if worst is not None else float("nan"),
-                note=f"{xp.__name__} vs numpy, {dtype.name}",
+                note=f"{xp.__name__} vs numpy, {dtype.name}", coverage="all",
             )
         )  # fmt: skip
     return results
 
 
-def format_results(results: Sequence[GradcheckResult]) -> str:
-    """A plain-text table: layer, input, coordinates checked, max relative error, tolerance, pass/fail.
+COVERAGE_LEGEND = {  # printed under a table that has such a row ("all" needs no explaining)
+    "axes": "every index of every axis perturbed at least once, and the largest gradient entry (not every entry)",
+}
 
-    "checked 65/96" means 65 of the tensor's 96 coordinates were perturbed (gradcheck samples
-    `max_coords` of a larger tensor, plus the one where the analytic gradient is largest); compare_backends
-    compares every entry. Failures are explained below the table, one line each.
+
+def format_results(results: Sequence[GradcheckResult]) -> str:
+    """A plain-text table: layer, input, coordinates checked, what they cover, max relative error,
+    tolerance, pass/fail.
+
+    "checked 65/96" means 65 of the tensor's 96 coordinates were perturbed; "covers" says which: "all",
+    or "axes" (every index of every axis at least once, plus the largest analytic gradient; see
+    `sample_coordinates`), which a line under the table explains. compare_backends compares every
+    entry. Failures are explained below the table, one line each.
     """
-    header = ("layer", "input", "checked", "max rel error", "tol", "result")
+    header = ("layer", "input", "checked", "covers", "max rel error", "tol", "result")
     rows = [
-        (r.layer, "d" + r.input, f"{r.n_checked}/{r.n_total}", f"{r.max_rel_error:.2e}", f"{r.tol:.0e}",
-         "pass" if r.passed else "FAIL")
+        (r.layer, "d" + r.input, f"{r.n_checked}/{r.n_total}", r.coverage or "-", f"{r.max_rel_error:.2e}",
+         f"{r.tol:.0e}", "pass" if r.passed else "FAIL")
         for r in results
     ]  # fmt: skip
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     out = [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
+    used = list(dict.fromkeys(r.coverage for r in results if r.coverage in COVERAGE_LEGEND))  # in table order
+    if used:
+        out.append("")
+        out += [f"covers {c}: {COVERAGE_LEGEND[c]}" for c in used]
     failures = [r for r in results if not r.passed]
     if failures:
         out.append("")

@@ -3,6 +3,10 @@
     from npgpt.train import TrainConfig, train
     result = train(TrainConfig(data=["the-verdict"], preset="nano", epochs=10))
 
+The pretraining task of the one run loop (npgpt/loop/): `Pretraining` reads and checks everything, then
+the loop runs it (progress, evaluations, checkpoints, signals, --resume, summary.json; see
+npgpt/loop/run.py). What this task adds:
+
 One optimizer step (update.py): for each of `grad_accum` micro-batches, forward with dropout and
 backward (the loss scaled by 1/grad_accum so the gradients sum to the mean), then clip the global
 gradient norm, then AdamW with the learning rate of the warmup + cosine schedule. A step whose loss or
@@ -23,29 +27,24 @@ npgpt/cli/train.py.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import signal
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from . import checkpoint as ckpt
-from .atomic import atomic_write_json, explain_os_error
-from .backend import resolve_device, set_tf32, tf32_mode, tf32_note, to_numpy
-from .checkpoint import (CHECKPOINT_DIR, checkpoint_dirs, clean_stray_temporaries, latest_checkpoint, remove_checkpoints,
-                         save_training_checkpoint)  # fmt: skip
+from .backend import resolve_device, tf32_note, to_numpy
 from . import validate as V
 from .config import PRESETS, GPTConfig
 from .data import Batches, TokenWindows, load_token_ids, read_text, resolve_data_path, split_ids, split_text_ids
 from .distributed import broadcast_params_, get_world, limit_threads_per_rank, use_local_gpu
 from .engine import make_engine
 from .generate import generate
+from .loop import (At, LoopSettings, PositionedBatches, Report, SaveFailed, StepResult, TrainingAborted,
+                   TrainingInterrupted, find_resume, run_task)  # fmt: skip
 from .memory import RECOMPUTE_MODES, available_memory, check_fits, estimate_training, plan_report
-from .metrics import MetricsLog, peak_rss_mb, plot_losses, read_metrics
+from .metrics import peak_rss_mb, plot_losses, read_metrics
 from .model import GPT, make_rng
 from .optim import DECAY_FILTERS, AdamW
 from .precision import LossScaler, check_precision, compute_dtype
@@ -56,21 +55,7 @@ from .update import Updater
 
 
 DECAY_CHOICES = tuple(DECAY_FILTERS)  # --weight-decay-on
-
-
-class TrainingAborted(RuntimeError):
-    """Training stopped on purpose: it diverged (repeated non-finite steps, weights that are not finite or
-    give a non-finite loss); the message says why and names the last good checkpoint. CLI exit code 1."""
-
-
-class TrainingInterrupted(RuntimeError):
-    """A second SIGINT / SIGTERM stopped training at once; the message names the newest checkpoint. CLI
-    exit code 130."""
-
-
-class SaveFailed(RuntimeError):
-    """A checkpoint could not be written (a full disk, a folder turned read-only); the previous one is
-    intact and the message names it. CLI exit code 2."""
+__all__ = ["Pretraining", "SaveFailed", "TrainConfig", "TrainResult", "TrainingAborted", "TrainingInterrupted", "train"]
 
 
 @dataclass
@@ -146,28 +131,35 @@ class TrainConfig:
         """Every setting by itself and against the others, reading nothing from disk but the paths'
         existence: a run that cannot work is refused here, before any file is touched. Messages name
         the command line's flags."""
-        integer, real = V.integer, V.real
-        if self.preset is not None and self.preset not in PRESETS:
-            raise ValueError(f"--preset {self.preset!r} is not a preset; choose one of {', '.join(PRESETS)}")
+        self._check_data()
+        self._check_model()
+        self._check_optimisation()
+        self._check_output()
+        self._check_machine()
+
+    def _check_data(self) -> None:
         if not self.data:
             raise ValueError("no training data given (--data FILE ...)")
-        real("--train-ratio", self.train_ratio, 0, 1, lo_open=True, hint="it is the share of the text used for training")
+        V.real("--train-ratio", self.train_ratio, 0, 1, lo_open=True, hint="it is the share of the text used for training")
         if self.split_by not in ("tokens", "characters"):
             raise ValueError(f"--split-by must be tokens or characters, got {self.split_by!r}")
         if self.stride is not None:
-            integer("--stride", self.stride, 1)
+            V.integer("--stride", self.stride, 1)
         if self.encoding_errors not in ("strict", "replace"):
             raise ValueError(f"--encoding-errors must be strict or replace, got {self.encoding_errors!r}")
         cache = Path(self.cache_dir).expanduser() if self.cache_dir is not None else None
         if cache is not None and cache.exists() and not cache.is_dir():
             raise ValueError(f"--cache-dir {self.cache_dir} is a file, not a folder; give a folder for the token cache")
-        # the model
+
+    def _check_model(self) -> None:
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"--preset {self.preset!r} is not a preset; choose one of {', '.join(PRESETS)}")
         for flag, value, lo in (("--context-length", self.context_length, 1), ("--emb-dim", self.emb_dim, 1),
                                 ("--n-heads", self.n_heads, 1), ("--n-layers", self.n_layers, 0)):  # fmt: skip
             if value is not None:
-                integer(flag, value, lo)
+                V.integer(flag, value, lo)
         if self.drop_rate is not None:
-            real("--drop-rate", self.drop_rate, 0, 1, hi_open=True, hint="0 turns dropout off")
+            V.real("--drop-rate", self.drop_rate, 0, 1, hi_open=True, hint="0 turns dropout off")
         if self.init is not None:
             from .model import INITS
 
@@ -191,7 +183,9 @@ class TrainConfig:
             if C % NH:
                 raise ValueError(f"--emb-dim {C} is not divisible by --n-heads {NH}; choose --n-heads from "
                                  f"{[h for h in range(1, min(C, 64) + 1) if C % h == 0]} or a multiple of {NH} for --emb-dim")  # fmt: skip
-        # optimisation
+
+    def _check_optimisation(self) -> None:
+        integer, real = V.integer, V.real
         integer("--batch-size", self.batch_size, 1)
         integer("--grad-accum", self.grad_accum, 1)
         if self.max_steps is not None:
@@ -214,7 +208,9 @@ class TrainConfig:
         if self.grad_clip is not None:
             real("--grad-clip", self.grad_clip, 0, lo_open=True, hint="0 turns clipping off")
         integer("--max-bad-steps", self.max_bad_steps, 1)
-        # evaluation, samples, checkpoints
+
+    def _check_output(self) -> None:
+        integer = V.integer
         V.out_dir("--out-dir", self.out_dir)
         integer("--eval-interval", self.eval_interval, 1)
         integer("--eval-offset", self.eval_offset, 0, hint="1 evaluates right after the first step")
@@ -229,7 +225,8 @@ class TrainConfig:
         integer("--keep-last", self.keep_last, 1)
         if self.resume and self.overwrite:
             raise ValueError("--resume continues the run in --out-dir and --overwrite replaces it; give one of them")
-        # machine
+
+    def _check_machine(self) -> None:
         if self.engine not in ("fast", "reference"):
             raise ValueError(f"--engine must be fast or reference, got {self.engine!r}")
         if self.dtype not in ("float32", "float64"):
@@ -245,7 +242,7 @@ class TrainConfig:
             raise ValueError(f"--recompute must be one of {', '.join(RECOMPUTE_MODES)}, got {self.recompute!r}")
         if self.recompute != "none" and self.engine != "fast":
             raise ValueError(f"--recompute {self.recompute} runs in the fast engine; drop --engine {self.engine}")
-        integer("--seed", self.seed, 0)
+        V.integer("--seed", self.seed, 0)
 
 
 @dataclass
@@ -276,50 +273,7 @@ def sample_text(model: GPT, prompt_ids: list[int], n_tokens: int, temperature: f
     return decode(out[0])
 
 
-# --- the loop -------------------------------------------------------------------------------------
-
-
-class _StopRequest:
-    """SIGINT / SIGTERM set a flag: the loop finishes its step, saves and exits with 130. A second signal
-    stops at once (KeyboardInterrupt), except while a checkpoint is being written: that save finishes
-    first, so a checkpoint is never left half-written, and training stops right after it."""
-
-    def __init__(self):
-        self.signal = None
-        self.saving = False  # a checkpoint is being written
-        self.second = False  # a second signal came during the save
-        self._old = {}
-
-    def __enter__(self):
-        def handler(signum, frame):
-            if self.signal is None:
-                self.signal = signum
-            elif self.saving:
-                self.second = True
-            else:  # a second signal: stop now
-                raise KeyboardInterrupt
-
-        for s in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[s] = signal.signal(s, handler)
-            except ValueError:  # not the main thread: no signal handling
-                pass
-        return self
-
-    def __exit__(self, *exc):
-        for s, old in self._old.items():
-            signal.signal(s, old)
-
-    @contextlib.contextmanager
-    def saving_section(self):
-        """Signals only take note while the body runs; a second one stops training after it."""
-        self.saving = True
-        try:
-            yield
-        finally:
-            self.saving = False
-        if self.second:
-            raise KeyboardInterrupt
+# --- setting up ------------------------------------------------------------------------------------
 
 
 def build_model(cfg: TrainConfig, config: GPTConfig, resume_dir: Path | None) -> GPT:
@@ -407,34 +361,11 @@ def check_resume_flags(cfg: TrainConfig, saved: GPTConfig, state: dict, resume_d
                          f"checkpoint {resume_dir}; leave --init-from out")  # fmt: skip
 
 
-def check_training_state(state, resume_dir: Path) -> None:
-    """The numbers a resume relies on, read from trainer_state.json (the manifest only says that the file
-    is what was written, not that what was written makes sense)."""
-
-    def bad(what):
-        return ValueError(f"{resume_dir / ckpt.STATE_FILE} {what}; the file was edited or written by another program. "
-                          "Remove that checkpoint folder to resume from the one before it")  # fmt: skip
-
-    if not isinstance(state, dict):
-        raise bad("is not a JSON object")
-    for key in ("step", "tokens_seen", "skipped_steps"):
-        v = state.get(key, 0)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise bad(f"holds {key} = {v!r}, not a whole number >= 0")
-    for key in ("data", "optimizer"):
-        if not isinstance(state.get(key), dict):
-            raise bad(f"has no valid {key!r} entry")
-
-
 def find_start(cfg: TrainConfig, out_dir: Path, warn: bool = True) -> tuple[GPTConfig, Path | None, dict | None]:
     """(the model's config, the checkpoint to resume or None, its training state or None), reading only
     small files: nothing is loaded, allocated, or changed in out_dir."""
-    if not cfg.resume and not cfg.overwrite and checkpoint_dirs(out_dir):
-        raise ValueError(
-            f"{out_dir} already holds checkpoints of an earlier run; pass --resume to continue it, "
-            "--overwrite to start again there (its checkpoints are replaced), or choose another --out-dir"
-        )
-    if not cfg.resume:
+    resume_dir, state = find_resume(out_dir, cfg.resume, cfg.overwrite, warn=warn)
+    if resume_dir is None:
         if not cfg.init_from:
             return cfg.model_config(), None, None
         from .pretrained import source_config
@@ -443,13 +374,8 @@ def find_start(cfg: TrainConfig, out_dir: Path, warn: bool = True) -> tuple[GPTC
         if config is None:
             raise ValueError(f"--init-from {cfg.init_from} has no config.json beside its weights; put the model's config.json there")
         return (config.replace(drop_rate=cfg.drop_rate) if cfg.drop_rate is not None else config), None, None
-    resume_dir = latest_checkpoint(out_dir, warn=warn)
-    if resume_dir is None:
-        raise ValueError(f"--resume: no complete checkpoint in {out_dir / CHECKPOINT_DIR}; start without --resume")
     from .pretrained import read_config
 
-    state = json.loads((resume_dir / ckpt.STATE_FILE).read_text())
-    check_training_state(state, resume_dir)
     if cfg.max_steps is not None and cfg.max_steps <= state["step"]:
         raise ValueError(f"--max-steps {cfg.max_steps} is not beyond step {state['step']} of the checkpoint "
                          f"{resume_dir}, so there is nothing to resume; give a larger --max-steps")  # fmt: skip
@@ -469,13 +395,16 @@ def default_prompt_ids(cfg: TrainConfig, train_ids, context_length: int) -> list
     return encode(text)[-(context_length - 1) :] or [0]
 
 
-class Trainer:
-    """One training run: set up from a TrainConfig, then `run()`. Under MPI every rank builds one, all
-    ranks compute, and only rank 0 writes (see distributed.py).
+class Pretraining:
+    """The pretraining task of the run loop (npgpt/loop/run.py names what a task supplies): a GPT learns
+    the next token of windows of text. Under MPI every rank builds one, all ranks compute, and only rank 0
+    writes (see distributed.py).
 
-    Setting up reads and checks everything first (the settings, the data, the checkpoint to resume, the
-    memory the run needs) and touches the run's folder only once all of it holds, so a refused run
-    changes nothing there."""
+    Setting up reads and checks everything (the settings, the data, the checkpoint to resume, the memory
+    the run needs) and allocates the model, the engine and the optimizer; the run's folder is touched only
+    by the loop, once all of that holds, so a refused run changes nothing there."""
+
+    summary_numbers = ("train_loss", "seconds", "ms_per_step", "tokens_per_second")  # finite, or no summary.json
 
     def __init__(self, cfg: TrainConfig):
         cfg.validate()
@@ -488,42 +417,28 @@ class Trainer:
             raise ValueError(f"--batch-size {cfg.batch_size} is the global batch and must be divisible by the "
                              f"{world.size} ranks; use a multiple of {world.size}")  # fmt: skip
         self.out_dir = Path(cfg.out_dir)
-        # 1. read and check (settings, data, the checkpoint to resume, memory), then allocate; nothing in
-        #    out_dir is created, changed or removed yet
         self._load_data()
-        config, self.resume_dir, state = find_start(cfg, self.out_dir, warn=world.is_root)
+        config, self.resume_dir, self.resume_state = find_start(cfg, self.out_dir, warn=world.is_root)
         self._set_up_data(config.context_length)
         check_memory(cfg, config, self.rank_batch)
         self.model = build_model(cfg, config, self.resume_dir)
-        if self.model.device == "cuda":  # CUDA state only for a CUDA model (a CPU run never touches CUDA)
-            set_tf32(cfg.tf32)
         world.barrier()
         if world.backend != "none" and self.model.device == "cuda":
             world.setup_nccl()  # gradients stay on the GPUs: NCCL all-reduce, MPI only for the rendezvous
         broadcast_params_(world, self.model.params)  # every rank starts from rank 0's weights
         self._set_up_training()
-        if state is not None:
-            self._restore(state)
-            if self.step >= self.total_steps:
-                raise ValueError(f"the run in {self.out_dir} is already at step {self.step} of {self.total_steps}, so "
-                                 "there is nothing to train; give a larger --max-steps (or --epochs) to continue it")  # fmt: skip
         self.prompt_ids = default_prompt_ids(cfg, self.train_ids, self.model.config.context_length)
-        # 2. the run is valid: from here on its folder is written
-        self.replaced = checkpoint_dirs(self.out_dir) if state is None else []  # --overwrite: removed at the first save
-        if world.is_root:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            clean_stray_temporaries(self.out_dir)
-        world.barrier()
-        self.metrics_path = self.out_dir / "metrics.jsonl"
-        self.metrics = MetricsLog(self.metrics_path, resume_at=self.step if state is not None else None, enabled=world.is_root)
-        self.last_ckpt: Path | None = self.resume_dir
-        self.last_train = self.last_val = self.last_train_eval = None
-        self.last_finite: tuple[int, float] | None = None  # (step, loss) of the last step with a finite loss
-        self.recent: list[float] = []  # the losses of the steps since the last evaluation
+        self.history = {"train": [], "val": [], "train_eval": []}  # (step, tokens, loss) at each evaluation
+        self.last_val = self.last_train_eval = None
         self.sample = ""
-        self.bar = None
-        self.stop = None  # the _StopRequest while run() runs
-        self.bad_in_a_row = 0  # consecutive non-finite steps
+
+    def loop_settings(self) -> LoopSettings:
+        c = self.cfg
+        return LoopSettings(command="npgpt train", out_dir=c.out_dir, total_steps=self.total_steps, lr=c.lr,
+                            eval_interval=c.eval_interval, eval_offset=c.eval_offset,
+                            checkpoint_interval=c.checkpoint_interval, keep_last=c.keep_last,
+                            max_bad_steps=c.max_bad_steps, more_steps="--max-steps (or --epochs)", progress=c.progress,
+                            tf32=c.tf32 if self.model.device == "cuda" else None)  # fmt: skip
 
     # --- setting up ---------------------------------------------------------------------------------
     def _load_data(self) -> None:
@@ -546,10 +461,12 @@ class Trainer:
                              f"use at most {context_length}")  # fmt: skip
         self.train_windows = TokenWindows(self.train_ids, self.seq_len, cfg.stride, name="train")
         self.val_windows = TokenWindows(self.val_ids, self.seq_len, cfg.stride, name="val") if len(self.val_ids) else None
-        self.batches = Batches(self.train_windows, cfg.batch_size, shuffle=True, seed=cfg.seed)
+        batches = Batches(self.train_windows, cfg.batch_size, shuffle=True, seed=cfg.seed)
+        self.batches = PositionedBatches(batches)
         self.batch_size, self.grad_accum = cfg.batch_size, cfg.grad_accum  # the global batch, micro-batches per step
         self.rank_batch = self.batch_size // world.size  # this rank's rows of each batch
-        steps_per_epoch = max(1, self.batches.batches_per_epoch // self.grad_accum)
+        self.tokens_per_step = self.batch_size * self.grad_accum * self.seq_len
+        steps_per_epoch = max(1, batches.batches_per_epoch // self.grad_accum)
         self.total_steps = cfg.max_steps or max(1, int(math.ceil(cfg.epochs * steps_per_epoch)))
         self.schedule = LRSchedule(cfg.lr, self.total_steps, cfg.warmup_steps, cfg.min_lr, cfg.schedule)
 
@@ -562,44 +479,57 @@ class Trainer:
                                decay_filter=DECAY_FILTERS[cfg.weight_decay_on])  # fmt: skip
         self.scaler = LossScaler(scale=cfg.loss_scale) if cfg.precision == "fp16" else None
         self.updater = Updater(self.engine, self.optimizer, world=world, scaler=self.scaler, grad_clip=cfg.grad_clip)
-        self.step, self.tokens_seen, self.skipped = 0, 0, 0
-        self.history = {"train": [], "val": [], "train_eval": []}  # (step, tokens, loss) at each evaluation
 
-    def _restore(self, state: dict) -> None:
-        """The optimizer, data position, counters, history and loss scale of the checkpoint resumed."""
-        m, v = ckpt.load_optimizer_tensors(self.resume_dir)
-        self.optimizer.load_state_dict({**state["optimizer"], "m": m, "v": v})
-        self.batches.load_state_dict(state["data"])
-        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
-        self.skipped = state.get("skipped_steps", 0)
-        self.history = {**self.history, **state.get("history", {})}
-        if self.scaler is not None and state.get("loss_scaler"):
-            self.scaler.load_state_dict(state["loss_scaler"])
+    # --- what the loop asks of a task ---------------------------------------------------------------
+    def banner(self, step: int) -> str:
+        cfg, model, world = self.cfg, self.model, self.world
+        c = model.config
+        ranks = f" on {world.size} ranks" if world.size > 1 else ""
+        compute = "" if cfg.precision == "fp32" else f" weights, {cfg.precision} compute"
+        return (f"npgpt train: {model.num_params():,} parameters ({c.n_layers} layers, C={c.emb_dim}, NH={c.n_heads}) on "
+                f"{model.device}{tf32_note(model.device)}{ranks}, {model.dtype}{compute}; {len(self.train_ids):,} train / {len(self.val_ids):,} val "
+                f"tokens; {self.total_steps} steps of {self.batch_size}x{self.grad_accum}x{self.seq_len} tokens"
+                + (f"; resuming at step {step}" if step else ""))  # fmt: skip
 
-    # --- pieces of the loop ---------------------------------------------------------------------------------
-    def log(self, record: dict) -> None:
-        self.metrics.write(record)
+    def train_step(self, number: int) -> StepResult:
+        """Optimizer step `number` (from 1) over grad_accum micro-batches, this rank's rows of each."""
+        done = number - 1  # the steps before this one: the schedule's and the dropout seed's step
+        lr = self.schedule(done)
+        lo, hi = self.world.rank * self.rank_batch, (self.world.rank + 1) * self.rank_batch
+        micro_batches = []
+        for micro in range(self.grad_accum):
+            x, y = self.batches.next()
+            micro_batches.append((x[lo:hi], y[lo:hi], self.micro_batch_rng(done, micro)))  # this rank's rows
+        r = self.updater(micro_batches, lr=lr)
+        return StepResult(r.loss, r.grad_norm, lr, r.applied, overflow=r.overflow, tokens=self.tokens_per_step,
+                          loss_scale=self.scaler.scale if self.scaler is not None else None)  # fmt: skip
 
-    def say(self, text: str) -> None:
+    def micro_batch_rng(self, done: int, micro: int):
+        """The dropout generator of micro-batch `micro` of the step after `done` steps: a pure function of
+        (seed, step, micro-batch[, rank]), so a resumed run draws the same masks."""
+        parts = [self.cfg.seed, done, micro] + ([self.world.rank] if self.world.size > 1 else [])
+        return make_rng(int(np.random.SeedSequence(parts).generate_state(1)[0]), self.model.xp)
+
+    def evaluate(self, at: At) -> tuple[dict, str]:
+        """Validation loss, the train loss without dropout (--eval-train-batches) and a sample."""
+        self.last_val = self.val_loss()
+        self.last_train_eval = self.evaluate_train(at.step)
         if self.world.is_root:
-            (self.bar.write if self.bar is not None else print)(text)
-
-    def training_state(self) -> dict:
-        return {
-            "format_version": ckpt.FORMAT_VERSION, "step": self.step, "tokens_seen": self.tokens_seen,
-            "skipped_steps": self.skipped, "data": self.batches.state_dict(), "seed": self.cfg.seed,
-            "schedule": asdict(self.schedule), "tokenizer": tokenizer_hash(), "train_config": asdict(self.cfg),
-            "world_size": self.world.size, "history": self.history,
-            "loss_scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "rng": "dropout masks are seeded per step from (seed, step, micro-batch[, rank])",
-        }  # fmt: skip
-
-    def probe_loss(self) -> float:
-        """The loss of the current weights on the first batch of the validation split (the training split
-        when there is none), without dropout: a check that the weights still compute something finite."""
-        windows = self.val_windows if self.val_windows is not None else self.train_windows
-        x, y = windows.batch(np.arange(min(self.rank_batch, len(windows))))
-        return float(self.engine.loss(x, y))
+            c = self.cfg
+            self.sample = sample_text(self.model, self.prompt_ids, c.sample_tokens, c.sample_temperature, c.sample_top_k, c.seed)
+        for name, value in (("train", at.train_loss), ("val", self.last_val), ("train_eval", self.last_train_eval)):
+            if value is not None:
+                self.history[name].append((at.step, at.tokens, value))
+        record = {"kind": "eval", "step": at.step, "tokens": at.tokens, "train_loss": at.train_loss,
+                  "val_loss": self.last_val, "sample": self.sample}  # fmt: skip
+        evaluated = ""
+        if self.last_train_eval is not None:  # a measurement of its own, logged and plotted under its own name
+            record["train_eval_loss"] = self.last_train_eval
+            evaluated = f"  train (eval) {self.last_train_eval:.3f}"
+        fmt = lambda v: f"{v:.3f}" if v is not None else "n/a"  # noqa: E731
+        line = (f"step {at.step:>6}  tokens {at.tokens:>9,}  train {fmt(at.train_loss)}{evaluated}  val {fmt(self.last_val)}"
+                f"  | {self.sample!r}")  # fmt: skip
+        return record, line
 
     def weights_problem(self) -> str | None:
         """Why the current weights must not be saved (not finite, or a non-finite loss), or None."""
@@ -610,41 +540,41 @@ class Trainer:
             return f"the weights give a non-finite loss ({loss}) on a validation batch"
         return None
 
-    def diverged(self, problem: str) -> TrainingAborted:
-        """The error that stops a diverged run: what happened, the last finite loss, what to do."""
-        last = (f"the last finite training loss was {self.last_finite[1]:.3f} at step {self.last_finite[0]}"
-                if self.last_finite else "no step of this run had a finite loss")  # fmt: skip
-        skipped = f", {self.skipped} non-finite steps skipped" if self.skipped else ""
-        keep = (f"the last good checkpoint {self.last_ckpt} is kept; lower --lr (now {self.cfg.lr:g}) and --resume"
-                if self.last_ckpt else f"no checkpoint was kept; lower --lr (now {self.cfg.lr:g}) and start again")  # fmt: skip
-        return TrainingAborted(f"step {self.step}: training diverged: {problem}, so no checkpoint was written "
-                               f"({last}{skipped}); {keep}")  # fmt: skip
+    def write_model(self, directory) -> None:
+        ckpt.save_model(directory, self.model)
 
-    def save(self) -> None:
-        """A checkpoint of the current state (rank 0 writes; every rank checks the weights first). Weights
-        that are not finite, or give a non-finite loss, are never saved: the run has diverged and stops,
-        keeping its last good checkpoint. A second signal during the save lets it finish first."""
-        problem = self.weights_problem()
-        if problem is not None:
-            self.log({"kind": "error", "step": self.step, "message": f"{problem}: checkpoint not written"})
-            raise self.diverged(problem)
-        with self.stop.saving_section() if self.stop is not None else contextlib.nullcontext():
-            if self.world.is_root:
-                # until this run has a checkpoint of its own, the one it resumed from is never cleaned up
-                protect = [self.resume_dir] if self.resume_dir is not None and self.last_ckpt == self.resume_dir else []
-                try:
-                    self.last_ckpt = save_training_checkpoint(self.out_dir, self.model, self.optimizer, self.training_state(),
-                                                              self.cfg.keep_last, protect=protect)  # fmt: skip
-                except OSError as e:
-                    kept = f"the newest checkpoint is still {self.last_ckpt}" if self.last_ckpt else "no checkpoint was written"
-                    raise SaveFailed(f"the checkpoint of step {self.step} could not be written: "
-                                     f"{explain_os_error(e)}; {kept}") from None  # fmt: skip
-                if self.replaced:  # --overwrite: the earlier run's checkpoints go once this run has one
-                    remove_checkpoints([d for d in self.replaced if d != self.last_ckpt])
-                    self.replaced = []
-            self.world.barrier()
+    def state(self) -> dict:
+        return {"seed": self.cfg.seed, "schedule": asdict(self.schedule), "tokenizer": tokenizer_hash(),
+                "train_config": asdict(self.cfg), "world_size": self.world.size, "history": self.history,
+                "loss_scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "rng": "dropout masks are seeded per step from (seed, step, micro-batch[, rank])"}  # fmt: skip
 
-    def evaluate(self) -> float | None:
+    def restore(self, state: dict) -> None:
+        """The history and the loss scale of the checkpoint resumed (the loop restores the rest)."""
+        self.history = {**self.history, **state.get("history", {})}
+        if self.scaler is not None and state.get("loss_scaler"):
+            self.scaler.load_state_dict(state["loss_scaler"])
+
+    def finish(self, report: Report) -> TrainResult:
+        """The loss plot and the printed summary."""
+        plot = None
+        if self.world.is_root and (self.history["train"] or self.history["val"]):
+            step_losses = [(r["step"], r["loss"]) for r in read_metrics(report.metrics_path) if r.get("kind") == "step"]
+            plot = plot_losses(self.history, self.out_dir / "loss.png", step_losses)
+        result = TrainResult(
+            steps=report.steps, tokens_seen=report.tokens_seen, train_loss=report.train_loss, val_loss=self.last_val,
+            seconds=report.seconds, ms_per_step=report.ms_per_step,
+            tokens_per_second=self.tokens_per_step / (report.ms_per_step / 1e3), peak_memory_mb=peak_rss_mb(),
+            out_dir=str(self.out_dir), checkpoint=str(report.checkpoint) if report.checkpoint else None,
+            plot=str(plot) if plot else None, sample=self.sample, interrupted=report.interrupted,
+            skipped_steps=report.skipped_steps, train_eval_loss=self.last_train_eval,
+        )  # fmt: skip
+        if self.world.is_root:
+            print_summary(result)
+        return result
+
+    # --- evaluation ---------------------------------------------------------------------------------
+    def val_loss(self) -> float | None:
         """Validation loss; under MPI each rank evaluates every size-th window and the sums are combined."""
         if self.val_windows is None:
             return None
@@ -664,182 +594,34 @@ class Trainer:
         total, count = self.world.allreduce_sum([total, count])
         return float(total / max(count, 1))
 
-    def eval_train_windows(self) -> np.ndarray:
-        """The train windows of this evaluation's --eval-train-batches: the first N batches of a fresh
-        permutation of the train split, drawn from (seed, step) as a shuffled loader would give them
-        (the training order is not touched, and a resumed run draws the same ones)."""
+    def eval_train_windows(self, step: int) -> np.ndarray:
+        """The train windows of the evaluation after `step` steps with --eval-train-batches: the first N
+        batches of a fresh permutation of the train split, drawn from (seed, step) as a shuffled loader
+        would give them (the training order is not touched, and a resumed run draws the same ones)."""
         n = min(self.cfg.eval_train_batches * self.batch_size, len(self.train_windows))
-        return np.random.default_rng([self.cfg.seed, self.step, 1]).permutation(len(self.train_windows))[:n]
+        return np.random.default_rng([self.cfg.seed, step, 1]).permutation(len(self.train_windows))[:n]
 
-    def evaluate_train(self) -> float | None:
+    def evaluate_train(self, step: int) -> float | None:
         """The train loss measured as the validation loss is (dropout off, no update) on the windows of
         eval_train_windows: what the book calls the train loss, not the running mean of the steps."""
         if not self.cfg.eval_train_batches:
             return None
         world, windows = self.world, self.train_windows
-        mine = self.eval_train_windows()[world.rank :: world.size]
+        mine = self.eval_train_windows(step)[world.rank :: world.size]
         return self._mean_loss(windows, mine)
 
-    def eval_and_sample(self) -> None:
-        self.last_train = float(np.mean(self.recent)) if self.recent else self.last_train
-        self.recent = []
-        self.last_val = self.evaluate()
-        self.last_train_eval = self.evaluate_train()
-        if self.world.is_root:
-            c = self.cfg
-            self.sample = sample_text(self.model, self.prompt_ids, c.sample_tokens, c.sample_temperature, c.sample_top_k, c.seed)
-        if self.last_train is not None:
-            self.history["train"].append((self.step, self.tokens_seen, self.last_train))
-        if self.last_val is not None:
-            self.history["val"].append((self.step, self.tokens_seen, self.last_val))
-        record = {"kind": "eval", "step": self.step, "tokens": self.tokens_seen, "train_loss": self.last_train,
-                  "val_loss": self.last_val, "sample": self.sample}  # fmt: skip
-        evaluated = ""
-        if self.last_train_eval is not None:  # a measurement of its own, logged and plotted under its own name
-            self.history["train_eval"].append((self.step, self.tokens_seen, self.last_train_eval))
-            record["train_eval_loss"] = self.last_train_eval
-            evaluated = f"  train (eval) {self.last_train_eval:.3f}"
-        self.log(record)
-        val_txt = f"{self.last_val:.3f}" if self.last_val is not None else "n/a"
-        train_txt = f"{self.last_train:.3f}" if self.last_train is not None else "n/a"
-        self.say(f"step {self.step:>6}  tokens {self.tokens_seen:>9,}  train {train_txt}{evaluated}  val {val_txt}  | {self.sample!r}")
-
-    def micro_batch_rng(self, micro: int):
-        parts = [self.cfg.seed, self.step, micro] + ([self.world.rank] if self.world.size > 1 else [])
-        return make_rng(int(np.random.SeedSequence(parts).generate_state(1)[0]), self.model.xp)
-
-    def train_step(self) -> tuple[float, float, float]:
-        """One optimizer step over grad_accum micro-batches -> (loss, gradient norm, learning rate). The
-        step is number self.step + 1 in the logs (steps count from 1; self.step counts those done)."""
-        number = self.step + 1
-        lr = self.schedule(self.step)
-        lo, hi = self.world.rank * self.rank_batch, (self.world.rank + 1) * self.rank_batch
-        micro_batches = []
-        for micro in range(self.grad_accum):
-            x, y = self.batches.next()
-            micro_batches.append((x[lo:hi], y[lo:hi], self.micro_batch_rng(micro)))  # this rank's rows
-        r = self.updater(micro_batches, lr=lr)
-        if r.overflow:  # float16 overflow: the update was skipped and the loss scale lowered
-            self.skipped += 1
-            self.log({"kind": "skip", "step": number, "loss": r.loss, "grad_norm": r.grad_norm,
-                      "reason": "fp16 overflow", "loss_scale": self.scaler.scale})  # fmt: skip
-            self.say(f"step {number}: float16 gradients overflowed; update skipped, loss scale now {self.scaler.scale:g}")
-        elif r.applied:
-            self.bad_in_a_row = 0
-            self.recent.append(r.loss)
-            self.last_finite = (number, r.loss)
-        else:
-            self.skipped += 1
-            self.bad_in_a_row += 1
-            self.log({"kind": "skip", "step": number, "loss": r.loss, "grad_norm": r.grad_norm})
-            self.say(f"step {number}: loss {r.loss} / gradient norm {r.grad_norm} not finite; update skipped")
-            if self.bad_in_a_row >= self.cfg.max_bad_steps:
-                raise TrainingAborted(
-                    f"{self.bad_in_a_row} consecutive steps had a non-finite loss or gradient (last at step {number}); "
-                    "training stopped. Lower --lr, set --grad-clip, or check the data"
-                    + (f"; the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else "")
-                )
-        return r.loss, r.grad_norm, lr
-
-    # --- the loop ------------------------------------------------------------------------------------------
-    def run(self) -> TrainResult:
-        from tqdm.auto import tqdm
-
-        self.say(self._banner())
-        first_step, step_times = self.step, []
-        t_start = time.perf_counter()
-        self.bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.cfg.progress and self.world.is_root),
-                        unit="step", dynamic_ncols=True)  # fmt: skip
-        # Overflow in a diverging run is detected and reported (skipped steps, weights_problem), not warned about.
-        with _StopRequest() as stop, np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            self.stop = stop
-            try:
-                interrupted = self._loop(stop, step_times)
-                if self.step > first_step or self.last_ckpt is None:
-                    self.save()
-            except KeyboardInterrupt:  # a second signal
-                raise TrainingInterrupted(self._stopped_at_once()) from None
-            finally:
-                self.stop = None
-                self.bar.close()
-                self.metrics.close()
-        return self._finish(time.perf_counter() - t_start, step_times, interrupted, first_step)
-
-    def _stopped_at_once(self) -> str:
-        done = self.last_ckpt is not None and self.last_ckpt.name == f"step-{self.step:08d}"
-        if done:
-            return f"a second signal stopped training after the checkpoint of step {self.step} was written: {self.last_ckpt}"
-        where = f"the newest checkpoint is {self.last_ckpt}" if self.last_ckpt else "this run wrote no checkpoint"
-        return f"a second signal stopped training at step {self.step} without saving it; {where}"
-
-    def _banner(self) -> str:
-        cfg, model, world = self.cfg, self.model, self.world
-        c = model.config
-        ranks = f" on {world.size} ranks" if world.size > 1 else ""
-        compute = "" if cfg.precision == "fp32" else f" weights, {cfg.precision} compute"
-        return (f"npgpt train: {model.num_params():,} parameters ({c.n_layers} layers, C={c.emb_dim}, NH={c.n_heads}) on "
-                f"{model.device}{tf32_note(model.device)}{ranks}, {model.dtype}{compute}; {len(self.train_ids):,} train / {len(self.val_ids):,} val "
-                f"tokens; {self.total_steps} steps of {self.batch_size}x{self.grad_accum}x{self.seq_len} tokens"
-                + (f"; resuming at step {self.step}" if self.step else ""))  # fmt: skip
-
-    def _loop(self, stop, step_times: list) -> bool:
-        """Steps until total_steps, with evaluations and checkpoints; True when a signal stopped it."""
-        cfg, tokens_per_step = self.cfg, self.batch_size * self.grad_accum * self.seq_len
-        while self.step < self.total_steps:
-            t0 = time.perf_counter()
-            loss, norm, lr = self.train_step()
-            self.step += 1
-            self.tokens_seen += tokens_per_step
-            dt = time.perf_counter() - t0
-            step_times.append(dt)
-            self.log({"kind": "step", "step": self.step, "tokens": self.tokens_seen, "loss": loss, "lr": lr,
-                      "grad_norm": norm, "ms": dt * 1e3, "tokens_per_s": tokens_per_step / dt})  # fmt: skip
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / dt:,.0f}")
-            if (self.step - cfg.eval_offset) % cfg.eval_interval == 0 or self.step == self.total_steps:
-                self.eval_and_sample()
-            if self.world.allreduce_max(1.0 if stop.signal is not None else 0.0) > 0:  # every rank stops together
-                return True
-            if cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0 and self.step < self.total_steps:
-                self.save()
-        return False
-
-    def _finish(self, seconds: float, step_times: list, interrupted: bool, first_step: int) -> TrainResult:
-        """The loss plot, summary.json and the printed summary. summary.json is replaced only by a complete
-        one: this process took steps, so its timings and training loss exist."""
-        plot = None
-        if self.world.is_root and (self.history["train"] or self.history["val"]):
-            step_losses = [(r["step"], r["loss"]) for r in read_metrics(self.metrics_path) if r.get("kind") == "step"]
-            plot = plot_losses(self.history, self.out_dir / "loss.png", step_losses)
-        times = step_times[1:] or step_times  # the first step includes one-off allocations
-        median = float(np.median(times)) if times else float("nan")
-        tokens_per_step = self.batch_size * self.grad_accum * self.seq_len
-        train_loss = float(np.mean(self.recent)) if interrupted and self.recent else self.last_train
-        result = TrainResult(
-            steps=self.step, tokens_seen=self.tokens_seen, train_loss=train_loss, val_loss=self.last_val,
-            seconds=seconds, ms_per_step=1e3 * median, tokens_per_second=tokens_per_step / median,
-            peak_memory_mb=peak_rss_mb(), out_dir=str(self.out_dir),
-            checkpoint=str(self.last_ckpt) if self.last_ckpt else None, plot=str(plot) if plot else None,
-            sample=self.sample, interrupted=interrupted, skipped_steps=self.skipped, train_eval_loss=self.last_train_eval,
-        )  # fmt: skip
-        numbers = (result.train_loss, result.seconds, result.ms_per_step, result.tokens_per_second)
-        complete = self.step > first_step and all(v is not None and math.isfinite(v) for v in numbers)
-        if self.world.is_root:
-            if complete:
-                atomic_write_json(self.out_dir / "summary.json", asdict(result))
-            print_summary(result)
-            if not complete:
-                print("summary.json not written: this run has no finite training loss or timing to report")
-            if interrupted:
-                print(f"Interrupted by a signal; saved {self.last_ckpt}. Resume with:\n"
-                      f"  npgpt train --out-dir {self.out_dir} --resume  (plus the same data and model options)")  # fmt: skip
-        return result
+    def probe_loss(self) -> float:
+        """The loss of the current weights on the first batch of the validation split (the training split
+        when there is none), without dropout: a check that the weights still compute something finite."""
+        windows = self.val_windows if self.val_windows is not None else self.train_windows
+        x, y = windows.batch(np.arange(min(self.rank_batch, len(windows))))
+        return float(self.engine.loss(x, y))
 
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Run training as configured; returns a summary (also printed and written to summary.json)."""
-    with tf32_mode():  # the TF32 setting the Trainer makes for a CUDA model ends with the run
-        return Trainer(cfg).run()
+    task = Pretraining(cfg)
+    return run_task(task, task.loop_settings(), task.resume_dir, task.resume_state)
 
 
 def print_summary(r: TrainResult) -> None:

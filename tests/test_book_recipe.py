@@ -15,7 +15,7 @@ from npgpt.model import GPT
 from npgpt.optim import AdamW, decay_every_parameter
 from npgpt.recipes import RECIPES, recipe_config
 from npgpt.tokenizer import encode
-from npgpt.train import Trainer, TrainConfig, train
+from npgpt.train import Pretraining, TrainConfig, train
 
 TINY = dict(preset="nano", emb_dim=32, n_heads=2, n_layers=1, context_length=32, batch_size=2, progress=False,
             sample_tokens=3)  # fmt: skip
@@ -72,9 +72,9 @@ def test_train_weight_decay_on_all_decays_biases_and_layernorm(tmp_path):
               init="pytorch")  # fmt: skip
     runs = {}
     for on in ("matrices", "all"):
-        t = Trainer(TrainConfig(**kw, weight_decay_on=on, out_dir=str(tmp_path / on)))
+        t = Pretraining(TrainConfig(**kw, weight_decay_on=on, out_dir=str(tmp_path / on)))
         start = {k: v.copy() for k, v in t.model.params.items()}
-        t.train_step()  # the step itself (no evaluation, no checkpoint)
+        t.train_step(1)  # the step itself (no evaluation, no checkpoint)
         runs[on] = (start, t.model.params, t.optimizer.decay)
     (s0, p_mat, d_mat), (s1, p_all, d_all) = runs["matrices"], runs["all"]
     assert all(d_all.values()) and not all(d_mat.values())
@@ -104,10 +104,10 @@ def test_resume_refuses_another_weight_decay_on(tmp_path, capsys):
 def test_evaluated_train_loss_runs_without_dropout(tmp_path):
     """With dropout 0.5 the evaluated train loss is the same twice and equals a forward of a dropout-0
     copy of the model (the readable reference) on the windows it names; a training-mode forward differs."""
-    t = Trainer(TrainConfig(**TINY, drop_rate=0.5, eval_train_batches=3, max_steps=4, out_dir=str(tmp_path / "r")))
-    first, second = t.evaluate_train(), t.evaluate_train()
+    t = Pretraining(TrainConfig(**TINY, drop_rate=0.5, eval_train_batches=3, max_steps=4, out_dir=str(tmp_path / "r")))
+    first, second = t.evaluate_train(0), t.evaluate_train(0)
     assert first == second
-    windows = t.eval_train_windows()
+    windows = t.eval_train_windows(0)
     assert len(windows) == 3 * 2 and len(set(windows.tolist())) == 6
     no_dropout = GPT(t.model.config.replace(drop_rate=0.0), params=t.model.params)
     x, y = t.train_windows.batch(windows)
@@ -165,12 +165,12 @@ def test_character_split_is_the_books():
 
 
 def test_train_init_pytorch_and_its_refusals(tmp_path, capsys):
-    t = Trainer(TrainConfig(**TINY, init="pytorch", max_steps=1, out_dir=str(tmp_path / "a")))
+    t = Pretraining(TrainConfig(**TINY, init="pytorch", max_steps=1, out_dir=str(tmp_path / "a")))
     assert abs(float(t.model.params["wte.weight"].std()) - 1.0) < 0.01  # N(0, 1) embeddings
     bound = 1 / math.sqrt(32 * 4)
     w = t.model.params["h.0.mlp.c_proj.weight"]
     assert np.abs(w).max() <= bound and abs(float(w.std()) - bound / math.sqrt(3)) < 0.05 * bound
-    g = Trainer(TrainConfig(**TINY, max_steps=1, out_dir=str(tmp_path / "b")))
+    g = Pretraining(TrainConfig(**TINY, max_steps=1, out_dir=str(tmp_path / "b")))
     assert abs(float(g.model.params["wte.weight"].std()) - 0.02) < 0.002  # the default stays GPT-2's
     assert main(["train", "--init", "pytorch", "--init-from", str(tmp_path), "--no-progress"]) == 2
     assert "--init pytorch cannot be combined with --init-from" in capsys.readouterr().err

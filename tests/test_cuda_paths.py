@@ -276,16 +276,16 @@ def test_cuda_training_reads_the_device_once_per_step(fake_cupy, monkeypatch, tm
     from npgpt import train as train_mod
 
     per_step, tf32 = [], []
-    real_step = train_mod.Trainer.train_step
+    real_step = train_mod.Pretraining.train_step
 
-    def counted(self):
+    def counted(self, number):
         before = fake_cupy.host_transfers
         tf32.append(fake_cupy.effective_compute_type())
-        out = real_step(self)
+        out = real_step(self, number)
         per_step.append(fake_cupy.host_transfers - before)
         return out
 
-    monkeypatch.setattr(train_mod.Trainer, "train_step", counted)
+    monkeypatch.setattr(train_mod.Pretraining, "train_step", counted)
     result = train_mod.train(train_mod.TrainConfig(**{**TINY, "grad_accum": 2}, device="cuda", out_dir=str(tmp_path / "r")))
     assert per_step == [1, 1, 1] and result.steps == 3
     assert tf32 == [fake_cupy.COMPUTE_TYPE_TF32] * 3

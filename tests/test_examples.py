@@ -2,6 +2,7 @@
 and docs/backprop.md has every anchor the layer files point to."""
 
 import ast
+import math
 import os
 import re
 import subprocess
@@ -72,7 +73,9 @@ def test_01_layernorm(tmp_path):
     out = run_example("01_layernorm.py", tmp_path)
     assert "every row has mean 0 and variance 1" in out
     assert "layernorm gradcheck: all passed" in out
-    assert re.search(r"layernorm\s+dx\s+65/96\s", out)  # sampled: 64 random coordinates + the largest gradient's
+    assert re.search(r"layernorm\s+dx\s+64/96\s+axes\s", out)  # every index of every axis, 64 in all
+    assert re.search(r"layernorm\s+dweight\s+8/8\s+all\s", out)
+    assert "covers axes: every index of every axis perturbed at least once" in out
     assert "FAIL" not in out
 
 
@@ -160,6 +163,8 @@ def test_12_check_your_own_layer(tmp_path):
     assert out.count("FAILED") == 3  # one line per deliberate mistake
     assert "backward modified dout" in out
     assert "gradient of x has shape (5,), expected (4, 5)" in out
+    assert "refused: gradcheck: mish_dropout's forward is not deterministic: two calls on the same inputs" in out
+    assert re.search(r"mish_dropout\s+dx\s+20/20\s+all\s+\S+\s+1e-07\s+pass", out)  # seeded inside: checked
     assert "All checks behaved as expected" in out
 
 
@@ -252,6 +257,13 @@ def test_13_translation_transformer(tmp_path):
     assert last < first  # it learns, even in a few steps
     assert out.count("greedy: ") == 3 and out.count("beam 4: ") == 3
     assert re.search(r"held-out \(50 pairs, greedy\): exact match \S+%, BLEU \S+", out)
+    assert "cannot translate yet, so an exact match near 0% and a BLEU near 0 are expected" in out
+    # The untrained loss: ln V + s^2 / 2 for tied logits of spread s (about 1), not ln V.
+    loss = float(re.search(r"untrained loss (\S+)", out).group(1))
+    ln_v, s, predicted = (float(v) for v in re.search(r"ln V = (\S+), but .* std s = (\S+), .* = (\S+)$", out, re.M).groups())
+    assert ln_v == pytest.approx(math.log(1847), abs=1e-3) and 0.8 < s < 1.2
+    assert predicted == pytest.approx(ln_v + s * s / 2, abs=0.01)  # s is printed to 2 decimals
+    assert abs(loss - predicted) < 0.1 < loss - ln_v  # the half nat is real; the prediction accounts for it
 
 
 def test_14_classification_finetuning(tmp_path):
@@ -319,11 +331,13 @@ def test_backprop_md_internal_links_resolve():
     assert not broken, f"links to missing sections: {broken}"
 
 
-def test_readme_lists_the_learning_track():
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    assert "## Learning track" in readme
-    section = readme.split("## Learning track", 1)[1].split("\n## ", 1)[0]
-    assert "docs/backprop.md" in section
+def test_the_learning_track_lists_every_example_and_the_readme_links_it():
+    """The README's learning track moved to docs/learning-track.md (issue 30); the README links it."""
+    track = (REPO / "docs" / "learning-track.md").read_text(encoding="utf-8")
+    assert "## All fifteen scripts" in track
+    section = track.split("## All fifteen scripts", 1)[1].split("\n## ", 1)[0]
+    assert "](backprop.md)" in section
     positions = [section.find(f"examples/{name}") for name in EXPECTED_EXAMPLES]
     assert all(p >= 0 for p in positions), "every example is listed"
     assert positions == sorted(positions), "examples are listed in course order"
+    assert "](docs/learning-track.md)" in (REPO / "README.md").read_text(encoding="utf-8")

@@ -72,7 +72,8 @@ def test_the_reference_engine_gives_the_same_run(classify_run, tmp_path):
                  "--no-progress", "--engine", "reference"]) == 0  # fmt: skip
 
     def steps(run):
-        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"step"' in line]
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [r for r in records if r["kind"] == "step"]  # (each epoch's record names its step too)
 
     fast, ref = steps(classify_run), steps(out)
     assert len(fast) == len(ref) == 3
@@ -164,3 +165,33 @@ def test_bad_instruction_input(tmp_path, capsys):
 def test_an_earlier_run_is_not_overwritten(classify_run, capsys):
     assert main(["finetune", "--task", "classify", "--out-dir", str(classify_run), "--no-progress"]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_resume_refuses_what_it_cannot_honour_and_touches_nothing(classify_run, tmp_path, capsys):
+    """--resume continues a run only with the model, the examples, the data order and the seed it started
+    with; each refusal is one line naming the flag, and the run's files stay as they were."""
+    import hashlib
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(classify_run, run)
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run.rglob("*")) if p.is_file()}
+    args = ["finetune", "--task", "classify", "--max-examples", "24", "--context-length", "32", "--emb-dim", "32",
+            "--n-heads", "2", "--n-layers", "1", "--lm-weight", "0.5", "--out-dir", str(run), "--no-progress", "--resume"]  # fmt: skip
+    for extra, expected in [
+        (["--epochs", "1"], "already at step 3 of 3, so there is nothing to train; give a larger --epochs"),
+        (["--epochs", "2", "--seed", "7"], "--seed is 7 here but 0 in the run being resumed"),
+        (["--epochs", "2", "--lm-weight", "0.25"], "--lm-weight is 0.25 here but 0.5"),
+        (["--epochs", "2", "--max-examples", "20"], "was trained on other examples"),
+        (["--epochs", "2", "--overwrite"], "--resume continues the run in --out-dir and --overwrite replaces it"),
+    ]:  # fmt: skip
+        assert main(args + extra) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and expected in err, err
+    after = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run.rglob("*")) if p.is_file()}
+    assert after == before
+    assert main(["finetune", "--task", "instruct", "--out-dir", str(tmp_path / "empty"), "--resume", "--no-progress"]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err and not (tmp_path / "empty").exists()
+    assert main(args + ["--epochs", "2"]) == 0  # the same settings and more epochs: it goes on
+    assert "resuming at step 3" in capsys.readouterr().out
+    assert latest_checkpoint(run).name == "step-00000006"

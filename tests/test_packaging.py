@@ -50,6 +50,15 @@ def test_wheel_contains_kernels_and_assets(wheel):
     assert any(n.endswith("entry_points.txt") for n in names)
 
 
+def test_wheel_contains_every_module_of_the_package(wheel):
+    """pyproject.toml lists the packages by name: a new one left out of the list (npgpt/loop/ was, at first)
+    would be missing from every non-editable install."""
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for module in (REPO / "npgpt").rglob("*.py"):
+        relative = module.relative_to(REPO).as_posix()
+        assert relative in names, f"{relative} is missing from the wheel: add its package to pyproject.toml"
+
+
 def test_non_editable_install_finds_kernels_and_tokenizer(wheel, tmp_path):
     """Install the wheel into a bare folder and import it from there, away from the source tree."""
     target = tmp_path / "site"

@@ -16,6 +16,7 @@ import sys
 import numpy as np
 import pytest
 
+import npgpt.loop.folder as folder
 import npgpt.train as T
 from npgpt.checkpoint import checkpoint_dirs, checkpoint_problem, latest_checkpoint, write_manifest
 from npgpt.cli import main
@@ -110,7 +111,7 @@ def test_a_read_only_out_dir_is_one_line(tmp_path, capsys, monkeypatch):
     def read_only(*a, **k):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path / "run2"))
 
-    monkeypatch.setattr(T, "clean_stray_temporaries", read_only)
+    monkeypatch.setattr(folder, "clean_stray_temporaries", read_only)
     assert main(["train", *TINY, "--max-steps", "1", "--out-dir", str(tmp_path / "run2")]) == 2
     lines = err_lines(capsys)
     assert len(lines) == 1 and "Read-only file system" in lines[0] and "choose a folder you can write to" in lines[0]
@@ -188,20 +189,20 @@ def test_ctrl_c_during_generate(run):
 def test_a_second_signal_during_a_save_lets_the_save_finish(tmp_path, capsys, monkeypatch):
     """The first Ctrl-C (during step 3) asks for a save; the second arrives while that checkpoint is being
     written: the save completes (a checkpoint that verifies, no temporary left), then training stops."""
-    real_save, real_step = T.save_training_checkpoint, T.Trainer.train_step
+    real_save, real_step = folder.save_training_checkpoint, T.Pretraining.train_step
 
     def save_with_signal(*a, **k):
         signal.raise_signal(signal.SIGINT)
         return real_save(*a, **k)
 
-    def step_with_signal(self):
-        result = real_step(self)
-        if self.step == 2:
+    def step_with_signal(self, number):
+        result = real_step(self, number)
+        if number == 3:
             signal.raise_signal(signal.SIGINT)
         return result
 
-    monkeypatch.setattr(T, "save_training_checkpoint", save_with_signal)
-    monkeypatch.setattr(T.Trainer, "train_step", step_with_signal)
+    monkeypatch.setattr(folder, "save_training_checkpoint", save_with_signal)
+    monkeypatch.setattr(T.Pretraining, "train_step", step_with_signal)
     out = tmp_path / "run"
     assert main(["train", *TINY, "--max-steps", "50", "--out-dir", str(out)]) == 130
     lines = err_lines(capsys)
@@ -211,15 +212,15 @@ def test_a_second_signal_during_a_save_lets_the_save_finish(tmp_path, capsys, mo
 
 
 def test_a_second_signal_between_saves_stops_at_once(run, capsys, monkeypatch):
-    real_step = T.Trainer.train_step
+    real_step = T.Pretraining.train_step
 
-    def step_with_two_signals(self):
-        if self.step == 5:
+    def step_with_two_signals(self, number):
+        if number == 6:
             signal.raise_signal(signal.SIGINT)
             signal.raise_signal(signal.SIGTERM)
-        return real_step(self)
+        return real_step(self, number)
 
-    monkeypatch.setattr(T.Trainer, "train_step", step_with_two_signals)
+    monkeypatch.setattr(T.Pretraining, "train_step", step_with_two_signals)
     before = sha256_tree(run / "checkpoints")
     capsys.readouterr()
     assert main(["train", *TINY, "--max-steps", "50", "--out-dir", str(run), "--resume"]) == 130

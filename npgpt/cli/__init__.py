@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from ..atomic import explain_os_error
-    from ..train import SaveFailed, TrainingAborted, TrainingInterrupted
+    from ..loop import SaveFailed, TrainingAborted, TrainingInterrupted
 
     name = f"npgpt {args.command}"
     try:

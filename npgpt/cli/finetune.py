@@ -4,6 +4,7 @@ npgpt.finetune.finetune (a classifier or an instruction follower from a pretrain
     npgpt finetune --task classify --data train.csv --test-data test.csv --init-from runs/npgpt --out-dir runs/cls
     npgpt finetune --task classify                 # the bundled tang-forms set, a new nano model
     npgpt finetune --task instruct --data instructions.json --out-dir runs/chat
+    npgpt finetune --task instruct --data instructions.json --out-dir runs/chat --epochs 8 --resume   # 3 more epochs
 """
 
 from __future__ import annotations
@@ -56,7 +57,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output and machine")
     g.add_argument("--out-dir", default=d.out_dir)
     g.add_argument("--keep-last", type=int, default=d.keep_last, help="checkpoints kept (default 2)")
-    g.add_argument("--overwrite", action="store_true", help="replace the checkpoints of an earlier run in --out-dir")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its newest good checkpoint "
+                   "(with the settings it was started with; --epochs may grow)")
+    g.add_argument("--overwrite", action="store_true", help="start afresh in an --out-dir that holds an earlier run "
+                   "(its checkpoints are replaced once this run has one)")
     g.add_argument("--samples", type=int, default=d.samples, help="instruct: responses printed at the end")
     g.add_argument("--engine", choices=ENGINES, default=d.engine,
                    help="fast: preallocated buffers, frozen layers skipped (default); reference: the readable layers")
@@ -72,5 +76,5 @@ def run(args) -> int:
     values = {k: v for k, v in vars(args).items() if k in names}
     if values.get("grad_clip") == 0:
         values["grad_clip"] = None
-    finetune(FinetuneConfig(**values))
-    return 0
+    result = finetune(FinetuneConfig(**values))
+    return 130 if result.interrupted else 0

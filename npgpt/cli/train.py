@@ -19,6 +19,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a named set of settings; flags given beside it override it. book-ch5: chapter 5 of "
                         "'Build a Large Language Model (From Scratch)' (GPT-2 124M shape, PyTorch's init, AdamW "
                         "4e-4 decaying every parameter, the book's split, batches and evaluation; see npgpt/recipes.py)")
+    for add_group in (_data_arguments, _model_arguments, _optimisation_arguments, _output_arguments, _machine_arguments):
+        add_group(p, d)
+    _record_given_flags(p)
+
+
+def _data_arguments(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", nargs="+", default=d.data, metavar="FILE",
                    help="UTF-8 text files, or bundled corpora by name: the-verdict (default), tang300")
@@ -30,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--encoding-errors", choices=["strict", "replace"], default=d.encoding_errors,
                    help="invalid UTF-8: stop with an error (strict) or replace the bytes with U+FFFD")
     g.add_argument("--cache-dir", default=None, help="where tokenised data is cached (default ~/.cache/npgpt/tokens)")
+
+
+def _model_arguments(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--preset", default=d.preset, choices=sorted(PRESETS),
                    help="model size (default nano; a resumed or --init-from model keeps its own)")
@@ -45,6 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a new model's initial weights: gpt2 (default: N(0, 0.02), residual projections "
                         "N(0, 0.02/sqrt(2 n_layers)), biases 0) or pytorch (PyTorch's layer defaults, as the book's "
                         "GPTModel: embeddings N(0, 1), linear weights and biases U(+-1/sqrt(fan_in))); LayerNorm 1 and 0")
+
+
+def _optimisation_arguments(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=d.batch_size)
     g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
@@ -63,6 +75,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="global gradient-norm limit (0: off)")
     g.add_argument("--max-bad-steps", type=int, default=d.max_bad_steps,
                    help="consecutive non-finite steps before training stops")
+
+
+def _output_arguments(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--out-dir", default=d.out_dir)
     g.add_argument("--eval-interval", type=int, default=d.eval_interval)
@@ -81,6 +96,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-last", type=int, default=d.keep_last, help="checkpoints kept (default 3)")
     g.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out-dir")
     g.add_argument("--overwrite", action="store_true", help="start afresh in an --out-dir that holds an earlier run")
+
+
+def _machine_arguments(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     g = p.add_argument_group("machine")
     g.add_argument("--engine", choices=["fast", "reference"], default=d.engine,
                    help="fast: preallocated fused step (default); reference: the readable layer-by-layer code")
@@ -101,7 +119,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="print the memory this run needs (weights, gradients, AdamW, activations), the largest "
                         "batch that fits, and the FLOPs of a step; allocate nothing")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    _record_given_flags(p)
 
 
 class _RecordsGiven:

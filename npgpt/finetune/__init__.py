@@ -6,9 +6,10 @@
     print(clf.labels[clf.predict_proba(idx).argmax(1)[0]])
 
 Modules: tables.py and instructions.py (data), classifier.py (the model with a classification head
-and its Hugging Face files), steps.py (one step's forward and backward), trainer.py (the shared
-loop), classify.py and instruct.py (the two tasks), plots.py. The two commands' argparse code lives
-in npgpt/cli/finetune.py and npgpt/cli/classify.py.
+and its Hugging Face files), steps.py (one step's forward and backward), trainer.py (what the two
+tasks share: the starting model, the epochs of batches, the update), classify.py and instruct.py (the
+two tasks, each run by the one run loop of npgpt/loop/), plots.py. The two commands' argparse code
+lives in npgpt/cli/finetune.py and npgpt/cli/classify.py.
 """
 
 from __future__ import annotations

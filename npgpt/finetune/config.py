@@ -67,7 +67,8 @@ class FinetuneConfig:
     # output
     out_dir: str = "runs/finetune"
     keep_last: int = 2
-    overwrite: bool = False
+    resume: bool = False  # continue the run in out_dir from its newest good checkpoint
+    overwrite: bool = False  # start afresh in an out_dir that has checkpoints (they go once the new run has one)
     samples: int = 3  # instruct: responses generated for test (or val) instructions at the end
     max_new_tokens: int = 24  # instruct: longest response generated when scoring
     # machine
@@ -138,6 +139,8 @@ class FinetuneConfig:
         # output and machine
         V.out_dir("--out-dir", self.out_dir)
         integer("--keep-last", self.keep_last, 1)
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues the run in --out-dir and --overwrite replaces it; give one of them")
         integer("--samples", self.samples, 0)
         integer("max_new_tokens", self.max_new_tokens, 1)
         if self.engine not in ENGINES:

@@ -1,4 +1,5 @@
-"""Instruction tuning: the masked language-model loss on Alpaca-style records, then sample responses.
+"""Instruction tuning: the masked language-model loss on Alpaca-style records, then sample responses
+(InstructTask, a task of the one run loop, npgpt/loop/: checkpoints, signals and --resume as every task).
 
 Per epoch the run reports the training loss (the mean of the epoch's step losses, with dropout) and
 the validation loss (after the epoch, no dropout); both are means over response tokens only when the
@@ -13,19 +14,23 @@ The prompt template is stored in the checkpoint's config.json under "npgpt" -> "
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .. import checkpoint as ckpt
 from ..backend import tf32_note
+from ..distributed import SingleProcess
+from ..loop import Report, run_task
+from ..metrics import read_metrics
 from ..tokenizer import EOT_ID, decode, encode
 from .config import FinetuneConfig, trainable_names
 from .instructions import ALPACA, InstructionSet, read_instructions, render_prompt
 from .plots import plot_curves
 from .steps import InstructStep, instruct_step
-from .trainer import Run, build_trunk, check_out_dir
+from .trainer import Tuner, build_trunk, find_start, fingerprint, resumed_length
 
 
 @dataclass
@@ -47,6 +52,7 @@ class InstructResult:
     checkpoint: str
     plots: dict = field(default_factory=dict)
     out_dir: str = ""
+    interrupted: bool = False  # a signal stopped the run (then nothing is scored)
 
 
 def write_instruct_model(directory, model, template: dict, extra: dict) -> None:
@@ -114,80 +120,134 @@ def read_sets(cfg: FinetuneConfig):
 
 
 def run_instruct(cfg: FinetuneConfig) -> InstructResult:
-    cfg = cfg.resolved()
-    check_out_dir(cfg)
-    (records, train_src), (val_records, val_src), (test_records, test_src) = read_sets(cfg)
-    longest = max(len(InstructionSet.build([r], ALPACA, 10**9).ids[0]) - 1 for r in records)
-    model, T = build_trunk(cfg, longest)
-
-    def build(recs, src):
-        return InstructionSet.build(recs, ALPACA, T, cfg.mask_prompt, source=str(src)) if recs else None
-
-    train, val, test = build(records, train_src), build(val_records, val_src), build(test_records, test_src)
-    trainable = trainable_names("instruct", cfg.trainable, model.params, model.config.n_layers,
-                                model.config.tie_weights, 0.0)  # fmt: skip
-    step = instruct_step(cfg.engine, model, trainable, cfg.batch_size, T)
-    extra = {"mask_prompt": cfg.mask_prompt, "max_length": T}
-    steps_per_epoch = -(-len(train) // cfg.batch_size)
-    run = Run(cfg, step, model.params, trainable, steps_per_epoch, lambda d: write_instruct_model(d, model, ALPACA, extra))
-    skipped = train.skipped + (val.skipped if val else 0) + (test.skipped if test else 0)
-    n_train = sum(int(model.params[k].size) for k in trainable)
-    run.say(f"npgpt finetune --task instruct: {len(train)} train / {len(val) if val else 0} val / {len(test) if test else 0} "
-            f"test records ({train.response_tokens():,} trained-on target tokens"
-            f"{', prompt masked' if cfg.mask_prompt else ', prompt included'})"
-            f"{f'; {skipped} longer than {T} tokens left out' if skipped else ''}; {n_train:,} of {model.num_params():,} "
-            f"parameters train ({cfg.trainable}), {run.total_steps} steps on {model.device}{tf32_note(model.device)} ({cfg.engine} engine)")  # fmt: skip
-    history = {"train_loss": [], "val_loss": []}
-    try:
-        for epoch in range(cfg.epochs + 1):
-            record = {"kind": "epoch", "epoch": epoch}
-            if epoch > 0:
-                losses = run.train_epoch(train.batches(cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch), epoch)
-                record["train_loss"] = float(np.mean(losses)) if losses else float("nan")
-                history["train_loss"].append((epoch, record["train_loss"]))
-            if val is not None:
-                record["val_loss"] = evaluate(step, val, cfg.batch_size)
-                history["val_loss"].append((epoch, record["val_loss"]))
-            run.log(record)
-            run.say(f"epoch {epoch:>3}" + (f"  train loss {record['train_loss']:.3f}" if epoch else "  (before tuning)")
-                    + (f"  |  val loss {record['val_loss']:.3f}" if val is not None else ""))  # fmt: skip
-            if epoch > 0:
-                run.save(epoch, history)
-    finally:
-        timing = run.close()
-    return finish(cfg, model, step, train, val, test, history, timing, run.last_ckpt, trainable, skipped, run.step_losses)
+    task = InstructTask(cfg.resolved())
+    return run_task(task, task.tuner.loop_settings(), task.resume_dir, task.resume_state)
 
 
-def finish(cfg, model, step, train, val, test, history, timing, last_ckpt, trainable, skipped, step_losses) -> InstructResult:
-    out = Path(cfg.out_dir)
+class InstructTask:
+    """Instruction tuning as a task of the run loop (npgpt/loop/run.py names what a task supplies).
+    Setting up reads and checks every record and builds (or, with --resume, loads) the model before
+    anything is written."""
+
+    summary_numbers = ("seconds", "ms_per_step")  # finite, or no summary.json
+
+    def __init__(self, cfg: FinetuneConfig):
+        self.cfg, self.world = cfg, SingleProcess()
+        self.resume_dir, self.resume_state = find_start(cfg)
+        (records, train_src), (val_records, val_src), (test_records, test_src) = read_sets(cfg)
+        longest = max(len(InstructionSet.build([r], ALPACA, 10**9).ids[0]) - 1 for r in records)
+        if self.resume_dir is None:
+            self.model, T = build_trunk(cfg, longest)
+        else:
+            from ..pretrained import load_pretrained
+
+            T = resumed_length(cfg, self.resume_dir, self.resume_state, longest)
+            self.model = load_pretrained(self.resume_dir, device=cfg.device, dtype=np.dtype(cfg.dtype))
+
+        def build(recs, src):
+            return InstructionSet.build(recs, ALPACA, T, cfg.mask_prompt, source=str(src)) if recs else None
+
+        self.train, self.val, self.test = build(records, train_src), build(val_records, val_src), build(test_records, test_src)
+        model = self.model
+        self.trainable = trainable_names("instruct", cfg.trainable, model.params, model.config.n_layers,
+                                         model.config.tie_weights, 0.0)  # fmt: skip
+        self.step = instruct_step(cfg.engine, model, self.trainable, cfg.batch_size, T)
+        self.tuner = Tuner(cfg, self.step, model.params, self.trainable, self.train, T,
+                           fingerprint(self.train.ids, self.train.n_prompt))  # fmt: skip
+        if self.resume_state is not None:
+            self.tuner.check_resume(self.resume_state, self.resume_dir)
+        self.optimizer, self.batches = self.tuner.optimizer, self.tuner.batches
+        self.extra = {"mask_prompt": cfg.mask_prompt, "max_length": T}
+        self.skipped = sum(d.skipped for d in (self.train, self.val, self.test) if d is not None)
+        self.history = {"train_loss": [], "val_loss": []}  # (epoch, loss)
+
+    # --- what the loop asks of a task ---------------------------------------------------------------
+    def banner(self, step: int) -> str:
+        cfg, model, train, val, test = self.cfg, self.model, self.train, self.val, self.test
+        n_train = sum(int(model.params[k].size) for k in self.trainable)
+        T = self.tuner.max_length
+        return (f"npgpt finetune --task instruct: {len(train)} train / {len(val) if val else 0} val / "
+                f"{len(test) if test else 0} test records ({train.response_tokens():,} trained-on target tokens"
+                f"{', prompt masked' if cfg.mask_prompt else ', prompt included'})"
+                f"{f'; {self.skipped} longer than {T} tokens left out' if self.skipped else ''}; {n_train:,} of "
+                f"{model.num_params():,} parameters train ({cfg.trainable}), {self.tuner.total_steps} steps on "
+                f"{model.device}{tf32_note(model.device)} ({cfg.engine} engine)" + (f"; resuming at step {step}" if step else ""))  # fmt: skip
+
+    def train_step(self, number: int):
+        return self.tuner.train_step(number)
+
+    def evaluate(self, at) -> tuple[dict, str]:
+        """After an epoch: its mean training loss (dropout on) and the validation loss (no dropout); epoch 0
+        is the model before tuning."""
+        epoch = at.step // self.tuner.steps_per_epoch
+        record = {"kind": "epoch", "step": at.step, "epoch": epoch}
+        if epoch > 0:
+            record["train_loss"] = at.train_loss if at.train_loss is not None else float("nan")
+            self.history["train_loss"].append((epoch, record["train_loss"]))
+        if self.val is not None:
+            record["val_loss"] = evaluate(self.step, self.val, self.cfg.batch_size)
+            self.history["val_loss"].append((epoch, record["val_loss"]))
+        line = (f"epoch {epoch:>3}" + (f"  train loss {record['train_loss']:.3f}" if epoch else "  (before tuning)")
+                + (f"  |  val loss {record['val_loss']:.3f}" if self.val is not None else ""))  # fmt: skip
+        return record, line
+
+    def weights_problem(self) -> str | None:
+        return self.tuner.weights_problem()
+
+    def write_model(self, directory) -> None:
+        write_instruct_model(directory, self.model, ALPACA, self.extra)
+
+    def state(self) -> dict:
+        return self.tuner.state(self.history)
+
+    def restore(self, state: dict) -> None:
+        self.history = {**self.history, **state.get("history", {})}
+
+    def finish(self, report: Report) -> InstructResult:
+        return finish(self, report)
+
+
+def finish(task: InstructTask, report: Report) -> InstructResult:
+    """The plot, the scores on the test (or validation) records and a few responses (not after an
+    interrupt), the printed summary."""
+    cfg, model, train, val, test, history = task.cfg, task.model, task.train, task.val, task.test, task.history
+    out, per_epoch = Path(cfg.out_dir), task.tuner.steps_per_epoch
+    step_points = [(r["step"] / per_epoch, r["loss"]) for r in read_metrics(report.metrics_path)
+                   if r.get("kind") == "step" and math.isfinite(r["loss"])]  # fmt: skip
     plots = {"loss": str(plot_curves({"train": history["train_loss"], "val": history["val_loss"]}, out / "loss.png",
-                                     "loss on response tokens" if cfg.mask_prompt else "loss", step_points=step_losses,
+                                     "loss on response tokens" if cfg.mask_prompt else "loss", step_points=step_points,
                                      names={"train": "train (mean over the epoch)", "val": "validation"}))}  # fmt: skip
     scored, name = (test, "test") if test is not None else (val, "val")
     test_loss = exact = None
     samples = []
-    if scored is not None:
-        test_loss = evaluate(step, scored, cfg.batch_size)
-        hits = 0
-        for i, r in enumerate(scored.records):
-            got = respond(model, ALPACA, r.instruction, r.input, cfg.max_new_tokens)
-            hits += got.strip() == r.output.strip()
-            if i < cfg.samples:
-                samples.append({"instruction": r.instruction, "input": r.input, "expected": r.output, "response": got})
-        exact = hits / len(scored)
+    if scored is not None and not report.interrupted:
+        test_loss, exact, samples = score(task, scored)
     result = InstructResult(
         train_examples=len(train), val_examples=len(val) if val else 0, test_examples=len(test) if test else 0,
-        skipped_examples=skipped, trainable_params=sum(int(model.params[n].size) for n in trainable),
-        frozen_params=sum(int(v.size) for n, v in model.params.items() if n not in trainable), history=history,
-        test_loss=test_loss, exact_match=exact, scored_on=name, samples=samples, seconds=timing["seconds"],
-        steps=timing["steps"], ms_per_step=timing["ms_per_step"], checkpoint=str(last_ckpt), plots=plots, out_dir=str(out),
+        skipped_examples=task.skipped, trainable_params=sum(int(model.params[n].size) for n in task.trainable),
+        frozen_params=sum(int(v.size) for n, v in model.params.items() if n not in task.trainable), history=history,
+        test_loss=test_loss, exact_match=exact, scored_on=name, samples=samples, seconds=report.seconds,
+        steps=report.steps, ms_per_step=report.ms_per_step, checkpoint=str(report.checkpoint), plots=plots,
+        out_dir=str(out), interrupted=report.interrupted,
     )  # fmt: skip
-    ckpt.atomic_write_json(out / "summary.json", asdict(result))
     print(f"\nDone: {result.steps} steps in {result.seconds:.1f}s ({result.ms_per_step:.0f} ms/step)")
-    if scored is not None:
+    if exact is not None:
         print(f"{name} loss {test_loss:.3f}; greedy response equals the expected output for {exact:.1%} of {len(scored)} records")
     for s in samples:
         print(f"--- {s['instruction']} | {s['input']!r}\n    expected {s['expected']!r}\n    response {s['response']!r}")
-    print(f"checkpoint: {last_ckpt}\n  try: npgpt generate --checkpoint {out} --instruction \"...\" --input \"...\"")
+    print(f"checkpoint: {report.checkpoint}\n  try: npgpt generate --checkpoint {out} --instruction \"...\" --input \"...\"")
     print("plots:      " + ", ".join(plots.values()))
     return result
+
+
+def score(task: InstructTask, scored: InstructionSet) -> tuple[float, float, list]:
+    """(masked loss, share of greedy responses equal to the expected output, the first --samples of them)."""
+    cfg = task.cfg
+    loss = evaluate(task.step, scored, cfg.batch_size)
+    hits, samples = 0, []
+    for i, r in enumerate(scored.records):
+        got = respond(task.model, ALPACA, r.instruction, r.input, cfg.max_new_tokens)
+        hits += got.strip() == r.output.strip()
+        if i < cfg.samples:
+            samples.append({"instruction": r.instruction, "input": r.input, "expected": r.output, "response": got})
+    return loss, hits / len(scored), samples

@@ -1,11 +1,13 @@
-"""The fine-tuning loop both tasks share: AdamW over the trainable parameters, epochs, logs, checkpoints.
+"""What both fine-tuning tasks share: the model to start from, the epochs of batches, the update, and
+what a resumed run must keep. The run itself is the one run loop's (npgpt/loop/): progress, evaluations,
+checkpoints, signals, --resume and summary.json, as for every task.
 
-One optimizer step: `step(batch, rng)` (forward + backward, steps.py), clip the global norm of the
-trainable gradients, AdamW with the warmup + cosine learning rate. Frozen parameters are not in the
-optimizer at all, so they stay bit-identical. A step whose loss or gradient norm is not finite is
-skipped (five in a row stop the run). After every epoch the run evaluates, logs, and writes a
-checkpoint (model, optimizer, state, manifest: checkpoint.py's rules, the newest `keep_last` good ones
-kept).
+One optimizer step (Tuner.train_step): `step(batch, rng)` (forward + backward, steps.py or fast_steps.py),
+clip the global norm of the trainable gradients, AdamW with the warmup + cosine learning rate. Frozen
+parameters are not in the optimizer at all, so they stay bit-identical. A step whose loss or gradient
+norm is not finite is skipped (five in a row stop the run). After every epoch the run evaluates, logs,
+and writes a checkpoint (model, optimizer, state, manifest: checkpoint.py's rules, the newest `keep_last`
+good ones kept); a signal writes one in the middle of an epoch, and --resume goes on from there.
 
 A run directory holds metrics.jsonl (a record per step and per epoch), the plots, summary.json and
 checkpoints/step-XXXXXXXX/.
@@ -13,17 +15,17 @@ checkpoints/step-XXXXXXXX/.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-import shutil
-import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from .. import checkpoint as ckpt
-from ..backend import get_array_module, resolve_device
+from ..backend import get_array_module, resolve_device, to_numpy
 from ..config import GPTConfig
+from ..loop import LoopSettings, StepResult, find_resume
 from ..memory import check_fits, estimate_training
 from ..model import GPT, make_rng
 from ..optim import AdamW, clip_grad_norm, grad_norm
@@ -32,17 +34,31 @@ from ..tokenizer import tokenizer_hash
 from .config import FinetuneConfig
 
 MAX_BAD_STEPS = 5
+# Settings a resumed run must share with the run it continues: they fix the model, what trains, the data's
+# order and the dropout masks. (--epochs may grow; --lr and the rest may change, as for `npgpt train`.)
+KEPT_ON_RESUME = ("task", "init_from", "preset", "emb_dim", "n_heads", "n_layers", "drop_rate", "lm_weight",
+                  "trainable", "mask_prompt", "batch_size", "seed", "dtype")  # fmt: skip
 
 
-def check_out_dir(cfg: FinetuneConfig) -> Path:
-    """The output directory, refused when it holds an earlier run (nothing is written here)."""
-    out = Path(cfg.out_dir)
-    if ckpt.checkpoint_dirs(out) and not cfg.overwrite:
-        raise ValueError(f"{out} already holds checkpoints of an earlier run; pass --overwrite to replace them, "
-                         "or choose another --out-dir")  # fmt: skip
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out-dir {out} is a file; choose a directory")
-    return out
+def find_start(cfg: FinetuneConfig) -> tuple[Path | None, dict | None]:
+    """(the checkpoint to resume and its training state) or (None, None); refuses an out_dir that holds an
+    earlier run without --resume or --overwrite, and settings that a resumed run cannot honour."""
+    resume_dir, state = find_resume(cfg.out_dir, cfg.resume, cfg.overwrite)
+    if state is None:
+        return None, None
+    saved = state.get("finetune_config")
+    if not isinstance(saved, dict) or state.get("task") != cfg.task:
+        raise ValueError(f"{resume_dir} is not a checkpoint of `npgpt finetune --task {cfg.task}`; resume it with the "
+                         "command that wrote it, or start a new run in another --out-dir")  # fmt: skip
+    for key in KEPT_ON_RESUME:
+        if saved.get(key) != getattr(cfg, key):
+            flag = f"--{key.replace('_', '-')}"
+            raise ValueError(f"{flag} is {getattr(cfg, key)} here but {saved.get(key)} in the run being resumed "
+                             f"({resume_dir}); a resumed run keeps its model, data order and seed: resume with the "
+                             "settings it was started with (or start a new run in another --out-dir)")  # fmt: skip
+    if state.get("tokenizer") != tokenizer_hash():
+        raise ValueError(f"{resume_dir} was trained with another tokenizer; it cannot be resumed with this one")
+    return resume_dir, state
 
 
 def build_trunk(cfg: FinetuneConfig, longest: int) -> tuple[GPT, int]:
@@ -72,6 +88,20 @@ def build_trunk(cfg: FinetuneConfig, longest: int) -> tuple[GPT, int]:
     return model, cfg.context_for(longest, model.config.context_length)
 
 
+def resumed_length(cfg: FinetuneConfig, resume_dir: Path, state: dict, longest: int) -> int:
+    """Tokens per example of a resumed run, worked out as at its start (it must come out the same); the
+    memory the run needs is checked before its model is loaded."""
+    from ..pretrained import read_config
+
+    config = read_config(resume_dir / "config.json")
+    T = cfg.context_for(longest, None if cfg.init_from is None else config.context_length)
+    if T != state.get("max_length"):
+        raise ValueError(f"the examples are {T} tokens long here but {state.get('max_length')} in the run being resumed "
+                         f"({resume_dir}); resume with the same data and --context-length")  # fmt: skip
+    check_memory(cfg, config, T)
+    return T
+
+
 def check_memory(cfg: FinetuneConfig, config: GPTConfig, seq_len: int) -> None:
     """Refuse, with the numbers, a run whose estimated memory exceeds what is available, before anything
     is allocated. memory.py's estimate for training every parameter: an upper bound when some are frozen
@@ -82,97 +112,100 @@ def check_memory(cfg: FinetuneConfig, config: GPTConfig, seq_len: int) -> None:
     check_fits(est, device, fix=fix)
 
 
-class Run:
-    """Optimizer, schedule, logs and checkpoints of one fine-tuning run, and its step loop.
+def fingerprint(*parts) -> str:
+    """A short hash of token ids and labels: a resumed run must train on the same examples."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(json.dumps([list(map(int, p)) if not isinstance(p, (int, np.integer)) else int(p) for p in part]).encode())
+    return h.hexdigest()[:16]
 
-    step: a steps.py object (call it, read .loss and .grads). params: every parameter (the trainable
-    ones are updated in place). write_model(directory): writes the model files of a checkpoint.
-    """
 
-    def __init__(self, cfg: FinetuneConfig, step, params: dict, trainable: list[str], steps_per_epoch: int, write_model):
-        from tqdm.auto import tqdm
+class EpochBatches:
+    """The training batches of a fine-tuning set, epoch after epoch: epoch e (from 1) takes the set in the
+    order `data.batches(..., shuffle=True, seed, epoch=e)` gives (a permutation drawn from (seed, e), the
+    last batch possibly smaller). The position (epoch, batches taken in it) is what a checkpoint saves."""
 
-        self.cfg, self.step, self.write_model = cfg, step, write_model
-        self.trainable = list(trainable)
+    def __init__(self, data, batch_size: int, seed: int):
+        self.data, self.batch_size, self.seed = data, batch_size, seed
+        self.per_epoch = -(-len(data) // batch_size)
+        self.epoch, self.cursor = 1, 0
+        self._batches = None  # the current epoch's batches, made as they are taken
+
+    def next(self):
+        if self.cursor >= self.per_epoch:
+            self.epoch, self.cursor, self._batches = self.epoch + 1, 0, None
+        if self._batches is None:
+            self._batches = self.data.batches(self.batch_size, shuffle=True, seed=self.seed, epoch=self.epoch)
+            for _ in range(self.cursor):  # a restored position: the epoch's batches already taken
+                next(self._batches)
+        self.cursor += 1
+        return next(self._batches)
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "batch_size": self.batch_size,
+                "n_examples": len(self.data)}  # fmt: skip
+
+    def restore(self, state: dict) -> None:
+        if state.get("n_examples") != len(self.data) or state.get("batch_size") != self.batch_size:
+            raise ValueError(f"the saved data position is for {state.get('n_examples')} examples in batches of "
+                             f"{state.get('batch_size')}, but this run has {len(self.data)} in batches of "
+                             f"{self.batch_size}; resume with the same data and --batch-size")  # fmt: skip
+        self.epoch, self.cursor, self.seed, self._batches = int(state["epoch"]), int(state["cursor"]), state["seed"], None
+
+
+class Tuner:
+    """The optimisation of one fine-tuning run: AdamW over the trainable parameters, the schedule, the
+    batches, and what a checkpoint keeps of them. step: a steps.py / fast_steps.py object (call it on a
+    batch, read .loss and .grads); params: every parameter (the trainable ones are updated in place)."""
+
+    def __init__(self, cfg: FinetuneConfig, step, params: dict, trainable: list[str], train_set, max_length: int,
+                 data_hash: str):  # fmt: skip
+        self.cfg, self.step, self.params, self.trainable = cfg, step, params, list(trainable)
         self.xp = get_array_module(params[self.trainable[0]])
-        self.out = Path(cfg.out_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
-        ckpt.clean_stray_temporaries(self.out)
-        for old in ckpt.checkpoint_dirs(self.out):  # only with --overwrite (check_out_dir refused otherwise)
-            shutil.rmtree(old)
         self.optimizer = AdamW({k: params[k] for k in trainable}, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-        self.total_steps = steps_per_epoch * cfg.epochs
+        self.batches = EpochBatches(train_set, cfg.batch_size, cfg.seed)
+        self.steps_per_epoch = self.batches.per_epoch
+        self.total_steps = self.steps_per_epoch * cfg.epochs
         self.schedule = LRSchedule(cfg.lr, self.total_steps, cfg.warmup_steps, cfg.min_lr)
-        self.steps_per_epoch = steps_per_epoch
-        self.n_step, self.skipped, self.bad_in_a_row = 0, 0, 0
-        self.step_times: list[float] = []
-        self.step_losses: list[tuple[float, float]] = []  # (fractional epoch, step_value(step)) of every step
-        self.step_value = lambda s: s.loss  # what the loss plot draws per step (classify: L_FT alone)
-        self.last_ckpt = None
-        self.metrics = open(self.out / "metrics.jsonl", "w", encoding="utf-8")
-        self.bar = tqdm(total=self.total_steps, disable=not cfg.progress, unit="step", dynamic_ncols=True)
-        self.t_start = time.perf_counter()
+        self.max_length, self.data_hash = max_length, data_hash
 
-    def log(self, record: dict) -> None:
-        self.metrics.write(json.dumps(record) + "\n")
-        self.metrics.flush()
+    def loop_settings(self) -> LoopSettings:
+        """Evaluate the starting weights, then after every epoch, and save after every epoch."""
+        c, per_epoch = self.cfg, self.steps_per_epoch
+        return LoopSettings(command=f"npgpt finetune --task {c.task}", out_dir=c.out_dir, total_steps=self.total_steps,
+                            lr=c.lr, eval_interval=per_epoch, eval_at_start=True, checkpoint_interval=per_epoch,
+                            keep_last=c.keep_last, max_bad_steps=MAX_BAD_STEPS, more_steps="--epochs",
+                            progress=c.progress)  # fmt: skip
 
-    def say(self, text: str) -> None:
-        (self.bar.write if not self.bar.disable else print)(text)
+    def train_step(self, number: int, fields=None) -> StepResult:
+        """Optimizer step `number` (from 1); its dropout masks are drawn from (seed, number - 1). fields(step)
+        -> dict adds task-specific numbers to the step's record."""
+        batch = self.batches.next()
+        epoch = self.batches.epoch
+        lr = self.schedule(number - 1)
+        rng = make_rng(int(np.random.SeedSequence([self.cfg.seed, number - 1]).generate_state(1)[0]), self.xp)
+        s = self.step(batch, rng)
+        norm = clip_grad_norm(s.grads, self.cfg.grad_clip) if self.cfg.grad_clip else grad_norm(s.grads)
+        applied = math.isfinite(s.loss) and math.isfinite(norm)
+        if applied:
+            self.optimizer.step(s.grads, lr=lr)
+        return StepResult(s.loss, norm, lr, applied, record={"epoch": epoch, **(fields(s) if fields else {})},
+                          postfix={"epoch": epoch})  # fmt: skip
 
-    def train_epoch(self, batches, epoch: int, extra=None) -> list[float]:
-        """One pass over `batches`; returns the losses of the steps taken. extra(step) -> dict adds
-        task-specific fields to each step's record."""
-        losses = []
-        for batch in batches:
-            t0 = time.perf_counter()
-            lr = self.schedule(self.n_step)
-            rng = make_rng(int(np.random.SeedSequence([self.cfg.seed, self.n_step]).generate_state(1)[0]), self.xp)
-            s = self.step(batch, rng)
-            norm = clip_grad_norm(s.grads, self.cfg.grad_clip) if self.cfg.grad_clip else grad_norm(s.grads)
-            self.n_step += 1
-            record = {"kind": "step", "step": self.n_step, "epoch": epoch, "loss": s.loss, "lr": lr, "grad_norm": norm}
-            if math.isfinite(s.loss) and math.isfinite(norm):
-                self.optimizer.step(s.grads, lr=lr)
-                self.bad_in_a_row = 0
-                losses.append(s.loss)
-                self.step_losses.append((epoch - 1 + len(losses) / self.steps_per_epoch, self.step_value(s)))
-            else:
-                self.skip(record)
-            dt = time.perf_counter() - t0
-            self.step_times.append(dt)
-            self.log({**record, **(extra(s) if extra else {}), "ms": 1e3 * dt})
-            self.bar.update(1)
-            self.bar.set_postfix(epoch=epoch, loss=f"{s.loss:.3f}", lr=f"{lr:.1e}")
-        return losses
+    def weights_problem(self) -> str | None:
+        if not all(bool(np.isfinite(to_numpy(self.params[k])).all()) for k in self.trainable):
+            return "the weights are no longer finite"
+        return None
 
-    def skip(self, record: dict) -> None:
-        from ..train import TrainingAborted
+    def state(self, history: dict) -> dict:
+        return {"task": self.cfg.task, "trainable": self.trainable, "tokenizer": tokenizer_hash(),
+                "schedule": {"max_lr": self.schedule.max_lr, "total_steps": self.total_steps},
+                "finetune_config": asdict(self.cfg), "history": history, "max_length": self.max_length,
+                "data_fingerprint": self.data_hash, "steps_per_epoch": self.steps_per_epoch,
+                "rng": "dropout masks are seeded per step from (seed, step); epoch e's order from (seed, e)"}  # fmt: skip
 
-        self.skipped += 1
-        self.bad_in_a_row += 1
-        self.log({**record, "kind": "skip"})
-        self.say(f"step {self.n_step}: loss {record['loss']} / gradient norm {record['grad_norm']} not finite; update skipped")
-        if self.bad_in_a_row >= MAX_BAD_STEPS:
-            raise TrainingAborted(f"{self.bad_in_a_row} consecutive steps had a non-finite loss or gradient; "
-                                  "training stopped. Lower --lr or check the data")  # fmt: skip
-
-    def save(self, epoch: int, history: dict) -> Path:
-        state = {"format_version": ckpt.FORMAT_VERSION, "step": self.n_step, "epoch": epoch, "task": self.cfg.task,
-                 "trainable": self.trainable, "schedule": {"max_lr": self.schedule.max_lr, "total_steps": self.total_steps},
-                 "tokenizer": tokenizer_hash(), "finetune_config": vars(self.cfg), "history": history,
-                 # where the data stands: saved after a whole epoch, so the next one starts at its first batch
-                 # (each epoch's order is a permutation seeded by (seed, epoch))
-                 "data": {"epoch": epoch, "cursor": 0, "seed": self.cfg.seed, "batch_size": self.cfg.batch_size,
-                          "shuffle": True, "steps_per_epoch": self.steps_per_epoch}}  # fmt: skip
-        self.last_ckpt = ckpt.save_training_checkpoint(self.out, None, self.optimizer, state, self.cfg.keep_last,
-                                                       write_model=self.write_model)  # fmt: skip
-        return self.last_ckpt
-
-    def close(self) -> dict:
-        """Close the bar and the log; timing figures of the run."""
-        self.bar.close()
-        self.metrics.close()
-        times = self.step_times[1:] or self.step_times  # the first step includes one-off allocations
-        return {"seconds": time.perf_counter() - self.t_start, "steps": self.n_step, "skipped_steps": self.skipped,
-                "ms_per_step": 1e3 * float(np.median(times)) if times else float("nan")}  # fmt: skip
+    def check_resume(self, state: dict, resume_dir: Path) -> None:
+        """The resumed run trains on the same examples (its data position is checked by EpochBatches)."""
+        if state.get("data_fingerprint") != self.data_hash:
+            raise ValueError(f"{resume_dir} was trained on other examples; resume with the same --data, --val-share "
+                             "and --max-examples")  # fmt: skip

@@ -111,9 +111,11 @@ def decoder_block_backward(dout, cache: DecoderBlockCache):
 
     The three sub-layers are undone last first with the rules of encoder_block_backward (post-norm:
     LayerNorm's backward, then shortcut + branch; pre-norm: shortcut + branch through the norm).
-    Differentiates the cross-attention line  `x2 = x1 + cross_attn(x1, memory)`  (pre-norm form)
-    into two gradients: the queries' share goes back along the target stream into dx1, and the keys'
-    and values' share  dmemory = dk @ w_k^T + dv @ w_v^T  leaves the block for the encoder.
+    Differentiates the cross-attention line, pre-norm  `x2 = x1 + dropout(cross_attn(norm2(x1), memory))`
+    or post-norm  `x2 = norm2(x1 + dropout(cross_attn(x1, memory)))`, into two gradients: the queries'
+    share goes back along the target stream into dx1 (through norm2's backward, before the shortcut's
+    sum in pre-norm and after it in post-norm), and the keys' and values' share
+    dmemory = dk @ w_k^T + dv @ w_v^T  leaves the block for the encoder.
     dout: (B, T, C). Returns (dx (B, T, C), dmemory (B, S, C), grads keyed like block_params).
     """
     c = cache

@@ -4,9 +4,11 @@ Glossary: B=batch, T=time, C=channels.
     last[b] = max { t : idx[b, t] != pad_id }   (0 when the whole row is padding)
     h[b]    = x[b, last[b]]                      (B, T, C) -> (B, C)
 This is the rule of Hugging Face's GPT2ForSequenceClassification (transformers 5.x): it takes the
-argmax over t of t * (idx != pad_id), the rightmost non-padding token, which handles right and left
-padding alike and gives position 0 for a row of padding only. With right padding and causal attention
-the padding never influences that position, so a padded batch gives each row's unpadded result.
+argmax over t of t * (idx != pad_id), the rightmost non-padding token, and gives position 0 for a row
+of padding only. Always pad on the right: with right padding and causal attention the padding never
+influences that position, so a padded batch gives each row's unpadded result. The index would be found
+under left padding too, but GPT has no attention mask, so padding placed before the text is read by
+every real position and changes the hidden state picked (and the logits).
 Derivation: docs/backprop.md#last-token-pooling.
 """
 

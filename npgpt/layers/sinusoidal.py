@@ -2,7 +2,8 @@
 embeddings, so attention, which is blind to order, can tell positions apart.
 
 Glossary: B=batch, T=time, C=channels (even), i = 0 .. C/2 - 1 indexes the pairs of channels.
-    w_i            = 1 / 10000^(2i / C)            one frequency per pair, from 1 down to about 1/10000
+    w_i            = 1 / 10000^(2i / C)            one frequency per pair, from 1 down to 10000^(-(C-2)/C)
+                                                    (the last pair is i = C/2 - 1: 1/8660 at C = 128)
     PE[pos, 2i]    = sin(pos * w_i)
     PE[pos, 2i+1]  = cos(pos * w_i)
     out            = x + PE[start : start + T]      (B, T, C) + (T, C)
@@ -11,7 +12,7 @@ Why sines and cosines: shifting the position by k turns each (sin, cos) pair by 
     [sin((pos+k) w), cos((pos+k) w)] = [[cos kw, sin kw], [-sin kw, cos kw]] @ [sin(pos w), cos(pos w)]
 (the angle-addition formulas), a rotation that depends on k alone. So "k positions further on" is the
 same linear map at every position, which a linear layer (a query or key projection) can learn once.
-The wavelengths run from 2 pi to 2 pi * 10000 in a geometric progression: fast pairs tell neighbours
+The wavelengths run from 2 pi to 2 pi * 10000^((C-2)/C) in a geometric progression: fast pairs tell neighbours
 apart, slow ones count far; every row has norm sqrt(C / 2); and the table needs no training and works
 for any position, including ones longer than any training sentence.
 

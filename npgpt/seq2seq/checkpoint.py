@@ -7,16 +7,15 @@
       trainer_state.json     step, data position, split, history, settings
       manifest.json          sha256 and size of each file above, written last
 
-The same helpers as GPT training write and check them: every file atomically, the manifest last, a
-checkpoint counts only when its manifest verifies and its weights are finite, --resume takes the
-newest good one, and cleanup never removes the last good one.
+The run loop (npgpt/loop/) writes and checks them with checkpoint.py's helpers, as for every task:
+every file atomically, the manifest last, a checkpoint counts only when its manifest verifies and its
+weights are finite, --resume takes the newest good one, and cleanup never removes the last good one.
+save_model below writes the model's two files.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -79,30 +78,3 @@ def load_model(path, device: str | None = None, dtype=None) -> tuple[Seq2Seq, Vo
     xp = get_xp(device)
     params = {k: xp.asarray(v.astype(dtype, copy=False)) for k, v in load_safetensors(d / ckpt.MODEL_FILE).items()}
     return Seq2Seq(config, params=params), vocab, d
-
-
-def save_training_checkpoint(out_dir, model: Seq2Seq, vocab: Vocab, optimizer, state: dict, keep_last: int,
-                             protect=()) -> Path:  # fmt: skip
-    """A complete checkpoint written in a temporary directory, verified, renamed into place; then old
-    ones are removed by npgpt's rule (only good checkpoints count; the new one and `protect` stay)."""
-    root = Path(out_dir) / ckpt.CHECKPOINT_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    step = state["step"]
-    final = root / f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-step-{step:08d}-"))
-    try:
-        save_model(tmp, model, vocab)
-        ckpt._maybe_crash_for_tests()
-        state = {**state, "optimizer": ckpt.save_optimizer(tmp, optimizer)}
-        atomic_write_json(tmp / ckpt.STATE_FILE, state)
-        ckpt.write_manifest(tmp, step)
-        ckpt.replace_dir(tmp, final)
-        ckpt.fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    problem = ckpt.checkpoint_problem(final)
-    if problem is not None:
-        raise OSError(f"the checkpoint just written does not verify: {problem}")
-    ckpt.remove_old_checkpoints(out_dir, keep_last, protect=(final, *protect))
-    return final

@@ -9,7 +9,9 @@ the tokens of the data (vocab.py). One optimizer step: forward with dropout on a
 similar length, backward (the fast engine of seq2seq/engine.py by default, or the readable model with
 --engine reference), global-norm clipping, AdamW at the warmup + cosine learning rate, all through
 update.py's Updater as in GPT training. A step whose loss or gradient norm is not finite is skipped
-without touching the weights.
+without touching the weights. `Translation` is this task of the one run loop (npgpt/loop/), which gives
+it the progress bar, checkpoints, signals (SIGINT / SIGTERM: save, exit 130), exact --resume and the
+summary rule of every other task.
 
 At each evaluation: held-out loss (teacher forcing), greedy exact match on a fixed sample of held-out
 pairs, and one sample translation. At the end: exact match and corpus BLEU (sacreBLEU) on the whole
@@ -20,29 +22,30 @@ never trained on), summary.json and checkpoints/step-XXXXXXXX/ (seq2seq/checkpoi
 from __future__ import annotations
 
 import hashlib
-import json
-import signal
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 
-from .. import checkpoint as ckpt
-from ..atomic import atomic_write_bytes, atomic_write_json
+from ..atomic import atomic_write_bytes
 from ..backend import tf32_note, to_numpy
+from ..distributed import SingleProcess
+from ..loop import At, LoopSettings, PositionedBatches, Report, StepResult, TrainingAborted, find_resume, run_task
 from ..metrics import read_metrics
 from ..model import make_rng
 from ..optim import AdamW
 from ..schedule import LRSchedule
 from ..update import Updater
-from .checkpoint import load_model, save_training_checkpoint
+from .checkpoint import load_model, save_model
 from .config import Seq2SeqConfig
 from .data import PairBatches, collate, encode_pairs, read_pairs, resolve_pairs_path, split_pairs
 from .engine import make_engine
 from .evaluate import score, translate_ids
 from .model import Seq2Seq
 from .vocab import Vocab
+
+__all__ = ["Seq2SeqTrainConfig", "Seq2SeqTrainResult", "TrainingAborted", "Translation", "train"]
 
 
 @dataclass
@@ -164,33 +167,6 @@ class Seq2SeqTrainResult:
     skipped_steps: int = 0
 
 
-class TrainingAborted(RuntimeError):
-    """Training stopped on purpose (repeated non-finite steps, non-finite weights)."""
-
-
-class _StopRequest:
-    """SIGINT / SIGTERM set a flag: the loop finishes its step, saves and returns (exit 130)."""
-
-    def __enter__(self):
-        self.signal, self._old = None, {}
-
-        def handler(signum, frame):
-            if self.signal is not None:
-                raise KeyboardInterrupt
-            self.signal = signum
-
-        for s in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[s] = signal.signal(s, handler)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def __exit__(self, *exc):
-        for s, old in self._old.items():
-            signal.signal(s, old)
-
-
 def cpu_seconds() -> float:
     import os
 
@@ -205,122 +181,150 @@ def data_fingerprint(pairs) -> str:
     return h.hexdigest()[:16]
 
 
-class Seq2SeqTrainer:
+class Translation:
+    """The translation task of the run loop (npgpt/loop/run.py names what a task supplies): an
+    encoder-decoder learns to translate sentence pairs. Setting up reads, splits and encodes the data and
+    checks the checkpoint to resume before anything is written."""
+
+    summary_numbers = ("train_loss", "seconds", "cpu_seconds")  # finite, or no summary.json
+
     def __init__(self, cfg: Seq2SeqTrainConfig):
         cfg.validate()
-        self.cfg = cfg
+        self.cfg, self.world = cfg, SingleProcess()
         self.t0, self.cpu0 = time.perf_counter(), cpu_seconds()
-        self.out_dir = out_dir = Path(cfg.out_dir)
-        if not cfg.resume and not cfg.overwrite and ckpt.checkpoint_dirs(out_dir):
-            raise ValueError(f"{out_dir} already holds checkpoints of an earlier run; pass --resume to continue it, "
-                             "--overwrite to start again there, or choose another --out-dir")  # fmt: skip
-        resume_dir = ckpt.latest_checkpoint(out_dir) if cfg.resume else None
-        if cfg.resume and resume_dir is None:
-            raise ValueError(f"--resume: no complete checkpoint in {out_dir / ckpt.CHECKPOINT_DIR}; start without --resume")
-
-        # data: read, split, vocabulary, encode (every problem is reported before anything is written)
-        pairs = read_pairs(resolve_pairs_path(cfg.data))
-        if cfg.val_data is not None:
-            self.train_pairs, self.held_pairs = pairs, read_pairs(resolve_pairs_path(cfg.val_data))
-        else:
-            self.train_pairs, self.held_pairs = split_pairs(pairs, cfg.held_out, cfg.split_seed)
-        fingerprint = data_fingerprint(self.train_pairs) + data_fingerprint(self.held_pairs)
-        state = None
-        if resume_dir is not None:
-            state = json.loads((resume_dir / ckpt.STATE_FILE).read_text())
-            if state.get("data_fingerprint") != fingerprint:
-                raise ValueError(f"{resume_dir} was trained on other data or another split; resume with the same "
-                                 "--data, --val-data, --held-out and --split-seed")  # fmt: skip
-            if cfg.max_steps <= state["step"]:
-                raise ValueError(f"--max-steps {cfg.max_steps} is not beyond step {state['step']} of {resume_dir}; "
-                                 "give a larger --max-steps")  # fmt: skip
-            self.model, self.vocab, _ = load_model(resume_dir, device=cfg.device, dtype=cfg.dtype)
-        else:
-            self.vocab = Vocab.from_texts([t for p in self.train_pairs + self.held_pairs for t in p])
-            model_cfg = cfg.model_config(len(self.vocab))
-            self.model = Seq2Seq(model_cfg, seed=cfg.seed, device=cfg.device, dtype=np.dtype(cfg.dtype))
+        self.out_dir = Path(cfg.out_dir)
+        self.resume_dir, self.resume_state = find_resume(self.out_dir, cfg.resume, cfg.overwrite)
+        self._read_data()
+        self._build_model(self.resume_state)
         limit = self.model.config.max_len
         self.train_src, self.train_tgt = encode_pairs(self.train_pairs, self.vocab, limit, "training data")
         self.held_src, self.held_tgt = encode_pairs(self.held_pairs, self.vocab, limit, "held-out data")
-        self.batches = PairBatches(self.train_src, self.train_tgt, cfg.batch_size, seed=cfg.seed)
+        self.batches = PositionedBatches(PairBatches(self.train_src, self.train_tgt, cfg.batch_size, seed=cfg.seed))
         sample_rows = np.random.default_rng(cfg.seed).permutation(len(self.held_pairs))[: cfg.eval_pairs]
         self.eval_rows = np.sort(sample_rows)
-
-        out_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.clean_stray_temporaries(out_dir)
-        if state is None:  # only reached with --overwrite
-            ckpt.remove_checkpoints(ckpt.checkpoint_dirs(out_dir))
         self.schedule = LRSchedule(cfg.lr, cfg.max_steps, cfg.warmup_steps, cfg.min_lr)
         # the engine's buffers fit the longest training pair; "fast" lays the weights out in one buffer first
         longest = (max(map(len, self.train_src)), max(map(len, self.train_tgt)) + 1)  # targets gain <bos> / <eos>
         self.engine = make_engine(cfg.engine, self.model, cfg.batch_size, *longest)
         self.optimizer = AdamW(self.model.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
         self.updater = Updater(self.engine, self.optimizer, grad_clip=cfg.grad_clip)
-        self.step, self.skipped = 0, 0
         self.history = {"train": [], "val": [], "exact": []}  # (step, value) at each evaluation
-        self.fingerprint = fingerprint
-        self.resume_dir = resume_dir
-        if state is not None:
-            m, v = ckpt.load_optimizer_tensors(resume_dir)
-            self.optimizer.load_state_dict({**state["optimizer"], "m": m, "v": v})
-            self.batches.load_state_dict(state["data"])
-            self.step, self.skipped = state["step"], state.get("skipped_steps", 0)
-            self.history = state["history"]
-        self.metrics_path = out_dir / "metrics.jsonl"
-        if state is not None:
-            records = [r for r in read_metrics(self.metrics_path) if r.get("step", 0) <= self.step]
-            atomic_write_bytes(self.metrics_path, "".join(json.dumps(r) + "\n" for r in records).encode())
-        self.metrics = open(self.metrics_path, "a" if state is not None else "w", encoding="utf-8")
-        if state is None:
-            atomic_write_bytes(out_dir / "heldout.tsv", "".join(f"{s}\t{t}\n" for s, t in self.held_pairs).encode())
-        self.last_ckpt = resume_dir
-        self.recent: list[float] = []
-        self.last_train = self.last_val = self.last_exact = None
+        self.last_val = self.last_exact = None
         self.sample = ""
-        self.bar = None
 
-    # --- pieces of the loop ---------------------------------------------------------------------------
+    def _read_data(self) -> None:
+        """Read and split the pairs (every problem is reported before anything is written)."""
+        cfg = self.cfg
+        pairs = read_pairs(resolve_pairs_path(cfg.data))
+        if cfg.val_data is not None:
+            self.train_pairs, self.held_pairs = pairs, read_pairs(resolve_pairs_path(cfg.val_data))
+        else:
+            self.train_pairs, self.held_pairs = split_pairs(pairs, cfg.held_out, cfg.split_seed)
+        self.fingerprint = data_fingerprint(self.train_pairs) + data_fingerprint(self.held_pairs)
 
-    def log(self, record: dict) -> None:
-        self.metrics.write(json.dumps(record) + "\n")
-        self.metrics.flush()
+    def _build_model(self, state: dict | None) -> None:
+        """The model and vocabulary of the checkpoint resumed (same data, more steps), or new ones."""
+        cfg = self.cfg
+        if state is None:
+            self.vocab = Vocab.from_texts([t for p in self.train_pairs + self.held_pairs for t in p])
+            self.model = Seq2Seq(cfg.model_config(len(self.vocab)), seed=cfg.seed, device=cfg.device, dtype=np.dtype(cfg.dtype))
+            return
+        if state.get("data_fingerprint") != self.fingerprint:
+            raise ValueError(f"{self.resume_dir} was trained on other data or another split; resume with the same "
+                             "--data, --val-data, --held-out and --split-seed")  # fmt: skip
+        if cfg.max_steps <= state["step"]:
+            raise ValueError(f"--max-steps {cfg.max_steps} is not beyond step {state['step']} of {self.resume_dir}; "
+                             "give a larger --max-steps")  # fmt: skip
+        self.model, self.vocab, _ = load_model(self.resume_dir, device=cfg.device, dtype=cfg.dtype)
 
-    def say(self, text: str) -> None:
-        (self.bar.write if self.bar is not None else print)(text)
+    def loop_settings(self) -> LoopSettings:
+        c = self.cfg
+        heldout = "".join(f"{s}\t{t}\n" for s, t in self.held_pairs)  # the pairs the model never trains on
+        return LoopSettings(command="npgpt seq2seq train", out_dir=c.out_dir, total_steps=c.max_steps, lr=c.lr,
+                            eval_interval=c.eval_interval, checkpoint_interval=c.checkpoint_interval,
+                            keep_last=c.keep_last, max_bad_steps=c.max_bad_steps, progress=c.progress,
+                            files={"heldout.tsv": heldout})  # fmt: skip
 
-    def training_state(self) -> dict:
-        return {"format_version": 1, "step": self.step, "skipped_steps": self.skipped, "data": self.batches.state_dict(),
-                "data_fingerprint": self.fingerprint, "history": self.history, "train_config": asdict(self.cfg),
+    # --- what the loop asks of a task ---------------------------------------------------------------
+    def banner(self, step: int) -> str:
+        cfg, model = self.cfg, self.model
+        mc = model.config
+        return (f"npgpt seq2seq train: {model.num_params():,} parameters (d_model {mc.d_model}, {mc.n_heads} heads, "
+                f"{mc.n_encoder_layers}+{mc.n_decoder_layers} layers, d_ff {mc.d_ff}, {mc.norm}-norm, {mc.activation}, "
+                f"{mc.pos_encoding} positions) on {model.device}{tf32_note(model.device)}, {model.dtype}, {cfg.engine} engine; "
+                f"vocabulary {len(self.vocab):,}; "
+                f"{len(self.train_pairs):,} training / {len(self.held_pairs):,} held-out pairs; {cfg.max_steps} steps "
+                f"of {cfg.batch_size} pairs" + (f"; resuming at step {step}" if step else ""))  # fmt: skip
+
+    def train_step(self, number: int) -> StepResult:
+        """Optimizer step `number` (from 1): its dropout masks are drawn from (seed, number - 1)."""
+        lr = self.schedule(number - 1)
+        src, tgt_in, targets = self.batches.next()
+        seed = int(np.random.SeedSequence([self.cfg.seed, number - 1]).generate_state(1)[0])
+        r = self.updater([((src, tgt_in), targets, make_rng(seed, self.model.xp))], lr=lr)
+        return StepResult(r.loss, r.grad_norm, lr, r.applied)
+
+    def evaluate(self, at: At) -> tuple[dict, str]:
+        """Held-out loss (teacher forcing), greedy exact match on eval_rows and one sample translation."""
+        self.last_val = self.held_out_loss(self.eval_rows)
+        sample = ""
+        if len(self.eval_rows):
+            self.last_exact, _, hyps = self.score_held_out(self.eval_rows)
+            src, ref = self.held_pairs[self.eval_rows[0]]
+            sample = f"{src!r} -> {hyps[0]!r}" + ("" if hyps[0] == ref else f" (reference {ref!r})")
+        self.sample = sample
+        for key, value in (("train", at.train_loss), ("val", self.last_val), ("exact", self.last_exact)):
+            if value is not None:
+                self.history[key].append((at.step, value))
+        record = {"kind": "eval", "step": at.step, "train_loss": at.train_loss, "val_loss": self.last_val,
+                  "exact_match": self.last_exact, "sample": sample}  # fmt: skip
+        fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
+        return record, (f"step {at.step:>5}  train {fmt(at.train_loss, '.3f')}  held-out {fmt(self.last_val, '.3f')}  "
+                        f"exact {fmt(self.last_exact, '.1%')}  | {sample}")  # fmt: skip
+
+    def weights_problem(self) -> str | None:
+        if not all(bool(np.isfinite(to_numpy(v)).all()) for v in self.model.params.values()):
+            return "the weights are no longer finite"
+        return None
+
+    def write_model(self, directory) -> None:
+        save_model(directory, self.model, self.vocab)
+
+    def state(self) -> dict:
+        return {"data_fingerprint": self.fingerprint, "history": self.history, "train_config": asdict(self.cfg),
                 "n_train": len(self.train_pairs), "n_held_out": len(self.held_pairs),
                 "rng": "dropout masks are seeded per step from (seed, step)"}  # fmt: skip
 
-    def save(self) -> None:
-        if not all(bool(np.isfinite(to_numpy(v)).all()) for v in self.model.params.values()):
-            raise TrainingAborted(f"step {self.step}: the weights are no longer finite, so no checkpoint was written; "
-                                  "lower --lr and restart")  # fmt: skip
-        protect = [self.resume_dir] if self.resume_dir is not None and self.last_ckpt == self.resume_dir else []
-        self.last_ckpt = save_training_checkpoint(self.out_dir, self.model, self.vocab, self.optimizer,
-                                                  self.training_state(), self.cfg.keep_last, protect=protect)  # fmt: skip
+    def restore(self, state: dict) -> None:
+        self.history = {**self.history, **state.get("history", {})}
 
-    def train_step(self) -> tuple[float, float, float]:
-        model, cfg = self.model, self.cfg
-        lr = self.schedule(self.step)
-        src, tgt_in, targets = self.batches.next()
-        seed = int(np.random.SeedSequence([cfg.seed, self.step]).generate_state(1)[0])
-        result = self.updater([((src, tgt_in), targets, make_rng(seed, model.xp))], lr=lr)
-        loss, norm = result.loss, result.grad_norm
-        if result.applied:
-            self.bad_in_a_row = 0
-            self.recent.append(loss)
-        else:  # numbered as the "step" record that follows (self.step counts the steps done)
-            self.skipped += 1
-            self.bad_in_a_row += 1
-            self.log({"kind": "skip", "step": self.step + 1, "loss": loss, "grad_norm": norm})
-            self.say(f"step {self.step + 1}: loss {loss} / gradient norm {norm} not finite; update skipped")
-            if self.bad_in_a_row >= cfg.max_bad_steps:
-                raise TrainingAborted(f"{self.bad_in_a_row} consecutive steps had a non-finite loss or gradient; "
-                                      "lower --lr or check the data")  # fmt: skip
-        return loss, norm, lr
+    def finish(self, report: Report) -> Seq2SeqTrainResult:
+        """Exact match and BLEU on every held-out pair (not after an interrupt), the plot, the summary."""
+        exact = bleu = None
+        if not report.interrupted and self.held_pairs:
+            exact, bleu = self.final_evaluation()
+        plot = plot_history(self.history, self.out_dir / "loss.png", read_metrics(report.metrics_path)) if self.history["train"] else None
+        result = Seq2SeqTrainResult(
+            steps=report.steps, seconds=time.perf_counter() - self.t0, cpu_seconds=cpu_seconds() - self.cpu0,
+            train_loss=report.train_loss, val_loss=self.last_val, exact_match=exact, bleu=bleu,
+            n_held_out=len(self.held_pairs), out_dir=str(self.out_dir),
+            checkpoint=str(report.checkpoint) if report.checkpoint else None, plot=str(plot) if plot else None,
+            sample=self.sample, interrupted=report.interrupted, skipped_steps=report.skipped_steps,
+        )  # fmt: skip
+        print(f"\nDone: {result.steps} steps in {result.seconds:.1f}s wall, {result.cpu_seconds:.1f}s CPU (user+sys)\n"
+              f"checkpoint: {result.checkpoint}\nloss plot:  {result.plot}")  # fmt: skip
+        return result
+
+    # --- evaluation ---------------------------------------------------------------------------------
+    def final_evaluation(self) -> tuple[float, float]:
+        """(exact match, BLEU) on the whole held-out split with --final-beam; the misses go to heldout_errors.tsv."""
+        t0, beam = time.perf_counter(), self.cfg.final_beam
+        exact, bleu, hyps = self.score_held_out(np.arange(len(self.held_pairs)), beam=beam)
+        misses = [(s, h, t) for (s, t), h in zip(self.held_pairs, hyps) if h != t]
+        atomic_write_bytes(self.out_dir / "heldout_errors.tsv", "".join(f"{s}\t{h}\t{t}\n" for s, h, t in misses).encode())
+        print(f"held-out: exact match {exact:.2%} ({len(self.held_pairs) - len(misses):,}/{len(self.held_pairs):,}), "
+              f"BLEU {bleu:.2f} ({'greedy' if beam == 1 else f'beam {beam}'}, {time.perf_counter() - t0:.1f}s)")  # fmt: skip
+        return exact, bleu
 
     def held_out_loss(self, rows) -> float | None:
         if len(rows) == 0:
@@ -341,93 +345,10 @@ class Seq2SeqTrainer:
         s = score(hyps, [self.held_pairs[j][1] for j in rows])
         return s.exact_match, s.bleu, hyps
 
-    def eval_and_sample(self) -> None:
-        self.last_train = float(np.mean(self.recent)) if self.recent else self.last_train
-        self.recent = []
-        self.last_val = self.held_out_loss(self.eval_rows)
-        sample = ""
-        if len(self.eval_rows):
-            self.last_exact, _, hyps = self.score_held_out(self.eval_rows)
-            src, ref = self.held_pairs[self.eval_rows[0]]
-            sample = f"{src!r} -> {hyps[0]!r}" + ("" if hyps[0] == ref else f" (reference {ref!r})")
-        self.sample = sample
-        for key, value in (("train", self.last_train), ("val", self.last_val), ("exact", self.last_exact)):
-            if value is not None:
-                self.history[key].append((self.step, value))
-        self.log({"kind": "eval", "step": self.step, "train_loss": self.last_train, "val_loss": self.last_val,
-                  "exact_match": self.last_exact, "sample": sample})  # fmt: skip
-        fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
-        self.say(f"step {self.step:>5}  train {fmt(self.last_train, '.3f')}  held-out {fmt(self.last_val, '.3f')}  "
-                 f"exact {fmt(self.last_exact, '.1%')}  | {sample}")  # fmt: skip
-
-    # --- the loop -----------------------------------------------------------------------------------
-
-    def run(self) -> Seq2SeqTrainResult:
-        from tqdm.auto import tqdm
-
-        cfg, model = self.cfg, self.model
-        mc = model.config
-        print(f"npgpt seq2seq train: {model.num_params():,} parameters (d_model {mc.d_model}, {mc.n_heads} heads, "
-              f"{mc.n_encoder_layers}+{mc.n_decoder_layers} layers, d_ff {mc.d_ff}, {mc.norm}-norm, {mc.activation}, "
-              f"{mc.pos_encoding} positions) on {model.device}{tf32_note(model.device)}, {model.dtype}, {cfg.engine} engine; "
-              f"vocabulary {len(self.vocab):,}; "
-              f"{len(self.train_pairs):,} training / {len(self.held_pairs):,} held-out pairs; {cfg.max_steps} steps "
-              f"of {cfg.batch_size} pairs" + (f"; resuming at step {self.step}" if self.step else ""))  # fmt: skip
-        first_step, interrupted = self.step, False
-        self.bad_in_a_row = 0
-        self.bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not cfg.progress, unit="step", dynamic_ncols=True)
-        with _StopRequest() as stop:
-            try:
-                while self.step < cfg.max_steps:
-                    t0 = time.perf_counter()
-                    loss, norm, lr = self.train_step()
-                    self.step += 1
-                    dt = time.perf_counter() - t0
-                    self.log({"kind": "step", "step": self.step, "loss": loss, "lr": lr, "grad_norm": norm, "ms": dt * 1e3})
-                    self.bar.update(1)
-                    self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
-                    if self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps:
-                        self.eval_and_sample()
-                    if stop.signal is not None:
-                        interrupted = True
-                        break
-                    if cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0 and self.step < cfg.max_steps:
-                        self.save()
-                if self.step > first_step or self.last_ckpt is None:
-                    self.save()
-            finally:
-                self.bar.close()
-                self.bar = None
-                self.metrics.close()
-        exact = bleu = None
-        if not interrupted and self.held_pairs:
-            t0 = time.perf_counter()
-            exact, bleu, hyps = self.score_held_out(np.arange(len(self.held_pairs)), beam=cfg.final_beam)
-            misses = [(s, h, t) for (s, t), h in zip(self.held_pairs, hyps) if h != t]
-            with open(self.out_dir / "heldout_errors.tsv", "w", encoding="utf-8") as f:
-                f.write("".join(f"{s}\t{h}\t{t}\n" for s, h, t in misses))
-            print(f"held-out: exact match {exact:.2%} ({len(self.held_pairs) - len(misses):,}/{len(self.held_pairs):,}), "
-                  f"BLEU {bleu:.2f} ({'greedy' if cfg.final_beam == 1 else f'beam {cfg.final_beam}'}, "
-                  f"{time.perf_counter() - t0:.1f}s)")  # fmt: skip
-        plot = plot_history(self.history, self.out_dir / "loss.png", read_metrics(self.metrics_path)) if self.history["train"] else None
-        result = Seq2SeqTrainResult(
-            steps=self.step, seconds=time.perf_counter() - self.t0, cpu_seconds=cpu_seconds() - self.cpu0,
-            train_loss=self.last_train, val_loss=self.last_val, exact_match=exact, bleu=bleu,
-            n_held_out=len(self.held_pairs), out_dir=str(self.out_dir),
-            checkpoint=str(self.last_ckpt) if self.last_ckpt else None, plot=str(plot) if plot else None,
-            sample=self.sample, interrupted=interrupted, skipped_steps=self.skipped,
-        )  # fmt: skip
-        atomic_write_json(self.out_dir / "summary.json", asdict(result))
-        print(f"\nDone: {result.steps} steps in {result.seconds:.1f}s wall, {result.cpu_seconds:.1f}s CPU (user+sys)\n"
-              f"checkpoint: {result.checkpoint}\nloss plot:  {result.plot}")  # fmt: skip
-        if interrupted:
-            print(f"Interrupted by a signal; saved {self.last_ckpt}. Resume with:\n"
-                  f"  npgpt seq2seq train --out-dir {self.out_dir} --resume  (plus the same data and model options)")  # fmt: skip
-        return result
-
 
 def train(cfg: Seq2SeqTrainConfig) -> Seq2SeqTrainResult:
-    return Seq2SeqTrainer(cfg).run()
+    task = Translation(cfg)
+    return run_task(task, task.loop_settings(), task.resume_dir, task.resume_state)
 
 
 def plot_history(history: dict, path, records=()) -> Path:
