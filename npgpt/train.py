@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from . import checkpoint as ckpt
-from .backend import resolve_device, to_numpy
+from .backend import resolve_device, tf32_note, to_numpy
 from . import validate as V
 from .config import PRESETS, GPTConfig
 from .data import Batches, TokenWindows, load_token_ids, read_text, resolve_data_path, split_ids, split_text_ids
@@ -487,7 +487,7 @@ class Pretraining:
         ranks = f" on {world.size} ranks" if world.size > 1 else ""
         compute = "" if cfg.precision == "fp32" else f" weights, {cfg.precision} compute"
         return (f"npgpt train: {model.num_params():,} parameters ({c.n_layers} layers, C={c.emb_dim}, NH={c.n_heads}) on "
-                f"{model.device}{ranks}, {model.dtype}{compute}; {len(self.train_ids):,} train / {len(self.val_ids):,} val "
+                f"{model.device}{tf32_note(model.device)}{ranks}, {model.dtype}{compute}; {len(self.train_ids):,} train / {len(self.val_ids):,} val "
                 f"tokens; {self.total_steps} steps of {self.batch_size}x{self.grad_accum}x{self.seq_len} tokens"
                 + (f"; resuming at step {step}" if step else ""))  # fmt: skip
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..backend import tf32_note
 from ..distributed import SingleProcess
 from ..loop import Report, run_task
 from ..metrics import read_metrics
@@ -131,7 +132,7 @@ class ClassifyTask:
                 f"{len(val) if val else 0} val / {len(test) if test else 0} test texts"
                 f"{f' ({truncated} cut to {self.tuner.max_length} tokens)' if truncated else ''}; {n_train:,} of "
                 f"{sum(int(v.size) for v in clf.params.values()):,} parameters train ({cfg.trainable}), lambda "
-                f"{cfg.lm_weight}, {self.tuner.total_steps} steps on {clf.model.device} ({cfg.engine} engine)"
+                f"{cfg.lm_weight}, {self.tuner.total_steps} steps on {clf.model.device}{tf32_note(clf.model.device)} ({cfg.engine} engine)"
                 + (f"; resuming at step {step}" if step else ""))  # fmt: skip
         if cfg.lm_weight > 0 and cfg.trainable == "head":
             line += "\nnote: with --trainable head the LM term reaches no trainable parameter: it is reported, not trained on"

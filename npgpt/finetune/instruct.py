@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import checkpoint as ckpt
+from ..backend import tf32_note
 from ..distributed import SingleProcess
 from ..loop import Report, run_task
 from ..metrics import read_metrics
@@ -170,7 +171,7 @@ class InstructTask:
                 f"{', prompt masked' if cfg.mask_prompt else ', prompt included'})"
                 f"{f'; {self.skipped} longer than {T} tokens left out' if self.skipped else ''}; {n_train:,} of "
                 f"{model.num_params():,} parameters train ({cfg.trainable}), {self.tuner.total_steps} steps on "
-                f"{model.device} ({cfg.engine} engine)" + (f"; resuming at step {step}" if step else ""))  # fmt: skip
+                f"{model.device}{tf32_note(model.device)} ({cfg.engine} engine)" + (f"; resuming at step {step}" if step else ""))  # fmt: skip
 
     def train_step(self, number: int):
         return self.tuner.train_step(number)

@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import checkpoint as ckpt
-from ..backend import set_tf32
+from ..backend import tf32_mode
 from .errors import TrainingAborted, TrainingInterrupted
 from .folder import RunFolder
 from .stop import StopRequest
@@ -200,10 +200,9 @@ class Loop:
             return self._finish(time.perf_counter() - t_start, step_times, interrupted, first_step)
 
     def _tf32(self):
-        """The one place a run sets TensorFloat-32 (CUDA runs only; settings.tf32 None: left alone)."""
-        if self.settings.tf32 is not None:
-            set_tf32(self.settings.tf32)
-        return contextlib.nullcontext()
+        """The one place a run sets TensorFloat-32 (CUDA runs only; settings.tf32 None: left alone), inside
+        npgpt.backend.tf32_mode, which puts the process's TF32 state back when the run ends."""
+        return tf32_mode(self.settings.tf32)
 
     def _steps(self, step_times: list) -> bool:
         """Steps until total_steps, with evaluations and checkpoints; True when a signal stopped them."""

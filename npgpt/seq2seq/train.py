@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import atomic_write_bytes
-from ..backend import to_numpy
+from ..backend import tf32_note, to_numpy
 from ..distributed import SingleProcess
 from ..loop import At, LoopSettings, PositionedBatches, Report, StepResult, TrainingAborted, find_resume, run_task
 from ..metrics import read_metrics
@@ -251,7 +251,7 @@ class Translation:
         mc = model.config
         return (f"npgpt seq2seq train: {model.num_params():,} parameters (d_model {mc.d_model}, {mc.n_heads} heads, "
                 f"{mc.n_encoder_layers}+{mc.n_decoder_layers} layers, d_ff {mc.d_ff}, {mc.norm}-norm, {mc.activation}, "
-                f"{mc.pos_encoding} positions) on {model.device}, {model.dtype}, {cfg.engine} engine; "
+                f"{mc.pos_encoding} positions) on {model.device}{tf32_note(model.device)}, {model.dtype}, {cfg.engine} engine; "
                 f"vocabulary {len(self.vocab):,}; "
                 f"{len(self.train_pairs):,} training / {len(self.held_pairs):,} held-out pairs; {cfg.max_steps} steps "
                 f"of {cfg.batch_size} pairs" + (f"; resuming at step {step}" if step else ""))  # fmt: skip
