@@ -178,7 +178,7 @@ def test_pretraining_step_is_unchanged_by_the_fine_tuning_options():
     cfg = tiny_config()
     model = npgpt.GPT(cfg, params=random_params(cfg, np.random.default_rng(8)))
     engine = FastLossAndGrads(model, 2, 6)
-    assert list(engine.grads) == list(model.params) and engine._sink is None and engine.lowest == -1
+    assert list(engine.grads) == list(model.params) and engine.gradients.sink is None and engine.lowest == -1
     everything = FastLossAndGrads(model, 2, 6, trainable=list(model.params))
     assert everything.nbytes() == engine.nbytes()
 

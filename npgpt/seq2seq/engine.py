@@ -42,7 +42,7 @@ import numpy as np
 
 from .. import fast
 from ..backend import views_into
-from ..engine import _nbytes, accumulated, choose_ops, resolve_kernels
+from ..engine import accumulated, choose_ops, nbytes_of as _nbytes, resolve_kernels
 from ..layers.multihead_attention import MHA_PARAM_NAMES
 from ..parallel import num_threads
 
