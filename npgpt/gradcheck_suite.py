@@ -181,7 +181,7 @@ def finetune_layer_checks() -> list[Check]:
             lambda d, c: L.classifier_head_backward(d, c),
             lambda r, B=B, T=T, C=C, k=k: [_randn(r, B, T, C), _padded_ids(r, B, T, 9, 5), _randn(r, k, C)],
         ))  # fmt: skip
-    for B, T, k, V, lam, n_ignored in [(3, 4, 3, 11, 0.5, 4), (2, 3, 2, 7, 1.0, 0), (1, 2, 5, 9, 0.3, 1)]:
+    for B, T, k, V, lam, n_ignored in [(3, 4, 3, 11, 0.5, 4), (2, 3, 2, 7, 1.0, 0), (1, 2, 5, 9, 0.3, 1), (2, 3, 3, 7, 0.0, 1)]:
         def mixed_inputs(r, B=B, T=T, k=k, V=V, n_ignored=n_ignored):
             targets = r.integers(0, V, size=(B, T))
             targets.reshape(-1)[r.choice(B * T, size=n_ignored, replace=False)] = IGNORE

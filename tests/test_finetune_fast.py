@@ -118,7 +118,8 @@ def test_frozen_layers_get_no_gradient_buffer_and_no_weight_gemm(monkeypatch):
         seen.append((tuple(weight.shape), dx is None, dweight is None))
         return real(dx, dweight, dbias, dout, x, weight, *args, **kwargs)
 
-    monkeypatch.setattr(fast, "linear_backward", spy)
+    monkeypatch.setattr(fast, "linear_backward", spy)  # the engine's calls
+    monkeypatch.setattr(fast.classifier_head, "linear_backward", spy)  # the classification head's (fast/classifier_head.py)
     rng = np.random.default_rng(3)
     step((padded_batch(rng, 3, 8, 37), np.array([0, 1, 2])), HostRandom(1))
     C, V = 8, 37
