@@ -234,6 +234,11 @@ def seq2seq_layer_checks() -> list[Check]:
     """The encoder-decoder Transformer's layers (npgpt.seq2seq): ReLU, the feed-forward network,
     sinusoidal positions, attention with padding and causal masks, self- and cross-attention with
     their projections, encoder and decoder blocks in post-norm and pre-norm form."""
+    return _seq2seq_op_checks() + _seq2seq_attention_and_block_checks()
+
+
+def _seq2seq_op_checks() -> list[Check]:
+    """relu, feedforward, sinusoidal, masked_attention."""
     checks: list[Check] = []
     add = checks.append
 
@@ -278,6 +283,14 @@ def seq2seq_layer_checks() -> list[Check]:
             lambda r, B=B, Tq=Tq, Tk=Tk, C=C, pad=pad: [_randn(r, B, Tq, C), _randn(r, B, Tk, C), _randn(r, B, Tk, C),
                                                         _pad_mask(r, B, Tk) if pad else None],
         ))  # fmt: skip
+
+    return checks
+
+
+def _seq2seq_attention_and_block_checks() -> list[Check]:
+    """multihead_attention (self and cross), encoder_block and decoder_block, post- and pre-norm."""
+    checks: list[Check] = []
+    add = checks.append
 
     def self_attention_backward(d, c):
         dx, dmem, g = L.multihead_attention_backward(d, c)

@@ -208,7 +208,7 @@ class Seq2SeqFastLossAndGrads:
         return float(self.ops.cross_entropy_(a.logits[:nv], targets.reshape(-1)[rows], want_grad, dloss, n_valid=nv))
 
     def _embed(self, x, ids, side):
-        """x (n, C) = dropout(table[ids] * sqrt(C) + positions), as Seq2Seq's embedding."""
+        """x (n, C) = dropout(table[ids] * sqrt(C) + positions), as seq2seq/model.py's embed_forward."""
         cfg, params = self.cfg, self.model.params
         b, t = ids.shape
         fast.embedding_forward(x, ids.reshape(-1), params[self._table(side)])
