@@ -38,6 +38,7 @@ class Gradients:
     def __init__(self, xp, params: dict, need, dtype, product_dtype, added_into):
         shapes = {k: p for k, p in params.items() if k in need}
         self.xp, self.product_dtype = xp, np.dtype(product_dtype)
+        self.rounds = is_low_precision(self.product_dtype)  # 16-bit products are rounded into float32 via the scratch
         self.flat = xp.zeros(sum(int(p.size) for p in shapes.values()), dtype=dtype)
         self.views = views_into(self.flat, shapes)
         self.added_into = [k for k in added_into if k in self.views]
@@ -54,7 +55,7 @@ class Gradients:
     def product_scratch(self, accumulate: bool):
         """The weight-gradient products' scratch when they cannot be written straight into the gradient
         (accumulating into it, or rounding 16-bit products into float32); else None."""
-        if not accumulate and not is_low_precision(self.product_dtype):
+        if not accumulate and not self.rounds:
             return None
         if self.products is None:
             largest = max((int(g.size) for g in self.views.values() if g.ndim == 2), default=1)
