@@ -108,10 +108,10 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False  # start afresh in an out_dir that has checkpoints (they are deleted)
     # machine
-    engine: str = "fast"  # "fast" (engine.py: preallocated, fused) or "reference" (model.forward/backward)
+    engine: str = "fast"  # "fast" (npgpt/engine/: preallocated, fused) or "reference" (model.forward/backward)
     tf32: bool = True  # TensorFloat-32 matrix products on GPUs that have them (no effect on the CPU)
     precision: str = "fp32"  # "bf16" / "fp16": 16-bit activations and products, float32 weights (precision.py)
-    recompute: str = "none"  # "attention" / "mlp" / "block": keep less in the forward, recompute it (engine.py)
+    recompute: str = "none"  # "attention" / "mlp" / "block": keep less in the forward, recompute it (npgpt/engine/)
     dry_run: bool = False  # print the memory estimate and FLOPs (dry_run_report) and allocate nothing
     loss_scale: float = 2.0**16  # fp16's initial loss scale (dynamic: halved on overflow, doubled after 2000 clean steps)
     seed: int = 0

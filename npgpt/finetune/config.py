@@ -72,7 +72,7 @@ class FinetuneConfig:
     samples: int = 3  # instruct: responses generated for test (or val) instructions at the end
     max_new_tokens: int = 24  # instruct: longest response generated when scoring
     # machine
-    engine: str = "fast"  # fast: the preallocated fast step (engine.py); reference: the readable layers
+    engine: str = "fast"  # fast: the preallocated fast step (npgpt/engine/); reference: the readable layers
     device: str | None = None
     dtype: str = "float32"
     progress: bool = True
