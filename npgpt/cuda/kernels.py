@@ -38,6 +38,7 @@ LN_BWD_MAX_CHUNKS = 128  # row chunks of the dw/db partial sums
 LN_BWD_MIN_ROWS = 32  # rows per chunk at least
 ATTENTION_HEAD_SIZES = (16, 32, 48, 64, 80, 96, 112, 128)
 ATT_BR = 64  # rows per attention block (kernels/attention.cu: ATT_BR)
+ATT_SOFTMAX_ROWS = 8  # rows per block of the fused softmax kernels, one warp each (kernels/attention_softmax.cu)
 COMPILE_OPTIONS = ("-std=c++17",)
 
 # Every kernel each file exports (the compile checks assert that each appears in the PTX, and no more).
@@ -48,6 +49,8 @@ KERNEL_ENTRIES = {
     "adamw.cu": ("adamw_flat", "sq_norm_partial", "sq_norm_finalize"),
     "attention.cu": ("attention_bwd_rowdot",)
     + tuple(f"attention_{k}_hs{hs}" for hs in ATTENTION_HEAD_SIZES for k in ("fwd", "bwd_dkdv", "bwd_dq")),
+    "attention_softmax.cu": tuple(f"attention_{k}_{s}" for s in ("f32", "bf16", "f16")
+                                  for k in ("softmax_fwd", "softmax_bwd", "dropout")),  # fmt: skip
 }
 
 _INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[ \t]*$', re.M)
@@ -495,3 +498,112 @@ def flash_attention_backward(dqkv, dy, heads, lse, y, *, dheads, head_out):
     attention_bwd(heads[0], heads[1], heads[2], head_out, lse, dheads[0], dheads[0], dheads[1], dheads[2],
                   scale=1.0, dq_mult=1.0 / math.sqrt(hs))  # fmt: skip
     dqkv.reshape(b, t, 3, NH, hs)[...] = dheads.transpose(1, 3, 0, 2, 4)
+
+
+# --- attention's fused softmax and dropout (kernels/attention_softmax.cu) --------------------------------
+
+_STORAGE = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}  # dtype name -> kernel name suffix
+
+
+def _softmax_layout(arrays: dict) -> tuple:
+    """(suffix, n_bh, t, head_stride, row_stride) of (..., t, t) stacks that share one layout: the same
+    shape, dtype (float32, bfloat16 or float16) and strides; unit column stride; leading axes that
+    collapse into one stride (a view [:b, :, :t, :t] of a (B, NH, T, T) buffer does)."""
+    first_name, first = next(iter(arrays.items()))
+    if first.dtype.name not in _STORAGE:
+        raise ValueError(f"the fused softmax kernels take float32, bfloat16 or float16, not {first.dtype} ({first_name})")
+    if first.ndim < 2 or first.shape[-1] != first.shape[-2]:
+        raise ValueError(f"{first_name} must be a stack of square (t, t) matrices, got shape {tuple(first.shape)}")
+    for name, a in arrays.items():
+        if a.dtype != first.dtype or tuple(a.shape) != tuple(first.shape) or tuple(a.strides) != tuple(first.strides):
+            raise ValueError(f"{name} ({a.dtype}, shape {tuple(a.shape)}, strides {a.strides}) must have {first_name}'s "
+                             f"dtype, shape and strides ({first.dtype}, {tuple(first.shape)}, {first.strides})")  # fmt: skip
+    t, item = first.shape[-1], first.itemsize
+    st = [s // item for s in first.strides]
+    if t > 1 and st[-1] != 1:
+        raise ValueError(f"{first_name}: the columns of each row must be contiguous (strides {first.strides})")
+    row_stride = st[-2] if t > 1 else t
+    lead = [(n, s) for n, s in zip(first.shape[:-2], st[:-2]) if n != 1]
+    for (_, outer), (n, inner) in zip(lead, lead[1:]):
+        if outer != inner * n:
+            raise ValueError(f"{first_name}: its leading axes {tuple(first.shape[:-2])} (strides {first.strides}) do not "
+                             "collapse into one stride; pass a contiguous array")  # fmt: skip
+    head_stride = lead[-1][1] if lead else t * row_stride
+    n_bh = int(np.prod(first.shape[:-2], dtype=np.int64))
+    if row_stride < t or (n_bh > 1 and head_stride < t * row_stride) or n_bh * t > 2**31 - 1:
+        raise ValueError(f"{first_name}: rows or matrices overlap, or more than 2^31 rows (shape {tuple(first.shape)}, "
+                         f"strides {first.strides})")  # fmt: skip
+    return _STORAGE[first.dtype.name], n_bh, t, head_stride, row_stride
+
+
+def _seed_pointer(xp, seed, p):
+    """The seed array the kernels read (a float64 uniform, read only when p > 0)."""
+    if p > 0:
+        if seed is None or seed.dtype != np.float64 or seed.size < 1:
+            raise ValueError("dropout (p > 0) needs seed: a (1,) float64 array holding a uniform in [0, 1)")
+        return seed
+    return xp.empty(1, dtype=np.float64)  # never read
+
+
+def _check_drop(p, layer):
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    if not 0 <= int(layer) < 2**32:
+        raise ValueError(f"layer must be in [0, 2^32), got {layer}")
+
+
+def attention_softmax_forward_(att, dropped, scale, p=0.0, seed=None, layer=0):
+    """att (..., t, t): the scores q @ k^T on entry, P = softmax(scale * scores + causal mask) on exit (0 right
+    of the diagonal); with p > 0 dropped = P * keep / (1 - p), the mask drawn by Philox from (seed, layer,
+    position). Returns att.
+
+    Fast op it matches: npgpt.fast.attention.attention_softmax_forward_ (same arguments). att, dropped:
+    float32, bfloat16 or float16 with one layout (see _softmax_layout); dropped may be None (or att) when
+    p == 0. seed: (1,) float64 on att's device. Kernel: attention_softmax_fwd_<f32|bf16|f16>.
+    """
+    _check_drop(p, layer)
+    xp = get_array_module(att)
+    arrays = {"att": att} if p == 0 else {"att": att, "dropped": dropped}
+    suffix, n_bh, t, hstride, rstride = _softmax_layout(arrays)
+    if n_bh and t:
+        _launch("attention_softmax.cu", f"attention_softmax_fwd_{suffix}", (-(-n_bh * t // ATT_SOFTMAX_ROWS),), BLOCK,
+                (att, att if p == 0 else dropped, _i32(n_bh), _i32(t), _i64(hstride), _i32(rstride), _f(scale), _f(p),
+                 _f(1.0 / (1.0 - p)), _seed_pointer(xp, seed, p), np.uint32(layer)))  # fmt: skip
+    return att
+
+
+def attention_softmax_backward_(datt, att, scale, p=0.0, seed=None, layer=0):
+    """datt (..., t, t): the gradient of the probabilities that multiplied v on entry (of the dropped ones
+    when p > 0), of the unscaled scores on exit: scale * P * (dP - rowsum(P * dP)), dP = datt * keep / (1 - p),
+    0 right of the diagonal. att: P, read only. Returns datt.
+
+    Fast op it matches: npgpt.fast.attention.attention_softmax_backward_ (same arguments). datt and att:
+    one layout, not aliasing. Kernel: attention_softmax_bwd_<f32|bf16|f16>.
+    """
+    _check_drop(p, layer)
+    xp = get_array_module(att)
+    suffix, n_bh, t, hstride, rstride = _softmax_layout({"datt": datt, "att": att})
+    if n_bh and t:
+        _launch("attention_softmax.cu", f"attention_softmax_bwd_{suffix}", (-(-n_bh * t // ATT_SOFTMAX_ROWS),), BLOCK,
+                (datt, att, _i32(n_bh), _i32(t), _i64(hstride), _i32(rstride), _f(scale), _f(p), _f(1.0 / (1.0 - p)),
+                 _seed_pointer(xp, seed, p), np.uint32(layer)))  # fmt: skip
+    return datt
+
+
+def attention_dropout_(dropped, att, p, seed, layer=0):
+    """dropped (..., t, t) = att * keep / (1 - p), the mask drawn again as attention_softmax_forward_ drew
+    it (the probabilities that multiplied v, for the backward's dv). Returns dropped.
+
+    Fast op it matches: npgpt.fast.attention.attention_dropout_ (same arguments). p > 0; dropped and att:
+    one layout, not aliasing. Kernel: attention_dropout_<f32|bf16|f16>.
+    """
+    _check_drop(p, layer)
+    if p == 0:
+        raise ValueError("attention_dropout_ regenerates a dropout mask: call it with p > 0")
+    xp = get_array_module(att)
+    suffix, n_bh, t, hstride, rstride = _softmax_layout({"dropped": dropped, "att": att})
+    if n_bh and t:
+        _launch("attention_softmax.cu", f"attention_dropout_{suffix}", (-(-n_bh * t // ATT_SOFTMAX_ROWS),), BLOCK,
+                (dropped, att, _i32(n_bh), _i32(t), _i64(hstride), _i32(rstride), _f(p), _f(1.0 / (1.0 - p)),
+                 _seed_pointer(xp, seed, p), np.uint32(layer)))  # fmt: skip
+    return dropped

@@ -78,7 +78,10 @@ class FastLossAndGrads:
         self.lowp = is_low_precision(self.dtype)
         self.threads = num_threads() if xp is np else 1  # CPU threads for the elementwise ops
         self.kernels = resolve_kernels(kernels, xp, precision, self.dtype, cfg.head_size)
-        flash = "attention" in self.kernels
+        # The fused softmax path is preferred to the flash kernel, except where the probabilities are not
+        # to be kept (recompute): there the flash kernel runs under RecomputedAttention as before.
+        fused = "attention_softmax" in self.kernels and not Recompute(recompute).attention
+        flash = "attention" in self.kernels and not fused
         B, T = self.batch_size, self.seq_len
         self.acts = plan_activations(xp, cfg, B, T, self.dtype, self.stat_dtype, flash, recompute, lm_head)
         self.work = plan_workspace(xp, cfg, B, T, self.dtype, self.stat_dtype, self.threads, flash, recompute)
@@ -100,7 +103,7 @@ class FastLossAndGrads:
         loss_rows = fast.LOSS_ROWS if xp is np else fast.GPU_LOSS_ROWS
         self.ops = choose_ops(self.kernels, xp, self.threads, self.work.gelu, loss_rows)
         self.causal_rows = fast.CAUSAL_ROWS if xp is np else None  # a GPU takes the whole stack in one product
-        self.qkv_in_place = xp is np and not flash and not Recompute(recompute).attention
+        self.qkv_in_place = xp is np and not flash and not fused and not Recompute(recompute).attention
         self._assemble()
 
     def _assemble(self) -> None:

@@ -33,23 +33,35 @@ class Ops:
     heads_matmul: Callable  # (out, a, b): attention's products over stacks of heads
     flash_forward: Callable | None  # (y, heads, lse, qkv, head_out=): attention without dropout, or None
     flash_backward: Callable | None  # (dqkv, dy, heads, lse, y, dheads=, head_out=)
+    # The fused softmax path (attention.FusedSoftmaxAttention), or None: its products, every one a cuBLAS
+    # strided-batched GEMM on a GPU (cuda/blas.py), and its kernels (kernels/attention_softmax.cu).
+    batched_matmul: Callable | None = None  # (out, a, b)
+    softmax_forward: Callable | None = None  # (att, dropped, scale, p, seed, layer)
+    softmax_backward: Callable | None = None  # (datt, att, scale, p, seed, layer)
+    softmax_dropout: Callable | None = None  # (dropped, att, p, seed, layer)
+
+
+# The names that also work at 16 bits (bfloat16, float16); every other kernel is float32-only. float64
+# takes "bmm" alone.
+SIXTEEN_BIT_KERNELS = frozenset({"bmm", "attention_softmax"})
 
 
 def resolve_kernels(kernels, xp, precision: str, dtype, head_size: int) -> set:
     """The CUDA kernels to use for activations of `dtype`: `kernels`, or by default those
     $NPGPT_CUDA_KERNELS enables on a GPU (none on the CPU; given NumPy arrays the kernels run in
-    npgpt.cuda.emulate, which is how the tests check this path). Our kernels are float32-only: for any
-    other dtype (float64, or 16-bit precision) only "bmm" (cuBLAS, any float dtype) remains; naming
-    another kernel explicitly for such a dtype is a ValueError."""
+    npgpt.cuda.emulate, which is how the tests check this path). Most of our kernels are float32-only:
+    at 16 bits only SIXTEEN_BIT_KERNELS remain, in float64 only "bmm" (cuBLAS, any float dtype);
+    naming another kernel explicitly for such a dtype is a ValueError."""
     from ..cuda import enabled_kernels
 
     names = (enabled_kernels() if xp is not np else set()) if kernels is None else set(kernels)
     if np.dtype(dtype) != np.float32:
-        if kernels and set(kernels) - {"bmm"}:
+        allowed = SIXTEEN_BIT_KERNELS if is_low_precision(dtype) else frozenset({"bmm"})
+        if kernels and set(kernels) - allowed:
             what = f"precision {precision!r}" if is_low_precision(dtype) else f"dtype {np.dtype(dtype).name}"
-            raise ValueError(f"the CUDA kernels work in float32; {what} cannot use "
-                             f"{sorted(set(kernels) - {'bmm'})} (only 'bmm')")  # fmt: skip
-        names &= {"bmm"}
+            raise ValueError(f"those CUDA kernels work in float32; {what} cannot use "
+                             f"{sorted(set(kernels) - allowed)} (only {sorted(allowed)})")  # fmt: skip
+        names &= allowed
     if "attention" in names:
         from ..cuda.kernels import ATTENTION_HEAD_SIZES
 
@@ -62,15 +74,18 @@ def choose_ops(kernels: set, xp, threads: int, gelu_scratch, loss_rows: int) -> 
     """Bind each op to its CUDA kernel when `kernels` names it, else to the NumPy/CuPy fast op with this
     step's threads and scratch. Attention's products on a GPU: every one through cuBLAS's strided-batched
     GEMM with "bmm", else only those that CuPy's own N-D matmul gets wrong (16-bit, and float32 with TF32
-    on: cuda/blas.py, matmul_where_needed)."""
+    on: cuda/blas.py, matmul_where_needed). "attention_softmax": the fused softmax path's kernels, and
+    its products through cuBLAS always (batched_matmul)."""
     ck = None
     if kernels - {"bmm"}:
         from ..cuda import kernels as ck
-    heads_matmul = fast.matmul
+    heads_matmul = batched_matmul = fast.matmul
     if xp is not np:
         from ..cuda import blas
 
         heads_matmul = blas.matmul if "bmm" in kernels else blas.matmul_where_needed
+        batched_matmul = blas.matmul
+    fused = "attention_softmax" in kernels
 
     def pick(name, kernel, fallback):  # the wrapper called `kernel` in npgpt.cuda.kernels, or the fast op
         return getattr(ck, kernel) if name in kernels else fallback
@@ -85,4 +100,8 @@ def choose_ops(kernels: set, xp, threads: int, gelu_scratch, loss_rows: int) -> 
         heads_matmul=heads_matmul,
         flash_forward=pick("attention", "flash_attention_forward", None),
         flash_backward=pick("attention", "flash_attention_backward", None),
+        batched_matmul=batched_matmul if fused else None,
+        softmax_forward=pick("attention_softmax", "attention_softmax_forward_", None),
+        softmax_backward=pick("attention_softmax", "attention_softmax_backward_", None),
+        softmax_dropout=pick("attention_softmax", "attention_dropout_", None),
     )  # fmt: skip
