@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 
 from .. import fast
+from ..backend import get_array_module
 from ..precision import is_low_precision
 
 
@@ -95,8 +96,8 @@ def choose_ops(kernels: set, xp, threads: int, gelu_scratch, loss_rows: int) -> 
         layernorm_backward=pick("layernorm", "layernorm_backward", partial(fast.layernorm_backward, threads=threads)),
         gelu_forward=pick("gelu", "gelu_forward", partial(fast.gelu_forward, scratch=gelu_scratch, threads=threads)),
         gelu_backward_=pick("gelu", "gelu_backward_", partial(fast.gelu_backward_, scratch=gelu_scratch, threads=threads)),
-        cross_entropy_=pick("cross_entropy", "cross_entropy_",
-                            partial(fast.cross_entropy_, threads=threads, block=loss_rows, sync=False)),
+        cross_entropy_=_on_contiguous_rows(ck.cross_entropy_) if "cross_entropy" in kernels else
+                       partial(fast.cross_entropy_, threads=threads, block=loss_rows, sync=False),
         heads_matmul=heads_matmul,
         flash_forward=pick("attention", "flash_attention_forward", None),
         flash_backward=pick("attention", "flash_attention_backward", None),
@@ -105,3 +106,19 @@ def choose_ops(kernels: set, xp, threads: int, gelu_scratch, loss_rows: int) -> 
         softmax_backward=pick("attention_softmax", "attention_softmax_backward_", None),
         softmax_dropout=pick("attention_softmax", "attention_dropout_", None),
     )  # fmt: skip
+
+
+def _on_contiguous_rows(kernel):
+    """The loss kernel reads rows V elements apart. The engine's own loss hands it the padded head's whole
+    (n, Vp) rows (contiguous); a caller's loss on `engine.logits`, the (n, V) view of those rows
+    (fine-tuning's LM term), goes through a contiguous copy, and the gradient is copied back."""
+
+    def cross_entropy_(logits, targets, *args, **kwargs):
+        if logits.flags.c_contiguous:
+            return kernel(logits, targets, *args, **kwargs)
+        rows = get_array_module(logits).ascontiguousarray(logits)
+        loss = kernel(rows, targets, *args, **kwargs)
+        logits[...] = rows
+        return loss
+
+    return cross_entropy_
