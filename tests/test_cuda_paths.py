@@ -139,9 +139,11 @@ def test_resolve_kernels_keeps_float32_kernels_to_float32():
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NPGPT_CUDA_KERNELS", "all")
         assert resolve_kernels(None, gpu, "fp32", np.float64, 64) == {"bmm"}
-        assert resolve_kernels(None, gpu, "bf16", np.dtype("float16"), 64) == {"bmm"}
+        assert resolve_kernels(None, gpu, "bf16", np.dtype("float16"), 64) == {"bmm", "attention_softmax"}  # 16 bits too
     with pytest.raises(ValueError, match="float32"):
         resolve_kernels(["layernorm"], gpu, "fp32", np.float64, 64)
+    with pytest.raises(ValueError, match="float32"):
+        resolve_kernels(["attention_softmax"], gpu, "fp32", np.float64, 64)  # float32 and 16-bit storage only
 
 
 # --- 6. one host transfer per step -----------------------------------------------------------------------------
@@ -348,3 +350,40 @@ def test_report_of_the_fake(fake_cupy):
     with pytest.raises(TypeError, match="'E' not understood"):
         cupy.matmul(x, cupy.swapaxes(x, -1, -2))
     json.dumps(fake_cupy.gemm_calls)  # plain data
+
+
+# --- the encoder-decoder with "bmm": every attention product one cuBLAS strided-batched call ----------------------
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-12), (np.float32, 3e-6)])
+def test_the_encoder_decoder_sends_every_attention_product_to_cublas_with_bmm(fake_cupy, monkeypatch, dtype, tol):
+    """With NPGPT_CUDA_KERNELS=bmm (TF32 off, where without it CuPy's own N-D matmul would run them), each
+    attention product of the encoder-decoder is one strided-batched cuBLAS call on the copied head views:
+    6 per attention (2 forward, 4 backward) and none through CuPy's N-D matmul; the step equals the CPU's."""
+    import cupy
+
+    from npgpt.gradcheck import HostRandom
+    from npgpt.seq2seq import Seq2Seq
+    from npgpt.seq2seq.check import padded_batch, random_params, tiny_config
+    from npgpt.seq2seq.engine import Seq2SeqFastLossAndGrads
+
+    monkeypatch.setenv("NPGPT_CUDA_KERNELS", "bmm")
+    cfg = tiny_config(dropout=0.2, n_encoder_layers=2, n_decoder_layers=1)
+    out = []
+    for xp in (np, cupy):
+        model = Seq2Seq(cfg, dtype=dtype, device="cpu")
+        model.params = {k: xp.asarray(v.astype(dtype)) for k, v in random_params(cfg, np.random.default_rng(0)).items()}
+        engine = Seq2SeqFastLossAndGrads(model, 3, 5, 4)
+        src, tgt_in, targets = padded_batch(cfg, np.random.default_rng(1), 3, 5, 4)
+        fake_cupy.gemm_calls.clear()
+        fake_cupy.matmul_calls.clear()
+        loss = engine((src, tgt_in), targets, training=True, rng=HostRandom(5, xp))
+        out.append((loss, {k: to_numpy(g) for k, g in engine.grads.items()}))
+    assert engine.kernels == {"bmm"}
+    attentions = cfg.n_encoder_layers + 2 * cfg.n_decoder_layers  # self-attention each, and the decoder's cross-attention
+    assert len(fake_cupy.gemm_calls) == 6 * attentions and {c[2] for c in fake_cupy.gemm_calls} == {3 * cfg.n_heads}
+    assert not [c for c in fake_cupy.matmul_calls if c[0] > 2]
+    (cpu_loss, cpu), (gpu_loss, gpu) = out
+    assert abs(gpu_loss - cpu_loss) <= tol * abs(cpu_loss)
+    for k in cpu:
+        assert relative_error(gpu[k], cpu[k]) < tol, k
