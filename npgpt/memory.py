@@ -20,6 +20,9 @@ What is counted, for `npgpt train` (and `npgpt bench`'s step):
   allocated on first use, the dropout keep-masks a training forward keeps (one byte an element), the
   16-bit weight copy of bf16/fp16, and the weight-gradient scratch of accumulation and 16-bit steps
   (held by the engine's Gradients part; counted here under the workspace).
+  Under the fused softmax kernels (attention_softmax) the probabilities' dropout mask is not kept (one
+  float64 seed is); with the padded LM head (a GPU's default, VOCAB_MULTIPLE) the logits have Vp
+  columns and the head keeps a (Vp, C) weight copy and a (Vp, C) weight-gradient product.
   A test holds this sum equal to FastLossAndGrads.nbytes() after a step. Beside them, the largest
   temporary of a step ("temporaries"): the float32 uniforms from which one layer's attention dropout
   mask is drawn. A test holds the total within 10% of the peak resident memory a training step

@@ -138,11 +138,10 @@ class Seq2SeqFastLossAndGrads:
         xp = self.xp = model.xp
         self.dtype = np.dtype(model.dtype)
         self.threads = num_threads() if xp is np else 1
-        # Not "attention" nor "attention_softmax" (both causal, without padding masks). "bmm" applies: the
-        # heads are strided views (b, NH, t, hs) of (b, t, C) rows whose batch axes do not collapse into one
-        # stride, so cuda/blas.py's matmul copies them before its one strided-batched call, as CuPy's own
-        # N-D matmul copies every operand; with "bmm" the products then go the way GPT-2's do (transposes as
-        # op flags, TF32 as the run sets it), and without it only those CuPy gets wrong (matmul_where_needed).
+        # Not "attention" nor "attention_softmax" (causal, no padding masks). "bmm" applies: the heads, strided
+        # views (b, NH, t, hs) of (b, t, C) rows, are copied by cuda/blas.py's matmul before its one strided-
+        # batched call (CuPy's N-D matmul copies every operand), and the products go the way GPT-2's do (TF32
+        # as the run sets it); without "bmm" only those CuPy gets wrong go there (matmul_where_needed).
         self.kernels = resolve_kernels(kernels, xp, "fp32", self.dtype, cfg.head_size) - {"attention", "attention_softmax"}
         B, S, T = self.batch_size, self.src_len, self.tgt_len
         self.acts = plan_activations(xp, cfg, B, S, T, self.dtype)
