@@ -117,7 +117,7 @@ def test_two_runs_started_together_one_is_refused(tmp_path):
     """Both pass the checks of an empty folder at once (main: both exited 0, one's checkpoints holding the other's
     weights, metrics.jsonl interleaved); the lock taken before anything is written lets one in."""
     out = tmp_path / "run"
-    procs = [start(["train", *TINY, "--max-steps", "150", "--eval-interval", "1000", "--seed", str(s), "--out-dir", str(out)])
+    procs = [start(["train", *TINY, "--max-steps", "60", "--eval-interval", "1000", "--seed", str(s), "--out-dir", str(out)])
              for s in (1, 2)]  # fmt: skip
     results = [p.communicate(timeout=300) + (p.returncode,) for p in procs]
     codes = sorted(code for _, _, code in results)
@@ -128,7 +128,7 @@ def test_two_runs_started_together_one_is_refused(tmp_path):
     assert len(refused.strip().splitlines()) == 1 and "is in use by another run" in refused
     winner = next(i for i, (_, _, code) in enumerate(results) if code == 0)
     state = json.loads((checkpoint_dirs(out)[-1] / "trainer_state.json").read_text())
-    assert state["seed"] == winner + 1 and [s for s, _ in step_losses(out)] == list(range(1, 151))
+    assert state["seed"] == winner + 1 and [s for s, _ in step_losses(out)] == list(range(1, 61))
 
 
 def test_the_lock_in_one_process(tmp_path):
@@ -369,7 +369,9 @@ def test_the_token_cache_is_never_ignored_without_a_word(tmp_path, monkeypatch, 
 
     monkeypatch.setenv("NPGPT_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(npgpt.data, "atomic_path", full)
-    assert main(["train", *TINY, "--max-steps", "1", "--data", "tang300", "--out-dir", str(tmp_path / "run")]) == 0
+    text = tmp_path / "story.txt"
+    text.write_text("Every effort moves you, and every step a little further along the road. " * 40)
+    assert main(["train", *TINY, "--max-steps", "1", "--data", str(text), "--out-dir", str(tmp_path / "run")]) == 0
     warning = [line for line in err_lines(capsys) if "warning" in line]
     assert len(warning) == 1 and "token cache" in warning[0] and "No space left on device" in warning[0]
 
@@ -508,9 +510,9 @@ def test_a_signal_during_translations_final_evaluation_ends_with_a_line_and_a_su
 
 
 def test_sigterm_during_fine_tunings_test_scoring(tmp_path):
-    """Instruction tuning's end generates a response for each of the 53 bundled test records."""
+    """Instruction tuning's end generates a response for each of its test records (30 of the bundled ones)."""
     out = tmp_path / "run"
-    proc = start(["finetune", "--task", "instruct", "--max-examples", "60", "--emb-dim", "8", "--n-heads", "2",
+    proc = start(["finetune", "--task", "instruct", "--max-examples", "30", "--emb-dim", "8", "--n-heads", "2",
                   "--n-layers", "1", "--batch-size", "30", "--epochs", "1", "--samples", "0", "--no-progress",
                   "--out-dir", str(out)])  # fmt: skip
     wait_for(lambda: any(r["kind"] == "epoch" and r["epoch"] == 1 for r in map(json.loads, _lines(out / "metrics.jsonl"))),
@@ -521,6 +523,29 @@ def test_sigterm_during_fine_tunings_test_scoring(tmp_path):
     assert proc.returncode == 130, stderr
     assert "interrupted: a signal stopped the final evaluation (the test records' loss and exact match)" in stderr
     assert json.loads((out / "summary.json").read_text())["exact_match"] is None
+
+
+def test_a_signal_during_the_last_save_does_not_start_the_final_evaluation(tmp_path, capsys):
+    """Noted by the save (which always completes), it was then forgotten: the final evaluation ran in full."""
+    from test_run_loop import Approach, settings
+
+    from npgpt.loop import run_task
+
+    class SignalInTheLastSave(Approach):
+        def write_model(self, directory):
+            super().write_model(directory)
+            if self.batches.i == 6:
+                os.kill(os.getpid(), signal.SIGINT)
+
+        def finish(self, report):
+            self.finished_as_interrupted = report.interrupted
+            return super().finish(report)
+
+    task = SignalInTheLastSave()
+    run_task(task, settings(tmp_path / "run", total_steps=6, checkpoint_interval=3))
+    assert task.finished_as_interrupted is True
+    assert "npgpt approach: interrupted: a signal stopped the end of the run" in capsys.readouterr().err
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 6
 
 
 def _lines(path):

@@ -208,6 +208,8 @@ class Loop:
                 interrupted = self._steps(step_times)
                 if self.step > first_step or self.folder.last_ckpt is None:
                     self.save()
+                # a signal during the last save: the final evaluation is not started (every rank agrees)
+                skip_final = not interrupted and self.world.allreduce_max(1.0 if self.stop.signal is not None else 0.0) > 0
             except KeyboardInterrupt:  # a second signal
                 raise TrainingInterrupted(self._stopped_at_once()) from None
             finally:
@@ -215,7 +217,7 @@ class Loop:
                 self.bar.close()
                 self.bar = None
                 self.folder.close()
-        return self._finish(time.perf_counter() - t_start, step_times, interrupted, first_step)
+        return self._finish(time.perf_counter() - t_start, step_times, interrupted, first_step, skip_final)
 
     def _tf32(self):
         """The one place a run sets TensorFloat-32 (CUDA runs only; settings.tf32 None: left alone)."""
@@ -319,14 +321,18 @@ class Loop:
         return f"a second signal stopped training at step {self.step} without saving it; {where}"
 
     # --- the end --------------------------------------------------------------------------------------------
-    def _task_finish(self, report: Report):
+    def _task_finish(self, report: Report, skip_final: bool = False):
         """(the task's finish(report), whether a signal cut it short). A signal while it runs (SIGINT or
         SIGTERM; the final evaluation can take minutes) stops it at once, and finish() is asked again as for an
         interrupted run, which evaluates nothing: the run still ends with its plots, a summary that says
-        "interrupted" (the final evaluation's numbers null) and a line. Later signals are only noted."""
+        "interrupted" (the final evaluation's numbers null) and a line. Later signals are only noted.
+        skip_final: a signal came during the last save, so the evaluation is not even started."""
         if report.interrupted:  # the steps were stopped: finish() evaluates nothing, and is quick
             with StopRequest():
                 return self.task.finish(report), False
+        if skip_final:
+            with StopRequest():
+                return self.task.finish(replace(report, interrupted=True)), True
         with StopRequest(at_once=True):
             try:
                 return self.task.finish(report), False
@@ -335,7 +341,7 @@ class Loop:
         with StopRequest():
             return self.task.finish(replace(report, interrupted=True)), True
 
-    def _finish(self, seconds: float, step_times: list, interrupted: bool, first_step: int):
+    def _finish(self, seconds: float, step_times: list, interrupted: bool, first_step: int, skip_final: bool = False):
         """The task's finish(), then summary.json when the result is complete, and the resume hint."""
         times = step_times[1:] or step_times  # the first step includes one-off allocations
         train_loss = float(np.mean(self.since_eval)) if self.since_eval else self.train_loss
@@ -343,7 +349,7 @@ class Loop:
                         ms_per_step=1e3 * float(np.median(times)) if times else float("nan"), train_loss=train_loss,
                         skipped_steps=self.skipped, interrupted=interrupted, checkpoint=self.folder.last_ckpt,
                         out_dir=self.folder.out_dir, metrics_path=self.folder.metrics_path)  # fmt: skip
-        result, cut_short = self._task_finish(report)
+        result, cut_short = self._task_finish(report, skip_final)
         numbers = [getattr(result, name) for name in self.task.summary_numbers]
         complete = self.step > first_step and all(v is not None and math.isfinite(v) for v in numbers)
         if self.world.is_root:
