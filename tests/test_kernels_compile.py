@@ -1,7 +1,9 @@
 """Every CUDA source in kernels/ must compile: with nvcc for sm_80 and sm_90 when nvcc is on the PATH,
 and through NVRTC (the compiler CuPy uses at run time) when an NVRTC library can be found (CuPy's, the
-pip package nvidia-cuda-nvrtc-cu12 from `pip install 'npgpt[kernels]'`, or a CUDA toolkit's). Neither
-needs a GPU."""
+pip package nvidia-cuda-nvrtc-cu12 from `pip install 'npgpt[kernels]'`, or a CUDA toolkit's) together
+with the CUDA runtime headers the kernels' 16-bit types come from (cuda_bf16.h, cuda_fp16.h: the pip
+package nvidia-cuda-runtime-cu12 from the same extra, or a toolkit's; CuPy puts them on NVRTC's include
+path itself). Neither needs a GPU."""
 
 import importlib
 import re
@@ -12,13 +14,15 @@ import pytest
 
 from npgpt.cuda import KERNEL_FILES
 from npgpt.cuda.kernels import ATTENTION_HEAD_SIZES, KERNEL_ENTRIES, expanded_source
-from npgpt.cuda.nvrtc import compile_to_ptx, compile_with_log, find_nvrtc
+from npgpt.cuda.nvrtc import compile_to_ptx, compile_with_log, find_cuda_headers, find_nvrtc
 from npgpt.cuda.sources import kernel_dir, kernel_source, kernel_sources
 
 SOURCES = kernel_sources()
 NVCC = shutil.which("nvcc")
 NVRTC = find_nvrtc()
 needs_nvrtc = pytest.mark.skipif(NVRTC is None, reason="no NVRTC library found (pip install 'npgpt[kernels]' provides one)")
+needs_headers = pytest.mark.skipif(find_cuda_headers() is None, reason="no CUDA runtime headers (cuda_bf16.h) found for NVRTC "
+                                   "(pip install 'npgpt[kernels]' provides them, or set $NPGPT_CUDA_INCLUDE)")  # fmt: skip
 
 
 def test_kernels_folder_is_documented():
@@ -83,6 +87,7 @@ def _entries(ptx):
 
 
 @needs_nvrtc
+@needs_headers
 @pytest.mark.parametrize("source", SOURCES, ids=[p.name for p in SOURCES])
 def test_nvrtc_compiles_with_the_include_path(source):
     """The file as it is on disk, with kernels/ on the include path, warning-free; every kernel the
@@ -93,6 +98,7 @@ def test_nvrtc_compiles_with_the_include_path(source):
 
 
 @needs_nvrtc
+@needs_headers
 @pytest.mark.parametrize("arch", ["compute_80", "compute_90"])
 @pytest.mark.parametrize("source", SOURCES, ids=[p.name for p in SOURCES])
 def test_nvrtc_compiles_what_the_wrappers_hand_to_cupy(source, arch):
@@ -116,3 +122,17 @@ def test_nvrtc_reports_errors_with_its_log():
     with pytest.raises(ValueError, match="NVRTC could not compile broken.cu") as e:
         compile_to_ptx('extern "C" __global__ void k(float* x) { x[0] = undefined_name; }', "broken.cu")
     assert "undefined_name" in str(e.value)
+
+
+def test_cuda_headers_are_found_where_npgpt_cuda_include_says(tmp_path, monkeypatch):
+    """$NPGPT_CUDA_INCLUDE is used when it holds both 16-bit headers, and then nothing else is tried."""
+    find_cuda_headers.cache_clear()
+    try:
+        monkeypatch.setenv("NPGPT_CUDA_INCLUDE", str(tmp_path))
+        (tmp_path / "cuda_bf16.h").write_text("")
+        assert find_cuda_headers() is None  # cuda_fp16.h missing
+        find_cuda_headers.cache_clear()
+        (tmp_path / "cuda_fp16.h").write_text("")
+        assert find_cuda_headers() == str(tmp_path)
+    finally:
+        find_cuda_headers.cache_clear()
