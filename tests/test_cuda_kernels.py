@@ -514,15 +514,17 @@ def assert_act_close(got, ref, dtype, rtol, atol, what, scale=None):
         assert_16bit_close(got, ref, what, atol, scale)
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def launched(monkeypatch):
-    """The names of the kernels the wrappers launch (npgpt.cuda.kernels._launch), in order."""
+    """The names of the kernels the wrappers launch (npgpt.cuda.kernels._launch), in order; every launch's
+    block is the one LAUNCH_BLOCKS states (what benchmarks/kernel_resources.py computes occupancy from)."""
     names = []
     real = K._launch
 
-    def spy(filename, name, *args, **kwargs):
+    def spy(filename, name, grid, block, *args, **kwargs):
+        assert block == K.launch_block(filename, name), f"{name} launched with {block} threads, LAUNCH_BLOCKS says otherwise"
         names.append(name)
-        return real(filename, name, *args, **kwargs)
+        return real(filename, name, grid, block, *args, **kwargs)
 
     monkeypatch.setattr(K, "_launch", spy)
     return names

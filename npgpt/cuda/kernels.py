@@ -75,6 +75,19 @@ KERNEL_ENTRIES = {
     + tuple(f"attention_{k}_hs{hs}" for hs in ATTENTION_HEAD_SIZES for k in ("fwd", "bwd_dkdv", "bwd_dq")),
 }
 
+# Threads per block each kernel is launched with, by file (or, where a file's kernels differ, by kernel
+# name: {"name": threads}). The wrappers below launch with these (tests/test_cuda_kernels.py checks every
+# launch against them) and benchmarks/kernel_resources.py computes occupancy from them. No kernel uses
+# dynamic shared memory.
+LAUNCH_BLOCKS = {"layernorm.cu": BLOCK, "gelu.cu": BLOCK, "cross_entropy.cu": CE_BLOCK, "adamw.cu": BLOCK, "attention.cu": BLOCK}
+
+
+def launch_block(filename: str, kernel: str) -> int:
+    """Threads per block of `kernel` in kernels/<filename>, as its wrapper launches it (LAUNCH_BLOCKS)."""
+    block = LAUNCH_BLOCKS[filename]
+    return int(block[kernel] if isinstance(block, dict) else block)
+
+
 _INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[ \t]*$', re.M)
 
 
