@@ -46,9 +46,12 @@ def resolve_kernels(kernels, xp, precision: str, dtype, head_size: int) -> set:
     attention's flash kernel is float32-only; at float64 only "bmm" (cuBLAS) remains. Naming a kernel
     explicitly for a dtype it does not take is a ValueError."""
     from ..cuda import enabled_kernels
-    from ..cuda.kernels import KERNEL_DTYPES
 
     names = (enabled_kernels() if xp is not np else set()) if kernels is None else set(kernels)
+    if not names:
+        return names
+    from ..cuda.kernels import KERNEL_DTYPES  # not imported by a step that uses no kernel (the CPU's)
+
     dtype = np.dtype(dtype)
     unfit = {k for k in names if dtype.name not in KERNEL_DTYPES.get(k, ("float32",))}
     if unfit and kernels is not None:
