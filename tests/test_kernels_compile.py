@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from npgpt.cuda import KERNEL_FILES
-from npgpt.cuda.kernels import ATTENTION_HEAD_SIZES, KERNEL_ENTRIES, LAUNCH_BLOCKS, expanded_source
+from npgpt.cuda.kernels import ATTENTION_HEAD_SIZES, KERNEL_ENTRIES, LAUNCH_BLOCKS, expanded_source, launch_block
 from npgpt.cuda.nvrtc import compile_to_ptx, compile_with_log, find_cuda_headers, find_nvrtc
 from npgpt.cuda.sources import kernel_dir, kernel_source, kernel_sources
 
@@ -168,6 +168,22 @@ def test_every_kernel_file_has_its_launch_block():
     for name, block in LAUNCH_BLOCKS.items():
         for b in block.values() if isinstance(block, dict) else [block]:
             assert b % 32 == 0 and 32 <= b <= 1024, name
+
+
+def test_launch_block_names_the_missing_entry():
+    """A kernel with no launch block is a clear ValueError pointing at LAUNCH_BLOCKS (kernel_resources.py
+    and the launch spy of test_cuda_kernels.py ask for every kernel), not a bare KeyError."""
+    from npgpt.cuda import kernels as K
+
+    assert launch_block("layernorm.cu", "layernorm_fwd") == K.BLOCK
+    with pytest.raises(ValueError, match=r"no launch block for foo in nothing\.cu: add it to LAUNCH_BLOCKS"):
+        launch_block("nothing.cu", "foo")
+    blocks = dict(LAUNCH_BLOCKS, **{"split.cu": {"first": 128}})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(K, "LAUNCH_BLOCKS", blocks)
+        assert launch_block("split.cu", "first") == 128
+        with pytest.raises(ValueError, match="no launch block for second in split.cu"):
+            launch_block("split.cu", "second")
 
 
 def test_the_resource_report_in_the_docs_lists_every_kernel():

@@ -84,8 +84,12 @@ LAUNCH_BLOCKS = {"layernorm.cu": BLOCK, "gelu.cu": BLOCK, "cross_entropy.cu": CE
 
 def launch_block(filename: str, kernel: str) -> int:
     """Threads per block of `kernel` in kernels/<filename>, as its wrapper launches it (LAUNCH_BLOCKS)."""
-    block = LAUNCH_BLOCKS[filename]
-    return int(block[kernel] if isinstance(block, dict) else block)
+    block = LAUNCH_BLOCKS.get(filename)
+    if isinstance(block, dict):
+        block = block.get(kernel)
+    if block is None:
+        raise ValueError(f"no launch block for {kernel} in {filename}: add it to LAUNCH_BLOCKS in npgpt/cuda/kernels.py")
+    return int(block)
 
 
 _INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[ \t]*$', re.M)
