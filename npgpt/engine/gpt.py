@@ -97,8 +97,10 @@ class FastLossAndGrads:
         added = [k for k in model.params if ".ln_" in f".{k}" or k == "wpe.weight" or (k == "wte.weight" and not cfg.tie_weights)]
         self.gradients = Gradients(xp, model.params, need, self.stat_dtype, self.dtype, added)
         self.grad_flat, self.grads = self.gradients.flat, self.gradients.views
-        # The weights the GEMMs read: the model's own, or a 16-bit copy refreshed at every call.
-        self.param_flat, self.weights = None, model.params
+        # The weights the GEMMs read: the model's own, or a 16-bit copy refreshed at every call, unless
+        # weights_copy_current says it holds the current weights already (update.Updater sets it while its
+        # AdamW step writes the copy in the same pass as the update).
+        self.param_flat, self.weights, self.weights_copy_current = None, model.params, False
         if self.lowp:
             self.param_flat = xp.empty(sum(int(p.size) for p in model.params.values()), dtype=self.dtype)
             self.weights = views_into(self.param_flat, model.params)
@@ -257,8 +259,9 @@ class FastLossAndGrads:
         return self._shape
 
     def _refresh_low_precision_weights(self) -> None:
-        """With 16-bit compute, this step's 16-bit copy of the (float32) weights, refreshed before each forward."""
-        if not self.lowp:
+        """With 16-bit compute, this step's 16-bit copy of the (float32) weights, refreshed before each forward
+        (not when weights_copy_current: the optimizer wrote it with the last update)."""
+        if not self.lowp or self.weights_copy_current:
             return
         src = flat_base(self.model.params)
         if src is not None:

@@ -2,9 +2,11 @@
 
 Each op is bound either to the NumPy/CuPy fast op of npgpt/fast/ (with the engine's CPU threads and
 scratch as keyword resources) or, on a GPU, to a hand-written CUDA kernel of kernels/ (opt-in through
-NPGPT_CUDA_KERNELS) with the same positional arguments. Both fast engines (GPT's and the
-encoder-decoder's) take their LayerNorm, GELU and loss from here; GPT's attention paths
-(attention.py) also take attention's products (`heads_matmul`) and the flash kernel.
+NPGPT_CUDA_KERNELS) with the same positional arguments; at 16 bits (--precision bf16|fp16) the
+LayerNorm, GELU, loss and attention-softmax kernels are their bf16/fp16 instantiations (resolve_kernels
+says which apply). Both fast engines (GPT's and the encoder-decoder's) take their LayerNorm, GELU and loss from
+here; GPT's attention paths (attention.py) also take attention's products (`heads_matmul`) and the
+flash kernel.
 """
 
 from __future__ import annotations
@@ -42,27 +44,29 @@ class Ops:
     softmax_dropout: Callable | None = None  # (dropped, att, p, seed, layer)
 
 
-# The names that also work at 16 bits (bfloat16, float16); every other kernel is float32-only. float64
-# takes "bmm" alone.
-SIXTEEN_BIT_KERNELS = frozenset({"bmm", "attention_softmax"})
-
-
 def resolve_kernels(kernels, xp, precision: str, dtype, head_size: int) -> set:
     """The CUDA kernels to use for activations of `dtype`: `kernels`, or by default those
     $NPGPT_CUDA_KERNELS enables on a GPU (none on the CPU; given NumPy arrays the kernels run in
-    npgpt.cuda.emulate, which is how the tests check this path). Most of our kernels are float32-only:
-    at 16 bits only SIXTEEN_BIT_KERNELS remain, in float64 only "bmm" (cuBLAS, any float dtype);
-    naming another kernel explicitly for such a dtype is a ValueError."""
+    npgpt.cuda.emulate, which is how the tests check this path), less those that do not take `dtype`
+    (npgpt.cuda.kernels.KERNEL_DTYPES): at 16 bits (precision bf16/fp16) LayerNorm, GELU, the loss,
+    AdamW (which then also writes the 16-bit weights), the gradient norm and attention's fused softmax
+    have 16-bit kernels, and attention's flash kernel is float32-only; at float64 only "bmm" (cuBLAS)
+    remains. Naming a kernel explicitly for a dtype it does not take is a ValueError."""
     from ..cuda import enabled_kernels
 
     names = (enabled_kernels() if xp is not np else set()) if kernels is None else set(kernels)
-    if np.dtype(dtype) != np.float32:
-        allowed = SIXTEEN_BIT_KERNELS if is_low_precision(dtype) else frozenset({"bmm"})
-        if kernels and set(kernels) - allowed:
-            what = f"precision {precision!r}" if is_low_precision(dtype) else f"dtype {np.dtype(dtype).name}"
-            raise ValueError(f"those CUDA kernels work in float32; {what} cannot use "
-                             f"{sorted(set(kernels) - allowed)} (only {sorted(allowed)})")  # fmt: skip
-        names &= allowed
+    if not names:
+        return names
+    from ..cuda.kernels import KERNEL_DTYPES  # not imported by a step that uses no kernel (the CPU's)
+
+    dtype = np.dtype(dtype)
+    unfit = {k for k in names if dtype.name not in KERNEL_DTYPES.get(k, ("float32",))}
+    if unfit and kernels is not None:
+        what = f"precision {precision!r} ({dtype.name})" if is_low_precision(dtype) else f"dtype {dtype.name}"
+        detail = ", ".join(f"{k} ({'/'.join(KERNEL_DTYPES.get(k, ('float32',)))} only)" for k in sorted(unfit))
+        takes = ", ".join(sorted(k for k in KERNEL_DTYPES if dtype.name in KERNEL_DTYPES[k]))
+        raise ValueError(f"{what} cannot use the CUDA kernel(s) {detail}; name only kernels that take {dtype.name}: {takes}")
+    names -= unfit
     if "attention" in names:
         from ..cuda.kernels import ATTENTION_HEAD_SIZES
 
