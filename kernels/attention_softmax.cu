@@ -23,16 +23,17 @@
 // Shapes, dtypes, layout: each call works on n_bh = b * NH matrices of (t, t), element (bh, i, j) at
 // bh * head_stride + i * row_stride + j (a view [:b, :, :t, :t] of a (B, NH, T, T) buffer has
 // head_stride = T * T, row_stride = T; the (b, NH) axes must collapse into one stride). Storage:
-// float32, bfloat16 or float16 (kernels/bits16.cuh), one entry point per type (suffix _f32, _bf16,
-// _f16); all arithmetic is float32 and each output is rounded once. seed: one float64 on the device,
-// a uniform in [0, 1) (the fast step draws it from its dropout generator, once per forward), read
-// only when p > 0. scale: 1/sqrt(hs) in GPT-2. drop_scale: float32(1 / (1 - p)).
-//   attention_softmax_fwd_<T>(att, dropped, n_bh, t, head_stride, row_stride, scale, p, drop_scale, seed, layer)
+// float32, bfloat16 or float16 (T: float, __nv_bfloat16, __half), one template instantiated per type
+// under extern "C" names with the suffix of the other 16-bit kernels: none for float32, _bf16, _f16.
+// All arithmetic is float32: every load widened (npgpt_to_float), every output rounded once, to nearest
+// even (npgpt_from_float<T>; both in common.cuh). seed: one float64 on the device, a uniform in [0, 1)
+// (the fast step draws it from its dropout generator, once per forward), read only when p > 0. scale: 1/sqrt(hs) in GPT-2. drop_scale: float32(1 / (1 - p)).
+//   attention_softmax_fwd{,_bf16,_f16}(att, dropped, n_bh, t, head_stride, row_stride, scale, p, drop_scale, seed, layer)
 //       att: the scores s on entry, P on exit (every column written: zeros right of the diagonal).
 //       dropped: D (every column written), or not touched when p == 0 (pass att).
-//   attention_softmax_bwd_<T>(datt, att, n_bh, t, head_stride, row_stride, scale, p, drop_scale, seed, layer)
+//   attention_softmax_bwd{,_bf16,_f16}(datt, att, n_bh, t, head_stride, row_stride, scale, p, drop_scale, seed, layer)
 //       datt: g on entry, dS on exit (every column written); att: P, read only.
-//   attention_dropout_<T>(dropped, att, n_bh, t, head_stride, row_stride, p, drop_scale, seed, layer)
+//   attention_dropout{,_bf16,_f16}(dropped, att, n_bh, t, head_stride, row_stride, p, drop_scale, seed, layer)
 //       dropped = D from the kept P (every column written). att and datt / dropped do not alias.
 //
 // Launch configuration: block 256 threads = 8 warps, one warp per (bh, i) row; grid
@@ -49,12 +50,11 @@
 // (the fast ops, same positional arguments; with them npgpt.engine.attention.FusedSoftmaxAttention equals
 // npgpt.layers.attention given npgpt.fast.dropout.AttentionDropoutRandom as the readable model's
 // generator). Wrappers: npgpt.cuda.kernels.attention_softmax_forward_, attention_softmax_backward_,
-// attention_dropout_. Tolerance asserted by tests/test_cuda_kernels.py against the fast op on the same
-// inputs: float32 |got - ref| <= 2e-6 (probabilities; dS relative to its largest entry); bfloat16 and
+// attention_dropout_. Tolerance asserted by tests/test_cuda_attention_softmax.py against the fast op on
+// the same inputs: float32 |got - ref| <= 2e-6 (probabilities; dS relative to its largest entry); bfloat16 and
 // float16 within one unit of the last place (a float32 result one ulp apart can round either way);
 // the dropout masks and zeros equal exactly.
 
-#include "bits16.cuh"
 #include "common.cuh"
 #include "philox.cuh"
 
@@ -108,7 +108,7 @@ __device__ void att_softmax_fwd(T* __restrict__ att, T* __restrict__ dropped, in
     float m = NPGPT_NEG_INF, s = 0.0f;
     for (int j0 = 4 * lane; j0 < seen; j0 += 128) {
         for (int j = j0; j < j0 + 4 && j < seen; ++j) {
-            const float z = scale * npgpt_load(a[j]);
+            const float z = scale * npgpt_to_float(a[j]);
             if (z > m) {  // the running sum is rescaled to the new max
                 s = (m == NPGPT_NEG_INF ? 0.0f : s * expf(m - z)) + 1.0f;
                 m = z;
@@ -131,10 +131,10 @@ __device__ void att_softmax_fwd(T* __restrict__ att, T* __restrict__ dropped, in
         const unsigned keep = (drop && j0 < seen) ? att_keep_bits((unsigned)j0 >> 2, row, layer, key, p) : 0u;
         for (int w = 0; w < 4 && j0 + w < t; ++w) {
             const int j = j0 + w;
-            T prob;  // P_j, rounded once to the storage type; D is computed from the rounded value
-            npgpt_store(prob, j < seen ? expf(scale * npgpt_load(a[j]) - m) * inv : 0.0f);
+            // P_j, rounded once to the storage type; D is computed from the rounded value
+            const T prob = npgpt_from_float<T>(j < seen ? expf(scale * npgpt_to_float(a[j]) - m) * inv : 0.0f);
             a[j] = prob;
-            if (drop) npgpt_store(d[j], ((keep >> w) & 1u) ? npgpt_load(prob) * drop_scale : 0.0f);
+            if (drop) d[j] = npgpt_from_float<T>(((keep >> w) & 1u) ? npgpt_to_float(prob) * drop_scale : 0.0f);
         }
     }
 }
@@ -155,8 +155,8 @@ __device__ void att_softmax_bwd(T* __restrict__ datt, const T* __restrict__ att,
     for (int j0 = 4 * lane; j0 < seen; j0 += 128) {
         const unsigned keep = drop ? att_keep_bits((unsigned)j0 >> 2, row, layer, key, p) : 0xfu;
         for (int w = 0; w < 4 && j0 + w < seen; ++w) {
-            const float dP = ((keep >> w) & 1u) ? npgpt_load(g[j0 + w]) * (drop ? drop_scale : 1.0f) : 0.0f;
-            dot += npgpt_load(P[j0 + w]) * dP;
+            const float dP = ((keep >> w) & 1u) ? npgpt_to_float(g[j0 + w]) * (drop ? drop_scale : 1.0f) : 0.0f;
+            dot += npgpt_to_float(P[j0 + w]) * dP;
         }
     }
     dot = npgpt_warp_sum(dot);
@@ -166,10 +166,10 @@ __device__ void att_softmax_bwd(T* __restrict__ datt, const T* __restrict__ att,
             const int j = j0 + w;
             float dS = 0.0f;
             if (j < seen) {
-                const float dP = ((keep >> w) & 1u) ? npgpt_load(g[j]) * (drop ? drop_scale : 1.0f) : 0.0f;
-                dS = scale * (npgpt_load(P[j]) * (dP - dot));
+                const float dP = ((keep >> w) & 1u) ? npgpt_to_float(g[j]) * (drop ? drop_scale : 1.0f) : 0.0f;
+                dS = scale * (npgpt_to_float(P[j]) * (dP - dot));
             }
-            npgpt_store(g[j], dS);
+            g[j] = npgpt_from_float<T>(dS);
         }
     }
 }
@@ -188,29 +188,29 @@ __device__ void att_dropout(T* __restrict__ dropped, const T* __restrict__ att, 
         const unsigned keep = j0 < seen ? att_keep_bits((unsigned)j0 >> 2, row, layer, key, p) : 0u;
         for (int w = 0; w < 4 && j0 + w < t; ++w) {
             const int j = j0 + w;
-            npgpt_store(d[j], (j < seen && ((keep >> w) & 1u)) ? npgpt_load(P[j]) * drop_scale : 0.0f);
+            d[j] = npgpt_from_float<T>((j < seen && ((keep >> w) & 1u)) ? npgpt_to_float(P[j]) * drop_scale : 0.0f);
         }
     }
 }
 
 #define ATT_SOFTMAX_ENTRIES(SUFFIX, T)                                                                              \
     extern "C" __global__ void __launch_bounds__(ATT_SOFTMAX_THREADS)                                              \
-        attention_softmax_fwd_##SUFFIX(T* att, T* dropped, int n_bh, int t, long long head_stride, int row_stride,   \
+        attention_softmax_fwd##SUFFIX(T* att, T* dropped, int n_bh, int t, long long head_stride, int row_stride,   \
                                        float scale, float p, float drop_scale, const double* seed, unsigned layer) {  \
         att_softmax_fwd<T>(att, dropped, n_bh, t, head_stride, row_stride, scale, p, drop_scale, seed, layer);       \
     }                                                                                                                \
     extern "C" __global__ void __launch_bounds__(ATT_SOFTMAX_THREADS)                                              \
-        attention_softmax_bwd_##SUFFIX(T* datt, const T* att, int n_bh, int t, long long head_stride,               \
+        attention_softmax_bwd##SUFFIX(T* datt, const T* att, int n_bh, int t, long long head_stride,               \
                                        int row_stride, float scale, float p, float drop_scale, const double* seed,  \
                                        unsigned layer) {                                                             \
         att_softmax_bwd<T>(datt, att, n_bh, t, head_stride, row_stride, scale, p, drop_scale, seed, layer);          \
     }                                                                                                                \
     extern "C" __global__ void __launch_bounds__(ATT_SOFTMAX_THREADS)                                              \
-        attention_dropout_##SUFFIX(T* dropped, const T* att, int n_bh, int t, long long head_stride, int row_stride, \
+        attention_dropout##SUFFIX(T* dropped, const T* att, int n_bh, int t, long long head_stride, int row_stride, \
                                    float p, float drop_scale, const double* seed, unsigned layer) {                  \
         att_dropout<T>(dropped, att, n_bh, t, head_stride, row_stride, p, drop_scale, seed, layer);                  \
     }
 
-ATT_SOFTMAX_ENTRIES(f32, float)
-ATT_SOFTMAX_ENTRIES(bf16, npgpt_bf16)
-ATT_SOFTMAX_ENTRIES(f16, npgpt_f16)
+ATT_SOFTMAX_ENTRIES(, float)
+ATT_SOFTMAX_ENTRIES(_bf16, __nv_bfloat16)
+ATT_SOFTMAX_ENTRIES(_f16, __half)

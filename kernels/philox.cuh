@@ -6,8 +6,9 @@
 // dropout mask needs no memory. Philox-4x32-10 (Salmon, Moraes, Dror, Shaw, "Parallel random numbers:
 // as easy as 1, 2, 3", SC 2011) is the generator cuRAND, PyTorch and JAX use for the same purpose: it
 // passes TestU01's BigCrush, costs 20 32x32->64-bit multiplies per four outputs, and has published
-// known-answer vectors (Random123's kat_vectors), against which tests/test_cuda_kernels.py checks the
-// NumPy twin, npgpt.fast.dropout.philox4x32_10, which the emulated kernels are then held equal to.
+// known-answer vectors (Random123's kat_vectors), against which tests/test_cuda_attention_softmax.py
+// checks the NumPy twin, npgpt.fast.dropout.philox4x32_10, which the emulated kernels are then held
+// equal to.
 //
 // One round (Random123's philox4x32round), with multipliers M0, M1 and the key (k0, k1):
 //   (hi0, lo0) = M0 * c0 (64-bit product),  (hi1, lo1) = M1 * c2

@@ -1,16 +1,14 @@
-"""Attention on tensor cores: the fused softmax kernels (kernels/attention_softmax.cu), their dropout
-generator (Philox-4x32-10, kernels/philox.cuh) and 16-bit storage (kernels/bits16.cuh), against their
-NumPy twins (npgpt/fast/attention.py, npgpt/fast/dropout.py); and the engine's path built on them
+"""Attention on tensor cores: the fused softmax kernels (kernels/attention_softmax.cu, float32 and 16-bit
+storage) and their dropout generator (Philox-4x32-10, kernels/philox.cuh), against their NumPy twins
+(npgpt/fast/attention.py, npgpt/fast/dropout.py); and the engine's path built on them
 (npgpt/engine/attention.py's FusedSoftmaxAttention), on the CPU stand-in of CuPy, whose recorded calls
 show that every product is one cuBLAS strided-batched GEMM and everything between them the kernels.
+The emulation's 16-bit conversions (its cuda_bf16.h / cuda_fp16.h stand-ins) are held to ml_dtypes and
+NumPy in test_cuda_kernels.py.
 
 Executors as in test_cuda_kernels.py: "emulated" (npgpt.cuda.emulate on the CPU, a shuffled schedule)
 and "cupy" (a real GPU; skipped without one). Tolerances are stated where they are asserted.
 """
-
-import ctypes
-import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -21,7 +19,6 @@ from npgpt import fast
 from npgpt.backend import to_numpy
 from npgpt.cuda import emulate
 from npgpt.cuda import kernels as K
-from npgpt.cuda.sources import kernel_dir
 from npgpt.engine import FastLossAndGrads, FusedSoftmaxAttention
 from npgpt.fast.dropout import AttentionDropoutRandom, attention_dropout_uniforms, philox4x32_10, seed_key, uniform24
 from npgpt.gradcheck import HostRandom, relative_error
@@ -111,77 +108,6 @@ def test_the_readable_model_gets_the_kernels_masks_from_attention_dropout_random
     np.testing.assert_array_equal(u0, attention_dropout_uniforms(seed, 0, (2, 3, 5, 5)))
     np.testing.assert_array_equal(r.random((2, 3, 5, 5)), attention_dropout_uniforms(seed, 1, (2, 3, 5, 5)))
     np.testing.assert_array_equal(r.random(4), plain.random(4, dtype=np.float32))
-
-
-# --- bits16.cuh: the emulation's conversions, bit for bit against ml_dtypes / NumPy ------------------------
-
-CONVERT = r"""
-#define __device__
-#define __forceinline__ inline
-#include "bits16.cuh"
-extern "C" void to_float(const unsigned short* h, float* out, long n, int bf) {
-    for (long i = 0; i < n; ++i) out[i] = bf ? npgpt_load(npgpt_bf16{h[i]}) : npgpt_load(npgpt_f16{h[i]});
-}
-extern "C" void from_float(const float* f, unsigned short* out, long n, int bf) {
-    for (long i = 0; i < n; ++i) {
-        if (bf) { npgpt_bf16 b; npgpt_store(b, f[i]); out[i] = b.bits; }
-        else { npgpt_f16 h; npgpt_store(h, f[i]); out[i] = h.bits; }
-    }
-}
-"""
-
-
-@pytest.fixture(scope="module")
-def bits16(tmp_path_factory):
-    cxx = shutil.which("g++")
-    if cxx is None:
-        pytest.skip("compiling bits16.cuh for the host needs g++")
-    d = tmp_path_factory.mktemp("bits16")
-    (d / "convert.cpp").write_text(CONVERT)
-    so = d / "convert.so"
-    proc = subprocess.run([cxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-I", str(kernel_dir()), "-o", str(so), str(d / "convert.cpp")],
-                          capture_output=True, text=True)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    return ctypes.CDLL(str(so))
-
-
-def _floats_to_convert():
-    """Every float32 class a rounding can trip on: all 2^16 bfloat16 and float16 values, the midpoints
-    between neighbours (ties) and a bit either side, float16's overflow and subnormal edges, and 2^20
-    random bit patterns."""
-    rng = np.random.default_rng(0)
-    edges = np.array([65504, 65519.996, 65520, 65535.99, 65536, 2.0**-14, 2.0**-24, 2.0**-25, 2.0**-25 * 1.0000001,
-                      3 * 2.0**-26, 1e-9, 0.0, -0.0, np.inf, -np.inf, 3.3895314e38, 3.4028235e38], np.float32)  # fmt: skip
-    grid16 = np.arange(2**16, dtype=np.uint16)
-    vals = [edges, rng.integers(0, 2**32, 2**20, dtype=np.uint64).astype(np.uint32).view(np.float32)]
-    for dtype in (BF16, np.dtype(np.float16)):
-        v = grid16.view(dtype).astype(np.float32)
-        v = v[np.isfinite(v)]
-        mid = ((v[:-1].astype(np.float64) + v[1:]) / 2).astype(np.float32)
-        vals += [v, mid, np.nextafter(mid, np.float32(np.inf)), np.nextafter(mid, np.float32(-np.inf))]
-    return np.concatenate(vals)
-
-
-@pytest.mark.parametrize("name", ["bfloat16", "float16"])
-def test_bits16_conversions_equal_ml_dtypes_and_numpy(bits16, name):
-    """The integer code npgpt.cuda.emulate runs for the cvt instructions a GPU uses: loads exact for all
-    2^16 patterns, stores rounded to nearest even for the floats of _floats_to_convert (NaN stays NaN)."""
-    dtype, bf = DTYPES[name], int(name == "bfloat16")
-    grid = np.arange(2**16, dtype=np.uint16)
-    got = np.empty(2**16, np.float32)
-    bits16.to_float(grid.ctypes.data_as(ctypes.c_void_p), got.ctypes.data_as(ctypes.c_void_p), ctypes.c_long(2**16), bf)
-    want = grid.view(dtype).astype(np.float32)
-    nan = np.isnan(want)
-    assert np.array_equal(np.isnan(got), nan)
-    np.testing.assert_array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))  # -0.0 included
-    f = _floats_to_convert()
-    out = np.empty(f.size, np.uint16)
-    bits16.from_float(f.ctypes.data_as(ctypes.c_void_p), out.ctypes.data_as(ctypes.c_void_p), ctypes.c_long(f.size), bf)
-    with np.errstate(over="ignore", invalid="ignore"):
-        want = f.astype(dtype)
-    nan = np.isnan(f)
-    assert np.isnan(out[nan].view(dtype).astype(np.float32)).all()
-    np.testing.assert_array_equal(out[~nan], want[~nan].view(np.uint16))
 
 
 # --- the kernels against their NumPy twins ----------------------------------------------------------------
@@ -412,12 +338,12 @@ def test_the_gpu_engine_runs_attention_on_cublas_and_the_fused_kernels(fake_cupy
     fake_cupy.matmul_calls.clear()
     names = _launches(monkeypatch)
     got = engine(x, y, training=drop > 0, rng=HostRandom(5, __import__("cupy")))
-    kind, suffix = (CUDA_R_32F, "f32") if precision == "fp32" else (CUDA_R_16BF, "bf16")
+    kind, suffix = (CUDA_R_32F, "") if precision == "fp32" else (CUDA_R_16BF, "_bf16")
     assert [c for c in fake_cupy.gemm_calls if c[2] == 2 * 3] == [(kind, c[1], 6) for c in fake_cupy.gemm_calls] and len(
         fake_cupy.gemm_calls) == 6 * 2  # fmt: skip
     assert not [c for c in fake_cupy.matmul_calls if c[0] > 2]
-    per_layer = [f"attention_softmax_fwd_{suffix}", f"attention_softmax_bwd_{suffix}"]
-    per_layer += [f"attention_dropout_{suffix}"] if drop else []
+    per_layer = ["attention_softmax_fwd" + suffix, "attention_softmax_bwd" + suffix]
+    per_layer += ["attention_dropout" + suffix] if drop else []
     assert sorted(n for n in names if n.startswith("attention")) == sorted(per_layer * 2)
     tol_loss, tol_grad = (3e-5, 3e-5) if precision == "fp32" else (5e-3, 2e-2)
     assert abs(got - float(loss)) <= tol_loss * float(loss)

@@ -530,12 +530,19 @@ def launched(monkeypatch):
     return names
 
 
+# float16's overflow edge (65504 the largest, 65520 the midpoint to 65536), its subnormals' (2^-14 the
+# smallest normal, 2^-24 the smallest subnormal, 2^-25 the tie between it and 0, a hair above that tie,
+# 3 * 2^-26 the tie between 2^-24 and 2^-23), far below them, bfloat16's largest values and float32's.
+EDGES = np.array([65504, 65519.99, 65520, 65535.99, 65536, 2.0**-14, 2.0**-24, 2.0**-25, 2.0**-25 * 1.0000001, 3 * 2.0**-26,
+                  1e-9, 0.0, -0.0, np.inf, -np.inf, 3.3895314e38, 3.4028235e38, 3.4e38], np.float32)  # fmt: skip
+
+
 @EMU_ONLY
 def test_standin_conversions_match_ml_dtypes_and_numpy():
     """The emulation's host cuda_bf16.h / cuda_fp16.h: widening every 16-bit pattern, and rounding to
     nearest even (random float32 bit patterns, every 16-bit value, its float32 neighbours and the midpoints
-    between neighbouring 16-bit values: the ties), bit for bit as ml_dtypes' bfloat16 and NumPy's float16
-    (NaN: a NaN)."""
+    between neighbouring 16-bit values: the ties, and EDGES), bit for bit as ml_dtypes' bfloat16 and NumPy's
+    float16 (NaN: a NaN)."""
     bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
     rng = np.random.default_rng(0)
     for dtype in [d for d in (BF16, np.dtype(np.float16)) if d is not None]:
@@ -547,7 +554,7 @@ def test_standin_conversions_match_ml_dtypes_and_numpy():
         with np.errstate(invalid="ignore", over="ignore"):
             x = np.concatenate([rng.integers(0, 1 << 32, 1 << 18, dtype=np.uint64).astype(np.uint32).view(f32), values,
                                 np.nextafter(values, f32(np.inf)), np.nextafter(values, f32(-np.inf)),
-                                ((finite[1:] + finite[:-1]) / 2).astype(f32), f32([65504, 65520, 65519.99, 3.4e38])])  # fmt: skip
+                                ((finite[1:] + finite[:-1]) / 2).astype(f32), EDGES])  # fmt: skip
             want = x.astype(dtype).view(np.uint16)
         got = emulate.standin_round(x, dtype)
         nan = np.isnan(x)

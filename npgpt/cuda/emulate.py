@@ -292,14 +292,6 @@ _SCALARS = {"int": (ctypes.c_int, np.int32), "unsigned": (ctypes.c_uint, np.uint
             "double": (ctypes.c_double, np.float64)}  # fmt: skip
 _POINTEES = {"float": np.float32, "float4": np.float32, "double": np.float64, "long long": np.int64, "int": np.int32,
              "unsigned char": np.uint8}  # fmt: skip
-# kernels/bits16.cuh's 16-bit storage types: float16, and bfloat16 where ml_dtypes provides it.
-_POINTEES["npgpt_f16"] = np.float16
-try:
-    import ml_dtypes
-
-    _POINTEES["npgpt_bf16"] = np.dtype(ml_dtypes.bfloat16)
-except ImportError:  # bfloat16 arrays cannot exist here either
-    pass
 
 
 def _pointee(ty: str) -> np.dtype:
@@ -311,6 +303,7 @@ def _pointee(ty: str) -> np.dtype:
 
         return np.dtype(ml_dtypes.bfloat16)
     return np.dtype(_POINTEES[ty])
+
 
 schedule_seed = 2  # 0 in order, 1 reversed, >= 2 shuffled (module docstring)
 _lock = threading.Lock()

@@ -14,11 +14,11 @@ header's text before the source is handed over, because CuPy's cache key covers 
 and options but not the files it includes: a changed header must change the key. Every kernel is
 `extern "C"`, so no name_expressions are needed.
 
-Activations at 16 bits (--precision bf16|fp16): the LayerNorm, GELU and cross-entropy wrappers take
-bfloat16 or float16 activations as well as float32 ones and launch that type's instantiation of the same
-kernel template (name suffix _bf16 / _f16: float32 arithmetic inside, one rounding per stored value, as
-the fast ops at 16 bits); adamw_flat_ can also round the updated float32 weights into their 16-bit copy
-in the same pass (`copy=`). KERNEL_DTYPES says which activation dtypes each kernel name takes.
+Activations at 16 bits (--precision bf16|fp16): the LayerNorm, GELU, cross-entropy and attention-softmax
+wrappers take bfloat16 or float16 activations as well as float32 ones and launch that type's
+instantiation of the same kernel template (name suffix _bf16 / _f16: float32 arithmetic inside, one
+rounding per stored value, as the fast ops at 16 bits); adamw_flat_ can also round the updated float32
+weights into their 16-bit copy in the same pass (`copy=`). KERNEL_DTYPES says which activation dtypes each kernel name takes.
 
 Which wrappers the fast path uses is decided by the caller (npgpt.engine.choose_ops, from
 npgpt.cuda.enabled_kernels()); this module does not look at $NPGPT_CUDA_KERNELS.
@@ -75,7 +75,7 @@ KERNEL_ENTRIES = {
     "adamw.cu": ("adamw_flat", "sq_norm_partial", "sq_norm_finalize") + tuple(f"adamw_flat{sfx}" for sfx in _SIXTEEN),
     "attention.cu": ("attention_bwd_rowdot",)
     + tuple(f"attention_{k}_hs{hs}" for hs in ATTENTION_HEAD_SIZES for k in ("fwd", "bwd_dkdv", "bwd_dq")),
-    "attention_softmax.cu": tuple(f"attention_{k}_{s}" for s in ("f32", "bf16", "f16")
+    "attention_softmax.cu": tuple(f"attention_{k}{sfx}" for sfx in DTYPE_SUFFIX.values()
                                   for k in ("softmax_fwd", "softmax_bwd", "dropout")),  # fmt: skip
 }
 
@@ -585,15 +585,12 @@ def flash_attention_backward(dqkv, dy, heads, lse, y, *, dheads, head_out):
 
 # --- attention's fused softmax and dropout (kernels/attention_softmax.cu) --------------------------------
 
-_STORAGE = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}  # dtype name -> kernel name suffix
-
-
 def _softmax_layout(arrays: dict) -> tuple:
     """(suffix, n_bh, t, head_stride, row_stride) of (..., t, t) stacks that share one layout: the same
     shape, dtype (float32, bfloat16 or float16) and strides; unit column stride; leading axes that
     collapse into one stride (a view [:b, :, :t, :t] of a (B, NH, T, T) buffer does)."""
     first_name, first = next(iter(arrays.items()))
-    if first.dtype.name not in _STORAGE:
+    if first.dtype.name not in DTYPE_SUFFIX:
         raise ValueError(f"the fused softmax kernels take float32, bfloat16 or float16, not {first.dtype} ({first_name})")
     if first.ndim < 2 or first.shape[-1] != first.shape[-2]:
         raise ValueError(f"{first_name} must be a stack of square (t, t) matrices, got shape {tuple(first.shape)}")
@@ -616,7 +613,7 @@ def _softmax_layout(arrays: dict) -> tuple:
     if row_stride < t or (n_bh > 1 and head_stride < t * row_stride) or n_bh * t > 2**31 - 1:
         raise ValueError(f"{first_name}: rows or matrices overlap, or more than 2^31 rows (shape {tuple(first.shape)}, "
                          f"strides {first.strides})")  # fmt: skip
-    return _STORAGE[first.dtype.name], n_bh, t, head_stride, row_stride
+    return DTYPE_SUFFIX[first.dtype.name], n_bh, t, head_stride, row_stride
 
 
 def _seed_pointer(xp, seed, p):
@@ -642,14 +639,14 @@ def attention_softmax_forward_(att, dropped, scale, p=0.0, seed=None, layer=0):
 
     Fast op it matches: npgpt.fast.attention.attention_softmax_forward_ (same arguments). att, dropped:
     float32, bfloat16 or float16 with one layout (see _softmax_layout); dropped may be None (or att) when
-    p == 0. seed: (1,) float64 on att's device. Kernel: attention_softmax_fwd_<f32|bf16|f16>.
+    p == 0. seed: (1,) float64 on att's device. Kernel: attention_softmax_fwd (_bf16 / _f16 at 16 bits).
     """
     _check_drop(p, layer)
     xp = get_array_module(att)
     arrays = {"att": att} if p == 0 else {"att": att, "dropped": dropped}
     suffix, n_bh, t, hstride, rstride = _softmax_layout(arrays)
     if n_bh and t:
-        _launch("attention_softmax.cu", f"attention_softmax_fwd_{suffix}", (-(-n_bh * t // ATT_SOFTMAX_ROWS),), BLOCK,
+        _launch("attention_softmax.cu", "attention_softmax_fwd" + suffix, (-(-n_bh * t // ATT_SOFTMAX_ROWS),), BLOCK,
                 (att, att if p == 0 else dropped, _i32(n_bh), _i32(t), _i64(hstride), _i32(rstride), _f(scale), _f(p),
                  _f(1.0 / (1.0 - p)), _seed_pointer(xp, seed, p), np.uint32(layer)))  # fmt: skip
     return att
@@ -661,13 +658,13 @@ def attention_softmax_backward_(datt, att, scale, p=0.0, seed=None, layer=0):
     0 right of the diagonal. att: P, read only. Returns datt.
 
     Fast op it matches: npgpt.fast.attention.attention_softmax_backward_ (same arguments). datt and att:
-    one layout, not aliasing. Kernel: attention_softmax_bwd_<f32|bf16|f16>.
+    one layout, not aliasing. Kernel: attention_softmax_bwd (_bf16 / _f16 at 16 bits).
     """
     _check_drop(p, layer)
     xp = get_array_module(att)
     suffix, n_bh, t, hstride, rstride = _softmax_layout({"datt": datt, "att": att})
     if n_bh and t:
-        _launch("attention_softmax.cu", f"attention_softmax_bwd_{suffix}", (-(-n_bh * t // ATT_SOFTMAX_ROWS),), BLOCK,
+        _launch("attention_softmax.cu", "attention_softmax_bwd" + suffix, (-(-n_bh * t // ATT_SOFTMAX_ROWS),), BLOCK,
                 (datt, att, _i32(n_bh), _i32(t), _i64(hstride), _i32(rstride), _f(scale), _f(p), _f(1.0 / (1.0 - p)),
                  _seed_pointer(xp, seed, p), np.uint32(layer)))  # fmt: skip
     return datt
@@ -678,7 +675,7 @@ def attention_dropout_(dropped, att, p, seed, layer=0):
     it (the probabilities that multiplied v, for the backward's dv). Returns dropped.
 
     Fast op it matches: npgpt.fast.attention.attention_dropout_ (same arguments). p > 0; dropped and att:
-    one layout, not aliasing. Kernel: attention_dropout_<f32|bf16|f16>.
+    one layout, not aliasing. Kernel: attention_dropout (_bf16 / _f16 at 16 bits).
     """
     _check_drop(p, layer)
     if p == 0:
@@ -686,7 +683,7 @@ def attention_dropout_(dropped, att, p, seed, layer=0):
     xp = get_array_module(att)
     suffix, n_bh, t, hstride, rstride = _softmax_layout({"dropped": dropped, "att": att})
     if n_bh and t:
-        _launch("attention_softmax.cu", f"attention_dropout_{suffix}", (-(-n_bh * t // ATT_SOFTMAX_ROWS),), BLOCK,
+        _launch("attention_softmax.cu", "attention_dropout" + suffix, (-(-n_bh * t // ATT_SOFTMAX_ROWS),), BLOCK,
                 (dropped, att, _i32(n_bh), _i32(t), _i64(hstride), _i32(rstride), _f(p), _f(1.0 / (1.0 - p)),
                  _seed_pointer(xp, seed, p), np.uint32(layer)))  # fmt: skip
     return dropped
