@@ -166,10 +166,9 @@ def _stop(line: str) -> int:
 def shard_count(args, files: list) -> tuple:
     """(shards, why) for `pytest --shards`: a number as given, or for auto the fewest that make the part end
     soonest by the plan (gpu_shards.shards_needed), at most one per core, --most, and what the GPU takes."""
-    import gpu_shards
-
     if args.shards != "auto":
         return max(1, int(args.shards)), "as asked"
+    import gpu_shards
     cores = len(os.sched_getaffinity(0))
     most, why = min(cores, args.most or cores), [f"{cores} cores"]
     facts_path = Path(args.work) / "gpu.json"
@@ -221,24 +220,22 @@ def pytest_shards(args) -> int:
     print(f"[shards] {part}: {n} pytest process{'es at once' if n > 1 else ''} ({why}); {threads} NumPy/torch "
           f"thread(s) each; {logs}", flush=True)  # fmt: skip
     (work / "pytest-tmp").mkdir(parents=True, exist_ok=True)
-    procs, t0 = [], time.monotonic()
-    for i in range(1, n + 1):
-        env = {**os.environ, "NPGPT_SHARD": f"{i}/{n}", "NPGPT_CHECK_SHARD": str(i),
-               "NPGPT_SHARD_RECORD": str(work / f"{part}.shard{i}.json")}  # fmt: skip
-        env.pop("CUPY_CACHE_SAVE_CUDA_SOURCE", None)  # the one write to CuPy's cache that is not atomic (gpu_shards.py)
-        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-            env.setdefault(var, threads)  # n processes x all cores' threads each would crowd the compiles out
-        cmd = [sys.executable, "-m", "pytest", *pytest_args, "-p", "gpu_shards",
-               "--basetemp", str(work / "pytest-tmp" / f"{part}-{i}")]  # fmt: skip
-        (work / f"{part}.shard{i}.json").unlink(missing_ok=True)
-        with open(work / f"{part}.shard{i}.log", "w") as log:
-            log.write(f"$ NPGPT_SHARD={i}/{n} {' '.join(cmd)}\n")
-            log.flush()
-            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
-    codes, ended = [None] * n, {}
-    stopped = None
+    procs, codes, ended, stopped, t0 = [], [None] * n, {}, None, time.monotonic()
     old = {sig: signal.signal(sig, _stop_on) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
+        for i in range(1, n + 1):
+            env = {**os.environ, "NPGPT_SHARD": f"{i}/{n}", "NPGPT_CHECK_SHARD": str(i),
+                   "NPGPT_SHARD_RECORD": str(work / f"{part}.shard{i}.json")}  # fmt: skip
+            env.pop("CUPY_CACHE_SAVE_CUDA_SOURCE", None)  # the one write to CuPy's cache that is not atomic (gpu_shards.py)
+            for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+                env.setdefault(var, threads)  # n processes x all cores' threads each would crowd the compiles out
+            cmd = [sys.executable, "-m", "pytest", *pytest_args, "-p", "gpu_shards",
+                   "--basetemp", str(work / "pytest-tmp" / f"{part}-{i}")]  # fmt: skip
+            (work / f"{part}.shard{i}.json").unlink(missing_ok=True)
+            with open(work / f"{part}.shard{i}.log", "w") as log:
+                log.write(f"$ NPGPT_SHARD={i}/{n} {' '.join(cmd)}\n")
+                log.flush()
+                procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
         while None in codes:
             for i, p in enumerate(procs):
                 if codes[i] is None and p.poll() is not None:
@@ -258,7 +255,7 @@ def pytest_shards(args) -> int:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-        for i, p in enumerate(procs):
+        for i in range(n):
             if codes[i] is None:
                 print(f"[shards] {part} shard {i + 1}/{n}: STOPPED after {time.monotonic() - t0:.0f} s: "
                       f"{_outcomes(work / f'{part}.shard{i + 1}.log')}", flush=True)  # fmt: skip

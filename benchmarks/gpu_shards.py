@@ -15,7 +15,8 @@ The plan. Which kernels each CUDA test needs is known from the CPU stand-in (tes
 them; benchmarks/gpu_compile_budget.py writes them, with the compile seconds of each kind of kernel, to
 benchmarks/gpu_test_kernels.json). The tests are taken in the order pytest collected them, which is the
 check's order (most informative first), and each goes to the shard where the simulated part would have it
-end soonest: every shard starts STARTUP_S after the part, runs its tests in order, and a test takes RUN_S
+end soonest, or, among the shards where it would end within TIE_S of that, to the one where it compiles
+least itself: every shard starts STARTUP_S after the part, runs its tests in order, and a test takes RUN_S
 plus the compile seconds of each kernel it needs that no shard has compiled by then (a kernel is cached for
 every shard from the moment one has compiled it). A test the table does not know (new since it was made)
 counts UNKNOWN_S. Tests that share kernels therefore gather where those kernels are, and tests that need
@@ -65,7 +66,7 @@ TIE_S = 2.0  # ends this much later count as a tie, won by the shard that compil
 SHARD_GPU_GIB = 4.0  # GPU memory one shard may take: a CUDA context (~0.5 GiB), CuPy's and torch's pools
 
 
-def test_key(nodeid: str) -> str:
+def table_key(nodeid: str) -> str:
     """A node id as the table keys it, whatever directory pytest wrote it from: 'test_x.py::test_y[p]'."""
     path, _, rest = nodeid.partition("::")
     return f"{path.replace(os.sep, '/').rsplit('/', 1)[-1]}::{rest}"
@@ -80,7 +81,7 @@ class Table:
         self.compile_s = data.get("compile_s", {})
         default = self.compile_s.get("elementwise", 1.8)
         self.cost = [float(self.compile_s.get(kind, default)) for kind in data.get("kernels", [])]
-        self.tests = {test_key(t): list(ks) for t, ks in data.get("tests", {}).items()}
+        self.tests = {table_key(t): list(ks) for t, ks in data.get("tests", {}).items()}
 
     @classmethod
     def load(cls, path=None) -> Table:
@@ -88,7 +89,7 @@ class Table:
         return cls(json.loads(path.read_text()) if path.exists() else {})
 
     def kernels(self, nodeid: str):
-        return self.tests.get(test_key(nodeid))
+        return self.tests.get(table_key(nodeid))
 
 
 def _walk(start: float, kernels, table: Table, ready: dict, commit: bool) -> tuple:
@@ -165,8 +166,8 @@ def simulate(nodeids: list, assignment: list, table: Table, shards: int, cached=
 
 
 def shards_needed(nodeids: list, table: Table, most: int, slack: float = 0.05) -> tuple:
-    """The fewest shards (at most `most`) whose simulated part ends within `slack` of the best: no process
-    is started that would not make the part end sooner. Returns (shards, the simulation)."""
+    """The fewest shards (at most `most`) whose simulated part ends within `slack` (and a second) of the
+    best: no process is started that would not make the part end sooner. Returns (shards, the simulation)."""
     sims = {}
     for n in range(1, max(1, most) + 1):
         sims[n] = simulate(nodeids, plan(nodeids, table, n), table, n)
@@ -191,9 +192,10 @@ def pytest_collection_modifyitems(session, config, items):
         return
     try:
         index, count = (int(x) for x in spec.split("/"))
-        assert 1 <= index <= count
-    except (ValueError, AssertionError):
-        raise pytest.UsageError(f"NPGPT_SHARD={spec!r}: expected i/N with 1 <= i <= N, e.g. 2/16") from None
+    except ValueError:
+        index = count = 0
+    if not 1 <= index <= count:
+        raise pytest.UsageError(f"NPGPT_SHARD={spec!r}: expected i/N with 1 <= i <= N, e.g. 2/16")
     table = Table.load()
     ids = [item.nodeid for item in items]
     assignment = plan(ids, table, count)
