@@ -240,6 +240,8 @@ def _check_args(args) -> None:
     V.integer("--generate", args.generate, 0, hint="0 skips the generation benchmark")
     V.integer("--prompt-tokens", args.prompt_tokens, 1)
     V.integer("--seed", args.seed, 0)
+    if args.recompute != "none" and args.engine == "reference":  # as npgpt train refuses the pair
+        raise ValueError(f"--recompute {args.recompute} runs in the fast engine; drop --engine reference (or use --engine both)")
     if args.json is not None:
         V.out_file("--json", args.json)
     if args.torch_compile and not args.vs_torch:

@@ -26,8 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _data_arguments(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--data", nargs="+", default=d.data, metavar="FILE",
-                   help="UTF-8 text files, or bundled corpora by name: the-verdict (default), tang300")
+    g.add_argument("--data", nargs="+", action="extend", metavar="FILE",
+                   help="UTF-8 text files, or bundled corpora by name: the-verdict (default), tang300; a repeated "
+                        "--data adds its files to the others")
     g.add_argument("--train-ratio", type=float, default=d.train_ratio, help="share of the text for training (default 0.9): of its tokens, or of its characters with --split-by characters")
     g.add_argument("--split-by", choices=["tokens", "characters"], default=d.split_by,
                    help="cut train/val at --train-ratio of the tokens (default) or of the characters, each part then tokenised "
@@ -139,7 +140,7 @@ def _record_given_flags(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args) -> TrainConfig:
     names = {f.name for f in fields(TrainConfig)}
-    values = {k: v for k, v in vars(args).items() if k in names}
+    values = {k: v for k, v in vars(args).items() if k in names and not (k == "data" and v is None)}
     if getattr(args, "recipe", None):  # the recipe, then the flags given on the command line
         given = getattr(args, "given_flags", None) or set()
         values = {**values, **recipe_values(args.recipe, {k: v for k, v in values.items() if k in given})}
