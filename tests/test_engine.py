@@ -205,12 +205,21 @@ def test_cuda_engine_with_its_kernels_matches_numpy(kernels, monkeypatch):
 @pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-@pytest.mark.parametrize("kernels", [[], ["bmm"]])
+@pytest.mark.parametrize("kernels", [[], ["bmm"], "all"])
 def test_cuda_engine_in_16_bits_matches_numpy(precision, kernels):
     """bf16 / fp16 on CuPy, with and without "bmm": attention's 16-bit products go through cuBLAS either
-    way (CuPy's N-D matmul raises for bfloat16). Against the NumPy 16-bit step, within 16-bit rounding."""
+    way (CuPy's N-D matmul raises for bfloat16); with "all", every kernel that takes 16-bit activations
+    (all but the float32 flash kernel: the 16-bit LayerNorm, GELU, loss and fused attention softmax,
+    AdamW's is not in a step). Against the NumPy 16-bit step, within 16-bit rounding."""
+    from npgpt.cuda.kernels import KERNEL_DTYPES
+    from npgpt.engine import FusedSoftmaxAttention
+
     pytest.importorskip("ml_dtypes")
-    (cpu_loss, cpu, _), (gpu_loss, gpu, _) = _gpu_and_cpu_steps(kernels, precision=precision)
+    if kernels == "all":
+        kernels = [k for k, dtypes in KERNEL_DTYPES.items() if "float16" in dtypes]
+    (cpu_loss, cpu, _), (gpu_loss, gpu, engine) = _gpu_and_cpu_steps(kernels, precision=precision)
+    assert engine.kernels == set(kernels)
+    assert isinstance(engine.attention, FusedSoftmaxAttention) == ("attention_softmax" in kernels)
     assert abs(gpu_loss - cpu_loss) <= 5e-3 * cpu_loss
     for k in cpu:
         assert relative_error(gpu[k], cpu[k]) < 5e-2, k
