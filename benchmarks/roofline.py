@@ -164,10 +164,11 @@ def _elementwise_ops(design, precision, L, N, C, Vh, P, a) -> list:
         ops += [_mem(LN, ln * N * C * n_ln), _mem(GELU, a * (TORCH_GELU_FWD + TORCH_GELU_BWD) * 4 * N * C * L)]
         ops += [_mem(LOSS, (40 if lowp else 28) * N * Vh)]  # log_softmax and nll (in float32), their backward, casts
         ops += [_mem(OPT, (TORCH_ADAMW + (6 if lowp else 0)) * P)]  # + autocast's 16-bit copy of each weight
-    else:  # fused kernels: LayerNorm r/w, its backward r 2 w 1; GELU r 1 w 2 (pre kept), back r 2 w 1; the
-        # loss in place, reading a row twice (a 200 KB row does not stay on chip) and writing it once; AdamW
-        # r p g m v, w p m v (+ the 16-bit copy in the same pass), the gradient norm's read
-        ops += [_mem(LN, a * (2 + 3) * N * C * n_ln), _mem(GELU, a * (3 + 3) * 4 * N * C * L)]
+    else:  # fused kernels: LayerNorm r/w, its backward r 4 w 1 (dout and x read by the dw/db kernel, then
+        # again by the dx kernel: kernels/layernorm.cu); GELU r 1 w 2 (pre kept), back r 2 w 1; the loss in
+        # place, reading a row twice (a 200 KB row does not stay on chip) and writing it once; AdamW r p g m v,
+        # w p m v (+ the 16-bit copy in the same pass), the gradient norm's read
+        ops += [_mem(LN, a * (2 + 5) * N * C * n_ln), _mem(GELU, a * (3 + 3) * 4 * N * C * L)]
         ops += [_mem(LOSS, a * 3 * N * Vh), _mem(OPT, (28 + 4 + (2 if lowp else 0)) * P)]
     r = 4 if design == "torch" and lowp else a  # autocast keeps the residual stream in float32
     biases = 0 if design == "torch" else 2 * a * (3 + 1 + 1)  # npgpt adds biases in a pass of its own (c_fc's in GELU)

@@ -70,3 +70,10 @@ def test_the_docs_hold_what_the_script_computes_now():
     text = roofline.markdown(roofline.summarize(CFG, B, T), CFG, B, T)
     doc = (REPO / "docs" / "benchmarks.md").read_text()
     assert roofline.BEGIN + "\n" + text + roofline.END in doc, "rerun: python benchmarks/roofline.py --update-docs"
+
+
+def test_the_fused_layernorm_moves_seven_passes_of_its_activations(summary):
+    """kernels/layernorm.cu: the forward reads x and writes out; the backward's dw/db kernel reads dout and
+    x, its dx kernel reads them again and writes dx. 2L + 1 LayerNorms of (B T, C), 2 bytes in bf16."""
+    nbytes = summary["designs"]["new"]["bf16"]["classes"][roofline.LN][1]
+    assert nbytes == (2 + 5) * 2 * N * 768 * (2 * 12 + 1)
