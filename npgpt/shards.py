@@ -289,7 +289,7 @@ def data_kind(specs, data_format: str = "auto") -> str:
                 if data_format == "nanogpt" or (Path(match) / MANIFEST).is_file() or glob.glob(os.path.join(match, "*.bin")):
                     shards.append(spec)
                     continue
-                raise ValueError(f"--data {spec} is a folder but not a prepared corpus (it has no {MANIFEST}) nor a folder "
+                raise ValueError(f"--data {spec} is a folder but neither a prepared corpus (it has no {MANIFEST}) nor a folder "
                                  f"of .bin token shards; make one with: npgpt prepare --data {spec} --out data/NAME, then "
                                  f"train with --data data/NAME (or give its text files: --data {os.path.join(spec, '*.txt')})")  # fmt: skip
             elif match.endswith(".bin"):

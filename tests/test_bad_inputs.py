@@ -7,19 +7,24 @@ see what the interpreter itself prints."""
 
 import hashlib
 import os
+import struct
 import subprocess
 import sys
 
 import pytest
 
 from npgpt.cli import main
+from npgpt.prepare import PrepareConfig, prepare
 
 TINY = ["--preset", "nano", "--emb-dim", "8", "--n-heads", "2", "--n-layers", "1", "--tie-weights", "--context-length",
         "16", "--batch-size", "2", "--no-progress", "--sample-tokens", "2"]  # fmt: skip
 
 # Placeholders, replaced by paths of the fixture: RUN (an existing training run), FILE (a file), DIR (an empty
 # folder), MISSING (a path that does not exist), BELOW (a path below FILE), WEIGHTS (weights without config.json),
-# PAIRS (a small TSV of sentence pairs), CSV (a small labelled table).
+# PAIRS (a small TSV of sentence pairs), CSV (a small labelled table); token shards: SHARDS (a prepared corpus),
+# NOVAL (one prepared without a validation shard), NOTCORPUS (a folder of text, not prepared), BADHEADER (an llm.c
+# shard whose magic number is wrong), ODDBIN (a train.bin of an odd number of bytes). A value given as a list
+# is several arguments.
 BASE = {
     "train": ["train", *TINY, "--max-steps", "2", "--out-dir", "RUN", "--overwrite"],
     "generate": ["generate", "--checkpoint", "RUN", "--max-new-tokens", "2"],
@@ -83,7 +88,9 @@ TABLE = {
         "--keep-last": INT_POS,
         "--seed": INT_NONNEG,
         "--loss-scale": ["0", "0.5", "1e30", "nan", "inf", "abc"],
-        "--data": ["MISSING", "DIR"],
+        "--data": ["MISSING", "DIR", "NOTCORPUS", "BADHEADER", "NOVAL", ["ODDBIN", "--data-format", "nanogpt"],
+                   ["SHARDS", "FILE"]],  # (shards and text mixed)  # fmt: skip
+        "--data-format": ["parquet", "nanogpt"],  # nanogpt: on the default --data, a text corpus
         "--preset": ["gpt5"],
         "--engine": ["turbo"],
         "--recompute": ["everything"],
@@ -223,8 +230,8 @@ TABLE = {
     },
 }
 
-CASES = [pytest.param(cmd, flag, value, id=f"{cmd}-{flag}={value}") for cmd, flags in TABLE.items()
-         for flag, values in flags.items() for value in values]  # fmt: skip
+CASES = [pytest.param(cmd, flag, value, id=f"{cmd}-{flag}={' '.join(value) if isinstance(value, list) else value}")
+         for cmd, flags in TABLE.items() for flag, values in flags.items() for value in values]  # fmt: skip
 
 
 def sha256_tree(root):
@@ -243,9 +250,18 @@ def places(tmp_path_factory):
     (weights / "model.safetensors").write_bytes((run / "checkpoints" / "step-00000002" / "model.safetensors").read_bytes())
     (base / "pairs.tsv").write_text("one\tsatu\ntwo\tdua\nthree\ttiga\n" * 10, encoding="utf-8")
     (base / "labelled.csv").write_text("text,label\n" + "a cat sat,cat\na dog ran,dog\n" * 6, encoding="utf-8")
+    (base / "texts").mkdir()
+    (base / "texts" / "a.txt").write_text("".join(f"paragraph {i} of a text file\n\n" for i in range(100)))
+    for name, val_tokens in (("shards", 100), ("noval", 0)):
+        prepare(PrepareConfig(data=[str(base / "texts")], out=str(base / name), val_tokens=val_tokens, workers=0,
+                              split_on_blank_lines=True, progress=False), say=lambda *a: None)  # fmt: skip
+    (base / "bad_train_000000.bin").write_bytes(struct.pack("<256i", 12345, 1, 8, *([0] * 253)) + bytes(16))
+    (base / "odd").mkdir()
+    (base / "odd" / "train.bin").write_bytes(b"abc")
     return {"RUN": run, "FILE": base / "file.txt", "DIR": base / "empty", "MISSING": base / "missing",
             "BELOW": base / "file.txt" / "below", "WEIGHTS": weights, "PAIRS": base / "pairs.tsv",
-            "CSV": base / "labelled.csv",
+            "CSV": base / "labelled.csv", "SHARDS": base / "shards", "NOVAL": base / "noval",
+            "NOTCORPUS": base / "texts", "BADHEADER": base / "bad_train_000000.bin", "ODDBIN": base / "odd" / "train.bin",
             "sha256": sha256_tree(run)}  # fmt: skip
 
 
@@ -262,7 +278,7 @@ def fill(args, places):
 
 @pytest.mark.parametrize("cmd, flag, value", CASES)
 def test_a_bad_value_is_one_line_exit_2_and_touches_nothing(cmd, flag, value, places, capsys):
-    argv = fill(BASE[cmd] + [flag, value], places)
+    argv = fill(BASE[cmd] + [flag, *(value if isinstance(value, list) else [value])], places)
     capsys.readouterr()
     code = main(argv)
     out, err = capsys.readouterr()
