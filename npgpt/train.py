@@ -339,11 +339,12 @@ class RankRows:
         self.batches.load_state_dict(state)
 
 
-def shard_data_report(cfg: TrainConfig, shards: ShardSet, seq_len: int, total_steps: int | None = None) -> str:
-    """What --dry-run says of token shards: what was found, what a batch reads, an epoch in steps."""
+def shard_data_report(cfg: TrainConfig, shards: ShardSet, seq_len: int) -> str:
+    """What --dry-run says of token shards: what was found, what a batch reads, an epoch in steps (as
+    Pretraining._set_up_data counts them)."""
     train = ShardWindows(shards.train, seq_len, cfg.stride, name="train")
     epoch = max(1, len(train) // cfg.batch_size // cfg.grad_accum)
-    steps = total_steps or cfg.max_steps or max(1, math.ceil(cfg.epochs * epoch))
+    steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * epoch))
     batch_kib = cfg.batch_size * (seq_len + 1) * 2 / 1024
     if cfg.train_ratio >= 1:
         val = "no validation (--train-ratio 1)"
@@ -569,6 +570,24 @@ class Pretraining:
         self.total_steps = cfg.max_steps or max(1, int(math.ceil(cfg.epochs * steps_per_epoch)))
         self.schedule = LRSchedule(cfg.lr, self.total_steps, cfg.warmup_steps, cfg.min_lr, cfg.schedule)
 
+    def data_summary(self) -> str:
+        """The data as the banner names it."""
+        if self.shards is None:
+            return f"{len(self.train_ids):,} train / {len(self.val_ids):,} val tokens"
+        s = self.shards
+        val = f"{s.tokens('val'):,} val tokens" if self.val_windows is not None else "no validation (--train-ratio 1)"
+        return (f"{s.where} ({s.kind}, {len(s.train) + len(s.val)} shards, read by memory map): {s.tokens('train'):,} train "
+                f"tokens, {val}")  # fmt: skip
+
+    def first_tokens(self) -> np.ndarray:
+        """The training data's first tokens (at most 64; a shard's without its <|endoftext|> separators), for
+        the default sample prompt."""
+        if self.shards is None:
+            return self.train_ids[:64]
+        first = next(s for s in self.shards.train if s.n_tokens)  # (ShardWindows made sure one has tokens)
+        head = first.read([0], min(64, first.n_tokens))[0]
+        return head[head != EOT_ID]
+
     def _set_up_training(self) -> None:
         """The engine, the optimizer and the update."""
         cfg, model, world = self.cfg, self.model, self.world
@@ -586,25 +605,8 @@ class Pretraining:
         ranks = f" on {world.size} ranks" if world.size > 1 else ""
         compute = "" if cfg.precision == "fp32" else f" weights, {cfg.precision} compute"
         return (f"npgpt train: {model.num_params():,} parameters ({c.n_layers} layers, C={c.emb_dim}, NH={c.n_heads}) on "
-                f"{model.device}{ranks}, {model.dtype}{compute}; {self.data_summary()}; {self.total_steps} steps of {self.batch_size}x{self.grad_accum}x{self.seq_len} tokens"
-                + (f"; resuming at step {step}" if step else ""))  # fmt: skip
-
-    def data_summary(self) -> str:
-        if self.shards is None:
-            return f"{len(self.train_ids):,} train / {len(self.val_ids):,} val tokens"
-        s = self.shards
-        val = f"{s.tokens('val'):,} val tokens" if self.val_windows is not None else "no validation (--train-ratio 1)"
-        return (f"{s.where} ({s.kind}, {len(s.train) + len(s.val)} shards, read by memory map): {s.tokens('train'):,} train "
-                f"tokens, {val}")  # fmt: skip
-
-    def first_tokens(self) -> np.ndarray:
-        """The training data's first tokens (at most 64; a shard's without its <|endoftext|> separators), for
-        the default sample prompt."""
-        if self.shards is None:
-            return self.train_ids[:64]
-        first = next(s for s in self.shards.train if s.n_tokens)  # (ShardWindows made sure one has tokens)
-        head = first.read([0], min(64, first.n_tokens))[0]
-        return head[head != EOT_ID]
+                f"{model.device}{ranks}, {model.dtype}{compute}; {self.data_summary()}; {self.total_steps} steps of "
+                f"{self.batch_size}x{self.grad_accum}x{self.seq_len} tokens" + (f"; resuming at step {step}" if step else ""))  # fmt: skip
 
     def train_step(self, number: int) -> StepResult:
         """Optimizer step `number` (from 1) over grad_accum micro-batches, this rank's rows of each."""
@@ -695,10 +697,9 @@ class Pretraining:
         if self.val_windows is None:
             return None
         world, windows = self.world, self.val_windows
-        mine = np.arange(world.rank, len(windows), world.size)
         n_batches = self.cfg.eval_batches or (SHARD_EVAL_BATCHES if self.shards is not None else None)
-        if n_batches is not None:
-            mine = mine[: n_batches * self.rank_batch]
+        end = len(windows) if n_batches is None else min(len(windows), n_batches * self.batch_size)
+        mine = np.arange(world.rank, end, world.size)  # (the first n_batches global batches, this rank's share)
         return self._mean_loss(windows, mine)
 
     def _mean_loss(self, windows, mine) -> float:

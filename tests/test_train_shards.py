@@ -247,3 +247,35 @@ def test_peak_memory_does_not_grow_with_the_corpus(tmp_path):
         assert proc.returncode == 0, proc.stderr
         peaks[name] = json.loads(proc.stdout.strip().splitlines()[-1])["mb"]
     assert abs(peaks["large"] - peaks["small"]) < 8, peaks  # the corpora differ by 60 MB
+
+
+def load_prepare_bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("prepare_bench", ASSETS.parents[1] / "benchmarks" / "prepare_bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_benchmark_times_the_data_inside_the_training_loop(corpus):
+    """benchmarks/prepare_bench.py's train_data_wait on a small corpus: one timed read per step (the first
+    left out), shorter than the step it belongs to."""
+    w = load_prepare_bench().train_data_wait(corpus, 4, T, 4, preset="nano", emb_dim=16, n_heads=2, n_layers=1)
+    assert w["steps"] == 4 and w["parameters"] == npgpt.GPT(npgpt.GPTConfig.from_preset(
+        "nano", emb_dim=16, n_heads=2, n_layers=1, context_length=T)).num_params()  # fmt: skip
+    assert 0 < w["wait_median_ms"] <= w["wait_max_ms"] and 0 < w["wait_share"] < 1
+
+
+def test_benchmarks_md_quotes_the_training_figures_it_comes_from():
+    figures = json.loads((ASSETS.parents[1] / "docs" / "train_shards_bench.json").read_text())
+    text = " ".join((ASSETS.parents[1] / "docs" / "benchmarks.md").read_text(encoding="utf-8").split())
+    big, small = figures["training"]["wait_in_loop"]
+    assert (f"{big['wait_median_ms']:.1f} ms (max {big['wait_max_ms']:.1f} ms) per step of {big['step_median_ms'] / 1e3:.1f} s: "
+            f"{100 * big['wait_share']:.3f}% of the step") in text  # fmt: skip
+    assert (f"{small['wait_median_ms']:.1f} ms (max {small['wait_max_ms']:.1f} ms) per step of "
+            f"{small['step_median_ms'] / 1e3:.1f} s: {100 * small['wait_share']:.2f}%") in text  # fmt: skip
+    rss = figures["training"]["rss"]
+    at = {k: round(v) for k, v in rss["rss_mb_at_step"].items()}
+    assert f"{at['1']} MB at step 1, {at['100']} MB at steps 100, 200, 300 and 399" in text and len(set(at.values())) <= 2
+    assert f"{rss['rss_min_mb']:.0f}-{rss['rss_max_mb']:.0f} MB from the first step to the last" in text
