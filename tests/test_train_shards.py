@@ -97,16 +97,16 @@ def state(run, step):
 
 def test_a_prepared_folder_trains_on_the_windows_of_the_seeded_order(corpus, tmp_path, monkeypatch):
     seen = record_batches(monkeypatch)
-    r = train(TrainConfig(**TINY, data=[str(corpus)], max_steps=20, grad_accum=2, seed=7, out_dir=str(tmp_path / "run")))
+    r = train(TrainConfig(**TINY, data=[str(corpus)], max_steps=12, grad_accum=2, seed=7, out_dir=str(tmp_path / "run")))
     shards = train_shards(corpus)
-    assert len(shards) >= 8 and r.steps == 20 and r.val_loss is not None
-    expected = expected_batches(shards, 4, seed=7, n_batches=40)  # 20 steps of 2 micro-batches
-    assert len(seen) == 40
+    assert len(shards) >= 8 and r.steps == 12 and r.val_loss is not None
+    expected = expected_batches(shards, 4, seed=7, n_batches=24)  # 12 steps of 2 micro-batches
+    assert len(seen) == 24
     for (x, y), (ex, ey) in zip(seen, expected):
         assert np.array_equal(x, ex) and np.array_equal(y, ey)
-    saved = state(tmp_path / "run", 20)["data"]  # the sampler's position, in the checkpoint
+    saved = state(tmp_path / "run", 12)["data"]  # the sampler's position, in the checkpoint
     assert saved["kind"] == "shard windows" and saved["batch_size"] == 4 and saved["seed"] == 7
-    assert (saved["epoch"], saved["shard"]) != (0, 0)  # 160 windows: past the first shards
+    assert (saved["epoch"], saved["shard"]) != (0, 0)  # 96 windows: past the first shards
 
 
 def test_a_run_resumed_across_a_shard_boundary_ends_bit_for_bit_as_an_uninterrupted_one(corpus, tmp_path):
@@ -176,22 +176,22 @@ def test_epochs_are_passes_over_the_training_windows(corpus, tmp_path, capsys, m
     """--epochs 2: 2 x floor(windows / B) batches, each epoch every window of the shards once (the few left
     over at an epoch's end open the next one); --dry-run says so without reading a token."""
     windows = sum((len(t) - T - 1) // T + 1 for t in train_shards(corpus))
-    per_epoch = windows // 4
-    args = ["train", *TINY_ARGS, "--data", str(corpus), "--batch-size", "4", "--epochs", "2"]
+    per_epoch = windows // 16
+    args = ["train", *TINY_ARGS, "--data", str(corpus), "--batch-size", "16", "--epochs", "2"]
     original = ShardFile.read
     monkeypatch.setattr(ShardFile, "read", lambda *a: pytest.fail("--dry-run read tokens"))
     assert main([*args, "--dry-run", "--out-dir", str(tmp_path / "dry")]) == 0
     report = capsys.readouterr().out
-    assert f"{windows:,} train windows: an epoch is {per_epoch:,} steps of 4 x 1 x {T} tokens; this run: {2 * per_epoch:,} steps" in report
+    assert f"{windows:,} train windows: an epoch is {per_epoch:,} steps of 16 x 1 x {T} tokens; this run: {2 * per_epoch:,} steps" in report
     n_val = sum((len(read_tokens(v)) - T - 1) // T + 1 for v in corpus.glob("val_*.bin"))
-    assert f"each evaluation on {n_val} of the {n_val} validation windows" in report and n_val < 20 * 4
+    assert f"each evaluation on {n_val} of the {n_val} validation windows" in report and n_val < 20 * 16
     assert not (tmp_path / "dry").exists()
     monkeypatch.setattr(ShardFile, "read", original)
     seen = record_batches(monkeypatch)
     assert main([*args, "--eval-interval", "1000", "--out-dir", str(tmp_path / "run")]) == 0
     assert len(seen) == 2 * per_epoch
     first = np.concatenate([x for x, _ in seen[:per_epoch]])
-    assert len({row.tobytes() for row in first}) == per_epoch * 4  # one epoch: distinct windows, none twice
+    assert len({row.tobytes() for row in first}) == per_epoch * 16  # one epoch: distinct windows, none twice
 
 
 def test_a_checkpoint_resumes_only_on_the_kind_of_data_it_was_trained_on(corpus, tmp_path, capsys):
