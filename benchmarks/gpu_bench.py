@@ -13,12 +13,15 @@ torch.autocast). For a unit it builds, once and from the same weights and batch,
     torch eager     transformers' GPT2LMHeadModel with sdpa attention, torch.optim.AdamW
     torch.compile   the same forward and loss under torch.compile (only in the units that ask for it)
 
-and alternates their steps (forward, backward, AdamW, then a wait for the GPU) in this one process:
-warm-up steps first (CuPy's and NVRTC's compilation, torch.compile's), then the timed ones; the median
-is reported, with tokens/s, MFU against the data sheet's dense peak for the precision
-(npgpt.bench.GPU_PEAKS), each twin's first losses (equal weights and batch: they must agree), and the
-memory held (CuPy's pool, torch's peak allocated). A twin that fails (out of memory, a kernel error) is
-recorded with its error and dropped from the rotation; the others go on.
+one at a time in this one process: a twin is built, takes its warm-up steps (CuPy's and NVRTC's
+compilation, torch.compile's) and its timed steps (forward, backward, AdamW, then a wait for the GPU),
+and is freed (CuPy's pool and torch's cache emptied) before the next is built. (At B=16, T=1024 the
+three 124M twins held at once needed about 70 of an H100's 80 GiB before the pools' overhead: issue 25.
+A GPU's speed does not drift as this CPU's does, so the twins need not alternate step by step.) The
+median is reported, with tokens/s, MFU against the data sheet's dense peak of this GPU's part for the
+precision (npgpt.bench.GPU_PEAKS; the part is recorded), each twin's first losses (equal weights and
+batch: they must agree), and the memory each held (CuPy's pool, torch's peak allocated). A twin that
+fails (out of memory, a kernel error) is recorded with its error; the others go on.
 
 Units run most important first: B = the first of --batch-sizes (16) in TF32, bf16 and fp32, then the
 other batch sizes, then torch.compile units (eager beside compile) for --compile-batch-sizes. Before a
@@ -43,8 +46,8 @@ from pathlib import Path
 
 import numpy as np
 
-from npgpt.backend import set_tf32
-from npgpt.bench import NpgptStep, flops_per_token, gpu_peak_gflops, make_batch
+from npgpt.backend import tf32_mode
+from npgpt.bench import NpgptStep, flops_per_token, gpu_name, gpu_part, gpu_peak_gflops, make_batch
 from npgpt.config import GPTConfig
 from npgpt.cuda import ENV_VAR
 from npgpt.model import GPT, init_params, make_rng
@@ -80,6 +83,8 @@ class Twin:
         self.step = None
         self.times, self.losses = [], []
         self.first_s = None  # the first step's seconds (compilation included)
+        self.build_s = 0.0
+        self.memory = {}  # what the GPU's pools held after its steps
         self.error = None
 
     def fail(self, e: BaseException) -> None:
@@ -87,7 +92,8 @@ class Twin:
         self.step = None
 
     def result(self, flops_per_step: float, tokens: int, peak: float | None) -> dict:
-        r = {"error": self.error, "losses": [round(v, 6) for v in self.losses[:3]], "first_step_s": self.first_s}
+        r = {"error": self.error, "losses": [round(v, 6) for v in self.losses[:3]], "first_step_s": self.first_s,
+             "build_s": round(self.build_s, 1), **self.memory}
         if self.times and self.error is None:
             sec = statistics.median(self.times)
             r.update(ms=1e3 * sec, tokens_per_s=tokens / sec, tflops=flops_per_step / sec / 1e12,
@@ -108,34 +114,72 @@ def free_memory(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def build_twins(names, cfg, host_params, B, T, precision, device) -> list:
-    """The twins of one unit, each from its own copy of `host_params`; a twin that fails to build keeps
-    its error."""
+def build_twin(name, cfg, host_params, B, T, precision, device) -> Twin:
+    """One twin of a unit, from its own copy of `host_params`; a twin that fails to build keeps its error."""
     from npgpt.bench import torch_precision
 
     np_precision = "bf16" if precision == "bf16" else "fp32"
-    tf32 = precision == "tf32"
-    if device == "cuda":
-        set_tf32(tf32)
-    twins = []
-    for name in names:
-        twin = Twin(name, env="all" if name == "npgpt+kernels" else "none")  # "none": not even DEFAULT_ON
-        try:
-            model = GPT(cfg, params={k: _to(device, v) for k, v in host_params.items()})
-            if name.startswith("npgpt"):
-                with kernels_env(twin.env):
-                    twin.step = NpgptStep(model, B, T, "fast", precision=np_precision)
-            else:
-                from npgpt.bench_torch import TorchStep
+    twin = Twin(name, env="all" if name == "npgpt+kernels" else "none")  # "none": not even DEFAULT_ON
+    t0 = time.perf_counter()
+    try:
+        model = GPT(cfg, params={k: _to(device, v) for k, v in host_params.items()})
+        if name.startswith("npgpt"):
+            with kernels_env(twin.env):
+                twin.step = NpgptStep(model, B, T, "fast", precision=np_precision)
+        else:
+            from npgpt.bench_torch import TorchStep
 
-                twin.step = TorchStep(model, "sdpa", device=device, compile=name == "torch.compile",
-                                      precision=torch_precision(np_precision, tf32))  # fmt: skip
-                del model  # the torch twin holds its own copy of the weights
-        except Exception as e:  # noqa: BLE001 (reported in the table, the other twins go on)
+            twin.step = TorchStep(model, "sdpa", device=device, compile=name == "torch.compile",
+                                  precision=torch_precision(np_precision, precision == "tf32"))  # fmt: skip
+            del model  # the torch twin holds its own copy of the weights
+    except Exception as e:  # noqa: BLE001 (reported in the table, the other twins go on)
+        twin.fail(e)
+    twin.build_s = time.perf_counter() - t0
+    return twin
+
+
+def time_twin(twin: Twin, x, y, warmup: int, steps: int, xp, seed: int) -> None:
+    """warmup + steps steps of one twin (each timed with the GPU waited for); a failure ends them."""
+    for i in range(warmup + steps):
+        if twin.step is None:
+            return
+        try:
+            with kernels_env(twin.env):
+                t0 = time.perf_counter()
+                loss = twin.step(x, y, False, make_rng(seed + i, xp))
+                dt = time.perf_counter() - t0
+        except Exception as e:  # noqa: BLE001
             twin.fail(e)
-            free_memory(device)
-        twins.append(twin)
-    return twins
+            return
+        twin.losses.append(float(loss))
+        if i == 0:
+            twin.first_s = dt
+        if i >= warmup:
+            twin.times.append(dt)
+
+
+def run_unit(names, cfg, host_params, B, T, precision, device, x, y, warmup, steps, xp, seed) -> list:
+    """The twins of one unit, one at a time: each built, warmed up, timed, its memory read, and freed
+    before the next is built, inside the unit's TF32 setting. Returns the finished twins (steps freed)."""
+    done = []
+    with tf32_mode(precision == "tf32" if device == "cuda" else None):
+        for name in names:
+            _reset_torch_peak(device)
+            twin = build_twin(name, cfg, host_params, B, T, precision, device)
+            time_twin(twin, x, y, warmup, steps, xp, seed)
+            twin.memory = _memory(device)
+            twin.step = None  # the twin's model, engine and optimizer go here ...
+            free_memory(device)  # ... and their GPU memory back to the device
+            done.append(twin)
+    return done
+
+
+def _reset_torch_peak(device: str) -> None:
+    if device == "cuda":
+        with contextlib.suppress(Exception):
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
 
 
 def _to(device, host):
@@ -146,28 +190,6 @@ def _to(device, host):
     return host.copy()
 
 
-def alternate(twins, x, y, warmup: int, steps: int, xp, seed: int) -> None:
-    """warmup + steps rounds; in each, every live twin takes one step (timed with the GPU waited for)."""
-    for i in range(warmup + steps):
-        for twin in twins:
-            if twin.step is None:
-                continue
-            try:
-                with kernels_env(twin.env):
-                    t0 = time.perf_counter()
-                    loss = twin.step(x, y, False, make_rng(seed + i, xp))
-                    dt = time.perf_counter() - t0
-            except Exception as e:  # noqa: BLE001
-                twin.fail(e)
-                free_memory("cuda" if xp is not np else "cpu")
-                continue
-            twin.losses.append(float(loss))
-            if i == 0:
-                twin.first_s = dt
-            if i >= warmup:
-                twin.times.append(dt)
-
-
 def machine(device: str) -> dict:
     info = {"kind": "machine", "python": platform.python_version(), "numpy": np.__version__, "device": device,
             "time": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
@@ -175,8 +197,8 @@ def machine(device: str) -> dict:
         import cupy
 
         props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
-        name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
-        info.update(gpu=name, memory_gib=round(props["totalGlobalMem"] / 2**30, 1), cupy=cupy.__version__,
+        name = gpu_name()
+        info.update(gpu=name, gpu_part=gpu_part(name), memory_gib=round(props["totalGlobalMem"] / 2**30, 1), cupy=cupy.__version__,
                     cuda_runtime=cupy.cuda.runtime.runtimeGetVersion(), driver=cupy.cuda.runtime.driverGetVersion())  # fmt: skip
     with contextlib.suppress(Exception):
         import torch
@@ -249,25 +271,16 @@ def run(args) -> int:
             continue
         print(f"[gpu_bench] B={B} T={T} {precision}: {', '.join(names)} (about {need:.0f} s, {left:.0f} s left)", flush=True)
         t0 = time.perf_counter()
-        if device == "cuda":
-            with contextlib.suppress(Exception):
-                import torch
-
-                torch.cuda.reset_peak_memory_stats()
-        twins = build_twins(names, cfg, host_params, B, T, precision, device)
-        build_s = time.perf_counter() - t0
         x, y = make_batch(cfg, B, T, args.seed)
-        alternate(twins, x, y, args.warmup, args.steps, xp, args.seed)
+        twins = run_unit(names, cfg, host_params, B, T, precision, device, x, y, args.warmup, args.steps, xp, args.seed)
+        build_s = sum(t.build_s for t in twins)
         flops = flops_per_token(cfg, T) * B * T
         peak = gpu_peak_gflops("bf16" if precision == "bf16" else "fp32", precision == "tf32") if device == "cuda" else None
         unit.update(seconds=round(time.perf_counter() - t0, 1), build_s=round(build_s, 1), peak_tflops=peak and peak / 1e3,
                     flops_per_step=flops, twins={t.name: t.result(flops, B * T, peak) for t in twins})  # fmt: skip
-        unit.update(_memory(device))
         est.record(B, precision, twins, build_s)
         _append(out, records, unit, args)
         print(_unit_line(unit), flush=True)
-        del twins
-        free_memory(device)
         if device == "cuda" and "torch.compile" in names:
             with contextlib.suppress(Exception):
                 import torch
@@ -327,7 +340,8 @@ def table(records: list) -> str:
     lines = [f"Machine: {where}; Python {head['python']}, NumPy {head['numpy']}, CuPy {head.get('cupy', '-')}, "
              f"PyTorch {head.get('torch', '-')}; {head['time']}.", "",
              "Training step of the model (forward, backward, AdamW), tokens/s and in brackets MFU against the "
-             "GPU's dense peak for the precision; median of the timed steps, twins alternating in one process.", "",
+             f"dense peak for the precision of {head.get('gpu_part') or 'the GPU (unknown part: no MFU)'} "
+             "(npgpt.bench.GPU_PEAKS); median of the timed steps, one twin at a time in one process.", "",
              "| B x T | precision | npgpt | npgpt + kernels | torch eager | torch.compile | best npgpt / eager | first losses agree |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     merged = {}

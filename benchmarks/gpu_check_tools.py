@@ -1,5 +1,6 @@
-"""Two parts of benchmarks/gpu_check.sh that are easier in Python: the training comparison, and the report.
+"""Three parts of benchmarks/gpu_check.sh that are easier in Python: the probe, the training comparison, the report.
 
+    python benchmarks/gpu_check_tools.py probe [--cpu]
     python benchmarks/gpu_check_tools.py train WORK_DIR [--device cuda] [--max-steps 20]
     python benchmarks/gpu_check_tools.py report WORK_DIR OUT_DIR [--quiet]
 
@@ -9,13 +10,18 @@ NPGPT_CUDA_KERNELS=all, TF32, bf16, and bf16 with NPGPT_CUDA_KERNELS=all (which 
 setting, the largest relative difference of the step losses from the CPU's and whether it is within the
 setting's bound (those of tests/test_gpu_training.py), and writes them to WORK_DIR/train.json.
 
+`probe` tries once what every later part needs (issue 25): bfloat16 on the host, CuPy, a device, a first
+kernel compile (the CUDA headers), bfloat16 on the GPU; the first failure is one line, "PROBE FAILED: ...",
+naming what is missing, and exit status 1 (gpu_check.sh then stops).
+
 `report` reads what gpu_check.sh left in WORK_DIR (parts.tsv: one line per part with its exit code,
-seconds and time limit; PART.log: each part's output; train.json) and in OUT_DIR (bench.jsonl, bench.md
-from gpu_bench.py), writes OUT_DIR/report.md and OUT_DIR/logs.txt (every log, in the order run), and
-prints the one-screen summary: each part's result, which fast paths the run verified (to turn on by
-default), the benchmark table, and the issue's targets. gpu_check.sh runs it quietly after every part
-too, so that a check killed from outside leaves a report of the parts that had ended (and names the
-others as not run).
+seconds and time limit; PART.log: each part's output; train.json; compile.jsonl: the kernel compile time
+of each Python process, from gpu_compile_timer.py) and in OUT_DIR (bench.jsonl, bench.md from
+gpu_bench.py), writes OUT_DIR/report.md and OUT_DIR/logs.txt (every log, in the order run), and prints
+the one-screen summary: each part's result, seconds (and limit) and seconds compiling, which fast paths
+the run verified (to turn on by default), the benchmark table, and the issue's targets. gpu_check.sh
+runs it quietly after every part too, and when it is stopped by a signal, so that a check killed from
+outside leaves a report of the parts that had ended (and names the others as not run).
 """
 
 from __future__ import annotations
@@ -28,6 +34,97 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+# --- the probe: what every later part needs, tried once ------------------------------------------------------
+
+
+def _first_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:240]}"
+
+
+def _versions() -> str:
+    import numpy as np
+
+    try:
+        import ml_dtypes
+
+        ml = ml_dtypes.__version__
+    except ImportError:
+        ml = "not installed"
+    return f"NumPy {np.__version__}, ml_dtypes {ml}"
+
+
+def probe(args) -> int:
+    """Issue 25 (5): a machine without the CUDA headers (CuPy compiles every kernel with NVRTC, which needs
+    them) or with a NumPy / ml_dtypes too old for bfloat16 failed every later part separately. Each thing
+    the parts need is tried here once, in order; the first that fails stops the check with one line
+    naming what is missing and how to get it. --cpu (the dry run) tries the host's bfloat16 only."""
+    import numpy as np
+
+    def step(what, fn):
+        t0 = time.perf_counter()
+        try:
+            detail = fn()
+        except Exception as e:  # noqa: BLE001 (each becomes the one line below)
+            return e
+        print(f"  ok: {what} ({time.perf_counter() - t0:.1f} s){': ' + detail if detail else ''}", flush=True)
+        return None
+
+    def host_bf16():
+        import ml_dtypes
+
+        back = np.arange(3, dtype=np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
+        assert back.tolist() == [0.0, 1.0, 2.0], back
+        return _versions()
+
+    failure = step("bfloat16 on the host (ml_dtypes)", host_bf16)
+    if failure is not None:
+        what = ("ml_dtypes is not installed" if isinstance(failure, ImportError)
+                else f"{_versions()} cannot cast to bfloat16 ({_first_line(failure)})")  # fmt: skip
+        return _stop(f"{what}: pip install -U 'numpy>=2.1.2' 'ml_dtypes>=0.4' (npgpt's cuda12/cuda13 extras)")
+    if args.cpu:
+        return 0
+    try:
+        import cupy
+    except Exception as e:  # noqa: BLE001
+        return _stop(f"CuPy does not import ({_first_line(e)}): pip install 'npgpt[cuda12]' (or [cuda13])")
+    failure = step("a CUDA device", lambda: f"{cupy.cuda.runtime.getDeviceCount()} device(s), CuPy {cupy.__version__}")
+    if failure is not None:
+        return _stop(f"CuPy imports but no CUDA device answered ({_first_line(failure)}): check the driver (nvidia-smi)")
+
+    def kernel():
+        x = cupy.zeros(1, dtype=cupy.float32)
+        x += 1  # an elementwise kernel, compiled by NVRTC on first use: needs the CUDA headers
+        assert float(x[0]) == 1.0, float(x[0])
+        return "NVRTC compiled and ran an elementwise kernel"
+
+    failure = step("a first kernel", kernel)
+    if failure is not None:
+        text = str(failure)
+        headers = re.search(r"header|cannot open source file|\.h\b|include", text, re.I)
+        what = ("the CUDA headers are missing, so no kernel compiles" if headers else "no kernel compiles or runs")
+        return _stop(f"CuPy {cupy.__version__} {what} ({_first_line(failure)}): pip install 'cupy-cuda12x[ctk]' "
+                     "(or -cuda13x[ctk]; npgpt's cuda12/cuda13 extras do), or point CUDA_PATH at a CUDA toolkit")  # fmt: skip
+
+    def device_bf16():
+        import ml_dtypes
+
+        x = cupy.arange(3, dtype=cupy.float32).astype(ml_dtypes.bfloat16)
+        assert x.dtype == np.dtype(ml_dtypes.bfloat16) and x.astype(cupy.float32).get().tolist() == [0.0, 1.0, 2.0]
+        return _versions()
+
+    failure = step("bfloat16 on the GPU", device_bf16)
+    if failure is not None:
+        return _stop(f"CuPy {cupy.__version__} cannot make bfloat16 arrays with {_versions()} ({_first_line(failure)}): "
+                     "pip install -U 'numpy>=2.1.2' 'ml_dtypes>=0.4'")  # fmt: skip
+    return 0
+
+
+def _stop(line: str) -> int:
+    print(f"PROBE FAILED: {line}", flush=True)
+    return 1
+
 
 # --- the training comparison ----------------------------------------------------------------------------
 
@@ -93,13 +190,16 @@ def train(args) -> int:
 
 PARTS = {  # the log name gpu_check.sh gives each part -> what the report calls it
     "install": "install npgpt (no network)",
+    "probe": "probe: a first kernel, bfloat16",
     "nvidia-smi": "nvidia-smi",
     "info": "npgpt info",
-    "pytest": "NPGPT_REQUIRE_CUDA=1 pytest -m cuda",
-    "gradcheck": "npgpt gradcheck --device cuda",
+    "pytest-core": "pytest -m cuda: layers, engine, kernels, cuBLAS, training",
+    "pytest-more": "pytest -m cuda: gradients, encoder-decoder, fine-tuning, bench",
+    "pytest-nccl": "pytest -m cuda: NCCL (test_distributed)",
     "train": "20 training steps, CuPy against NumPy",
     "bench": "benchmark table (gpu_bench.py)",
 }
+PYTEST_PARTS = ("pytest-core", "pytest-more", "pytest-nccl")
 # Each fast path (npgpt.cuda.KERNEL_NAMES) and the CUDA tests that exercise it, by test id. A path counts as
 # verified when its own tests ran and passed, a whole-step test or a training run with it on passed too, and
 # nothing that exercised it failed (its tests, those whole-step tests and runs, the benchmark's kernels twin).
@@ -122,6 +222,21 @@ ENGINE_TESTS = {  # whole-step and training tests that cover a fast path togethe
 # so pytest writes each test's path relative to that directory ("../../repo/tests/test_x.py::t PASSED"):
 # the id is taken from "tests/" on.
 RESULT = re.compile(r"^(?:\S*/)?(tests/test_[^/\s]+\.py::\S+)\s+(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)")
+
+
+def compile_seconds(work: Path) -> dict:
+    """part -> (seconds NVRTC compiled, kernels compiled), summed over the part's Python processes, from
+    the lines gpu_compile_timer.py leaves in WORK/compile.jsonl (absent: not timed)."""
+    path, out = work / "compile.jsonl", {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        if r.get("timed"):
+            s, n = out.get(r.get("part", ""), (0.0, 0))
+            out[r.get("part", "")] = (s + r.get("nvrtc_s", 0.0), n + r.get("nvrtc_n", 0))
+    return out
 
 
 def read_parts(work: Path) -> list:
@@ -196,20 +311,23 @@ def part_result(part: dict, tests: dict, train: dict) -> str:
     rc, name = part["rc"], part["name"]
     if rc in (124, 137):
         head = f"TIMED OUT at {part['limit']} s"
+    elif rc == 143:
+        head = "KILLED (the check was stopped from outside)"
     elif rc == 0:
         head = "ok"
     else:
         head = f"exit {rc}"
     log = part["log"].read_text(errors="replace") if part["log"].exists() else ""
-    if name == "pytest":
-        counts = {o: list(tests.values()).count(o) for o in ("PASSED", "FAILED", "ERROR", "SKIPPED")}
+    if name in PYTEST_PARTS:
+        mine = pytest_results(part["log"])
+        counts = {o: list(mine.values()).count(o) for o in ("PASSED", "FAILED", "ERROR", "SKIPPED")}
         head += ": " + ", ".join(f"{v} {k.lower()}" for k, v in counts.items() if v)
-        collected = re.findall(r"^(\d+(?:/\d+)? tests? collected.*)$", log, re.M)
-        if not tests and collected:
+        collected = re.findall(r"^=*\s*(\d+(?:/\d+)? tests? collected[^=]*?)\s*=*$", log, re.M)
+        if not mine and collected:
             head += collected[-1]  # (head ends with ": " here)
-    elif name == "gradcheck":
-        m = re.findall(r"^(\d+/\d+ passed.*)$", log, re.M)
-        head += f": {m[-1]}" if m else ""
+    elif name == "probe":
+        failed = re.findall(r"^PROBE FAILED: (.*)$", log, re.M)
+        head += f": {failed[-1]}" if failed else ""
     elif name == "train" and train:
         ok = sum(1 for k, r in train.items() if k != "cpu" and r.get("ok"))
         head += f": {ok}/{len(train) - 1} GPU settings track the CPU"
@@ -224,7 +342,10 @@ def part_result(part: dict, tests: dict, train: dict) -> str:
 def report(args) -> int:
     work, out = Path(args.work), Path(args.out)
     parts = read_parts(work)
-    tests = pytest_results(work / "pytest.log")
+    tests = {}
+    for name in PYTEST_PARTS:
+        tests.update(pytest_results(work / f"{name}.log"))
+    compiles = compile_seconds(work)
     train_path = work / "train.json"
     train_runs = json.loads(train_path.read_text()) if train_path.exists() else {}
     bench = read_bench(out)
@@ -241,13 +362,23 @@ def report(args) -> int:
                f"GPU: {machine.get('gpu', 'unknown')}, {machine.get('memory_gib', '?')} GiB; CuPy {machine.get('cupy', '?')} "
                f"(CUDA runtime {machine.get('cuda_runtime', '?')}, driver {machine.get('driver', '?')}); "
                f"PyTorch {machine.get('torch', '?')}; Python {machine.get('python', '?')}; {time.strftime('%Y-%m-%d %H:%M')}.", "",
-               "| part | result | seconds |", "| --- | --- | ---: |"]  # fmt: skip
+               "| part | result | seconds (limit) | of which compiling kernels |", "| --- | --- | ---: | ---: |"]  # fmt: skip
     for p in parts:
-        summary.append(f"| {PARTS.get(p['name'], p['name'])} | {part_result(p, tests, train_runs)} | {p['seconds']} |")
+        comp = compiles.get(p["name"])
+        comp = f"{comp[0]:.0f} s ({comp[1]} kernels)" if comp else ""
+        summary.append(f"| {PARTS.get(p['name'], p['name'])} | {part_result(p, tests, train_runs)} | "
+                       f"{p['seconds']} ({p['limit']}) | {comp} |")  # fmt: skip
     done = {p["name"] for p in parts}
     for name, title in PARTS.items():
         if name not in done:  # the check was stopped before it (or is still running: an interim report)
-            summary.append(f"| {title} | not run | |")
+            summary.append(f"| {title} | not run | | |")
+    timed_out = [p["name"] for p in parts if p["name"] in PYTEST_PARTS and p["rc"] in (124, 137)]
+    if timed_out:
+        n = sum(compiles.get(name, (0, 0))[1] for name in timed_out)
+        secs = sum(compiles.get(name, (0, 0))[0] for name in timed_out)
+        summary += ["", f"{', '.join(timed_out)} ran out of time after compiling {n} kernels ({secs:.0f} s): CuPy keeps "
+                    "them in its kernel cache (~/.cupy/kernel_cache), so running the check again on this machine gets "
+                    "further (docs/benchmarks.md, \"Where the limits come from\")."]  # fmt: skip
     if failed:
         summary += ["", "Failed tests:"] + [f"- {t}" for t in failed[:30]] + ([f"- ... {len(failed) - 30} more"] if len(failed) > 30 else [])
     on = sorted(k for k, v in verdicts.items() if v["verified"])
@@ -283,12 +414,14 @@ def main(argv=None) -> int:
     t.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     t.add_argument("--max-steps", type=int, default=20)
     t.add_argument("--model-args", default="", help="more `npgpt train` arguments, e.g. a smaller model for a dry run")
+    pr = sub.add_parser("probe", help="what every part needs (a kernel compile, bfloat16), tried once")
+    pr.add_argument("--cpu", action="store_true", help="the dry run: the host's bfloat16 only")
     r = sub.add_parser("report", help="write OUT/report.md and OUT/logs.txt, print the summary")
     r.add_argument("work")
     r.add_argument("out")
     r.add_argument("--quiet", action="store_true", help="write the files, print nothing (the interim reports)")
     args = ap.parse_args(argv)
-    return train(args) if args.cmd == "train" else report(args)
+    return {"train": train, "probe": probe, "report": report}[args.cmd](args)
 
 
 if __name__ == "__main__":

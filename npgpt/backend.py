@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 from functools import lru_cache
 
 import numpy as np
@@ -211,22 +212,109 @@ def flat_base(tensors: dict):
     return base
 
 
+# --- TF32: a state a run sets and restores --------------------------------------------------------------------
+#
+# TensorFloat-32 (Ampere and newer) multiplies float32 matrices with 10-bit mantissas, float32 accumulation,
+# about 8x the float32 rate. CuPy decides per dtype, once: its first float32 2-D product reads $CUPY_TF32 and
+# stores the answer in a module global (cupy/_core/_routines_linalg.pyx, get_compute_type), which then holds
+# for the rest of the process, whatever $CUPY_TF32 says later. So TF32 is process-wide state: a run turns it
+# on or off inside `tf32_mode(...)`, which puts $CUPY_TF32 and CuPy's choice back as they were when it ends.
+
+_COMPUTE_TYPE_TF32 = 7  # cupy._core._routines_linalg.COMPUTE_TYPE_TF32 (COMPUTE_TYPE_DEFAULT is 1)
+_open_tf32_modes: list = []  # the _TF32Saved of every tf32_mode now open, innermost last
+
+
+def _cupy_linalg():
+    """cupy._core._routines_linalg when CuPy is already imported (never imports it), else None."""
+    if _cupy_if_imported() is None:
+        return None
+    try:
+        from cupy._core import _routines_linalg as linalg
+    except Exception:  # an older or broken CuPy
+        return None
+    return linalg
+
+
+def _cupy_float32_compute_type():
+    """CuPy's compute type for float32 products (COMPUTE_TYPE_*), or None when CuPy is not imported or
+    cannot say. Reading it fixes it: CuPy decides on first read from $CUPY_TF32, as its first product would."""
+    linalg = _cupy_linalg()
+    if linalg is None:
+        return None
+    try:
+        return int(linalg.get_compute_type(np.float32))
+    except Exception:
+        return None
+
+
 def tf32_enabled() -> bool:
-    """Whether float32 matrix products on the GPU may use TF32 (as set by set_tf32; CuPy's default: off)."""
+    """Whether float32 matrix products on the GPU use TF32: CuPy's own choice once CuPy is imported (what its
+    2-D products, every `linear`, do), else $CUPY_TF32 (what it will choose). CuPy's default: off."""
+    kind = _cupy_float32_compute_type()
+    if kind is not None:
+        return kind == _COMPUTE_TYPE_TF32
     return os.environ.get("CUPY_TF32", "0") == "1"
 
 
 def set_tf32(enabled: bool = True) -> None:
-    """TensorFloat-32 for float32 matrix products on the GPU (Ampere and newer): about 8x the float32
-    rate with a 10-bit mantissa in the products, float32 accumulation. CuPy reads $CUPY_TF32 when it
-    first multiplies float32 matrices; this sets it, and updates CuPy's cached choice if it was made."""
+    """TF32 on or off for float32 matrix products on the GPU, from now on in this process: sets $CUPY_TF32
+    (which CuPy reads at its first float32 product) and CuPy's stored choice if CuPy is imported. A run
+    calls it inside `tf32_mode`, which undoes it when the run ends; called outside one, it stays."""
+    for saved in _open_tf32_modes:  # each open tf32_mode keeps CuPy's choice from before its first change
+        if saved.compute_type is None:
+            saved.compute_type = _cupy_float32_compute_type()
     os.environ["CUPY_TF32"] = "1" if enabled else "0"
-    cupy = _cupy_if_imported()
-    if cupy is None:
+    linalg = _cupy_linalg()
+    if linalg is None:
         return
-    try:  # CuPy caches the compute type per dtype after its first float32 matmul
-        from cupy._core import _routines_linalg as linalg
-
+    try:
         linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32 if enabled else linalg.COMPUTE_TYPE_DEFAULT)
-    except Exception:  # an older or broken CuPy, or one without a working GPU: the variable above still holds
+    except Exception:  # a CuPy without a working GPU (TF32 asks for the compute capability): the variable holds
         pass
+
+
+class _TF32Saved:
+    """What a tf32_mode puts back: $CUPY_TF32 (None: unset) and CuPy's float32 compute type, read when
+    set_tf32 first changes it inside the block (None: never changed there, so nothing to put back)."""
+
+    def __init__(self):
+        self.env = os.environ.get("CUPY_TF32")
+        self.compute_type = None
+
+
+@contextmanager
+def tf32_mode(enabled: bool | None = None):
+    """TF32 as `enabled` inside the block (None: as it is, while allowing the code inside to call set_tf32),
+    and afterwards $CUPY_TF32 and CuPy's float32 compute type as they were before it. A run is
+
+        with tf32_mode(cfg.tf32 if on_a_gpu else None):
+            ...
+
+    so that nothing after it (the next run in this process, the next test) inherits its TF32 setting.
+    CuPy's state is touched only when TF32 is changed, so a CPU run (enabled=None) leaves CUDA alone."""
+    saved = _TF32Saved()
+    _open_tf32_modes.append(saved)
+    try:
+        if enabled is not None:
+            set_tf32(enabled)
+        yield
+    finally:
+        _open_tf32_modes.remove(saved)
+        if saved.env is None:
+            os.environ.pop("CUPY_TF32", None)
+        else:
+            os.environ["CUPY_TF32"] = saved.env
+        linalg = _cupy_linalg() if saved.compute_type is not None else None
+        if linalg is not None:
+            try:
+                linalg.set_compute_type(np.float32, saved.compute_type)
+            except Exception:
+                pass
+
+
+def tf32_note(device: str) -> str:
+    """" (TF32 on)" or " (TF32 off)" for a CUDA run (what its float32 matrix products do now), "" on the CPU,
+    where there is no TF32: what a run's banner prints after its device."""
+    if device != "cuda":
+        return ""
+    return " (TF32 on)" if tf32_enabled() else " (TF32 off)"

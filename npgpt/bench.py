@@ -45,14 +45,33 @@ def peak_sgemm_gflops(n: int = 2048, repeats: int = 5, dtype=np.float32) -> floa
     return 2.0 * n**3 / best / 1e9
 
 
-# Dense (no sparsity) peaks in GFLOP/s of common GPUs, from NVIDIA's data sheets (SXM parts): float32,
-# TF32 tensor cores, and 16-bit (bf16 and fp16, which are the same) tensor cores.
+# Dense (no sparsity) peaks in GFLOP/s from NVIDIA's data sheets: float32, TF32 tensor cores, and 16-bit
+# (bf16 and fp16, which are the same) tensor cores. The data sheets give the tensor-core figures "with
+# sparsity"; the dense peak is half of that. One chip comes in form factors with different clocks and
+# power: an H100 PCIe reaches 76% of an H100 SXM's 16-bit peak, an H100 NVL 84%.
 GPU_PEAKS = {
-    "H200": {"fp32": 67_000, "tf32": 494_700, "16-bit": 989_400},
-    "H100": {"fp32": 67_000, "tf32": 494_700, "16-bit": 989_400},
+    "H200 NVL": {"fp32": 60_000, "tf32": 417_500, "16-bit": 835_500},
+    "H200 SXM": {"fp32": 67_000, "tf32": 494_700, "16-bit": 989_400},
+    "GH200": {"fp32": 67_000, "tf32": 494_700, "16-bit": 989_400},
+    "H100 NVL": {"fp32": 60_000, "tf32": 417_500, "16-bit": 835_500},
+    "H100 PCIe": {"fp32": 51_200, "tf32": 378_000, "16-bit": 756_500},
+    "H100 SXM": {"fp32": 67_000, "tf32": 494_700, "16-bit": 989_400},
     "A100": {"fp32": 19_500, "tf32": 156_000, "16-bit": 312_000},
     "L4": {"fp32": 30_300, "tf32": 60_600, "16-bit": 121_000},
 }
+# How each part shows in the name CUDA reports ("NVIDIA H100 80GB HBM3" is the SXM part, "NVIDIA H100
+# PCIe", "NVIDIA H100 NVL", "NVIDIA H200", "NVIDIA GH200 480GB", "NVIDIA A100-SXM4-80GB"), most specific
+# first: the first pattern found in the name (whole words, any case) names the part.
+GPU_NAMES = (
+    ("H200 NVL", r"\bH200\b.*\bNVL\b"),
+    ("H200 SXM", r"\bH200\b"),
+    ("GH200", r"\bGH200\b"),
+    ("H100 NVL", r"\bH100\b.*\bNVL\b"),
+    ("H100 PCIe", r"\bH100\b.*\bPCIe\b"),
+    ("H100 SXM", r"\bH100\b"),
+    ("A100", r"\bA100\b"),
+    ("L4", r"\bL4\b"),
+)
 
 
 def peak_kind(precision: str, tf32: bool) -> str:
@@ -64,24 +83,43 @@ def peak_kind(precision: str, tf32: bool) -> str:
     raise ValueError(f"unknown precision {precision!r}; choose fp32, bf16 or fp16")
 
 
-def peak_for_name(name: str, precision: str, tf32: bool) -> float | None:
-    """The dense peak (GFLOP/s) of the GPU called `name` (as CUDA reports it, e.g. "NVIDIA H100 80GB
-    HBM3") for this precision, or None when no GPU_PEAKS key is a whole word of the name (an L40S is
-    not an L4)."""
-    kind = peak_kind(precision, tf32)
-    for key, peaks in GPU_PEAKS.items():
-        if re.search(rf"\b{key}\b", name):
-            return peaks[kind]
+def gpu_part(name: str) -> str | None:
+    """The GPU_PEAKS part a device called `name` (as CUDA reports it) is, or None when none matches (an
+    L40S is not an L4, an RTX 4090 is not listed)."""
+    for part, pattern in GPU_NAMES:
+        if re.search(pattern, name, re.IGNORECASE):
+            return part
     return None
 
 
-def gpu_peak_gflops(precision: str, tf32: bool) -> float | None:
-    """The dense peak of the GPU in use for this precision, when its name is in GPU_PEAKS."""
+def peak_for_name(name: str, precision: str, tf32: bool) -> float | None:
+    """The dense peak (GFLOP/s) of the GPU called `name` for this precision, or None (see gpu_part)."""
+    kind = peak_kind(precision, tf32)
+    part = gpu_part(name)
+    return GPU_PEAKS[part][kind] if part else None
+
+
+def gpu_name() -> str:
+    """The name CUDA reports for CuPy's current device."""
     import cupy
 
     props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
-    name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
-    return peak_for_name(name, precision, tf32)
+    return props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+
+
+def gpu_peak_gflops(precision: str, tf32: bool) -> float | None:
+    """The dense peak of the GPU in use for this precision, when gpu_part knows its name."""
+    return peak_for_name(gpu_name(), precision, tf32)
+
+
+def describe_peak(name: str, precision: str, tf32: bool) -> str:
+    """Which peak an MFU is against, for printing: the part, the column and the figure, or that there is none."""
+    kind = peak_kind(precision, tf32)
+    part = gpu_part(name)
+    if part is None:
+        return f"no peak known for {name!r} (npgpt.bench.GPU_PEAKS): MFU not computed"
+    column = {"fp32": "FP32", "tf32": "TF32", "16-bit": "16-bit"}[kind]
+    return f"MFU against the {part}'s dense {column} peak, {GPU_PEAKS[part][kind] / 1e3:,.1f} TFLOP/s (device {name!r})"
 
 
 def torch_precision(precision: str, tf32: bool) -> str:

@@ -17,17 +17,17 @@ import errno
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 import shutil
 import signal
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_path, atomic_write_json, fsync_dir
+from .atomic import atomic_path, atomic_write_json, fsync_dir, make_temp_dir
 from .backend import to_numpy
 
 FORMAT_VERSION = 1
@@ -85,6 +85,22 @@ def verify_manifest(ckpt_dir, required=MODEL_FILES) -> str | None:
     mpath = ckpt_dir / MANIFEST_FILE
     if not mpath.is_file():
         return f"{ckpt_dir} has no {MANIFEST_FILE} (the save did not finish)"
+    try:
+        stats = (_stats(ckpt_dir), tuple(required))
+    except OSError as e:
+        return f"{ckpt_dir} cannot be read ({e.strerror})"
+    if _manifest_verified.get(ckpt_dir) == stats:  # (hashing 124M twice is slow: checked, then loaded)
+        return None
+    problem = _manifest_problem(ckpt_dir, mpath, required)
+    if problem is None:
+        _manifest_verified[ckpt_dir] = stats
+    return problem
+
+
+_manifest_verified: dict = {}  # checkpoint path -> (file stats, required) it was verified with
+
+
+def _manifest_problem(ckpt_dir: Path, mpath: Path, required) -> str | None:
     try:
         manifest = json.loads(mpath.read_text())
         files = manifest["files"]
@@ -187,7 +203,7 @@ def checkpoint_problem(d) -> str | None:
     problem = verify_manifest(d, required=TRAINING_FILES) or _state_problem(d)
     if problem is None:
         try:
-            problem = first_nonfinite(d / MODEL_FILE)
+            problem = _tensors_problem(d) or first_nonfinite(d / MODEL_FILE)
         except ValueError as e:  # a malformed file whose sha256 was recorded as such
             problem = str(e)
     if problem is None:
@@ -195,18 +211,95 @@ def checkpoint_problem(d) -> str | None:
     return problem
 
 
+def _whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def training_state_problem(state, step: int | None = None) -> str | None:
+    """Why a trainer_state.json cannot be what the loop wrote (a manifest only proves that the files are
+    what was written, and a state edited by hand, with a new manifest, could say anything), or None.
+    step: the step of its folder, which the state must name."""
+    if not isinstance(state, dict):
+        return "is not a JSON object"
+    if not _whole(state.get("step")):
+        return f"holds step {state.get('step')!r}, not a whole number >= 0"
+    if step is not None and state["step"] != step:
+        return f"holds step {state['step']}, not the step {step} of its folder"
+    for key in ("tokens_seen", "skipped_steps"):
+        if key in state and not _whole(state[key]):
+            return f"holds {key} = {state[key]!r}, not a whole number >= 0"
+    if not isinstance(state.get("data"), dict) or not isinstance(state.get("optimizer"), dict):
+        return "lacks its data position or optimizer state"
+    for key, v in state["data"].items():
+        if key in ("epoch", "cursor", "seed", "batch_size") and not _whole(v):
+            return f"holds the data position's {key} = {v!r}, not a whole number >= 0"
+    opt = state["optimizer"]
+    if not _whole(opt.get("t")) or opt["t"] > state["step"]:
+        return f"holds the optimizer's step count t = {opt.get('t')!r}, not a whole number from 0 to the step {state['step']}"
+    for key in ("lr", "eps", "weight_decay"):
+        if key in opt and not (_finite(opt[key]) and opt[key] >= 0):
+            return f"holds the optimizer's {key} = {opt[key]!r}, not a finite number >= 0"
+    if "betas" in opt and not (isinstance(opt["betas"], list) and len(opt["betas"]) == 2 and all(_finite(b) for b in opt["betas"])):
+        return f"holds the optimizer's betas = {opt['betas']!r}, not two numbers"
+    if "decay" in opt and not (isinstance(opt["decay"], dict) and all(isinstance(v, bool) for v in opt["decay"].values())):
+        return "holds an optimizer decay entry that is not a map of parameter names to true / false"
+    if "since_eval" in state and not (isinstance(state["since_eval"], list) and all(_finite(v) for v in state["since_eval"])):
+        return "holds since_eval that is not a list of finite losses"
+    if state.get("train_loss") is not None and not _finite(state["train_loss"]):
+        return f"holds train_loss = {state['train_loss']!r}, not a finite number"
+    history = state.get("history", {})
+    points = history.values() if isinstance(history, dict) else None
+    if points is None or not all(isinstance(p, list) and all(_point(x) for x in p) for p in points):
+        return "holds a history that is not lists of (step or epoch, value) points"
+    return None
+
+
+def _point(x) -> bool:
+    """A point of a run's history: [step or epoch, value] or [step, tokens, value] (the value may be NaN)."""
+    numbers = isinstance(x, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in x)
+    return numbers and len(x) in (2, 3) and _whole(x[0])
+
+
 def _state_problem(d: Path) -> str | None:
-    """The training state must name the step of its folder (a manifest only proves that the files are
-    what was written, and a state edited by hand, with a new manifest, could say anything)."""
     try:
         state = json.loads((d / STATE_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         return f"{d / STATE_FILE} cannot be read as JSON ({e})"
-    step = state.get("step") if isinstance(state, dict) else None
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0 or step != int(d.name[5:]):
-        return f"{d / STATE_FILE} holds step {step!r}, not the step {int(d.name[5:])} of its folder"
-    if not isinstance(state.get("data"), dict) or not isinstance(state.get("optimizer"), dict):
-        return f"{d / STATE_FILE} lacks its data position or optimizer state"
+    problem = training_state_problem(state, int(d.name[5:]))
+    return f"{d / STATE_FILE} {problem}" if problem else None
+
+
+def _tensors_problem(d: Path) -> str | None:
+    """What the headers of the two tensor files say against each other: every weight and moment is floating
+    point (a file cast to integers, with a manifest written for it, is damaged, not good), and AdamW's
+    moments come in m./v. pairs shaped like the weights they belong to."""
+    from .safetensors_io import FLOAT_DTYPES, read_header
+
+    weights, _, _ = read_header(d / MODEL_FILE)
+    moments, _, _ = read_header(d / OPTIMIZER_FILE)
+    for path, tensors in ((d / MODEL_FILE, weights), (d / OPTIMIZER_FILE, moments)):
+        for name, (dtype, *_) in tensors.items():
+            if dtype not in FLOAT_DTYPES:
+                return f"{path} holds {name} as {dtype}, not floating point; the file was altered"
+    shapes = {name.removeprefix("transformer."): shape for name, (_, shape, *_) in weights.items()}
+    names = {"m": set(), "v": set()}
+    for name, (_, shape, *_) in moments.items():
+        which, _, param = name.partition(".")
+        if which not in names or param not in shapes:
+            return f"{d / OPTIMIZER_FILE} holds {name}, which is no moment of a weight in {MODEL_FILE}"
+        if shape != shapes[param]:
+            return f"{d / OPTIMIZER_FILE} holds {name} of shape {shape}, but the weight {param} has shape {shapes[param]}"
+        names[which].add(param)
+    if names["m"] != names["v"]:
+        odd = sorted(names["m"] ^ names["v"])[0]
+        return f"{d / OPTIMIZER_FILE} holds only one of the two moments of {odd}"
+    decay = json.loads((d / STATE_FILE).read_text(encoding="utf-8"))["optimizer"].get("decay")
+    if decay is not None and set(decay) != names["m"]:
+        return f"{d / STATE_FILE}: the optimizer's decay entry names other parameters than {OPTIMIZER_FILE} holds"
     return None
 
 
@@ -270,42 +363,63 @@ def remove_checkpoints(dirs) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
+def aside_name(dst: Path) -> Path:
+    """Where replace_dir keeps the folder it replaces until the new one has its name."""
+    return dst.parent / f".tmp-replaced-{dst.name}"
+
+
 def replace_dir(src: Path, dst: Path) -> None:
-    """Rename the folder src onto dst. An existing dst (a damaged checkpoint of the same step) is first
-    renamed out of the way, so at every moment dst is either the old folder, absent, or the new one."""
+    """Rename the folder src onto dst. An existing dst (a damaged checkpoint of the same step, or one of the
+    run an --overwrite replaces) is first renamed aside (aside_name), then src takes its name, then the old
+    one is deleted: at every moment one complete folder holds dst's contents, under dst or under the aside
+    name, which the next start renames back if dst is missing (clean_stray_temporaries)."""
+    aside = None
     if dst.exists():
-        remove_checkpoints([dst])
+        aside = aside_name(dst)
+        shutil.rmtree(aside, ignore_errors=True)  # (a stale one: the next start restores or removes them)
+        os.replace(dst, aside)
+        _verified.pop(dst, None)
+        crash_point("aside")
     os.replace(src, dst)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def clean_stray_temporaries(out_dir) -> None:
-    """Remove what a crashed save left behind: .tmp-* directories and .*.tmp files."""
+    """Remove what a crashed save left behind: .tmp-* directories and .*.tmp files; a folder that
+    replace_dir had put aside comes back when nothing took its name."""
     root = Path(out_dir) / CHECKPOINT_DIR
     if root.is_dir():
         for p in root.iterdir():
-            if p.name.startswith(".tmp-"):
+            if p.name.startswith(".tmp-replaced-step-") and not (root / p.name.removeprefix(".tmp-replaced-")).exists():
+                os.replace(p, root / p.name.removeprefix(".tmp-replaced-"))
+            elif p.name.startswith(".tmp-"):
                 shutil.rmtree(p, ignore_errors=True)
             elif p.is_dir():
                 for f in p.glob(".*.tmp"):
                     f.unlink(missing_ok=True)
 
 
-def save_training_checkpoint(out_dir, model, optimizer, state: dict, keep_last: int, protect=(), write_model=None) -> Path:
+def save_training_checkpoint(out_dir, model, optimizer, state: dict, keep_last: int, protect=(), write_model=None,
+                             before_rename=None) -> Path:  # fmt: skip
     """Write a complete checkpoint into a temporary directory, verify it, rename it into place, then
     remove old checkpoints (remove_old_checkpoints; the new one and `protect` are never removed).
     write_model(directory): writes model.safetensors and config.json (default: save_model of `model`;
-    fine-tuning passes its own, e.g. a classifier's files)."""
+    fine-tuning passes its own, e.g. a classifier's files). before_rename(tmp, final): called once the
+    temporary directory is complete, before it takes its name (the run folder's --overwrite commit)."""
     root = Path(out_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     step = state["step"]
     final = root / f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-step-{step:08d}-"))
+    tmp = make_temp_dir(root, f".tmp-step-{step:08d}-")
     try:
         save_model(tmp, model) if write_model is None else write_model(tmp)
         _maybe_crash_for_tests()
         state = {**state, "optimizer": save_optimizer(tmp, optimizer)}
         atomic_write_json(tmp / STATE_FILE, state)
         write_manifest(tmp, step)
+        if before_rename is not None:
+            before_rename(tmp, final)
         replace_dir(tmp, final)
         fsync_dir(root)
     except BaseException:
@@ -316,6 +430,16 @@ def save_training_checkpoint(out_dir, model, optimizer, state: dict, keep_last: 
         raise OSError(f"the checkpoint just written does not verify: {problem}")
     remove_old_checkpoints(out_dir, keep_last, protect=(final, *protect))
     return final
+
+
+# Fault injection for the crash-safety tests of an --overwrite commit (loop/folder.py) and of replace_dir:
+# kill this process with SIGKILL at the named point.
+CRASH_AT_ENV = "NPGPT_TEST_CRASH_AT"
+
+
+def crash_point(name: str) -> None:
+    if os.environ.get(CRASH_AT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 _saves_in_this_process = 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -48,8 +49,9 @@ def resolve_data_path(spec: str) -> Path:
     return path
 
 
-def read_text(path, errors: str = "strict") -> str:
-    """The file's text. errors="strict": invalid UTF-8 raises ValueError with the byte offset;
+def read_text(path, errors: str = "strict", fix: str | None = None) -> str:
+    """The file's text. errors="strict": invalid UTF-8 raises ValueError with the byte offset and `fix`
+    (what the caller's command offers; default: npgpt train's --encoding-errors replace);
     errors="replace": invalid bytes become U+FFFD. A leading byte-order mark is dropped."""
     if errors not in ("strict", "replace"):
         raise ValueError(f"errors must be 'strict' or 'replace', got {errors!r}")
@@ -57,10 +59,9 @@ def read_text(path, errors: str = "strict") -> str:
     try:
         text = data.decode("utf-8", errors=errors)
     except UnicodeDecodeError as e:
-        raise ValueError(
-            f"{path}: invalid UTF-8 at byte offset {e.start} (byte {data[e.start:e.start + 1].hex()}); "
-            "convert the file to UTF-8, or pass --encoding-errors replace to replace bad bytes with U+FFFD"
-        ) from None
+        fix = fix or "convert the file to UTF-8, or pass --encoding-errors replace to replace bad bytes with U+FFFD"
+        raise ValueError(f"{path}: invalid UTF-8 at byte offset {e.start} (byte {data[e.start:e.start + 1].hex()}); "
+                         f"{fix}") from None  # fmt: skip
     return text.removeprefix("\ufeff")
 
 
@@ -101,8 +102,9 @@ def load_token_ids(paths, cache_dir=None, errors: str = "strict", use_cache: boo
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(cache_file) as tmp, open(tmp, "wb") as f:
                 np.save(f, arr, allow_pickle=False)
-        except OSError:
-            pass  # a read-only cache is not an error; the ids are still returned
+        except OSError as e:  # a full or read-only cache is not an error; the ids are still returned
+            print(f"npgpt: warning: the token cache {cache_file} could not be written ({e.strerror or e}); the data "
+                  "will be tokenised again next time", file=sys.stderr)  # fmt: skip
     return arr
 
 

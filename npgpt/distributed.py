@@ -92,8 +92,8 @@ class MPIComm(SingleProcess):
         """One GPU per rank (the local rank's, chosen again here in case use_local_gpu was not called)
         and an NCCL communicator, its id sent over MPI."""
         import cupy
-        from cupy.cuda import nccl
 
+        nccl = nccl_module()
         cupy.cuda.Device(self.local_rank % cupy.cuda.runtime.getDeviceCount()).use()
         uid = nccl.get_unique_id() if self.rank == 0 else None
         uid = self.comm.bcast(uid, root=0)
@@ -106,8 +106,8 @@ class MPIComm(SingleProcess):
             if self.nccl is None:
                 raise ValueError("a GPU buffer needs NCCL: call setup_nccl() first")
             import cupy
-            from cupy.cuda import nccl
 
+            nccl = nccl_module()
             dtype = {np.dtype(np.float32): nccl.NCCL_FLOAT32, np.dtype(np.float64): nccl.NCCL_FLOAT64}[buf.dtype]
             stream = cupy.cuda.get_current_stream()
             self.nccl.allReduce(buf.data.ptr, buf.data.ptr, buf.size, dtype, nccl.NCCL_SUM, stream.ptr)
@@ -140,6 +140,32 @@ class MPIComm(SingleProcess):
 
     def describe(self) -> str:
         return f"{self.backend}: rank {self.rank} of {self.size} ({self.MPI.Get_library_version().splitlines()[0].strip()})"
+
+
+def nccl_module():
+    """cupy.cuda.nccl, or a ValueError that says what to install: CuPy's nccl module swallows the ImportError
+    of a missing NCCL library and then holds nothing but `available = False` (cupy/cuda/nccl.py)."""
+    from cupy.cuda import nccl
+
+    if not getattr(nccl, "available", False):
+        raise ValueError("GPU training under MPI needs NCCL, which CuPy could not load (cupy.cuda.nccl.available is "
+                         "False): pip install nvidia-nccl-cu12 (nvidia-nccl-cu13 with CUDA 13), or train on one GPU "
+                         "without mpiexec")  # fmt: skip
+    return nccl
+
+
+def nccl_status() -> str:
+    """One line for `npgpt info`: NCCL's version as CuPy loads it, or why it is not there."""
+    try:
+        nccl = nccl_module()
+        version = int(nccl.get_version())
+    except ValueError:
+        return "not available to CuPy (pip install nvidia-nccl-cu12, or -cu13): needed for multi-GPU training"
+    except Exception as e:  # no CuPy, a broken one
+        return f"unknown ({type(e).__name__}: {e})"
+    major, rest = divmod(version, 10000) if version >= 10000 else divmod(version, 1000)
+    minor, patch = divmod(rest, 100)
+    return f"available (NCCL {major}.{minor}.{patch})"
 
 
 _WORLD = None

@@ -230,6 +230,15 @@ class _Mismatch(ValueError):
     """The gradients cannot be paired with the inputs at all."""
 
 
+def _fail_all(layer, inputs, wrt, names, tol, note) -> list[GradcheckResult]:
+    """One failed result per differentiable tensor, all with the same note (backward crashed or mismatched)."""
+    return [
+        GradcheckResult(layer, leaf, float("inf"), tol, False, 0, int(np.size(x)), note=note)
+        for i in wrt
+        for leaf, x in _leaves(inputs[i], names[i])
+    ]
+
+
 def gradcheck(
     forward: Callable,
     backward: Callable,
@@ -275,20 +284,13 @@ def gradcheck(
     dout_given = dout.copy()  # what backward receives (and must not modify)
     snapshot = _snapshot(cache, [])
 
-    def fail_all(note):
-        return [
-            GradcheckResult(layer, leaf, float("inf"), tol, False, 0, int(np.size(x)), note=note)
-            for i in wrt
-            for leaf, x in _leaves(inputs[i], names[i])
-        ]
-
     try:
         grads = backward(dout_given, cache)
         pairs = _match_grads(grads, inputs, wrt, names)
     except _Mismatch as e:
-        return fail_all(str(e))
+        return _fail_all(layer, inputs, wrt, names, tol, str(e))
     except Exception as e:  # a crashing backward is a failed check, reported like one
-        return fail_all(f"backward raised {type(e).__name__}: {e}")
+        return _fail_all(layer, inputs, wrt, names, tol, f"backward raised {type(e).__name__}: {e}")
     purity = []
     if not np.array_equal(dout_given, dout):
         purity.append("backward modified dout")

@@ -181,7 +181,7 @@ def finetune_layer_checks() -> list[Check]:
             lambda d, c: L.classifier_head_backward(d, c),
             lambda r, B=B, T=T, C=C, k=k: [_randn(r, B, T, C), _padded_ids(r, B, T, 9, 5), _randn(r, k, C)],
         ))  # fmt: skip
-    for B, T, k, V, lam, n_ignored in [(3, 4, 3, 11, 0.5, 4), (2, 3, 2, 7, 1.0, 0), (1, 2, 5, 9, 0.3, 1)]:
+    for B, T, k, V, lam, n_ignored in [(3, 4, 3, 11, 0.5, 4), (2, 3, 2, 7, 1.0, 0), (1, 2, 5, 9, 0.3, 1), (2, 3, 3, 7, 0.0, 1)]:
         def mixed_inputs(r, B=B, T=T, k=k, V=V, n_ignored=n_ignored):
             targets = r.integers(0, V, size=(B, T))
             targets.reshape(-1)[r.choice(B * T, size=n_ignored, replace=False)] = IGNORE
@@ -234,6 +234,11 @@ def seq2seq_layer_checks() -> list[Check]:
     """The encoder-decoder Transformer's layers (npgpt.seq2seq): ReLU, the feed-forward network,
     sinusoidal positions, attention with padding and causal masks, self- and cross-attention with
     their projections, encoder and decoder blocks in post-norm and pre-norm form."""
+    return _seq2seq_op_checks() + _seq2seq_attention_and_block_checks()
+
+
+def _seq2seq_op_checks() -> list[Check]:
+    """relu, feedforward, sinusoidal, masked_attention."""
     checks: list[Check] = []
     add = checks.append
 
@@ -278,6 +283,14 @@ def seq2seq_layer_checks() -> list[Check]:
             lambda r, B=B, Tq=Tq, Tk=Tk, C=C, pad=pad: [_randn(r, B, Tq, C), _randn(r, B, Tk, C), _randn(r, B, Tk, C),
                                                         _pad_mask(r, B, Tk) if pad else None],
         ))  # fmt: skip
+
+    return checks
+
+
+def _seq2seq_attention_and_block_checks() -> list[Check]:
+    """multihead_attention (self and cross), encoder_block and decoder_block, post- and pre-norm."""
+    checks: list[Check] = []
+    add = checks.append
 
     def self_attention_backward(d, c):
         dx, dmem, g = L.multihead_attention_backward(d, c)

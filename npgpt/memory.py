@@ -15,10 +15,11 @@ the memory and `npgpt bench` divides its times by.
 What is counted, for `npgpt train` (and `npgpt bench`'s step):
 - weights: P in the model's dtype; gradients: P in the model's dtype (the fast engine's one flat buffer,
   or the reference engine's fresh arrays); AdamW: two moments, 2P in the model's dtype;
-- the fast engine (engine.py): exactly the buffers plan_activations and plan_workspace allocate for
-  (B, T) and the recompute setting (shared buffers counted once), the attention probabilities
+- the fast engine (npgpt/engine/): exactly the buffers plan_activations and plan_workspace allocate
+  for (B, T) and the recompute setting (shared buffers counted once), the attention probabilities
   allocated on first use, the dropout keep-masks a training forward keeps (one byte an element), the
-  16-bit weight copy of bf16/fp16, and the weight-gradient scratch of accumulation and 16-bit steps.
+  16-bit weight copy of bf16/fp16, and the weight-gradient scratch of accumulation and 16-bit steps
+  (held by the engine's Gradients part; counted here under the workspace).
   A test holds this sum equal to FastLossAndGrads.nbytes() after a step. Beside them, the largest
   temporary of a step ("temporaries"): the float32 uniforms from which one layer's attention dropout
   mask is drawn. A test holds the total within 10% of the peak resident memory a training step
@@ -263,7 +264,7 @@ def plan_report(config: GPTConfig, batch_size: int, seq_len: int, dtype="float32
     return "\n".join(lines)
 
 
-RECOMPUTE_MODES = ("none", "attention", "mlp", "block")  # engine.RECOMPUTE (not imported: memory.py imports no engine)
+RECOMPUTE_MODES = ("none", "attention", "mlp", "block")  # engine.RECOMPUTE (not imported: the engine imports memory.py)
 
 
 def _cgroup_room() -> int | None:

@@ -3,7 +3,7 @@
     npgpt train --precision bf16     # bfloat16 activations and matrix products, float32 weights
     npgpt train --precision fp16     # float16, with the loss scaled up so small gradients survive
 
-What stays in float32 and why (the fast engine, engine.py, follows this):
+What stays in float32 and why (the fast engine, npgpt/engine/, follows this):
 - the weights AdamW updates ("master weights"), its moments, and the gradients it reads. Each step
   casts the master weights to a 16-bit copy that the forward and backward use; a 16-bit weight could
   not take an update of lr * 1e-3 relative size at all (bfloat16 has 8 bits of mantissa);

@@ -29,7 +29,8 @@ BUFFER_KEY = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
 
 
 def read_config(spec) -> GPTConfig:
-    """GPTConfig from a GPTConfig, a dict (npgpt or Hugging Face keys), or a config.json path."""
+    """GPTConfig from a GPTConfig, a dict (npgpt or Hugging Face keys), or a config.json path (whose
+    problems are errors naming the file)."""
     if isinstance(spec, GPTConfig):
         return spec
     if isinstance(spec, (str, Path)):
@@ -38,13 +39,90 @@ def read_config(spec) -> GPTConfig:
             spec = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise ValueError(f"cannot read the config {path}: {e}") from None
+        try:
+            return read_config(spec)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}: {e}") from None
     if not isinstance(spec, dict):
         raise ValueError(f"a config must be a GPTConfig, a dict or a config.json path, got {type(spec).__name__}")
+    kind = other_kind(spec)
+    if kind is not None:
+        raise ValueError(kind)
     if "npgpt" in spec and isinstance(spec["npgpt"], dict) and "config" in spec["npgpt"]:
+        if not isinstance(spec["npgpt"]["config"], dict):
+            raise ValueError("its npgpt config is not a JSON object")
         return GPTConfig.from_dict(spec["npgpt"]["config"])
     if "n_embd" in spec or spec.get("model_type") == "gpt2":
         return GPTConfig.from_hf_config(spec)
     return GPTConfig.from_dict(spec)
+
+
+def other_kind(config: dict) -> str | None:
+    """For a config.json that is not a GPT language model's: what it is and which command reads it."""
+    if "npgpt_seq2seq" in config:
+        return ("this is a translation model (written by npgpt seq2seq train), not a GPT: npgpt seq2seq translate "
+                "and npgpt seq2seq eval read it")  # fmt: skip
+    return None
+
+
+def is_classifier(config: dict) -> bool:
+    """config.json of a classifier (npgpt finetune --task classify, or transformers' GPT2ForSequenceClassification)."""
+    npgpt = config.get("npgpt") if isinstance(config.get("npgpt"), dict) else {}
+    return npgpt.get("task") == "classify" or "GPT2ForSequenceClassification" in (config.get("architectures") or [])
+
+
+def classifier_problem(path, cfg_path) -> str | None:
+    """A classifier's directory given where a GPT language model is read: what it is and what reads it."""
+    try:
+        config = json.loads(Path(cfg_path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # read_config says what is wrong with it
+    if isinstance(config, dict) and is_classifier(config):
+        return (f"{path} is a classifier (written by npgpt finetune --task classify), not a GPT language model: "
+                f"npgpt classify --checkpoint {path} reads it")  # fmt: skip
+    return None
+
+
+def weights_problem(directory, classifier: bool = False) -> str | None:
+    """Why the weights of `directory` (config.json + model.safetensors, npgpt's or Hugging Face's) do not fit
+    its config, read from the file headers alone (nothing is loaded); None when they fit. classifier: the
+    file also holds a classification head, score.weight (k, C), with k labels in config.json's id2label."""
+    from .safetensors_io import FLOAT_DTYPES, read_header
+
+    d = Path(directory)
+    try:
+        config = read_config(d / "config.json")
+        tensors, _, _ = read_header(d / "model.safetensors")
+    except ValueError as e:
+        return str(e)
+    shapes = {}
+    for name, (dtype, shape, *_) in tensors.items():
+        if dtype not in FLOAT_DTYPES:
+            return f"{d / 'model.safetensors'} holds {name} as {dtype}, not floating point; the file was altered"
+        key = name.removeprefix("transformer.")
+        if not BUFFER_KEY.match(key):
+            shapes[key] = shape
+    expected = dict(param_shapes(config))
+    C, V = config.emb_dim, config.vocab_size
+    optional = {"lm_head.weight": (V, C)} if config.tie_weights else {}
+    if not config.qkv_bias:
+        optional.update({f"h.{i}.attn.c_attn.bias": (3 * C,) for i in range(config.n_layers)})
+    if classifier and not config.tie_weights and "lm_head.weight" not in shapes:
+        del expected["lm_head.weight"]  # transformers' classifiers keep no LM head (load_classifier ties it)
+    if classifier:
+        score = shapes.get("score.weight")
+        labels = json.loads((d / "config.json").read_text(encoding="utf-8")).get("id2label")
+        k = len(labels) if isinstance(labels, dict) else (score[0] if score else 0)
+        expected["score.weight"] = (k, C)
+    for name, shape in expected.items():
+        if name not in shapes:
+            return f"{d / 'model.safetensors'} has no {name} (shape {shape}), which its config.json asks for"
+        if shapes[name] != shape:
+            return f"{d / 'model.safetensors'} holds {name} of shape {shapes[name]}, but its config.json makes it {shape}"
+    for name, shape in shapes.items():
+        if name not in expected and optional.get(name) != shape:
+            return f"{d / 'model.safetensors'} holds {name} of shape {shape}, which its config.json has no place for"
+    return None
 
 
 def _model_files(directory: Path) -> list[Path]:
@@ -113,9 +191,26 @@ def check_source(path, flag: str) -> Path:
 
 def source_config(path) -> GPTConfig | None:
     """The GPTConfig of what load_pretrained(path) would load, read without loading any weights; None
-    when there is no config.json beside them. ValueError for what load_pretrained would refuse."""
-    _, cfg_path = _resolve(path, warn=False)
-    return read_config(cfg_path) if cfg_path is not None else None
+    when there is no config.json beside them. ValueError for what load_pretrained would refuse, damage
+    first (a manifest that does not verify, weights that do not fit the config), so that the message names
+    the damage rather than a setting that disagrees with a damaged file."""
+    files, cfg_path = _resolve(path, warn=False)
+    directory = files[0].parent
+    if (directory / MANIFEST_FILE).is_file():
+        problem = verify_manifest(directory)
+        if problem is not None:
+            raise ValueError(f"refusing a damaged checkpoint: {problem}")
+    if cfg_path is None:
+        return None
+    problem = classifier_problem(path, cfg_path)
+    if problem is not None:
+        raise ValueError(problem)
+    config = read_config(cfg_path)
+    if files == [directory / "model.safetensors"]:
+        problem = weights_problem(directory)
+        if problem is not None:
+            raise ValueError(f"refusing a damaged checkpoint: {problem}")
+    return config
 
 
 def normalize_state_dict(tensors: dict, config: GPTConfig, source: str = "checkpoint") -> dict:
@@ -125,6 +220,9 @@ def normalize_state_dict(tensors: dict, config: GPTConfig, source: str = "checkp
         k = key.removeprefix("transformer.")
         if BUFFER_KEY.match(k):
             continue  # the causal-mask buffers of older HF checkpoints: not parameters
+        if np.dtype(value.dtype).kind != "f":
+            raise ValueError(f"{source}: tensor {key} holds {np.dtype(value.dtype).name} values, not floating point; "
+                             "these are not GPT-2 weights (or the file was altered)")  # fmt: skip
         params[k] = value
     if "lm_head.weight" in params and config.tie_weights:
         head = params.pop("lm_head.weight")
@@ -163,6 +261,9 @@ def load_pretrained(path, config=None, device: str | None = None, dtype=DEFAULT_
     if config is None:
         if cfg_path is None:
             raise ValueError(f"no config.json next to {path}; pass config= (a GPTConfig, a dict or a config.json path)")
+        problem = classifier_problem(path, cfg_path)
+        if problem is not None:
+            raise ValueError(problem)
         config = read_config(cfg_path)
     else:
         config = read_config(config)

@@ -35,14 +35,15 @@ MODEL_FIELDS = ("preset", "emb_dim", "n_heads", "n_layers", "qkv_bias", "tie_wei
 
 
 def recipe_values(name: str, overrides: dict | None = None) -> dict:
-    """The TrainConfig fields of the recipe with `overrides` on top. With init_from among the overrides
-    the recipe's model fields (shape, init) are left out: the checkpoint fixes them."""
+    """The TrainConfig fields of the recipe with `overrides` on top, and `recipe` / `from_recipe` (its name,
+    and the fields whose values are its own, which messages then attribute to it). With init_from among the
+    overrides the recipe's model fields (shape, init) are left out: the checkpoint fixes them."""
     if name not in RECIPES:
         raise ValueError(f"--recipe {name!r} is not a recipe; choose one of {', '.join(RECIPES)}")
     overrides = dict(overrides or {})
     values = {k: (list(v) if isinstance(v, list) else v) for k, v in RECIPES[name].items()
               if not (overrides.get("init_from") and k in MODEL_FIELDS)}  # fmt: skip
-    return {**values, **overrides}
+    return {**values, **overrides, "recipe": name, "from_recipe": tuple(k for k in values if k not in overrides)}
 
 
 def recipe_config(name: str, **overrides):

@@ -29,13 +29,14 @@ npgpt/cli/train.py.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from . import checkpoint as ckpt
-from .backend import resolve_device, to_numpy
+from .backend import resolve_device, tf32_note, to_numpy
 from . import validate as V
 from .config import PRESETS, GPTConfig
 from .data import Batches, TokenWindows, load_token_ids, read_text, resolve_data_path, split_ids, split_text_ids
@@ -58,6 +59,7 @@ from .update import Updater
 
 
 DECAY_CHOICES = tuple(DECAY_FILTERS)  # --weight-decay-on
+MAX_EPOCHS = 1e9  # more than any run takes (--epochs 1e308 made an infinite step count: OverflowError)
 __all__ = ["Pretraining", "SaveFailed", "TrainConfig", "TrainResult", "TrainingAborted", "TrainingInterrupted", "train"]
 
 
@@ -112,16 +114,24 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False  # start afresh in an out_dir that has checkpoints (they are deleted)
     # machine
-    engine: str = "fast"  # "fast" (engine.py: preallocated, fused) or "reference" (model.forward/backward)
+    engine: str = "fast"  # "fast" (npgpt/engine/: preallocated, fused) or "reference" (model.forward/backward)
     tf32: bool = True  # TensorFloat-32 matrix products on GPUs that have them (no effect on the CPU)
     precision: str = "fp32"  # "bf16" / "fp16": 16-bit activations and products, float32 weights (precision.py)
-    recompute: str = "none"  # "attention" / "mlp" / "block": keep less in the forward, recompute it (engine.py)
+    recompute: str = "none"  # "attention" / "mlp" / "block": keep less in the forward, recompute it (npgpt/engine/)
     dry_run: bool = False  # print the memory estimate and FLOPs (dry_run_report) and allocate nothing
     loss_scale: float = 2.0**16  # fp16's initial loss scale (dynamic: halved on overflow, doubled after 2000 clean steps)
     seed: int = 0
     device: str | None = None
     dtype: str = "float32"
     progress: bool = True
+    recipe: str | None = None  # the recipe (recipes.py) the settings came from, named in messages about them
+    from_recipe: tuple = ()  # the settings whose values are the recipe's (not given beside it)
+
+    def flag(self, name: str, text: str | None = None) -> str:
+        """The flag of setting `name` as a message names it ("--preset gpt2"), saying when the value is the
+        recipe's rather than one the user typed."""
+        text = text or f"--{name.replace('_', '-')} {getattr(self, name)}"
+        return f"{text} (from --recipe {self.recipe})" if name in self.from_recipe else text
 
     def model_config(self) -> GPTConfig:
         overrides = {
@@ -146,6 +156,8 @@ class TrainConfig:
             raise ValueError("no training data given (--data FILE ...)")
         if self.data_format not in DATA_FORMATS:
             raise ValueError(f"--data-format must be one of {', '.join(DATA_FORMATS)}, got {self.data_format!r}")
+        for spec in self.data:
+            V.not_empty("--data", spec, "a UTF-8 text file, a bundled corpus (the-verdict, tang300) or token shards")
         V.real("--train-ratio", self.train_ratio, 0, 1, lo_open=True, hint="it is the share of the text used for training")
         if self.split_by not in ("tokens", "characters"):
             raise ValueError(f"--split-by must be tokens or characters, got {self.split_by!r}")
@@ -153,9 +165,11 @@ class TrainConfig:
             V.integer("--stride", self.stride, 1)
         if self.encoding_errors not in ("strict", "replace"):
             raise ValueError(f"--encoding-errors must be strict or replace, got {self.encoding_errors!r}")
-        cache = Path(self.cache_dir).expanduser() if self.cache_dir is not None else None
-        if cache is not None and cache.exists() and not cache.is_dir():
-            raise ValueError(f"--cache-dir {self.cache_dir} is a file, not a folder; give a folder for the token cache")
+        if self.split_by == "tokens":  # (the characters split tokenises each run anew: no cache)
+            if self.cache_dir is not None:
+                V.cache_dir("--cache-dir", self.cache_dir)
+            elif os.environ.get("NPGPT_CACHE_DIR"):
+                V.cache_dir("NPGPT_CACHE_DIR", os.environ["NPGPT_CACHE_DIR"])
 
     def _check_model(self) -> None:
         if self.preset is not None and self.preset not in PRESETS:
@@ -199,7 +213,7 @@ class TrainConfig:
         elif self.epochs is None:
             raise ValueError("give a positive --epochs or --max-steps")
         if self.epochs is not None:  # checked even when --max-steps overrides it: a typo is still a typo
-            real("--epochs", self.epochs, 0, lo_open=True, hint="or give --max-steps")
+            real("--epochs", self.epochs, 0, MAX_EPOCHS, lo_open=True, hint="or give --max-steps")
         real("--lr", self.lr, 0, lo_open=True)
         if self.min_lr is not None:
             real("--min-lr", self.min_lr, 0, self.lr, hint=f"it is the final learning rate, at most --lr {self.lr:g}")
@@ -224,6 +238,9 @@ class TrainConfig:
             integer("--eval-train-batches", self.eval_train_batches, 1, hint="leave it out to log only the running mean")
         if self.eval_batches is not None:
             integer("--eval-batches", self.eval_batches, 1, hint="leave it out to evaluate the whole validation split")
+        if self.sample_prompt is not None and not self.sample_prompt:
+            raise ValueError("--sample-prompt is empty; give some text, or leave it out to start the samples with the "
+                             "data's first line")  # fmt: skip
         integer("--sample-tokens", self.sample_tokens, 0)
         check_sampling_args(self.sample_temperature, self.sample_top_k, None, prefix="--sample-")
         if self.checkpoint_interval is not None:
@@ -297,12 +314,12 @@ def find_shard_data(cfg: TrainConfig) -> ShardSet | None:
     if data_kind(cfg.data, cfg.data_format) == "text":
         return None
     if cfg.split_by != "tokens":
-        raise ValueError("--split-by characters cuts text files; token shards come split by their files (those named "
-                         "*val* are the validation data): leave --split-by out")  # fmt: skip
+        raise ValueError(f"{cfg.flag('split_by')} cuts text files; token shards come split by their files (those named "
+                         "*val* are the validation data): leave --split-by out (beside a --recipe: --split-by tokens)")  # fmt: skip
     if cfg.train_ratio not in (TrainConfig.train_ratio, 1.0):
-        raise ValueError(f"--train-ratio {cfg.train_ratio:g} cuts text files; token shards come split by their files (those "
-                         "named *val* are the validation data): leave --train-ratio out, or give --train-ratio 1 to "
-                         "train without a validation loss")  # fmt: skip
+        raise ValueError(f"{cfg.flag('train_ratio', f'--train-ratio {cfg.train_ratio:g}')} cuts text files; token shards "
+                         "come split by their files (those named *val* are the validation data): leave --train-ratio "
+                         "out, or give --train-ratio 1 to train without a validation loss")  # fmt: skip
     try:
         shards = find_shards(cfg.data, cfg.data_format)
     except ValueError as e:  # shards.py names the file; the command line's flag goes first
@@ -400,10 +417,13 @@ def dry_run_report(cfg: TrainConfig) -> str:
     written, and no data is read but token shards' headers (with the windows, batches and steps they make)."""
     cfg.validate()
     shards = find_shard_data(cfg)
+    if shards is None:
+        for spec in cfg.data:  # there, and files (nothing is read)
+            resolve_data_path(spec)
     config, _, _ = find_start(cfg, Path(cfg.out_dir), warn=False)
     seq_len = cfg.context_length or config.context_length
     if seq_len > config.context_length:
-        raise ValueError(f"--context-length {seq_len} exceeds the model's context_length {config.context_length}; "
+        raise ValueError(f"{cfg.flag('context_length')} exceeds the model's context_length {config.context_length}; "
                          f"use at most {config.context_length}")  # fmt: skip
     name = cfg.init_from or (f"resumed from {cfg.out_dir}" if cfg.resume else cfg.preset or "nano")
     report = plan_report(config, cfg.batch_size, seq_len, cfg.dtype, cfg.precision, cfg.engine, cfg.grad_accum,
@@ -421,38 +441,60 @@ def check_resume_flags(cfg: TrainConfig, saved: GPTConfig, state: dict, resume_d
     wanted = {}
     if cfg.preset is not None:
         preset = GPTConfig.from_preset(cfg.preset)
-        wanted.update({k: (getattr(preset, k), f"--preset {cfg.preset}") for k in MODEL_FLAGS})
+        wanted.update({k: (getattr(preset, k), cfg.flag("preset")) for k in MODEL_FLAGS})
     for k in MODEL_FLAGS:
         v = getattr(cfg, k)
         if v is not None:
             flag = f"--{'' if v or not isinstance(v, bool) else 'no-'}{k.replace('_', '-')}"
-            wanted[k] = (v, flag if isinstance(v, bool) else f"{flag} {v}")
+            wanted[k] = (v, cfg.flag(k, flag if isinstance(v, bool) else f"{flag} {v}"))
     differ = [(flag, k, v) for k, (v, flag) in wanted.items() if getattr(saved, k) != v]
     if differ:
         flags = sorted({flag for flag, _, _ in differ})
         saved_txt = ", ".join(f"{k}={getattr(saved, k)}" for _, k, _ in differ)
+        leave = f"--recipe {cfg.recipe}" if all("--recipe" in f for f in flags) else " and ".join(flags)
         raise ValueError(f"{' and '.join(flags)} cannot be honoured by --resume: the checkpoint {resume_dir} has "
-                         f"{saved_txt}, and a resumed run keeps its model; leave {' and '.join(flags)} out "
+                         f"{saved_txt}, and a resumed run keeps its model; leave {leave} out "
                          "(or start a new run in another --out-dir)")  # fmt: skip
     run_cfg = state.get("train_config") or {}
     if "seed" in state and state["seed"] != cfg.seed:
-        raise ValueError(f"--seed {cfg.seed} differs from the seed {state['seed']} of the run being resumed, whose data "
+        raise ValueError(f"{cfg.flag('seed')} differs from the seed {state['seed']} of the run being resumed, whose data "
                          f"order and dropout follow its seed; resume with --seed {state['seed']}")  # fmt: skip
     theirs = {"init": run_cfg.get("init") or "gpt2", "weight_decay_on": run_cfg.get("weight_decay_on") or "matrices"}
     mine = {"init": cfg.init or theirs["init"], "weight_decay_on": cfg.weight_decay_on}  # --init only when given
     for key in [k for k in theirs if mine[k] != theirs[k]]:
         flag = f"--{key.replace('_', '-')}"
-        raise ValueError(f"{flag} {mine[key]} cannot be honoured by --resume: the run being resumed has {flag} "
-                         f"{theirs[key]}; resume with {flag} {theirs[key]} (or start a new run in another --out-dir)")  # fmt: skip
+        raise ValueError(f"{cfg.flag(key, f'{flag} {mine[key]}')} cannot be honoured by --resume: the run being resumed "
+                         f"has {flag} {theirs[key]}; resume with {flag} {theirs[key]} (or start a new run in another --out-dir)")  # fmt: skip
     if cfg.init_from is not None and run_cfg.get("init_from") != cfg.init_from:
         raise ValueError(f"--init-from {cfg.init_from} cannot be honoured by --resume: the run continues from its own "
                          f"checkpoint {resume_dir}; leave --init-from out")  # fmt: skip
 
 
+def checkpoint_contents_problem(directory: Path, state: dict) -> str | None:
+    """What makes a checkpoint of pretraining unusable by any --resume, whatever the flags (find_resume
+    then falls back to the one before): weights that do not fit its config, a training state of the wrong
+    shape. None when it is usable."""
+    from .pretrained import weights_problem
+
+    problem = weights_problem(directory)
+    if problem is not None:
+        return problem
+    where = directory / ckpt.STATE_FILE
+    if "seed" in state and not (isinstance(state["seed"], int) and not isinstance(state["seed"], bool) and state["seed"] >= 0):
+        return f"{where} holds seed = {state['seed']!r}, not a whole number >= 0"
+    for key in ("train_config", "schedule", "loss_scaler"):
+        if state.get(key) is not None and not isinstance(state[key], dict):
+            return f"{where} holds a {key} that is not a JSON object"
+    scale = (state.get("loss_scaler") or {}).get("scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
+        return f"{where} holds a loss scale of {scale!r}, not a finite number > 0"
+    return None
+
+
 def find_start(cfg: TrainConfig, out_dir: Path, warn: bool = True) -> tuple[GPTConfig, Path | None, dict | None]:
     """(the model's config, the checkpoint to resume or None, its training state or None), reading only
     small files: nothing is loaded, allocated, or changed in out_dir."""
-    resume_dir, state = find_resume(out_dir, cfg.resume, cfg.overwrite, warn=warn)
+    resume_dir, state = find_resume(out_dir, cfg.resume, cfg.overwrite, warn=warn, check=checkpoint_contents_problem)
     if resume_dir is None:
         if not cfg.init_from:
             return cfg.model_config(), None, None
@@ -526,7 +568,7 @@ class Pretraining:
                             eval_interval=c.eval_interval, eval_offset=c.eval_offset,
                             checkpoint_interval=c.checkpoint_interval, keep_last=c.keep_last,
                             max_bad_steps=c.max_bad_steps, more_steps="--max-steps (or --epochs)", progress=c.progress,
-                            tf32=c.tf32 if self.model.device == "cuda" else None)  # fmt: skip
+                            tf32=c.tf32 if self.model.device == "cuda" else None, outputs=("loss.png",))  # fmt: skip
 
     # --- setting up ---------------------------------------------------------------------------------
     def _load_data(self) -> None:
@@ -550,7 +592,7 @@ class Pretraining:
         cfg, world = self.cfg, self.world
         self.seq_len = cfg.context_length or context_length
         if self.seq_len > context_length:
-            raise ValueError(f"--context-length {self.seq_len} exceeds the model's context_length {context_length}; "
+            raise ValueError(f"{cfg.flag('context_length')} exceeds the model's context_length {context_length}; "
                              f"use at most {context_length}")  # fmt: skip
         if self.shards is not None:  # one epoch: floor(windows / B) batches, the stream running on across epochs
             self.train_windows = ShardWindows(self.shards.train, self.seq_len, cfg.stride, name="train")
@@ -605,8 +647,9 @@ class Pretraining:
         ranks = f" on {world.size} ranks" if world.size > 1 else ""
         compute = "" if cfg.precision == "fp32" else f" weights, {cfg.precision} compute"
         return (f"npgpt train: {model.num_params():,} parameters ({c.n_layers} layers, C={c.emb_dim}, NH={c.n_heads}) on "
-                f"{model.device}{ranks}, {model.dtype}{compute}; {self.data_summary()}; {self.total_steps} steps of "
-                f"{self.batch_size}x{self.grad_accum}x{self.seq_len} tokens" + (f"; resuming at step {step}" if step else ""))  # fmt: skip
+                f"{model.device}{tf32_note(model.device)}{ranks}, {model.dtype}{compute}; {self.data_summary()}; "
+                f"{self.total_steps} steps of {self.batch_size}x{self.grad_accum}x{self.seq_len} tokens"
+                + (f"; resuming at step {step}" if step else ""))  # fmt: skip
 
     def train_step(self, number: int) -> StepResult:
         """Optimizer step `number` (from 1) over grad_accum micro-batches, this rank's rows of each."""

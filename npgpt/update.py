@@ -19,7 +19,7 @@ In order:
 
 On a GPU an update waits for the GPU once: the losses and the gradient norm stay on the device (the
 engines' and optim's sync=False) and are read together in one copy (backend.host_scalars) for the
-finite test; the ids are checked on the host before they are copied (engine.py).
+finite test; the ids are checked on the host before they are copied (npgpt/engine/).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class UpdateResult:
 
 class Updater:
     """Gradient accumulation, loss scaling, the all-reduce, clipping, the finite test and AdamW, for an
-    engine of engine.py (FastLossAndGrads or ReferenceLossAndGrads)."""
+    engine of npgpt/engine/ (FastLossAndGrads or ReferenceLossAndGrads)."""
 
     def __init__(self, engine, optimizer, *, world=None, scaler=None, grad_clip: float | None = None,
                  measure_norm: bool = True):  # fmt: skip

@@ -17,6 +17,8 @@ import math
 import os
 from pathlib import Path
 
+from .atomic import cwd_gone
+
 
 def integer(flag: str, value, lo: int | None = None, hi: int | None = None, hint: str = "") -> int:
     """`value` as an int in [lo, hi] (either bound may be None); bool and float are refused."""
@@ -70,9 +72,25 @@ def _writable(folder: Path) -> bool:
         return True
 
 
+def not_empty(flag: str, path, what: str) -> None:
+    """An empty path ("") would mean the current folder; refuse it by name."""
+    if not str(path).strip():
+        raise ValueError(f"{flag} is empty; give {what}")
+
+
+def a_path(flag: str, path, what: str) -> None:
+    """`path` can be used as a path: not empty, and not relative to a current folder that has been deleted
+    (every use of it would fail with a bare "No such file or directory")."""
+    not_empty(flag, path, what)
+    if not Path(path).expanduser().is_absolute() and cwd_gone():
+        raise ValueError(f"{flag} {path} is relative to the current folder, which no longer exists (it was deleted); "
+                         "cd into a folder that exists, or give an absolute path")  # fmt: skip
+
+
 def out_dir(flag: str, path) -> Path:
     """A folder for a run's output: it exists as a writable folder, or can be created as one (its
     nearest existing ancestor is a writable folder). Nothing is created."""
+    a_path(flag, path, "a folder (e.g. runs/x; it is created if needed)")
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise ValueError(f"{flag} {path} is a file, not a folder; give a folder (it is created if needed)")
@@ -88,6 +106,7 @@ def out_dir(flag: str, path) -> Path:
 
 def out_file(flag: str, path) -> Path:
     """A file to write: not a folder, in an existing writable folder. Nothing is created."""
+    a_path(flag, path, "a file name")
     path = Path(path).expanduser()
     if path.is_dir():
         raise ValueError(f"{flag} {path} is a folder; give a file name (e.g. {path / 'result.json'})")
@@ -104,8 +123,25 @@ def out_file(flag: str, path) -> Path:
     return path
 
 
+def cache_dir(flag: str, path) -> Path:
+    """A folder for a cache: like out_dir (a folder that is, or can be made, writable); `flag` may name an
+    environment variable ("NPGPT_CACHE_DIR=...")."""
+    a_path(flag, path, "a folder")
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} is a file, not a folder; give a folder for the token cache")
+    base = _nearest_existing(path)
+    if not base.is_dir():
+        raise ValueError(f"{flag} {path} lies below {base}, which is a file, not a folder; give a folder for the token cache")
+    if not _writable(base):
+        raise ValueError(f"{flag} {path} cannot be written (read-only filesystem or no permission); give a folder you "
+                         "can write to for the token cache")  # fmt: skip
+    return path
+
+
 def in_path(flag: str, path, what: str = "a file or folder") -> Path:
     """An existing path to read."""
+    a_path(flag, path, what)
     path = Path(path).expanduser()
     if not path.exists():
         raise ValueError(f"{flag} {path} does not exist; give {what}")

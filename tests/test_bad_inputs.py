@@ -1,6 +1,7 @@
 """Every command, every numeric and path flag, fed bad values: each is refused with exit code 2 and one
 line on stderr that names the flag, without a traceback, and an existing run's files stay byte for byte
-what they were (sha256 before and after), although every `train` case also passes --overwrite.
+what they were (sha256 before and after), although every `train` case also passes --overwrite. Then
+combinations of flags (and files) that are each fine alone: the same, the line naming what is wrong.
 
 The cases run in-process through npgpt.cli.main (fast); a few run through `python -m npgpt` as well, to
 see what the interpreter itself prints."""
@@ -21,10 +22,11 @@ TINY = ["--preset", "nano", "--emb-dim", "8", "--n-heads", "2", "--n-layers", "1
 
 # Placeholders, replaced by paths of the fixture: RUN (an existing training run), FILE (a file), DIR (an empty
 # folder), MISSING (a path that does not exist), BELOW (a path below FILE), WEIGHTS (weights without config.json),
-# PAIRS (a small TSV of sentence pairs), CSV (a small labelled table); token shards: SHARDS (a prepared corpus),
-# NOVAL (one prepared without a validation shard), NOTCORPUS (a folder of text, not prepared), BADHEADER (an llm.c
-# shard whose magic number is wrong), ODDBIN (a train.bin of an odd number of bytes). A value given as a list
-# is several arguments.
+# PAIRS (a small TSV of sentence pairs), CSV (a small labelled table), S2S (an existing translation run), CSV2 (a
+# table whose header names "text" twice), BADUTF8 (a table that is not UTF-8), BADQUOTE (a quote never closed);
+# token shards: SHARDS (a prepared corpus), NOVAL (one prepared without a validation shard), NOTCORPUS (a folder of
+# text, not prepared), BADHEADER (an llm.c shard whose magic number is wrong), ODDBIN (a train.bin of an odd number
+# of bytes). A value given as a list is several arguments.
 BASE = {
     "train": ["train", *TINY, "--max-steps", "2", "--out-dir", "RUN", "--overwrite"],
     "generate": ["generate", "--checkpoint", "RUN", "--max-new-tokens", "2"],
@@ -39,8 +41,8 @@ BASE = {
                  "--n-layers", "1", "--context-length", "16", "--batch-size", "2", "--out-dir", "RUN", "--overwrite",
                  "--no-progress"],  # fmt: skip
     "classify": ["classify", "--checkpoint", "RUN", "--data", "CSV"],
-    "seq2seq translate": ["seq2seq", "translate", "--checkpoint", "RUN", "--text", "one"],
-    "seq2seq eval": ["seq2seq", "eval", "--checkpoint", "RUN", "--data", "PAIRS"],
+    "seq2seq translate": ["seq2seq", "translate", "--checkpoint", "S2S", "--text", "one"],
+    "seq2seq eval": ["seq2seq", "eval", "--checkpoint", "S2S", "--data", "PAIRS"],
 }
 
 INT_POS = ["0", "-1", "nan", "abc", "-1e3"]  # for flags that take a whole number >= 1
@@ -53,7 +55,7 @@ TABLE = {
     "train": {
         "--train-ratio": ["0", "-0.5", "1.5", "nan", "inf", "abc"],
         "--stride": INT_POS,
-        "--cache-dir": ["FILE"],
+        "--cache-dir": ["FILE", "BELOW", ""],
         "--context-length": INT_POS + ["1000000"],  # more than the data holds
         "--emb-dim": INT_POS + ["10000000"],  # more memory than the machine has
         "--n-heads": INT_POS + ["3"],  # does not divide --emb-dim
@@ -62,7 +64,7 @@ TABLE = {
         "--init-from": ["MISSING", "FILE", "DIR", "WEIGHTS"],
         "--batch-size": INT_POS + ["1000000000"],
         "--grad-accum": INT_POS,
-        "--epochs": POSITIVE,
+        "--epochs": POSITIVE + ["1e308"],  # finite, but more steps than a run can take
         "--max-steps": INT_POS + ["1.5", "inf"],
         "--lr": POSITIVE + ["1e400", "-inf"],
         "--min-lr": NONNEG + ["1"],  # above --lr
@@ -78,9 +80,10 @@ TABLE = {
         "--beta2": UNIT_OPEN,
         "--grad-clip": ["-1", "nan", "inf", "abc"],
         "--max-bad-steps": INT_POS,
-        "--out-dir": ["FILE", "BELOW"],
+        "--out-dir": ["FILE", "BELOW", ""],  # "": not the current folder
         "--eval-interval": INT_POS,
         "--eval-batches": INT_POS,
+        "--sample-prompt": [""],  # was token 0
         "--sample-tokens": ["-5", "nan", "abc"],
         "--sample-temperature": NONNEG,
         "--sample-top-k": INT_POS,
@@ -88,7 +91,7 @@ TABLE = {
         "--keep-last": INT_POS,
         "--seed": INT_NONNEG,
         "--loss-scale": ["0", "0.5", "1e30", "nan", "inf", "abc"],
-        "--data": ["MISSING", "DIR", "NOTCORPUS", "BADHEADER", "NOVAL", ["ODDBIN", "--data-format", "nanogpt"],
+        "--data": ["MISSING", "DIR", "", "NOTCORPUS", "BADHEADER", "NOVAL", ["ODDBIN", "--data-format", "nanogpt"],
                    ["SHARDS", "FILE"]],  # (shards and text mixed)  # fmt: skip
         "--data-format": ["parquet", "nanogpt"],  # nanogpt: on the default --data, a text corpus
         "--preset": ["gpt5"],
@@ -123,8 +126,8 @@ TABLE = {
     },
     "finetune": {  # every case fails before the run's folder (RUN, with --overwrite) is touched
         "--task": ["regress"],
-        "--data": ["MISSING", "DIR", "FILE"],  # FILE: a .txt, not a table
-        "--val-data": ["MISSING", "DIR", "FILE"],
+        "--data": ["MISSING", "DIR", "FILE", ""],  # FILE: a .txt, not a table; "": was "is a folder"
+        "--val-data": ["MISSING", "DIR", "FILE", ""],
         "--test-data": ["MISSING", "DIR", "FILE"],
         "--text-column": ["body"],  # the table has no such column
         "--label-column": ["class"],
@@ -146,7 +149,7 @@ TABLE = {
         "--weight-decay": NONNEG,
         "--grad-clip": ["-1", "nan", "inf", "abc"],
         "--seed": INT_NONNEG,
-        "--out-dir": ["FILE", "BELOW"],
+        "--out-dir": ["FILE", "BELOW", ""],
         "--keep-last": INT_POS,
         "--samples": INT_NONNEG,
         "--engine": ["turbo"],
@@ -154,7 +157,7 @@ TABLE = {
     },
     "classify": {
         "--checkpoint": ["MISSING", "FILE", "DIR", "WEIGHTS"],
-        "--data": ["MISSING", "DIR", "FILE"],
+        "--data": ["MISSING", "DIR", "FILE", ""],
         "--text-column": ["body"],
         "--label-column": ["class"],
         "--batch-size": INT_POS,
@@ -175,7 +178,7 @@ TABLE = {
         "--threads": INT_POS,
         "--generate": INT_NONNEG,
         "--prompt-tokens": INT_POS,
-        "--json": ["DIR", "BELOW", "MISSING/x.json"],
+        "--json": ["DIR", "BELOW", "MISSING/x.json", ""],
         "--seed": INT_NONNEG,
         "--engine": ["turbo"],
         "--recompute": ["everything"],
@@ -185,7 +188,7 @@ TABLE = {
         "--device": ["gpu", "abc"],
     },
     "seq2seq train": {
-        "--data": ["MISSING", "DIR"],
+        "--data": ["MISSING", "DIR", ""],
         "--val-data": ["MISSING"],
         "--held-out": ["-0.1", "1", "nan", "abc"],
         "--split-seed": INT_NONNEG,
@@ -206,10 +209,10 @@ TABLE = {
         "--beta2": UNIT_OPEN,
         "--grad-clip": ["-1", "nan", "inf"],
         "--max-bad-steps": INT_POS,
-        "--out-dir": ["FILE", "BELOW"],
+        "--out-dir": ["FILE", "BELOW", ""],
         "--eval-interval": INT_POS,
         "--eval-pairs": INT_NONNEG,
-        "--final-beam": INT_POS,
+        "--final-beam": INT_POS + ["100000000"],  # more memory than the machine has, known before training
         "--checkpoint-interval": INT_POS,
         "--keep-last": INT_POS,
         "--seed": INT_NONNEG,
@@ -217,15 +220,15 @@ TABLE = {
         "--engine": ["turbo"],
     },
     "seq2seq translate": {
-        "--beam": INT_POS,
-        "--length-penalty": NONNEG,
+        "--beam": INT_POS + ["100000000"],  # estimated before anything is allocated (was 8-14 GB in seconds)
+        "--length-penalty": NONNEG + ["400"],  # was an OverflowError
         "--checkpoint": ["MISSING"],
     },
     "seq2seq eval": {
         "--show": INT_NONNEG,
-        "--data": ["MISSING", "DIR"],
-        "--beam": ["0", "abc"],
-        "--length-penalty": ["-1", "nan"],
+        "--data": ["MISSING", "DIR", ""],
+        "--beam": ["0", "abc", "100000000"],
+        "--length-penalty": ["-1", "nan", "400"],
         "--checkpoint": ["MISSING", "FILE"],
     },
 }
@@ -250,6 +253,13 @@ def places(tmp_path_factory):
     (weights / "model.safetensors").write_bytes((run / "checkpoints" / "step-00000002" / "model.safetensors").read_bytes())
     (base / "pairs.tsv").write_text("one\tsatu\ntwo\tdua\nthree\ttiga\n" * 10, encoding="utf-8")
     (base / "labelled.csv").write_text("text,label\n" + "a cat sat,cat\na dog ran,dog\n" * 6, encoding="utf-8")
+    (base / "twice.csv").write_text("text,label,text\n" + "a cat,cat,sat\na dog,dog,ran\n" * 6, encoding="utf-8")
+    (base / "latin1.csv").write_bytes("text,label\nun café,cat\nun chien,dog\n".encode("latin-1") * 3)
+    (base / "quote.csv").write_text('text,label\na cat,cat\n"a dog ran,dog\na cow,cow\n', encoding="utf-8")
+    s2s = base / "s2s"
+    assert main(["seq2seq", "train", "--data", str(base / "pairs.tsv"), "--out-dir", str(s2s), "--max-steps", "2",
+                 "--d-model", "16", "--n-heads", "2", "--d-ff", "16", "--batch-size", "4", "--eval-pairs", "2",
+                 "--no-progress"]) == 0  # fmt: skip
     (base / "texts").mkdir()
     (base / "texts" / "a.txt").write_text("".join(f"paragraph {i} of a text file\n\n" for i in range(100)))
     for name, val_tokens in (("shards", 100), ("noval", 0)):
@@ -260,9 +270,10 @@ def places(tmp_path_factory):
     (base / "odd" / "train.bin").write_bytes(b"abc")
     return {"RUN": run, "FILE": base / "file.txt", "DIR": base / "empty", "MISSING": base / "missing",
             "BELOW": base / "file.txt" / "below", "WEIGHTS": weights, "PAIRS": base / "pairs.tsv",
-            "CSV": base / "labelled.csv", "SHARDS": base / "shards", "NOVAL": base / "noval",
+            "CSV": base / "labelled.csv", "CSV2": base / "twice.csv", "BADUTF8": base / "latin1.csv",
+            "BADQUOTE": base / "quote.csv", "S2S": s2s, "SHARDS": base / "shards", "NOVAL": base / "noval",
             "NOTCORPUS": base / "texts", "BADHEADER": base / "bad_train_000000.bin", "ODDBIN": base / "odd" / "train.bin",
-            "sha256": sha256_tree(run)}  # fmt: skip
+            "sha256": sha256_tree(run), "sha256_s2s": sha256_tree(s2s)}  # fmt: skip
 
 
 def fill(args, places):
@@ -288,6 +299,55 @@ def test_a_bad_value_is_one_line_exit_2_and_touches_nothing(cmd, flag, value, pl
     assert flag in lines[0], err
     assert "Traceback" not in err
     assert sha256_tree(places["RUN"]) == places["sha256"]  # as the fixture made it
+
+
+S2S_TRAIN = ["seq2seq", "train", "--data", "PAIRS", "--out-dir", "S2S", "--max-steps", "4", "--d-model", "16",
+             "--n-heads", "2", "--d-ff", "16", "--batch-size", "4", "--no-progress", "--resume"]  # fmt: skip
+
+# (name, command line, what its one line must say, what it must not say): flags (and files) that are fine
+# alone but wrong together, and messages that pointed the wrong way.
+COMBINATIONS = [
+    # a resumed translation run keeps its model and seed (it ignored them)
+    ("seq2seq --resume --d-model", S2S_TRAIN + ["--d-model", "32"], "--d-model 32 cannot be honoured by --resume", None),
+    ("seq2seq --resume --n-heads", S2S_TRAIN + ["--n-heads", "4"], "--n-heads 4 cannot be honoured by --resume", None),
+    ("seq2seq --resume --seed", S2S_TRAIN + ["--seed", "5"], "--seed 5 cannot be honoured by --resume", None),
+    # accepted silently
+    ("train --dry-run missing data", ["train", "--dry-run", "--data", "MISSING"], "--data", None),
+    ("finetune same columns", BASE["finetune"] + ["--text-column", "label"], "--text-column and --label-column are both", None),
+    ("finetune a column twice", BASE["finetune"][:4] + ["CSV2"] + BASE["finetune"][5:], "names the column 'text' more than once", None),
+    ("classify a column twice", BASE["classify"][:4] + ["CSV2"], "names the column 'text' more than once", None),
+    ("generate --instruction --prompt", BASE["generate"] + ["--instruction", "Say hi.", "--prompt", "Hello"],
+     "--prompt and --instruction", None),
+    ("classify --probs --data", BASE["classify"] + ["--probs"], "--probs", None),
+    ("bench reference recompute", BASE["bench"] + ["--engine", "reference", "--recompute", "block"],
+     "--recompute block runs in the fast engine", None),
+    # messages that pointed the wrong way
+    ("finetune not UTF-8", BASE["finetune"][:4] + ["BADUTF8"] + BASE["finetune"][5:], "invalid UTF-8", "--encoding-errors"),
+    ("classify not UTF-8", BASE["classify"][:4] + ["BADUTF8"], "invalid UTF-8", "--encoding-errors"),
+    ("finetune open quote", BASE["finetune"][:4] + ["BADQUOTE"] + BASE["finetune"][5:],
+     "line 3: a quoted field opens there and is never closed", None),
+    ("classify open quote", BASE["classify"][:4] + ["BADQUOTE"], "is never closed", "the label is empty"),
+    ("train --data empty", BASE["train"] + ["--data", ""], "--data is empty", "is a folder"),
+    ("finetune --data empty", BASE["finetune"][:4] + [""] + BASE["finetune"][5:], "--data is empty", "is a folder"),
+    ("recipe --resume", ["train", "--recipe", "book-ch5", "--out-dir", "RUN", "--resume", "--no-progress"],
+     "(from --recipe book-ch5)", None),
+    ("recipe --init-from", ["train", "--recipe", "book-ch5", "--init-from", "RUN", "--out-dir", "DIR/x", "--no-progress"],
+     "--context-length 256 (from --recipe book-ch5)", None),
+    ("generate a translation model", ["generate", "--checkpoint", "S2S"], "is a translation model", "unknown GPTConfig keys"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("argv, said, not_said", [c[1:] for c in COMBINATIONS], ids=[c[0] for c in COMBINATIONS])
+def test_a_bad_combination_is_one_line_exit_2_and_touches_nothing(argv, said, not_said, places, capsys):
+    argv = fill(argv, places)
+    capsys.readouterr()
+    code = main(argv)
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, (argv, out, err)
+    assert len(lines) == 1 and said in lines[0] and "Traceback" not in err, err
+    assert not_said is None or not_said not in lines[0], err
+    assert sha256_tree(places["RUN"]) == places["sha256"] and sha256_tree(places["S2S"]) == places["sha256_s2s"]
 
 
 def test_the_table_covers_every_numeric_and_path_flag():

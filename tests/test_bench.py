@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import needs_cuda
-from npgpt.bench import flops_per_token
+from npgpt.bench import GPU_PEAKS, describe_peak, flops_per_token, gpu_part, peak_for_name
 from npgpt.cli import main
 from npgpt.config import GPTConfig
 from npgpt.engine import FastLossAndGrads
@@ -141,3 +141,34 @@ def test_bench_isolate_reports_a_failed_process_in_one_line(monkeypatch, capsys)
     assert main(["bench", "--preset", "nano", "--context-length", "16", "--isolate", "--generate", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "isolated run of npgpt fast failed: MemoryError: boom" in err[0], err
+
+
+def test_gpu_peak_is_picked_by_name_and_precision():
+    h100 = "NVIDIA H100 80GB HBM3"  # how CUDA names the SXM part
+    assert peak_for_name(h100, "bf16", tf32=True) == peak_for_name(h100, "fp16", tf32=False) == 989_400
+    assert peak_for_name(h100, "fp32", tf32=True) == 494_700
+    assert peak_for_name(h100, "fp32", tf32=False) == 67_000
+    assert peak_for_name("NVIDIA H200", "bf16", tf32=True) == 989_400
+    assert peak_for_name("NVIDIA A100-SXM4-80GB", "bf16", tf32=True) == 312_000
+    assert peak_for_name("NVIDIA L4", "fp16", tf32=True) == 121_000
+    assert peak_for_name("NVIDIA L40S", "bf16", tf32=True) is None  # not an L4
+    assert peak_for_name("NVIDIA GeForce RTX 4090", "fp32", tf32=True) is None
+    assert all(set(p) == {"fp32", "tf32", "16-bit"} for p in GPU_PEAKS.values())
+    with pytest.raises(ValueError, match="unknown precision"):
+        peak_for_name(h100, "fp64", tf32=False)
+
+
+def test_the_h100s_form_factors_have_their_own_peaks():
+    """Issue 25 (7): every H100 was measured against the SXM part's peaks; a PCIe card has 76% of its
+    16-bit peak and an NVL 84%, so their MFU read low. Each part by the name CUDA gives it, and the
+    line `npgpt bench` prints names the part and the figure used."""
+    parts = {"NVIDIA H100 80GB HBM3": "H100 SXM", "NVIDIA H100 PCIe": "H100 PCIe", "NVIDIA H100 NVL": "H100 NVL",
+             "NVIDIA H200": "H200 SXM", "NVIDIA H200 NVL": "H200 NVL", "NVIDIA GH200 480GB": "GH200",
+             "NVIDIA A100 80GB PCIe": "A100", "NVIDIA RTX A6000": None}  # fmt: skip
+    assert {name: gpu_part(name) for name in parts} == parts
+    assert peak_for_name("NVIDIA H100 PCIe", "bf16", tf32=False) == 756_500
+    assert peak_for_name("NVIDIA H100 PCIe", "fp32", tf32=True) == 378_000
+    assert peak_for_name("NVIDIA H100 NVL", "bf16", tf32=False) == 835_500
+    assert describe_peak("NVIDIA H100 PCIe", "fp32", True) == (
+        "MFU against the H100 PCIe's dense TF32 peak, 378.0 TFLOP/s (device 'NVIDIA H100 PCIe')")
+    assert describe_peak("NVIDIA RTX A6000", "bf16", False).startswith("no peak known for 'NVIDIA RTX A6000'")

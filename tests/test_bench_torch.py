@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from npgpt import GPT, GPTConfig  # noqa: E402
-from npgpt.bench import GPU_PEAKS, NpgptStep, peak_for_name, torch_precision  # noqa: E402
+from npgpt.bench import NpgptStep, torch_precision  # noqa: E402
 from npgpt.bench_torch import TorchStep  # noqa: E402
 from npgpt.cli import main  # noqa: E402
 
@@ -60,21 +60,6 @@ def test_torch_precision_follows_precision_and_tf32():
         assert torch_precision(p, tf32=True) == torch_precision(p, tf32=False) == p
     with pytest.raises(ValueError, match="choose fp32, bf16 or fp16"):
         torch_precision("tf32", tf32=True)
-
-
-def test_gpu_peak_is_picked_by_name_and_precision():
-    h100 = "NVIDIA H100 80GB HBM3"
-    assert peak_for_name(h100, "bf16", tf32=True) == peak_for_name(h100, "fp16", tf32=False) == 989_400
-    assert peak_for_name(h100, "fp32", tf32=True) == 494_700
-    assert peak_for_name(h100, "fp32", tf32=False) == 67_000
-    assert peak_for_name("NVIDIA H200", "bf16", tf32=True) == 989_400
-    assert peak_for_name("NVIDIA A100-SXM4-80GB", "bf16", tf32=True) == 312_000
-    assert peak_for_name("NVIDIA L4", "fp16", tf32=True) == 121_000
-    assert peak_for_name("NVIDIA L40S", "bf16", tf32=True) is None  # not an L4
-    assert peak_for_name("NVIDIA GeForce RTX 4090", "fp32", tf32=True) is None
-    assert all(set(p) == {"fp32", "tf32", "16-bit"} for p in GPU_PEAKS.values())
-    with pytest.raises(ValueError, match="unknown precision"):
-        peak_for_name(h100, "fp64", tf32=False)
 
 
 def test_npgpt_fp16_step_scales_the_loss_as_the_torch_twin_does():

@@ -82,11 +82,11 @@ def test_16bit_attention_products_go_through_cublas_not_cupy_matmul(fake_cupy, p
 
 
 @pytest.mark.parametrize("tf32", [True, False])
-def test_float32_attention_products_honour_tf32(fake_cupy, tf32, monkeypatch):
+def test_float32_attention_products_honour_tf32(fake_cupy, tf32):
     """With TF32 on, attention's float32 products use TF32 tensor cores (cuBLAS compute type
     FAST_TF32), which CuPy's N-D matmul would ignore; with it off they stay CuPy's exact float32."""
-    monkeypatch.setenv("CUPY_TF32", "1" if tf32 else "0")
-    (cpu_loss, cpu_g, _), (gpu_loss, gpu_g, engine) = step_pair(fake_cupy)
+    with backend.tf32_mode(tf32):
+        (cpu_loss, cpu_g, _), (gpu_loss, gpu_g, engine) = step_pair(fake_cupy)
     nd = [c for c in fake_cupy.matmul_calls if c[0] > 2]
     if tf32:
         assert nd == [] and {c[1] for c in fake_cupy.gemm_calls} == {blas.CUBLAS_COMPUTE_32F_FAST_TF32}
@@ -269,16 +269,18 @@ def test_each_rank_allocates_on_its_own_gpu(fake_cupy, monkeypatch, tmp_path):
     assert world.nccl_setups == 1
 
 
-def test_cuda_training_reads_the_device_once_per_step(fake_cupy, monkeypatch, tmp_path):
+def test_cuda_training_reads_the_device_once_per_step(fake_cupy, monkeypatch, tmp_path, capsys):
     """`npgpt train` on the (fake) GPU: one host read per optimizer step, with gradient accumulation
-    and clipping on; TF32 is set for the CUDA model."""
+    and clipping on; TF32 is on for the CUDA model while it trains (the banner says so), and off again
+    once the run has ended (issue 25: it leaked into every later float32 product)."""
     from npgpt import train as train_mod
 
-    per_step = []
+    per_step, tf32 = [], []
     real_step = train_mod.Pretraining.train_step
 
     def counted(self, number):
         before = fake_cupy.host_transfers
+        tf32.append(fake_cupy.effective_compute_type())
         out = real_step(self, number)
         per_step.append(fake_cupy.host_transfers - before)
         return out
@@ -286,7 +288,10 @@ def test_cuda_training_reads_the_device_once_per_step(fake_cupy, monkeypatch, tm
     monkeypatch.setattr(train_mod.Pretraining, "train_step", counted)
     result = train_mod.train(train_mod.TrainConfig(**{**TINY, "grad_accum": 2}, device="cuda", out_dir=str(tmp_path / "r")))
     assert per_step == [1, 1, 1] and result.steps == 3
-    assert fake_cupy.compute_types == {"float32": 7} and backend.tf32_enabled()  # COMPUTE_TYPE_TF32
+    assert tf32 == [fake_cupy.COMPUTE_TYPE_TF32] * 3
+    assert "on cuda (TF32 on), float32" in capsys.readouterr().out
+    assert fake_cupy.effective_compute_type() == fake_cupy.COMPUTE_TYPE_DEFAULT and not backend.tf32_enabled()
+    assert "CUPY_TF32" not in __import__("os").environ
 
 
 def test_cpu_training_and_bench_leave_cuda_alone(fake_cupy, monkeypatch, tmp_path):
@@ -295,14 +300,15 @@ def test_cpu_training_and_bench_leave_cuda_alone(fake_cupy, monkeypatch, tmp_pat
     from npgpt import train as train_mod
     from npgpt.cli import main
 
-    monkeypatch.setenv("CUPY_TF32", "unchanged")
+    monkeypatch.setenv("CUPY_TF32", "00")  # valid for CuPy, and not what set_tf32 writes
     train_mod.train(train_mod.TrainConfig(**TINY, device="cpu", out_dir=str(tmp_path / "run")))
     assert main(["bench", "--preset", "nano", "--context-length", "8", "--batch-size", "1", "--steps", "1",
                  "--warmup", "0", "--no-memory", "--generate", "0", "--device", "cpu"]) == 0  # fmt: skip
-    assert fake_cupy.compute_types == {} and [e for e in fake_cupy.events if e[0] == "alloc"] == []
+    assert fake_cupy.compute_types == [fake_cupy.COMPUTE_TYPE_TBD] * 4  # never read, never set
+    assert [e for e in fake_cupy.events if e[0] == "alloc"] == []
     import os
 
-    assert os.environ["CUPY_TF32"] == "unchanged"
+    assert os.environ["CUPY_TF32"] == "00"
 
 
 # --- 7. the all-reduce of a one-rank MPI world ------------------------------------------------------------------

@@ -2,9 +2,11 @@
 
 Runs `mpiexec -n 2` from the mpi extra (mpi4py + the MPICH wheel); skipped when they are missing.
 On GPUs (the `cuda` tests) the gradients go through NCCL. NCCL refuses two ranks on one GPU ("Duplicate
-GPU detected", since NCCL 2.5), so with one GPU the NCCL tests run one rank (NPGPT_DIST=mpi): the
-communicator is built and the all-reduce runs, but a mean over one rank is the identity; the tests that
-check a real mean over two ranks need two GPUs and say so when they skip."""
+GPU detected", since NCCL 2.5), so with one GPU the NCCL tests run one rank (NPGPT_DIST=mpi, which needs
+mpi4py but no mpiexec): the communicator is built and the all-reduce runs, but a mean over one rank is
+the identity; the tests that check a real mean over two ranks need two GPUs (gpus(2)) and say so when
+they skip. Under NPGPT_REQUIRE_CUDA=1 every other CUDA test here that skips fails (conftest.py): the
+check's Python must have mpi4py (and mpiexec for two GPUs)."""
 
 import importlib.util
 import json
@@ -20,10 +22,12 @@ from conftest import not_with_the_stand_in
 import npgpt
 from npgpt.gradcheck import relative_error
 
+HAVE_MPI4PY = importlib.util.find_spec("mpi4py") is not None
 MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
-if importlib.util.find_spec("mpi4py") is None:
+if not HAVE_MPI4PY:
     MPIEXEC = None
-pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="needs mpi4py and mpiexec (pip install 'npgpt[mpi]')")
+needs_mpiexec = pytest.mark.skipif(MPIEXEC is None, reason="needs mpi4py and mpiexec (pip install 'npgpt[mpi]')")
+needs_mpi4py = pytest.mark.skipif(not HAVE_MPI4PY, reason="needs mpi4py (pip install 'npgpt[mpi]')")
 
 TINY = ["--preset", "nano", "--emb-dim", "32", "--n-heads", "2", "--n-layers", "1", "--context-length", "32",
         "--no-progress", "--sample-tokens", "2", "--drop-rate", "0", "--eval-interval", "2"]  # fmt: skip
@@ -43,6 +47,7 @@ def records(out, kind):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if f'"kind": "{kind}"' in line]
 
 
+@needs_mpiexec
 def test_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     run(["--batch-size", "4", "--max-steps", "4", "--out-dir", str(one)])
@@ -63,6 +68,7 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path):
     assert [p.name for p in (two / "checkpoints").iterdir()] == ["step-00000004"]
 
 
+@needs_mpiexec
 def test_a_two_rank_checkpoint_resumes_in_one_process(tmp_path):
     out = tmp_path / "run"
     run(["--batch-size", "4", "--max-steps", "2", "--out-dir", str(out)], ranks=2)
@@ -74,6 +80,7 @@ def test_a_two_rank_checkpoint_resumes_in_one_process(tmp_path):
     assert state["world_size"] == 1 and state["optimizer"]["t"] == 4
 
 
+@needs_mpiexec
 def test_batch_must_divide_among_ranks(tmp_path):
     env = {**os.environ, "NPGPT_DEVICE": "cpu"}
     cmd = [MPIEXEC, "-n", "2", sys.executable, "-m", "npgpt", "train", *TINY, "--batch-size", "3", "--max-steps", "1",
@@ -82,6 +89,7 @@ def test_batch_must_divide_among_ranks(tmp_path):
     assert proc.returncode != 0 and "must be divisible by the 2 ranks" in proc.stderr
 
 
+@needs_mpiexec
 def test_info_reports_the_world(tmp_path):
     env = {**os.environ, "NPGPT_DEVICE": "cpu"}
     proc = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", "npgpt", "info"], capture_output=True, text=True, env=env,
@@ -97,6 +105,7 @@ def test_single_process_info_says_no_mpi(capsys):
     assert "distributed" in capsys.readouterr().out
 
 
+@needs_mpi4py
 def test_forced_mpi_world_of_one_rank_matches_a_plain_run(tmp_path):
     """NPGPT_DIST=mpi runs the MPI code path with a single rank (all-reduce over one process)."""
     plain, forced = tmp_path / "plain", tmp_path / "forced"
@@ -187,12 +196,6 @@ print(json.dumps({"rank": world.rank, "size": world.size, "backend": world.backe
 """
 
 
-def gpu_count() -> int:
-    import cupy
-
-    return cupy.cuda.runtime.getDeviceCount()
-
-
 def nccl_results(ranks: int) -> list:
     env = {**os.environ, "NPGPT_DIST": "mpi"}
     cmd = [sys.executable, "-c", NCCL_WORKER]
@@ -205,6 +208,7 @@ def nccl_results(ranks: int) -> list:
 
 @pytest.mark.cuda
 @needs_gpu
+@needs_mpi4py
 @not_with_the_stand_in
 def test_one_rank_nccl_all_reduce_runs():
     """One GPU: the NCCL communicator of a one-rank MPI world is built and the all-reduce runs on it
@@ -215,12 +219,12 @@ def test_one_rank_nccl_all_reduce_runs():
 
 
 @pytest.mark.cuda
+@pytest.mark.gpus(2)  # NCCL refuses two ranks on one GPU
 @needs_gpu
+@needs_mpiexec
 @not_with_the_stand_in
 def test_two_rank_nccl_all_reduce_averages():
     """Two GPUs: each rank on its own GPU, and the all-reduce leaves the mean on both."""
-    if gpu_count() < 2:
-        pytest.skip("a mean over two NCCL ranks needs two GPUs (NCCL refuses two ranks on one GPU)")
     results = nccl_results(2)
     assert [r["device"] for r in results] == [0, 1]
     for r in results:
@@ -229,6 +233,7 @@ def test_two_rank_nccl_all_reduce_averages():
 
 @pytest.mark.cuda
 @needs_gpu
+@needs_mpi4py
 @not_with_the_stand_in
 def test_one_rank_nccl_run_matches_the_single_process_run(tmp_path):
     single, nccl = tmp_path / "single", tmp_path / "nccl"
@@ -245,13 +250,13 @@ def test_one_rank_nccl_run_matches_the_single_process_run(tmp_path):
 
 
 @pytest.mark.cuda
+@pytest.mark.gpus(2)
 @needs_gpu
+@needs_mpiexec
 @not_with_the_stand_in
 def test_two_ranks_on_two_gpus_equal_one_gpu(tmp_path):
     """Two ranks on two GPUs with the global batch of one GPU: the same losses (float32 summation order
     aside). Skipped on a machine with one GPU."""
-    if gpu_count() < 2:
-        pytest.skip("two NCCL ranks need two GPUs (NCCL refuses two ranks on one GPU)")
     one, two = tmp_path / "one", tmp_path / "two"
     args = [*TINY, "--device", "cuda", "--no-tf32", "--batch-size", "4", "--max-steps", "4"]
     for out, ranks in ((one, 1), (two, 2)):

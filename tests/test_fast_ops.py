@@ -299,6 +299,74 @@ def test_last_token(dtype, tol, accumulate, rng):
     close(dx, want + before if accumulate else want, tol, "dx")
 
 
+def _padded_ids(rng, pad):
+    """(B + 1, T) ids without pad, right-padded from position 40 in row 0, padding only in row 1."""
+    idx = rng.integers(0, V - 1, (B + 1, T))
+    idx[idx >= pad] += 1  # real tokens never equal pad
+    idx[0, 40:] = pad
+    idx[1, :] = pad
+    return idx
+
+
+@pytest.mark.parametrize("wanted", ["both", "dx only", "dweight only"])
+@pytest.mark.parametrize("accumulate", [False, True], ids=["write", "accumulate"])
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+def test_classifier_head(dtype, tol, accumulate, wanted, rng):
+    """The head on the last real token of padded rows, k = 3 labels: logits, dx (scattered into the rows
+    `last`, or added into what dx held) and dweight in its (k, C) layout; a frozen weight (dweight None)
+    or a frozen trunk (dx None) is skipped."""
+    pad, k = 5, 3
+    idx, x, w = _padded_ids(rng, pad), randn(rng, B + 1, T, C, dtype=dtype), randn(rng, k, C, dtype=dtype)
+    ref, cache = L.classifier_head_forward(x, idx, w, pad)
+    last, pooled, logits = np.empty(B + 1, dtype=np.int64), np.empty((B + 1, C), dtype), np.empty((B + 1, k), dtype)
+    fast.last_token_index(last, idx, pad)
+    fast.classifier_head_forward(logits, pooled, x, last, w)
+    close(logits, ref, tol, "logits")
+    dlogits, before = randn(rng, B + 1, k, dtype=dtype), randn(rng, B + 1, T, C, dtype=dtype)
+    ref_dx, ref_dw = L.classifier_head_backward(dlogits, cache)
+    dx = before.copy() if wanted != "dweight only" else None
+    dw = np.full_like(w, np.nan) if wanted != "dx only" else None
+    fast.classifier_head_backward(dx, dw, dlogits, pooled, last, w, accumulate)
+    if dx is not None:
+        close(dx, ref_dx + before if accumulate else ref_dx, tol, "dx")
+    if dw is not None:
+        close(dw, ref_dw, tol, "dweight")
+
+
+@pytest.mark.parametrize("lam, ignore", [(0.5, "some"), (1.0, "none"), (0.3, "all"), (0.0, "some")])
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+def test_mixed_loss(dtype, tol, lam, ignore, rng):
+    """L = L_FT + lambda * L_PT and both logits' gradients, in place, against the readable layer: with some
+    LM targets ignored, none, every one (L_PT = 0) and lambda = 0 (the LM logits' gradient is zeros in
+    both tiers). dloss scales both; the LM term's op is a resource (here the fast op with two threads)."""
+    k = 3
+    cls, labels = randn(rng, B, k, dtype=dtype, scale=2.0), rng.integers(0, k, B)
+    lm, targets = randn(rng, B, T, V, dtype=dtype, scale=3.0), rng.integers(0, V, (B, T))
+    if ignore != "none":
+        targets[rng.random((B, T)) < 0.3] = -100
+    if ignore == "all":
+        targets[...] = -100
+    ref_loss, cache = L.mixed_loss_forward(cls, labels, lm, targets, lm_weight=lam)
+    ref_dcls, ref_dlm = L.mixed_loss_backward(0.7, cache)
+    z_cls, z_lm = cls.copy(), lm.reshape(N, V).copy()
+    loss, ft, pt = fast.mixed_loss_(z_cls, labels, z_lm, targets, lam, True, 0.7,
+                                    lm_cross_entropy_=lambda *a, **kw: fast.cross_entropy_(*a, threads=2, **kw))  # fmt: skip
+    close(loss, float(ref_loss), tol, "L")
+    close(ft, float(cache.ft_loss), tol, "L_FT")
+    close(pt, float(cache.lm_loss), tol, "L_PT")
+    close(z_cls, ref_dcls, tol, "dcls_logits")
+    assert ref_dlm.shape == lm.shape
+    close(z_lm, ref_dlm.reshape(N, V), tol, "dlm_logits")
+    if lam == 0 or ignore == "all":
+        assert not z_lm.any() and not ref_dlm.any()
+    z_cls, z_lm = cls.copy(), lm.reshape(N, V).copy()
+    assert fast.mixed_loss_(z_cls, labels, z_lm, targets, lam, want_grad=False) == pytest.approx((loss, ft, pt), rel=tol)
+    ref_ft, _ = L.mixed_loss_forward(cls, labels, lm_weight=lam)
+    assert fast.mixed_loss_(cls.copy(), labels, lm_weight=lam)[0] == pytest.approx(float(ref_ft), rel=tol)  # no LM term
+    with pytest.raises(ValueError, match="together"):
+        fast.mixed_loss_(cls.copy(), labels, lm.reshape(N, V).copy(), None, lam)
+
+
 @pytest.mark.parametrize("dtype, tol", DTYPES)
 def test_linear_backward_skips_what_is_not_wanted(dtype, tol, rng):
     """dweight None (a frozen weight, the readable weight_grad=False) and dx None (nothing below trains):

@@ -118,7 +118,8 @@ def test_frozen_layers_get_no_gradient_buffer_and_no_weight_gemm(monkeypatch):
         seen.append((tuple(weight.shape), dx is None, dweight is None))
         return real(dx, dweight, dbias, dout, x, weight, *args, **kwargs)
 
-    monkeypatch.setattr(fast, "linear_backward", spy)
+    monkeypatch.setattr(fast, "linear_backward", spy)  # the engine's calls
+    monkeypatch.setattr(fast.classifier_head, "linear_backward", spy)  # the classification head's (fast/classifier_head.py)
     rng = np.random.default_rng(3)
     step((padded_batch(rng, 3, 8, 37), np.array([0, 1, 2])), HostRandom(1))
     C, V = 8, 37
@@ -173,12 +174,41 @@ def test_engine_trainable_and_hidden_interface():
         FastLossAndGrads(model, 2, 6, trainable=["score.weight"])
 
 
+def test_engine_takes_a_logits_gradient_of_the_callers_loss():
+    """forward(lm_head=True) without targets leaves the logits in engine.logits; backward(dlogits=, dhidden=)
+    sends back a loss of the caller's (the fine-tuning step's mixed loss) with a head's gradient, as
+    GPT.backward(dlogits=, dhidden=) does. dlogits may be engine.logits itself, written in place."""
+    cfg = tiny_config(n_layers=2, drop_rate=0.1, tie_weights=False)
+    model = npgpt.GPT(cfg, params=random_params(cfg, np.random.default_rng(10)))
+    rng = np.random.default_rng(11)
+    x, dl, dh = rng.integers(0, 37, (2, 6)), rng.standard_normal((12, 37)), rng.standard_normal((2, 6, cfg.emb_dim))
+    for names in (None, ["h.1.mlp.c_fc.weight", "lm_head.weight"]):
+        logits, _, cache = model.forward(x, None, training=True, rng=HostRandom(3))
+        want = model.backward(cache, dloss=None, dlogits=dl.reshape(2, 6, 37), dhidden=dh, trainable=names)
+        engine = FastLossAndGrads(model, 3, 6, trainable=names)
+        engine.forward(x, None, training=True, rng=HostRandom(3))
+        assert relative_error(engine.logits, logits.reshape(12, 37)) < 1e-12
+        engine.logits[...] = dl  # the caller's loss writes its gradient in place
+        engine.backward(dhidden=dh, dlogits=engine.logits)
+        assert_same_grads(engine.grads, want, 1e-12, f"dlogits {names}")
+        engine.forward(x, None, training=True, rng=HostRandom(3))
+        engine.backward(dlogits=dl)  # a copy is taken in
+        want = model.backward(cache, dloss=None, dlogits=dl.reshape(2, 6, 37), trainable=names)
+        assert_same_grads(engine.grads, want, 1e-12, f"dlogits only {names}")
+    with pytest.raises(ValueError, match="dlogits has shape"):
+        engine.forward(x, None)
+        engine.backward(dlogits=dl[:5])
+    with pytest.raises(ValueError, match="no targets"):
+        engine.forward(x, rng.integers(0, 37, (2, 6)))
+        engine.backward(dlogits=dl)
+
+
 def test_pretraining_step_is_unchanged_by_the_fine_tuning_options():
     """trainable=None, lm_head=True (the defaults): every gradient, the same buffers as before."""
     cfg = tiny_config()
     model = npgpt.GPT(cfg, params=random_params(cfg, np.random.default_rng(8)))
     engine = FastLossAndGrads(model, 2, 6)
-    assert list(engine.grads) == list(model.params) and engine._sink is None and engine.lowest == -1
+    assert list(engine.grads) == list(model.params) and engine.gradients.sink is None and engine.lowest == -1
     everything = FastLossAndGrads(model, 2, 6, trainable=list(model.params))
     assert everything.nbytes() == engine.nbytes()
 

@@ -75,7 +75,25 @@ def test_classifier_head_and_mixed_loss_closed_forms():
     assert float(cache.ft_loss) == pytest.approx(ft, rel=1e-13) and float(cache.lm_loss) == pytest.approx(pt, rel=1e-13)
     dcls, dlm = L.mixed_loss_backward(1.0, cache)
     assert np.all(dlm[0, :3] == 0)  # masked positions get an exact zero
-    assert L.mixed_loss_backward(1.0, L.mixed_loss_forward(logits, labels, lm_logits, targets, lm_weight=0.0)[1])[1] is None
+    assert L.mixed_loss_backward(1.0, L.mixed_loss_forward(logits, labels)[1])[1] is None  # no LM logits: no gradient
+
+
+def test_mixed_loss_with_lambda_0_gives_the_lm_logits_a_zero_gradient():
+    """L = L_FT does not depend on lm_logits when lambda = 0: their gradient is 0, a (B, T, V) array of zeros
+    (it used to be None, which a caller must special-case and a gradient checker reports as missing)."""
+    rng = np.random.default_rng(2)
+    cls, labels = rng.standard_normal((3, 4)), np.array([0, 3, 1])
+    lm, targets = rng.standard_normal((3, 5, 7)), rng.integers(0, 7, size=(3, 5))
+    loss, cache = L.mixed_loss_forward(cls, labels, lm, targets, lm_weight=0.0)
+    ft, _ = L.softmax_cross_entropy_forward(cls, labels)
+    assert float(loss) == float(ft) and float(cache.lm_loss) == 0.0
+    dcls, dlm = L.mixed_loss_backward(0.7, cache)
+    assert isinstance(dlm, np.ndarray) and dlm.shape == lm.shape and dlm.dtype == lm.dtype and not dlm.any()
+    np.testing.assert_array_equal(dcls, L.softmax_cross_entropy_backward(0.7, L.softmax_cross_entropy_forward(cls, labels)[1]))
+    results = npgpt.gradcheck(lambda cls_logits, lm_logits: L.mixed_loss_forward(cls_logits, labels, lm_logits, targets, lm_weight=0.0),
+                              L.mixed_loss_backward, [cls, lm])  # fmt: skip
+    assert [r.input for r in results] == ["cls_logits", "lm_logits"] and all(r.passed for r in results), results
+    assert results[1].max_rel_error == 0.0  # exact zeros against finite differences of a constant
 
 
 def test_mixed_loss_refuses_lambda_outside_0_1():

@@ -58,3 +58,28 @@ def test_recompute_is_refused_where_it_does_not_run():
         make_engine("reference", GPT(cfg), 2, 8, recompute="block")
     with pytest.raises(ValueError, match="recompute must be one of none, attention, mlp, block"):
         make_engine("fast", GPT(cfg), 2, 8, recompute="everything")
+
+
+@pytest.mark.skipif(__import__("shutil").which("g++") is None, reason="the CUDA emulation needs g++")
+@pytest.mark.parametrize("recompute", ["attention", "block"])
+def test_recompute_under_the_flash_kernel_with_dropout(recompute):
+    """The flash kernel has no dropout, so a training step with dropout runs the attention path under it:
+    with recompute that is the recomputing path (nothing T x T kept, the mask drawn again from the kept
+    generator state). It used to be the probability-keeping path, which kept (B, NH, T, T) per layer
+    and, under "block", failed in the backward's replay for want of a generator. Every kernel runs in
+    npgpt.cuda.emulate on the CPU; against the readable reference."""
+    from npgpt.cuda import KERNEL_NAMES
+    from npgpt.engine import FastLossAndGrads
+    from npgpt.gradcheck import relative_error
+
+    cfg = GPTConfig(vocab_size=61, context_length=16, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.1)  # hs 16: the kernel's
+    model = GPT(cfg, seed=0, dtype=np.float32)
+    engine = FastLossAndGrads(model, 3, 12, kernels=KERNEL_NAMES, recompute=recompute)
+    x, y = np.random.default_rng(0).integers(0, 61, (3, 12)), np.random.default_rng(1).integers(0, 61, (3, 12))
+    _, loss, cache = model.forward(x, y, training=True, rng=make_rng(5, np))
+    ref = model.backward(cache)
+    assert engine(x, y, training=True, rng=make_rng(5, np)) == pytest.approx(float(loss), rel=1e-5)
+    assert engine.used_flash == [False, False] and engine.acts.att == [None, None]
+    for k in ref:
+        assert relative_error(engine.grads[k], ref[k]) < 3e-5, k
+    assert engine(x, y) == pytest.approx(float(model.forward(x, y)[1]), rel=1e-5) and engine.used_flash == [True, True]

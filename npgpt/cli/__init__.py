@@ -14,7 +14,9 @@ failing (a full disk, a read-only folder, too little memory) is one line and exi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
+import signal
 import sys
 
 # A value that starts with "-" but is a number (-1e-3, -inf, -nan): argparse would read it as a flag.
@@ -70,6 +72,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """SIGTERM (kill, a job scheduler's stop) is treated as Ctrl-C: outside a run's steps it ends the command
+    with one line and exit code 130 instead of killing it without a word; inside them the run loop's own
+    handler finishes the step and saves (npgpt/loop/stop.py)."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def one_line(text) -> str:
     return "; ".join(part.strip() for part in str(text).splitlines() if part.strip())
 
@@ -89,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
 
     name = f"npgpt {args.command}"
     try:
-        return int(args.run(args) or 0)
+        with terminate_as_interrupt():
+            return int(args.run(args) or 0)
     except ValueError as e:  # bad input: one line that names the problem and the fix
         print(f"{name}: error: {one_line(e)}", file=sys.stderr)
         return 2
@@ -102,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as e:  # a second Ctrl-C / SIGTERM: stopped at once
         print(f"\n{name}: interrupted: {one_line(e)}", file=sys.stderr)
         return 130
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM outside a run's steps (the loop handles those itself)
         print(f"\n{name}: interrupted", file=sys.stderr)
         return 130
     except MemoryError as e:  # an allocation the estimate did not foresee

@@ -27,14 +27,16 @@ import sys
 import numpy as np
 
 from ..atomic import atomic_write_json
-from ..backend import set_tf32
+from ..backend import set_tf32, tf32_mode
 from ..bench import (
     NpgptStep,
     bench_generation,
+    describe_peak,
     flops_per_token,
+    gpu_name,
+    gpu_part,
     gpu_peak_gflops,
     make_batch,
-    peak_kind,
     peak_sgemm_gflops,
     set_threads,
     time_steps,
@@ -159,6 +161,11 @@ def time_isolated(args) -> tuple[dict, dict, dict, list, list]:
 def run(args) -> int:
     if args.memory_worker:
         return memory_worker(args)
+    with tf32_mode():  # the TF32 setting of a GPU benchmark (set_tf32 below) ends with it
+        return _bench(args)
+
+
+def _bench(args) -> int:
     _check_args(args)
     threads = set_threads(args.threads)
     cfg = GPTConfig.from_preset(args.preset, drop_rate=args.drop_rate)
@@ -233,6 +240,8 @@ def _check_args(args) -> None:
     V.integer("--generate", args.generate, 0, hint="0 skips the generation benchmark")
     V.integer("--prompt-tokens", args.prompt_tokens, 1)
     V.integer("--seed", args.seed, 0)
+    if args.recompute != "none" and args.engine == "reference":  # as npgpt train refuses the pair
+        raise ValueError(f"--recompute {args.recompute} runs in the fast engine; drop --engine reference (or use --engine both)")
     if args.json is not None:
         V.out_file("--json", args.json)
     if args.torch_compile and not args.vs_torch:
@@ -313,9 +322,10 @@ def _report_steps(args, report: dict, times: dict, losses: dict, device: str, tf
     if peak and device == "cpu":
         where = "same process" if measured_here else "median over the timed processes, each after its steps"
         print(f"  peak sgemm (2048^3 np.matmul, {where}): {peak:.1f} GFLOP/s")
-    elif peak:
-        kind = {"fp32": "FP32", "tf32": "TF32", "16-bit": args.precision.upper()}[peak_kind(args.precision, tf32)]
-        print(f"  MFU against the GPU's dense {kind} peak, {peak / 1e3:.0f} TFLOP/s")
+    elif device == "cuda":
+        name = gpu_name()
+        report["gpu"], report["peak_gpu_part"] = name, gpu_part(name)
+        print(f"  {describe_peak(name, args.precision, tf32)}")
     first = next(iter(times))
     for name in list(times)[1:]:
         ratio = times[name] / times[first]

@@ -36,6 +36,12 @@ def check_args(args) -> None:
     if args.text is not None and not args.text.strip():
         raise ValueError("--text is empty; give the text to classify")
     if args.data is not None:
+        if args.probs:
+            raise ValueError("--probs prints one text's probabilities and goes with --text; with --data the accuracy "
+                             "and the confusion matrix are printed: drop --probs")  # fmt: skip
+        if args.text_column == args.label_column:
+            raise ValueError(f"--text-column and --label-column are both {args.text_column!r}; name the column of the "
+                             "texts and the column of the labels")  # fmt: skip
         path = V.in_path("--data", args.data, what="a labelled .csv/.tsv/.jsonl/.json file")
         if path.is_dir():
             raise ValueError(f"--data {args.data} is a folder; give a labelled .csv/.tsv/.jsonl/.json file")

@@ -19,10 +19,13 @@ import numpy as np
 from ..tokenizer import EOT_ID, StreamDecoder, encode
 
 
+DEFAULT_PROMPT = "Every effort moves you"
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default="runs/npgpt", metavar="DIR",
                    help="run directory, checkpoint directory or Hugging Face GPT-2 directory (default runs/npgpt)")
-    p.add_argument("--prompt", default="Every effort moves you", help="text to continue")
+    p.add_argument("--prompt", help=f"text to continue (default {DEFAULT_PROMPT!r})")
     p.add_argument("--instruction", help="instruction-tuned checkpoints: the task; the prompt is the checkpoint's "
                    "own template filled in, and only the response is printed")
     p.add_argument("--input", default="", help="with --instruction: the input the task works on (optional)")
@@ -53,6 +56,12 @@ def check_args(args) -> None:
         raise ValueError("--input goes with --instruction (an instruction-tuned checkpoint); use --prompt otherwise")
     if args.instruction is not None and not args.instruction.strip():
         raise ValueError("--instruction is empty; give the task in words")
+    if args.instruction is not None and args.prompt is not None:
+        raise ValueError("--prompt and --instruction both say what to continue: --instruction fills in the checkpoint's "
+                         "prompt template; give one of them")  # fmt: skip
+    if sys.stdout is None:  # started with its standard output closed (>&-)
+        raise ValueError("standard output is closed, so the text has nowhere to go; redirect it to a file "
+                         "(> out.txt) instead of closing it")  # fmt: skip
     check_source(args.checkpoint, "--checkpoint")
 
 
@@ -61,6 +70,8 @@ def run(args) -> int:
     from ..pretrained import load_pretrained
 
     check_args(args)
+    if args.prompt is None:
+        args.prompt = DEFAULT_PROMPT
     shown = args.prompt
     if args.instruction is not None:  # the template stored with the checkpoint; the response ends at <|endoftext|>
         from ..finetune.instruct import instruction_prompt

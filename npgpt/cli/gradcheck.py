@@ -29,6 +29,7 @@ def run(args) -> int:
     from .. import validate as V
 
     V.integer("--seed", args.seed, 0)
+    device = resolve_device(args.device)  # --device cuda without a usable GPU is refused before the CPU suite runs
     checks = all_checks()
     if args.only:
         try:
@@ -46,7 +47,6 @@ def run(args) -> int:
     results = [r for c in checks for r in c.run(seed=args.seed)]
     print(f"Finite differences, float64, NumPy ({len(checks)} checks, {len(results)} tensors)")
     print(format_results(results))
-    device = resolve_device(args.device)
     if device == "cuda":
         xp = get_xp("cuda")
         for dtype in (np.float32, np.float64):

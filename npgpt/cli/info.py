@@ -61,6 +61,10 @@ def collect(device=None) -> dict:
         free, total = cupy.cuda.runtime.memGetInfo()
         info["CUDA"] = f"available: {cupy.cuda.runtime.getDeviceCount()} device(s); 0 = {name}, {total / 2**30:.1f} GiB, sm_{props['major']}{props['minor']}"
         info["CUDA runtime"] = str(cupy.cuda.runtime.runtimeGetVersion())
+        info["TF32"] = _tf32_line()
+        from ..distributed import nccl_status
+
+        info["NCCL"] = nccl_status()
     else:
         info["CUDA"] = f"not available: {cuda_unavailable_reason()}"
     from ..distributed import get_world
@@ -77,6 +81,17 @@ def collect(device=None) -> dict:
     for pkg in ("tiktoken", "safetensors", "matplotlib", "tqdm"):
         info[pkg] = _version(pkg)
     return info
+
+
+def _tf32_line() -> str:
+    """Whether float32 products on the GPU use TF32 in this process now, and what a run does with it."""
+    from ..backend import tf32_enabled
+
+    now = "on" if tf32_enabled() else "off"
+    env = os.environ.get("CUPY_TF32")
+    source = f"$CUPY_TF32={env}" if env is not None else "CuPy's default, $CUPY_TF32 unset"
+    return (f"{now} ({source}); npgpt train and npgpt bench turn it on for their run (--no-tf32: off) and "
+            "restore it afterwards")
 
 
 def _enabled_kernels() -> set:

@@ -115,12 +115,11 @@ def run_train(args) -> int:
 
 
 def _load(args):
-    from ..seq2seq.checkpoint import load_model
-
     from .. import validate as V
+    from ..seq2seq.checkpoint import load_model
+    from ..seq2seq.decode import check_decoding
 
-    V.integer("--beam", args.beam, 1)
-    V.real("--length-penalty", args.length_penalty, 0)
+    check_decoding(args.beam, args.length_penalty)
     if getattr(args, "show", None) is not None:
         V.integer("--show", args.show, 0)
     V.in_path("--checkpoint", args.checkpoint, "the --out-dir of `npgpt seq2seq train` or one of its checkpoints")
@@ -148,6 +147,8 @@ def run_eval(args) -> int:
         data = Path(args.checkpoint) / "heldout.tsv"
         if not data.is_file():
             raise ValueError(f"no --data given and {data} does not exist; pass --data pairs.tsv")
+    elif not data.strip():
+        raise ValueError("--data is empty; give a TSV of source<TAB>target pairs (or leave it out for the run's heldout.tsv)")
     elif not Path(data).is_file():
         raise ValueError(f"--data {data} does not exist (or is not a file)")
     pairs = read_pairs(data)

@@ -27,11 +27,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _data_arguments(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--data", nargs="+", default=d.data, metavar="FILE",
+    g.add_argument("--data", nargs="+", action="extend", metavar="FILE",
                    help="UTF-8 text files, or bundled corpora by name: the-verdict (default), tang300; or token shards, "
                         "read by memory map: a folder npgpt prepare wrote, llm.c's .bin shards (files, quoted globs or "
                         "their folder; files named *val* are the validation split), nanoGPT's train.bin / val.bin "
-                        "with --data-format nanogpt (see docs/data.md)")
+                        "with --data-format nanogpt (see docs/data.md); a repeated --data adds its files to the others")
     g.add_argument("--data-format", choices=["auto", "nanogpt"], default=d.data_format,
                    help="auto (default): text files, or token shards with llm.c's header; nanogpt: --data names "
                         "nanoGPT's raw uint16 train.bin / val.bin, or their folder")
@@ -149,7 +149,7 @@ def _record_given_flags(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args) -> TrainConfig:
     names = {f.name for f in fields(TrainConfig)}
-    values = {k: v for k, v in vars(args).items() if k in names}
+    values = {k: v for k, v in vars(args).items() if k in names and not (k == "data" and v is None)}
     if getattr(args, "recipe", None):  # the recipe, then the flags given on the command line
         given = getattr(args, "given_flags", None) or set()
         values = {**values, **recipe_values(args.recipe, {k: v for k, v in values.items() if k in given})}

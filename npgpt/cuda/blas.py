@@ -257,19 +257,52 @@ def bmm(a, b, out, *, trans_a=False, trans_b=False, tf32=True, alpha=1.0, beta=0
     return out
 
 
+def takes_strided_batch(shape, strides, itemsize: int, is_out: bool = False) -> bool:
+    """Whether an array of this shape and byte strides can be an operand of one strided-batched call as it
+    is (see `strided_batched_args`): its last two axes row- or column-major, its batch axes collapsing
+    into one stride; for `is_out` also row-major, its matrices not overlapping. The encoder-decoder's
+    heads, strided (b, NH, t, hs) views of (b, t, C) rows, are not (b's stride is not NH times NH's)."""
+    shape, empty = tuple(shape), 0 in tuple(shape)
+    if len(shape) < 2 or len(strides) != len(shape):
+        return False
+    try:
+        el = _elements("x", strides, itemsize)
+        rows, cols = shape[-2:]
+        col_major, ld = _matrix_layout("x", rows, cols, *el[-2:], empty)
+        stride = _batch_stride("x", shape[:-2], el[:-2], empty)
+    except ValueError:
+        return False
+    if is_out and (col_major or (math.prod(shape[:-2]) > 1 and not empty and stride < (rows - 1) * ld + cols)):
+        return False
+    return True
+
+
 def matmul(out, a, b) -> None:
     """out = a @ b for CuPy stacks of matrices through `bmm`: transposed operands become cuBLAS op flags
     instead of copies, float32 honours the TF32 setting, 16-bit dtypes run on tensor cores (CuPy's N-D
     matmul does none of these; see above). 2-D products keep CuPy's matmul, which does all three.
 
+    An operand whose layout one strided-batched call cannot take (`takes_strided_batch`) is copied first
+    (a contiguous copy always can), and an `out` that cannot be written directly gets the product through
+    a contiguous temporary: never an error, and still TF32 and 16-bit through cuBLAS, which CuPy's own
+    N-D matmul would not give (it would copy too).
+
     Fast op it matches: npgpt.fast.common.matmul (same arguments); the fast step uses it for attention's
     products when NPGPT_CUDA_KERNELS enables "bmm"."""
     from npgpt.backend import get_array_module, tf32_enabled
 
+    xp = get_array_module(out)
     if out.ndim <= 2:
-        get_array_module(out).matmul(a, b, out=out)
+        xp.matmul(a, b, out=out)
         return
-    bmm(a, b, out, tf32=tf32_enabled())
+    if not takes_strided_batch(a.shape, a.strides, a.itemsize):
+        a = xp.ascontiguousarray(a)
+    if not takes_strided_batch(b.shape, b.strides, b.itemsize):
+        b = xp.ascontiguousarray(b)
+    if takes_strided_batch(out.shape, out.strides, out.itemsize, is_out=True):
+        bmm(a, b, out, tf32=tf32_enabled())
+    else:
+        out[...] = bmm(a, b, xp.empty(out.shape, out.dtype), tf32=tf32_enabled())
 
 
 def needs_bmm(dtype) -> bool:
@@ -284,7 +317,8 @@ def needs_bmm(dtype) -> bool:
 def matmul_where_needed(out, a, b) -> None:
     """out = a @ b for CuPy arrays: through `bmm` (see `matmul`) where `needs_bmm(out.dtype)`, else
     CuPy's own matmul. The fast step's attention products on a GPU when "bmm" is not enabled: what CuPy
-    gets wrong goes through cuBLAS whatever NPGPT_CUDA_KERNELS says.
+    gets wrong goes through cuBLAS whatever NPGPT_CUDA_KERNELS says. Operands of any layout (`matmul`
+    copies what the batched call cannot take), so the encoder-decoder's strided heads run with TF32 on.
 
     Fast op it matches: npgpt.fast.common.matmul (same arguments)."""
     from npgpt.backend import get_array_module

@@ -1,7 +1,7 @@
 """CuPy wrappers for the CUDA kernels in kernels/*.cu, one Python function per operation.
 
 Each wrapper has the contract, and the positional arguments, of the fast op it replaces (npgpt/fast/,
-named in its docstring as "Fast op it matches"), so the fast step (npgpt/engine.py) can pick either
+named in its docstring as "Fast op it matches"), so the fast step (npgpt/engine/) can pick either
 implementation of an op once, when it is built. A wrapper checks dtypes, shapes and layouts and
 launches on CuPy's current stream. Nothing here imports CuPy until a
 wrapper is called with CuPy arrays, so this module imports on any machine (the compile checks read

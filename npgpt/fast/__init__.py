@@ -8,7 +8,7 @@ Each fast op computes what its readable twin computes (tests/test_fast_ops.py ho
 float64 to ~1e-12, float32 to ~1e-5) and says in its module docstring where the state it saves
 differs. Threading (CPU row blocks over several threads) and 16-bit compute are handled inside the
 ops. Positional arguments are an op's contract; keyword-only ones (threads=, scratch=, matmul=) are
-resources of one implementation, which the fast step (npgpt/engine.py) binds once when it chooses
+resources of one implementation, which the fast step (npgpt/engine/ops.py) binds once when it chooses
 each op's implementation: these NumPy/CuPy functions, or the CUDA kernels of npgpt.cuda.kernels,
 which have the same positional arguments.
 
@@ -25,15 +25,16 @@ which have the same positional arguments.
 | cross_entropy                  | cross_entropy_ (forward and backward in place)                 | cross_entropy.cu       |
 | dropout                        | dropout_forward, dropout_backward                              | -                      |
 | last_token                     | last_token_index, last_token_forward, last_token_backward     | -                      |
+| classifier_head                | classifier_head_forward, classifier_head_backward (last_token + linear) | - (cuBLAS)   |
+| mixed_loss                     | mixed_loss_ (two cross-entropies in place, weighted)           | cross_entropy.cu (LM term) |
 | relu                           | relu_forward (bias add fused), relu_backward_                  | -                      |
 | sinusoidal                     | sinusoidal_table_into, add_sinusoidal_ (backward: the identity) | -                     |
 | masked_attention               | masked_attention_forward / _backward, attention_bias_into      | - (cuBLAS)             |
 | multihead_attention            | multihead_attention_forward / _backward (the four projections) | - (cuBLAS)             |
 | feedforward                    | feedforward_forward / _backward (ReLU or GELU)                 | gelu.cu for GELU       |
 
-The composites have no file here, having no op of their own: GPT-2's block and ffn (engine.py wires their
-ops), the encoder-decoder's encoder_block and decoder_block (seq2seq/engine.py), and fine-tuning's
-classifier_head (last_token + linear) and mixed_loss (two cross-entropies, weighted).
+The composites have no file here, having no op of their own: GPT-2's block and ffn (npgpt/engine/block.py
+wires their ops), and the encoder-decoder's encoder_block and decoder_block (seq2seq/engine.py).
 """
 
 from .attention import (
@@ -56,6 +57,7 @@ from .attention import (
     split_heads_into,
 )
 from .common import in_threads, matmul, rowdot
+from .classifier_head import classifier_head_backward, classifier_head_forward
 from .cross_entropy import GPU_LOSS_ROWS, IGNORE_INDEX, LOSS_ROWS, cross_entropy_
 from .dropout import dropout_backward, dropout_forward
 from .embedding import add_position_embedding_, embedding_backward, embedding_forward, position_embedding_backward
@@ -72,6 +74,7 @@ from .gelu import (
 from .last_token import last_token_backward, last_token_forward, last_token_index
 from .layernorm import layernorm_backward, layernorm_forward
 from .linear import linear_backward, linear_forward
+from .mixed_loss import mixed_loss_
 from .masked_attention import attention_bias_into, masked_attention_backward, masked_attention_forward
 from .multihead_attention import AttentionSaved, multihead_attention_backward, multihead_attention_forward
 from .relu import relu_backward_, relu_forward
@@ -91,6 +94,8 @@ __all__ = [
     "last_token_index", "last_token_forward", "last_token_backward",
     "layernorm_forward", "layernorm_backward",
     "linear_forward", "linear_backward",
+    # fine-tuning's (npgpt.finetune)
+    "classifier_head_forward", "classifier_head_backward", "mixed_loss_",
     # the encoder-decoder Transformer's (npgpt.seq2seq)
     "relu_forward", "relu_backward_",
     "sinusoidal_table_into", "add_sinusoidal_",

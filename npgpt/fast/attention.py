@@ -19,10 +19,11 @@ write y and dqkv directly, without the heads layout's copies; qkv then holds q a
 Causal blocks (rows=, the fast step's default on the CPU): attention_causal_forward / _backward_ cut the
 query rows (and in the backward the keys) into blocks of CAUSAL_ROWS and skip the products and
 exponentials of what the mask hides; att then holds each block row only up to its diagonal block.
-Recompute (engine.py, recompute="attention"/"block"): attention_rows_forward / attention_rows_backward_
-keep nothing T x T; they work a block of ATTENTION_ROWS query rows at a time against only the keys those
-rows can see, and the backward recomputes each block's probabilities from q and k (as the flash kernel
-does on the GPU, without its online softmax: a block's rows are complete, so its softmax is exact).
+Recompute (npgpt/engine/attention.py's RecomputedAttention, recompute="attention"/"block"):
+attention_rows_forward / attention_rows_backward_ keep nothing T x T; they work a block of ATTENTION_ROWS
+query rows at a time against only the keys those rows can see, and the backward recomputes each block's
+probabilities from q and k (as the flash kernel does on the GPU, without its online softmax: a block's
+rows are complete, so its softmax is exact).
 CUDA kernel: kernels/attention.cu (flash attention: O(t) memory, no dropout, keeps each row's logsumexp
 instead of att), npgpt.cuda.kernels.attention_fwd / attention_bwd at the head level and
 flash_attention_forward / flash_attention_backward at the level of this file's attention_forward /

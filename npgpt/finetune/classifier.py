@@ -164,8 +164,10 @@ def load_classifier(path, device: str | None = None, dtype=DEFAULT_DTYPE) -> Cla
     if SCORE not in tensors:
         raise ValueError(f"{path} is not a classifier (it has no score.weight); fine-tune one with: "
                          "npgpt finetune --task classify")  # fmt: skip
-    config = read_config(hf)
+    config = read_config(cfg_path)
     score = tensors.pop(SCORE)
+    if score.dtype.kind != "f":
+        raise ValueError(f"{path}: score.weight holds {score.dtype.name} values, not floating point; the file was altered")
     k = score.shape[0]
     id2label = hf.get("id2label") or {str(i): f"LABEL_{i}" for i in range(k)}  # transformers omits its default names
     try:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..backend import tf32_note
 from ..distributed import SingleProcess
 from ..loop import Report, run_task
 from ..metrics import read_metrics
@@ -83,7 +84,7 @@ def read_sets(cfg: FinetuneConfig) -> tuple[LabelMap, list, list, list | None]:
 
 def run_classify(cfg: FinetuneConfig) -> ClassifyResult:
     task = ClassifyTask(cfg.resolved())
-    return run_task(task, task.tuner.loop_settings(), task.resume_dir, task.resume_state)
+    return run_task(task, task.loop_settings(), task.resume_dir, task.resume_state)
 
 
 class ClassifyTask:
@@ -97,12 +98,13 @@ class ClassifyTask:
         self.cfg, self.world = cfg, SingleProcess()
         self.resume_dir, self.resume_state = find_start(cfg)
         self.labels, rows, val_rows, test_rows = read_sets(cfg)
-        longest = max(len(encode(r.text, allow_endoftext=False)) for r in rows)
+        every = rows + val_rows + (test_rows or [])  # the default context fits the longest text of any split
+        longest = max(len(encode(r.text, allow_endoftext=False)) for r in every)
         if self.resume_dir is None:
             model, T = build_trunk(cfg, longest)
             self.clf = Classifier.new(model, self.labels.names, seed=cfg.seed)
         else:
-            T = resumed_length(cfg, self.resume_dir, self.resume_state, longest)
+            T = resumed_length(cfg, self.resume_dir, self.resume_state)
             self.clf = load_classifier(self.resume_dir, device=cfg.device, dtype=cfg.dtype)
             if self.clf.labels != tuple(self.labels.names):
                 raise ValueError(f"the labels here ({', '.join(self.labels.names)}) are not those of the run being resumed "
@@ -122,16 +124,23 @@ class ClassifyTask:
         self.extra = {"finetune": {"lm_weight": lam, "trainable": cfg.trainable, "max_length": T}}
         self.history = {k: [] for k in ("train_loss", "train_acc", "val_loss", "val_acc")}  # (epoch, value)
 
+    def loop_settings(self):
+        test = self.cfg.files()[2]
+        hint = f"npgpt classify --checkpoint {self.cfg.out_dir} --data {test}" if self.test is not None else ""
+        return self.tuner.loop_settings(outputs=("loss.png", "accuracy.png", "confusion.png"),
+                                        final_evaluation="the test set's accuracy and confusion matrix", final_hint=hint)  # fmt: skip
+
     # --- what the loop asks of a task ---------------------------------------------------------------
     def banner(self, step: int) -> str:
         cfg, clf, train, val, test = self.cfg, self.clf, self.train, self.val, self.test
-        truncated = train.truncated + (val.truncated if val else 0)
+        parts = [(name, d) for name, d in (("train", train), ("val", val), ("test", test)) if d is not None]
+        cut = ", ".join(f"{d.truncated} of {len(d)} {name}" for name, d in parts)
         n_train = sum(int(clf.params[k].size) for k in self.trainable)
         line = (f"npgpt finetune --task classify: {len(self.labels.names)} labels, {len(train)} train / "
                 f"{len(val) if val else 0} val / {len(test) if test else 0} test texts"
-                f"{f' ({truncated} cut to {self.tuner.max_length} tokens)' if truncated else ''}; {n_train:,} of "
+                f"{f' (cut to {self.tuner.max_length} tokens: {cut} texts)' if any(d.truncated for _, d in parts) else ''}; {n_train:,} of "
                 f"{sum(int(v.size) for v in clf.params.values()):,} parameters train ({cfg.trainable}), lambda "
-                f"{cfg.lm_weight}, {self.tuner.total_steps} steps on {clf.model.device} ({cfg.engine} engine)"
+                f"{cfg.lm_weight}, {self.tuner.total_steps} steps on {clf.model.device}{tf32_note(clf.model.device)} ({cfg.engine} engine)"
                 + (f"; resuming at step {step}" if step else ""))  # fmt: skip
         if cfg.lm_weight > 0 and cfg.trainable == "head":
             line += "\nnote: with --trainable head the LM term reaches no trainable parameter: it is reported, not trained on"

@@ -72,7 +72,7 @@ class FinetuneConfig:
     samples: int = 3  # instruct: responses generated for test (or val) instructions at the end
     max_new_tokens: int = 24  # instruct: longest response generated when scoring
     # machine
-    engine: str = "fast"  # fast: the preallocated fast step (engine.py); reference: the readable layers
+    engine: str = "fast"  # fast: the preallocated fast step (npgpt/engine/); reference: the readable layers
     device: str | None = None
     dtype: str = "float32"
     progress: bool = True
@@ -91,6 +91,9 @@ class FinetuneConfig:
         self._check_data("--test-data", self.test_data)
         if self.data in BUNDLED and BUNDLED[self.data]["task"] != self.task:
             raise ValueError(f"the bundled set {self.data!r} is for --task {BUNDLED[self.data]['task']}")
+        if self.task == "classify" and self.text_column == self.label_column:
+            raise ValueError(f"--text-column and --label-column are both {self.text_column!r}: the classifier would learn "
+                             "to read its own labels; name the column of the texts and the column of the labels")  # fmt: skip
         real("--val-share", self.val_share, 0, 1, lo_open=True, hi_open=True, hint="it is the share of --data held out")
         if self.max_examples is not None:
             integer("--max-examples", self.max_examples, 2, hint="leave it out to use every example")
@@ -186,8 +189,8 @@ class FinetuneConfig:
         return 0.5 if self.init_from else 0.0
 
     def context_for(self, longest: int, model_context: int | None = None) -> int:
-        """Tokens per example: --context-length, else the longest training example, at most the model's
-        context (for a new model: at most the preset's context or 256, whichever is larger)."""
+        """Tokens per example: --context-length, else the longest example of any split (train, val, test), at
+        most the model's context (for a new model: at most the preset's context or 256, whichever is larger)."""
         if self.context_length is not None:
             return self.context_length
         if model_context is None:

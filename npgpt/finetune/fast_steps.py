@@ -1,4 +1,4 @@
-"""The two fine-tuning steps on the fast engine (engine.py's FastLossAndGrads): steps.py's, faster.
+"""The two fine-tuning steps on the fast engine (npgpt/engine/'s FastLossAndGrads): steps.py's, faster.
 
 Glossary: B=batch, T=time, C=channels, V=vocab, k=labels; b, t: this batch's (at most B, T).
 
@@ -10,12 +10,12 @@ only for the trainable parameters. What the fast engine adds for them (see its d
   and shorter (t <= T: each batch is padded to its own longest example);
 - the engine keeps gradient buffers for the trainable parameters only, skips the weight-gradient
   GEMMs of frozen layers and stops its backward below the lowest trainable layer;
-- FastClassifierStep: the engine stops at the final LayerNorm (`engine.hidden`); the head and both
-  losses are the fast ops of their parts (classifier_head = last_token + linear, mixed_loss = two
-  cross-entropies): fast.last_token_*, fast.linear_*, fast.cross_entropy_. With lambda = 0 the LM
-  head never runs and its (B*T, V) logits are not even allocated; with lambda > 0 its loss gradient
-  is scaled by lambda inside the cross-entropy (dloss) and the classifier's gradient is added to the
-  LM head's at the final LayerNorm's output (engine.backward(dhidden=...)).
+- FastClassifierStep runs the readable Classifier's layers as their fast twins, on the engine's
+  buffers: the trunk up to the final LayerNorm (`engine.hidden`) and, with lambda > 0, the LM head's
+  logits (`engine.logits`); fast.classifier_head_* on the hidden states, and fast.mixed_loss_ on both
+  logits (the LM term through the engine's loss op, which may be the CUDA kernel). With lambda = 0
+  the LM head never runs and its (B*T, V) logits are not even allocated. Both gradients go back in
+  one engine.backward(dhidden=..., dlogits=...): they add up at the final LayerNorm's output.
 """
 
 from __future__ import annotations
@@ -45,8 +45,7 @@ class FastClassifierStep:
         B, T, C, k = batch_size, seq_len, model.config.emb_dim, clf.score.shape[0]
         self.last = xp.empty(B, dtype=np.int64)  # (B,) the position each row's head reads
         self.pooled = xp.empty((B, C), dtype=dtype)  # h = hidden[b, last[b]]
-        self.cls_logits = xp.empty((B, k), dtype=dtype)
-        self.dcls = xp.empty((B, k), dtype=dtype)  # the logits, then (in place) dL_FT/dlogits
+        self.cls_logits = xp.empty((B, k), dtype=dtype)  # the logits, then (in place) dL/dlogits
         self.dpooled = xp.empty((B, C), dtype=dtype) if self.train_trunk else None
         self.dhidden = xp.empty(B * T * C, dtype=dtype) if self.train_trunk else None  # (b, t, C) views
         self.dscore = xp.empty((k, C), dtype=dtype) if self.train_score else None
@@ -59,51 +58,40 @@ class FastClassifierStep:
 
     def __call__(self, batch, rng=None):
         idx, labels = batch
-        xp, pad = self.clf.model.xp, self.clf.pad_token_id
-        idx = xp.asarray(idx)
+        xp = self.clf.model.xp
+        idx, labels = xp.asarray(idx), xp.asarray(labels)
         b, t = idx.shape
-        lm_loss, lm_head = 0.0, False
-        if self.lm_weight > 0:  # the trunk's forward with the LM head and its loss (gradient scaled by lambda)
-            targets = lm_targets_for(idx, pad)
-            lm_head = bool((targets != IGNORE_INDEX).any())  # none: one-token texts, L_PT = 0 as in mixed_loss
-            if lm_head:
-                lm_loss = self.engine.forward(idx, targets, training=True, rng=rng, dloss=self.lm_weight,
-                                              backward=self.train_trunk)  # fmt: skip
-        if not lm_head:
-            self.engine.forward(idx, None, training=True, rng=rng, backward=self.train_trunk, lm_head=False)
-        ft_loss = self._head(idx, labels, want_grad=True)
-        if self.train_trunk:
-            dhidden = self.dhidden[: b * t * self.pooled.shape[1]].reshape(b, t, -1)  # (b, t, C)
-            fast.last_token_backward(dhidden, self.dpooled[:b], self.last[:b])  # the gather's scatter
-            self.engine.backward(dhidden=dhidden)  # added to the LM head's gradient at ln_f's output
-        self.loss, self.ft_loss, self.lm_loss = ft_loss + self.lm_weight * lm_loss, ft_loss, lm_loss
+        lm_targets = None
+        if self.lm_weight > 0:  # no target at all (one-token texts): L_PT = 0 and the LM head need not run
+            lm_targets = lm_targets_for(idx, self.clf.pad_token_id)
+            lm_targets = lm_targets if bool((lm_targets != IGNORE_INDEX).any()) else None
+        lm = lm_targets is not None
+        self.engine.forward(idx, None, training=True, rng=rng, backward=self.train_trunk, lm_head=lm)
+        z = self._head_forward(idx)
+        self.loss, self.ft_loss, self.lm_loss = fast.mixed_loss_(z, labels, self.engine.logits if lm else None, lm_targets,
+                                                                 self.lm_weight, lm_cross_entropy_=self.engine.ops.cross_entropy_)  # fmt: skip
+        dhidden = self.dhidden[: b * t * self.pooled.shape[1]].reshape(b, t, -1) if self.train_trunk else None  # (b, t, C)
+        fast.classifier_head_backward(dhidden, self.dscore, z, self.pooled[:b], self.last[:b], self.clf.score,
+                                      dpooled=None if dhidden is None else self.dpooled[:b])  # fmt: skip
+        if self.train_trunk:  # the two heads' gradients add up at ln_f's output
+            self.engine.backward(dhidden=dhidden, dlogits=self.engine.logits if lm else None)
         return self
 
-    def _head(self, idx, labels, want_grad: bool) -> float:
-        """The classification head on engine.hidden and L_FT; self.logits (b, k) as NumPy. With want_grad
-        the head's gradients: dscore (trainable) and dpooled (when the trunk trains)."""
+    def _head_forward(self, idx):
+        """The classification logits (b, k) of engine.hidden, in this step's buffer (self.logits: a NumPy copy)."""
         b = idx.shape[0]
-        last, h, z, d = self.last[:b], self.pooled[:b], self.cls_logits[:b], self.dcls[:b]
-        score_t = self.clf.score.T  # (C, k) view of the (k, C) weight
-        fast.last_token_index(last, idx, self.clf.pad_token_id)
-        fast.last_token_forward(h, self.engine.hidden, last)  # (b, t, C) -> (b, C)
-        fast.linear_forward(z, h, score_t)  # (b, C) @ (C, k) -> (b, k)
-        self.logits = to_numpy(z).copy()
-        d[...] = z
-        labels = self.clf.model.xp.asarray(labels)
-        ft_loss = fast.cross_entropy_(d, labels, want_grad)  # d becomes (softmax - onehot) / b
-        if want_grad and (self.train_score or self.train_trunk):
-            dh = self.dpooled[:b] if self.train_trunk else None
-            dscore_t = self.dscore.T if self.train_score else None  # (C, k) view: computed in (k, C) layout
-            fast.linear_backward(dh, dscore_t, None, d, h, score_t)
-        return float(ft_loss)
+        fast.last_token_index(self.last[:b], idx, self.clf.pad_token_id)
+        fast.classifier_head_forward(self.cls_logits[:b], self.pooled[:b], self.engine.hidden, self.last[:b], self.clf.score)
+        self.logits = to_numpy(self.cls_logits[:b]).copy()
+        return self.cls_logits[:b]
 
     def evaluate(self, batch) -> tuple[float, np.ndarray]:
         """(sum of L_FT over the batch's rows, logits (B, k) as NumPy): no dropout, no LM head."""
         idx, labels = batch
-        idx = self.clf.model.xp.asarray(idx)
+        idx, labels = self.clf.model.xp.asarray(idx), self.clf.model.xp.asarray(labels)
         self.engine.forward(idx, None, training=False, backward=False, lm_head=False)
-        return self._head(idx, labels, want_grad=False) * len(labels), self.logits
+        ft_loss = fast.mixed_loss_(self._head_forward(idx), labels, lm_weight=self.lm_weight, want_grad=False)[1]
+        return ft_loss * len(labels), self.logits
 
 
 class FastInstructStep:

@@ -45,7 +45,8 @@ def classifier_check(label: str, config, k: int = 3, B: int = 3, T: int = 6, lm_
         return [params, padded_batch(rng, B, T, config.vocab_size), rng.integers(0, k, size=B)]
 
     def forward(params, idx, labels, xp=np):
-        allp = {**params, **frozen}
+        dtype = next(iter(params.values())).dtype  # the frozen weights on the same device, in the same dtype
+        allp = {**params, **{n: xp.asarray(v, dtype=dtype) for n, v in frozen.items()}}
         clf.model.params = {n: allp[n] for n in clf.model.params}
         clf.score = allp[SCORE]
         rng = HostRandom(99, xp)  # the same dropout masks on every call

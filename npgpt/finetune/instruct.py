@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import checkpoint as ckpt
+from ..backend import tf32_note
 from ..distributed import SingleProcess
 from ..loop import Report, run_task
 from ..metrics import read_metrics
@@ -120,7 +121,7 @@ def read_sets(cfg: FinetuneConfig):
 
 def run_instruct(cfg: FinetuneConfig) -> InstructResult:
     task = InstructTask(cfg.resolved())
-    return run_task(task, task.tuner.loop_settings(), task.resume_dir, task.resume_state)
+    return run_task(task, task.loop_settings(), task.resume_dir, task.resume_state)
 
 
 class InstructTask:
@@ -134,13 +135,14 @@ class InstructTask:
         self.cfg, self.world = cfg, SingleProcess()
         self.resume_dir, self.resume_state = find_start(cfg)
         (records, train_src), (val_records, val_src), (test_records, test_src) = read_sets(cfg)
-        longest = max(len(InstructionSet.build([r], ALPACA, 10**9).ids[0]) - 1 for r in records)
+        every = records + val_records + (test_records or [])  # the default context fits the longest of any split
+        longest = max(len(InstructionSet.build([r], ALPACA, 10**9).ids[0]) - 1 for r in every)
         if self.resume_dir is None:
             self.model, T = build_trunk(cfg, longest)
         else:
             from ..pretrained import load_pretrained
 
-            T = resumed_length(cfg, self.resume_dir, self.resume_state, longest)
+            T = resumed_length(cfg, self.resume_dir, self.resume_state)
             self.model = load_pretrained(self.resume_dir, device=cfg.device, dtype=np.dtype(cfg.dtype))
 
         def build(recs, src):
@@ -157,8 +159,14 @@ class InstructTask:
             self.tuner.check_resume(self.resume_state, self.resume_dir)
         self.optimizer, self.batches = self.tuner.optimizer, self.tuner.batches
         self.extra = {"mask_prompt": cfg.mask_prompt, "max_length": T}
-        self.skipped = sum(d.skipped for d in (self.train, self.val, self.test) if d is not None)
+        parts = [(name, d) for name, d in (("train", self.train), ("val", self.val), ("test", self.test)) if d is not None]
+        self.skipped = sum(d.skipped for _, d in parts)
+        self.left_out = ", ".join(f"{d.skipped} of {len(d) + d.skipped} {name}" for name, d in parts)  # for the banner
         self.history = {"train_loss": [], "val_loss": []}  # (epoch, loss)
+
+    def loop_settings(self):
+        scored = "test" if self.test is not None else "validation"
+        return self.tuner.loop_settings(outputs=("loss.png",), final_evaluation=f"the {scored} records' loss and exact match")
 
     # --- what the loop asks of a task ---------------------------------------------------------------
     def banner(self, step: int) -> str:
@@ -168,9 +176,9 @@ class InstructTask:
         return (f"npgpt finetune --task instruct: {len(train)} train / {len(val) if val else 0} val / "
                 f"{len(test) if test else 0} test records ({train.response_tokens():,} trained-on target tokens"
                 f"{', prompt masked' if cfg.mask_prompt else ', prompt included'})"
-                f"{f'; {self.skipped} longer than {T} tokens left out' if self.skipped else ''}; {n_train:,} of "
+                f"{f'; left out, longer than {T} tokens: {self.left_out} records' if self.skipped else ''}; {n_train:,} of "
                 f"{model.num_params():,} parameters train ({cfg.trainable}), {self.tuner.total_steps} steps on "
-                f"{model.device} ({cfg.engine} engine)" + (f"; resuming at step {step}" if step else ""))  # fmt: skip
+                f"{model.device}{tf32_note(model.device)} ({cfg.engine} engine)" + (f"; resuming at step {step}" if step else ""))  # fmt: skip
 
     def train_step(self, number: int):
         return self.tuner.train_step(number)

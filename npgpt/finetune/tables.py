@@ -44,13 +44,9 @@ def read_records(path) -> list[tuple[str, dict]]:
     kind = FORMATS.get(path.suffix.lower())
     if kind is None:
         raise ValueError(f"{path}: unknown table format {path.suffix!r}; use .csv, .tsv, .jsonl or .json")
-    text = read_text(path)
+    text = read_text(path, fix="convert the file to UTF-8 (e.g. iconv -t UTF-8)")
     if kind in ("csv", "tsv"):
-        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="," if kind == "csv" else "\t")  # quoted fields keep their line breaks
-        records = [(f"{path.name} row {i}", r) for i, r in enumerate(reader, 1)]
-        if reader.fieldnames is None:
-            raise ValueError(f"{path} is empty; it needs a header line naming the columns")
-        return records
+        return _read_table(path, text, "," if kind == "csv" else "\t")
     if kind == "jsonl":
         records = []
         for i, line in enumerate(text.splitlines(), 1):
@@ -66,6 +62,45 @@ def read_records(path) -> list[tuple[str, dict]]:
             raise ValueError(f"{where} is a {type(r).__name__}, not a record: the file must hold JSON objects "
                              '(like {"text": "...", "label": "..."})')  # fmt: skip
     return records
+
+
+def _read_table(path: Path, text: str, delimiter: str) -> list[tuple[str, dict]]:
+    """[(where, record)] of a CSV / TSV whose first line names the columns (quoted fields keep their line
+    breaks). A quote that is never closed, and a column named twice, are errors naming the place (the csv
+    module would read the rest of the file as one field, or keep the last of the two columns)."""
+    opened = _unclosed_quote(text, delimiter)
+    if opened is not None:
+        line = text.count("\n", 0, opened) + 1
+        raise ValueError(f"{path} line {line}: a quoted field opens there and is never closed, so the rest of the file "
+                         'would be read as one field; close the quote (a quote inside a field is written "")')  # fmt: skip
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    records = [(f"{path.name} row {i}", r) for i, r in enumerate(reader, 1)]
+    if reader.fieldnames is None:
+        raise ValueError(f"{path} is empty; it needs a header line naming the columns")
+    twice = sorted({name for name in reader.fieldnames if reader.fieldnames.count(name) > 1})
+    if twice:
+        raise ValueError(f"{path} names the column {twice[0]!r} more than once in its header "
+                         f"({', '.join(reader.fieldnames)}); rename one of them")  # fmt: skip
+    return records
+
+
+def _unclosed_quote(text: str, delimiter: str) -> int | None:
+    """Where a quoted field that is still open at the end of `text` begins, or None: the csv module's reading
+    (a quote opens a field only at its start; "" inside it is a quote)."""
+    state, opened = "start", None  # start of a field | plain field | in quotes | a quote seen in quotes
+    for i, ch in enumerate(text):
+        if state == "quoted":
+            if ch == '"':
+                state = "quote"
+        elif ch in (delimiter, "\n", "\r"):
+            state = "start"
+        elif state == "start" and ch == '"':
+            state, opened = "quoted", i
+        elif state == "quote" and ch == '"':
+            state = "quoted"  # "" inside quotes
+        else:
+            state = "plain"
+    return opened if state == "quoted" else None
 
 
 def _json(text: str, where: str):

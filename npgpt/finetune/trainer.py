@@ -40,10 +40,27 @@ KEPT_ON_RESUME = ("task", "init_from", "preset", "emb_dim", "n_heads", "n_layers
                   "trainable", "mask_prompt", "batch_size", "seed", "dtype")  # fmt: skip
 
 
+def contents_problem(directory: Path, state: dict) -> str | None:
+    """What makes a fine-tuning checkpoint unusable by any --resume, whatever the flags (find_resume then falls
+    back to the one before): weights that do not fit its config, a training state of the wrong shape."""
+    from ..pretrained import weights_problem
+
+    problem = weights_problem(directory, classifier=state.get("task") == "classify")
+    where = directory / "trainer_state.json"
+    if problem is None and not isinstance(state.get("finetune_config"), dict):
+        problem = f"{where} has no finetune_config"
+    T = state.get("max_length")
+    if problem is None and (isinstance(T, bool) or not isinstance(T, int) or T < 2):
+        problem = f"{where} holds max_length = {T!r}, not a whole number >= 2"
+    if problem is None and not isinstance(state.get("data_fingerprint"), str):
+        problem = f"{where} has no data fingerprint"
+    return problem
+
+
 def find_start(cfg: FinetuneConfig) -> tuple[Path | None, dict | None]:
     """(the checkpoint to resume and its training state) or (None, None); refuses an out_dir that holds an
     earlier run without --resume or --overwrite, and settings that a resumed run cannot honour."""
-    resume_dir, state = find_resume(cfg.out_dir, cfg.resume, cfg.overwrite)
+    resume_dir, state = find_resume(cfg.out_dir, cfg.resume, cfg.overwrite, check=contents_problem)
     if state is None:
         return None, None
     saved = state.get("finetune_config")
@@ -88,16 +105,17 @@ def build_trunk(cfg: FinetuneConfig, longest: int) -> tuple[GPT, int]:
     return model, cfg.context_for(longest, model.config.context_length)
 
 
-def resumed_length(cfg: FinetuneConfig, resume_dir: Path, state: dict, longest: int) -> int:
-    """Tokens per example of a resumed run, worked out as at its start (it must come out the same); the
-    memory the run needs is checked before its model is loaded."""
+def resumed_length(cfg: FinetuneConfig, resume_dir: Path, state: dict) -> int:
+    """Tokens per example of a resumed run: the run's own (its examples, cut or left out by that length, are
+    the ones its data fingerprint checks); an explicit --context-length must agree. The memory the run needs
+    is checked before its model is loaded."""
     from ..pretrained import read_config
 
     config = read_config(resume_dir / "config.json")
-    T = cfg.context_for(longest, None if cfg.init_from is None else config.context_length)
-    if T != state.get("max_length"):
-        raise ValueError(f"the examples are {T} tokens long here but {state.get('max_length')} in the run being resumed "
-                         f"({resume_dir}); resume with the same data and --context-length")  # fmt: skip
+    T = state["max_length"]
+    if cfg.context_length is not None and cfg.context_length != T:
+        raise ValueError(f"--context-length {cfg.context_length} differs from the {T} tokens per example of the run being "
+                         f"resumed ({resume_dir}); leave it out (or give {T})")  # fmt: skip
     check_memory(cfg, config, T)
     return T
 
@@ -169,13 +187,15 @@ class Tuner:
         self.schedule = LRSchedule(cfg.lr, self.total_steps, cfg.warmup_steps, cfg.min_lr)
         self.max_length, self.data_hash = max_length, data_hash
 
-    def loop_settings(self) -> LoopSettings:
-        """Evaluate the starting weights, then after every epoch, and save after every epoch."""
+    def loop_settings(self, outputs=(), final_evaluation: str = "", final_hint: str = "") -> LoopSettings:
+        """Evaluate the starting weights, then after every epoch, and save after every epoch. outputs, final_evaluation,
+        final_hint: the task's (see LoopSettings)."""
         c, per_epoch = self.cfg, self.steps_per_epoch
         return LoopSettings(command=f"npgpt finetune --task {c.task}", out_dir=c.out_dir, total_steps=self.total_steps,
                             lr=c.lr, eval_interval=per_epoch, eval_at_start=True, checkpoint_interval=per_epoch,
                             keep_last=c.keep_last, max_bad_steps=MAX_BAD_STEPS, more_steps="--epochs",
-                            progress=c.progress)  # fmt: skip
+                            progress=c.progress, outputs=tuple(outputs), final_evaluation=final_evaluation,
+                            final_hint=final_hint)  # fmt: skip
 
     def train_step(self, number: int, fields=None) -> StepResult:
         """Optimizer step `number` (from 1); its dropout masks are drawn from (seed, number - 1). fields(step)

@@ -22,9 +22,9 @@ from .cross_entropy import CrossEntropyCache, softmax_cross_entropy_backward, so
 
 class MixedLossCache(NamedTuple):
     ft: CrossEntropyCache  # the classification term
-    lm: CrossEntropyCache | None  # the LM term, None when it is off or has no target
+    lm: CrossEntropyCache | None  # the LM term, None when lambda = 0 or no position has a target
     lm_weight: float
-    lm_shape: tuple | None  # (B, T, V) when lm_logits were given, to shape a zero gradient
+    lm_shape: tuple | None  # (B, T, V) when lm_logits were given (to shape a zero gradient), else None
     ft_loss: object  # 0-d L_FT, for logging
     lm_loss: object  # 0-d L_PT (0 when off), for logging
 
@@ -45,27 +45,28 @@ def mixed_loss_forward(cls_logits, labels, lm_logits=None, lm_targets=None, lm_w
         raise ValueError("mixed loss: give lm_logits and lm_targets together, or neither")
     ft_loss, c_ft = softmax_cross_entropy_forward(cls_logits, labels)  # (B, k) -> 0-d
     lm_loss, c_lm, lm_shape = xp.zeros((), dtype=cls_logits.dtype), None, None
-    if lm_logits is not None and lm_weight > 0.0:
+    if lm_logits is not None:
         lm_shape = tuple(lm_logits.shape)
-        if bool((xp.asarray(lm_targets) != ignore_index).any()):
+        if lm_weight > 0.0 and bool((xp.asarray(lm_targets) != ignore_index).any()):
             lm_loss, c_lm = softmax_cross_entropy_forward(lm_logits, lm_targets, ignore_index)  # (B, T, V) -> 0-d
     loss = ft_loss + lm_weight * lm_loss  # 0-d
     return loss, MixedLossCache(c_ft, c_lm, lm_weight, lm_shape, ft_loss, lm_loss)
 
 
 def mixed_loss_backward(dloss, cache: MixedLossCache):
-    """Gradients of cls_logits and lm_logits (None when the forward had no LM term).
+    """Gradients of cls_logits and lm_logits (None when the forward was given no lm_logits).
 
     Differentiates  `L = L_FT + lm_weight * L_PT`:  a sum passes dloss to each term, scaled by its
     weight, and each cross-entropy gives (softmax - onehot) / (rows counted):
         dcls_logits = dloss * (p_cls - onehot(labels)) / B
         dlm_logits  = dloss * lm_weight * (p_lm - onehot(targets)) / n_valid   (0 on ignored positions)
-    Returns (dcls_logits (B, k), dlm_logits (B, T, V) or None).
+    With lm_weight = 0, or no position with a target, L does not depend on lm_logits: dlm_logits is 0.
+    Returns (dcls_logits (B, k), dlm_logits (B, T, V), or None without lm_logits).
     """
     dcls = softmax_cross_entropy_backward(dloss, cache.ft)  # (B, k)
     if cache.lm_shape is None:
         return dcls, None
-    if cache.lm is None:  # no position had a target: L_PT is the constant 0
+    if cache.lm is None:  # lambda = 0, or no position had a target: L_PT contributes the constant 0
         xp = get_array_module(dcls)
         return dcls, xp.zeros(cache.lm_shape, dtype=dcls.dtype)
     return dcls, softmax_cross_entropy_backward(dloss * cache.lm_weight, cache.lm)  # (B, T, V)

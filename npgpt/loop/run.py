@@ -15,7 +15,9 @@ What the loop does, the same for every task:
 - divergence: weights that are not finite, or give a non-finite loss, are never saved (TrainingAborted,
   the last good checkpoint kept);
 - SIGINT / SIGTERM: the step in flight finishes, a checkpoint is written, the run ends as interrupted
-  (exit code 130); a second signal stops at once, but never inside a save (stop.py);
+  (exit code 130); a second signal stops at once, but never inside a save (stop.py); a signal during the
+  task's finish() (its final evaluation) stops that at once, and the run ends as interrupted with the
+  training's summary (_task_finish);
 - --resume: the weights (the task loads them), the optimizer, the batch position, the counters and the
   task's state come back from the checkpoint, so the run goes on exactly as if it had never stopped: the
   dropout masks of step n are drawn from (seed, n), the data order from (seed, epoch), and the learning
@@ -43,14 +45,15 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from .. import checkpoint as ckpt
-from ..backend import set_tf32
+from ..backend import tf32_mode
 from .errors import TrainingAborted, TrainingInterrupted
 from .folder import RunFolder
 from .stop import StopRequest
@@ -74,6 +77,9 @@ class LoopSettings:
     progress: bool = True
     tf32: bool | None = None  # TF32 matrix products for a CUDA run (None: leave the setting alone)
     files: dict = field(default_factory=dict)  # name -> text: written into out_dir when a run starts afresh
+    outputs: tuple = ()  # the files finish() writes (plots, tables): an earlier run's go when a new run replaces it
+    final_evaluation: str = ""  # what finish() evaluates ("exact match and BLEU on every held-out pair"), if anything
+    final_hint: str = ""  # the command that computes it for a run whose final evaluation a signal cut short
 
 
 @dataclass
@@ -129,7 +135,8 @@ class Loop:
 
     def __init__(self, task, settings: LoopSettings, resume_dir: Path | None = None, state: dict | None = None):
         self.task, self.settings, self.world = task, settings, task.world
-        self.folder = RunFolder(settings.out_dir, settings.keep_last, self.world, resume_dir)
+        self.folder = RunFolder(settings.out_dir, settings.keep_last, self.world, resume_dir, files=settings.files,
+                                outputs=settings.outputs)  # fmt: skip
         self.step = self.tokens_seen = self.skipped = self.bad_in_a_row = 0
         self.since_eval: list[float] = []  # the losses of the applied steps since the last evaluation
         self.train_loss: float | None = None  # their mean at the last evaluation
@@ -145,7 +152,11 @@ class Loop:
     def _restore(self, resume_dir: Path, state: dict) -> None:
         """The optimizer, the batch position, the loop's counters and the task's state of a checkpoint."""
         m, v = ckpt.load_optimizer_tensors(resume_dir)
-        self.task.optimizer.load_state_dict({**state["optimizer"], "m": m, "v": v})
+        try:
+            self.task.optimizer.load_state_dict({**state["optimizer"], "m": m, "v": v})
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{resume_dir / ckpt.OPTIMIZER_FILE} does not fit this run's parameters ({e}); resume "
+                             "with the settings the run was started with") from None  # fmt: skip
         self.task.batches.restore(state["data"])
         self.step, self.tokens_seen = state["step"], state.get("tokens_seen", 0)
         self.skipped = state.get("skipped_steps", 0)
@@ -174,36 +185,44 @@ class Loop:
         s, first_step = self.settings, self.step
         with self._tf32():
             self.folder.open(resume_step=self.step if self.folder.resume_dir is not None else None)
-            if self.folder.resume_dir is None:
-                for name, text in s.files.items():
-                    self.folder.write_text(name, text)
-            self.say(self.task.banner(self.step))
-            step_times: list[float] = []
-            t_start = time.perf_counter()
-            self.bar = tqdm(total=s.total_steps, initial=self.step, disable=not (s.progress and self.world.is_root),
-                            unit="step", dynamic_ncols=True)  # fmt: skip
-            # Overflow in a diverging run is detected and reported (skipped steps, weights_problem), not warned about.
-            with StopRequest() as self.stop, np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                try:
-                    if s.eval_at_start and self.step == 0:
-                        self._evaluate()
-                    interrupted = self._steps(step_times)
-                    if self.step > first_step or self.folder.last_ckpt is None:
-                        self.save()
-                except KeyboardInterrupt:  # a second signal
-                    raise TrainingInterrupted(self._stopped_at_once()) from None
-                finally:
-                    self.stop = None
-                    self.bar.close()
-                    self.bar = None
-                    self.folder.close()
-            return self._finish(time.perf_counter() - t_start, step_times, interrupted, first_step)
+            try:
+                return self._run(s, first_step, tqdm)
+            finally:
+                self.folder.release()
+
+    def _run(self, s: LoopSettings, first_step: int, tqdm):
+        """The run in its open folder: the steps, the last save, the end."""
+        if self.folder.pending:
+            self.say(f"{self.folder.out_dir} holds an earlier run: it stays as it is until this run's first checkpoint "
+                     f"is complete (until then this run's metrics are in {self.folder.metrics_path})")  # fmt: skip
+        self.say(self.task.banner(self.step))
+        step_times: list[float] = []
+        t_start = time.perf_counter()
+        self.bar = tqdm(total=s.total_steps, initial=self.step, disable=not (s.progress and self.world.is_root),
+                        unit="step", dynamic_ncols=True)  # fmt: skip
+        # Overflow in a diverging run is detected and reported (skipped steps, weights_problem), not warned about.
+        with StopRequest() as self.stop, np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            try:
+                if s.eval_at_start and self.step == 0:
+                    self._evaluate()
+                interrupted = self._steps(step_times)
+                if self.step > first_step or self.folder.last_ckpt is None:
+                    self.save()
+                # a signal during the last save: the final evaluation is not started (every rank agrees)
+                skip_final = not interrupted and self.world.allreduce_max(1.0 if self.stop.signal is not None else 0.0) > 0
+            except KeyboardInterrupt:  # a second signal
+                raise TrainingInterrupted(self._stopped_at_once()) from None
+            finally:
+                self.stop = None
+                self.bar.close()
+                self.bar = None
+                self.folder.close()
+        return self._finish(time.perf_counter() - t_start, step_times, interrupted, first_step, skip_final)
 
     def _tf32(self):
-        """The one place a run sets TensorFloat-32 (CUDA runs only; settings.tf32 None: left alone)."""
-        if self.settings.tf32 is not None:
-            set_tf32(self.settings.tf32)
-        return contextlib.nullcontext()
+        """The one place a run sets TensorFloat-32 (CUDA runs only; settings.tf32 None: left alone), inside
+        npgpt.backend.tf32_mode, which puts the process's TF32 state back when the run ends."""
+        return tf32_mode(self.settings.tf32)
 
     def _steps(self, step_times: list) -> bool:
         """Steps until total_steps, with evaluations and checkpoints; True when a signal stopped them."""
@@ -215,7 +234,8 @@ class Loop:
             dt = time.perf_counter() - t0
             step_times.append(dt)
             self._account(r, dt)
-            if (self.step - s.eval_offset) % s.eval_interval == 0 or self.step == s.total_steps:
+            cadence = self.step >= s.eval_offset and (self.step - s.eval_offset) % s.eval_interval == 0
+            if cadence or self.step == s.total_steps:
                 self._evaluate()
             if self.world.allreduce_max(1.0 if self.stop.signal is not None else 0.0) > 0:  # every rank stops together
                 return True
@@ -300,7 +320,27 @@ class Loop:
         return f"a second signal stopped training at step {self.step} without saving it; {where}"
 
     # --- the end --------------------------------------------------------------------------------------------
-    def _finish(self, seconds: float, step_times: list, interrupted: bool, first_step: int):
+    def _task_finish(self, report: Report, skip_final: bool = False):
+        """(the task's finish(report), whether a signal cut it short). A signal while it runs (SIGINT or
+        SIGTERM; the final evaluation can take minutes) stops it at once, and finish() is asked again as for an
+        interrupted run, which evaluates nothing: the run still ends with its plots, a summary that says
+        "interrupted" (the final evaluation's numbers null) and a line. Later signals are only noted.
+        skip_final: a signal came during the last save, so the evaluation is not even started."""
+        if report.interrupted:  # the steps were stopped: finish() evaluates nothing, and is quick
+            with StopRequest():
+                return self.task.finish(report), False
+        if skip_final:
+            with StopRequest():
+                return self.task.finish(replace(report, interrupted=True)), True
+        with StopRequest(at_once=True):
+            try:
+                return self.task.finish(report), False
+            except KeyboardInterrupt:
+                pass
+        with StopRequest():
+            return self.task.finish(replace(report, interrupted=True)), True
+
+    def _finish(self, seconds: float, step_times: list, interrupted: bool, first_step: int, skip_final: bool = False):
         """The task's finish(), then summary.json when the result is complete, and the resume hint."""
         times = step_times[1:] or step_times  # the first step includes one-off allocations
         train_loss = float(np.mean(self.since_eval)) if self.since_eval else self.train_loss
@@ -308,7 +348,7 @@ class Loop:
                         ms_per_step=1e3 * float(np.median(times)) if times else float("nan"), train_loss=train_loss,
                         skipped_steps=self.skipped, interrupted=interrupted, checkpoint=self.folder.last_ckpt,
                         out_dir=self.folder.out_dir, metrics_path=self.folder.metrics_path)  # fmt: skip
-        result = self.task.finish(report)
+        result, cut_short = self._task_finish(report, skip_final)
         numbers = [getattr(result, name) for name in self.task.summary_numbers]
         complete = self.step > first_step and all(v is not None and math.isfinite(v) for v in numbers)
         if self.world.is_root:
@@ -316,7 +356,13 @@ class Loop:
                 self.folder.write_summary(asdict(result))
             else:
                 print("summary.json not written: this run has no finite training loss or timing to report")
-            if interrupted:
+            if cut_short:
+                s = self.settings
+                what = f"the final evaluation ({s.final_evaluation})" if s.final_evaluation else "the end of the run"
+                print(f"{s.command}: interrupted: a signal stopped {what}; the training is complete and saved in "
+                      f"{self.folder.last_ckpt}" + ("; summary.json holds its numbers" if complete else "")
+                      + (f"; {s.final_hint} computes what was cut short" if s.final_hint else ""), file=sys.stderr)  # fmt: skip
+            elif interrupted:
                 print(f"Interrupted by a signal; saved {self.folder.last_ckpt}. Resume with:\n"
                       f"  {self.settings.command} --out-dir {self.folder.out_dir} --resume  (plus the same data and model options)")  # fmt: skip
         return result

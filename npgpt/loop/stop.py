@@ -9,7 +9,8 @@
                 save()
 
 A second signal outside a save stops at once (KeyboardInterrupt, which the loop turns into
-TrainingInterrupted naming the newest checkpoint).
+TrainingInterrupted naming the newest checkpoint). StopRequest(at_once=True) stops at the first signal:
+the loop's end (the task's final evaluation), where the checkpoint is already written.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ class StopRequest:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
+    def __init__(self, at_once: bool = False):
+        self.at_once = at_once  # the first signal stops (KeyboardInterrupt), not only the second
         self.signal = None  # the first signal received
         self.saving = False  # a checkpoint is being written
         self.second = False  # a second signal came during the save
@@ -33,6 +35,9 @@ class StopRequest:
 
     def __enter__(self):
         def handler(signum, frame):
+            if self.signal is None and self.at_once:
+                self.signal = signum
+                raise KeyboardInterrupt
             if self.signal is None:
                 self.signal = signum
             elif self.saving:

@@ -24,7 +24,7 @@ from .. import checkpoint as ckpt
 from ..atomic import atomic_write_json
 from ..backend import get_xp
 from .config import Seq2SeqConfig
-from .model import Seq2Seq
+from .model import Seq2Seq, param_shapes
 from .vocab import Vocab
 
 FORMAT_VERSION = 1
@@ -57,6 +57,45 @@ def resolve_checkpoint(path) -> Path:
     return path
 
 
+def read_meta(d: Path) -> tuple[Seq2SeqConfig, Vocab, dict]:
+    """(config, vocabulary, the whole entry) of config.json in the checkpoint d; a ValueError naming the file."""
+    path = d / ckpt.CONFIG_FILE
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))[CONFIG_KEY]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ValueError(f"{path} is not a seq2seq config (a GPT checkpoint? use `npgpt generate`)") from None
+    try:
+        config = Seq2SeqConfig.from_dict(meta["config"])
+        vocab = Vocab(meta["vocab"]["gpt2_ids"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: {e}") from None
+    if len(vocab) != config.tgt_vocab_size:
+        raise ValueError(f"{d}: the vocabulary has {len(vocab)} ids but the model {config.tgt_vocab_size}")
+    return config, vocab, meta
+
+
+def weights_problem(d) -> str | None:
+    """Why the weights of the checkpoint d do not fit its config.json, read from the headers alone; or None."""
+    from ..safetensors_io import FLOAT_DTYPES, read_header
+
+    d = Path(d)
+    try:
+        config, _, _ = read_meta(d)
+        tensors, _, _ = read_header(d / ckpt.MODEL_FILE)
+    except ValueError as e:
+        return str(e)
+    expected = param_shapes(config)
+    for name, (dtype, shape, *_) in tensors.items():
+        if dtype not in FLOAT_DTYPES:
+            return f"{d / ckpt.MODEL_FILE} holds {name} as {dtype}, not floating point; the file was altered"
+        if name not in expected:
+            return f"{d / ckpt.MODEL_FILE} holds {name}, which its config.json has no place for"
+        if shape != expected[name]:
+            return f"{d / ckpt.MODEL_FILE} holds {name} of shape {shape}, but its config.json makes it {expected[name]}"
+    missing = [name for name in expected if name not in tensors]
+    return f"{d / ckpt.MODEL_FILE} has no {missing[0]}, which its config.json asks for" if missing else None
+
+
 def load_model(path, device: str | None = None, dtype=None) -> tuple[Seq2Seq, Vocab, Path]:
     """(model, vocab, checkpoint dir) from a checkpoint or run directory; the manifest is verified first."""
     from ..safetensors_io import load_safetensors
@@ -66,14 +105,10 @@ def load_model(path, device: str | None = None, dtype=None) -> tuple[Seq2Seq, Vo
         problem = ckpt.verify_manifest(d)
         if problem is not None:
             raise ValueError(f"refusing a damaged checkpoint: {problem}")
-    try:
-        meta = json.loads((d / ckpt.CONFIG_FILE).read_text(encoding="utf-8"))[CONFIG_KEY]
-    except (ValueError, KeyError):
-        raise ValueError(f"{d / ckpt.CONFIG_FILE} is not a seq2seq config (a GPT checkpoint? use `npgpt generate`)") from None
-    config = Seq2SeqConfig.from_dict(meta["config"])
-    vocab = Vocab(meta["vocab"]["gpt2_ids"])
-    if len(vocab) != config.tgt_vocab_size:
-        raise ValueError(f"{d}: the vocabulary has {len(vocab)} ids but the model {config.tgt_vocab_size}")
+    config, vocab, meta = read_meta(d)
+    problem = weights_problem(d)
+    if problem is not None:
+        raise ValueError(f"refusing a damaged checkpoint: {problem}")
     dtype = np.dtype(dtype or meta.get("dtype", "float32"))
     xp = get_xp(device)
     params = {k: xp.asarray(v.astype(dtype, copy=False)) for k, v in load_safetensors(d / ckpt.MODEL_FILE).items()}

@@ -27,8 +27,52 @@ from ..backend import to_numpy
 from .vocab import BOS_ID, EOS_ID, PAD_ID
 
 
+MAX_LENGTH_PENALTY = 10.0  # alpha; GNMT uses 0.6 to 1, and ((5 + n) / 6) ** alpha must stay a float
+
+
 def length_penalty(n, alpha: float) -> float:
     return ((5.0 + n) / 6.0) ** alpha
+
+
+def check_decoding(beam, alpha) -> None:
+    """The beam width and length penalty by the command line's names (--beam, --length-penalty)."""
+    from .. import validate as V
+
+    V.integer("--beam", beam, 1)
+    V.real("--length-penalty", alpha, 0, MAX_LENGTH_PENALTY, hint="GNMT's is 0.6 to 1")
+
+
+def beam_bytes(model, n_sources: int, beam: int, src_len: int) -> int:
+    """About the memory beam search takes for n_sources sources of src_len tokens at once, beam hypotheses
+    each (R = n_sources * beam rows): every decoder layer's self-attention cache (2, R, max_len, C) and
+    cross-attention keys and values (2, R, src_len, C), twice over while reorder_state copies them, and each
+    step's float64 scores, candidates and their ranking, (R, V) a few times over."""
+    cfg = model.config
+    rows = n_sources * beam
+    item = np.dtype(model.dtype).itemsize
+    caches = cfg.n_decoder_layers * 2 * rows * (cfg.max_len + src_len) * cfg.d_model * item * 2
+    scores = rows * cfg.tgt_vocab_size * 8 * 6
+    return int(caches + scores)
+
+
+def sources_per_batch(model, beam: int, src_len: int, wanted: int, flag: str = "--beam") -> int:
+    """How many sources beam search may take at once (at most `wanted`) in the memory available; a
+    ValueError naming `flag` when even one does not fit (nothing has been allocated yet)."""
+    from ..memory import available_memory, fmt_bytes
+
+    if beam == 1:
+        return wanted
+    available = available_memory(model.device)
+    one = beam_bytes(model, 1, beam, src_len)
+    if available is None:
+        return wanted
+    if one > available:
+        fits = max((k for k in (2 ** i for i in range(40)) if beam_bytes(model, 1, k, src_len) <= available), default=1)
+        where = "the GPU" if model.device == "cuda" else "this machine"
+        raise ValueError(f"{flag} {beam} needs about {fmt_bytes(one)} to decode one text of {src_len} tokens "
+                         f"({beam:,} hypotheses of up to {model.config.max_len} tokens), but {where} has "
+                         f"{fmt_bytes(available)} available; use a smaller {flag} (about {fits} fits)")  # fmt: skip
+    return max(1, min(wanted, available // one))
 
 
 def _log_softmax(logits):
@@ -72,10 +116,7 @@ def beam_search(model, src, beam: int = 4, alpha: float = 0.6, max_steps: int | 
                 return_scores: bool = False):  # fmt: skip
     """src: (B, S) ids -> B lists of output ids (<eos> not included); with return_scores, also each
     answer's score (sum of log-probabilities / lp(length))."""
-    if beam < 1:
-        raise ValueError(f"--beam must be at least 1, got {beam}")
-    if alpha < 0:
-        raise ValueError(f"the length penalty must be >= 0, got {alpha}")
+    check_decoding(beam, alpha)
     src = np.asarray(src)
     max_steps = _steps(model, max_steps)
     B, K = src.shape[0], beam

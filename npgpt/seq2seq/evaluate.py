@@ -7,13 +7,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from .data import pad_rows
-from .decode import beam_search, greedy_decode
+from .decode import beam_search, greedy_decode, sources_per_batch
 
 
 def translate_ids(model, src_ids: list, beam: int = 1, alpha: float = 0.6, batch_size: int = 256) -> list[list[int]]:
-    """Encoded sources -> output ids, in the input order. Sources are decoded in batches of similar length."""
+    """Encoded sources -> output ids, in the input order. Sources are decoded in batches of similar length,
+    as many at once as the memory available holds (beam search: decode.sources_per_batch)."""
     order = np.argsort([len(s) for s in src_ids], kind="stable")
     out: list = [None] * len(src_ids)
+    longest = max((len(s) for s in src_ids), default=1)
+    batch_size = sources_per_batch(model, beam, longest, batch_size)
     for i in range(0, len(order), batch_size):
         rows = order[i : i + batch_size]
         src = pad_rows([src_ids[r] for r in rows])

@@ -52,6 +52,43 @@ class StreamCache(NamedTuple):
     drop: L.DropoutCache
 
 
+def embed_forward(model, ids, side: str, rng, drop: float, training: bool):
+    """(B, T) ids -> x = dropout(table[ids] * sqrt(C) + positions): (B, T, C), and its StreamCache.
+    side: "encoder" or "decoder" (whose table and, when learned, position table)."""
+    cfg = model.config
+    T = ids.shape[1]
+    x, c_emb = L.embedding_forward(ids, model.embed_table(side))  # (B, T) -> (B, T, C)
+    if cfg.scale_embeddings:
+        x = x * x.dtype.type(math.sqrt(cfg.d_model))
+    if cfg.pos_encoding == "sinusoidal":
+        x, c_pos = L.sinusoidal_forward(x)  # + PE[0:T]
+    else:
+        pos, c_pos = L.embedding_forward(model.xp.arange(T), model.params[f"{side}.pos.weight"])  # (T, C)
+        x = x + pos
+    x, c_drop = L.dropout_forward(x, drop, rng, training)
+    return x, StreamCache(c_emb, c_pos, c_drop)
+
+
+def embed_backward(model, dx, cache: StreamCache, side: str, grads: dict) -> None:
+    """The tables' gradients from dx (B, T, C), into grads: a learned position table's set, the token
+    table's added (three lookups may share one table: tie_embeddings="all").
+
+    Differentiates  `x = dropout(table[ids] * s + pos)`:  dropout's mask, then the sum passes dx to both
+    terms (pos was broadcast over the batch, so its gradient sums over B), and the lookup's gradient
+    adds dx * s into the rows it read."""
+    cfg = model.config
+    dx = L.dropout_backward(dx, cache.drop)
+    if cfg.pos_encoding == "learned":
+        grads[f"{side}.pos.weight"] = L.embedding_backward(dx.sum(axis=0), cache.pos)
+    else:
+        dx = L.sinusoidal_backward(dx, cache.pos)
+    if cfg.scale_embeddings:
+        dx = dx * dx.dtype.type(math.sqrt(cfg.d_model))
+    key = "embed.weight" if cfg.tie_embeddings == "all" else f"{side}.embed.weight"
+    d = L.embedding_backward(dx, cache.embed)
+    grads[key] = d if key not in grads else grads[key] + d
+
+
 class Seq2SeqCache(NamedTuple):
     src: StreamCache
     encoder: list  # [EncoderBlockCache] * E
@@ -225,36 +262,6 @@ class Seq2Seq:
 
     # --- forward / backward -------------------------------------------------------------------------
 
-    def _embed(self, ids, side: str, rng, drop: float, training: bool):
-        """(B, T) ids -> dropout(table[ids] * scale + positions): (B, T, C)."""
-        cfg = self.config
-        T = ids.shape[1]
-        x, c_emb = L.embedding_forward(ids, self.embed_table(side))  # (B, T) -> (B, T, C)
-        if cfg.scale_embeddings:
-            x = x * x.dtype.type(math.sqrt(cfg.d_model))
-        if cfg.pos_encoding == "sinusoidal":
-            x, c_pos = L.sinusoidal_forward(x)  # + PE[0:T]
-        else:
-            pos, c_pos = L.embedding_forward(self.xp.arange(T), self.params[f"{side}.pos.weight"])  # (T, C)
-            x = x + pos
-        x, c_drop = L.dropout_forward(x, drop, rng, training)
-        return x, StreamCache(c_emb, c_pos, c_drop)
-
-    def _embed_backward(self, dx, cache: StreamCache, side: str, grads: dict):
-        """Adds the table's gradient into grads[...] (three lookups may share one table)."""
-        cfg = self.config
-        dx = L.dropout_backward(dx, cache.drop)
-        if cfg.pos_encoding == "learned":
-            # x = emb + pos: pos (T, C) was broadcast over the batch, so its gradient sums over B
-            grads[f"{side}.pos.weight"] = L.embedding_backward(dx.sum(axis=0), cache.pos)
-        else:
-            dx = L.sinusoidal_backward(dx, cache.pos)
-        if cfg.scale_embeddings:
-            dx = dx * dx.dtype.type(math.sqrt(cfg.d_model))
-        key = "embed.weight" if cfg.tie_embeddings == "all" else f"{side}.embed.weight"
-        d = L.embedding_backward(dx, cache.embed)
-        grads[key] = d if key not in grads else grads[key] + d
-
     def encode(self, src, training=False, rng=None):
         """src: (B, S) ids -> (memory (B, S, C), src padding mask (B, S) bool, caches for the backward)."""
         cfg = self.config
@@ -262,7 +269,7 @@ class Seq2Seq:
         src_mask = src == cfg.pad_id  # (B, S) True at padding
         drop = cfg.dropout if training else 0.0
         rng = self.rng if rng is None else rng
-        x, c_src = self._embed(src, "encoder", rng, drop, training)
+        x, c_src = embed_forward(self, src, "encoder", rng, drop, training)
         c_enc = []
         for i in range(cfg.n_encoder_layers):
             x, c = L.encoder_block_forward(x, self.block_params("encoder", i), cfg.n_heads, key_padding_mask=src_mask,
@@ -290,7 +297,7 @@ class Seq2Seq:
         drop = cfg.dropout if training else 0.0
         memory, src_mask, (c_src, c_enc, c_enc_norm) = self.encode(src, training, rng)
         tgt_mask = tgt_in == cfg.pad_id  # (B, T)
-        y, c_tgt = self._embed(tgt_in, "decoder", rng, drop, training)
+        y, c_tgt = embed_forward(self, tgt_in, "decoder", rng, drop, training)
         c_dec = []
         for j in range(cfg.n_decoder_layers):
             y, c = L.decoder_block_forward(y, memory, self.block_params("decoder", j), cfg.n_heads,
@@ -331,12 +338,12 @@ class Seq2Seq:
             dy, dmem, g = L.decoder_block_backward(dy, cache.decoder[j])
             grads.update({f"decoder.layers.{j}.{k}": v for k, v in g.items()})
             dmemory = dmem if dmemory is None else dmemory + dmem  # every decoder layer read the same memory
-        self._embed_backward(dy, cache.tgt, "decoder", grads)
+        embed_backward(self, dy, cache.tgt, "decoder", grads)
         dx, grads["encoder.norm.weight"], grads["encoder.norm.bias"] = L.layernorm_backward(dmemory, cache.encoder_norm)
         for i in reversed(range(cfg.n_encoder_layers)):
             dx, g = L.encoder_block_backward(dx, cache.encoder[i])
             grads.update({f"encoder.layers.{i}.{k}": v for k, v in g.items()})
-        self._embed_backward(dx, cache.src, "encoder", grads)
+        embed_backward(self, dx, cache.src, "encoder", grads)
         if cfg.tie_embeddings == "none":
             grads["output.weight"] = dhead
         else:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import atomic_write_bytes
-from ..backend import to_numpy
+from ..backend import tf32_note, to_numpy
 from ..distributed import SingleProcess
 from ..loop import At, LoopSettings, PositionedBatches, Report, StepResult, TrainingAborted, find_resume, run_task
 from ..metrics import read_metrics
@@ -37,9 +37,10 @@ from ..model import make_rng
 from ..optim import AdamW
 from ..schedule import LRSchedule
 from ..update import Updater
-from .checkpoint import load_model, save_model
+from .checkpoint import load_model, read_meta, save_model, weights_problem
 from .config import Seq2SeqConfig
 from .data import PairBatches, collate, encode_pairs, read_pairs, resolve_pairs_path, split_pairs
+from .decode import sources_per_batch
 from .engine import make_engine
 from .evaluate import score, translate_ids
 from .model import Seq2Seq
@@ -109,6 +110,8 @@ class Seq2SeqTrainConfig:
 
         for name in ("data", "val_data"):
             value = getattr(self, name)
+            if value is not None:
+                V.not_empty(f"--{name.replace('_', '-')}", value, "a TSV of source<TAB>target pairs")
             if value is not None and value != "en-ms" and not Path(value).expanduser().is_file():
                 raise ValueError(f"--{name.replace('_', '-')} {value} does not exist (or is not a file); give a UTF-8 TSV "
                                  "of source<TAB>target lines, or leave --data out for the bundled en-ms corpus")  # fmt: skip
@@ -181,6 +184,22 @@ def data_fingerprint(pairs) -> str:
     return h.hexdigest()[:16]
 
 
+# What a resumed run keeps from the run it continues: the model's shape, the data order and the dropout masks.
+KEPT_ON_RESUME = ("d_model", "n_heads", "n_encoder_layers", "n_decoder_layers", "d_ff", "norm", "activation",
+                  "pos_encoding", "tie_embeddings", "max_len", "seed", "batch_size")  # fmt: skip
+
+
+def contents_problem(directory: Path, state: dict) -> str | None:
+    """What makes a translation checkpoint unusable by any --resume, whatever the flags (find_resume then falls
+    back to the one before): weights that do not fit its config, a training state of the wrong shape."""
+    problem = weights_problem(directory)
+    if problem is None and not isinstance(state.get("data_fingerprint"), str):
+        problem = f"{directory / 'trainer_state.json'} has no data fingerprint"
+    if problem is None and not isinstance(state.get("train_config", {}), dict):
+        problem = f"{directory / 'trainer_state.json'} holds a train_config that is not a JSON object"
+    return problem
+
+
 class Translation:
     """The translation task of the run loop (npgpt/loop/run.py names what a task supplies): an
     encoder-decoder learns to translate sentence pairs. Setting up reads, splits and encodes the data and
@@ -193,12 +212,14 @@ class Translation:
         self.cfg, self.world = cfg, SingleProcess()
         self.t0, self.cpu0 = time.perf_counter(), cpu_seconds()
         self.out_dir = Path(cfg.out_dir)
-        self.resume_dir, self.resume_state = find_resume(self.out_dir, cfg.resume, cfg.overwrite)
+        self.resume_dir, self.resume_state = find_resume(self.out_dir, cfg.resume, cfg.overwrite, check=contents_problem)
         self._read_data()
         self._build_model(self.resume_state)
         limit = self.model.config.max_len
         self.train_src, self.train_tgt = encode_pairs(self.train_pairs, self.vocab, limit, "training data")
         self.held_src, self.held_tgt = encode_pairs(self.held_pairs, self.vocab, limit, "held-out data")
+        if self.held_src:  # the final evaluation's beam must fit, before anything is written
+            sources_per_batch(self.model, cfg.final_beam, max(map(len, self.held_src)), 1, flag="--final-beam")
         self.batches = PositionedBatches(PairBatches(self.train_src, self.train_tgt, cfg.batch_size, seed=cfg.seed))
         sample_rows = np.random.default_rng(cfg.seed).permutation(len(self.held_pairs))[: cfg.eval_pairs]
         self.eval_rows = np.sort(sample_rows)
@@ -235,7 +256,23 @@ class Translation:
         if cfg.max_steps <= state["step"]:
             raise ValueError(f"--max-steps {cfg.max_steps} is not beyond step {state['step']} of {self.resume_dir}; "
                              "give a larger --max-steps")  # fmt: skip
+        self._check_resume_flags(state)
         self.model, self.vocab, _ = load_model(self.resume_dir, device=cfg.device, dtype=cfg.dtype)
+        if self.model.config.dropout != cfg.dropout:  # --dropout may change, as --drop-rate for npgpt train
+            self.model.config = self.model.config.replace(dropout=cfg.dropout)
+
+    def _check_resume_flags(self, state: dict) -> None:
+        """Refuse, by name, flags that the run resumed cannot honour: another model shape (its config.json), another
+        --seed (the data order and the dropout masks follow it) or --batch-size. --lr, --dropout, the schedule
+        and the intervals may change."""
+        cfg, saved = self.cfg, dict(state.get("train_config") or {})
+        saved.update({k: v for k, v in read_meta(self.resume_dir)[0].to_dict().items() if k in KEPT_ON_RESUME})
+        for key in KEPT_ON_RESUME:
+            if key in saved and saved[key] != getattr(cfg, key):
+                flag = f"--{key.replace('_', '-')}"
+                raise ValueError(f"{flag} {getattr(cfg, key)} cannot be honoured by --resume: the run being resumed "
+                                 f"({self.resume_dir}) has {flag} {saved[key]}, and a resumed run keeps its model, data "
+                                 f"order and seed; resume with {flag} {saved[key]} (or start a new run in another --out-dir)")  # fmt: skip
 
     def loop_settings(self) -> LoopSettings:
         c = self.cfg
@@ -243,7 +280,9 @@ class Translation:
         return LoopSettings(command="npgpt seq2seq train", out_dir=c.out_dir, total_steps=c.max_steps, lr=c.lr,
                             eval_interval=c.eval_interval, checkpoint_interval=c.checkpoint_interval,
                             keep_last=c.keep_last, max_bad_steps=c.max_bad_steps, progress=c.progress,
-                            files={"heldout.tsv": heldout})  # fmt: skip
+                            files={"heldout.tsv": heldout}, outputs=("loss.png", "heldout_errors.tsv"),
+                            final_evaluation="exact match and BLEU on every held-out pair",
+                            final_hint=f"npgpt seq2seq eval --checkpoint {c.out_dir}" + ("" if c.final_beam == 1 else f" --beam {c.final_beam}"))  # fmt: skip
 
     # --- what the loop asks of a task ---------------------------------------------------------------
     def banner(self, step: int) -> str:
@@ -251,7 +290,7 @@ class Translation:
         mc = model.config
         return (f"npgpt seq2seq train: {model.num_params():,} parameters (d_model {mc.d_model}, {mc.n_heads} heads, "
                 f"{mc.n_encoder_layers}+{mc.n_decoder_layers} layers, d_ff {mc.d_ff}, {mc.norm}-norm, {mc.activation}, "
-                f"{mc.pos_encoding} positions) on {model.device}, {model.dtype}, {cfg.engine} engine; "
+                f"{mc.pos_encoding} positions) on {model.device}{tf32_note(model.device)}, {model.dtype}, {cfg.engine} engine; "
                 f"vocabulary {len(self.vocab):,}; "
                 f"{len(self.train_pairs):,} training / {len(self.held_pairs):,} held-out pairs; {cfg.max_steps} steps "
                 f"of {cfg.batch_size} pairs" + (f"; resuming at step {step}" if step else ""))  # fmt: skip

@@ -1,0 +1,212 @@
+"""GPT's causal self-attention in the fast engine: one small object per way of computing it (a "path").
+
+Glossary: B=batch, T=time, C=channels, NH=heads, hs=C//NH; b, t: this batch's; n = b*t rows; l: the layer.
+
+Every path computes layers/attention.py's
+    q, k, v = split(qkv);  y = merge(dropout(softmax(q @ k^T / sqrt(hs) + causal mask)) @ v)
+and has the same three methods, which is all the block's wiring (engine/block.py) knows of it:
+
+    qkv = path.qkv_out(l, n)                          # (n, 3C): where c_attn writes layer l's q|k|v
+    path.forward(l, y, qkv, b, t, drop, replay=False) # y (n, C) = attention(qkv); keeps what its backward reads
+    path.backward(l, dqkv, dy, b, t, drop)            # dqkv (n, 3C) from dy (n, C)
+
+`drop` is the forward's Dropout part (parts.py): the rate p and the generator, and the dict where a
+path keeps, by key, its dropout mask or whatever regenerates it. replay=True is recompute="block"
+rerunning the layer's forward inside the backward, which must drop the same elements; only the paths
+that keep nothing T x T see it (recompute always chooses RecomputedAttention, or FlashAttention over
+it). A path keeps its state in the engine's buffers (buffers.py), so the engine's nbytes() counts it.
+
+| path                | used                              | keeps for the backward            | ops (npgpt/fast/, cuda/)       |
+| InPlaceAttention    | the CPU                           | probabilities; q, k, v inside qkv | attention_in_place_*           |
+| HeadsAttention      | a GPU (and cuBLAS's bmm)          | probabilities; q, k, v per head   | attention_forward / _backward  |
+| RecomputedAttention | recompute="attention" or "block"  | q, k, v: nothing T x T            | attention_rows_*               |
+| FlashAttention      | the CUDA flash kernel (no dropout) | q, k, v, each row's logsumexp    | flash_attention_* (kernels/)   |
+
+choose_attention picks one, once, when the engine is built. Another way of computing attention is
+another class with these three methods, and a line in choose_attention.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+
+from .. import fast
+from ..backend import get_array_module
+from ..layers.dropout import dropout_mask
+
+
+def choose_attention(acts, work, ops, *, in_place: bool, rows: int | None, recompute: bool):
+    """The path for these settings: recompute (nothing T x T kept), else in place (the CPU), else the
+    heads layout; with the flash kernel in ops, FlashAttention with that path under it for the
+    forwards with dropout, which the kernel cannot do. rows: attention's products in causal blocks of
+    that many query rows (the CPU), or None (whole stacks: a GPU)."""
+    if recompute:
+        path = RecomputedAttention(acts, work, ops.heads_matmul)
+    elif in_place:
+        path = InPlaceAttention(acts, work, ops.heads_matmul, rows)
+    else:
+        path = HeadsAttention(acts, work, ops.heads_matmul, rows)
+    if ops.flash_forward is not None:
+        return FlashAttention(acts, work, ops.flash_forward, ops.flash_backward, path)
+    return path
+
+
+def _saved_heads(acts, l: int, b: int, t: int):  # noqa: E741
+    """(3, b, NH, t, hs): layer l's saved q (divided by sqrt(hs)), k and v in the heads layout."""
+    return acts.qkv_heads[l][:, :b, :, :t]
+
+
+def _kept_probabilities(acts, work, l: int, b: int, t: int):  # noqa: E741
+    """Layer l's (b, NH, t, t) probabilities, and the scratch for the dropped ones (then datt): allocated
+    for the engine's (B, T) the first time a path that keeps them runs."""
+    if acts.att[l] is None:
+        _, B, NH, T, _ = acts.qkv_heads[l].shape
+        acts.att[l] = get_array_module(work.causal_bias).empty((B, NH, T, T), dtype=work.causal_bias.dtype)
+        if work.att is None:
+            work.att = get_array_module(work.causal_bias).empty_like(acts.att[l])
+    return acts.att[l][:b, :, :t, :t], work.att[:b, :, :t, :t]
+
+
+class InPlaceAttention:
+    """The CPU's path: c_attn writes qkv straight into the layer's saved buffer (qkv_heads' memory, laid
+    out (n, 3C) [q | k | v]); q, k and v are strided views of it, and y and dqkv are written through
+    views, so nothing is copied into or out of a heads layout. The products run in causal blocks of
+    `rows` query rows, skipping what the mask hides (fast.attention_in_place_*)."""
+
+    def __init__(self, acts, work, matmul, rows: int | None):
+        self.acts, self.work, self.matmul, self.rows = acts, work, matmul, rows
+
+    def qkv_out(self, l: int, n: int):  # noqa: E741
+        _, _, NH, _, hs = self.acts.qkv_heads[l].shape
+        return self.acts.qkv_heads[l].reshape(-1)[: n * 3 * NH * hs].reshape(n, 3 * NH * hs)  # (n, 3C) view
+
+    def forward(self, l, y, qkv, b, t, drop, replay=False):  # noqa: E741
+        att, dropped = _kept_probabilities(self.acts, self.work, l, b, t)
+        drop.masks[f"att{l}"] = fast.attention_in_place_forward(y, qkv, att, self.work.causal_bias[:t, :t], drop.p, drop.rng,
+                                                                dropped=dropped, rows=self.rows, matmul=self.matmul)  # fmt: skip
+
+    def backward(self, l, dqkv, dy, b, t, drop):  # noqa: E741
+        att, datt = _kept_probabilities(self.acts, self.work, l, b, t)
+        keep = drop.masks[f"att{l}"] if drop.p > 0 else None
+        fast.attention_in_place_backward(dqkv, dy, self.qkv_out(l, b * t), att, keep, drop.p, datt=datt, rows=self.rows,
+                                         matmul=self.matmul)  # fmt: skip
+
+
+class HeadsAttention:
+    """A GPU's path: q, k, v copied out of qkv into the heads layout (3, b, NH, t, hs), the layer's saved
+    buffer, so every product is one batched GEMM over all (batch, head) pairs (with NPGPT_CUDA_KERNELS=bmm
+    one cuBLAS strided-batched call, `matmul`); y and dqkv copied back (fast.attention_forward / _backward).
+    rows: causal blocks of query rows as on the CPU, or None for whole stacks."""
+
+    def __init__(self, acts, work, matmul, rows: int | None):
+        self.acts, self.work, self.matmul, self.rows = acts, work, matmul, rows
+
+    def qkv_out(self, l: int, n: int):  # noqa: E741
+        return self.work.n3c[:n]
+
+    def forward(self, l, y, qkv, b, t, drop, replay=False):  # noqa: E741
+        att, dropped = _kept_probabilities(self.acts, self.work, l, b, t)
+        drop.masks[f"att{l}"] = fast.attention_forward(y, _saved_heads(self.acts, l, b, t), att, qkv, self.work.causal_bias[:t, :t],
+                                                       drop.p, drop.rng, dropped=dropped, head_out=self.work.heads[0, :b, :, :t],
+                                                       matmul=self.matmul, rows=self.rows)  # fmt: skip
+
+    def backward(self, l, dqkv, dy, b, t, drop):  # noqa: E741
+        att, datt = _kept_probabilities(self.acts, self.work, l, b, t)
+        keep = drop.masks[f"att{l}"] if drop.p > 0 else None
+        fast.attention_backward(dqkv, dy, _saved_heads(self.acts, l, b, t), att, keep, drop.p, dheads=self.work.heads[:, :b, :, :t],
+                                datt=datt, matmul=self.matmul, rows=self.rows)  # fmt: skip
+
+
+class RecomputedAttention:
+    """recompute="attention" / "block": nothing T x T is kept. The forward works a block of query rows at a
+    time against only the keys those rows see; the backward recomputes each block's probabilities from
+    the kept q and k (fast.attention_rows_*), as the flash kernel does on a GPU. The dropout mask is not
+    kept either: a copy of the generator as it was before drawing it is, and the mask is drawn again
+    from a copy of that copy (a generator that cannot be copied: the mask itself is kept)."""
+
+    def __init__(self, acts, work, matmul):
+        self.acts, self.work, self.matmul = acts, work, matmul
+
+    def qkv_out(self, l: int, n: int):  # noqa: E741
+        return self.work.n3c[:n]
+
+    def _scratch(self, b: int, t: int):
+        """(probability blocks (2, b, NH, rows, t), head_tmp (b, NH, t, hs)); under the flash kernel,
+        which needs neither, allocated when a forward with dropout first comes here."""
+        w = self.work
+        if w.att_rows is None:
+            _, B, NH, T, _ = self.acts.qkv_heads[0].shape
+            w.att_rows = fast.attention_rows_scratch(get_array_module(w.heads), B, NH, T, w.heads.dtype)
+            w.head_tmp = get_array_module(w.heads).empty_like(w.heads[0])
+        return w.att_rows[:, :b, :, :, :t], w.head_tmp[:b, :, :t]
+
+    def _mask(self, l, b, t, drop, fresh: bool):  # noqa: E741
+        """Layer l's keep-mask (None without dropout): fresh, drawn after keeping the generator's state; or
+        drawn again from a copy of that state (the backward, a replay)."""
+        if drop.p == 0:
+            return None
+        shape, xp = (b, self.acts.qkv_heads[l].shape[2], t, t), get_array_module(self.work.heads)
+        if fresh:
+            try:
+                drop.masks[f"att_rng{l}"] = copy.deepcopy(drop.rng)
+            except Exception:  # a generator that cannot be copied: the mask itself is kept
+                drop.masks[f"att_rng{l}"] = None
+            keep = dropout_mask(shape, drop.p, drop.rng, xp)
+            if drop.masks[f"att_rng{l}"] is None:
+                drop.masks[f"att_keep{l}"] = keep
+            return keep
+        if drop.masks[f"att_rng{l}"] is None:
+            return drop.masks[f"att_keep{l}"]
+        return dropout_mask(shape, drop.p, copy.deepcopy(drop.masks[f"att_rng{l}"]), xp)
+
+    def forward(self, l, y, qkv, b, t, drop, replay=False):  # noqa: E741
+        heads, head_out = _saved_heads(self.acts, l, b, t), self.work.heads[0, :b, :, :t]
+        fast.split_heads_into(heads, qkv)  # (n, 3C) -> (3, b, NH, t, hs), q divided by sqrt(hs)
+        keep = self._mask(l, b, t, drop, fresh=not replay)
+        scratch, _ = self._scratch(b, t)
+        fast.attention_rows_forward(head_out, heads[0], heads[1], heads[2], self.work.causal_bias[:t, :t], keep,
+                                    heads.dtype.type(1.0 / (1.0 - drop.p)), scratch=scratch, matmul=self.matmul)  # fmt: skip
+        fast.merge_heads_into(y, head_out)  # (b, NH, t, hs) -> (n, C)
+
+    def backward(self, l, dqkv, dy, b, t, drop):  # noqa: E741
+        heads, dheads = _saved_heads(self.acts, l, b, t), self.work.heads[:, :b, :, :t]
+        NH, hs = heads.shape[2], heads.shape[-1]
+        dheads[0][...] = dy.reshape(b, t, NH, hs).transpose(0, 2, 1, 3)  # dy in dq's slot
+        keep = self._mask(l, b, t, drop, fresh=False)
+        scratch, tmp = self._scratch(b, t)
+        fast.attention_rows_backward_(dheads[0], dheads[1], dheads[2], heads[0], heads[1], heads[2], self.work.causal_bias[:t, :t],
+                                      keep, heads.dtype.type(1.0 / (1.0 - drop.p)), heads.dtype.type(1.0 / np.sqrt(hs)),
+                                      scratch=scratch, tmp=tmp, matmul=self.matmul)  # fmt: skip
+        dqkv.reshape(b, t, 3, NH, hs)[...] = dheads.transpose(1, 3, 0, 2, 4)  # (3, b, NH, t, hs) -> (n, 3C)
+
+
+class FlashAttention:
+    """The CUDA flash-attention kernel (kernels/attention.cu): O(t) memory, each row's logsumexp kept
+    instead of the probabilities, and recomputed from it in the backward. It has no dropout: a forward
+    with dropout goes to the path under it (`fallback`). `used[l]`: whether layer l's last forward took
+    the kernel."""
+
+    def __init__(self, acts, work, kernel_forward, kernel_backward, fallback):
+        self.acts, self.work, self.fallback = acts, work, fallback
+        self.kernel_forward, self.kernel_backward = kernel_forward, kernel_backward
+        self.used = [False] * len(acts.qkv_heads)
+
+    def qkv_out(self, l: int, n: int):  # noqa: E741
+        return self.work.n3c[:n]  # as the fallback's: one of them runs after c_attn wrote here
+
+    def forward(self, l, y, qkv, b, t, drop, replay=False):  # noqa: E741
+        self.used[l] = drop.p == 0
+        if not self.used[l]:
+            self.fallback.forward(l, y, qkv, b, t, drop, replay)
+            return
+        self.kernel_forward(y, _saved_heads(self.acts, l, b, t), self.acts.lse[l][:b, :, :t], qkv,
+                            head_out=self.work.flash_out[:b, :, :t])  # fmt: skip
+
+    def backward(self, l, dqkv, dy, b, t, drop):  # noqa: E741
+        if not self.used[l]:
+            self.fallback.backward(l, dqkv, dy, b, t, drop)
+            return
+        self.kernel_backward(dqkv, dy, _saved_heads(self.acts, l, b, t), self.acts.lse[l][:b, :, :t], self.acts.atty[l][: b * t],
+                             dheads=self.work.heads[:, :b, :, :t], head_out=self.work.flash_out[:b, :, :t])  # fmt: skip
