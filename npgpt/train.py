@@ -376,6 +376,21 @@ def shard_data_report(cfg: TrainConfig, shards: ShardSet, seq_len: int) -> str:
             f"tokens; this run: {steps:,} steps; {val}")  # fmt: skip
 
 
+def shard_data_summary(shards: ShardSet, validating: bool) -> str:
+    """Token shards as the banner names them."""
+    val = f"{shards.tokens('val'):,} val tokens" if validating else "no validation (--train-ratio 1)"
+    return (f"{shards.where} ({shards.kind}, {len(shards.train) + len(shards.val)} shards, read by memory map): "
+            f"{shards.tokens('train'):,} train tokens, {val}")  # fmt: skip
+
+
+def shard_first_tokens(shards: ShardSet, n: int = 64) -> np.ndarray:
+    """The first n tokens of the training shards without their <|endoftext|> separators: the text the
+    default sample prompt starts from."""
+    first = next(s for s in shards.train if s.n_tokens)  # (ShardWindows made sure one has tokens)
+    head = first.read([0], min(n, first.n_tokens))[0]
+    return head[head != EOT_ID]
+
+
 # --- setting up ------------------------------------------------------------------------------------
 
 
@@ -557,7 +572,8 @@ class Pretraining:
             world.setup_nccl()  # gradients stay on the GPUs: NCCL all-reduce, MPI only for the rendezvous
         broadcast_params_(world, self.model.params)  # every rank starts from rank 0's weights
         self._set_up_training()
-        self.prompt_ids = default_prompt_ids(cfg, self.first_tokens(), self.model.config.context_length)
+        first = self.train_ids[:64] if self.shards is None else shard_first_tokens(self.shards)
+        self.prompt_ids = default_prompt_ids(cfg, first, self.model.config.context_length)
         self.history = {"train": [], "val": [], "train_eval": []}  # (step, tokens, loss) at each evaluation
         self.last_val = self.last_train_eval = None
         self.sample = ""
@@ -612,24 +628,6 @@ class Pretraining:
         self.total_steps = cfg.max_steps or max(1, int(math.ceil(cfg.epochs * steps_per_epoch)))
         self.schedule = LRSchedule(cfg.lr, self.total_steps, cfg.warmup_steps, cfg.min_lr, cfg.schedule)
 
-    def data_summary(self) -> str:
-        """The data as the banner names it."""
-        if self.shards is None:
-            return f"{len(self.train_ids):,} train / {len(self.val_ids):,} val tokens"
-        s = self.shards
-        val = f"{s.tokens('val'):,} val tokens" if self.val_windows is not None else "no validation (--train-ratio 1)"
-        return (f"{s.where} ({s.kind}, {len(s.train) + len(s.val)} shards, read by memory map): {s.tokens('train'):,} train "
-                f"tokens, {val}")  # fmt: skip
-
-    def first_tokens(self) -> np.ndarray:
-        """The training data's first tokens (at most 64; a shard's without its <|endoftext|> separators), for
-        the default sample prompt."""
-        if self.shards is None:
-            return self.train_ids[:64]
-        first = next(s for s in self.shards.train if s.n_tokens)  # (ShardWindows made sure one has tokens)
-        head = first.read([0], min(64, first.n_tokens))[0]
-        return head[head != EOT_ID]
-
     def _set_up_training(self) -> None:
         """The engine, the optimizer and the update."""
         cfg, model, world = self.cfg, self.model, self.world
@@ -646,8 +644,10 @@ class Pretraining:
         c = model.config
         ranks = f" on {world.size} ranks" if world.size > 1 else ""
         compute = "" if cfg.precision == "fp32" else f" weights, {cfg.precision} compute"
+        data = (f"{len(self.train_ids):,} train / {len(self.val_ids):,} val tokens" if self.shards is None
+                else shard_data_summary(self.shards, self.val_windows is not None))  # fmt: skip
         return (f"npgpt train: {model.num_params():,} parameters ({c.n_layers} layers, C={c.emb_dim}, NH={c.n_heads}) on "
-                f"{model.device}{tf32_note(model.device)}{ranks}, {model.dtype}{compute}; {self.data_summary()}; "
+                f"{model.device}{tf32_note(model.device)}{ranks}, {model.dtype}{compute}; {data}; "
                 f"{self.total_steps} steps of {self.batch_size}x{self.grad_accum}x{self.seq_len} tokens"
                 + (f"; resuming at step {step}" if step else ""))  # fmt: skip
 
