@@ -14,31 +14,37 @@
 #   install 60 s; probe 45 s (a first kernel compile and bfloat16 on the GPU: when they fail nothing else
 #   can pass, so the check stops there, naming what is missing); nvidia-smi 10 s; npgpt info 20 s;
 #   NPGPT_REQUIRE_CUDA=1 pytest -m cuda in three parts (no CUDA test can pass by skipping):
-#     pytest-core 240 s: layer parity, the engine, the kernels, cuBLAS, training (test_layers,
+#     pytest-core 170 s: layer parity, the engine, the kernels, cuBLAS, training (test_layers,
 #       test_engine, test_cuda_kernels, test_cuda_blas, test_gpu_training);
-#     pytest-more 80 s: gradients, the encoder-decoder, fine-tuning, bench, pretrained;
+#     pytest-more 70 s: gradients, the encoder-decoder, fine-tuning, bench, pretrained;
 #     pytest-nccl 40 s: test_distributed (one-rank NCCL; the two-GPU tests skip on one GPU, saying so);
-#   20 steps of `npgpt train --preset nano` on CuPy in five settings against NumPy 60 s; the benchmark
-#   table, what is left (at least 80 s; benchmarks/gpu_bench.py: 124M, B=16 and 8 at T=1024, TF32, bf16,
-#   fp32, npgpt with the kernels off and all, against PyTorch eager and torch.compile, one twin at a time).
-# Compile time is logged apart from run time: benchmarks/gpu_compile_timer.py times CuPy's kernel
-# compiles in every Python process (a .pth file in the venv), the pytest parts print it per test file,
-# and the report gives each part's seconds compiling beside its seconds in all. On a cold CuPy kernel
-# cache the CUDA tests need about 8 minutes of compiling (benchmarks/gpu_compile_budget.py's estimate),
-# so a first run is expected to end pytest-core inside test_engine; CuPy keeps what it compiled
-# (~/.cupy/kernel_cache), and a second run on the same machine gets through.
+#   20 steps of `npgpt train --preset nano` on CuPy in five settings against NumPy, all at once, 60 s; the
+#   benchmark table, what is left (at least 80 s; benchmarks/gpu_bench.py: 124M, B=16 and 8 at T=1024,
+#   TF32, bf16, fp32, npgpt with the kernels off and all, against PyTorch eager and torch.compile, one
+#   twin at a time).
+# A GPU machine starts with no CuPy kernel cache, and one process would spend about 9 minutes compiling
+# the kernels of the CUDA tests (benchmarks/gpu_compile_budget.py's estimate). So pytest-core and
+# pytest-more each run as several pytest processes at once over a split of their tests ("shards",
+# benchmarks/gpu_shards.py; gpu_check_tools.py pytest): as many as make the part end soonest by the plan,
+# at most one per core and as many as the GPU's free memory holds; they share CuPy's on-disk cache,
+# which is safe for concurrent writers. On 16 cores the estimate is 81 s for pytest-core and 33 s for
+# pytest-more on a cold cache, and the limits are twice that. Compile time is logged apart from run time:
+# benchmarks/gpu_compile_timer.py times CuPy's kernel compiles in every Python process (a .pth file in
+# the venv), each shard prints it per test file, and the report gives each part's seconds compiling
+# (summed over its shards, and the longest shard's) beside its seconds in all.
 # PYTHON=... picks the interpreter (default python3).
 # Writes OUT_DIR (default gpu-check/): report.md (the report), logs.txt (every part's output),
 # bench.jsonl and bench.md (the benchmark's figures and table); prints a one-screen summary last. The
 # report and the logs are rewritten after every part (the part in flight writes OUT_DIR/running.log), and
-# a check stopped from outside (SIGTERM, SIGINT, SIGHUP) stops its part and writes them before it exits.
+# a check stopped from outside (SIGTERM, SIGINT, SIGHUP) stops its part (all its shards) and writes them
+# before it exits.
 # Exit status: 0 when every part passed, 1 otherwise (the report says which).
 #
 # --dry-run: the same script on a machine without a GPU, each part made small and CPU-only (the probe
 # tries the host's bfloat16, pytest-core runs two CUDA tests on the CPU stand-in tests/fake_cupy.py with
-# NPGPT_FAKE_CUDA=1 and the other pytest parts only collect theirs, the GPU runs become CPU runs, the
-# benchmark uses a tiny model): it checks that every command parses and runs and that the report is
-# written (tests/test_gpu_check.py does this).
+# NPGPT_FAKE_CUDA=1 in two shards, the other pytest parts only collect theirs, the GPU runs become CPU
+# runs, the benchmark uses a tiny model): it checks that every command parses and runs and that the
+# report is written (tests/test_gpu_check.py does this).
 set -u -o pipefail
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
@@ -111,8 +117,11 @@ on_signal() {
     trap - TERM INT HUP
     echo "[gpu_check] stopped by a signal${PART_NAME:+ during $PART_NAME}; writing the report"
     if [[ -n "$PART_PID" ]]; then
-        kill -TERM "$PART_PID" 2>/dev/null
-        sleep 2
+        kill -TERM "$PART_PID" 2>/dev/null  # `timeout`: it passes the signal on to the part's whole process group
+        for _ in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16; do  # a part in shards stops them and says which had ended
+            kill -0 "$PART_PID" 2>/dev/null || break
+            sleep 0.5
+        done
         kill -KILL "$PART_PID" 2>/dev/null
         wait "$PART_PID" 2>/dev/null
         [[ -f "$OUT/running.log" ]] && mv -f "$OUT/running.log" "$WORK/$PART_NAME.log"
@@ -194,27 +203,33 @@ paths() { for f in "$@"; do echo "$ROOT/tests/$f"; done; }
 mapfile -t CORE_FILES < <(paths "${CORE[@]}")
 mapfile -t MORE_FILES < <(paths "${MORE[@]}")
 mapfile -t NCCL_FILES < <(paths "${NCCL[@]}")
-PYTEST=(-m pytest --rootdir "$ROOT" -m cuda -v -rfEs -p no:cacheprovider -p gpu_compile_timer --durations=5)
+PYTEST=(--rootdir "$ROOT" -m cuda -v -rfEs -p no:cacheprovider -p gpu_compile_timer --durations=5)
+# each pytest part as shards: several pytest processes at once over a split of its tests (gpu_shards.py)
+SHARDED=("$VPY" "$ROOT/benchmarks/gpu_check_tools.py" pytest "$WORK")
 if ((DRY)); then
     DEVICE=cpu
     PROBE_ARGS=(--cpu)
-    # two CUDA tests really run, on the CPU stand-in; the other parts only collect theirs
-    CORE_RUN=(env NPGPT_FAKE_CUDA=1 PYTHONPATH="$ROOT/benchmarks${PYTHONPATH:+:$PYTHONPATH}" "$VPY" "${PYTEST[@]}"
-        "$ROOT/tests/test_cuda_blas.py" -k "constants or edges")
+    # two CUDA tests really run, on the CPU stand-in, in two shards; the other parts only collect theirs
+    CORE_RUN=(env NPGPT_FAKE_CUDA=1 PYTHONPATH="$ROOT/benchmarks${PYTHONPATH:+:$PYTHONPATH}" "${SHARDED[@]}" pytest-core
+        --shards 2 -- "${PYTEST[@]}" "$ROOT/tests/test_cuda_blas.py" -k "constants or edges")
+    MORE_SHARDS=(--shards 1)
     COLLECT=(--collect-only -q)
     TRAIN_ARGS=(--device cpu --max-steps 2 --model-args "--emb-dim 32 --n-heads 2 --n-layers 1 --context-length 16")
     BENCH_ARGS=(--device cpu --preset nano --vocab-size 97 --emb-dim 32 --n-heads 2 --n-layers 1 --context-length 16
         --batch-sizes 2 --compile-batch-sizes --precisions fp32 bf16 --steps 1 --warmup 1)
 else
     DEVICE=cuda
-    PROBE_ARGS=()
+    PROBE_ARGS=(--facts "$WORK/gpu.json")  # the GPU's free memory and compute mode, for --shards auto
     export NPGPT_REQUIRE_CUDA=1  # a CUDA test that would skip fails instead, saying why
-    CORE_RUN=("$VPY" "${PYTEST[@]}" "${CORE_FILES[@]}")
+    CORE_RUN=("${SHARDED[@]}" pytest-core --shards auto -- "${PYTEST[@]}" "${CORE_FILES[@]}")
+    MORE_SHARDS=(--shards auto)
     COLLECT=()
     TRAIN_ARGS=(--device cuda --max-steps 20)
     BENCH_ARGS=(--device cuda)
 fi
-# R_X: the least that part X and every part after it need; a part's limit leaves the next part's R_ free
+# R_X: the least that part X and every part after it need; a part's limit leaves the next part's R_ free.
+# The pytest parts' limits are twice their estimate on a cold cache over 16 cores (docs/gpu_compile_budget.json,
+# "spread": pytest-core 81 s, pytest-more 33 s), for what the estimate cannot know (docs/benchmarks.md).
 R_BENCH=80
 R_TRAIN=$((R_BENCH + 60))
 R_NCCL=$((R_TRAIN + 30))
@@ -233,9 +248,9 @@ else  # a failure on a GPU machine; expected in a dry run
     printf 'nvidia-smi\t%s\t0\t0\n' "$((DRY ? 0 : 127))" >>"$WORK/parts.tsv"
 fi
 run_part info 20 "$R_CORE" "$VPY" -m npgpt info --device "$DEVICE"
-run_part pytest-core 240 "$R_MORE" "${CORE_RUN[@]}"
-run_part pytest-more 80 "$R_NCCL" "$VPY" "${PYTEST[@]}" "${MORE_FILES[@]}" "${COLLECT[@]}"
-run_part pytest-nccl 40 "$R_TRAIN" "$VPY" "${PYTEST[@]}" "${NCCL_FILES[@]}" "${COLLECT[@]}"
+run_part pytest-core 170 "$R_MORE" "${CORE_RUN[@]}"
+run_part pytest-more 70 "$R_NCCL" "${SHARDED[@]}" pytest-more "${MORE_SHARDS[@]}" -- "${PYTEST[@]}" "${MORE_FILES[@]}" "${COLLECT[@]}"
+run_part pytest-nccl 40 "$R_TRAIN" "${SHARDED[@]}" pytest-nccl --shards 1 -- "${PYTEST[@]}" "${NCCL_FILES[@]}" "${COLLECT[@]}"
 unset NPGPT_REQUIRE_CUDA
 TRAIN_LIMIT=$((DRY ? 240 : 60))  # the dry run's six CPU processes take longer than the GPU's
 run_part train "$TRAIN_LIMIT" "$R_BENCH" "$VPY" "$ROOT/benchmarks/gpu_check_tools.py" train "$WORK" "${TRAIN_ARGS[@]}"

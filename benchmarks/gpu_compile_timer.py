@@ -9,9 +9,11 @@ functions of cupy.cuda.compiler as soon as it is imported, read from CuPy's sour
   module (hits of CuPy's on-disk kernel cache and loading the module included): "fetch";
 - `_compile_using_nvrtc_no_warning`, which `_compile_with_cache_cuda` calls by its module-global name on
   a cache miss: "nvrtc", the compiles themselves.
-At exit one JSON line goes to $NPGPT_COMPILE_LOG: the part ($NPGPT_CHECK_PART), the command, the process's
-wall seconds, and the count and seconds of each. A CuPy whose compiler module lacks either function is
-logged as not timed, and nothing else changes.
+At exit one JSON line goes to $NPGPT_COMPILE_LOG: the part ($NPGPT_CHECK_PART) and shard ($NPGPT_CHECK_SHARD,
+when gpu_check_tools.py runs the part in shards), the command, the process's wall seconds, and the count
+and seconds of each. A CuPy whose compiler module lacks either function is logged as not timed, and
+nothing else changes. Processes that compile at once (the shards) all read and write CuPy's one on-disk
+cache, which is safe for concurrent writers (benchmarks/gpu_shards.py says why, from CuPy's source).
 
 Loaded into pytest too (`-p gpu_compile_timer`), it prints after the run, per test file, the seconds its
 tests took and how many of them were spent compiling.
@@ -78,7 +80,8 @@ def _write_log() -> None:
     path = os.environ.get("NPGPT_COMPILE_LOG")
     if not path or "cupy" not in sys.modules:
         return
-    record = {"part": os.environ.get("NPGPT_CHECK_PART", ""), "argv": " ".join(sys.argv)[:200], "pid": os.getpid(),
+    record = {"part": os.environ.get("NPGPT_CHECK_PART", ""), "shard": os.environ.get("NPGPT_CHECK_SHARD", ""),
+              "argv": " ".join(sys.argv)[:200], "pid": os.getpid(),
               "wall_s": round(time.perf_counter() - _START, 2), **{k: round(v, 2) if isinstance(v, float) else v
                                                                      for k, v in STATS.items()}}  # fmt: skip
     try:

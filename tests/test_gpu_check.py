@@ -123,7 +123,8 @@ def test_the_twins_of_a_unit_live_one_at_a_time(monkeypatch):
 
 
 def write_run(work: Path, out: Path, pytest_lines, train, units):
-    """What gpu_check.sh leaves behind after a GPU run: parts.tsv, the logs, train.json, bench.jsonl."""
+    """What gpu_check.sh leaves behind after a GPU run: parts.tsv, the logs (pytest-core's in two shards:
+    the driver's log and one log per shard), train.json, bench.jsonl."""
     work.mkdir()
     out.mkdir()
     parts = [("install", 0), ("probe", 0), ("nvidia-smi", 0), ("info", 0), ("pytest-core", 1), ("pytest-more", 0),
@@ -131,11 +132,15 @@ def write_run(work: Path, out: Path, pytest_lines, train, units):
     (work / "parts.tsv").write_text("".join(f"{n}\t{rc}\t3\t100\n" for n, rc in parts))
     for n, _ in parts:
         (work / f"{n}.log").write_text(f"$ {n}\n")
-    (work / "pytest-core.log").write_text("\n".join(line for line in pytest_lines if "test_gradients" not in line) + "\n")
+    core = [line for line in pytest_lines if "test_gradients" not in line]
+    (work / "pytest-core.shard1.log").write_text("\n".join(core[::2]) + "\n")  # the shards' own logs: the results
+    (work / "pytest-core.shard2.log").write_text("\n".join(core[1::2]) + "\n")
+    (work / "pytest-core.shards.json").write_text(json.dumps({"shards": 2}))
     (work / "pytest-more.log").write_text("\n".join(line for line in pytest_lines if "test_gradients" in line) + "\n")
-    (work / "compile.jsonl").write_text(json.dumps({"part": "pytest-core", "timed": True, "nvrtc_s": 61.4, "nvrtc_n": 48})
-                                        + "\n" + json.dumps({"part": "pytest-core", "timed": True, "nvrtc_s": 2.0,
-                                                              "nvrtc_n": 2}) + "\n")  # fmt: skip
+    (work / "compile.jsonl").write_text(json.dumps({"part": "pytest-core", "shard": "1", "timed": True, "nvrtc_s": 61.4,
+                                                    "nvrtc_n": 48}) + "\n" +
+                                        json.dumps({"part": "pytest-core", "shard": "2", "timed": True, "nvrtc_s": 2.0,
+                                                    "nvrtc_n": 2}) + "\n")  # fmt: skip
     (work / "nvidia-smi.log").write_text("|   0  NVIDIA H100 80GB HBM3          On  |   00000000:00:05.0 Off |\n")
     (work / "train.json").write_text(json.dumps(train))
     machine = {"kind": "machine", "gpu": "NVIDIA H100 80GB HBM3", "python": "3.12.3", "numpy": "2.5", "device": "cuda",
@@ -176,14 +181,16 @@ def test_report_reads_the_verdicts_from_a_gpu_run(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == text.strip()
     assert "(to turn on by default: DEFAULT_ON in npgpt/cuda/__init__.py): adamw, attention, bmm, cross_entropy, gelu, sq_norm" in text
     assert "| layernorm | NO | 1/2 of its tests passed" in text
-    assert "| pytest -m cuda: layers, engine, kernels, cuBLAS, training | exit 1: 9 passed, 1 failed | 3 (100) | 63 s (50 kernels) |" in text
+    assert ("| pytest -m cuda: layers, engine, kernels, cuBLAS, training | exit 1: 9 passed, 1 failed (2 shards) | 3 (100) | "
+            "63 s in 2 shards, the longest 61 s (50 kernels) |") in text  # fmt: skip
     assert "| pytest -m cuda: gradients, encoder-decoder, fine-tuning, bench | ok: 1 skipped | 3 (100) |  |" in text
     assert "- tests/test_cuda_kernels.py::test_layernorm_fwd[cupy-3-64]" in text
     assert "npgpt TF32 >= PyTorch eager TF32 (16x1024): 1.20x -> met" in text
     assert "npgpt bf16 >= 40% MFU (16x1024): 42.0% -> met" in text
     assert "GPU: NVIDIA H100 80GB HBM3" in text
     logs = (out / "logs.txt").read_text()
-    assert logs.index("===== install") < logs.index("===== pytest-core") < logs.index("===== bench")
+    assert logs.index("===== install") < logs.index("===== pytest-core") < logs.index("===== pytest-core, shard1") < \
+        logs.index("===== pytest-core, shard2") < logs.index("===== pytest-more") < logs.index("===== bench")
 
 
 def test_the_report_reads_pytest_run_as_the_check_runs_it(tmp_path):
@@ -220,7 +227,8 @@ def test_a_timed_out_pytest_still_counts_the_tests_that_finished(tmp_path):
     gpu_check_tools.main(["report", str(work), str(out)])
     text = (out / "report.md").read_text()
     assert "TIMED OUT at 150 s: 1 passed" in text
-    assert "pytest-core ran out of time after compiling 50 kernels (63 s): CuPy keeps them in its kernel cache" in text
+    assert "pytest-core ran out of time after compiling 50 kernels (63 s in 2 shards at once): CuPy keeps them in its " \
+        "kernel cache" in text
     assert "| bmm | NO |" in text  # its own test passed, but no whole-step test or training run got to it
 
 
@@ -311,9 +319,10 @@ def test_without_cupy_the_check_stops_at_once_and_says_why(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils' timeout")
 def test_dry_run_end_to_end(tmp_path):
-    """`gpu_check.sh OUT --dry-run` on this CPU: every part runs in its small form, the report and the logs
-    are written (four files, the device tool brings back at most eight), the summary is printed last, and
-    no process tried to reach the network (the editable install included)."""
+    """`gpu_check.sh OUT --dry-run` on this CPU: every part runs in its small form (pytest-core's two tests
+    in two shards, one each), the report and the logs are written (four files, the device tool brings back
+    at most eight), the summary is printed last, and no process tried to reach the network (the editable
+    install included)."""
     env, attempts = no_network_env(tmp_path)
     env["NPGPT_CHECK_SECONDS"] = "600"
     out = tmp_path / "out"
@@ -323,13 +332,17 @@ def test_dry_run_end_to_end(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["bench.jsonl", "bench.md", "logs.txt", "report.md"]
     report = (out / "report.md").read_text()
     for part in ("install npgpt (no network) | ok: installed: editable", "probe: a first kernel, bfloat16 | ok |",
-                 "npgpt info | ok", "layers, engine, kernels, cuBLAS, training | ok: 2 passed",
+                 "npgpt info | ok", "layers, engine, kernels, cuBLAS, training | ok: 2 passed (2 shards)",
                  "gradients, encoder-decoder, fine-tuning, bench | ok: ", "NCCL (test_distributed) | ok: ",
                  "tests collected", "5/5 GPU settings track the CPU", "benchmark table (gpu_bench.py) | ok",
                  "| 2 x 16 | fp32 |", "| 2 x 16 | bf16 |"):  # fmt: skip
         assert part in report, part
     logs = (out / "logs.txt").read_text()
     assert "[compile time] per test file" in logs  # the pytest parts log compile time apart (none here: no CuPy)
+    shard1, shard2 = logs.split("===== pytest-core, shard1 =====")[1].split("===== pytest-core, shard2 =====")
+    shard2 = shard2.split("\n===== ")[0]
+    assert [shard.count(" PASSED") for shard in (shard1, shard2)] == [1, 1]  # the split was real: one test each
+    assert "test_constants_match_cupy PASSED" in shard1 + shard2 and "test_bmm_edges_and_errors PASSED" in shard1 + shard2
     assert "# npgpt GPU check" in proc.stdout and proc.stdout.rstrip().splitlines()[-1].startswith("[gpu_check] ")
     assert not list(tmp_path.glob("npgpt-gpu-check.*"))  # the work directory is removed
     assert not attempts.exists(), attempts.read_text()
@@ -444,3 +457,226 @@ def test_the_compile_budget_replays_the_kernels_in_the_checks_order(tmp_path):
     assert parts["pytest-core"] == {"test_layers.py": {"elementwise": 1}, "test_engine.py": {"reduction": 1},
                                     "test_cuda_kernels.py": {"rawmodule gelu.cu": 1}}  # fmt: skip
     assert parts["pytest-more"] == {"test_bench.py": {"elementwise": 1}} and parts["pytest-nccl"] == {}
+
+
+# --- the pytest parts in shards: gpu_shards.py's plan, gpu_check_tools.py's driver ------------------------------
+
+import gpu_shards  # noqa: E402
+
+
+def chain_table(**tests) -> gpu_shards.Table:
+    """A kernel table of made-up tests of test_x.py, each a list of kernel numbers; every kernel takes 1 s."""
+    n = 1 + max(k for ks in tests.values() for k in ks)
+    return gpu_shards.Table({"compile_s": {"elementwise": 1.0}, "kernels": ["elementwise"] * n,
+                             "tests": {f"test_x.py::{t}": ks for t, ks in tests.items()}})  # fmt: skip
+
+
+def ids(*names):
+    return [f"tests/test_x.py::{n}" for n in names]  # as pytest writes them, relative to the rootdir
+
+
+@pytest.fixture
+def no_overheads(monkeypatch):
+    """Plans in whole seconds of compiling: no process start, no time on the GPU."""
+    monkeypatch.setattr(gpu_shards, "STARTUP_S", 0.0)
+    monkeypatch.setattr(gpu_shards, "RUN_S", 0.0)
+
+
+A, B, C = list(range(10)), list(range(10, 20)), list(range(20, 30))
+
+
+def test_the_plan_spreads_kernel_families_over_the_shards_and_compiles_each_once(no_overheads):
+    """Two tests of each of families A and B (10 kernels each) and one of C: one process compiles the 30
+    kernels one after another (30 s); three compile the three families at once (10 s), none twice, and a
+    fourth process would make nothing sooner."""
+    table, tests = chain_table(a1=A, a2=A, b1=B, b2=B, c=C), ids("a1", "a2", "b1", "b2", "c")
+    assert gpu_shards.simulate(tests, [0] * 5, table, 1)["makespan_s"] == 30
+    plan = gpu_shards.plan(tests, table, 3)
+    assert sorted(set(plan)) == [0, 1, 2] and plan[tests.index(ids("b1")[0])] != plan[0] != plan[-1]
+    sim = gpu_shards.simulate(tests, plan, table, 3)
+    assert (sim["makespan_s"], sim["compile_s"], sim["duplicated"]) == (10, 30, 0)
+    assert len(sim["compiled"]) == 30 and sum(s["tests"] for s in sim["shards"]) == 5
+    n, best = gpu_shards.shards_needed(tests, table, 16)
+    assert n == 3 and best["makespan_s"] == 10
+    assert gpu_shards.plan(tests, table, 3) == plan  # the same for every shard that computes it
+
+
+def test_the_simulation_compiles_a_kernel_twice_only_when_two_shards_need_it_at_once(no_overheads):
+    """CuPy takes no lock: a shard that needs a kernel another shard is still compiling compiles it too; one
+    that needs it after the other has finished loads it from the cache."""
+    table = chain_table(a1=A, a2=A, y=list(range(30, 42)), z=list(range(30, 35)), w=list(range(30, 39)), x=[9])
+    same_time = gpu_shards.simulate(ids("a1", "a2"), [0, 1], table, 2)
+    assert (same_time["makespan_s"], same_time["duplicated"], same_time["duplicated_s"]) == (10, 10, 10)
+    later = gpu_shards.simulate(ids("a1", "y", "x"), [0, 1, 1], table, 2)  # x needs kernel 9 at 12 s; ready at 10 s
+    assert (later["makespan_s"], later["compile_s"], later["duplicated"]) == (12, 22, 0)
+    sooner = gpu_shards.simulate(ids("a1", "z", "x"), [0, 1, 1], table, 2)  # x compiles kernel 9 at 5 s, a1 loads it at 9 s
+    assert (sooner["shards"][0]["end"], sooner["shards"][1]["end"], sooner["duplicated"]) == (9, 6, 0)
+    racing = gpu_shards.simulate(ids("a1", "w", "x"), [0, 1, 1], table, 2)  # at 9 s both start compiling kernel 9
+    assert (racing["shards"][0]["end"], racing["shards"][1]["end"], racing["duplicated"]) == (10, 10, 1)
+    cached = gpu_shards.simulate(ids("a1"), [0], table, 1, cached=A)  # compiled by an earlier part
+    assert cached["makespan_s"] == 0 and cached["compile_s"] == 0
+
+
+def test_tests_the_table_does_not_know_are_spread_evenly(no_overheads):
+    table = chain_table(a1=A)
+    tests = ids("new1", "new2", "new3", "new4")
+    plan = gpu_shards.plan(tests, table, 2)
+    assert sorted(plan) == [0, 0, 1, 1]
+    assert gpu_shards.simulate(tests, plan, table, 2)["makespan_s"] == 2 * gpu_shards.UNKNOWN_S
+
+
+def write_table(path: Path, table: gpu_shards.Table) -> Path:
+    path.write_text(json.dumps({"compile_s": table.compile_s, "kernels": ["elementwise"] * len(table.cost),
+                                "tests": table.tests}))  # fmt: skip
+    return path
+
+
+def test_shards_are_at_most_the_cores_and_what_the_gpu_holds(tmp_path, monkeypatch):
+    """--shards auto: the plan's fewest (3 here), at most one per core, as many as the GPU's free memory
+    holds at SHARD_GPU_GIB each, one when the GPU's compute mode admits one process; a number is taken as
+    given."""
+    import argparse
+
+    monkeypatch.setenv("NPGPT_SHARD_TABLE", str(write_table(tmp_path / "t.json", chain_table(a1=A, a2=A, b1=B, c=C))))
+    monkeypatch.setattr(gpu_check_tools.os, "sched_getaffinity", lambda pid: set(range(16)))
+    args = argparse.Namespace(shards="auto", most=0, work=str(tmp_path))
+    files = ["/repo/tests/test_x.py"]
+    n, why = gpu_check_tools.shard_count(args, files)
+    assert n == 3 and why.startswith("16 cores") and "for the 4 tests it knows" in why
+    (tmp_path / "gpu.json").write_text(json.dumps({"free_gib": 10.0, "total_gib": 80.0, "compute_mode": 0}))
+    n, why = gpu_check_tools.shard_count(args, files)
+    assert n == 2 and "10.0 GiB of GPU memory free holds 2 at 4 GiB each" in why
+    (tmp_path / "gpu.json").write_text(json.dumps({"free_gib": 79.0, "total_gib": 80.0, "compute_mode": 3}))
+    n, why = gpu_check_tools.shard_count(args, files)
+    assert n == 1 and "exclusive process: one process at a time" in why
+    assert gpu_check_tools.shard_count(argparse.Namespace(shards="5", most=0, work=str(tmp_path)), files) == (5, "as asked")
+
+
+def run_shards(tmp_path, test_source: str, *driver_args, timeout=None, env=None):
+    """gpu_check_tools.py pytest over tests/test_p.py (made of test_source) in tmp_path, as gpu_check.sh runs
+    it: from a work directory, pytest given the file by its path. Returns (process, work directory)."""
+    (tmp_path / "tests").mkdir(exist_ok=True)
+    (tmp_path / "tests" / "test_p.py").write_text(test_source)
+    work = tmp_path / "work"
+    work.mkdir(exist_ok=True)
+    cmd = [sys.executable, str(BENCH / "gpu_check_tools.py"), "pytest", str(work), "pytest-core", *driver_args, "--",
+           "--rootdir", str(tmp_path), "-v", "-p", "no:cacheprovider", str(tmp_path / "tests" / "test_p.py")]  # fmt: skip
+    if timeout:
+        cmd = ["timeout", str(timeout), *cmd]
+    env = {**os.environ, "PYTHONPATH": str(BENCH), "NPGPT_SHARD_TABLE": str(tmp_path / "none.json"), **(env or {})}
+    return subprocess.run(cmd, cwd=work, capture_output=True, text=True, env=env, timeout=120), work
+
+
+def test_a_part_in_shards_runs_each_test_once_and_fails_when_one_fails(tmp_path):
+    proc, work = run_shards(tmp_path, "import pytest\n@pytest.mark.parametrize('i', range(6))\n"
+                                      "def test_p(i):\n    assert i != 4\n", "--shards", "3")  # fmt: skip
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    per_shard = [gpu_check_tools.pytest_results(work / f"pytest-core.shard{i}.log") for i in (1, 2, 3)]
+    assert [len(r) for r in per_shard] == [2, 2, 2]  # tests the table does not know: spread evenly
+    every = {t: o for r in per_shard for t, o in r.items()}
+    assert len(every) == 6 and [t for t, o in every.items() if o == "FAILED"] == ["tests/test_p.py::test_p[4]"]
+    assert gpu_check_tools.pytest_results(*gpu_check_tools.part_logs(work, "pytest-core")) == every
+    assert "[shards] pytest-core: 3 pytest processes at once (as asked)" in proc.stdout
+    assert "[shards] pytest-core: exit 1 in " in proc.stdout and ": 5 passed, 1 failed" in proc.stdout
+    plan = json.loads((work / "pytest-core.shards.json").read_text())
+    assert plan["shards"] == 3 and [s["exit"] for s in plan["per_shard"]].count(1) == 1
+    assert [s["planned_tests"] for s in plan["per_shard"]] == [2, 2, 2]
+
+
+def test_shards_that_collect_different_tests_are_an_error(tmp_path):
+    """Each shard plans from what it collected: if the collections differ (here a parameter read from the
+    shard's own environment), a test may run twice or not at all, and the part says so."""
+    proc, _ = run_shards(tmp_path, "import os, pytest\n@pytest.mark.parametrize('who', [os.environ['NPGPT_SHARD']])\n"
+                                   "def test_p(who):\n    pass\n", "--shards", "2")  # fmt: skip
+    assert proc.returncode == 3 and "the shards did not collect the same tests" in proc.stdout, proc.stdout
+
+
+@pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils' timeout")
+def test_a_part_in_shards_stopped_by_its_limit_leaves_what_ended_and_no_process(tmp_path):
+    """A part's limit is `timeout`, which on its deadline or a SIGTERM (gpu_check.sh's on_signal sends one)
+    signals the driver and its process group: every shard stops, the tests that ended are in the shards'
+    logs, the driver says which shards it stopped, and the report counts what ended."""
+    import signal
+    import time
+
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_p.py").write_text(
+        "import os, time\ndef test_quick():\n    pass\n"
+        "def test_slow():\n    open(os.environ['PIDS'], 'a').write(f'{os.getpid()}\\n')\n    time.sleep(300)\n")
+    work, pids = tmp_path / "work", tmp_path / "pids.txt"
+    work.mkdir()
+    cmd = ["timeout", "120", sys.executable, str(BENCH / "gpu_check_tools.py"), "pytest", str(work), "pytest-core",
+           "--shards", "2", "--", "--rootdir", str(tmp_path), "-v", "-p", "no:cacheprovider", str(tmp_path / "tests")]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(BENCH), "NPGPT_SHARD_TABLE": str(tmp_path / "none.json"), "PIDS": str(pids)}
+    proc = subprocess.Popen(cmd, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.perf_counter() + 90
+    while time.perf_counter() < deadline and not (pids.exists() and "test_quick PASSED" in "".join(
+            p.read_text() for p in work.glob("pytest-core.shard*.log"))):  # fmt: skip
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)  # to `timeout`, as on its deadline
+    stdout, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 143, stdout
+    assert "STOPPED after" in stdout and "1 passed" in stdout, stdout
+    assert gpu_check_tools.pytest_results(*gpu_check_tools.part_logs(work, "pytest-core")) == {
+        "tests/test_p.py::test_quick": "PASSED"}
+    (pid,) = [int(p) for p in pids.read_text().split()]
+    deadline = time.perf_counter() + 10
+    while time.perf_counter() < deadline and Path(f"/proc/{pid}").exists():
+        time.sleep(0.2)
+    assert not Path(f"/proc/{pid}").exists(), "a shard outlived its part"
+    assert json.loads((work / "pytest-core.shards.json").read_text())["shards"] == 2
+    (work / "parts.tsv").write_text("pytest-core\t124\t12\t12\n")  # as run_part records a part stopped at its limit
+    (work / "pytest-core.log").write_text(stdout)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert gpu_check_tools.main(["report", str(work), str(out), "--quiet"]) == 0
+    assert "| pytest -m cuda: layers, engine, kernels, cuBLAS, training | TIMED OUT at 12 s: 1 passed (2 shards) |" in \
+        (out / "report.md").read_text()
+
+
+def test_the_probe_writes_what_the_shards_need_to_know_of_the_gpu(fake_cupy, tmp_path, capsys):
+    """The stand-in's memGetInfo is (8 GiB free, 16 GiB) and its device in the default compute mode."""
+    import argparse
+
+    facts = tmp_path / "gpu.json"
+    assert gpu_check_tools.probe(argparse.Namespace(cpu=False, facts=str(facts))) == 0
+    assert json.loads(facts.read_text()) == {"free_gib": 8.0, "total_gib": 16.0, "compute_mode": 0}
+    assert "GPU memory free: 8.0 of 16.0 GiB; compute mode: default" in capsys.readouterr().out
+
+
+def test_the_kernel_order_log_keeps_the_order_of_first_use(tmp_path):
+    """gpu_compile_budget.py as a pytest plugin: per test, the kernels the stand-in saw in the order they were
+    first used (a GPU process compiles them in that order), where conftest.py's log sorts them."""
+    (tmp_path / "conftest.py").write_text("import sys, types\nfake = types.ModuleType('fake_cupy')\n"
+                                          "fake.kernels_used = set()\nsys.modules['fake_cupy'] = fake\n")  # fmt: skip
+    (tmp_path / "test_k.py").write_text("import sys\ndef test_k():\n    for k in ['b', 'a', 'c', 'a']:\n"
+                                        "        sys.modules['fake_cupy'].kernels_used.add(('elementwise', k))\n"
+                                        "def test_none():\n    pass\n")  # fmt: skip
+    log = tmp_path / "order.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "gpu_compile_budget",
+                           str(tmp_path / "test_k.py")], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(BENCH), "NPGPT_KERNEL_ORDER_LOG": str(log)})  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert rows == [{"test": "test_k.py::test_k", "kernels": [repr(("elementwise", k)) for k in "bac"]},
+                    {"test": "test_k.py::test_none", "kernels": []}]  # fmt: skip
+
+
+def test_the_limits_are_twice_the_estimate_the_committed_table_gives():
+    """docs/gpu_compile_budget.json's estimate of each pytest part over 16 cores is what the kernel table the
+    shards plan with (benchmarks/gpu_test_kernels.json) gives, and gpu_check.sh's limits are twice it,
+    rounded up to 10 s: regenerating one without the others fails here."""
+    import math
+    import re
+
+    import gpu_compile_budget
+
+    table = json.loads((BENCH / "gpu_test_kernels.json").read_text())
+    assert all(0 <= k < len(table["kernels"]) for ks in table["tests"].values() for k in ks)
+    assert set(table["kernels"]) <= set(table["compile_s"])
+    budget = json.loads((ROOT / "docs" / "gpu_compile_budget.json").read_text())
+    assert gpu_compile_budget.spread(table, budget["spread"]["cores"]) == budget["spread"]
+    script = (BENCH / "gpu_check.sh").read_text()
+    for part in ("pytest-core", "pytest-more"):
+        limit = int(re.search(rf"^run_part {part} (\d+) ", script, re.M).group(1))
+        assert limit == 10 * math.ceil(2 * budget["spread"]["parts"][part]["wall_s"] / 10), part
