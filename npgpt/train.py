@@ -316,6 +316,12 @@ def find_shard_data(cfg: TrainConfig) -> ShardSet | None:
     if cfg.split_by != "tokens":
         raise ValueError(f"{cfg.flag('split_by')} cuts text files; token shards come split by their files (those named "
                          "*val* are the validation data): leave --split-by out (beside a --recipe: --split-by tokens)")  # fmt: skip
+    if cfg.encoding_errors != "strict":
+        raise ValueError(f"{cfg.flag('encoding_errors')} decodes text files; token shards are tokens already: leave "
+                         "--encoding-errors out")  # fmt: skip
+    if cfg.cache_dir is not None:
+        raise ValueError(f"{cfg.flag('cache_dir')} keeps the tokens of text files; token shards are tokens already: leave "
+                         "--cache-dir out")  # fmt: skip
     if cfg.train_ratio not in (TrainConfig.train_ratio, 1.0):
         raise ValueError(f"{cfg.flag('train_ratio', f'--train-ratio {cfg.train_ratio:g}')} cuts text files; token shards "
                          "come split by their files (those named *val* are the validation data): leave --train-ratio "

@@ -313,6 +313,9 @@ COMBINATIONS = [
     ("seq2seq --resume --seed", S2S_TRAIN + ["--seed", "5"], "--seed 5 cannot be honoured by --resume", None),
     # accepted silently
     ("train --dry-run missing data", ["train", "--dry-run", "--data", "MISSING"], "--data", None),
+    ("train shards --encoding-errors", BASE["train"] + ["--data", "SHARDS", "--encoding-errors", "replace"],
+     "--encoding-errors replace decodes text files", None),
+    ("train shards --cache-dir", BASE["train"] + ["--data", "SHARDS", "--cache-dir", "DIR"], "--cache-dir", None),
     ("finetune same columns", BASE["finetune"] + ["--text-column", "label"], "--text-column and --label-column are both", None),
     ("finetune a column twice", BASE["finetune"][:4] + ["CSV2"] + BASE["finetune"][5:], "names the column 'text' more than once", None),
     ("classify a column twice", BASE["classify"][:4] + ["CSV2"], "names the column 'text' more than once", None),
