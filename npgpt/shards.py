@@ -121,7 +121,8 @@ def open_shard(path, data_format: str = "auto") -> ShardFile:
             raise ValueError(f"{path} starts with llm.c's header, so it is not a raw nanoGPT file: leave out --data-format nanogpt")
         if size % 2 or size == 0:
             raise ValueError(f"{path} has {size:,} bytes, {'none' if size == 0 else 'an odd number'}: not a file of "
-                             "uint16 tokens (nanoGPT's train.bin / val.bin)")  # fmt: skip
+                             "uint16 tokens (nanoGPT's train.bin / val.bin); give the files nanoGPT's prepare.py wrote, "
+                             "whole")  # fmt: skip
         return ShardFile(path, size // 2, 0)
     return ShardFile(path, read_llmc_header(path), HEADER_BYTES)
 
@@ -155,7 +156,8 @@ def read_manifest(folder) -> dict:
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e.msg}); prepare the folder again with npgpt prepare --overwrite") from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise ValueError(f"{path} is not a manifest of npgpt prepare")
+        raise ValueError(f"{path} is not a manifest of npgpt prepare; give a folder npgpt prepare wrote "
+                         "(npgpt prepare --data TEXT_FILES --out FOLDER)")  # fmt: skip
     return manifest
 
 
@@ -208,7 +210,7 @@ def _expand(spec: str) -> list[str]:
     if glob.has_magic(spec):
         matches = sorted(glob.glob(spec, recursive=True))
         if not matches:
-            raise ValueError(f"--data {spec!r} matches no file")
+            raise ValueError(f"--data {spec!r} matches no file; check the path")
         return matches
     if not os.path.exists(spec):
         raise ValueError(f"--data {spec} does not exist")
@@ -265,3 +267,40 @@ def looks_like_shards(specs) -> bool:
             continue
         return False
     return bool(specs)
+
+
+def data_kind(specs, data_format: str = "auto") -> str:
+    """What --data names, looking only at names and folder listings: "shards" (a folder npgpt prepare
+    wrote, llm.c `.bin` shards, globs or a folder of them; with data_format="nanogpt", nanoGPT's
+    train.bin / val.bin or their folder) or "text" (text files, bundled corpora by name). ValueError,
+    naming the fix, for a mix of the two, a folder that holds neither a manifest nor shards, or a file
+    that is not a .bin given with data_format="nanogpt"."""
+    if isinstance(specs, (str, os.PathLike)):
+        specs = [specs]
+    shards, text = [], []
+    for spec in map(str, specs):
+        path = os.path.expanduser(spec)
+        if glob.has_magic(path):
+            matches = sorted(glob.glob(path, recursive=True)) or [path]  # (no match: find_shards or the text reader says so)
+        else:
+            matches = [path]
+        for match in matches:
+            if os.path.isdir(match):
+                if data_format == "nanogpt" or (Path(match) / MANIFEST).is_file() or glob.glob(os.path.join(match, "*.bin")):
+                    shards.append(spec)
+                    continue
+                raise ValueError(f"--data {spec} is a folder but neither a prepared corpus (it has no {MANIFEST}) nor a folder "
+                                 f"of .bin token shards; make one with: npgpt prepare --data {spec} --out data/NAME, then "
+                                 f"train with --data data/NAME (or give its text files: --data {os.path.join(spec, '*.txt')})")  # fmt: skip
+            elif match.endswith(".bin"):
+                shards.append(spec)
+            elif data_format == "nanogpt":
+                raise ValueError(f"--data-format nanogpt reads nanoGPT's raw train.bin / val.bin, and --data {spec} is not a "
+                                 ".bin file; leave out --data-format nanogpt to train on text files")  # fmt: skip
+            else:
+                text.append(spec)
+    if shards and text:
+        raise ValueError(f"--data mixes token shards ({', '.join(dict.fromkeys(shards))}) and text files "
+                         f"({', '.join(dict.fromkeys(text))}); train on one kind: make shards of the text files with "
+                         "npgpt prepare --data TEXT_FILES --out FOLDER, or give only text files")  # fmt: skip
+    return "shards" if shards else "text"

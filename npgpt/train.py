@@ -1,7 +1,8 @@
-"""The Python API of `npgpt train`: pretrain (or fine-tune) a GPT on text files.
+"""The Python API of `npgpt train`: pretrain (or fine-tune) a GPT on text files or token shards.
 
     from npgpt.train import TrainConfig, train
     result = train(TrainConfig(data=["the-verdict"], preset="nano", epochs=10))
+    result = train(TrainConfig(data=["data/mycorpus"], preset="gpt2", max_steps=1000))   # npgpt prepare's shards
 
 The pretraining task of the one run loop (npgpt/loop/): `Pretraining` reads and checks everything, then
 the loop runs it (progress, evaluations, checkpoints, signals, --resume, summary.json; see
@@ -39,11 +40,13 @@ from .backend import resolve_device, tf32_note, to_numpy
 from . import validate as V
 from .config import PRESETS, GPTConfig
 from .data import Batches, TokenWindows, load_token_ids, read_text, resolve_data_path, split_ids, split_text_ids
+from .shard_sampler import ShardWindows, WindowSampler
+from .shards import DATA_FORMATS, ShardSet, data_kind, find_shards
 from .distributed import broadcast_params_, get_world, limit_threads_per_rank, use_local_gpu
 from .engine import make_engine
 from .generate import generate
-from .loop import (At, LoopSettings, PositionedBatches, Report, SaveFailed, StepResult, TrainingAborted,
-                   TrainingInterrupted, find_resume, run_task)  # fmt: skip
+from .loop import (At, LoopSettings, Report, SaveFailed, StepResult, TrainingAborted, TrainingInterrupted, find_resume,
+                   run_task)  # fmt: skip
 from .memory import RECOMPUTE_MODES, available_memory, check_fits, estimate_training, plan_report
 from .metrics import peak_rss_mb, plot_losses, read_metrics
 from .model import GPT, make_rng
@@ -51,7 +54,7 @@ from .optim import DECAY_FILTERS, AdamW
 from .precision import LossScaler, check_precision, compute_dtype
 from .schedule import LRSchedule
 from .sampling import check_sampling_args
-from .tokenizer import decode, encode, tokenizer_hash
+from .tokenizer import EOT_ID, decode, encode, tokenizer_hash
 from .update import Updater
 
 
@@ -63,7 +66,8 @@ __all__ = ["Pretraining", "SaveFailed", "TrainConfig", "TrainResult", "TrainingA
 @dataclass
 class TrainConfig:
     # data
-    data: list = field(default_factory=lambda: ["the-verdict"])  # files, or bundled corpora by name
+    data: list = field(default_factory=lambda: ["the-verdict"])  # text files, bundled corpora by name, or token shards
+    data_format: str = "auto"  # "nanogpt": --data names nanoGPT's raw uint16 train.bin / val.bin (see shards.py)
     train_ratio: float = 0.9
     split_by: str = "tokens"  # "characters": cut the text at train_ratio of its characters, then tokenise each part (the book's way)
     stride: int | None = None  # default: context_length (non-overlapping windows)
@@ -150,8 +154,10 @@ class TrainConfig:
     def _check_data(self) -> None:
         if not self.data:
             raise ValueError("no training data given (--data FILE ...)")
+        if self.data_format not in DATA_FORMATS:
+            raise ValueError(f"--data-format must be one of {', '.join(DATA_FORMATS)}, got {self.data_format!r}")
         for spec in self.data:
-            V.not_empty("--data", spec, "a UTF-8 text file or a bundled corpus (the-verdict, tang300)")
+            V.not_empty("--data", spec, "a UTF-8 text file, a bundled corpus (the-verdict, tang300) or token shards")
         V.real("--train-ratio", self.train_ratio, 0, 1, lo_open=True, hint="it is the share of the text used for training")
         if self.split_by not in ("tokens", "characters"):
             raise ValueError(f"--split-by must be tokens or characters, got {self.split_by!r}")
@@ -290,6 +296,107 @@ def sample_text(model: GPT, prompt_ids: list[int], n_tokens: int, temperature: f
     return decode(out[0])
 
 
+# --- the data: text files or token shards ------------------------------------------------------------
+# Text files are read whole, tokenised (and cached), and cut at --train-ratio (data.py); every rank holds
+# all of it and keeps its rows of each global batch (RankRows). Token shards (a folder npgpt prepare wrote,
+# llm.c's .bin files, nanoGPT's train.bin / val.bin; shards.py) are read by memory map a batch at a time,
+# each rank reading only its rows (shard_sampler.WindowSampler), so memory does not grow with the corpus;
+# files named *val* are the validation split. docs/data.md says it for users.
+
+SHARD_EVAL_BATCHES = 20  # an evaluation on token shards without --eval-batches: the first 20 batches (llm.c's default)
+
+
+def find_shard_data(cfg: TrainConfig) -> ShardSet | None:
+    """The token shards --data names, with their headers (and a prepared folder's manifest) checked and
+    nothing else read; None when --data names text files. Refuses, naming the fix, the text-only settings
+    shards cannot honour and shards without a validation split when validation is wanted: --train-ratio
+    below 1 (for text it cuts off the validation split; with shards, 1 says to train without one)."""
+    if data_kind(cfg.data, cfg.data_format) == "text":
+        return None
+    if cfg.split_by != "tokens":
+        raise ValueError(f"{cfg.flag('split_by')} cuts text files; token shards come split by their files (those named "
+                         "*val* are the validation data): leave --split-by out (beside a --recipe: --split-by tokens)")  # fmt: skip
+    if cfg.encoding_errors != "strict":
+        raise ValueError(f"{cfg.flag('encoding_errors')} decodes text files; token shards are tokens already: leave "
+                         "--encoding-errors out")  # fmt: skip
+    if cfg.cache_dir is not None:
+        raise ValueError(f"{cfg.flag('cache_dir')} keeps the tokens of text files; token shards are tokens already: leave "
+                         "--cache-dir out")  # fmt: skip
+    if cfg.train_ratio not in (TrainConfig.train_ratio, 1.0):
+        raise ValueError(f"{cfg.flag('train_ratio', f'--train-ratio {cfg.train_ratio:g}')} cuts text files; token shards "
+                         "come split by their files (those named *val* are the validation data): leave --train-ratio "
+                         "out, or give --train-ratio 1 to train without a validation loss")  # fmt: skip
+    try:
+        shards = find_shards(cfg.data, cfg.data_format)
+    except ValueError as e:  # shards.py names the file; the command line's flag goes first
+        raise ValueError(str(e) if str(e).startswith("--data") else f"--data {e}") from None
+    if not shards.val and cfg.train_ratio < 1:
+        what = {"npgpt prepare": "has no validation shard (it was prepared with --val-tokens 0, or from too few documents "
+                                 "for --val-share); prepare it again with --val-tokens N or --split-on-blank-lines",
+                "nanoGPT": "names no val.bin; add nanoGPT's val.bin to --data"}.get(shards.kind,  # fmt: skip
+               "names no validation shard (a .bin file with 'val' in its name, like fineweb_val_000000.bin); add one to --data")
+        raise ValueError(f"--data {shards.where} {what}, or pass --train-ratio 1 to train without a validation loss")
+    return shards
+
+
+class RankRows:
+    """Text batches as a run takes them: this rank's rows [r B/W, (r+1) B/W) of each global batch of a
+    data.Batches (whose position, saved in checkpoints, is global), under the loop's names next(),
+    state(), restore(state). WindowSampler(rank=r, world_size=W) gives token shards' batches the same way."""
+
+    def __init__(self, batches: Batches, rank: int = 0, world_size: int = 1):
+        self.batches, self.rank, self.share = batches, rank, batches.batch_size // world_size
+
+    def next(self):
+        x, y = self.batches.next()  # (B, T) each: the global batch
+        lo, hi = self.rank * self.share, (self.rank + 1) * self.share
+        return x[lo:hi], y[lo:hi]  # (B/W, T) each
+
+    def state(self) -> dict:
+        return self.batches.state_dict()
+
+    def restore(self, state: dict) -> None:
+        if state.get("kind") == "shard windows":
+            raise ValueError("the checkpoint resumed was trained on token shards, and --data names text files; resume "
+                             "with the --data the run started with")  # fmt: skip
+        self.batches.load_state_dict(state)
+
+
+def shard_data_report(cfg: TrainConfig, shards: ShardSet, seq_len: int) -> str:
+    """What --dry-run says of token shards: what was found, what a batch reads, an epoch in steps (as
+    Pretraining._set_up_data counts them)."""
+    train = ShardWindows(shards.train, seq_len, cfg.stride, name="train")
+    epoch = max(1, len(train) // cfg.batch_size // cfg.grad_accum)
+    steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * epoch))
+    batch_kib = cfg.batch_size * (seq_len + 1) * 2 / 1024
+    if cfg.train_ratio >= 1:
+        val = "no validation (--train-ratio 1)"
+    else:
+        n_val = len(ShardWindows(shards.val, seq_len, cfg.stride, name="validation"))
+        n_eval = min(n_val, (cfg.eval_batches or SHARD_EVAL_BATCHES) * cfg.batch_size)
+        val = f"each evaluation on {n_eval:,} of the {n_val:,} validation windows"
+    return (f"data: {shards.describe()}\n"
+            f"  read by memory map, one batch at a time ({cfg.batch_size} x {seq_len + 1} tokens, {batch_kib:,.1f} KiB): "
+            f"the corpus is not held in memory\n"
+            f"  {len(train):,} train windows: an epoch is {epoch:,} steps of {cfg.batch_size} x {cfg.grad_accum} x {seq_len} "
+            f"tokens; this run: {steps:,} steps; {val}")  # fmt: skip
+
+
+def shard_data_summary(shards: ShardSet, validating: bool) -> str:
+    """Token shards as the banner names them."""
+    val = f"{shards.tokens('val'):,} val tokens" if validating else "no validation (--train-ratio 1)"
+    return (f"{shards.where} ({shards.kind}, {len(shards.train) + len(shards.val)} shards, read by memory map): "
+            f"{shards.tokens('train'):,} train tokens, {val}")  # fmt: skip
+
+
+def shard_first_tokens(shards: ShardSet, n: int = 64) -> np.ndarray:
+    """The first n tokens of the training shards without their <|endoftext|> separators: the text the
+    default sample prompt starts from."""
+    first = next(s for s in shards.train if s.n_tokens)  # (ShardWindows made sure one has tokens)
+    head = first.read([0], min(n, first.n_tokens))[0]
+    return head[head != EOT_ID]
+
+
 # --- setting up ------------------------------------------------------------------------------------
 
 
@@ -327,19 +434,22 @@ def check_memory(cfg: TrainConfig, config: GPTConfig, rows: int) -> None:
 
 def dry_run_report(cfg: TrainConfig) -> str:
     """What `npgpt train --dry-run` prints (memory.plan_report for this run's model, batch and settings),
-    after the same checks as a run (settings, the checkpoint to resume); no data is read, nothing is
-    allocated, nothing is written."""
+    after the same checks as a run (settings, the checkpoint to resume); nothing is allocated, nothing is
+    written, and no data is read but token shards' headers (with the windows, batches and steps they make)."""
     cfg.validate()
-    for spec in cfg.data:  # there, and files (nothing is read)
-        resolve_data_path(spec)
+    shards = find_shard_data(cfg)
+    if shards is None:
+        for spec in cfg.data:  # there, and files (nothing is read)
+            resolve_data_path(spec)
     config, _, _ = find_start(cfg, Path(cfg.out_dir), warn=False)
     seq_len = cfg.context_length or config.context_length
     if seq_len > config.context_length:
         raise ValueError(f"{cfg.flag('context_length')} exceeds the model's context_length {config.context_length}; "
                          f"use at most {config.context_length}")  # fmt: skip
     name = cfg.init_from or (f"resumed from {cfg.out_dir}" if cfg.resume else cfg.preset or "nano")
-    return plan_report(config, cfg.batch_size, seq_len, cfg.dtype, cfg.precision, cfg.engine, cfg.grad_accum,
-                       cfg.recompute, resolve_device(cfg.device), name=name)  # fmt: skip
+    report = plan_report(config, cfg.batch_size, seq_len, cfg.dtype, cfg.precision, cfg.engine, cfg.grad_accum,
+                         cfg.recompute, resolve_device(cfg.device), name=name)  # fmt: skip
+    return report if shards is None else report + "\n" + shard_data_report(cfg, shards, seq_len)
 
 
 MODEL_FLAGS = ("emb_dim", "n_heads", "n_layers", "qkv_bias", "tie_weights")
@@ -468,7 +578,8 @@ class Pretraining:
             world.setup_nccl()  # gradients stay on the GPUs: NCCL all-reduce, MPI only for the rendezvous
         broadcast_params_(world, self.model.params)  # every rank starts from rank 0's weights
         self._set_up_training()
-        self.prompt_ids = default_prompt_ids(cfg, self.train_ids, self.model.config.context_length)
+        first = self.train_ids[:64] if self.shards is None else shard_first_tokens(self.shards)
+        self.prompt_ids = default_prompt_ids(cfg, first, self.model.config.context_length)
         self.history = {"train": [], "val": [], "train_eval": []}  # (step, tokens, loss) at each evaluation
         self.last_val = self.last_train_eval = None
         self.sample = ""
@@ -483,8 +594,13 @@ class Pretraining:
 
     # --- setting up ---------------------------------------------------------------------------------
     def _load_data(self) -> None:
-        """Every rank reads the same tokens; each keeps its own rows of every global batch (train_step)."""
+        """Text files: every rank reads and tokenises them all and keeps its own rows of every global batch
+        (RankRows). Token shards: only their headers are read here; each rank reads its rows of each batch
+        by memory map as it trains (_set_up_data)."""
         cfg = self.cfg
+        self.shards = find_shard_data(cfg)
+        if self.shards is not None:
+            return
         paths = [resolve_data_path(p) for p in cfg.data]
         if cfg.split_by == "characters":  # the book's way: cut the text, then tokenise each part
             texts = [read_text(p, cfg.encoding_errors) for p in paths]
@@ -500,14 +616,21 @@ class Pretraining:
         if self.seq_len > context_length:
             raise ValueError(f"{cfg.flag('context_length')} exceeds the model's context_length {context_length}; "
                              f"use at most {context_length}")  # fmt: skip
-        self.train_windows = TokenWindows(self.train_ids, self.seq_len, cfg.stride, name="train")
-        self.val_windows = TokenWindows(self.val_ids, self.seq_len, cfg.stride, name="val") if len(self.val_ids) else None
-        batches = Batches(self.train_windows, cfg.batch_size, shuffle=True, seed=cfg.seed)
-        self.batches = PositionedBatches(batches)
+        if self.shards is not None:  # one epoch: floor(windows / B) batches, the stream running on across epochs
+            self.train_windows = ShardWindows(self.shards.train, self.seq_len, cfg.stride, name="train")
+            self.val_windows = (ShardWindows(self.shards.val, self.seq_len, cfg.stride, name="validation")
+                                if self.shards.val and cfg.train_ratio < 1 else None)  # fmt: skip
+            sampler = WindowSampler(self.train_windows, cfg.batch_size, seed=cfg.seed, rank=world.rank, world_size=world.size)
+            self.batches, batches_per_epoch = sampler, sampler.batches_per_epoch  # each rank reads only its rows
+        else:  # one epoch: a permutation of the windows, the last partial batch dropped
+            self.train_windows = TokenWindows(self.train_ids, self.seq_len, cfg.stride, name="train")
+            self.val_windows = TokenWindows(self.val_ids, self.seq_len, cfg.stride, name="val") if len(self.val_ids) else None
+            batches = Batches(self.train_windows, cfg.batch_size, shuffle=True, seed=cfg.seed)
+            self.batches, batches_per_epoch = RankRows(batches, world.rank, world.size), batches.batches_per_epoch
         self.batch_size, self.grad_accum = cfg.batch_size, cfg.grad_accum  # the global batch, micro-batches per step
         self.rank_batch = self.batch_size // world.size  # this rank's rows of each batch
         self.tokens_per_step = self.batch_size * self.grad_accum * self.seq_len
-        steps_per_epoch = max(1, batches.batches_per_epoch // self.grad_accum)
+        steps_per_epoch = max(1, batches_per_epoch // self.grad_accum)
         self.total_steps = cfg.max_steps or max(1, int(math.ceil(cfg.epochs * steps_per_epoch)))
         self.schedule = LRSchedule(cfg.lr, self.total_steps, cfg.warmup_steps, cfg.min_lr, cfg.schedule)
 
@@ -527,20 +650,21 @@ class Pretraining:
         c = model.config
         ranks = f" on {world.size} ranks" if world.size > 1 else ""
         compute = "" if cfg.precision == "fp32" else f" weights, {cfg.precision} compute"
+        data = (f"{len(self.train_ids):,} train / {len(self.val_ids):,} val tokens" if self.shards is None
+                else shard_data_summary(self.shards, self.val_windows is not None))  # fmt: skip
         return (f"npgpt train: {model.num_params():,} parameters ({c.n_layers} layers, C={c.emb_dim}, NH={c.n_heads}) on "
-                f"{model.device}{tf32_note(model.device)}{ranks}, {model.dtype}{compute}; {len(self.train_ids):,} train / {len(self.val_ids):,} val "
-                f"tokens; {self.total_steps} steps of {self.batch_size}x{self.grad_accum}x{self.seq_len} tokens"
+                f"{model.device}{tf32_note(model.device)}{ranks}, {model.dtype}{compute}; {data}; "
+                f"{self.total_steps} steps of {self.batch_size}x{self.grad_accum}x{self.seq_len} tokens"
                 + (f"; resuming at step {step}" if step else ""))  # fmt: skip
 
     def train_step(self, number: int) -> StepResult:
         """Optimizer step `number` (from 1) over grad_accum micro-batches, this rank's rows of each."""
         done = number - 1  # the steps before this one: the schedule's and the dropout seed's step
         lr = self.schedule(done)
-        lo, hi = self.world.rank * self.rank_batch, (self.world.rank + 1) * self.rank_batch
         micro_batches = []
         for micro in range(self.grad_accum):
-            x, y = self.batches.next()
-            micro_batches.append((x[lo:hi], y[lo:hi], self.micro_batch_rng(done, micro)))  # this rank's rows
+            x, y = self.batches.next()  # (B/W, T) each: this rank's rows of the next global batch
+            micro_batches.append((x, y, self.micro_batch_rng(done, micro)))
         r = self.updater(micro_batches, lr=lr)
         return StepResult(r.loss, r.grad_norm, lr, r.applied, overflow=r.overflow, tokens=self.tokens_per_step,
                           loss_scale=self.scaler.scale if self.scaler is not None else None)  # fmt: skip
@@ -616,13 +740,15 @@ class Pretraining:
 
     # --- evaluation ---------------------------------------------------------------------------------
     def val_loss(self) -> float | None:
-        """Validation loss; under MPI each rank evaluates every size-th window and the sums are combined."""
+        """Validation loss; under MPI each rank evaluates every size-th window and the sums are combined.
+        All of a text's validation split, or the first --eval-batches batches of it; of token shards'
+        (gigabytes, maybe), the first --eval-batches or SHARD_EVAL_BATCHES batches."""
         if self.val_windows is None:
             return None
         world, windows = self.world, self.val_windows
-        mine = np.arange(world.rank, len(windows), world.size)
-        if self.cfg.eval_batches is not None:
-            mine = mine[: self.cfg.eval_batches * self.rank_batch]
+        n_batches = self.cfg.eval_batches or (SHARD_EVAL_BATCHES if self.shards is not None else None)
+        end = len(windows) if n_batches is None else min(len(windows), n_batches * self.batch_size)
+        mine = np.arange(world.rank, end, world.size)  # (the first n_batches global batches, this rank's share)
         return self._mean_loss(windows, mine)
 
     def _mean_loss(self, windows, mine) -> float:
@@ -638,9 +764,14 @@ class Pretraining:
     def eval_train_windows(self, step: int) -> np.ndarray:
         """The train windows of the evaluation after `step` steps with --eval-train-batches: the first N
         batches of a fresh permutation of the train split, drawn from (seed, step) as a shuffled loader
-        would give them (the training order is not touched, and a resumed run draws the same ones)."""
+        would give them (the training order is not touched, and a resumed run draws the same ones). From
+        token shards: N batches of distinct windows drawn from (seed, step) without a permutation of them all,
+        whose size would grow with the corpus."""
         n = min(self.cfg.eval_train_batches * self.batch_size, len(self.train_windows))
-        return np.random.default_rng([self.cfg.seed, step, 1]).permutation(len(self.train_windows))[:n]
+        rng = np.random.default_rng([self.cfg.seed, step, 1])
+        if self.shards is not None:
+            return rng.choice(len(self.train_windows), n, replace=False)  # (NumPy draws few of many without permuting all)
+        return rng.permutation(len(self.train_windows))[:n]
 
     def evaluate_train(self, step: int) -> float | None:
         """The train loss measured as the validation loss is (dropout off, no update) on the windows of

@@ -8,12 +8,14 @@ see what the interpreter itself prints."""
 
 import hashlib
 import os
+import struct
 import subprocess
 import sys
 
 import pytest
 
 from npgpt.cli import main
+from npgpt.prepare import PrepareConfig, prepare
 
 TINY = ["--preset", "nano", "--emb-dim", "8", "--n-heads", "2", "--n-layers", "1", "--tie-weights", "--context-length",
         "16", "--batch-size", "2", "--no-progress", "--sample-tokens", "2"]  # fmt: skip
@@ -21,7 +23,10 @@ TINY = ["--preset", "nano", "--emb-dim", "8", "--n-heads", "2", "--n-layers", "1
 # Placeholders, replaced by paths of the fixture: RUN (an existing training run), FILE (a file), DIR (an empty
 # folder), MISSING (a path that does not exist), BELOW (a path below FILE), WEIGHTS (weights without config.json),
 # PAIRS (a small TSV of sentence pairs), CSV (a small labelled table), S2S (an existing translation run), CSV2 (a
-# table whose header names "text" twice), BADUTF8 (a table that is not UTF-8), BADQUOTE (a quote never closed).
+# table whose header names "text" twice), BADUTF8 (a table that is not UTF-8), BADQUOTE (a quote never closed);
+# token shards: SHARDS (a prepared corpus), NOVAL (one prepared without a validation shard), NOTCORPUS (a folder of
+# text, not prepared), BADHEADER (an llm.c shard whose magic number is wrong), ODDBIN (a train.bin of an odd number
+# of bytes). A value given as a list is several arguments.
 BASE = {
     "train": ["train", *TINY, "--max-steps", "2", "--out-dir", "RUN", "--overwrite"],
     "generate": ["generate", "--checkpoint", "RUN", "--max-new-tokens", "2"],
@@ -86,7 +91,9 @@ TABLE = {
         "--keep-last": INT_POS,
         "--seed": INT_NONNEG,
         "--loss-scale": ["0", "0.5", "1e30", "nan", "inf", "abc"],
-        "--data": ["MISSING", "DIR", ""],
+        "--data": ["MISSING", "DIR", "", "NOTCORPUS", "BADHEADER", "NOVAL", ["ODDBIN", "--data-format", "nanogpt"],
+                   ["SHARDS", "FILE"]],  # (shards and text mixed)  # fmt: skip
+        "--data-format": ["parquet", "nanogpt"],  # nanogpt: on the default --data, a text corpus
         "--preset": ["gpt5"],
         "--engine": ["turbo"],
         "--recompute": ["everything"],
@@ -226,8 +233,8 @@ TABLE = {
     },
 }
 
-CASES = [pytest.param(cmd, flag, value, id=f"{cmd}-{flag}={value}") for cmd, flags in TABLE.items()
-         for flag, values in flags.items() for value in values]  # fmt: skip
+CASES = [pytest.param(cmd, flag, value, id=f"{cmd}-{flag}={' '.join(value) if isinstance(value, list) else value}")
+         for cmd, flags in TABLE.items() for flag, values in flags.items() for value in values]  # fmt: skip
 
 
 def sha256_tree(root):
@@ -253,10 +260,19 @@ def places(tmp_path_factory):
     assert main(["seq2seq", "train", "--data", str(base / "pairs.tsv"), "--out-dir", str(s2s), "--max-steps", "2",
                  "--d-model", "16", "--n-heads", "2", "--d-ff", "16", "--batch-size", "4", "--eval-pairs", "2",
                  "--no-progress"]) == 0  # fmt: skip
+    (base / "texts").mkdir()
+    (base / "texts" / "a.txt").write_text("".join(f"paragraph {i} of a text file\n\n" for i in range(100)))
+    for name, val_tokens in (("shards", 100), ("noval", 0)):
+        prepare(PrepareConfig(data=[str(base / "texts")], out=str(base / name), val_tokens=val_tokens, workers=0,
+                              split_on_blank_lines=True, progress=False), say=lambda *a: None)  # fmt: skip
+    (base / "bad_train_000000.bin").write_bytes(struct.pack("<256i", 12345, 1, 8, *([0] * 253)) + bytes(16))
+    (base / "odd").mkdir()
+    (base / "odd" / "train.bin").write_bytes(b"abc")
     return {"RUN": run, "FILE": base / "file.txt", "DIR": base / "empty", "MISSING": base / "missing",
             "BELOW": base / "file.txt" / "below", "WEIGHTS": weights, "PAIRS": base / "pairs.tsv",
             "CSV": base / "labelled.csv", "CSV2": base / "twice.csv", "BADUTF8": base / "latin1.csv",
-            "BADQUOTE": base / "quote.csv", "S2S": s2s,
+            "BADQUOTE": base / "quote.csv", "S2S": s2s, "SHARDS": base / "shards", "NOVAL": base / "noval",
+            "NOTCORPUS": base / "texts", "BADHEADER": base / "bad_train_000000.bin", "ODDBIN": base / "odd" / "train.bin",
             "sha256": sha256_tree(run), "sha256_s2s": sha256_tree(s2s)}  # fmt: skip
 
 
@@ -273,7 +289,7 @@ def fill(args, places):
 
 @pytest.mark.parametrize("cmd, flag, value", CASES)
 def test_a_bad_value_is_one_line_exit_2_and_touches_nothing(cmd, flag, value, places, capsys):
-    argv = fill(BASE[cmd] + [flag, value], places)
+    argv = fill(BASE[cmd] + [flag, *(value if isinstance(value, list) else [value])], places)
     capsys.readouterr()
     code = main(argv)
     out, err = capsys.readouterr()
@@ -297,6 +313,9 @@ COMBINATIONS = [
     ("seq2seq --resume --seed", S2S_TRAIN + ["--seed", "5"], "--seed 5 cannot be honoured by --resume", None),
     # accepted silently
     ("train --dry-run missing data", ["train", "--dry-run", "--data", "MISSING"], "--data", None),
+    ("train shards --encoding-errors", BASE["train"] + ["--data", "SHARDS", "--encoding-errors", "replace"],
+     "--encoding-errors replace decodes text files", None),
+    ("train shards --cache-dir", BASE["train"] + ["--data", "SHARDS", "--cache-dir", "DIR"], "--cache-dir", None),
     ("finetune same columns", BASE["finetune"] + ["--text-column", "label"], "--text-column and --label-column are both", None),
     ("finetune a column twice", BASE["finetune"][:4] + ["CSV2"] + BASE["finetune"][5:], "names the column 'text' more than once", None),
     ("classify a column twice", BASE["classify"][:4] + ["CSV2"], "names the column 'text' more than once", None),

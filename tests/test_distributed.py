@@ -117,6 +117,66 @@ def test_forced_mpi_world_of_one_rank_matches_a_plain_run(tmp_path):
     assert [r["loss"] for r in records(plain, "step")] == [r["loss"] for r in records(forced, "step")]
 
 
+# `npgpt train` with every ShardFile.read logged: rank r writes [file name, window start] of each window of
+# T+1 tokens it read from a training shard to $READS.r
+SHARD_WORKER = """
+import json, os, sys
+from npgpt.shards import ShardFile
+
+reads, read = [], ShardFile.read
+
+def logged(self, starts, length):
+    if "_train_" in os.path.basename(self.path) and length == 33:
+        reads.extend([os.path.basename(self.path), int(s)] for s in starts)
+    return read(self, starts, length)
+
+ShardFile.read = logged
+from npgpt.cli import main
+from npgpt.distributed import get_world
+
+code = main(["train", *sys.argv[1:]])
+with open(os.environ["READS"] + f".{get_world().rank}", "w") as f:
+    json.dump(reads, f)
+sys.exit(code)
+"""
+
+
+def test_on_token_shards_each_rank_reads_its_own_rows(tmp_path):
+    """llm.c shards, 2 ranks with global batch 4 against one process: rank 0 and rank 1 each read 2 windows
+    of every batch from the shards, none of the other's, together those of the one process; the losses and
+    weights agree; and the two-rank run's checkpoint of step 2 resumes in one process to the same end."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for name, n in (("t_train_000000", 600), ("t_train_000001", 500), ("t_train_000002", 700), ("t_val_000000", 400)):
+        (tmp_path / f"{name}.bin").write_bytes(np.array([20240520, 1, n] + [0] * 253, dtype="<i4").tobytes()
+                                               + rng.integers(0, 50257, n).astype("<u2").tobytes())  # fmt: skip
+    data = ["--data", str(tmp_path / "t_*.bin"), "--batch-size", "4", "--max-steps", "4"]
+
+    def worker(out, ranks, *extra):
+        env = {**os.environ, "NPGPT_DEVICE": "cpu", "READS": str(out) + ".reads"}
+        cmd = [sys.executable, "-c", SHARD_WORKER, *TINY, *data, "--out-dir", str(out), *extra]
+        proc = subprocess.run([MPIEXEC, "-n", str(ranks), *cmd] if ranks > 1 else cmd, capture_output=True, text=True,
+                              env=env, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return [[tuple(w) for w in json.loads(Path(f"{out}.reads.{r}").read_text())] for r in range(ranks)]
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    (single,) = worker(one, 1)
+    rank0, rank1 = worker(two, 2, "--checkpoint-interval", "2")
+    assert len(single) == 16 and len(rank0) == len(rank1) == 8  # 4 steps: 4 windows, 2 a rank
+    assert sorted(rank0 + rank1) == sorted(single) and not set(rank0) & set(rank1) and len(set(single)) == 16
+    l1, l2 = [r["loss"] for r in records(one, "step")], [r["loss"] for r in records(two, "step")]
+    assert len(l1) == len(l2) == 4 and all(abs(a - b) / abs(a) < 1e-6 for a, b in zip(l1, l2)), (l1, l2)
+    a, b = npgpt.load_pretrained(one), npgpt.load_pretrained(two)
+    assert all(relative_error(b.params[k], a.params[k]) < 1e-5 for k in a.params)
+    shutil.rmtree(two / "checkpoints" / "step-00000004")
+    (resumed,) = worker(two, 1, "--resume")
+    assert sorted(resumed) == sorted(rank0[4:] + rank1[4:])  # steps 3 and 4: the windows the two ranks read
+    c = npgpt.load_pretrained(two)
+    assert all(relative_error(c.params[k], a.params[k]) < 1e-5 for k in a.params)
+
+
 needs_gpu = pytest.mark.skipif(not __import__("npgpt.backend", fromlist=["x"]).cuda_available(), reason="needs CuPy and a GPU")
 
 # Each rank r fills a flat float32 buffer with (r + 1) * [0, 1, ..., 9] and all-reduces it as training does

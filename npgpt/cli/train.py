@@ -1,6 +1,7 @@
 """`npgpt train`: its arguments, mapped onto npgpt.train.TrainConfig, and the call of npgpt.train.train.
 
     npgpt train --data my_book.txt --preset micro --epochs 20 --batch-size 8
+    npgpt train --data data/mycorpus --preset gpt2 --max-steps 5000      # token shards (npgpt prepare, llm.c)
 """
 
 from __future__ import annotations
@@ -27,9 +28,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _data_arguments(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", nargs="+", action="extend", metavar="FILE",
-                   help="UTF-8 text files, or bundled corpora by name: the-verdict (default), tang300; a repeated "
-                        "--data adds its files to the others")
-    g.add_argument("--train-ratio", type=float, default=d.train_ratio, help="share of the text for training (default 0.9): of its tokens, or of its characters with --split-by characters")
+                   help="UTF-8 text files, or bundled corpora by name: the-verdict (default), tang300; or token shards, "
+                        "read by memory map: a folder npgpt prepare wrote, llm.c's .bin shards (files, quoted globs or "
+                        "their folder; files named *val* are the validation split), nanoGPT's train.bin / val.bin "
+                        "with --data-format nanogpt (see docs/data.md); a repeated --data adds its files to the others")
+    g.add_argument("--data-format", choices=["auto", "nanogpt"], default=d.data_format,
+                   help="auto (default): text files, or token shards with llm.c's header; nanogpt: --data names "
+                        "nanoGPT's raw uint16 train.bin / val.bin, or their folder")
+    g.add_argument("--train-ratio", type=float, default=d.train_ratio, help="share of the text for training (default 0.9): of its tokens, or of its characters with --split-by characters; token shards come split by their files, and 1 trains on them without validation")
     g.add_argument("--split-by", choices=["tokens", "characters"], default=d.split_by,
                    help="cut train/val at --train-ratio of the tokens (default) or of the characters, each part then tokenised "
                         "(the book's way; not cached)")
@@ -61,7 +67,9 @@ def _optimisation_arguments(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=d.batch_size)
     g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
-    g.add_argument("--epochs", type=float, default=d.epochs)
+    g.add_argument("--epochs", type=float, default=d.epochs,
+                   help="passes over the training windows (default 20; fractions allowed); on token shards an epoch is "
+                        "floor(windows / batch size) batches")
     g.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
     g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
     g.add_argument("--min-lr", type=float, help="final learning rate of the cosine (default lr/10)")
@@ -85,7 +93,8 @@ def _output_arguments(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     g.add_argument("--eval-offset", type=int, default=d.eval_offset,
                    help="evaluate after the steps s with (s - offset) divisible by --eval-interval (default 0; "
                         "1: right after the first step and every interval after it, as the book does)")
-    g.add_argument("--eval-batches", type=int, help="validation batches per evaluation (default: all)")
+    g.add_argument("--eval-batches", type=int,
+                   help="validation batches per evaluation (default: all of a text's; the first 20 of token shards')")
     g.add_argument("--eval-train-batches", type=int, metavar="N",
                    help="also evaluate the train loss without dropout on N random train batches at each evaluation, "
                         "logged and plotted as train_eval_loss beside the running mean of the steps (default: off)")
