@@ -14,7 +14,7 @@
 #   install 60 s; probe 45 s (a first kernel compile and bfloat16 on the GPU: when they fail nothing else
 #   can pass, so the check stops there, naming what is missing); nvidia-smi 10 s; npgpt info 20 s;
 #   NPGPT_REQUIRE_CUDA=1 pytest -m cuda in three parts (no CUDA test can pass by skipping):
-#     pytest-core 170 s: layer parity, the engine, the kernels, cuBLAS, training (test_layers,
+#     pytest-core 190 s: layer parity, the engine, the kernels, cuBLAS, training (test_layers,
 #       test_engine, test_cuda_kernels, test_cuda_blas, test_gpu_training);
 #     pytest-more 70 s: gradients, the encoder-decoder, fine-tuning, bench, pretrained;
 #     pytest-nccl 40 s: test_distributed (one-rank NCCL; the two-GPU tests skip on one GPU, saying so);
@@ -22,12 +22,12 @@
 #   benchmark table, what is left (at least 80 s; benchmarks/gpu_bench.py: 124M, B=16 and 8 at T=1024,
 #   TF32, bf16, fp32, npgpt with the kernels off and all, against PyTorch eager and torch.compile, one
 #   twin at a time).
-# A GPU machine starts with no CuPy kernel cache, and one process would spend about 9 minutes compiling
+# A GPU machine starts with no CuPy kernel cache, and one process would spend about 10 minutes compiling
 # the kernels of the CUDA tests (benchmarks/gpu_compile_budget.py's estimate). So pytest-core and
 # pytest-more each run as several pytest processes at once over a split of their tests ("shards",
 # benchmarks/gpu_shards.py; gpu_check_tools.py pytest): as many as make the part end soonest by the plan,
 # at most one per core and as many as the GPU's free memory holds; they share CuPy's on-disk cache,
-# which is safe for concurrent writers. On 16 cores the estimate is 81 s for pytest-core and 33 s for
+# which is safe for concurrent writers. On 16 cores the estimate is 95 s for pytest-core and 32 s for
 # pytest-more on a cold cache, and the limits are twice that. Compile time is logged apart from run time:
 # benchmarks/gpu_compile_timer.py times CuPy's kernel compiles in every Python process (a .pth file in
 # the venv), each shard prints it per test file, and the report gives each part's seconds compiling
@@ -229,7 +229,7 @@ else
 fi
 # R_X: the least that part X and every part after it need; a part's limit leaves the next part's R_ free.
 # The pytest parts' limits are twice their estimate on a cold cache over 16 cores (docs/gpu_compile_budget.json,
-# "spread": pytest-core 81 s, pytest-more 33 s), for what the estimate cannot know (docs/benchmarks.md).
+# "spread": pytest-core 95 s, pytest-more 32 s), for what the estimate cannot know (docs/benchmarks.md).
 R_BENCH=80
 R_TRAIN=$((R_BENCH + 60))
 R_NCCL=$((R_TRAIN + 30))
@@ -248,7 +248,7 @@ else  # a failure on a GPU machine; expected in a dry run
     printf 'nvidia-smi\t%s\t0\t0\n' "$((DRY ? 0 : 127))" >>"$WORK/parts.tsv"
 fi
 run_part info 20 "$R_CORE" "$VPY" -m npgpt info --device "$DEVICE"
-run_part pytest-core 170 "$R_MORE" "${CORE_RUN[@]}"
+run_part pytest-core 190 "$R_MORE" "${CORE_RUN[@]}"
 run_part pytest-more 70 "$R_NCCL" "${SHARDED[@]}" pytest-more "${MORE_SHARDS[@]}" -- "${PYTEST[@]}" "${MORE_FILES[@]}" "${COLLECT[@]}"
 run_part pytest-nccl 40 "$R_TRAIN" "${SHARDED[@]}" pytest-nccl --shards 1 -- "${PYTEST[@]}" "${NCCL_FILES[@]}" "${COLLECT[@]}"
 unset NPGPT_REQUIRE_CUDA

@@ -386,10 +386,12 @@ FAST_PATH_TESTS = {
     "adamw": r"test_cuda_kernels\.py::test_adamw",
     "sq_norm": r"test_cuda_kernels\.py::test_sq_norm",
     "attention": r"test_cuda_kernels\.py::test_attention\[",
+    "attention_softmax": r"test_cuda_attention_softmax\.py::",
     "bmm": r"test_cuda_blas\.py::(test_bmm|test_matmul_where_needed|test_constants)",
 }
 ENGINE_TESTS = {  # whole-step and training tests that cover a fast path together with the others
     "kernels": r"(test_engine\.py::test_cuda_engine_with_its_kernels_matches_numpy\[all\]"
+               r"|test_engine\.py::test_cuda_engine_in_16_bits_matches_numpy\[all-"
                r"|test_gpu_training\.py::test_cupy_training_with_the_fast_paths_tracks_numpy\[all\])",
     "bmm": r"(test_engine\.py::test_cuda_engine_with_its_kernels_matches_numpy\[kernels0\]|test_engine\.py::"
            r"test_cuda_engine_in_16_bits|test_gpu_training\.py::test_cupy_training_with_the_fast_paths_tracks_numpy\[bmm\])",

@@ -4,7 +4,7 @@ section 3; docs/benchmarks.md, "GPU check").
 
 Why. A GPU machine starts with no CuPy kernel cache: CuPy compiles each kernel (NVRTC, one thread, 1-5 s of
 CPU) the first time a process needs it and stores it on disk, where every later use, in any process, finds
-it. One pytest process compiles the ~300 kernels of the CUDA tests one after another (about 535 s,
+it. One pytest process compiles the ~300 kernels of the CUDA tests one after another (about 545 s,
 docs/gpu_compile_budget.json), more than the whole check's 540 s. N processes over a partition of the
 tests compile different kernels at the same time. Two things bound the gain: a test compiles the kernels
 it needs in the order it uses them, so one that needs 90 kernels no process has compiled yet takes ~150 s

@@ -301,7 +301,9 @@ __device__ __forceinline__ void attention_bwd_dq_impl(const float* __restrict__ 
         att_load_tile<HS>(Vs, v4, k0, T, 1.0f);
         __syncthreads();
 
-#pragma unroll 2
+        // Unrolled twice, except at HS = 32, where ptxas then spills 12-24 bytes of registers (sm_80, sm_90;
+        // benchmarks/kernel_resources.py): once there, which spills nothing and takes no more registers.
+#pragma unroll(HS == 32 ? 1 : 2)
         for (int c = 0; c < ATT_BC; ++c) {
             const float s = att_quad_sum(att_partial_dot<HS>(qr, Ks + c * HS4, qd));
             const float dp = att_quad_sum(att_partial_dot<HS>(dor, Vs + c * HS4, qd));

@@ -6,9 +6,16 @@
 // not the headers it includes) can never serve a kernel built against an older copy of this file.
 //
 // Only what NVRTC provides without system headers is used: no <math.h>, no <cuda_runtime.h>, so no
-// INFINITY / FLT_MAX macros (see NPGPT_NEG_INF below).
+// INFINITY / FLT_MAX macros (see NPGPT_NEG_INF below). The two CUDA headers included below (the bf16 and
+// fp16 types) are not system headers: they come with the CUDA runtime headers that CuPy 14 puts on NVRTC's
+// include path for every kernel it compiles (cupy/_core/core.pyx, assemble_cupy_compiler_options, the
+// directory of 'cudart'), and its own float16/bfloat16 kernels include them too. npgpt.cuda.nvrtc adds the
+// same directory; npgpt.cuda.emulate has host stand-ins for both.
 
 #pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 #define NPGPT_FULL_MASK 0xffffffffu
 
@@ -64,3 +71,31 @@ __device__ __forceinline__ double npgpt_block_sum_d(double v, double* scratch) {
 // GPT-2's tanh GELU constants (npgpt.layers.gelu.GELU_SCALE = sqrt(2/pi), GELU_CUBIC = 0.044715).
 #define NPGPT_GELU_SCALE 0.7978845608028654f
 #define NPGPT_GELU_CUBIC 0.044715f
+
+// --- 16-bit storage, float32 arithmetic -------------------------------------------------------------------
+// The kernels that take bf16/fp16 activations (--precision bf16|fp16, npgpt/precision.py) are templates over
+// the storage type T: float, __nv_bfloat16 or __half. Every load is widened to float (npgpt_to_float), all
+// arithmetic is float32, and every store rounds once to T, to nearest with ties to even
+// (npgpt_from_float<T>), exactly as the CPU fast path rounds its float32 results (NumPy's float16,
+// ml_dtypes' bfloat16). Widening is exact; T = float makes both functions the identity.
+
+__device__ __forceinline__ float npgpt_to_float(float x) { return x; }
+__device__ __forceinline__ float npgpt_to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float npgpt_to_float(__half x) { return __half2float(x); }
+
+template <typename T>
+__device__ __forceinline__ T npgpt_from_float(float x);
+template <>
+__device__ __forceinline__ float npgpt_from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 npgpt_from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <>
+__device__ __forceinline__ __half npgpt_from_float<__half>(float x) { return __float2half_rn(x); }
+
+// 16 bytes of T (4 floats, 8 bf16/fp16 values): one 128-bit load or store per thread, for the
+// elementwise kernels' vectorised variants. The address must be 16-byte aligned.
+template <typename T>
+struct alignas(16) npgpt_pack {
+    static constexpr int size = 16 / sizeof(T);
+    T v[size];
+};

@@ -19,12 +19,18 @@
 // A NaN logit gives a NaN loss (the caller's non-finite guard sees it).
 //
 // Shapes, dtypes, layout:
-//   logits: (N, V) float32, row-major, contiguous (rows V elements apart; V need not be a multiple of
-//           4 — GPT-2's 50257 is not — so loads are scalar, coalesced across the block);
+//   logits: (N, V) float32, or bfloat16 / float16 with --precision bf16|fp16, row-major, contiguous
+//           (rows V elements apart; V need not be a multiple of 4 — GPT-2's 50257 is not — so loads
+//           are scalar, coalesced across the block). The kernel is one template over the logits' type
+//           T; the extern "C" names carry _bf16 / _f16 for the 16-bit T. The softmax, the loss and the
+//           gradient are float32 whatever T is (each logit widened when read); the gradient is rounded
+//           to T once, when it is written back over the logits, after the scale (which at fp16 carries
+//           the loss scale) is applied, as the fast op does;
 //   targets: (N,) int64, ids in [0, V) or ignore_index (another out-of-range id gives a NaN loss and
 //            no one-hot term in its gradient row);
 //   losses: (N,) float32 out, the per-row loss (0 for ignored rows); the wrapper sums them.
 //
+// Kernels: cross_entropy_fwd_bwd (float32 logits), cross_entropy_fwd_bwd_bf16, cross_entropy_fwd_bwd_f16.
 // Launch configuration: grid (N), block 512 (any multiple of 32 up to 1024 works), static shared
 // memory 2 x 32 floats. Block n computes row n: thread i strides over j = i, i + blockDim, ... Thread 0
 // reads z[t] before the first barrier, so it is read before any thread overwrites the row.
@@ -35,6 +41,8 @@
 // arguments: npgpt.cuda.kernels.cross_entropy_. Float32
 // tolerance asserted by tests/test_cuda_kernels.py against the reference evaluated in float64 on the
 // same inputs: mean loss rtol 1e-5; gradient |got - ref| <= 1e-5 |ref| + 1e-6 max|ref|.
+// bf16 / fp16: the loss (float32 arithmetic on the same 16-bit logits) as above against float64 on those
+// logits; the gradient within one unit in the last place of T of the fast op's 16-bit result.
 
 #include "common.cuh"
 
@@ -47,25 +55,26 @@ __device__ __forceinline__ void ce_merge(float& m, float& s, float m2, float s2)
     m = M;
 }
 
-extern "C" __global__ void cross_entropy_fwd_bwd(float* __restrict__ logits, const long long* __restrict__ targets,
-                                                 float* __restrict__ losses, int N, int V, float scale,
-                                                 int want_grad, long long ignore_index) {
+template <typename T>
+__device__ __forceinline__ void cross_entropy_fwd_bwd_t(T* __restrict__ logits, const long long* __restrict__ targets,
+                                                        float* __restrict__ losses, int N, int V, float scale,
+                                                        int want_grad, long long ignore_index) {
     __shared__ float sh_m[32];
     __shared__ float sh_s[32];
     const int row = blockIdx.x;
     if (row >= N) return;  // uniform over the block
-    float* z = logits + (long long)row * V;
+    T* z = logits + (long long)row * V;
     const long long t = targets[row];
     const bool ignored = (t == ignore_index);
     const bool in_range = (t >= 0 && t < (long long)V);
 
     float z_t = 0.0f;
-    if (threadIdx.x == 0 && in_range) z_t = z[t];  // before the barriers below, so before any write
+    if (threadIdx.x == 0 && in_range) z_t = npgpt_to_float(z[t]);  // before the barriers below, so before any write
 
     // Pass 1: running max and rescaled sum.
     float m = CE_NEG_BIG, s = 0.0f;
     for (int j = threadIdx.x; j < V; j += blockDim.x) {
-        const float x = z[j];
+        const float x = npgpt_to_float(z[j]);
         if (x > m) {
             s = s * expf(m - x) + 1.0f;
             m = x;
@@ -105,12 +114,25 @@ extern "C" __global__ void cross_entropy_fwd_bwd(float* __restrict__ logits, con
 
     // Pass 2: the gradient row, in place.
     if (ignored) {
-        for (int j = threadIdx.x; j < V; j += blockDim.x) z[j] = 0.0f;
+        for (int j = threadIdx.x; j < V; j += blockDim.x) z[j] = npgpt_from_float<T>(0.0f);
         return;
     }
     const float inv_S = 1.0f / S;
     for (int j = threadIdx.x; j < V; j += blockDim.x) {
-        const float p = expf(z[j] - M) * inv_S;
-        z[j] = (p - ((long long)j == t ? 1.0f : 0.0f)) * scale;
+        const float p = expf(npgpt_to_float(z[j]) - M) * inv_S;
+        z[j] = npgpt_from_float<T>((p - ((long long)j == t ? 1.0f : 0.0f)) * scale);
     }
 }
+
+// The kernels, one instantiation per logits type T (suffix "" float32, _bf16, _f16).
+#define CE_KERNEL(T, SUFFIX)                                                                                       \
+    extern "C" __global__ void cross_entropy_fwd_bwd##SUFFIX(T* __restrict__ logits,                              \
+                                                             const long long* __restrict__ targets,                \
+                                                             float* __restrict__ losses, int N, int V, float scale, \
+                                                             int want_grad, long long ignore_index) {              \
+        cross_entropy_fwd_bwd_t<T>(logits, targets, losses, N, V, scale, want_grad, ignore_index);                \
+    }
+
+CE_KERNEL(float, )
+CE_KERNEL(__nv_bfloat16, _bf16)
+CE_KERNEL(__half, _f16)

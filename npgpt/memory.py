@@ -20,6 +20,9 @@ What is counted, for `npgpt train` (and `npgpt bench`'s step):
   allocated on first use, the dropout keep-masks a training forward keeps (one byte an element), the
   16-bit weight copy of bf16/fp16, and the weight-gradient scratch of accumulation and 16-bit steps
   (held by the engine's Gradients part; counted here under the workspace).
+  Under the fused softmax kernels (attention_softmax) the probabilities' dropout mask is not kept (one
+  float64 seed is); with the padded LM head (a GPU's default, VOCAB_MULTIPLE) the logits have Vp
+  columns and the head keeps a (Vp, C) weight copy and a (Vp, C) weight-gradient product.
   A test holds this sum equal to FastLossAndGrads.nbytes() after a step. Beside them, the largest
   temporary of a step ("temporaries"): the float32 uniforms from which one layer's attention dropout
   mask is drawn. A test holds the total within 10% of the peak resident memory a training step
@@ -95,12 +98,16 @@ def _keeps_probabilities(recompute: str, flash: bool) -> bool:
 
 def fast_engine_bytes(config: GPTConfig, batch_size: int, seq_len: int, dtype="float32", precision: str = "fp32",
                       accumulate: bool = False, threads: int | None = None, gpu: bool = False,
-                      flash: bool = False, recompute: str = "none", training: bool = True) -> tuple[int, int, int]:  # fmt: skip
+                      flash: bool = False, recompute: str = "none", training: bool = True, fused_softmax: bool = False,
+                      vocab_multiple: int | None = None) -> tuple[int, int, int]:  # fmt: skip
     """(activations, workspace, gradients) in bytes: what FastLossAndGrads allocates for (B, T) with
     this recompute setting, the attention buffers it allocates on first use included, and (training
     with dropout) the keep-masks it holds. accumulate: gradient accumulation (or any step with
     accumulate=True), which adds the weight-gradient scratch; flash: the CUDA flash-attention kernel is
-    in use (no T x T buffers)."""
+    in use (no T x T buffers); fused_softmax: the fused softmax kernels run attention (the
+    probabilities kept, their dropout mask not: one float64 seed instead). vocab_multiple: the LM
+    head's padding (default VOCAB_MULTIPLE of the device): (N, Vp) logits, and beside them the padded
+    head's (Vp, C) weight copy and, training, its (Vp, C) weight-gradient product."""
     from . import fast
     from .fast import attention as fast_attention
     from .parallel import num_threads
@@ -112,20 +119,23 @@ def fast_engine_bytes(config: GPTConfig, batch_size: int, seq_len: int, dtype="f
     lowp = is_low_precision(cdt)
     threads = (num_threads() if not gpu else 1) if threads is None else threads
     B, T, C, L, NH, V = batch_size, seq_len, config.emb_dim, config.n_layers, config.n_heads, config.vocab_size
+    Vp = padded_vocab(V, VOCAB_MULTIPLE["gpu" if gpu else "cpu"] if vocab_multiple is None else vocab_multiple)
     N = B * T
     att = B * NH * T * T  # one layer's attention probabilities
     keep_att = _keeps_probabilities(recompute, flash)
+    fused_softmax = fused_softmax and keep_att
     Lp = 1 if recompute == "block" and L else L  # per-layer buffers: one shared by all layers under "block"
     La = 1 if recompute in ("mlp", "block") and L else L  # GELU's output
     acts = a * ((L + 1) * N * C  # resid
                 + 4 * Lp * N * C  # ln1, atty, resid_mid, ln2
                 + 3 * Lp * N * C  # qkv_heads
                 + Lp * N * 4 * C + La * N * 4 * C  # fc, act
-                + N * C + N * V  # lnf, logits
+                + N * C + N * Vp  # lnf, logits (padded)
                 + (Lp * B * NH * T if flash else 0) + (L * att if keep_att else 0))  # lse; the probabilities  # fmt: skip
     acts += stat * (4 * Lp * N + 2 * N)  # LayerNorm means and reciprocal standard deviations
     if training and config.drop_rate > 0:  # boolean keep-masks: embeddings, two residual branches a layer
-        acts += N * C + 2 * L * N * C + (L * att if keep_att else 0)  # and the probabilities' (else redrawn)
+        acts += N * C + 2 * L * N * C + (L * att if keep_att and not fused_softmax else 0)  # and the probabilities' (else redrawn)
+        acts += 8 if fused_softmax and L else 0  # the fused kernels' float64 seed, from which they draw the mask again
     rows = min(N, fast.ROW_BLOCK if not gpu else fast.GPU_ROW_BLOCK)
     gelu = threads * rows * (4 if lowp else 2) * 4 * C * stat  # fast.gelu_scratch, in the weights' dtype
     work = a * (3 * N * C + 3 * N * C + 4 * N * C + 3 * N * C  # dresid, nc, nc2; n3c; n4c; heads
@@ -134,6 +144,8 @@ def fast_engine_bytes(config: GPTConfig, batch_size: int, seq_len: int, dtype="f
     if not flash and not keep_att:  # recomputed attention: two blocks of rows of probabilities, a head_tmp
         work += a * (2 * B * NH * min(fast_attention.ATTENTION_ROWS, T) * T + N * C)
     work += gelu
+    if Vp != V:  # the padded head's weight copy, and its weight-gradient product when training
+        work += a * Vp * C * (2 if training else 1)
     P = param_count(config)
     if accumulate or lowp:  # the weight-gradient products go through a compute-dtype buffer
         work += a * _largest_matrix(config)
@@ -143,10 +155,13 @@ def fast_engine_bytes(config: GPTConfig, batch_size: int, seq_len: int, dtype="f
 
 
 def fast_engine_transient(config: GPTConfig, batch_size: int, seq_len: int, recompute: str = "none",
-                          flash: bool = False, training: bool = True) -> int:  # fmt: skip
+                          flash: bool = False, training: bool = True, fused_softmax: bool = False) -> int:  # fmt: skip
     """The largest temporary of a fast training step: drawing one layer's attention dropout mask makes
-    B*NH*T*T float32 uniforms (and, when the mask is redrawn rather than kept, its booleans too)."""
+    B*NH*T*T float32 uniforms (and, when the mask is redrawn rather than kept, its booleans too); the
+    fused softmax kernels draw theirs inside the kernels (none)."""
     if not training or config.drop_rate <= 0 or flash or not config.n_layers:
+        return 0
+    if fused_softmax and _keeps_probabilities(recompute, flash):
         return 0
     att = batch_size * config.n_heads * seq_len * seq_len
     return (4 if _keeps_probabilities(recompute, flash) else 5) * att
@@ -265,6 +280,18 @@ def plan_report(config: GPTConfig, batch_size: int, seq_len: int, dtype="float32
 
 
 RECOMPUTE_MODES = ("none", "attention", "mlp", "block")  # engine.RECOMPUTE (not imported: the engine imports memory.py)
+# The fast engine's LM head pads the vocabulary to a multiple of this for its three GEMMs (engine/ends.py):
+# on a GPU 128 (GPT-2's 50257 -> 50304, as llm.c), so every dimension and leading dimension of the step's
+# largest GEMMs is a multiple of 128 elements; on the CPU none (1): measured no faster there
+# (docs/benchmarks.md, "The padded output head"). Defined here, where the estimates need it too.
+VOCAB_MULTIPLE = {"cpu": 1, "gpu": 128}
+
+
+def padded_vocab(vocab_size: int, multiple: int) -> int:
+    """vocab_size rounded up to a multiple of `multiple` (>= 1)."""
+    if int(multiple) < 1:
+        raise ValueError(f"vocab_multiple must be a positive integer, got {multiple}")
+    return -(-int(vocab_size) // int(multiple)) * int(multiple)
 
 
 def _cgroup_room() -> int | None:

@@ -6,7 +6,9 @@ AdamW (Loshchilov & Hutter), with PyTorch's conventions, for each parameter p wi
     m_hat = m / (1 - b1^t);  v_hat = v / (1 - b2^t)        bias correction (t counts from 1)
     p = p - lr * wd * p    (decoupled weight decay, only for the tensors decay_filter selects)
     p = p - lr * m_hat / (sqrt(v_hat) + eps)
-Parameters are updated in place, so the model that owns the dict sees the new values.
+Parameters are updated in place, so the model that owns the dict sees the new values. With 16-bit compute
+(--precision bf16|fp16) the parameters stay float32 and the step can also round them into the fast
+engine's 16-bit copy (`step(..., copy=engine.param_flat)`), in the same pass over each block.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 
 from .backend import flat_base, get_array_module, views_into
 from .parallel import num_threads, parallel_blocks
+from .precision import is_low_precision
 
 CHUNK = 1 << 17  # elements per block of the CPU update (512 KB in float32; large enough that threads do not queue on the GIL)
 
@@ -62,12 +65,23 @@ class AdamW:
         self._decay_mask = None
         self.t = 0  # steps taken
 
-    def step(self, grads: dict, lr: float | None = None) -> None:
-        """One update of every parameter from `grads` (same keys). lr overrides the default for this step."""
+    def step(self, grads: dict, lr: float | None = None, *, copy=None) -> None:
+        """One update of every parameter from `grads` (same keys). lr overrides the default for this step.
+        copy: None, or a 1-D bfloat16/float16 array with one element per parameter element, laid out as
+        the parameters back to back in the dict's order (the fast engine's `param_flat`, its 16-bit
+        weights): each updated weight is rounded into it, in the same pass (the adamw kernel writes it
+        beside p; the CPU while the block is in cache; the CuPy ops tensor by tensor)."""
         if grads.keys() != self.params.keys():
             missing = sorted(set(self.params) - set(grads))
             extra = sorted(set(grads) - set(self.params))
             raise ValueError(f"AdamW.step: gradients missing for {missing[:5]}, unexpected {extra[:5]}")
+        copies = None
+        if copy is not None:
+            total = sum(int(p.size) for p in self.params.values())
+            if copy.ndim != 1 or copy.size != total or not is_low_precision(copy.dtype):
+                raise ValueError(f"AdamW.step: copy must be a 1-D bfloat16/float16 array of {total} elements (one per "
+                                 f"weight), got {copy.dtype} of shape {tuple(copy.shape)}")  # fmt: skip
+            copies = {k: c.reshape(-1) for k, c in views_into(copy, self.params).items()}
         lr = self.lr if lr is None else float(lr)
         b1, b2 = self.betas
         self.t += 1
@@ -81,13 +95,15 @@ class AdamW:
                 if self._decay_mask is None:
                     self._decay_mask = ck.decay_mask_for(self.params, self.decay, xp=get_array_module(self.flat))
                 ck.adamw_flat_(self.flat, g_flat, self.m_flat, self.v_flat, self._decay_mask, lr, b1, b2, self.eps,
-                               self.weight_decay, self.t)  # fmt: skip
+                               self.weight_decay, self.t, copy=copy)  # fmt: skip
                 return
         blocks = []  # (key, start, end): CPU tensors cut into cache-sized blocks
         for k, p in self.params.items():
             decay = lr * self.weight_decay if self.decay[k] else 0.0
-            if get_array_module(p) is not np:  # GPU: whole tensors (a fused kernel comes with the CUDA path)
+            if get_array_module(p) is not np:  # GPU: whole tensors (the fused kernel: "adamw" above)
                 _adamw_update(p, grads[k], self.m[k], self.v[k], None, b1, b2, self.eps, lr, decay, bc1, bc2)
+                if copies is not None:
+                    copies[k][...] = p.reshape(-1)  # rounded to 16 bits
                 continue
             blocks += [(k, i, min(i + CHUNK, p.size)) for i in range(0, p.size, CHUNK)]
         if not blocks:
@@ -100,6 +116,8 @@ class AdamW:
                 p, g, m, v = flat[k]
                 decay = lr * self.weight_decay if self.decay[k] else 0.0
                 _adamw_update(p[i:j], g[i:j], m[i:j], v[i:j], scratch[worker][: j - i], b1, b2, self.eps, lr, decay, bc1, bc2)
+                if copies is not None:
+                    copies[k][i:j] = p[i:j]  # rounded to 16 bits while the block is in cache
 
         parallel_blocks(blocks, work)  # each thread updates its own share of the blocks
 
@@ -162,8 +180,8 @@ def _adamw_update(p, g, m, v, scratch, b1, b2, eps, lr, decay, bc1, bc2) -> None
 
 
 def _kernel_enabled(array, name: str) -> bool:
-    """True when `array` is a float32 array on a GPU (the kernels are float32-only) and
-    $NPGPT_CUDA_KERNELS enables the kernel `name`."""
+    """True when `array` is a float32 array on a GPU (adamw and sq_norm work on float32 weights and
+    gradients, also under 16-bit compute) and $NPGPT_CUDA_KERNELS enables the kernel `name`."""
     if get_array_module(array) is np or array.dtype != np.float32:
         return False
     from .cuda import kernel_enabled

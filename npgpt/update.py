@@ -15,7 +15,11 @@ In order:
 5. the finite test: a non-finite loss or norm skips the AdamW step, leaving weights and optimizer state
    untouched. With loss scaling, an overflow of the float16 gradients (a finite loss, an infinite norm)
    halves the scale and is reported as `overflow`, not as a divergence, unless the scale is at its minimum;
-6. AdamW (optim.py) with the learning rate given.
+6. AdamW (optim.py) with the learning rate given. With 16-bit compute it also rounds the new weights
+   into the engine's 16-bit copy (`param_flat`) in the same pass, so the next update's forwards skip
+   their own refresh of that copy (FastLossAndGrads.weights_copy_current, set here for the micro-batches
+   of one update only). Code that writes the model's weights between two updates must call
+   `updater.weights_changed()`, so that the next forward refreshes the copy from them.
 
 On a GPU an update waits for the GPU once: the losses and the gradient norm stay on the device (the
 engines' and optim's sync=False) and are read together in one copy (backend.host_scalars) for the
@@ -32,7 +36,7 @@ import numpy as np
 
 from .backend import host_scalars
 from .distributed import SingleProcess, allreduce_grads_
-from .optim import clip_grad_norm, grad_norm
+from .optim import AdamW, clip_grad_norm, grad_norm
 
 
 @dataclass
@@ -52,14 +56,39 @@ class Updater:
         self.engine, self.optimizer = engine, optimizer
         self.world = world if world is not None else SingleProcess()
         self.scaler, self.grad_clip, self.measure_norm = scaler, grad_clip, measure_norm
+        self.copy = self._weights_copy(engine, optimizer)  # the engine's 16-bit weights AdamW writes, or None
+        self._copy_current = False  # the copy holds the weights as the last update left them
+
+    @staticmethod
+    def _weights_copy(engine, optimizer):
+        """The engine's 16-bit copy of the weights when the optimizer can keep it (16-bit compute, AdamW
+        over exactly the model's parameters in their order, so the layouts agree), else None."""
+        copy = getattr(engine, "param_flat", None)
+        if copy is None or not isinstance(optimizer, AdamW):
+            return None
+        params = engine.model.params
+        same = list(optimizer.params) == list(params) and all(optimizer.params[k].shape == params[k].shape for k in params)
+        return copy if same else None
+
+    def weights_changed(self) -> None:
+        """Say that something other than this updater's optimizer wrote the model's weights: the next
+        update's first forward refreshes the engine's 16-bit copy from them."""
+        self._copy_current = False
 
     def __call__(self, micro_batches, lr: float | None = None, training: bool = True) -> UpdateResult:
         """micro_batches: a list of (x, y, rng), each (b, T) token ids and the dropout generator."""
         engine, world, count = self.engine, self.world, len(micro_batches)
         scale = self.scaler.scale if self.scaler is not None else 1.0  # fp16: gradients come back scaled
         loss_sum = 0.0  # on a GPU, a 0-d device array until the one read below
-        for i, (x, y, rng) in enumerate(micro_batches):
-            loss_sum = loss_sum + engine(x, y, training=training, rng=rng, dloss=scale / count, accumulate=i > 0, sync=False)
+        if self.copy is not None:  # the 16-bit weights as the last step wrote them: no refresh needed
+            engine.weights_copy_current = self._copy_current
+        try:
+            for i, (x, y, rng) in enumerate(micro_batches):
+                loss_sum = loss_sum + engine(x, y, training=training, rng=rng, dloss=scale / count, accumulate=i > 0, sync=False)
+        finally:
+            if self.copy is not None:
+                engine.weights_copy_current = False  # outside an update, every forward refreshes the copy
+        self._copy_current = self.copy is not None  # the forwards refreshed it (or found it current)
         grads = engine.grads
         allreduce_grads_(world, grads, engine.grad_flat)
         if scale != 1.0:
@@ -78,6 +107,10 @@ class Updater:
             self.scaler.update(math.isfinite(norm))
             if not finite and not self.scaler.overflowed_at_min:  # a smaller scale, not a divergence
                 return UpdateResult(loss, norm, applied=False, overflow=True)
-        if finite:
+        if finite and self.copy is not None:
+            self._copy_current = False  # until the step below has written it
+            self.optimizer.step(grads, lr=lr, copy=self.copy)  # the 16-bit weights written in the same pass
+            self._copy_current = True
+        elif finite:
             self.optimizer.step(grads, lr=lr)
         return UpdateResult(loss, norm, applied=finite)

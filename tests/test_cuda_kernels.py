@@ -447,6 +447,291 @@ def test_attention_result_does_not_depend_on_the_schedule(rng, seed, monkeypatch
         np.testing.assert_array_equal(a, b)
 
 
+# --- 16 bits: bfloat16 / float16 activations, float32 arithmetic -----------------------------------------
+#
+# Each 16-bit kernel against the NumPy fast op at 16 bits (npgpt/fast/, as precision.py defines the CPU's
+# 16-bit path: float32 arithmetic on float32 copies, one rounding per stored value) on the same inputs, at
+# shapes that are not multiples of the tiles (rows 1, 7, 129; odd widths), in float32, bf16 and fp16, with
+# the emulation's shuffling schedule (emulate.schedule_seed = 2). Tolerance at 16 bits: every 16-bit value
+# within one unit in the last place (ulp) of T of the fast op's plus the float32 test's absolute term
+# (atol * max|ref|: near zero the float32 arithmetic's own error, e.g. GELU's 1 + tanh cancelling, is more
+# than an ulp of a tiny result), and where an ulp exceeds that term at most 2% of the values different at
+# all (both round a float32 value to nearest even once; they differ only where the two float32 values,
+# computed in different orders, straddle a rounding boundary: a kernel that truncated, or rounded twice,
+# would differ in about half). float32 results (statistics, sums, the loss) against float64 on the same
+# 16-bit inputs, at the float32 tolerances above. float32 activations: as the float32 tests above.
+
+try:
+    import ml_dtypes
+
+    BF16 = np.dtype(ml_dtypes.bfloat16)
+except ImportError:  # ml_dtypes is in the test extra; without it only the fp16/fp32 cases run
+    BF16 = None
+NO_BF16 = pytest.mark.skipif(BF16 is None, reason="bfloat16 needs ml_dtypes (pip install ml_dtypes)")
+DTYPES = [pytest.param("float32", id="fp32"), pytest.param("bfloat16", id="bf16", marks=NO_BF16),
+          pytest.param("float16", id="fp16")]  # fmt: skip
+SIXTEEN = DTYPES[1:]
+EMU_ONLY = pytest.mark.skipif(bool(EMU_REASON), reason=EMU_REASON or "-")
+
+
+def _dt(name):
+    return BF16 if name == "bfloat16" else np.dtype(name)
+
+
+def ulp(a, b, dtype):
+    """One unit in the last place of `dtype` at the larger magnitude of a and b (elementwise; below the
+    smallest normal, the smallest normal's)."""
+    mant, tiny = {"bfloat16": (7, float(np.finfo(f32).tiny)), "float16": (10, 2.0**-14)}[np.dtype(dtype).name]
+    mag = np.maximum(np.maximum(np.abs(a), np.abs(b)), tiny)
+    return 2.0 ** (np.floor(np.log2(mag)) - mant)
+
+
+def assert_16bit_close(got, ref, what, atol=0.0, scale=None):
+    """The 16-bit result `got` against the fast op's `ref` (same dtype): each within one ulp plus atol *
+    scale (scale = max|ref|: the float32 arithmetic's own error, which near zero exceeds an ulp of the
+    result), and at most 2% different at all of those whose ulp exceeds that term (module comment above)."""
+    assert got.dtype == ref.dtype and got.shape == ref.shape, (what, got.dtype, ref.dtype, got.shape, ref.shape)
+    g, r = got.astype(f64), ref.astype(f64)
+    assert np.isfinite(g).all() and np.isfinite(r).all(), f"{what}: non-finite values"
+    if scale is None:
+        scale = float(np.abs(r).max()) if r.size else 0.0
+    err, one = np.abs(g - r), ulp(g, r, got.dtype)
+    bad = err > one + atol * scale
+    if bad.any():
+        i = tuple(np.argwhere(bad)[0])
+        raise AssertionError(f"{what}: {int(bad.sum())} of {err.size} more than one ulp + {atol}*{scale:.3g} apart; first "
+                             f"at {i}: got {g[i]!r}, the fast op {r[i]!r} ({err[i] / one[i]:.3g} ulps)")  # fmt: skip
+    judged = one > atol * scale  # where the float32 error cannot explain a difference of an ulp
+    differ = int((judged & (err > 0)).sum())
+    assert differ <= max(1, 0.02 * judged.sum()), f"{what}: {differ} of {int(judged.sum())} values differ from the fast op's"
+
+
+def assert_act_close(got, ref, dtype, rtol, atol, what, scale=None):
+    """float32 activations as the float32 tests above; 16-bit ones as assert_16bit_close (with atol)."""
+    if np.dtype(dtype) == f32:
+        assert_close(got, ref, rtol, atol, what, scale=scale)
+    else:
+        assert_16bit_close(got, ref, what, atol, scale)
+
+
+@pytest.fixture(autouse=True)
+def launched(monkeypatch):
+    """The names of the kernels the wrappers launch (npgpt.cuda.kernels._launch), in order; every launch's
+    block is the one LAUNCH_BLOCKS states (what benchmarks/kernel_resources.py computes occupancy from)."""
+    names = []
+    real = K._launch
+
+    def spy(filename, name, grid, block, *args, **kwargs):
+        assert block == K.launch_block(filename, name), f"{name} launched with {block} threads, LAUNCH_BLOCKS says otherwise"
+        names.append(name)
+        return real(filename, name, grid, block, *args, **kwargs)
+
+    monkeypatch.setattr(K, "_launch", spy)
+    return names
+
+
+# float16's overflow edge (65504 the largest, 65520 the midpoint to 65536), its subnormals' (2^-14 the
+# smallest normal, 2^-24 the smallest subnormal, 2^-25 the tie between it and 0, a hair above that tie,
+# 3 * 2^-26 the tie between 2^-24 and 2^-23), far below them, bfloat16's largest values and float32's.
+EDGES = np.array([65504, 65519.99, 65520, 65535.99, 65536, 2.0**-14, 2.0**-24, 2.0**-25, 2.0**-25 * 1.0000001, 3 * 2.0**-26,
+                  1e-9, 0.0, -0.0, np.inf, -np.inf, 3.3895314e38, 3.4028235e38, 3.4e38], np.float32)  # fmt: skip
+
+
+@EMU_ONLY
+def test_standin_conversions_match_ml_dtypes_and_numpy():
+    """The emulation's host cuda_bf16.h / cuda_fp16.h: widening every 16-bit pattern, and rounding to
+    nearest even (random float32 bit patterns, every 16-bit value, its float32 neighbours and the midpoints
+    between neighbouring 16-bit values: the ties, and EDGES), bit for bit as ml_dtypes' bfloat16 and NumPy's
+    float16 (NaN: a NaN)."""
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    rng = np.random.default_rng(0)
+    for dtype in [d for d in (BF16, np.dtype(np.float16)) if d is not None]:
+        values = bits.view(dtype).astype(f32)
+        widened = emulate.standin_widen(bits, dtype)
+        same = (widened.view(np.uint32) == values.view(np.uint32)) | (np.isnan(widened) & np.isnan(values))
+        assert same.all(), f"{dtype}: widening differs at {bits[~same][:5]}"
+        finite = np.sort(values[np.isfinite(values)].astype(f64))
+        with np.errstate(invalid="ignore", over="ignore"):
+            x = np.concatenate([rng.integers(0, 1 << 32, 1 << 18, dtype=np.uint64).astype(np.uint32).view(f32), values,
+                                np.nextafter(values, f32(np.inf)), np.nextafter(values, f32(-np.inf)),
+                                ((finite[1:] + finite[:-1]) / 2).astype(f32), EDGES])  # fmt: skip
+            want = x.astype(dtype).view(np.uint16)
+        got = emulate.standin_round(x, dtype)
+        nan = np.isnan(x)
+        bad = (got != want) & ~nan
+        assert not bad.any(), f"{dtype}: {int(bad.sum())} roundings differ, first {x[bad][:3]} -> {got[bad][:3]} not {want[bad][:3]}"
+        assert np.isnan(got[nan].view(dtype).astype(f32)).all()
+
+
+LN16_SHAPES = [(1, 1), (1, 33), (7, 67), (129, 33)]
+
+
+@pytest.mark.parametrize("N, C", LN16_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layernorm_16bit(dev, rng, launched, dtype, N, C):
+    """Forward and backward (dx in dout's buffer) at the activation dtype, against the fast op on the same
+    inputs; dw/db (float32, added into) against float64."""
+    dt = _dt(dtype)
+    x = (rng.standard_normal((N, C)) * 2 + 0.5).astype(dt)
+    w, b = (1 + 0.3 * rng.standard_normal(C)).astype(f32), rng.standard_normal(C).astype(f32)
+    ref, ref_m, ref_r = np.empty((N, C), dt), np.empty(N, f32), np.empty(N, f32)
+    fast.layernorm_forward(ref, ref_m, ref_r, x, w, b, 1e-5)
+    out, mean, rstd = (dev.put(a) for a in (np.zeros((N, C), dt), np.zeros(N, f32), np.zeros(N, f32)))
+    K.layernorm_forward(out, mean, rstd, dev.put(x), dev.put(w), dev.put(b), 1e-5)
+    out, mean, rstd = dev.get(out), dev.get(mean), dev.get(rstd)
+    x64 = x.astype(f64)
+    m64 = x64.mean(1)
+    r64 = 1 / np.sqrt(((x64 - m64[:, None]) ** 2).mean(1) + 1e-5)
+    assert_close(mean, m64, 1e-5, 1e-5, "mean")
+    assert_close(rstd, r64, 1e-5, 1e-5, "rstd")
+    assert_act_close(out, ref, dt, 1e-5, 1e-5, "out", scale=np.abs(ref.astype(f64)).max())
+
+    dout = rng.standard_normal((N, C)).astype(dt)
+    dw0, db0 = rng.standard_normal(C).astype(f32), rng.standard_normal(C).astype(f32)
+    ref_dx, ref_dw, ref_db = np.empty((N, C), dt), dw0.copy(), db0.copy()
+    fast.layernorm_backward(ref_dx, ref_dw, ref_db, dout, x, mean, rstd, w)
+    dx, dw, db = dev.put(dout), dev.put(dw0), dev.put(db0)  # dx is dout's buffer, as the engine passes it
+    K.layernorm_backward(dx, dw, db, dx, dev.put(x), dev.put(mean), dev.put(rstd), dev.put(w))
+    dx, dw, db = dev.get(dx), dev.get(dw), dev.get(db)
+    xhat = (x64 - mean.astype(f64)[:, None]) * rstd.astype(f64)[:, None]
+    d64 = dout.astype(f64)
+    assert_close(dw, dw0 + (d64 * xhat).sum(0), 1e-5, 1e-5, "dw")
+    assert_close(db, db0 + d64.sum(0), 1e-5, 1e-5, "db")
+    assert_act_close(dx, ref_dx, dt, 1e-5, 1e-5, "dx", scale=np.abs(ref_dx.astype(f64)).max())
+    sfx = K.DTYPE_SUFFIX[dtype]
+    assert launched == ["layernorm_fwd" + sfx, "layernorm_bwd_dwdb_partial" + sfx, "layernorm_bwd_dwdb_finalize", "layernorm_bwd_dx" + sfx]
+
+
+GELU16_SHAPES = [(1, 8), (7, 33), (129, 24), (129, 13)]  # C % 8 == 0: 16-byte packs at every dtype; else scalar
+
+
+@pytest.mark.parametrize("N, C", GELU16_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gelu_16bit(dev, rng, launched, dtype, N, C):
+    """The bias add in place (pre bitwise the fast op's 16-bit x += bias), GELU of the rounded pre, and
+    the backward in place, against the fast op on the same inputs; 16-byte packs where C allows."""
+    dt = _dt(dtype)
+    h = (rng.standard_normal((N, C)) * 3).astype(dt)
+    bias = rng.standard_normal(C).astype(dt)
+    ref_pre, ref_out = h.copy(), np.empty((N, C), dt)
+    fast.gelu_forward(ref_out, ref_pre, bias)
+    pre, out = dev.put(h), dev.put(np.zeros((N, C), dt))
+    K.gelu_forward(out, pre, dev.put(bias))
+    np.testing.assert_array_equal(dev.get(pre).view(np.uint8), ref_pre.view(np.uint8), err_msg="pre = h + bias")
+    scale = np.abs(ref_pre.astype(f64)).max()
+    assert_act_close(dev.get(out), ref_out, dt, 1e-5, 1e-6, "gelu", scale=scale)
+
+    d0 = rng.standard_normal((N, C)).astype(dt)
+    ref_d = d0.copy()
+    fast.gelu_backward_(ref_d, ref_pre)
+    d = dev.put(d0)
+    K.gelu_backward_(d, pre)
+    assert_act_close(dev.get(d), ref_d, dt, 1e-5, 1e-6, "dgelu", scale=np.abs(d0.astype(f64)).max())
+    P, sfx = 16 // dt.itemsize, K.DTYPE_SUFFIX[dtype]
+    vec = C % P == 0  # the test arrays are fresh allocations: 16-byte aligned (NumPy's, CuPy's 256)
+    assert launched == ([f"gelu_bias_fwd_vec{P}{sfx}", f"gelu_bwd_inplace_vec{P}{sfx}"] if vec
+                        else ["gelu_bias_fwd" + sfx, "gelu_bwd_inplace" + sfx])  # fmt: skip
+
+
+CE16_SHAPES = [(1, 1), (7, 1001), (129, 67), (2, 50257)]
+
+
+@pytest.mark.parametrize("N, V", CE16_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cross_entropy_16bit(dev, rng, launched, dtype, N, V):
+    """16-bit logits: the loss in float32 (against float64 on the same logits), the gradient written back
+    over them at 16 bits (against the fast op), an ignored row zero; fp16 with a loss scale of 1024."""
+    dt = _dt(dtype)
+    z0 = (rng.standard_normal((N, V)) * 3).astype(dt)
+    t = rng.integers(0, V, N).astype(np.int64)
+    if N >= 7:
+        t[3] = -100
+    dloss = 1024.0 if dtype == "float16" else 0.7
+    n_valid = int((t != -100).sum())
+    ref = z0.copy()
+    ref_loss = fast.cross_entropy_(ref, t, True, dloss, n_valid=n_valid)
+    loss64, g64 = _ce_ref(z0.astype(f64), t, -100, dloss)
+    z = dev.put(z0)
+    loss = K.cross_entropy_(z, dev.put(t), True, dloss, n_valid=n_valid)
+    z = dev.get(z)
+    assert_close(float(loss), loss64, 1e-5, 0, "mean loss")
+    assert_close(ref_loss, loss64, 1e-5, 0, "the fast op's mean loss")
+    assert_act_close(z, ref, dt, 1e-5, 1e-6, "dlogits")
+    if dtype != "float32":  # and the fast op's 16-bit gradient is the float64 one, rounded
+        assert_close(ref, g64, 2.0 ** -(8 if dtype == "bfloat16" else 11), 1e-6, "the fast op's dlogits")
+    if N >= 7:
+        assert not z[3].astype(f64).any(), "an ignored row's gradient is zero"
+    assert launched == ["cross_entropy_fwd_bwd" + K.DTYPE_SUFFIX[dtype]]
+
+
+@pytest.mark.parametrize("n", [1, 7, 1000, 5003])
+@pytest.mark.parametrize("dtype", SIXTEEN)
+def test_adamw_flat_writes_the_16bit_copy(dev, rng, launched, dtype, n):
+    """AdamW with the weights' 16-bit copy: p, m, v as the float32 kernel's (bitwise: one template), and
+    the copy bitwise p rounded to the 16-bit dtype, over three steps."""
+    dt = _dt(dtype)
+    p0, m0, v0 = rng.standard_normal(n).astype(f32), (rng.standard_normal(n) * 0.01).astype(f32), (rng.random(n) * 1e-3).astype(f32)
+    mask = (rng.random(n) < 0.6).astype(np.uint8)
+    p, m, v, p32, m32, v32 = (dev.put(a) for a in (p0, m0, v0, p0, m0, v0))
+    copy, d_mask = dev.put(np.zeros(n, dt)), dev.put(mask)
+    for step in (1, 2, 3):
+        g = dev.put((rng.standard_normal(n) * 0.1).astype(f32))
+        K.adamw_flat_(p, g, m, v, d_mask, 3e-4, 0.9, 0.95, 1e-8, 0.1, step, copy=copy)
+        K.adamw_flat_(p32, g, m32, v32, d_mask, 3e-4, 0.9, 0.95, 1e-8, 0.1, step)
+        for a, b, what in ((p, p32, "p"), (m, m32, "m"), (v, v32, "v")):
+            np.testing.assert_array_equal(dev.get(a), dev.get(b), err_msg=what)
+        np.testing.assert_array_equal(dev.get(copy).view(np.uint16), dev.get(p).astype(dt).view(np.uint16),
+                                      err_msg=f"copy after step {step}")  # fmt: skip
+    assert launched == [f"adamw_flat{K.DTYPE_SUFFIX[dtype]}", "adamw_flat"] * 3
+    with pytest.raises(ValueError, match="bfloat16 or float16 array of 1000 elements"):
+        K.adamw_flat_(np.zeros(1000, f32), *(np.zeros(1000, f32) for _ in range(3)), None, 1e-3, 0.9, 0.95, 1e-8, 0.0, 1,
+                      copy=np.zeros(999, dt))  # fmt: skip
+
+
+@EMU_ONLY
+@pytest.mark.parametrize("seed", [0, 1, 3])
+def test_16bit_kernels_do_not_depend_on_the_schedule(rng, seed, monkeypatch):
+    """In order, reversed, or shuffled: bitwise the same 16-bit results (the kernels with barriers and
+    shuffles: LayerNorm's backward, the loss)."""
+    dt = np.dtype(np.float16)
+    N, C, V = 70, 48, 300
+    x, dout = rng.standard_normal((N, C)).astype(dt), rng.standard_normal((N, C)).astype(dt)
+    w = rng.standard_normal(C).astype(f32)
+    z0, t = (rng.standard_normal((5, V)) * 3).astype(dt), rng.integers(0, V, 5)
+
+    def run():
+        out, mean, rstd = np.zeros((N, C), dt), np.zeros(N, f32), np.zeros(N, f32)
+        K.layernorm_forward(out, mean, rstd, x, w, w, 1e-5)
+        dx, dw, db = np.zeros((N, C), dt), np.zeros(C, f32), np.zeros(C, f32)
+        K.layernorm_backward(dx, dw, db, dout, x, mean, rstd, w)
+        z = z0.copy()
+        loss = K.cross_entropy_(z, t, True, 1.0, n_valid=5)
+        return out, mean, rstd, dx, dw, db, z, np.asarray(loss)
+
+    base = run()
+    monkeypatch.setattr(emulate, "schedule_seed", seed)
+    for a, b in zip(base, run()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_16bit_wrappers_refuse_mixed_dtypes():
+    h = np.zeros((2, 8), np.float16)
+    with pytest.raises(ValueError, match="out is float32, but the activations are float16"):
+        K.gelu_forward(np.zeros((2, 8), f32), h, None)
+    with pytest.raises(ValueError, match="x must be float32, bfloat16 or float16, got float64"):
+        K.layernorm_forward(np.zeros((2, 8)), np.zeros(2, f32), np.zeros(2, f32), np.zeros((2, 8)), np.ones(8, f32),
+                            np.zeros(8, f32), 1e-5)  # fmt: skip
+    with pytest.raises(ValueError, match="weight must be float32"):  # LayerNorm reads the float32 master weights
+        K.layernorm_forward(h.copy(), np.zeros(2, f32), np.zeros(2, f32), h, np.ones(8, np.float16), np.zeros(8, f32), 1e-5)
+
+
+def test_every_kernel_name_says_which_dtypes_it_takes():
+    """resolve_kernels keeps a kernel only for the dtypes KERNEL_DTYPES lists: a new kernel name must say."""
+    assert set(K.KERNEL_DTYPES) == set(KERNEL_NAMES)
+    for name, dtypes in K.KERNEL_DTYPES.items():
+        assert set(dtypes) <= {"float32", "bfloat16", "float16", "float64"}, name
+
+
 # --- host-side pieces (no GPU, no compiler) -------------------------------------------------------------
 
 
@@ -472,8 +757,106 @@ def test_enabled_kernels_reads_the_environment(monkeypatch):
 
 
 def test_expanded_source_inlines_the_shared_header():
+    """Our headers are inlined (CuPy's cache key covers the source string); only the CUDA runtime's 16-bit
+    type headers stay #include <...> lines (CuPy puts their folder on NVRTC's include path)."""
     for name in K.KERNEL_ENTRIES:
         text = K.expanded_source(name, defines=(("NPGPT_X", 1),))
-        assert not re.search(r"^\s*#\s*(include|pragma\s+once)", text, flags=re.M)
+        assert not re.search(r"^\s*#\s*(include\s*\"|pragma\s+once)", text, flags=re.M)
+        assert set(re.findall(r"^\s*#\s*include\s*<([^>]+)>", text, flags=re.M)) <= {"cuda_bf16.h", "cuda_fp16.h"}
         assert text.startswith("#define NPGPT_X 1\n")
         assert "npgpt_warp_sum" in text  # common.cuh's text is in
+
+
+# --- the 16-bit kernels in the engine, on the CPU stand-in for CuPy ------------------------------------------
+
+SIXTEEN_BIT_KERNELS = {"layernorm", "gelu", "cross_entropy", "adamw", "sq_norm", "bmm", "attention_softmax"}
+
+
+def _16bit_updates(device, precision, updates=2):
+    """(losses, grad norms, float64 weights, the last gradients (float64), engine) after `updates` updates of a 2-layer model (emb 32, 2 heads)
+    on one batch through update.Updater with AdamW and clipping (fp16: a loss scale), on "cpu" (the NumPy
+    fast engine at 16 bits, its attention the GPU's path, FusedSoftmaxAttention, over the kernels' NumPy
+    twins, so both round attention's values at the same points) or "cuda" (the stand-in, with
+    $NPGPT_CUDA_KERNELS)."""
+    import dataclasses
+
+    import npgpt
+    from npgpt import fast
+    from npgpt.backend import to_numpy
+    from npgpt.engine import FastLossAndGrads
+    from npgpt.model_check import random_params, tiny_config
+    from npgpt.optim import AdamW
+    from npgpt.precision import LossScaler
+    from npgpt.update import Updater
+
+    cfg = tiny_config(emb_dim=32, n_heads=2, n_layers=2, vocab_size=61)
+    host = {k: v.astype(f32) for k, v in random_params(cfg, np.random.default_rng(0)).items()}
+    model = npgpt.GPT(cfg, dtype=f32, device="cpu")
+    if device == "cuda":
+        import cupy
+
+        host = {k: cupy.asarray(v) for k, v in host.items()}
+    model.params = host
+    model.flatten_params_()
+    engine = FastLossAndGrads(model, 2, 8, precision=precision)
+    if device == "cpu":
+        engine.ops = dataclasses.replace(engine.ops, batched_matmul=fast.matmul, softmax_forward=fast.attention_softmax_forward_,
+                                         softmax_backward=fast.attention_softmax_backward_,
+                                         softmax_dropout=fast.attention_dropout_)  # fmt: skip
+    scaler = LossScaler(scale=1024.0) if precision == "fp16" else None
+    updater = Updater(engine, AdamW(model.params, lr=3e-3), grad_clip=1.0, scaler=scaler)
+    rng = np.random.default_rng(1)
+    x, y = rng.integers(0, cfg.vocab_size, (2, 8)), rng.integers(0, cfg.vocab_size, (2, 8))
+    results = [updater([(x, y, None)]) for _ in range(updates)]
+    assert all(r.applied for r in results)
+    weights = np.concatenate([to_numpy(p).reshape(-1).astype(f64) for p in model.params.values()])
+    return [r.loss for r in results], [r.grad_norm for r in results], weights, to_numpy(engine.grad_flat).astype(f64), engine
+
+
+@pytest.mark.skipif(bool(EMU_REASON), reason=EMU_REASON or "-")
+@pytest.mark.parametrize("precision", [pytest.param("bf16", marks=NO_BF16), "fp16"])
+def test_16bit_engine_on_the_stand_in_runs_the_16bit_kernels(fake_cupy, monkeypatch, launched, precision):
+    """--precision bf16|fp16 with every kernel on (NPGPT_CUDA_KERNELS=all): the step launches the 16-bit
+    LayerNorm, GELU, loss and attention-softmax kernels and no float32 one, AdamW writes the 16-bit weights in its pass (the
+    second update's forward finds them current), and two updates match the CPU's 16-bit fast engine: losses
+    and gradient norms to 2e-3, the last gradients to 1e-2 (gradcheck's relative_error), the weights'
+    change to 10% of its norm. The CPU engine runs attention on the GPU's path (FusedSoftmaxAttention)
+    over the kernels' NumPy twins (_16bit_updates), so the two differ only in the sums' order (a kernel's
+    LayerNorm statistics, the loss's and the softmax's row sums) moving a value across a 16-bit rounding
+    boundary now and then; measured: bf16 3e-8 everywhere (up to 3e-7 for the weights), fp16 losses 1e-4,
+    norms 1.1e-3, gradients 1.6e-3, the weights' change 4% (AdamW moves each weight by about lr whatever
+    its gradient's size, so a gradient that is rounding noise on both sides moves its weight either way)."""
+    monkeypatch.setenv("NPGPT_CUDA_KERNELS", "all")
+    refreshes = []
+    real_refresh = __import__("npgpt.engine.gpt", fromlist=["x"]).FastLossAndGrads._refresh_low_precision_weights
+
+    def refresh(self):
+        refreshes.append(self.weights_copy_current)
+        return real_refresh(self)
+
+    monkeypatch.setattr("npgpt.engine.gpt.FastLossAndGrads._refresh_low_precision_weights", refresh)
+    gpu_losses, gpu_norms, gpu_w, gpu_g, engine = _16bit_updates("cuda", precision)
+    assert engine.kernels == SIXTEEN_BIT_KERNELS
+    sfx = "_bf16" if precision == "bf16" else "_f16"
+    want = {k + sfx for k in ("layernorm_fwd", "layernorm_bwd_dwdb_partial", "layernorm_bwd_dx", "gelu_bias_fwd_vec8",
+                              "gelu_bwd_inplace_vec8", "cross_entropy_fwd_bwd", "adamw_flat", "attention_softmax_fwd",
+                              "attention_softmax_bwd")}  # fmt: skip
+    assert want <= set(launched), sorted(want - set(launched))
+    assert {"layernorm_bwd_dwdb_finalize", "sq_norm_partial", "sq_norm_finalize"} <= set(launched)
+    activation_files = ("layernorm.cu", "gelu.cu", "cross_entropy.cu", "attention_softmax.cu")
+    float32_activation_kernels = {k for f in activation_files for k in K.KERNEL_ENTRIES[f]
+                                  if not k.endswith(("_bf16", "_f16")) and k != "layernorm_bwd_dwdb_finalize"}  # fmt: skip
+    assert not float32_activation_kernels & set(launched)
+    assert launched.count("adamw_flat" + sfx) == 2 and "adamw_flat" not in launched
+    assert refreshes == [False, True]  # the second update's forward: the copy AdamW wrote is current
+    host = np.concatenate([p.get().reshape(-1) for p in engine.model.params.values()]).astype(engine.dtype)
+    np.testing.assert_array_equal(engine.param_flat.get().view(np.uint16), host.view(np.uint16))
+
+    from npgpt.gradcheck import relative_error
+
+    cpu_losses, cpu_norms, cpu_w, cpu_g, _ = _16bit_updates("cpu", precision)
+    w0 = _16bit_updates("cpu", precision, updates=0)[2]
+    for a, b, what in ((gpu_losses, cpu_losses, "loss"), (gpu_norms, cpu_norms, "gradient norm")):
+        assert np.allclose(a, b, rtol=2e-3, atol=0), (what, a, b)
+    assert relative_error(gpu_g, cpu_g) < 1e-2
+    assert np.linalg.norm(gpu_w - cpu_w) < 0.1 * np.linalg.norm(cpu_w - w0)

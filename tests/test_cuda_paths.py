@@ -5,7 +5,7 @@ host transfers counted). Each test names the bug of issue 13 it would have caugh
 1. bf16 attention products went to CuPy's N-D matmul, which raises for bfloat16 (fp16 and TF32 are
    silently slow there); they must go through cuBLAS's strided-batched GEMM (npgpt.cuda.blas.bmm).
 3. under MPI every rank allocated its model on GPU 0 before choosing its own GPU.
-4. float64 with NPGPT_CUDA_KERNELS=all raised "must be float32" (the kernels are float32-only).
+4. float64 with NPGPT_CUDA_KERNELS=all raised "must be float32" (no kernel of ours takes float64).
 5. CPU training touched CuPy's TF32 state (and crashed where CuPy was importable but no GPU worked).
 6. about 150 host-device synchronisations per training step; the budget is one (the loss and the
    gradient norm, read together).
@@ -129,7 +129,10 @@ def test_float64_with_every_kernel_enabled_uses_only_what_supports_it(fake_cupy,
     assert relative_error(w1, w0) < 1e-12
 
 
-def test_resolve_kernels_keeps_float32_kernels_to_float32():
+def test_resolve_kernels_keeps_each_kernel_to_the_dtypes_it_takes():
+    """float32: every kernel; 16 bits: LayerNorm, GELU, the loss, AdamW, the norm, the fused attention
+    softmax and bmm, not the float32 flash attention; float64: bmm alone. From $NPGPT_CUDA_KERNELS the
+    others are left out; named, an error."""
     from npgpt.engine import resolve_kernels
 
     gpu = object()  # any module other than numpy: $NPGPT_CUDA_KERNELS applies
@@ -139,9 +142,15 @@ def test_resolve_kernels_keeps_float32_kernels_to_float32():
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NPGPT_CUDA_KERNELS", "all")
         assert resolve_kernels(None, gpu, "fp32", np.float64, 64) == {"bmm"}
-        assert resolve_kernels(None, gpu, "bf16", np.dtype("float16"), 64) == {"bmm"}
-    with pytest.raises(ValueError, match="float32"):
+        sixteen = {"layernorm", "gelu", "cross_entropy", "adamw", "sq_norm", "bmm", "attention_softmax"}
+        assert resolve_kernels(None, gpu, "fp16", np.dtype("float16"), 64) == sixteen
+        assert resolve_kernels(None, gpu, "fp32", np.float32, 64) == set(npgpt.cuda.KERNEL_NAMES)
+    with pytest.raises(ValueError, match=r"dtype float64 cannot use the CUDA kernel\(s\) layernorm \(float32/bfloat16/float16 only\)"):
         resolve_kernels(["layernorm"], gpu, "fp32", np.float64, 64)
+    with pytest.raises(ValueError, match=r"attention_softmax \(float32/bfloat16/float16 only\)"):
+        resolve_kernels(["attention_softmax"], gpu, "fp32", np.float64, 64)  # float32 and 16-bit storage only
+    with pytest.raises(ValueError, match=r"attention \(float32 only\); name only kernels that take float16: adamw, attention_softmax, bmm"):
+        resolve_kernels(["gelu", "attention"], gpu, "fp16", np.dtype("float16"), 64)
 
 
 # --- 6. one host transfer per step -----------------------------------------------------------------------------
@@ -348,3 +357,40 @@ def test_report_of_the_fake(fake_cupy):
     with pytest.raises(TypeError, match="'E' not understood"):
         cupy.matmul(x, cupy.swapaxes(x, -1, -2))
     json.dumps(fake_cupy.gemm_calls)  # plain data
+
+
+# --- the encoder-decoder with "bmm": every attention product one cuBLAS strided-batched call ----------------------
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-12), (np.float32, 3e-6)])
+def test_the_encoder_decoder_sends_every_attention_product_to_cublas_with_bmm(fake_cupy, monkeypatch, dtype, tol):
+    """With NPGPT_CUDA_KERNELS=bmm (TF32 off, where without it CuPy's own N-D matmul would run them), each
+    attention product of the encoder-decoder is one strided-batched cuBLAS call on the copied head views:
+    6 per attention (2 forward, 4 backward) and none through CuPy's N-D matmul; the step equals the CPU's."""
+    import cupy
+
+    from npgpt.gradcheck import HostRandom
+    from npgpt.seq2seq import Seq2Seq
+    from npgpt.seq2seq.check import padded_batch, random_params, tiny_config
+    from npgpt.seq2seq.engine import Seq2SeqFastLossAndGrads
+
+    monkeypatch.setenv("NPGPT_CUDA_KERNELS", "bmm")
+    cfg = tiny_config(dropout=0.2, n_encoder_layers=2, n_decoder_layers=1)
+    out = []
+    for xp in (np, cupy):
+        model = Seq2Seq(cfg, dtype=dtype, device="cpu")
+        model.params = {k: xp.asarray(v.astype(dtype)) for k, v in random_params(cfg, np.random.default_rng(0)).items()}
+        engine = Seq2SeqFastLossAndGrads(model, 3, 5, 4)
+        src, tgt_in, targets = padded_batch(cfg, np.random.default_rng(1), 3, 5, 4)
+        fake_cupy.gemm_calls.clear()
+        fake_cupy.matmul_calls.clear()
+        loss = engine((src, tgt_in), targets, training=True, rng=HostRandom(5, xp))
+        out.append((loss, {k: to_numpy(g) for k, g in engine.grads.items()}))
+    assert engine.kernels == {"bmm"}
+    attentions = cfg.n_encoder_layers + 2 * cfg.n_decoder_layers  # self-attention each, and the decoder's cross-attention
+    assert len(fake_cupy.gemm_calls) == 6 * attentions and {c[2] for c in fake_cupy.gemm_calls} == {3 * cfg.n_heads}
+    assert not [c for c in fake_cupy.matmul_calls if c[0] > 2]
+    (cpu_loss, cpu), (gpu_loss, gpu) = out
+    assert abs(gpu_loss - cpu_loss) <= tol * abs(cpu_loss)
+    for k in cpu:
+        assert relative_error(gpu[k], cpu[k]) < tol, k

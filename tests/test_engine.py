@@ -80,24 +80,32 @@ def test_engine_rejects_what_does_not_fit():
 
 
 @pytest.mark.skipif(__import__("shutil").which("g++") is None, reason="the CUDA emulation needs g++")
+@pytest.mark.parametrize("attention", ["fused", "flash"])
 @pytest.mark.parametrize("drop", [0.0, 0.2])
-def test_cuda_kernel_path_matches_reference_in_emulation(drop):
+def test_cuda_kernel_path_matches_reference_in_emulation(drop, attention):
     """The engine's CUDA path (every kernel of kernels/*.cu), run through npgpt.cuda.emulate on the CPU,
-    against the readable reference. With dropout on, attention falls back to the reference attention."""
+    against the readable reference. Attention: the fused softmax kernels (every kernel on), whose
+    dropout the readable model draws through AttentionDropoutRandom; or the flash kernel (every kernel
+    but attention_softmax), which with dropout on falls back to the reference attention."""
     from npgpt.cuda import KERNEL_NAMES
+    from npgpt.engine import FusedSoftmaxAttention
+    from npgpt.fast.dropout import AttentionDropoutRandom
 
     cfg = tiny_config(emb_dim=32, n_heads=2, n_layers=2, drop_rate=drop)  # head size 16: the kernel's smallest
     model = npgpt.GPT(cfg, dtype=np.float32, device="cpu")
     model.params = {k: v.astype(np.float32) for k, v in random_params(cfg, np.random.default_rng(0)).items()}
-    engine = FastLossAndGrads(model, 2, 8, kernels=KERNEL_NAMES)
+    names = [k for k in KERNEL_NAMES if attention == "fused" or k != "attention_softmax"]
+    engine = FastLossAndGrads(model, 2, 8, kernels=names)
     assert "attention" in engine.kernels
+    assert isinstance(engine.attention, FusedSoftmaxAttention) == (attention == "fused")
     rng = np.random.default_rng(3)
     for b, t in [(2, 8), (1, 5)]:
         x, y = rng.integers(0, 37, (b, t)), rng.integers(0, 37, (b, t))
-        _, loss, cache = model.forward(x, y, training=drop > 0, rng=HostRandom(5))
+        ref_rng = AttentionDropoutRandom(HostRandom(5)) if attention == "fused" else HostRandom(5)
+        _, loss, cache = model.forward(x, y, training=drop > 0, rng=ref_rng)
         ref = model.backward(cache)
         fast = engine(x, y, training=drop > 0, rng=HostRandom(5))
-        assert engine.used_flash[0] == (drop == 0)
+        assert engine.used_flash[0] == (drop == 0 and attention == "flash")
         assert abs(fast - float(loss)) < 1e-5 * float(loss)
         for k in ref:
             assert relative_error(engine.grads[k], ref[k]) < 2e-5, k
@@ -170,18 +178,25 @@ def _gpu_and_cpu_steps(kernels, dtype=np.float32, precision="fp32", drop=0.0):
 
 @pytest.mark.cuda
 @needs_cuda
-@pytest.mark.parametrize("kernels", [["bmm"], "all"])
+@pytest.mark.parametrize("kernels", [["bmm"], "all", "flash"])
 def test_cuda_engine_with_its_kernels_matches_numpy(kernels, monkeypatch):
-    """The fast step on CuPy with every hand-written kernel (flash attention, LayerNorm, GELU, the loss)
-    and with bmm, in full float32 (TF32 off), against the NumPy fast step."""
+    """The fast step on CuPy with every hand-written kernel (LayerNorm, GELU, the loss, and attention:
+    the fused softmax kernels with "all", the flash kernel with every kernel but those) and with bmm,
+    in full float32 (TF32 off), against the NumPy fast step."""
     from npgpt.backend import set_tf32
     from npgpt.cuda import KERNEL_NAMES
+    from npgpt.engine import FusedSoftmaxAttention
 
     monkeypatch.setenv("CUPY_TF32", "0")
     set_tf32(False)
-    (cpu_loss, cpu, _), (gpu_loss, gpu, engine) = _gpu_and_cpu_steps(list(KERNEL_NAMES) if kernels == "all" else kernels)
+    names = kernels
+    if kernels in ("all", "flash"):
+        names = [k for k in KERNEL_NAMES if kernels == "all" or k != "attention_softmax"]
+    (cpu_loss, cpu, _), (gpu_loss, gpu, engine) = _gpu_and_cpu_steps(names)
     if kernels == "all":
-        assert engine.kernels == set(KERNEL_NAMES) and engine.used_flash == [True, True]
+        assert engine.kernels == set(KERNEL_NAMES) and isinstance(engine.attention, FusedSoftmaxAttention)
+    if kernels == "flash":
+        assert engine.used_flash == [True, True]
     assert abs(gpu_loss - cpu_loss) <= 1e-5 * cpu_loss
     for k in cpu:
         assert relative_error(gpu[k], cpu[k]) < 5e-5, k
@@ -190,12 +205,21 @@ def test_cuda_engine_with_its_kernels_matches_numpy(kernels, monkeypatch):
 @pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-@pytest.mark.parametrize("kernels", [[], ["bmm"]])
+@pytest.mark.parametrize("kernels", [[], ["bmm"], "all"])
 def test_cuda_engine_in_16_bits_matches_numpy(precision, kernels):
     """bf16 / fp16 on CuPy, with and without "bmm": attention's 16-bit products go through cuBLAS either
-    way (CuPy's N-D matmul raises for bfloat16). Against the NumPy 16-bit step, within 16-bit rounding."""
+    way (CuPy's N-D matmul raises for bfloat16); with "all", every kernel that takes 16-bit activations
+    (all but the float32 flash kernel: the 16-bit LayerNorm, GELU, loss and fused attention softmax,
+    AdamW's is not in a step). Against the NumPy 16-bit step, within 16-bit rounding."""
+    from npgpt.cuda.kernels import KERNEL_DTYPES
+    from npgpt.engine import FusedSoftmaxAttention
+
     pytest.importorskip("ml_dtypes")
-    (cpu_loss, cpu, _), (gpu_loss, gpu, _) = _gpu_and_cpu_steps(kernels, precision=precision)
+    if kernels == "all":
+        kernels = [k for k, dtypes in KERNEL_DTYPES.items() if "float16" in dtypes]
+    (cpu_loss, cpu, _), (gpu_loss, gpu, engine) = _gpu_and_cpu_steps(kernels, precision=precision)
+    assert engine.kernels == set(kernels)
+    assert isinstance(engine.attention, FusedSoftmaxAttention) == ("attention_softmax" in kernels)
     assert abs(gpu_loss - cpu_loss) <= 5e-3 * cpu_loss
     for k in cpu:
         assert relative_error(gpu[k], cpu[k]) < 5e-2, k
@@ -226,3 +250,90 @@ def test_cross_entropy_kernel_in_the_step_ignores_targets():
     assert abs(engine(x, y) - float(loss)) < 1e-5 * float(loss)
     for k in ref:
         assert relative_error(engine.grads[k], ref[k]) < 2e-5, k
+
+
+# --- the padded output head (ends.LMHead): Vp columns for the GEMMs, V everywhere else ---------------------------
+
+
+@pytest.mark.parametrize("case", ["tied", "untied, no qkv bias"])
+def test_padded_head_equals_the_unpadded_one_on_the_gpu_stand_in(fake_cupy, case):
+    """On the CPU stand-in of CuPy, where padding is the default (37 -> 128 columns), in float64: loss and
+    every gradient equal the unpadded engine's to 1e-12, with dropout, gradient accumulation and a
+    smaller batch in the same buffers. The padded rows of the head's weights stay zero, and nothing the
+    caller sees has them: the logits are (n, V), the gradients and the model's parameters (what a
+    checkpoint saves) keep their (V, C) shapes."""
+    import cupy
+
+    from npgpt.memory import padded_vocab
+
+    cfg = tiny_config(drop_rate=0.1, **CASES[case])
+    host = random_params(cfg, np.random.default_rng(0))
+    model = npgpt.GPT(cfg, dtype=np.float64, device="cpu")
+    model.params = {k: cupy.asarray(v) for k, v in host.items()}
+    padded, plain = FastLossAndGrads(model, 3, 8), FastLossAndGrads(model, 3, 8, vocab_multiple=1)
+    V, C = cfg.vocab_size, cfg.emb_dim
+    assert padded.padded_vocab == padded_vocab(V, 128) == 128 and plain.padded_vocab == V
+    assert padded.acts.logits.shape == (24, 128) and plain.acts.logits.shape == (24, V)
+    rng = np.random.default_rng(1)
+    for b, t, accumulate in [(3, 8, False), (2, 5, True), (1, 1, False)]:
+        x, y = rng.integers(0, V, (b, t)), rng.integers(0, V, (b, t))
+        losses = [e(x, y, training=True, rng=HostRandom(5, cupy), dloss=0.7, accumulate=accumulate) for e in (padded, plain)]
+        assert abs(losses[0] - losses[1]) <= 1e-12 * abs(losses[1])
+        for k in plain.grads:
+            assert padded.grads[k].shape == plain.grads[k].shape == model.params[k].shape
+            assert relative_error(to_numpy(padded.grads[k]), to_numpy(plain.grads[k])) < 1e-12, (b, t, k)
+        assert padded.logits.shape == (b * t, V)
+        np.testing.assert_array_equal(to_numpy(padded.work.head_weight[V:]), 0)
+        assert padded.loss(x, y) == pytest.approx(plain.loss(x, y), rel=1e-12)
+    assert model.params["wte.weight"].shape == (V, C)
+
+
+@pytest.mark.parametrize("kernel", [False, pytest.param(True, marks=pytest.mark.skipif(
+    __import__("shutil").which("g++") is None, reason="the CUDA emulation needs g++"))])  # fmt: skip
+def test_padded_head_in_fine_tunings_two_halves(kernel):
+    """forward(lm_head=True) without targets, a loss of the caller's on `engine.logits` (the (n, V) view
+    of the padded rows: through the engine's loss op, which with the CUDA kernel takes a contiguous
+    copy), then backward(dlogits=engine.logits, dhidden=...): equal to the unpadded engine (float64 and
+    the fast op: 1e-12; float32 and the emulated loss kernel: 1e-6)."""
+    dtype, tol = (np.float32, 1e-6) if kernel else (np.float64, 1e-12)
+    model = make({"drop_rate": 0.0}, dtype)
+    kernels = ["cross_entropy"] if kernel else None
+    engines = [FastLossAndGrads(model, 2, 8, kernels=kernels, vocab_multiple=m) for m in (16, 1)]
+    assert engines[0].acts.logits.shape[1] == 48
+    rng = np.random.default_rng(2)
+    x, y = rng.integers(0, 37, (2, 7)), rng.integers(0, 37, (2, 7))
+    dh = rng.standard_normal((2, 7, model.config.emb_dim)).astype(dtype)
+    losses = []
+    for e in engines:
+        e.forward(x, None, backward=True, lm_head=True)
+        assert e.logits.shape == (14, 37)
+        losses.append(float(e.ops.cross_entropy_(e.logits, y.reshape(-1), True, 0.5, n_valid=14)))
+        e.backward(dhidden=dh, dlogits=e.logits)
+    assert abs(losses[0] - losses[1]) <= tol * losses[1]
+    for k in engines[1].grads:
+        assert relative_error(engines[0].grads[k], engines[1].grads[k]) < tol, k
+
+
+@pytest.mark.skipif(__import__("shutil").which("g++") is None, reason="the CUDA emulation needs g++")
+@pytest.mark.parametrize("precision, accumulate", [("fp32", False), ("bf16", True)])
+def test_the_memory_estimate_counts_the_fused_softmax_path_and_the_padded_head(precision, accumulate):
+    """memory.fast_engine_bytes(fused_softmax=True, vocab_multiple=...) equals FastLossAndGrads.nbytes()
+    to the byte after training steps with dropout (probabilities kept, their masks not: one float64
+    seed; the padded head's (N, Vp) logits, (Vp, C) weights and weight-gradient product), and the step
+    draws no (B, NH, T, T) uniforms (transient 0)."""
+    from npgpt.memory import fast_engine_bytes, fast_engine_transient
+
+    pytest.importorskip("ml_dtypes")
+    cfg = tiny_config(drop_rate=0.1, n_heads=2, emb_dim=32, context_length=16)
+    model = npgpt.GPT(cfg, dtype=np.float32, device="cpu")
+    engine = FastLossAndGrads(model, 3, 12, kernels=["attention_softmax"], precision=precision, vocab_multiple=16)
+    x = np.random.default_rng(0).integers(0, 37, (3, 12))
+    engine(x, x, training=True, rng=HostRandom(0))
+    if accumulate:
+        engine(x, x, training=True, rng=HostRandom(1), accumulate=True)
+    acts, work, grads = fast_engine_bytes(cfg, 3, 12, "float32", precision, accumulate=accumulate, fused_softmax=True,
+                                          vocab_multiple=16)  # fmt: skip
+    assert engine.masks_nbytes() == 3 * 12 * 32 * (1 + 2 * 2) + 8  # the embeddings' and residuals' masks, the seed
+    assert acts == engine.acts.nbytes() + engine.masks_nbytes()
+    assert acts + work + grads == engine.nbytes()
+    assert fast_engine_transient(cfg, 3, 12, fused_softmax=True) == 0

@@ -166,6 +166,7 @@ def test_report_reads_the_verdicts_from_a_gpu_run(tmp_path, capsys):
         "tests/test_cuda_kernels.py::test_adamw_flat[cupy-100-True] PASSED [  5%]",
         "tests/test_cuda_kernels.py::test_sq_norm[cupy-100] PASSED [  6%]",
         "tests/test_cuda_kernels.py::test_attention[cupy-1-2-16-16-16-False] PASSED [  7%]",
+        "tests/test_cuda_attention_softmax.py::test_softmax_kernels_match_the_fast_ops[cupy-2-3-7-bfloat16-0.2] PASSED [  7%]",
         "tests/test_cuda_blas.py::test_bmm_matches_numpy[bf16] PASSED [  8%]",
         "tests/test_engine.py::test_cuda_engine_with_its_kernels_matches_numpy[all] PASSED [  9%]",
         "tests/test_engine.py::test_cuda_engine_with_its_kernels_matches_numpy[kernels0] PASSED [ 10%]",
@@ -179,9 +180,10 @@ def test_report_reads_the_verdicts_from_a_gpu_run(tmp_path, capsys):
     assert gpu_check_tools.main(["report", str(work), str(out)]) == 0
     text = (out / "report.md").read_text()
     assert capsys.readouterr().out.strip() == text.strip()
-    assert "(to turn on by default: DEFAULT_ON in npgpt/cuda/__init__.py): adamw, attention, bmm, cross_entropy, gelu, sq_norm" in text
+    assert ("(to turn on by default: DEFAULT_ON in npgpt/cuda/__init__.py): adamw, attention, attention_softmax, bmm, cross_entropy, gelu, "
+            "sq_norm") in text
     assert "| layernorm | NO | 1/2 of its tests passed" in text
-    assert ("| pytest -m cuda: layers, engine, kernels, cuBLAS, training | exit 1: 9 passed, 1 failed (2 shards) | 3 (100) | "
+    assert ("| pytest -m cuda: layers, engine, kernels, cuBLAS, training | exit 1: 10 passed, 1 failed (2 shards) | 3 (100) | "
             "63 s in 2 shards, the longest 61 s (50 kernels) |") in text  # fmt: skip
     assert "| pytest -m cuda: gradients, encoder-decoder, fine-tuning, bench | ok: 1 skipped | 3 (100) |  |" in text
     assert "- tests/test_cuda_kernels.py::test_layernorm_fwd[cupy-3-64]" in text
@@ -191,6 +193,23 @@ def test_report_reads_the_verdicts_from_a_gpu_run(tmp_path, capsys):
     logs = (out / "logs.txt").read_text()
     assert logs.index("===== install") < logs.index("===== pytest-core") < logs.index("===== pytest-core, shard1") < \
         logs.index("===== pytest-core, shard2") < logs.index("===== pytest-more") < logs.index("===== bench")
+
+
+def test_the_report_judges_every_fast_path():
+    """Each name NPGPT_CUDA_KERNELS takes has the tests that verify it in the report's "Fast paths" table
+    (a path missing there could never be listed as verified, so never turned on by default), and each
+    pattern names tests that exist (a whole file: one with CUDA tests)."""
+    from npgpt.cuda import KERNEL_NAMES
+
+    assert set(gpu_check_tools.FAST_PATH_TESTS) == set(KERNEL_NAMES)
+    tests = Path(__file__).resolve().parent
+    for path, pattern in gpu_check_tools.FAST_PATH_TESTS.items():
+        file, names = pattern.replace("\\", "").split("::")
+        text = (tests / file).read_text()
+        if not names:
+            assert "pytest.mark.cuda" in text, (path, pattern)
+        for name in filter(None, names.strip("()[").split("|")):
+            assert f"def {name}" in text, (path, pattern, name)
 
 
 def test_the_report_reads_pytest_run_as_the_check_runs_it(tmp_path):

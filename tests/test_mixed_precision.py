@@ -152,8 +152,8 @@ def test_precision_errors_name_the_fix(monkeypatch):
         FastLossAndGrads(GPT(CFG, seed=1, dtype=np.float64), 3, 16, precision="bf16")
     with pytest.raises(ValueError, match="precision must be one of"):
         FastLossAndGrads(GPT(CFG, seed=1), 3, 16, precision="fp8")
-    with pytest.raises(ValueError, match="CUDA kernels work in float32"):
-        FastLossAndGrads(GPT(CFG, seed=1), 3, 16, precision="fp16", kernels=["layernorm"])
+    with pytest.raises(ValueError, match=r"precision 'fp16' \(float16\) cannot use the CUDA kernel\(s\) attention \(float32 only\)"):
+        FastLossAndGrads(GPT(CFG, seed=1), 3, 16, precision="fp16", kernels=["layernorm", "attention"])
     with pytest.raises(ValueError, match="fast engine"):
         TrainConfig(precision="bf16", engine="reference").validate()
     with pytest.raises(ValueError, match="--loss-scale"):
@@ -201,3 +201,59 @@ def test_fp16_overflow_lowers_the_scale_skips_and_resumes_with_it(tmp_path):
     resumed = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     later = [rec["loss_scale"] for rec in resumed if rec["kind"] == "skip" and rec["step"] >= 6]
     assert all(s <= scale / 2 for s in later), later  # restarting from 2^24 would overflow and record 2^23
+
+
+# --- AdamW keeps the 16-bit copy of the weights (update.Updater) -----------------------------------------
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_updater_keeps_the_16bit_weights_as_a_refresh_would(precision):
+    """With 16-bit compute AdamW rounds the new weights into the engine's 16-bit copy in its own pass and
+    the next update's forward does not refresh it: three updates (the weights rescaled in between, which
+    weights_changed() announces) give bitwise the losses, weights and copy of the same updates with the copy
+    refreshed before every forward (the updater's copy switched off)."""
+    from npgpt.optim import AdamW
+    from npgpt.update import Updater
+
+    runs = []
+    for keep_copy in (True, False):
+        model = GPT(CFG, seed=1)
+        model.flatten_params_()
+        engine = FastLossAndGrads(model, 3, 16, precision=precision)
+        scaler = LossScaler(scale=1024.0) if precision == "fp16" else None
+        updater = Updater(engine, AdamW(model.params, lr=1e-3), grad_clip=1.0, scaler=scaler)
+        assert updater.copy is engine.param_flat
+        if not keep_copy:
+            updater.copy = None  # AdamW leaves the copy alone; every forward refreshes it
+        losses = []
+        for i in range(3):
+            x, y = batch(seed=i)
+            losses.append(updater([(x, y, None)]).loss)
+            assert not engine.weights_copy_current  # outside an update every forward refreshes
+            if i == 0:  # weights written by someone else: the updater is told
+                model.params["wte.weight"][...] *= np.float32(0.5)
+                updater.weights_changed()
+        engine._refresh_low_precision_weights()
+        runs.append((losses, engine.param_flat.view(np.uint16).copy(), np.concatenate([p.ravel() for p in model.params.values()])))
+    (l1, c1, w1), (l2, c2, w2) = runs
+    assert l1 == l2
+    np.testing.assert_array_equal(c1, c2)
+    np.testing.assert_array_equal(w1, w2)
+
+
+def test_adamw_copy_must_match_the_weights():
+    from npgpt.optim import AdamW
+
+    params = {"a": np.ones((2, 3), np.float32), "b": np.ones(4, np.float32)}
+    opt = AdamW(params, lr=0.1)
+    grads = {k: np.full_like(p, 0.5) for k, p in params.items()}
+    with pytest.raises(ValueError, match="copy must be a 1-D bfloat16/float16 array of 10 elements"):
+        opt.step(grads, copy=np.zeros(9, np.float16))
+    with pytest.raises(ValueError, match="got float32"):
+        opt.step(grads, copy=np.zeros(10, np.float32))
+    assert opt.t == 0  # nothing was updated
+    copy = np.zeros(10, np.float16)
+    opt.step(grads, copy=copy)
+    np.testing.assert_array_equal(copy, np.concatenate([params["a"].ravel(), params["b"]]).astype(np.float16))
+    # first step: p (1 - lr wd) - lr m_hat / (sqrt(v_hat) + eps) = 0.999 - 0.1 for the matrix (it decays), 1 - 0.1 for b
+    assert copy[0] == np.float16(0.899) and copy[6] == np.float16(0.9)

@@ -148,8 +148,9 @@ def test_cuda_kernels_in_the_engine_in_emulation():
     the CPU), against the readable model, float32 (the kernels' dtype)."""
     cfg = tiny_config(activation="gelu", dropout=0.2)
     model = make(cfg, np.float32)
-    engine = Seq2SeqFastLossAndGrads(model, 3, 6, 5, kernels=["layernorm", "gelu", "cross_entropy", "attention", "bmm"])
-    assert engine.kernels == {"layernorm", "gelu", "cross_entropy"}  # the causal flash kernel and bmm do not apply
+    engine = Seq2SeqFastLossAndGrads(model, 3, 6, 5, kernels=["layernorm", "gelu", "cross_entropy", "attention",
+                                                                "attention_softmax", "bmm"])  # fmt: skip
+    assert engine.kernels == {"layernorm", "gelu", "cross_entropy", "bmm"}  # the causal attention kernels do not apply
     src, tgt_in, targets = padded_batch(cfg, np.random.default_rng(4), 3, 6, 5)
     _, loss, cache = model.forward(src, tgt_in, targets, training=True, rng=HostRandom(5))
     ref = model.backward(cache)

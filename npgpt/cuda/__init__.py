@@ -31,6 +31,9 @@ KERNEL_FILES = {
     "adamw": "adamw.cu",  # adamw_flat_
     "sq_norm": "adamw.cu",  # sq_norm (the global gradient norm, squared)
     "attention": "attention.cu",  # flash_attention_forward/_backward over attention_fwd/_bwd (no dropout)
+    # attention_softmax_forward_/_backward_, attention_dropout_: the fused softmax path (cuBLAS products,
+    # Philox dropout); chosen over the flash kernel when both are on, except under --recompute attention|block
+    "attention_softmax": "attention_softmax.cu",
 }
 # Fast paths that are not kernels of ours but are switched the same way.
 LIBRARY_PATHS = {

@@ -13,6 +13,11 @@ thread of a block runs as a ucontext fiber; __syncthreads and warp shuffles are 
   set by the schedule seed: 0 in order, 1 reversed, >= 2 shuffled by that seed. A kernel whose result
   depends on either order has a race; the tests run with a shuffling seed.
 
+The two CUDA headers the kernels include (cuda_bf16.h, cuda_fp16.h, for the 16-bit types) are replaced by
+host stand-ins (STANDIN_HEADERS): each type is 16 bits of storage with the conversions the kernels use,
+widening exactly and narrowing to nearest with ties to even, as the GPU's cvt.rn does (tests compare them
+with ml_dtypes' bfloat16 and NumPy's float16 bit for bit: `standin_round` / `standin_widen`).
+
 This checks the logic (indexing, bounds, masks, synchronisation, the wrappers' launch arguments), not
 the speed, and not the GPU's float rounding (FMA contraction, expf's ulps): the tolerances are the
 same as on the GPU. The arguments a wrapper passes are checked against the kernel's C signature
@@ -206,11 +211,99 @@ inline T __shfl_xor_sync(unsigned mask, T v, int lanemask) {
 extern "C" const char* emu_error() { return emu::error.c_str(); }
 """
 
+# Host stand-ins for the CUDA headers the kernels include (common.cuh), put first on the include path.
+STANDIN_HEADERS = {
+    "cuda_bf16.h": r"""
+// npgpt.cuda.emulate's host stand-in for CUDA's cuda_bf16.h: bfloat16 as 16 bits of storage (the top half
+// of a float32) and the two conversions the kernels use. Widening is exact; narrowing rounds to nearest,
+// ties to even, as cvt.rn.bf16.f32 does (overflow gives inf); a NaN stays a quiet NaN.
+#pragma once
+#include <cstring>
+
+struct __nv_bfloat16 {
+    unsigned short bits;
+};
+
+inline float __bfloat162float(__nv_bfloat16 h) {
+    const unsigned u = (unsigned)h.bits << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+    unsigned u;
+    std::memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return __nv_bfloat16{(unsigned short)((u >> 16) | 0x0040u)};  // NaN
+    u += 0x7fffu + ((u >> 16) & 1u);  // add just under half a unit of the kept bits, plus one on a tie to odd
+    return __nv_bfloat16{(unsigned short)(u >> 16)};
+}
+""",
+    "cuda_fp16.h": r"""
+// npgpt.cuda.emulate's host stand-in for CUDA's cuda_fp16.h: IEEE half precision (1 sign, 5 exponent, 10
+// mantissa bits) as 16 bits of storage and the two conversions the kernels use. Widening is exact;
+// narrowing rounds to nearest, ties to even, as cvt.rn.f16.f32 does: subnormal halves below 2^-14, inf
+// from 65520 (halfway between 65504, the largest half, and 65536) up; a NaN stays a quiet NaN.
+#pragma once
+#include <cmath>
+#include <cstring>
+
+struct __half {
+    unsigned short bits;
+};
+
+inline float __half2float(__half h) {
+    const unsigned sign = (unsigned)(h.bits & 0x8000u) << 16, exp = (h.bits >> 10) & 0x1fu, man = h.bits & 0x3ffu;
+    unsigned u;
+    if (exp == 0x1fu) {
+        u = sign | 0x7f800000u | (man << 13);  // inf, NaN
+    } else if (exp != 0) {
+        u = sign | ((exp + 112u) << 23) | (man << 13);  // normal: the exponent's bias 15 becomes 127
+    } else {
+        const float mag = std::ldexp((float)man, -24);  // zero, subnormal: man units of 2^-24
+        std::memcpy(&u, &mag, 4);
+        u |= sign;
+    }
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+inline __half __float2half_rn(float f) {
+    unsigned u;
+    std::memcpy(&u, &f, 4);
+    const unsigned sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) return __half{(unsigned short)(sign | 0x7e00u)};  // NaN
+    if (a >= 0x477ff000u) return __half{(unsigned short)(sign | 0x7c00u)};  // >= 65520: inf
+    if (a < 0x38800000u) {  // below 2^-14: a subnormal half (or zero), a whole number of units of 2^-24
+        float mag;
+        std::memcpy(&mag, &a, 4);
+        return __half{(unsigned short)(sign | (unsigned)std::nearbyint(mag * 16777216.0f))};  // exact scaling; nearest-even
+    }
+    unsigned r = a - 0x38000000u;  // the exponent's bias 127 becomes 15
+    r += 0xfffu + ((r >> 13) & 1u);  // round 23 mantissa bits to 10, ties to even (a carry moves the exponent)
+    return __half{(unsigned short)(sign | (r >> 13))};
+}
+""",
+}
+
 _SCALARS = {"int": (ctypes.c_int, np.int32), "unsigned": (ctypes.c_uint, np.uint32), "unsigned int": (ctypes.c_uint, np.uint32),
             "long long": (ctypes.c_longlong, np.int64), "float": (ctypes.c_float, np.float32),
             "double": (ctypes.c_double, np.float64)}  # fmt: skip
 _POINTEES = {"float": np.float32, "float4": np.float32, "double": np.float64, "long long": np.int64, "int": np.int32,
              "unsigned char": np.uint8}  # fmt: skip
+
+
+def _pointee(ty: str) -> np.dtype:
+    """The array dtype a kernel's `ty*` argument must have (ml_dtypes' bfloat16 for __nv_bfloat16)."""
+    if ty == "__half":
+        return np.dtype(np.float16)
+    if ty == "__nv_bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(_POINTEES[ty])
+
 
 schedule_seed = 2  # 0 in order, 1 reversed, >= 2 shuffled (module docstring)
 _lock = threading.Lock()
@@ -231,6 +324,22 @@ def _cache_dir() -> Path:
     return d
 
 
+def _standin_dir() -> Path:
+    """A folder holding STANDIN_HEADERS, named by their content (written once, atomically)."""
+    text = "".join(k + v for k, v in sorted(STANDIN_HEADERS.items()))
+    d = _cache_dir() / f"include-{hashlib.sha1(text.encode()).hexdigest()[:12]}"
+    if not d.is_dir():
+        tmp = d.with_name(f"{d.name}.{os.getpid()}.tmp")
+        tmp.mkdir(exist_ok=True)
+        for name, body in STANDIN_HEADERS.items():
+            (tmp / name).write_text(body)
+        try:
+            os.replace(tmp, d)
+        except OSError:  # another process got there first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return d
+
+
 def _parse_param(p: str):
     p = " ".join(p.replace("__restrict__", " ").split())
     name = re.findall(r"\w+$", p)[0]
@@ -247,7 +356,7 @@ class _Module:
         src = kernel_dir() / filename
         d = _cache_dir()
         defs = [f"-D{k}={v}" for k, v in defines]
-        flags = ["-std=c++17", "-O1", "-fPIC", "-Wno-unknown-pragmas", "-I", str(kernel_dir()), *defs]
+        flags = ["-std=c++17", "-O1", "-fPIC", "-Wno-unknown-pragmas", "-I", str(_standin_dir()), "-I", str(kernel_dir()), *defs]
         shim = d / f"shim-{hashlib.sha1(SHIM.encode()).hexdigest()[:12]}.h"
         if not shim.exists():
             tmp = shim.with_suffix(f".{os.getpid()}.tmp")
@@ -292,7 +401,7 @@ class _Module:
             if kind == "ptr":
                 if not isinstance(a, np.ndarray):
                     raise TypeError(f"{name}: argument {pname} ({ty}*) must be an array, got {type(a).__name__}")
-                want = _POINTEES[ty]
+                want = _pointee(ty)
                 if a.dtype != want:
                     raise TypeError(f"{name}: argument {pname} is {ty}* but the array is {a.dtype}")
                 cargs.append(ctypes.c_void_p(a.ctypes.data))
@@ -324,3 +433,68 @@ def launch(filename: str, name: str, grid, block: int, args, defines=()) -> None
         if mod is None:
             mod = _modules[key] = _Module(filename, tuple(defines))
         mod.launch(name, grid, block, args)
+
+
+_CONVERT_SOURCE = r"""
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+extern "C" void round_bf16(const float* x, unsigned short* out, long long n) {
+    for (long long i = 0; i < n; ++i) out[i] = __float2bfloat16_rn(x[i]).bits;
+}
+extern "C" void round_f16(const float* x, unsigned short* out, long long n) {
+    for (long long i = 0; i < n; ++i) out[i] = __float2half_rn(x[i]).bits;
+}
+extern "C" void widen_bf16(const unsigned short* b, float* out, long long n) {
+    for (long long i = 0; i < n; ++i) out[i] = __bfloat162float(__nv_bfloat16{b[i]});
+}
+extern "C" void widen_f16(const unsigned short* b, float* out, long long n) {
+    for (long long i = 0; i < n; ++i) out[i] = __half2float(__half{b[i]});
+}
+"""
+
+
+def _converters():
+    """The stand-in headers' conversions, compiled on their own (for standin_round / standin_widen)."""
+    global _convert_lib
+    with _lock:
+        if _convert_lib is None:
+            cxx = os.environ.get("CXX", "g++")
+            d = _cache_dir()
+            tag = hashlib.sha1((_CONVERT_SOURCE + str(_standin_dir())).encode()).hexdigest()[:16]
+            so = d / f"convert-{tag}.so"
+            if not so.exists():
+                cpp = d / f"convert-{tag}.{os.getpid()}.cpp"
+                cpp.write_text(_CONVERT_SOURCE)
+                tmp = so.with_suffix(f".{os.getpid()}.tmp")
+                proc = subprocess.run([cxx, "-std=c++17", "-O1", "-fPIC", "-shared", "-I", str(_standin_dir()), "-o", str(tmp),
+                                       str(cpp)], capture_output=True, text=True)  # fmt: skip
+                cpp.unlink(missing_ok=True)
+                if proc.returncode:
+                    raise RuntimeError(f"compiling the stand-in conversions failed:\n{proc.stderr}")
+                os.replace(tmp, so)
+            _convert_lib = ctypes.CDLL(str(so))
+    return _convert_lib
+
+
+_convert_lib = None
+_KINDS = {"bfloat16": "bf16", "float16": "f16"}
+
+
+def standin_round(x, dtype) -> np.ndarray:
+    """The bits (uint16) of float32 values `x` rounded to `dtype` ("bfloat16" or "float16") by the stand-in
+    headers' __float2bfloat16_rn / __float2half_rn, the conversions the emulated kernels store with."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty(x.shape, dtype=np.uint16)
+    getattr(_converters(), "round_" + _KINDS[np.dtype(dtype).name])(
+        ctypes.c_void_p(x.ctypes.data), ctypes.c_void_p(out.ctypes.data), ctypes.c_longlong(x.size))
+    return out
+
+
+def standin_widen(bits, dtype) -> np.ndarray:
+    """float32 values of the 16-bit patterns `bits` (uint16) of `dtype`, by the stand-in headers'
+    __bfloat162float / __half2float, the conversions the emulated kernels load with."""
+    bits = np.ascontiguousarray(bits, dtype=np.uint16)
+    out = np.empty(bits.shape, dtype=np.float32)
+    getattr(_converters(), "widen_" + _KINDS[np.dtype(dtype).name])(
+        ctypes.c_void_p(bits.ctypes.data), ctypes.c_void_p(out.ctypes.data), ctypes.c_longlong(bits.size))
+    return out

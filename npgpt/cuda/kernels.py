@@ -14,6 +14,12 @@ header's text before the source is handed over, because CuPy's cache key covers 
 and options but not the files it includes: a changed header must change the key. Every kernel is
 `extern "C"`, so no name_expressions are needed.
 
+Activations at 16 bits (--precision bf16|fp16): the LayerNorm, GELU, cross-entropy and attention-softmax
+wrappers take bfloat16 or float16 activations as well as float32 ones and launch that type's
+instantiation of the same kernel template (name suffix _bf16 / _f16: float32 arithmetic inside, one
+rounding per stored value, as the fast ops at 16 bits); adamw_flat_ can also round the updated float32
+weights into their 16-bit copy in the same pass (`copy=`). KERNEL_DTYPES says which activation dtypes each kernel name takes.
+
 Which wrappers the fast path uses is decided by the caller (npgpt.engine.choose_ops, from
 npgpt.cuda.enabled_kernels()); this module does not look at $NPGPT_CUDA_KERNELS.
 """
@@ -38,17 +44,58 @@ LN_BWD_MAX_CHUNKS = 128  # row chunks of the dw/db partial sums
 LN_BWD_MIN_ROWS = 32  # rows per chunk at least
 ATTENTION_HEAD_SIZES = (16, 32, 48, 64, 80, 96, 112, 128)
 ATT_BR = 64  # rows per attention block (kernels/attention.cu: ATT_BR)
+ATT_SOFTMAX_ROWS = 8  # rows per block of the fused softmax kernels, one warp each (kernels/attention_softmax.cu)
 COMPILE_OPTIONS = ("-std=c++17",)
+
+# The suffix of each activation dtype's instantiation of a kernel template ("" for float32).
+DTYPE_SUFFIX = {"float32": "", "bfloat16": "_bf16", "float16": "_f16"}
+_SIXTEEN = ("_bf16", "_f16")
+# The activation dtypes each kernel name (npgpt.cuda.KERNEL_NAMES) works with: npgpt.engine.resolve_kernels
+# keeps a kernel only for these. adamw and sq_norm work on the float32 master weights and gradients, so
+# they serve 16-bit compute too (adamw then also writes the 16-bit copy of the weights); attention's flash
+# kernel is float32 only, its fused softmax path takes all three; bmm (cuBLAS) takes every floating dtype.
+KERNEL_DTYPES = {
+    "layernorm": ("float32", "bfloat16", "float16"),
+    "gelu": ("float32", "bfloat16", "float16"),
+    "cross_entropy": ("float32", "bfloat16", "float16"),
+    "adamw": ("float32", "bfloat16", "float16"),
+    "sq_norm": ("float32", "bfloat16", "float16"),
+    "attention": ("float32",),
+    "attention_softmax": ("float32", "bfloat16", "float16"),
+    "bmm": ("float16", "bfloat16", "float32", "float64"),
+}
 
 # Every kernel each file exports (the compile checks assert that each appears in the PTX, and no more).
 KERNEL_ENTRIES = {
-    "layernorm.cu": ("layernorm_fwd", "layernorm_bwd_dwdb_partial", "layernorm_bwd_dwdb_finalize", "layernorm_bwd_dx"),
-    "gelu.cu": ("gelu_bias_fwd", "gelu_bias_fwd_vec4", "gelu_bwd_inplace", "gelu_bwd_inplace_vec4"),
-    "cross_entropy.cu": ("cross_entropy_fwd_bwd",),
-    "adamw.cu": ("adamw_flat", "sq_norm_partial", "sq_norm_finalize"),
+    "layernorm.cu": ("layernorm_fwd", "layernorm_bwd_dwdb_partial", "layernorm_bwd_dwdb_finalize", "layernorm_bwd_dx")
+    + tuple(f"{k}{sfx}" for sfx in _SIXTEEN for k in ("layernorm_fwd", "layernorm_bwd_dwdb_partial", "layernorm_bwd_dx")),
+    "gelu.cu": ("gelu_bias_fwd", "gelu_bias_fwd_vec4", "gelu_bwd_inplace", "gelu_bwd_inplace_vec4")
+    + tuple(f"{k}{sfx}" for sfx in _SIXTEEN for k in ("gelu_bias_fwd", "gelu_bias_fwd_vec8", "gelu_bwd_inplace", "gelu_bwd_inplace_vec8")),
+    "cross_entropy.cu": ("cross_entropy_fwd_bwd",) + tuple(f"cross_entropy_fwd_bwd{sfx}" for sfx in _SIXTEEN),
+    "adamw.cu": ("adamw_flat", "sq_norm_partial", "sq_norm_finalize") + tuple(f"adamw_flat{sfx}" for sfx in _SIXTEEN),
     "attention.cu": ("attention_bwd_rowdot",)
     + tuple(f"attention_{k}_hs{hs}" for hs in ATTENTION_HEAD_SIZES for k in ("fwd", "bwd_dkdv", "bwd_dq")),
+    "attention_softmax.cu": tuple(f"attention_{k}{sfx}" for sfx in DTYPE_SUFFIX.values()
+                                  for k in ("softmax_fwd", "softmax_bwd", "dropout")),  # fmt: skip
 }
+
+# Threads per block each kernel is launched with, by file (or, where a file's kernels differ, by kernel
+# name: {"name": threads}). The wrappers below launch with these (tests/test_cuda_kernels.py checks every
+# launch against them) and benchmarks/kernel_resources.py computes occupancy from them. No kernel uses
+# dynamic shared memory.
+LAUNCH_BLOCKS = {"layernorm.cu": BLOCK, "gelu.cu": BLOCK, "cross_entropy.cu": CE_BLOCK, "adamw.cu": BLOCK, "attention.cu": BLOCK,
+                 "attention_softmax.cu": BLOCK}  # fmt: skip
+
+
+def launch_block(filename: str, kernel: str) -> int:
+    """Threads per block of `kernel` in kernels/<filename>, as its wrapper launches it (LAUNCH_BLOCKS)."""
+    block = LAUNCH_BLOCKS.get(filename)
+    if isinstance(block, dict):
+        block = block.get(kernel)
+    if block is None:
+        raise ValueError(f"no launch block for {kernel} in {filename}: add it to LAUNCH_BLOCKS in npgpt/cuda/kernels.py")
+    return int(block)
+
 
 _INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[ \t]*$', re.M)
 
@@ -118,11 +165,32 @@ def _launch(filename, name, grid, block, args, defines=()):
 def _f32(name, a, shape=None, contiguous=True):
     if a.dtype != np.float32:
         raise ValueError(f"{name} must be float32, got {a.dtype}")
+    return _shape(name, a, shape, contiguous)
+
+
+def _act(name, a, like=None, shape=None, contiguous=True) -> str:
+    """Check an activation array: float32, bfloat16 or float16 (the same dtype as `like` when given),
+    shape, contiguity. Returns the kernel-name suffix of its dtype (DTYPE_SUFFIX)."""
+    dtype = np.dtype(a.dtype)
+    if dtype.name not in DTYPE_SUFFIX:
+        raise ValueError(f"{name} must be float32, bfloat16 or float16, got {dtype}")
+    if like is not None and dtype != like.dtype:
+        raise ValueError(f"{name} is {dtype}, but the activations are {like.dtype}: pass arrays of one dtype")
+    _shape(name, a, shape, contiguous)
+    return DTYPE_SUFFIX[dtype.name]
+
+
+def _shape(name, a, shape=None, contiguous=True):
     if shape is not None and tuple(a.shape) != tuple(shape):
         raise ValueError(f"{name} has shape {tuple(a.shape)}, expected {tuple(shape)}")
     if contiguous and not a.flags.c_contiguous:
         raise ValueError(f"{name} must be C-contiguous")
     return a
+
+
+def _pack(a) -> int:
+    """Elements of a's dtype in one 16-byte pack (npgpt_pack in common.cuh): 4 float32, 8 bf16/fp16."""
+    return 16 // np.dtype(a.dtype).itemsize
 
 
 def _ptr(a) -> int:
@@ -156,19 +224,20 @@ def layernorm_forward(out, mean, rstd, x, weight, bias, eps):
     """out = (x - mean) * rstd * weight + bias over the last axis; stores mean and rstd (N,).
 
     Fast op it matches: npgpt.fast.layernorm.layernorm_forward (same arguments, without `threads`).
-    x, out: (N, C); weight, bias: (C,); mean, rstd: (N,); float32, contiguous. Kernel: layernorm_fwd in
-    kernels/layernorm.cu.
+    x, out: (N, C), float32 or both bfloat16 / float16 (16-bit compute: float32 arithmetic, out rounded
+    once); weight, bias: (C,) and mean, rstd: (N,), float32; all contiguous. Kernel: layernorm_fwd (or
+    layernorm_fwd_bf16 / _f16) in kernels/layernorm.cu.
     """
     N, C = x.shape
-    _f32("x", x)
-    _f32("out", out, (N, C))
+    sfx = _act("x", x)
+    _act("out", out, x, (N, C))
     _f32("weight", weight, (C,))
     _f32("bias", bias, (C,))
     _f32("mean", mean, (N,))
     _f32("rstd", rstd, (N,))
     if N == 0:
         return out
-    _launch("layernorm.cu", "layernorm_fwd", (-(-N // 8),), BLOCK,
+    _launch("layernorm.cu", "layernorm_fwd" + sfx, (-(-N // 8),), BLOCK,
             (x, weight, bias, out, mean, rstd, _i32(N), _i32(C), _f(eps)))  # fmt: skip
     return out
 
@@ -185,16 +254,18 @@ def layernorm_backward(dx, dweight, dbias, dout, x, mean, rstd, weight, *, scrat
     dweight += sum(dout * xhat), dbias += sum(dout) over the rows (added into, deterministic two-pass sums).
 
     Fast op it matches: npgpt.fast.layernorm.layernorm_backward (same arguments, without `threads`).
-    dout, x, dx: (N, C); mean, rstd: (N,); weight, dweight, dbias: (C,). dx may be dout itself.
+    dout, x, dx: (N, C), float32 or all three bfloat16 / float16 (16-bit compute: float32 arithmetic, dx
+    rounded once); mean, rstd: (N,) and weight, dweight, dbias: (C,), float32. dx may be dout itself.
     `scratch`: a float32 contiguous array of at least 2 * nchunks * C elements for the partial sums
     (an (N, C) scratch is enough when N >= 2 * nchunks, i.e. N >= 2); allocated when None, too small or
-    not contiguous. Kernels: layernorm_bwd_dwdb_partial, layernorm_bwd_dwdb_finalize, layernorm_bwd_dx.
+    not contiguous. Kernels: layernorm_bwd_dwdb_partial, layernorm_bwd_dwdb_finalize, layernorm_bwd_dx
+    (the first and last with _bf16 / _f16 for 16-bit activations).
     """
     xp = get_array_module(x)
     N, C = x.shape
-    _f32("x", x)
-    _f32("dout", dout, (N, C))
-    _f32("dx", dx, (N, C))
+    sfx = _act("x", x)
+    _act("dout", dout, x, (N, C))
+    _act("dx", dx, x, (N, C))
     _f32("mean", mean, (N,))
     _f32("rstd", rstd, (N,))
     _f32("weight", weight, (C,))
@@ -208,10 +279,10 @@ def layernorm_backward(dx, dweight, dbias, dout, x, mean, rstd, weight, *, scrat
         partial = scratch.reshape(-1)[:need]
     else:
         partial = xp.empty(need, dtype=np.float32)
-    _launch("layernorm.cu", "layernorm_bwd_dwdb_partial", (-(-C // 32), nchunks), BLOCK,
+    _launch("layernorm.cu", "layernorm_bwd_dwdb_partial" + sfx, (-(-C // 32), nchunks), BLOCK,
             (dout, x, mean, rstd, partial, _i32(N), _i32(C), _i32(rows)))  # fmt: skip
     _launch("layernorm.cu", "layernorm_bwd_dwdb_finalize", (-(-C // BLOCK),), BLOCK, (partial, dweight, dbias, _i32(nchunks), _i32(C)))
-    _launch("layernorm.cu", "layernorm_bwd_dx", (-(-N // 8),), BLOCK, (dout, x, mean, rstd, weight, dx, _i32(N), _i32(C)))
+    _launch("layernorm.cu", "layernorm_bwd_dx" + sfx, (-(-N // 8),), BLOCK, (dout, x, mean, rstd, weight, dx, _i32(N), _i32(C)))
     return dx
 
 
@@ -222,28 +293,30 @@ def gelu_forward(out, x, bias=None, *, pre=None):
     """pre = x + bias (the MLP pre-activation, kept for the backward), out = gelu(pre).
 
     Fast op it matches: npgpt.fast.gelu.gelu_forward (same arguments, without scratch and threads).
-    x: (N, C) float32 contiguous, the GEMM output without its bias; bias: (C,) or None (no add: x already
-    is the pre-activation); out: (N, C), not aliasing x. pre defaults to x (the add happens in place,
-    as in the fast op). float4 loads when C % 4 == 0 and the arrays are 16-byte aligned.
-    Kernels: gelu_bias_fwd, gelu_bias_fwd_vec4.
+    x: (N, C) contiguous, the GEMM output without its bias; bias: (C,) or None (no add: x already is the
+    pre-activation); out: (N, C), not aliasing x. pre defaults to x (the add happens in place, as in the
+    fast op). All of one dtype: float32, or bfloat16 / float16 (16-bit compute: float32 arithmetic; pre
+    is rounded, and GELU taken of the rounded value, as the fast op's 16-bit `x += bias`). 16-byte loads
+    (4 floats, 8 16-bit values) when C is a multiple of that and the arrays are 16-byte aligned.
+    Kernels: gelu_bias_fwd, gelu_bias_fwd_vec4 (gelu_bias_fwd_bf16 / _f16, gelu_bias_fwd_vec8_bf16 / _f16).
     """
     N, C = x.shape
     pre = x if pre is None else pre
-    _f32("x", x)
-    _f32("out", out, (N, C))
-    _f32("pre", pre, (N, C))
+    sfx = _act("x", x)
+    _act("out", out, x, (N, C))
+    _act("pre", pre, x, (N, C))
     has_bias = bias is not None
     if has_bias:
-        _f32("bias", bias, (C,))
+        _act("bias", bias, x, (C,))
     b = bias if has_bias else x  # never read when has_bias == 0
-    n = N * C
+    n, P = N * C, _pack(x)
     if n == 0:
         return out
-    if C % 4 == 0 and _aligned16(x, b, pre, out):
-        _launch("gelu.cu", "gelu_bias_fwd_vec4", (_grid_stride_blocks(n // 4),), BLOCK,
-                (x, b, pre, out, _i64(n // 4), _i32(C // 4), _i32(has_bias)))  # fmt: skip
+    if C % P == 0 and _aligned16(x, b, pre, out):
+        _launch("gelu.cu", f"gelu_bias_fwd_vec{P}{sfx}", (_grid_stride_blocks(n // P),), BLOCK,
+                (x, b, pre, out, _i64(n // P), _i32(C // P), _i32(has_bias)))  # fmt: skip
     else:
-        _launch("gelu.cu", "gelu_bias_fwd", (_grid_stride_blocks(n),), BLOCK, (x, b, pre, out, _i64(n), _i32(C), _i32(has_bias)))
+        _launch("gelu.cu", "gelu_bias_fwd" + sfx, (_grid_stride_blocks(n),), BLOCK, (x, b, pre, out, _i64(n), _i32(C), _i32(has_bias)))
     return out
 
 
@@ -251,17 +324,19 @@ def gelu_backward_(d, x):
     """d *= gelu'(x), in place; x is the pre-activation (with bias). Returns d.
 
     Fast op it matches: npgpt.fast.gelu.gelu_backward_ (same arguments, without scratch and threads).
-    d, x: same shape, float32, contiguous, not aliasing. Kernels: gelu_bwd_inplace, gelu_bwd_inplace_vec4.
+    d, x: same shape and dtype (float32, or bfloat16 / float16: float32 arithmetic, d rounded once),
+    contiguous, not aliasing. Kernels: gelu_bwd_inplace, gelu_bwd_inplace_vec4 (_bf16 / _f16,
+    gelu_bwd_inplace_vec8_bf16 / _f16).
     """
-    _f32("d", d)
-    _f32("x", x, d.shape)
-    n = d.size
+    sfx = _act("d", d)
+    _act("x", x, d, d.shape)
+    n, P = d.size, _pack(d)
     if n == 0:
         return d
-    if n % 4 == 0 and _aligned16(d, x):
-        _launch("gelu.cu", "gelu_bwd_inplace_vec4", (_grid_stride_blocks(n // 4),), BLOCK, (d, x, _i64(n // 4)))
+    if n % P == 0 and _aligned16(d, x):
+        _launch("gelu.cu", f"gelu_bwd_inplace_vec{P}{sfx}", (_grid_stride_blocks(n // P),), BLOCK, (d, x, _i64(n // P)))
     else:
-        _launch("gelu.cu", "gelu_bwd_inplace", (_grid_stride_blocks(n),), BLOCK, (d, x, _i64(n)))
+        _launch("gelu.cu", "gelu_bwd_inplace" + sfx, (_grid_stride_blocks(n),), BLOCK, (d, x, _i64(n)))
     return d
 
 
@@ -278,12 +353,13 @@ def cross_entropy_(logits, targets, want_grad=True, dloss=1.0, ignore_index=-100
     Fast op it matches: npgpt.fast.cross_entropy.cross_entropy_ (same arguments, without threads and
     block; it returns a Python float). scale: dloss / n_valid (n_valid = rows whose target !=
     ignore_index); None computes it from n_valid when given, else reads the count back to the host.
-    losses: (N,) float32 scratch for the per-row losses, allocated when None.
-    Kernel: cross_entropy_fwd_bwd.
+    losses: (N,) float32 scratch for the per-row losses, allocated when None. logits: float32, or
+    bfloat16 / float16 (16-bit compute: the softmax and the loss in float32, the gradient rounded once).
+    Kernel: cross_entropy_fwd_bwd (cross_entropy_fwd_bwd_bf16 / _f16).
     """
     xp = get_array_module(logits)
     N, V = logits.shape
-    _f32("logits", logits)
+    sfx = _act("logits", logits)
     targets = xp.ascontiguousarray(xp.asarray(targets).reshape(-1), dtype=np.int64)
     if targets.shape != (N,):
         raise ValueError(f"targets have {targets.size} entries for {N} rows of logits")
@@ -295,7 +371,7 @@ def cross_entropy_(logits, targets, want_grad=True, dloss=1.0, ignore_index=-100
         nv = int(counted) if n_valid is None else int(n_valid)
         scale = float(dloss) / nv if nv else 0.0
     if N:
-        _launch("cross_entropy.cu", "cross_entropy_fwd_bwd", (N,), CE_BLOCK,
+        _launch("cross_entropy.cu", "cross_entropy_fwd_bwd" + sfx, (N,), CE_BLOCK,
                 (logits, targets, losses, _i32(N), _i32(V), _f(scale if want_grad else 0.0), _i32(bool(want_grad)),
                  _i64(ignore_index)))  # fmt: skip
     return losses.sum(dtype=np.float64) / counted  # nan when every row is ignored
@@ -313,21 +389,30 @@ def decay_mask_for(params: dict, decay: dict, xp=None):
     return xp.asarray(host)
 
 
-def adamw_flat_(p, g, m, v, decay_mask, lr, b1, b2, eps, wd, step):
+def adamw_flat_(p, g, m, v, decay_mask, lr, b1, b2, eps, wd, step, *, copy=None):
     """One AdamW step on flat buffers, in place on p, m, v:
         m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;  p *= 1 - lr wd (where decay_mask);
         p -= (lr / (1 - b1^step)) m / (sqrt(v / (1 - b2^step)) + eps)
+    and with `copy` also copy = p rounded to copy's 16-bit dtype, in the same pass.
 
-    Reference: npgpt.optim._adamw_update (per tensor, decay = lr * wd or 0) as AdamW.step runs it.
+    Reference: npgpt.optim._adamw_update (per tensor, decay = lr * wd or 0) as AdamW.step runs it, then
+    the 16-bit cast of the weights the fast engine makes (its param_flat).
     p, g, m, v: (n,) float32 contiguous, not aliasing. decay_mask: (n,) uint8 or bool (nonzero: the
-    element decays) or None (every element decays; pass wd=0 for none). step counts from 1.
-    Kernel: adamw_flat.
+    element decays) or None (every element decays; pass wd=0 for none). step counts from 1. copy: None,
+    or an (n,) bfloat16 / float16 contiguous array, the 16-bit working copy of p.
+    Kernel: adamw_flat (adamw_flat_bf16 / _f16 with a copy).
     """
     n = p.size
     for name, a in (("p", p), ("g", g), ("m", m), ("v", v)):
         _f32(name, a)
         if a.size != n:
             raise ValueError(f"{name} has {a.size} elements, p has {n}")
+    sfx = ""
+    if copy is not None:
+        sfx = _act("copy", copy)
+        if not sfx or copy.size != n:
+            raise ValueError(f"copy must be a bfloat16 or float16 array of {n} elements (the weights' 16-bit copy), "
+                             f"got {copy.dtype} with {copy.size}")  # fmt: skip
     if step < 1:
         raise ValueError(f"step counts from 1, got {step}")
     use_mask = decay_mask is not None
@@ -340,9 +425,10 @@ def adamw_flat_(p, g, m, v, decay_mask, lr, b1, b2, eps, wd, step):
     bc1 = 1.0 - b1**step
     bc2 = 1.0 - b2**step
     if n:
-        _launch("adamw.cu", "adamw_flat", (_grid_stride_blocks(n),), BLOCK,
-                (p, g, m, v, mask, _i64(n), _f(b1), _f(1.0 - b1), _f(b2), _f(1.0 - b2), _f(eps), _f(1.0 - lr * wd),
-                 _f(lr / bc1), _f(1.0 / math.sqrt(bc2)), _i32(use_mask)))  # fmt: skip
+        pointers = (p, g, m, v, mask) + ((copy,) if sfx else ())
+        _launch("adamw.cu", "adamw_flat" + sfx, (_grid_stride_blocks(n),), BLOCK,
+                pointers + (_i64(n), _f(b1), _f(1.0 - b1), _f(b2), _f(1.0 - b2), _f(eps), _f(1.0 - lr * wd),
+                            _f(lr / bc1), _f(1.0 / math.sqrt(bc2)), _i32(use_mask)))  # fmt: skip
     return p
 
 
@@ -495,3 +581,109 @@ def flash_attention_backward(dqkv, dy, heads, lse, y, *, dheads, head_out):
     attention_bwd(heads[0], heads[1], heads[2], head_out, lse, dheads[0], dheads[0], dheads[1], dheads[2],
                   scale=1.0, dq_mult=1.0 / math.sqrt(hs))  # fmt: skip
     dqkv.reshape(b, t, 3, NH, hs)[...] = dheads.transpose(1, 3, 0, 2, 4)
+
+
+# --- attention's fused softmax and dropout (kernels/attention_softmax.cu) --------------------------------
+
+def _softmax_layout(arrays: dict) -> tuple:
+    """(suffix, n_bh, t, head_stride, row_stride) of (..., t, t) stacks that share one layout: the same
+    shape, dtype (float32, bfloat16 or float16) and strides; unit column stride; leading axes that
+    collapse into one stride (a view [:b, :, :t, :t] of a (B, NH, T, T) buffer does)."""
+    first_name, first = next(iter(arrays.items()))
+    if first.dtype.name not in DTYPE_SUFFIX:
+        raise ValueError(f"the fused softmax kernels take float32, bfloat16 or float16, not {first.dtype} ({first_name})")
+    if first.ndim < 2 or first.shape[-1] != first.shape[-2]:
+        raise ValueError(f"{first_name} must be a stack of square (t, t) matrices, got shape {tuple(first.shape)}")
+    for name, a in arrays.items():
+        if a.dtype != first.dtype or tuple(a.shape) != tuple(first.shape) or tuple(a.strides) != tuple(first.strides):
+            raise ValueError(f"{name} ({a.dtype}, shape {tuple(a.shape)}, strides {a.strides}) must have {first_name}'s "
+                             f"dtype, shape and strides ({first.dtype}, {tuple(first.shape)}, {first.strides})")  # fmt: skip
+    t, item = first.shape[-1], first.itemsize
+    st = [s // item for s in first.strides]
+    if t > 1 and st[-1] != 1:
+        raise ValueError(f"{first_name}: the columns of each row must be contiguous (strides {first.strides})")
+    row_stride = st[-2] if t > 1 else t
+    lead = [(n, s) for n, s in zip(first.shape[:-2], st[:-2]) if n != 1]
+    for (_, outer), (n, inner) in zip(lead, lead[1:]):
+        if outer != inner * n:
+            raise ValueError(f"{first_name}: its leading axes {tuple(first.shape[:-2])} (strides {first.strides}) do not "
+                             "collapse into one stride; pass a contiguous array")  # fmt: skip
+    head_stride = lead[-1][1] if lead else t * row_stride
+    n_bh = int(np.prod(first.shape[:-2], dtype=np.int64))
+    if row_stride < t or (n_bh > 1 and head_stride < t * row_stride) or n_bh * t > 2**31 - 1:
+        raise ValueError(f"{first_name}: rows or matrices overlap, or more than 2^31 rows (shape {tuple(first.shape)}, "
+                         f"strides {first.strides})")  # fmt: skip
+    return DTYPE_SUFFIX[first.dtype.name], n_bh, t, head_stride, row_stride
+
+
+def _seed_pointer(xp, seed, p):
+    """The seed array the kernels read (a float64 uniform, read only when p > 0)."""
+    if p > 0:
+        if seed is None or seed.dtype != np.float64 or seed.size < 1:
+            raise ValueError("dropout (p > 0) needs seed: a (1,) float64 array holding a uniform in [0, 1)")
+        return seed
+    return xp.empty(1, dtype=np.float64)  # never read
+
+
+def _check_drop(p, layer):
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    if not 0 <= int(layer) < 2**32:
+        raise ValueError(f"layer must be in [0, 2^32), got {layer}")
+
+
+def attention_softmax_forward_(att, dropped, scale, p=0.0, seed=None, layer=0):
+    """att (..., t, t): the scores q @ k^T on entry, P = softmax(scale * scores + causal mask) on exit (0 right
+    of the diagonal); with p > 0 dropped = P * keep / (1 - p), the mask drawn by Philox from (seed, layer,
+    position). Returns att.
+
+    Fast op it matches: npgpt.fast.attention.attention_softmax_forward_ (same arguments). att, dropped:
+    float32, bfloat16 or float16 with one layout (see _softmax_layout); dropped may be None (or att) when
+    p == 0. seed: (1,) float64 on att's device. Kernel: attention_softmax_fwd (_bf16 / _f16 at 16 bits).
+    """
+    _check_drop(p, layer)
+    xp = get_array_module(att)
+    arrays = {"att": att} if p == 0 else {"att": att, "dropped": dropped}
+    suffix, n_bh, t, hstride, rstride = _softmax_layout(arrays)
+    if n_bh and t:
+        _launch("attention_softmax.cu", "attention_softmax_fwd" + suffix, (-(-n_bh * t // ATT_SOFTMAX_ROWS),), BLOCK,
+                (att, att if p == 0 else dropped, _i32(n_bh), _i32(t), _i64(hstride), _i32(rstride), _f(scale), _f(p),
+                 _f(1.0 / (1.0 - p)), _seed_pointer(xp, seed, p), np.uint32(layer)))  # fmt: skip
+    return att
+
+
+def attention_softmax_backward_(datt, att, scale, p=0.0, seed=None, layer=0):
+    """datt (..., t, t): the gradient of the probabilities that multiplied v on entry (of the dropped ones
+    when p > 0), of the unscaled scores on exit: scale * P * (dP - rowsum(P * dP)), dP = datt * keep / (1 - p),
+    0 right of the diagonal. att: P, read only. Returns datt.
+
+    Fast op it matches: npgpt.fast.attention.attention_softmax_backward_ (same arguments). datt and att:
+    one layout, not aliasing. Kernel: attention_softmax_bwd (_bf16 / _f16 at 16 bits).
+    """
+    _check_drop(p, layer)
+    xp = get_array_module(att)
+    suffix, n_bh, t, hstride, rstride = _softmax_layout({"datt": datt, "att": att})
+    if n_bh and t:
+        _launch("attention_softmax.cu", "attention_softmax_bwd" + suffix, (-(-n_bh * t // ATT_SOFTMAX_ROWS),), BLOCK,
+                (datt, att, _i32(n_bh), _i32(t), _i64(hstride), _i32(rstride), _f(scale), _f(p), _f(1.0 / (1.0 - p)),
+                 _seed_pointer(xp, seed, p), np.uint32(layer)))  # fmt: skip
+    return datt
+
+
+def attention_dropout_(dropped, att, p, seed, layer=0):
+    """dropped (..., t, t) = att * keep / (1 - p), the mask drawn again as attention_softmax_forward_ drew
+    it (the probabilities that multiplied v, for the backward's dv). Returns dropped.
+
+    Fast op it matches: npgpt.fast.attention.attention_dropout_ (same arguments). p > 0; dropped and att:
+    one layout, not aliasing. Kernel: attention_dropout (_bf16 / _f16 at 16 bits).
+    """
+    _check_drop(p, layer)
+    if p == 0:
+        raise ValueError("attention_dropout_ regenerates a dropout mask: call it with p > 0")
+    xp = get_array_module(att)
+    suffix, n_bh, t, hstride, rstride = _softmax_layout({"dropped": dropped, "att": att})
+    if n_bh and t:
+        _launch("attention_softmax.cu", "attention_dropout" + suffix, (-(-n_bh * t // ATT_SOFTMAX_ROWS),), BLOCK,
+                (dropped, att, _i32(n_bh), _i32(t), _i64(hstride), _i32(rstride), _f(p), _f(1.0 / (1.0 - p)),
+                 _seed_pointer(xp, seed, p), np.uint32(layer)))  # fmt: skip
+    return dropped

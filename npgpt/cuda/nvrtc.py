@@ -13,6 +13,13 @@ Where the library is looked for, first found wins:
      nvidia-cuda-nvrtc 13 (nvidia/cu13/lib/libnvrtc.so.13), e.g. from `pip install 'npgpt[kernels]'`;
   4. a CUDA toolkit: $CUDA_PATH, $CUDA_HOME, /usr/local/cuda, /usr/local/cuda-* (lib64/ and
      targets/*/lib/), then the system's library search path.
+
+The kernels include two CUDA headers, cuda_bf16.h and cuda_fp16.h (the 16-bit types). NVRTC has no
+built-in copy of them; CuPy 14 puts the CUDA runtime headers' directory on the include path of every
+kernel it compiles (cupy/_core/core.pyx, assemble_cupy_compiler_options), and compile_to_ptx does the
+same with the directory find_cuda_headers() gives: $NPGPT_CUDA_INCLUDE, CuPy's own choice (cuda.pathfinder),
+the pip packages nvidia-cuda-runtime-cu12 (nvidia/cuda_runtime/include, from `pip install 'npgpt[kernels]'`)
+and nvidia-cuda-runtime 13 (nvidia/cu13/include), or a CUDA toolkit's include/.
 """
 
 from __future__ import annotations
@@ -95,6 +102,42 @@ def find_nvrtc() -> str | None:
     return None
 
 
+def _has_headers(folder) -> bool:
+    return bool(folder) and os.path.isfile(os.path.join(folder, "cuda_bf16.h")) and os.path.isfile(os.path.join(folder, "cuda_fp16.h"))
+
+
+def _headers_from_cupy() -> str | None:
+    if importlib.util.find_spec("cuda") is None:
+        return None
+    try:
+        from cuda.pathfinder import find_nvidia_header_directory  # what CuPy 14 asks (core.pyx)
+
+        return find_nvidia_header_directory("cudart")
+    except Exception:  # an older cuda-pathfinder, or none
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def find_cuda_headers() -> str | None:
+    """The directory holding the CUDA runtime headers the kernels include (cuda_bf16.h, cuda_fp16.h), or
+    None. See the module docstring for the order."""
+    env = os.environ.get("NPGPT_CUDA_INCLUDE")
+    if env:  # an explicit choice: used when it holds the headers, and nothing else is tried
+        return env if _has_headers(env) else None
+    candidates = [_headers_from_cupy()]
+    roots = []
+    spec = importlib.util.find_spec("nvidia")
+    if spec is not None and spec.submodule_search_locations:
+        roots += list(spec.submodule_search_locations)
+    roots += [os.path.join(p, "nvidia") for p in sys.path if p]
+    candidates += [os.path.join(root, sub) for root in roots for sub in ("cuda_runtime/include", "cu13/include", "cu12/include")]
+    homes = [os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"), "/usr/local/cuda"]
+    homes += sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    candidates += [os.path.join(home, "include") for home in filter(None, homes)]
+    candidates += glob.glob(os.path.join(os.environ.get("CUDA_PATH") or "/usr/local/cuda", "targets", "*", "include"))
+    return next((c for c in candidates if _has_headers(c)), None)
+
+
 @functools.lru_cache(maxsize=None)
 def _load(path: str):
     lib = ctypes.CDLL(path)
@@ -139,7 +182,8 @@ def compile_to_ptx(source: str, name: str, arch: str = "compute_80", include_dir
 
     arch: a virtual architecture such as "compute_80" (PTX needs no device). include_dirs: folders
     searched by #include "..."; options: further NVRTC options. The options are those CuPy uses:
-    --gpu-architecture=<arch>, -std=c++17, and -ftz=true (CuPy adds it to every kernel it compiles).
+    --gpu-architecture=<arch>, -std=c++17, -ftz=true (CuPy adds it to every kernel it compiles), and
+    last the CUDA runtime headers' directory (find_cuda_headers(), when there is one), as CuPy 14 does.
     Raises ValueError carrying NVRTC's log when the source does not compile, RuntimeError when no
     NVRTC library can be found or loaded.
     """
@@ -153,6 +197,9 @@ def compile_with_log(source: str, name: str, arch: str = "compute_80", include_d
     opts = [f"--gpu-architecture={arch}", "-std=c++17", "-ftz=true"]
     opts += [f"--include-path={os.fspath(d)}" for d in include_dirs]
     opts += list(options)
+    headers = find_cuda_headers()
+    if headers:
+        opts.append(f"--include-path={headers}")
     prog = ctypes.c_void_p()
     _check(lib, lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), name.encode(), 0, None, None),
            "nvrtcCreateProgram")  # fmt: skip

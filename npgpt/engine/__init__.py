@@ -29,7 +29,7 @@ assembled from parts, each in a module of its own:
     buffers.py    Activations, Workspace: every buffer allocated once for the largest (B, T)
     ops.py        choose_ops: each op's implementation, the fast op or a CUDA kernel, chosen once
     parts.py      Gradients, LayerNorms, Dropout, Trainable: the bookkeeping both fast engines share
-    attention.py  the attention paths (in place, heads layout, recomputed, flash), one chosen once
+    attention.py  the attention paths (in place, heads layout, recomputed, flash, fused softmax), one chosen once
     block.py      Blocks: the block's wiring, written once; Recompute: what the backward refills
     ends.py       Embeddings, and LMHead (fine-tuning's lm_head=False and frozen head)
     gpt.py        FastLossAndGrads: plans, chooses, assembles; a step is the forward and its reverse
@@ -49,7 +49,8 @@ same ops and parts. docs/architecture.md (its second half) draws the whole pictu
 
 from __future__ import annotations
 
-from .attention import FlashAttention, HeadsAttention, InPlaceAttention, RecomputedAttention, choose_attention
+from .attention import (FlashAttention, FusedSoftmaxAttention, HeadsAttention, InPlaceAttention, RecomputedAttention,
+                        choose_attention)
 from .block import Blocks, Recompute
 from .buffers import RECOMPUTE, Activations, Workspace, check_recompute, nbytes_of, plan_activations, plan_workspace
 from .gpt import IGNORE_INDEX, FastLossAndGrads, check_batch
@@ -82,5 +83,6 @@ __all__ = [
     "Ops", "choose_ops", "resolve_kernels",
     "Gradients", "LayerNorms", "Dropout", "Trainable",
     "choose_attention", "InPlaceAttention", "HeadsAttention", "RecomputedAttention", "FlashAttention",
+    "FusedSoftmaxAttention",
     "Blocks", "Recompute",
 ]  # fmt: skip

@@ -21,6 +21,8 @@ it). A path keeps its state in the engine's buffers (buffers.py), so the engine'
 | HeadsAttention      | a GPU (and cuBLAS's bmm)          | probabilities; q, k, v per head   | attention_forward / _backward  |
 | RecomputedAttention | recompute="attention" or "block"  | q, k, v: nothing T x T            | attention_rows_*               |
 | FlashAttention      | the CUDA flash kernel (no dropout) | q, k, v, each row's logsumexp    | flash_attention_* (kernels/)   |
+| FusedSoftmaxAttention | a GPU with "attention_softmax"  | probabilities; q, k, v per head;  | cuBLAS + attention_softmax_*   |
+|                     | (preferred to the flash kernel)   | the dropout seed, not the mask    | (kernels/attention_softmax.cu) |
 
 choose_attention picks one, once, when the engine is built. Another way of computing attention is
 another class with these three methods, and a line in choose_attention.
@@ -29,6 +31,7 @@ another class with these three methods, and a line in choose_attention.
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 
@@ -38,12 +41,15 @@ from ..layers.dropout import dropout_mask
 
 
 def choose_attention(acts, work, ops, *, in_place: bool, rows: int | None, recompute: bool):
-    """The path for these settings: recompute (nothing T x T kept), else in place (the CPU), else the
-    heads layout; with the flash kernel in ops, FlashAttention with that path under it for the
-    forwards with dropout, which the kernel cannot do. rows: attention's products in causal blocks of
-    that many query rows (the CPU), or None (whole stacks: a GPU)."""
+    """The path for these settings: recompute (nothing T x T kept), else the fused softmax kernels when
+    ops has them (a GPU's default: cuBLAS products, dropout in the kernels), else in place (the CPU),
+    else the heads layout; with the flash kernel in ops, FlashAttention with the recompute, in-place or
+    heads path under it for the forwards with dropout, which the kernel cannot do. rows: attention's
+    products in causal blocks of that many query rows (the CPU), or None (whole stacks: a GPU)."""
     if recompute:
         path = RecomputedAttention(acts, work, ops.heads_matmul)
+    elif ops.softmax_forward is not None:
+        return FusedSoftmaxAttention(acts, work, ops)
     elif in_place:
         path = InPlaceAttention(acts, work, ops.heads_matmul, rows)
     else:
@@ -210,3 +216,66 @@ class FlashAttention:
             return
         self.kernel_backward(dqkv, dy, _saved_heads(self.acts, l, b, t), self.acts.lse[l][:b, :, :t], self.acts.atty[l][: b * t],
                              dheads=self.work.heads[:, :b, :, :t], head_out=self.work.flash_out[:b, :, :t])  # fmt: skip
+
+
+class FusedSoftmaxAttention:
+    """A GPU's attention with the kernels on: every product one cuBLAS strided-batched GEMM over all
+    (batch, head) pairs (ops.batched_matmul: TF32 when on, tensor cores at 16 bits), and between the
+    products one fused kernel each way (kernels/attention_softmax.cu; ops.softmax_*, or their NumPy
+    twins in fast/attention.py), so the only (b, NH, t, t) matrices written are the scores, which
+    become the probabilities in place, and with dropout the dropped probabilities, in a scratch:
+
+        forward   s = q k^T;  P = softmax(s / sqrt(hs) + mask), [D = dropout(P)];  y = P v  (D v)
+        backward  dv = P^T dy  (D regenerated first);  g = dy v^T;  ds = softmax_backward(g);
+                  dk = ds^T q;  dq = ds k
+
+    Keeps for the backward: the probabilities (b, NH, t, t) per layer, q, k, v (q not pre-scaled: the
+    kernels scale the scores) in the heads layout, and the forward's dropout seed, one float64
+    (drop.masks["att_seed"], drawn from the step's generator at the first layer): the mask is Philox's,
+    keyed by (seed, layer, position), and drawn again in the backward instead of being kept."""
+
+    def __init__(self, acts, work, ops):
+        self.acts, self.work, self.matmul = acts, work, ops.batched_matmul
+        self.softmax_forward, self.softmax_backward, self.dropout = ops.softmax_forward, ops.softmax_backward, ops.softmax_dropout
+
+    def qkv_out(self, l: int, n: int):  # noqa: E741
+        return self.work.n3c[:n]
+
+    def _seed(self, drop):
+        """The forward's dropout seed (None without dropout): a (1,) float64 uniform, drawn once per forward."""
+        if drop.p == 0:
+            return None
+        if "att_seed" not in drop.masks:
+            seed = drop.rng.random((1,), dtype=np.float64)
+            drop.masks["att_seed"] = get_array_module(self.work.heads).asarray(seed)
+        return drop.masks["att_seed"]
+
+    def forward(self, l, y, qkv, b, t, drop, replay=False):  # noqa: E741
+        heads, head_out = _saved_heads(self.acts, l, b, t), self.work.heads[0, :b, :, :t]
+        NH, hs = heads.shape[2], heads.shape[-1]
+        heads[...] = qkv.reshape(b, t, 3, NH, hs).transpose(2, 0, 3, 1, 4)  # (n, 3C) -> (3, b, NH, t, hs)
+        q, k, v = heads
+        att, dropped = _kept_probabilities(self.acts, self.work, l, b, t)
+        self.matmul(att, q, k.swapaxes(-1, -2))  # scores (b, NH, t, hs) @ (b, NH, hs, t) -> (b, NH, t, t)
+        self.softmax_forward(att, dropped, 1.0 / math.sqrt(hs), drop.p, self._seed(drop), l)  # in place; dropped if p > 0
+        self.matmul(head_out, dropped if drop.p > 0 else att, v)  # (b, NH, t, t) @ (b, NH, t, hs)
+        fast.merge_heads_into(y, head_out)  # (b, NH, t, hs) -> (n, C)
+
+    def backward(self, l, dqkv, dy, b, t, drop):  # noqa: E741
+        heads, dheads = _saved_heads(self.acts, l, b, t), self.work.heads[:, :b, :, :t]
+        NH, hs = heads.shape[2], heads.shape[-1]
+        q, k, v = heads
+        att, datt = _kept_probabilities(self.acts, self.work, l, b, t)
+        seed = self._seed(drop)
+        dyh = dheads[0]
+        dyh[...] = dy.reshape(b, t, NH, hs).transpose(0, 2, 1, 3)  # dy in dq's slot, (n, C) -> (b, NH, t, hs)
+        used = att
+        if drop.p > 0:  # the probabilities that multiplied v, drawn again into the scratch
+            self.dropout(datt, att, drop.p, seed, l)
+            used = datt
+        self.matmul(dheads[2], used.swapaxes(-1, -2), dyh)  # dv = D^T dy
+        self.matmul(datt, dyh, v.swapaxes(-1, -2))  # g = dy v^T, the gradient of D
+        self.softmax_backward(datt, att, 1.0 / math.sqrt(hs), drop.p, seed, l)  # datt becomes ds, in place
+        self.matmul(dheads[1], datt.swapaxes(-1, -2), q)  # dk = ds^T q
+        self.matmul(dheads[0], datt, k)  # dq = ds k (overwrites dy)
+        dqkv.reshape(b, t, 3, NH, hs)[...] = dheads.transpose(1, 3, 0, 2, 4)  # (3, b, NH, t, hs) -> (n, 3C)

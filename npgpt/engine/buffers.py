@@ -61,7 +61,8 @@ class Activations:
     lnf: object  # (N, C)
     lnf_mean: object  # (N,)
     lnf_rstd: object  # (N,)
-    logits: object  # (N, V): the logits, then the probabilities, then dlogits, in place; None without an LM head
+    logits: object  # (N, Vp): the logits, then the probabilities, then dlogits, in place; None without an LM head.
+    # Vp: the vocabulary padded for the head's GEMMs (ends.LMHead), V when not padded
 
     def nbytes(self) -> int:
         return nbytes_of(self)
@@ -83,18 +84,21 @@ class Workspace:
     causal_bias: object  # (T, T): 0 on and below the diagonal, -inf above
     att_rows: object = None  # (2, B, NH, rows, T): recomputed attention's probabilities, a block of rows at a time
     head_tmp: object = None  # (B, NH, T, hs): recomputed attention's backward, a block's partial dk / dv
+    head_weight: object = None  # (Vp, C): the padded head's weights, rows V.. zero (a padded head only)
+    head_grad: object = None  # (Vp, C): the padded head's weight-gradient product, allocated on first use
 
     def nbytes(self) -> int:
         return nbytes_of(self)
 
 
 def plan_activations(xp, cfg, B, T, dtype, stat_dtype, flash: bool, recompute: str = "none",
-                     lm_head: bool = True) -> Activations:  # fmt: skip
+                     lm_head: bool = True, vocab: int | None = None) -> Activations:  # fmt: skip
     """recompute (what the backward recomputes instead of the forward keeping it): "attention" keeps no
     (B, NH, T, T) probabilities; "mlp" keeps GELU's input, not its output (one (N, 4C) buffer serves
     every layer); "block" keeps only each block's input (resid), every other per-layer buffer is one
     buffer shared by all layers, refilled by rerunning the block's forward in the backward.
-    lm_head=False: no (N, V) logits buffer (a step that never runs the LM head)."""
+    lm_head=False: no (N, V) logits buffer (a step that never runs the LM head). vocab: the logits'
+    columns, Vp of a padded head (default: the vocabulary)."""
     N, C, L, NH, hs = B * T, cfg.emb_dim, cfg.n_layers, cfg.n_heads, cfg.head_size
     act = lambda *shape: xp.empty(shape, dtype=dtype)  # noqa: E731
     stat = lambda *shape: xp.empty(shape, dtype=stat_dtype)  # noqa: E731
@@ -109,13 +113,15 @@ def plan_activations(xp, cfg, B, T, dtype, stat_dtype, flash: bool, recompute: s
         ln2=per_layer(act, N, C), ln2_mean=per_layer(stat, N), ln2_rstd=per_layer(stat, N),
         fc=per_layer(act, N, 4 * C), act=per_layer(act, N, 4 * C, shared=recompute in ("mlp", "block")),
         lnf=act(N, C), lnf_mean=stat(N), lnf_rstd=stat(N),
-        logits=act(N, cfg.vocab_size) if lm_head else None,  # a step that never runs the LM head has none
+        logits=act(N, vocab or cfg.vocab_size) if lm_head else None,  # a step that never runs the LM head has none
     )  # fmt: skip
 
 
-def plan_workspace(xp, cfg, B, T, dtype, stat_dtype, threads: int, flash: bool, recompute: str = "none") -> Workspace:
+def plan_workspace(xp, cfg, B, T, dtype, stat_dtype, threads: int, flash: bool, recompute: str = "none",
+                   vocab: int | None = None) -> Workspace:  # fmt: skip
     """by_rows: the recomputing attention's scratch, allocated here unless the flash kernel runs attention
-    (its dropout fallback then allocates it on first use: attention.RecomputedAttention)."""
+    (its dropout fallback then allocates it on first use: attention.RecomputedAttention). vocab: Vp of a
+    padded head, whose (Vp, C) weights are kept here, rows V.. zero (default: no padding)."""
     N, C, NH, hs = B * T, cfg.emb_dim, cfg.n_heads, cfg.head_size
     by_rows = recompute in ("attention", "block") and not flash  # attention block of query rows by block
     rows = min(N, fast.ROW_BLOCK if xp is np else fast.GPU_ROW_BLOCK)
@@ -127,4 +133,5 @@ def plan_workspace(xp, cfg, B, T, dtype, stat_dtype, threads: int, flash: bool, 
         causal_bias=xp.triu(xp.full((T, T), -np.inf, dtype=dtype), k=1),
         att_rows=fast.attention_rows_scratch(xp, B, NH, T, dtype) if by_rows else None,
         head_tmp=scratch(B, NH, T, hs) if by_rows else None,
+        head_weight=xp.zeros((vocab, C), dtype=dtype) if vocab and vocab != cfg.vocab_size else None,
     )  # fmt: skip

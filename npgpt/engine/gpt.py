@@ -16,6 +16,7 @@ import numpy as np
 from .. import fast
 from ..backend import flat_base, get_array_module, host_scalars, views_into
 from ..layers.dropout import check_dropout_p
+from ..memory import VOCAB_MULTIPLE, padded_vocab
 from ..parallel import num_threads
 from ..precision import compute_dtype, is_low_precision
 from .attention import FlashAttention, choose_attention
@@ -57,7 +58,7 @@ class FastLossAndGrads:
     causal_rows = _Reassembles()  # attention's products in causal blocks of this many query rows, or None (a GPU)
 
     def __init__(self, model, batch_size: int, seq_len: int, kernels=None, precision: str = "fp32", trainable=None,
-                 lm_head: bool = True, recompute: str = "none"):  # fmt: skip
+                 lm_head: bool = True, recompute: str = "none", vocab_multiple: int | None = None):  # fmt: skip
         """kernels: names of the CUDA kernels to use (npgpt.cuda.KERNEL_NAMES; see ops.resolve_kernels).
         precision: "fp32" (the model's dtype throughout), "bf16" or "fp16" (16-bit activations and
         matrix products, float32 weights and gradients; see precision.py).
@@ -66,7 +67,10 @@ class FastLossAndGrads:
         lowest trainable layer (GPT.backward_plan, as GPT.backward(trainable=) does).
         lm_head=False: the step never runs the LM head, so its (B*T, V) logits are not allocated.
         recompute: what the forward does not keep and the backward recomputes: "none", "attention",
-        "mlp" or "block" (block.Recompute)."""
+        "mlp" or "block" (block.Recompute).
+        vocab_multiple: the LM head's vocabulary is padded to a multiple of this for its GEMMs (ends.py;
+        the loss, the gradients, `logits` and the model keep V); default memory.VOCAB_MULTIPLE, 128 on
+        a GPU and 1 (no padding) on the CPU."""
         cfg = model.config
         if seq_len > cfg.context_length:
             raise ValueError(f"seq_len {seq_len} exceeds the model's context_length {cfg.context_length}")
@@ -78,18 +82,25 @@ class FastLossAndGrads:
         self.lowp = is_low_precision(self.dtype)
         self.threads = num_threads() if xp is np else 1  # CPU threads for the elementwise ops
         self.kernels = resolve_kernels(kernels, xp, precision, self.dtype, cfg.head_size)
-        flash = "attention" in self.kernels
+        # The fused softmax path is preferred to the flash kernel, except where the probabilities are not
+        # to be kept (recompute): there the flash kernel runs under RecomputedAttention as before.
+        fused = "attention_softmax" in self.kernels and not Recompute(recompute).attention
+        flash = "attention" in self.kernels and not fused
         B, T = self.batch_size, self.seq_len
-        self.acts = plan_activations(xp, cfg, B, T, self.dtype, self.stat_dtype, flash, recompute, lm_head)
-        self.work = plan_workspace(xp, cfg, B, T, self.dtype, self.stat_dtype, self.threads, flash, recompute)
+        multiple = VOCAB_MULTIPLE["cpu" if xp is np else "gpu"] if vocab_multiple is None else vocab_multiple
+        self.padded_vocab = padded_vocab(cfg.vocab_size, multiple) if lm_head else cfg.vocab_size  # Vp
+        self.acts = plan_activations(xp, cfg, B, T, self.dtype, self.stat_dtype, flash, recompute, lm_head, self.padded_vocab)
+        self.work = plan_workspace(xp, cfg, B, T, self.dtype, self.stat_dtype, self.threads, flash, recompute, self.padded_vocab)
         need, self.lowest = model.backward_plan(trainable)  # lowest: -1 the embeddings, ..., L + 1 nothing
         self.trainable = Trainable(frozenset(need), self.lowest)
         # LayerNorm's gradients, the position table's and an untied token table's are added into
         added = [k for k in model.params if ".ln_" in f".{k}" or k == "wpe.weight" or (k == "wte.weight" and not cfg.tie_weights)]
         self.gradients = Gradients(xp, model.params, need, self.stat_dtype, self.dtype, added)
         self.grad_flat, self.grads = self.gradients.flat, self.gradients.views
-        # The weights the GEMMs read: the model's own, or a 16-bit copy refreshed at every call.
-        self.param_flat, self.weights = None, model.params
+        # The weights the GEMMs read: the model's own, or a 16-bit copy refreshed at every call, unless
+        # weights_copy_current says it holds the current weights already (update.Updater sets it while its
+        # AdamW step writes the copy in the same pass as the update).
+        self.param_flat, self.weights, self.weights_copy_current = None, model.params, False
         if self.lowp:
             self.param_flat = xp.empty(sum(int(p.size) for p in model.params.values()), dtype=self.dtype)
             self.weights = views_into(self.param_flat, model.params)
@@ -100,7 +111,7 @@ class FastLossAndGrads:
         loss_rows = fast.LOSS_ROWS if xp is np else fast.GPU_LOSS_ROWS
         self.ops = choose_ops(self.kernels, xp, self.threads, self.work.gelu, loss_rows)
         self.causal_rows = fast.CAUSAL_ROWS if xp is np else None  # a GPU takes the whole stack in one product
-        self.qkv_in_place = xp is np and not flash and not Recompute(recompute).attention
+        self.qkv_in_place = xp is np and not flash and not fused and not Recompute(recompute).attention
         self._assemble()
 
     def _assemble(self) -> None:
@@ -115,7 +126,7 @@ class FastLossAndGrads:
         parts = (self.gradients, self.norms, self.drop, self.attention, recompute)
         self.blocks = Blocks(self.model, self.acts, self.work, self.weights, parts, self.ops, self.threads, gelu_keeps_grad)
         self.embeddings = Embeddings(self.model.config, self.weights, self.gradients, self.drop)
-        self.head = LMHead(self.model.config, self.acts, self.weights, self.gradients, self.ops)
+        self.head = LMHead(self.model.config, self.acts, self.work, self.weights, self.gradients, self.ops)
 
     @property
     def used_flash(self) -> list:
@@ -235,11 +246,12 @@ class FastLossAndGrads:
 
     @property
     def logits(self):
-        """(b*t, V): the LM head's logits of the last forward (a view of this step's buffer; after a loss, its gradient)."""
+        """(b*t, V): the LM head's logits of the last forward (a view of this step's buffer, rows padded_vocab
+        apart when the head is padded; after a loss, its gradient)."""
         b, t = self._last_shape()
         if self.acts.logits is None:
             raise ValueError("this step was built with lm_head=False, so it has no logits")
-        return self.acts.logits[: b * t]
+        return self.acts.logits[: b * t, : self.model.config.vocab_size]
 
     def _last_shape(self):
         if self._shape is None:
@@ -247,8 +259,9 @@ class FastLossAndGrads:
         return self._shape
 
     def _refresh_low_precision_weights(self) -> None:
-        """With 16-bit compute, this step's 16-bit copy of the (float32) weights, refreshed before each forward."""
-        if not self.lowp:
+        """With 16-bit compute, this step's 16-bit copy of the (float32) weights, refreshed before each forward
+        (not when weights_copy_current: the optimizer wrote it with the last update)."""
+        if not self.lowp or self.weights_copy_current:
             return
         src = flat_base(self.model.params)
         if src is not None:

@@ -19,11 +19,14 @@ which have the same positional arguments.
 | gelu                           | gelu_forward (bias add fused), gelu_backward_                  | gelu.cu                |
 |                                | gelu_forward_keep_grad / gelu_backward_saved_ (keeps gelu')    | -                      |
 | attention                      | attention_forward, attention_backward (+ the head-level pair)  | attention.cu (no dropout) |
+|                                | attention_softmax_forward_ / _backward_, attention_dropout_   | attention_softmax.cu   |
+|                                | (the fused softmax between cuBLAS products; Philox dropout)    |                        |
 |                                | attention_causal_forward / _backward_ (CPU: causal row blocks) | -                      |
 |                                | attention_in_place_forward / _backward (CPU: views of qkv)     | -                      |
 |                                | attention_rows_forward / _backward_ (recompute: no T x T kept) | -                      |
 | cross_entropy                  | cross_entropy_ (forward and backward in place)                 | cross_entropy.cu       |
 | dropout                        | dropout_forward, dropout_backward                              | -                      |
+|                                | philox4x32_10, attention_dropout_keep, AttentionDropoutRandom  | philox.cuh             |
 | last_token                     | last_token_index, last_token_forward, last_token_backward     | -                      |
 | classifier_head                | classifier_head_forward, classifier_head_backward (last_token + linear) | - (cuBLAS)   |
 | mixed_loss                     | mixed_loss_ (two cross-entropies in place, weighted)           | cross_entropy.cu (LM term) |
@@ -43,6 +46,7 @@ from .attention import (
     attention_backward,
     attention_causal_backward_,
     attention_causal_forward,
+    attention_dropout_,
     attention_forward,
     attention_heads_backward_,
     attention_heads_forward,
@@ -51,6 +55,8 @@ from .attention import (
     attention_rows_backward_,
     attention_rows_forward,
     attention_rows_scratch,
+    attention_softmax_backward_,
+    attention_softmax_forward_,
     head_view,
     merge_heads_into,
     qkv_heads_view,
@@ -59,7 +65,7 @@ from .attention import (
 from .common import in_threads, matmul, rowdot
 from .classifier_head import classifier_head_backward, classifier_head_forward
 from .cross_entropy import GPU_LOSS_ROWS, IGNORE_INDEX, LOSS_ROWS, cross_entropy_
-from .dropout import dropout_backward, dropout_forward
+from .dropout import AttentionDropoutRandom, attention_dropout_keep, dropout_backward, dropout_forward, philox4x32_10
 from .embedding import add_position_embedding_, embedding_backward, embedding_forward, position_embedding_backward
 from .feedforward import FeedForwardSaved, feedforward_backward, feedforward_forward
 from .gelu import (
@@ -86,9 +92,10 @@ __all__ = [
     "attention_rows_forward", "attention_rows_backward_", "attention_rows_scratch", "ATTENTION_ROWS",
     "attention_causal_forward", "attention_causal_backward_", "CAUSAL_ROWS",
     "attention_in_place_forward", "attention_in_place_backward", "qkv_heads_view",
+    "attention_softmax_forward_", "attention_softmax_backward_", "attention_dropout_",
     "matmul", "rowdot", "in_threads",
     "cross_entropy_", "IGNORE_INDEX", "LOSS_ROWS", "GPU_LOSS_ROWS",
-    "dropout_forward", "dropout_backward",
+    "dropout_forward", "dropout_backward", "philox4x32_10", "attention_dropout_keep", "AttentionDropoutRandom",
     "embedding_forward", "embedding_backward", "add_position_embedding_", "position_embedding_backward",
     "gelu_forward", "gelu_backward_", "gelu_forward_keep_grad", "gelu_backward_saved_", "gelu_scratch", "ROW_BLOCK", "GPU_ROW_BLOCK",
     "last_token_index", "last_token_forward", "last_token_backward",

@@ -28,6 +28,15 @@ CUDA kernel: kernels/attention.cu (flash attention: O(t) memory, no dropout, kee
 instead of att), npgpt.cuda.kernels.attention_fwd / attention_bwd at the head level and
 flash_attention_forward / flash_attention_backward at the level of this file's attention_forward /
 attention_backward.
+Fused softmax (a GPU's default attention, npgpt/engine/attention.py's FusedSoftmaxAttention): the
+products are cuBLAS strided-batched GEMMs and what lies between them is one pass each way:
+attention_softmax_forward_ (scale, causal mask, softmax and dropout over the scores, in place),
+attention_softmax_backward_ (dropout's and softmax's backward, times the scale) and attention_dropout_
+(the dropped probabilities again, for dv). Their dropout mask is Philox's (fast/dropout.py,
+attention_dropout_keep), keyed by a seed, the layer and the position, so the backward draws it again
+and nothing of it is kept; q is not pre-scaled (the scale is applied to the scores). These three are
+the NumPy twins of the kernels of kernels/attention_softmax.cu (npgpt.cuda.kernels.attention_softmax_*),
+16-bit arrays worked on in float32 and each output rounded once, as the kernels do.
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ from ..backend import get_array_module
 from ..layers.dropout import dropout_mask
 from ..precision import is_low_precision
 from .common import matmul, rowdot
+from .dropout import attention_dropout_keep
 
 
 def split_heads_into(heads, qkv) -> None:
@@ -353,3 +363,61 @@ def attention_rows_backward_(dq, dk, dv, q, k, v, bias, keep=None, drop_scale=1.
         dk[..., :i1, :] += part
         matmul(dy, dp, k[..., :i1, :])  # dq of these rows; overwrites their dy, no longer needed
         dy *= inv_sqrt
+
+
+# --- fused softmax: the NumPy twins of kernels/attention_softmax.cu ---------------------------------------
+
+
+def _wide(dtype):
+    """The dtype the fused softmax computes in: float32 for 16-bit arrays, else the arrays' own."""
+    return np.dtype(np.float32) if is_low_precision(dtype) else np.dtype(dtype)
+
+
+def _seen(xp, t: int):
+    """(t, t) booleans: True on and below the diagonal, where a query row sees a key."""
+    return xp.tril(xp.ones((t, t), dtype=np.bool_))
+
+
+def attention_softmax_forward_(att, dropped, scale: float, p: float = 0.0, seed=None, layer: int = 0) -> None:
+    """att (..., t, t): the scores q @ k^T on entry; on exit P = softmax(scale * scores + causal mask) over
+    each row, 0 right of the diagonal. With p > 0, dropped (like att) = P * keep / (1 - p), keep =
+    attention_dropout_keep(seed, layer, ...) (seed: the step's (1,) float64 uniform); dropped is not
+    touched when p == 0 (it may be None or att). 16-bit arrays: float32 arithmetic, P rounded once, and
+    dropped computed from the rounded P (as the backward's attention_dropout_ computes it again)."""
+    xp = get_array_module(att)
+    wide, t = _wide(att.dtype), att.shape[-1]
+    seen = _seen(xp, t)
+    z = xp.where(seen, att.astype(wide) * wide.type(scale), wide.type(-np.inf))  # (..., t, t): the future gets -inf
+    z -= z.max(axis=-1, keepdims=True)
+    xp.exp(z, out=z)
+    z *= 1 / z.sum(axis=-1, keepdims=True)  # the reciprocal, as the kernel
+    att[...] = z
+    if p > 0:
+        attention_dropout_(dropped, att, p, seed, layer)
+
+
+def attention_softmax_backward_(datt, att, scale: float, p: float = 0.0, seed=None, layer: int = 0) -> None:
+    """datt (..., t, t): on entry the gradient of the probabilities that multiplied v (of the dropped ones
+    when p > 0), on exit the gradient of the unscaled scores; att: P from attention_softmax_forward_.
+
+    Differentiates  `D = P * keep / (1 - p)`,  `P = softmax(scale * s + mask)`:
+        dP = dD * keep / (1 - p);   dz = P * (dP - rowsum(P * dP));   ds = scale * dz   (0 right of the diagonal)."""
+    xp = get_array_module(att)
+    wide, t = _wide(att.dtype), att.shape[-1]
+    P, d = att.astype(wide), datt.astype(wide)
+    if p > 0:
+        d *= attention_dropout_keep(seed, layer, att.shape, p, xp)
+        d *= wide.type(1.0 / (1.0 - p))
+    d -= rowdot(d, P)[..., None]  # P is 0 right of the diagonal: those columns add nothing
+    d *= P
+    d *= wide.type(scale)
+    datt[...] = xp.where(_seen(xp, t), d, wide.type(0))
+
+
+def attention_dropout_(dropped, att, p: float, seed, layer: int = 0) -> None:
+    """dropped (..., t, t) = att * keep / (1 - p): the probabilities that multiplied v, from the kept P and
+    the mask drawn again (keep as attention_softmax_forward_ drew it); 16-bit: from the stored P, rounded once."""
+    xp = get_array_module(att)
+    wide = _wide(att.dtype)
+    keep = attention_dropout_keep(seed, layer, att.shape, p, xp)
+    dropped[...] = att.astype(wide) * keep * wide.type(1.0 / (1.0 - p))

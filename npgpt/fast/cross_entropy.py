@@ -13,7 +13,7 @@ Readable twin: npgpt.layers.cross_entropy (softmax_cross_entropy_forward / _back
   cache; each thread takes a contiguous share of the rows and the partial sums are added at the end;
 - 16-bit logits are worked on in float32 copies of each block and the gradient is rounded once.
 CUDA kernel: kernels/cross_entropy.cu, npgpt.cuda.kernels.cross_entropy_ (same arguments, no threads
-or block; float32 only).
+or block; float32 logits, or bfloat16/float16 with the same float32 arithmetic and one rounding).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ Readable twin: npgpt.layers.gelu (gelu_forward / gelu_backward). Differences:
   (the readable derivative with 1 + th = 2g and 1 - th^2 = 4 g (1 - g)). The pre-activation is not
   kept, so a step that recomputes GELU's output in the backward (recompute="mlp") uses the first pair.
 CUDA kernel: kernels/gelu.cu, npgpt.cuda.kernels.gelu_forward / gelu_backward_ (same arguments, no
-scratch or threads; float32 only).
+scratch or threads; float32, or bfloat16/float16 with the same float32 arithmetic and one rounding).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ Readable twin: npgpt.layers.layernorm (layernorm_forward / layernorm_backward). 
   their gradients are float32; the arithmetic then runs on float32 copies of each thread's rows, and
   the result is rounded to 16 bits once. The dtype of mean/rstd is the arithmetic's dtype.
 CUDA kernel: kernels/layernorm.cu, npgpt.cuda.kernels.layernorm_forward / layernorm_backward (same
-arguments, no threads; float32 only).
+arguments, no threads; float32 x, or bfloat16/float16 x with the same float32 arithmetic and one rounding).
 """
 
 from __future__ import annotations

@@ -22,9 +22,9 @@ Differences:
 - 16-bit compute: the products accumulate in float32 (common.matmul), the softmax's row sums are taken
   in float32 (fast/attention.py's head-level pair does both).
 The work per stack of heads is fast/attention.py's attention_heads_forward / attention_heads_backward_,
-the same functions GPT-2's causal attention runs. CUDA: CuPy's matmul (which copies strided operands;
-npgpt.cuda.blas.bmm cannot take these views, whose batch axes (b, NH) do not collapse into one stride);
-no kernel of ours (kernels/attention.cu is causal, without padding or dropout).
+the same functions GPT-2's causal attention runs. CUDA: the engine's heads_matmul, CuPy's matmul or
+npgpt.cuda.blas.matmul (both copy these views first, whose batch axes (b, NH) do not collapse into one
+stride); no kernel of ours (kernels/attention.cu and attention_softmax.cu are causal, without padding).
 """
 
 from __future__ import annotations

@@ -124,8 +124,9 @@ class Seq2SeqFastLossAndGrads:
     grad_flat). Batches up to (batch_size, src_len, tgt_len)."""
 
     def __init__(self, model, batch_size: int, src_len: int, tgt_len: int, kernels=None):
-        """kernels: names of CUDA kernels to use for LayerNorm, GELU and the loss (npgpt.cuda.KERNEL_NAMES;
-        default on a GPU: those $NPGPT_CUDA_KERNELS enables; others are left out, see below)."""
+        """kernels: names of CUDA kernels to use for LayerNorm, GELU and the loss, and "bmm" for attention's
+        products (npgpt.cuda.KERNEL_NAMES; default on a GPU: those $NPGPT_CUDA_KERNELS enables; the
+        attention kernels are left out, see below)."""
         cfg = model.config
         for name, value in (("batch_size", batch_size), ("src_len", src_len), ("tgt_len", tgt_len)):
             if int(value) < 1:
@@ -137,10 +138,11 @@ class Seq2SeqFastLossAndGrads:
         xp = self.xp = model.xp
         self.dtype = np.dtype(model.dtype)
         self.threads = num_threads() if xp is np else 1
-        # Not "attention" (the flash kernel is causal, without padding or dropout) nor "bmm": cuBLAS's strided
-        # batched GEMM needs each operand's batch axes to collapse into one stride, which the heads, strided
-        # views (b, NH, t, hs) of (b, t, C) rows, do not (CuPy's matmul copies them instead).
-        self.kernels = resolve_kernels(kernels, xp, "fp32", self.dtype, cfg.head_size) - {"attention", "bmm"}
+        # Not "attention" nor "attention_softmax" (causal, no padding masks). "bmm" applies: the heads, strided
+        # views (b, NH, t, hs) of (b, t, C) rows, are copied by cuda/blas.py's matmul before its one strided-
+        # batched call (CuPy's N-D matmul copies every operand), and the products go the way GPT-2's do (TF32
+        # as the run sets it); without "bmm" only those CuPy gets wrong go there (matmul_where_needed).
+        self.kernels = resolve_kernels(kernels, xp, "fp32", self.dtype, cfg.head_size) - {"attention", "attention_softmax"}
         B, S, T = self.batch_size, self.src_len, self.tgt_len
         self.acts = plan_activations(xp, cfg, B, S, T, self.dtype)
         self.work = plan_workspace(xp, cfg, B, S, T, self.dtype, self.threads)
