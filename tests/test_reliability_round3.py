@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -574,3 +575,25 @@ def test_a_runs_files_follow_the_umask(tmp_path, umask, folder, file):
         assert oct((out / "summary.json").stat().st_mode & 0o777) == oct(0o640)
     finally:
         os.umask(old)
+
+
+@pytest.mark.parametrize("stderr_too", [False, True], ids=["stdout", "stdout and stderr"])
+def test_a_reader_that_leaves_does_not_end_the_run(tmp_path, stderr_too):
+    """`npgpt train ... | head -1` (and `2>&1 | head -1`, progress bar on): the reader leaving after the first
+    line no longer ends the run with "error: Broken pipe" before its summary; the run ends as usual, exit 0,
+    and says on stderr (when stderr still has a reader) that its output was cut."""
+    run = tmp_path / "run"
+    args = [a for a in TINY if not (stderr_too and a == "--no-progress")]
+    proc = subprocess.Popen([sys.executable, "-m", "npgpt", "train", *args, "--max-steps", "6", "--eval-interval", "2",
+                             "--out-dir", str(run)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT if stderr_too else subprocess.PIPE, env=ENV)  # fmt: skip
+    first = proc.stdout.readline()
+    proc.stdout.close()  # the reader leaves while the run has its steps ahead of it
+    err = b"" if stderr_too else proc.stderr.read()
+    assert proc.wait(timeout=120) == 0, err.decode()
+    assert first.strip(), "the run printed nothing before the reader left"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 6 and not summary["interrupted"] and Path(summary["checkpoint"]).name == "step-00000006"
+    assert len(steps_in(run / "metrics.jsonl")) == 6
+    if not stderr_too:
+        assert b"its output was closed by the reader" in err and b"Traceback" not in err, err.decode()

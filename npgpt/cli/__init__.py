@@ -19,6 +19,8 @@ import re
 import signal
 import sys
 
+from .pipe import output_reader_may_leave
+
 # A value that starts with "-" but is a number (-1e-3, -inf, -nan): argparse would read it as a flag.
 _NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*([eE][-+]?\d+)?|\.\d+([eE][-+]?\d+)?|inf(inity)?|nan)$", re.IGNORECASE)
 
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
     name = f"npgpt {args.command}"
     try:
-        with terminate_as_interrupt():
+        with terminate_as_interrupt(), output_reader_may_leave(name):
             return int(args.run(args) or 0)
     except ValueError as e:  # bad input: one line that names the problem and the fix
         print(f"{name}: error: {one_line(e)}", file=sys.stderr)
