@@ -596,4 +596,17 @@ def test_a_reader_that_leaves_does_not_end_the_run(tmp_path, stderr_too):
     assert summary["steps"] == 6 and not summary["interrupted"] and Path(summary["checkpoint"]).name == "step-00000006"
     assert len(steps_in(run / "metrics.jsonl")) == 6
     if not stderr_too:
-        assert b"its output was closed by the reader" in err and b"Traceback" not in err, err.decode()
+        assert b"its output's reader left" in err and b"Traceback" not in err, err.decode()
+
+
+def test_generate_stops_when_its_reader_leaves(earlier):
+    """`npgpt generate ... | head -c 1`: generation stops at the first token written after the reader left (exit
+    0, one line saying so), rather than generating the rest for nobody or ending with a traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "npgpt", "generate", "--checkpoint", str(earlier),
+                             "--max-new-tokens", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)  # fmt: skip
+    proc.stdout.read(1)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines == ["npgpt generate: its output's reader left (a pipe's end was closed); nothing more was printed"], err

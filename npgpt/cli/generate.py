@@ -98,6 +98,8 @@ def run(args) -> int:
                     break
                 out.write(decoder.push(int(tok[0])))
                 out.flush()
+                if getattr(out, "reader_left", False):  # `npgpt generate | head`: nobody reads the rest
+                    return 0
             out.write(decoder.flush() + "\n")
             dt = time.perf_counter() - t0
             print(f"[{count} tokens in {dt:.2f}s, {count / max(dt, 1e-9):.1f} tokens/s]", file=sys.stderr)

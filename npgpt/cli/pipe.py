@@ -4,6 +4,7 @@ Python ignores SIGPIPE, so once the reader of a pipe has gone every later print 
 alone, that error would end a training run at its next log line, before its summary (and, mid-run, before
 its next checkpoint). Instead, the first broken write points the file descriptor at /dev/null and the run
 goes on to its end exactly as it would have; the command says once, on stderr, that its output was cut.
+A command whose output is its product (`npgpt generate`) checks `reader_left` and stops early instead.
 """
 
 from __future__ import annotations
@@ -59,6 +60,6 @@ def output_reader_may_leave(name: str):
         yield guarded
     finally:
         if sys.stderr is not None and any(g is not None and g.reader_left for g in guarded):
-            print(f"{name}: its output was closed by the reader (a pipe's end); the command went on to its end "
-                  "without printing", file=sys.stderr)  # fmt: skip
+            print(f"{name}: its output's reader left (a pipe's end was closed); nothing more was printed",
+                  file=sys.stderr)
         sys.stdout, sys.stderr = streams
