@@ -610,3 +610,18 @@ def test_generate_stops_when_its_reader_leaves(earlier):
     assert proc.wait(timeout=120) == 0, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert lines == ["npgpt generate: its output's reader left (a pipe's end was closed); nothing more was printed"], err
+
+
+def test_resume_refuses_other_adamw_settings(tmp_path, capsys):
+    """--weight-decay / --beta1 / --beta2 on --resume were silently replaced by the saved optimizer's values,
+    while the new checkpoints recorded the flags' values: now refused by name, with the values to resume with."""
+    run = str(tmp_path / "run")
+    assert main(["train", *TINY, "--max-steps", "2", "--weight-decay", "0.2", "--out-dir", run]) == 0
+    capsys.readouterr()
+    assert main(["train", *TINY, "--max-steps", "3", "--resume", "--out-dir", run]) == 2  # the default 0.1 is not 0.2
+    assert err_lines(capsys) == ["npgpt train: error: --weight-decay 0.1 cannot be honoured by --resume: the run being "
+                                 "resumed has --weight-decay 0.2 (its AdamW state continues with its own settings); "
+                                 "resume with --weight-decay 0.2 (or start a new run in another --out-dir)"]  # fmt: skip
+    assert main(["train", *TINY, "--max-steps", "3", "--resume", "--weight-decay", "0.2", "--beta1", "0.8", "--out-dir", run]) == 2
+    assert "--beta1 0.8 cannot be honoured by --resume: the run being resumed has --beta1 0.9" in err_lines(capsys)[0]
+    assert main(["train", *TINY, "--max-steps", "3", "--resume", "--weight-decay", "0.2", "--out-dir", run]) == 0

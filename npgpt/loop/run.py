@@ -151,6 +151,7 @@ class Loop:
 
     def _restore(self, resume_dir: Path, state: dict) -> None:
         """The optimizer, the batch position, the loop's counters and the task's state of a checkpoint."""
+        check_same_optimizer(self.task.optimizer, state["optimizer"])
         m, v = ckpt.load_optimizer_tensors(resume_dir)
         try:
             self.task.optimizer.load_state_dict({**state["optimizer"], "m": m, "v": v})
@@ -366,3 +367,18 @@ class Loop:
                 print(f"Interrupted by a signal; saved {self.folder.last_ckpt}. Resume with:\n"
                       f"  {self.settings.command} --out-dir {self.folder.out_dir} --resume  (plus the same data and model options)")  # fmt: skip
         return result
+
+
+def check_same_optimizer(optimizer, saved: dict) -> None:
+    """Refuse a resume whose AdamW settings (--weight-decay, --beta1, --beta2) differ from the run's: loading
+    the saved state would silently put the run's values back over the ones given, and the checkpoints would
+    then record settings the run did not use."""
+    given = {"--weight-decay": optimizer.weight_decay, "--beta1": optimizer.betas[0], "--beta2": optimizer.betas[1]}
+    betas = saved.get("betas") or list(optimizer.betas)
+    theirs = {"--weight-decay": saved.get("weight_decay", optimizer.weight_decay), "--beta1": betas[0], "--beta2": betas[1]}
+    differ = [flag for flag in given if float(given[flag]) != float(theirs[flag])]
+    if differ:
+        mine = " ".join(f"{flag} {given[flag]:g}" for flag in differ)
+        keep = " ".join(f"{flag} {theirs[flag]:g}" for flag in differ)
+        raise ValueError(f"{mine} cannot be honoured by --resume: the run being resumed has {keep} (its AdamW state "
+                         f"continues with its own settings); resume with {keep} (or start a new run in another --out-dir)")  # fmt: skip
