@@ -189,6 +189,14 @@ def check_source(path, flag: str) -> Path:
     raise ValueError(f"{flag} {path} holds neither a checkpoint nor a training run; give {what}")
 
 
+def refuse_if_damaged(directory: Path) -> None:
+    """ValueError when `directory` has a manifest (a checkpoint npgpt wrote) that its files do not match."""
+    if (directory / MANIFEST_FILE).is_file():
+        problem = verify_manifest(directory)
+        if problem is not None:
+            raise ValueError(f"refusing a damaged checkpoint: {problem}")
+
+
 def source_config(path) -> GPTConfig | None:
     """The GPTConfig of what load_pretrained(path) would load, read without loading any weights; None
     when there is no config.json beside them. ValueError for what load_pretrained would refuse, damage
@@ -196,10 +204,7 @@ def source_config(path) -> GPTConfig | None:
     the damage rather than a setting that disagrees with a damaged file."""
     files, cfg_path = _resolve(path, warn=False)
     directory = files[0].parent
-    if (directory / MANIFEST_FILE).is_file():
-        problem = verify_manifest(directory)
-        if problem is not None:
-            raise ValueError(f"refusing a damaged checkpoint: {problem}")
+    refuse_if_damaged(directory)
     if cfg_path is None:
         return None
     problem = classifier_problem(path, cfg_path)
@@ -253,11 +258,7 @@ def normalize_state_dict(tensors: dict, config: GPTConfig, source: str = "checkp
 def load_pretrained(path, config=None, device: str | None = None, dtype=DEFAULT_DTYPE) -> GPT:
     """A GPT with the weights at `path` (see the module docstring), on `device`, in `dtype`."""
     files, cfg_path = _resolve(path)
-    manifest_dir = files[0].parent
-    if (manifest_dir / MANIFEST_FILE).is_file():
-        problem = verify_manifest(manifest_dir)
-        if problem is not None:
-            raise ValueError(f"refusing a damaged checkpoint: {problem}")
+    refuse_if_damaged(files[0].parent)
     if config is None:
         if cfg_path is None:
             raise ValueError(f"no config.json next to {path}; pass config= (a GPTConfig, a dict or a config.json path)")

@@ -91,16 +91,21 @@ def out_dir(flag: str, path) -> Path:
     """A folder for a run's output: it exists as a writable folder, or can be created as one (its
     nearest existing ancestor is a writable folder). Nothing is created."""
     a_path(flag, path, "a folder (e.g. runs/x; it is created if needed)")
+    return _folder_to_write(flag, path, "give a folder (it is created if needed)", f"choose another {flag}")
+
+
+def _folder_to_write(flag: str, path, give_folder: str, choose: str) -> Path:
+    """`path` as a folder that is, or can be made, writable (out_dir, cache_dir); each refusal names the
+    problem and ends with the caller's fix (`give_folder` for a file given, `choose` otherwise)."""
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
-        raise ValueError(f"{flag} {path} is a file, not a folder; give a folder (it is created if needed)")
+        raise ValueError(f"{flag} {path} is a file, not a folder; {give_folder}")
     base = _nearest_existing(path)
     if not base.is_dir():
-        raise ValueError(f"{flag} {path} lies below {base}, which is a file, not a folder; choose another {flag}")
+        raise ValueError(f"{flag} {path} lies below {base}, which is a file, not a folder; {choose}")
     if not _writable(base):
         what = "the folder" if base == path else f"its parent {base}"
-        raise ValueError(f"{flag} {path}: {what} is not writable (read-only filesystem or no permission); "
-                         f"choose another {flag}")  # fmt: skip
+        raise ValueError(f"{flag} {path}: {what} is not writable (read-only filesystem or no permission); {choose}")
     return path
 
 
@@ -127,16 +132,8 @@ def cache_dir(flag: str, path) -> Path:
     """A folder for a cache: like out_dir (a folder that is, or can be made, writable); `flag` may name an
     environment variable ("NPGPT_CACHE_DIR=...")."""
     a_path(flag, path, "a folder")
-    path = Path(path).expanduser()
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{flag} {path} is a file, not a folder; give a folder for the token cache")
-    base = _nearest_existing(path)
-    if not base.is_dir():
-        raise ValueError(f"{flag} {path} lies below {base}, which is a file, not a folder; give a folder for the token cache")
-    if not _writable(base):
-        raise ValueError(f"{flag} {path} cannot be written (read-only filesystem or no permission); give a folder you "
-                         "can write to for the token cache")  # fmt: skip
-    return path
+    fix = "give a folder you can write to for the token cache"
+    return _folder_to_write(flag, path, "give a folder for the token cache", fix)
 
 
 def in_path(flag: str, path, what: str = "a file or folder") -> Path:
