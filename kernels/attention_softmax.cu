@@ -86,16 +86,6 @@ __device__ __forceinline__ unsigned att_keep_bits(unsigned g, att_row row, unsig
     return bits;
 }
 
-// Merge (m2, s2) into (m, s), each s a sum of exp(z - m). An empty side has m = -inf and s = 0; its
-// factor is taken as 0 instead of exp(-inf - (-inf)) = NaN.
-__device__ __forceinline__ void att_merge(float& m, float& s, float m2, float s2) {
-    const float M = fmaxf(m, m2);
-    const float a = (m == NPGPT_NEG_INF) ? 0.0f : s * expf(m - M);
-    const float b = (m2 == NPGPT_NEG_INF) ? 0.0f : s2 * expf(m2 - M);
-    m = M;
-    s = a + b;
-}
-
 template <typename T>
 __device__ void att_softmax_fwd(T* __restrict__ att, T* __restrict__ dropped, int n_bh, int t, long long head_stride,
                                 int row_stride, float scale, float p, float drop_scale, const double* __restrict__ seed,
@@ -107,22 +97,9 @@ __device__ void att_softmax_fwd(T* __restrict__ att, T* __restrict__ dropped, in
     const int seen = (int)row.i + 1;  // columns 0..i are not masked
     float m = NPGPT_NEG_INF, s = 0.0f;
     for (int j0 = 4 * lane; j0 < seen; j0 += 128) {
-        for (int j = j0; j < j0 + 4 && j < seen; ++j) {
-            const float z = scale * npgpt_to_float(a[j]);
-            if (z > m) {  // the running sum is rescaled to the new max
-                s = (m == NPGPT_NEG_INF ? 0.0f : s * expf(m - z)) + 1.0f;
-                m = z;
-            } else {
-                s += expf(z - m);
-            }
-        }
+        for (int j = j0; j < j0 + 4 && j < seen; ++j) npgpt_online_push(m, s, scale * npgpt_to_float(a[j]));
     }
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-        const float m2 = __shfl_xor_sync(NPGPT_FULL_MASK, m, off);
-        const float s2 = __shfl_xor_sync(NPGPT_FULL_MASK, s, off);
-        att_merge(m, s, m2, s2);
-    }
+    npgpt_warp_online_merge(m, s);
     const float inv = 1.0f / s;  // s >= 1: the max itself contributes exp(0)
     const bool drop = p > 0.0f;
     const unsigned long long key = drop ? npgpt_seed_key(seed[0]) : 0ull;

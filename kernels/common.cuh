@@ -42,6 +42,37 @@ __device__ __forceinline__ float npgpt_warp_max(float v) {
     return v;
 }
 
+// An online softmax's state over the values seen so far: m their max, s the sum of exp(z - m). None seen:
+// m = NPGPT_NEG_INF, s = 0 (a finite start such as -FLT_MAX works the same for finite values).
+__device__ __forceinline__ void npgpt_online_push(float& m, float& s, float z) {
+    if (z > m) {  // the running sum is rescaled to the new max
+        s = (m == NPGPT_NEG_INF ? 0.0f : s * expf(m - z)) + 1.0f;
+        m = z;
+    } else {
+        s += expf(z - m);
+    }
+}
+
+// Merge the state (m2, s2) into (m, s); a side whose max is -inf has seen nothing and adds nothing.
+__device__ __forceinline__ void npgpt_online_merge(float& m, float& s, float m2, float s2) {
+    const float M = fmaxf(m, m2);
+    const float a = (m == NPGPT_NEG_INF) ? 0.0f : s * expf(m - M);
+    const float b = (m2 == NPGPT_NEG_INF) ? 0.0f : s2 * expf(m2 - M);
+    m = M;
+    s = a + b;
+}
+
+// The merge over the 32 lanes of a warp (butterfly: every lane ends with the warp's state). Full mask,
+// as npgpt_warp_sum.
+__device__ __forceinline__ void npgpt_warp_online_merge(float& m, float& s) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+        const float m2 = __shfl_xor_sync(NPGPT_FULL_MASK, m, off);
+        const float s2 = __shfl_xor_sync(NPGPT_FULL_MASK, s, off);
+        npgpt_online_merge(m, s, m2, s2);
+    }
+}
+
 // Sum over the whole block, returned to every thread. blockDim.x must be a multiple of 32 (<= 1024)
 // and every thread of the block must call it (it contains __syncthreads). `scratch` is a
 // __shared__ float[32]; it may be reused right after the call returns (the trailing barrier makes

@@ -48,13 +48,6 @@
 
 #define CE_NEG_BIG (-3.402823466e38f)  // -FLT_MAX
 
-// Merge (m2, s2) into (m, s): the sums are of exp(z - m) and exp(z - m2) respectively.
-__device__ __forceinline__ void ce_merge(float& m, float& s, float m2, float s2) {
-    const float M = fmaxf(m, m2);
-    s = s * expf(m - M) + s2 * expf(m2 - M);
-    m = M;
-}
-
 template <typename T>
 __device__ __forceinline__ void cross_entropy_fwd_bwd_t(T* __restrict__ logits, const long long* __restrict__ targets,
                                                         float* __restrict__ losses, int N, int V, float scale,
@@ -73,21 +66,8 @@ __device__ __forceinline__ void cross_entropy_fwd_bwd_t(T* __restrict__ logits, 
 
     // Pass 1: running max and rescaled sum.
     float m = CE_NEG_BIG, s = 0.0f;
-    for (int j = threadIdx.x; j < V; j += blockDim.x) {
-        const float x = npgpt_to_float(z[j]);
-        if (x > m) {
-            s = s * expf(m - x) + 1.0f;
-            m = x;
-        } else {
-            s += expf(x - m);
-        }
-    }
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-        const float m2 = __shfl_xor_sync(NPGPT_FULL_MASK, m, off);
-        const float s2 = __shfl_xor_sync(NPGPT_FULL_MASK, s, off);
-        ce_merge(m, s, m2, s2);
-    }
+    for (int j = threadIdx.x; j < V; j += blockDim.x) npgpt_online_push(m, s, npgpt_to_float(z[j]));
+    npgpt_warp_online_merge(m, s);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     if (lane == 0) {
         sh_m[warp] = m;
@@ -97,12 +77,7 @@ __device__ __forceinline__ void cross_entropy_fwd_bwd_t(T* __restrict__ logits, 
     // Every warp merges the per-warp pairs, so every thread ends with the row's (M, S).
     m = (lane < nwarps) ? sh_m[lane] : CE_NEG_BIG;
     s = (lane < nwarps) ? sh_s[lane] : 0.0f;
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-        const float m2 = __shfl_xor_sync(NPGPT_FULL_MASK, m, off);
-        const float s2 = __shfl_xor_sync(NPGPT_FULL_MASK, s, off);
-        ce_merge(m, s, m2, s2);
-    }
+    npgpt_warp_online_merge(m, s);
     const float M = m, S = s;
 
     if (threadIdx.x == 0) {
