@@ -33,7 +33,7 @@ import re
 import numpy as np
 
 from npgpt.backend import get_array_module, is_cupy_array
-from npgpt.fast.attention import merge_heads_into, split_heads_into
+from npgpt.fast.attention import head_from_rows_into, merge_heads_into, qkv_from_heads_into, split_heads_into
 from npgpt.cuda.sources import kernel_dir, kernel_source
 
 BLOCK = 256  # threads per block of every kernel but cross_entropy's
@@ -575,12 +575,12 @@ def flash_attention_backward(dqkv, dy, heads, lse, y, *, dheads, head_out):
     Fast op it matches: npgpt.fast.attention.attention_backward with no dropout. dheads (3, b, NH, t,
     hs) and head_out (b, NH, t, hs): scratch.
     """
-    _, b, NH, t, hs = heads.shape
-    dheads[0][...] = dy.reshape(b, t, NH, hs).transpose(0, 2, 1, 3)  # dy lives in dq's slot
-    head_out[...] = y.reshape(b, t, NH, hs).transpose(0, 2, 1, 3)  # the forward's output, per head
+    hs = heads.shape[-1]
+    head_from_rows_into(dheads[0], dy)  # dy lives in dq's slot
+    head_from_rows_into(head_out, y)  # the forward's output, per head
     attention_bwd(heads[0], heads[1], heads[2], head_out, lse, dheads[0], dheads[0], dheads[1], dheads[2],
                   scale=1.0, dq_mult=1.0 / math.sqrt(hs))  # fmt: skip
-    dqkv.reshape(b, t, 3, NH, hs)[...] = dheads.transpose(1, 3, 0, 2, 4)
+    qkv_from_heads_into(dqkv, dheads)  # (3, b, NH, t, hs) -> (b, t, 3C)
 
 
 # --- attention's fused softmax and dropout (kernels/attention_softmax.cu) --------------------------------

@@ -178,14 +178,14 @@ class RecomputedAttention:
 
     def backward(self, l, dqkv, dy, b, t, drop):  # noqa: E741
         heads, dheads = _saved_heads(self.acts, l, b, t), self.work.heads[:, :b, :, :t]
-        NH, hs = heads.shape[2], heads.shape[-1]
-        dheads[0][...] = dy.reshape(b, t, NH, hs).transpose(0, 2, 1, 3)  # dy in dq's slot
+        hs = heads.shape[-1]
+        fast.head_from_rows_into(dheads[0], dy)  # dy in dq's slot, (n, C) -> (b, NH, t, hs)
         keep = self._mask(l, b, t, drop, fresh=False)
         scratch, tmp = self._scratch(b, t)
         fast.attention_rows_backward_(dheads[0], dheads[1], dheads[2], heads[0], heads[1], heads[2], self.work.causal_bias[:t, :t],
                                       keep, heads.dtype.type(1.0 / (1.0 - drop.p)), heads.dtype.type(1.0 / np.sqrt(hs)),
                                       scratch=scratch, tmp=tmp, matmul=self.matmul)  # fmt: skip
-        dqkv.reshape(b, t, 3, NH, hs)[...] = dheads.transpose(1, 3, 0, 2, 4)  # (3, b, NH, t, hs) -> (n, 3C)
+        fast.qkv_from_heads_into(dqkv, dheads)  # (3, b, NH, t, hs) -> (n, 3C)
 
 
 class FlashAttention:
@@ -252,8 +252,8 @@ class FusedSoftmaxAttention:
 
     def forward(self, l, y, qkv, b, t, drop, replay=False):  # noqa: E741
         heads, head_out = _saved_heads(self.acts, l, b, t), self.work.heads[0, :b, :, :t]
-        NH, hs = heads.shape[2], heads.shape[-1]
-        heads[...] = qkv.reshape(b, t, 3, NH, hs).transpose(2, 0, 3, 1, 4)  # (n, 3C) -> (3, b, NH, t, hs)
+        hs = heads.shape[-1]
+        fast.heads_from_qkv_into(heads, qkv)  # (n, 3C) -> (3, b, NH, t, hs), q not scaled (the kernels scale the scores)
         q, k, v = heads
         att, dropped = _kept_probabilities(self.acts, self.work, l, b, t)
         self.matmul(att, q, k.swapaxes(-1, -2))  # scores (b, NH, t, hs) @ (b, NH, hs, t) -> (b, NH, t, t)
@@ -263,12 +263,12 @@ class FusedSoftmaxAttention:
 
     def backward(self, l, dqkv, dy, b, t, drop):  # noqa: E741
         heads, dheads = _saved_heads(self.acts, l, b, t), self.work.heads[:, :b, :, :t]
-        NH, hs = heads.shape[2], heads.shape[-1]
+        hs = heads.shape[-1]
         q, k, v = heads
         att, datt = _kept_probabilities(self.acts, self.work, l, b, t)
         seed = self._seed(drop)
         dyh = dheads[0]
-        dyh[...] = dy.reshape(b, t, NH, hs).transpose(0, 2, 1, 3)  # dy in dq's slot, (n, C) -> (b, NH, t, hs)
+        fast.head_from_rows_into(dyh, dy)  # dy in dq's slot, (n, C) -> (b, NH, t, hs)
         used = att
         if drop.p > 0:  # the probabilities that multiplied v, drawn again into the scratch
             self.dropout(datt, att, drop.p, seed, l)
@@ -278,4 +278,4 @@ class FusedSoftmaxAttention:
         self.softmax_backward(datt, att, 1.0 / math.sqrt(hs), drop.p, seed, l)  # datt becomes ds, in place
         self.matmul(dheads[1], datt.swapaxes(-1, -2), q)  # dk = ds^T q
         self.matmul(dheads[0], datt, k)  # dq = ds k (overwrites dy)
-        dqkv.reshape(b, t, 3, NH, hs)[...] = dheads.transpose(1, 3, 0, 2, 4)  # (3, b, NH, t, hs) -> (n, 3C)
+        fast.qkv_from_heads_into(dqkv, dheads)  # (3, b, NH, t, hs) -> (n, 3C)

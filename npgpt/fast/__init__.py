@@ -57,8 +57,11 @@ from .attention import (
     attention_rows_scratch,
     attention_softmax_backward_,
     attention_softmax_forward_,
+    head_from_rows_into,
     head_view,
+    heads_from_qkv_into,
     merge_heads_into,
+    qkv_from_heads_into,
     qkv_heads_view,
     split_heads_into,
 )
@@ -88,7 +91,7 @@ from .sinusoidal import add_sinusoidal_, sinusoidal_table_into
 
 __all__ = [
     "attention_forward", "attention_backward", "attention_heads_forward", "attention_heads_backward_",
-    "split_heads_into", "merge_heads_into",
+    "split_heads_into", "merge_heads_into", "heads_from_qkv_into", "qkv_from_heads_into", "head_from_rows_into",
     "attention_rows_forward", "attention_rows_backward_", "attention_rows_scratch", "ATTENTION_ROWS",
     "attention_causal_forward", "attention_causal_backward_", "CAUSAL_ROWS",
     "attention_in_place_forward", "attention_in_place_backward", "qkv_heads_view",

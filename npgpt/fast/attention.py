@@ -52,18 +52,35 @@ from .common import matmul, rowdot
 from .dropout import attention_dropout_keep
 
 
+def heads_from_qkv_into(heads, qkv) -> None:
+    """heads (3, b, NH, t, hs) <- qkv (b*t, 3C) or (b, t, 3C), the fused projection [q | k | v], as it is."""
+    _, b, NH, t, hs = heads.shape
+    heads[...] = qkv.reshape(b, t, 3, NH, hs).transpose(2, 0, 3, 1, 4)  # (b, t, 3C) -> (3, b, NH, t, hs)
+
+
+def qkv_from_heads_into(qkv, heads) -> None:
+    """qkv (b*t, 3C) or (b, t, 3C) <- heads (3, b, NH, t, hs): heads_from_qkv_into's inverse (dqkv from dq, dk, dv)."""
+    _, b, NH, t, hs = heads.shape
+    qkv.reshape(b, t, 3, NH, hs)[...] = heads.transpose(1, 3, 0, 2, 4)  # (3, b, NH, t, hs) -> (b, t, 3C)
+
+
 def split_heads_into(heads, qkv) -> None:
     """heads (3, b, NH, t, hs) <- qkv (b*t, 3C) or (b, t, 3C), the fused projection [q | k | v]; q is
     divided by sqrt(hs) on the way."""
-    _, b, NH, t, hs = heads.shape
-    heads[...] = qkv.reshape(b, t, 3, NH, hs).transpose(2, 0, 3, 1, 4)  # (b, t, 3C) -> (3, b, NH, t, hs)
-    heads[0] *= heads.dtype.type(1.0 / math.sqrt(hs))  # fold the 1/sqrt(hs) into q
+    heads_from_qkv_into(heads, qkv)
+    heads[0] *= heads.dtype.type(1.0 / math.sqrt(heads.shape[-1]))  # fold the 1/sqrt(hs) into q
 
 
 def merge_heads_into(y, head_out) -> None:
     """y (b*t, C) or (b, t, C) <- head_out (b, NH, t, hs)."""
     b, NH, t, hs = head_out.shape
     y.reshape(b, t, NH, hs)[...] = head_out.transpose(0, 2, 1, 3)  # (b, NH, t, hs) -> (b, t, C)
+
+
+def head_from_rows_into(head, y) -> None:
+    """head (b, NH, t, hs) <- y (b*t, C) or (b, t, C): merge_heads_into's inverse (dy per head)."""
+    b, NH, t, hs = head.shape
+    head[...] = y.reshape(b, t, NH, hs).transpose(0, 2, 1, 3)  # (b, t, C) -> (b, NH, t, hs)
 
 
 def attention_forward(y, heads, att, qkv, bias, p: float = 0.0, rng=None, *, dropped=None, head_out=None, matmul=matmul,
@@ -99,16 +116,16 @@ def attention_backward(dqkv, dy, heads, att, keep=None, p: float = 0.0, *, dhead
         dv = att'^T @ dy;  datt = dy @ v^T (through the mask);  dscores = att * (datt - rowsum(datt * att));
         dk = dscores^T @ q';  dq = dscores @ k / sqrt(hs)."""
     xp = get_array_module(dy)
-    _, b, NH, t, hs = heads.shape
+    hs = heads.shape[-1]
     if dheads is None:
         dheads = xp.empty_like(heads)
     if datt is None:
         datt = xp.empty_like(att)
-    dheads[0][...] = dy.reshape(b, t, NH, hs).transpose(0, 2, 1, 3)  # dy lives in dq's slot until dq is computed
+    head_from_rows_into(dheads[0], dy)  # dy lives in dq's slot until dq is computed
     attention_heads_backward_(dheads[0], dheads[1], dheads[2], datt, heads[0], heads[1], heads[2], att, keep,
                               att.dtype.type(1.0 / (1.0 - p)), att.dtype.type(1.0 / math.sqrt(hs)), matmul=matmul,
                               rows=rows)  # fmt: skip
-    dqkv.reshape(b, t, 3, NH, hs)[...] = dheads.transpose(1, 3, 0, 2, 4)  # (3, b, NH, t, hs) -> (b, t, 3C)
+    qkv_from_heads_into(dqkv, dheads)  # (3, b, NH, t, hs) -> (b, t, 3C)
 
 
 # --- in place: no copies into or out of the heads layout (the CPU's fast step) ---------------------------
