@@ -2,6 +2,7 @@ import hashlib
 import json
 import os
 import re
+import struct
 import sys
 from pathlib import Path
 
@@ -242,7 +243,7 @@ def split_small_work(monkeypatch):
     monkeypatch.setattr("npgpt.fast.common.PARALLEL_MIN_ELEMENTS", 0)
 
 
-# --- helpers the run-folder tests share (from conftest import ...) ----------------------------------------------
+# --- helpers several test files share (from conftest import ...) -----------------------------------------------
 
 
 def sha256_tree(root, skip=()) -> dict:
@@ -264,3 +265,11 @@ def metrics_records(out, kind) -> list:
 def step_losses(out) -> list:
     """[(step, loss)] of out/metrics.jsonl's step records, in the order written."""
     return [(r["step"], r["loss"]) for r in metrics_records(out, "step")]
+
+
+def write_llmc(path, tokens, magic=20240520, version=1, count=None):
+    """llm.c's write_datafile, from its description: 256 int32 (magic, version, count, zeros), uint16 tokens."""
+    tokens = list(map(int, tokens))
+    header = struct.pack("<256i", magic, version, len(tokens) if count is None else count, *([0] * 253))
+    Path(path).write_bytes(header + struct.pack(f"<{len(tokens)}H", *tokens))
+    return path
