@@ -1,5 +1,8 @@
+import hashlib
+import json
 import os
 import re
+import struct
 import sys
 from pathlib import Path
 
@@ -238,3 +241,35 @@ def split_small_work(monkeypatch):
     """The fast ops keep small arrays on one thread (npgpt.fast.common.PARALLEL_MIN_ELEMENTS); tests of the
     threaded paths use small arrays, so this lifts the threshold and threads=2 really splits the rows."""
     monkeypatch.setattr("npgpt.fast.common.PARALLEL_MIN_ELEMENTS", 0)
+
+
+# --- helpers several test files share (from conftest import ...) -----------------------------------------------
+
+
+def sha256_tree(root, skip=()) -> dict:
+    """{path relative to root: sha256 of its bytes} for every file under root whose name is not in skip."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(root).rglob("*"))
+            if p.is_file() and p.name not in skip}  # fmt: skip
+
+
+def err_lines(capsys) -> list:
+    """The non-blank lines written to stderr since capsys was last read."""
+    return [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+def metrics_records(out, kind) -> list:
+    """The records of `kind` ("step", "eval", "skip", ...) in out/metrics.jsonl (the file must be there)."""
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if f'"kind": "{kind}"' in line]
+
+
+def step_losses(out) -> list:
+    """[(step, loss)] of out/metrics.jsonl's step records, in the order written."""
+    return [(r["step"], r["loss"]) for r in metrics_records(out, "step")]
+
+
+def write_llmc(path, tokens, magic=20240520, version=1, count=None):
+    """llm.c's write_datafile, from its description: 256 int32 (magic, version, count, zeros), uint16 tokens."""
+    tokens = list(map(int, tokens))
+    header = struct.pack("<256i", magic, version, len(tokens) if count is None else count, *([0] * 253))
+    Path(path).write_bytes(header + struct.pack(f"<{len(tokens)}H", *tokens))
+    return path

@@ -6,13 +6,13 @@ combinations of flags (and files) that are each fine alone: the same, the line n
 The cases run in-process through npgpt.cli.main (fast); a few run through `python -m npgpt` as well, to
 see what the interpreter itself prints."""
 
-import hashlib
 import os
 import struct
 import subprocess
 import sys
 
 import pytest
+from conftest import sha256_tree
 
 from npgpt.cli import main
 from npgpt.prepare import PrepareConfig, prepare
@@ -235,10 +235,6 @@ TABLE = {
 
 CASES = [pytest.param(cmd, flag, value, id=f"{cmd}-{flag}={' '.join(value) if isinstance(value, list) else value}")
          for cmd, flags in TABLE.items() for flag, values in flags.items() for value in values]  # fmt: skip
-
-
-def sha256_tree(root):
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")

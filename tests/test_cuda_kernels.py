@@ -152,6 +152,8 @@ def test_layernorm_bwd_is_deterministic_and_uses_scratch(dev, rng):
         dx, dw, db = dev.put(np.zeros((N, C), f32)), dev.put(np.zeros(C, f32)), dev.put(np.zeros(C, f32))
         K.layernorm_backward(dx, dw, db, *args[:4], args[4], scratch=scratch)
         results.append([dev.get(a) for a in (dx, dw, db)])
+    assert dev.get(scratch).any(), "the scratch handed in was not used for the partial sums"
+    assert all(a.any() for a in results[0]), "nothing written: equal zeros would pass the comparison below"
     for a, b in zip(*results):
         np.testing.assert_array_equal(a, b)
 

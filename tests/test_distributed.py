@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import not_with_the_stand_in
+from conftest import metrics_records, not_with_the_stand_in
 
 import npgpt
 from npgpt.gradcheck import relative_error
@@ -43,22 +43,18 @@ def run(args, ranks=1):
     return proc
 
 
-def records(out, kind):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if f'"kind": "{kind}"' in line]
-
-
 @needs_mpiexec
 def test_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     run(["--batch-size", "4", "--max-steps", "4", "--out-dir", str(one)])
     proc = run(["--batch-size", "4", "--max-steps", "4", "--out-dir", str(two)], ranks=2)
     # losses agree up to float32 summation order (the mean over 4 rows versus two means of 2, averaged)
-    l1 = [r["loss"] for r in records(one, "step")]
-    l2 = [r["loss"] for r in records(two, "step")]
+    l1 = [r["loss"] for r in metrics_records(one, "step")]
+    l2 = [r["loss"] for r in metrics_records(two, "step")]
     assert len(l1) == len(l2) == 4
     assert all(abs(a - b) / abs(a) < 1e-6 for a, b in zip(l1, l2)), (l1, l2)
-    v1 = [r["val_loss"] for r in records(one, "eval")]
-    v2 = [r["val_loss"] for r in records(two, "eval")]
+    v1 = [r["val_loss"] for r in metrics_records(one, "eval")]
+    v2 = [r["val_loss"] for r in metrics_records(two, "eval")]
     assert all(abs(a - b) / abs(a) < 1e-6 for a, b in zip(v1, v2)), (v1, v2)
     a, b = npgpt.load_pretrained(one), npgpt.load_pretrained(two)
     for k in a.params:
@@ -74,7 +70,7 @@ def test_a_two_rank_checkpoint_resumes_in_one_process(tmp_path):
     run(["--batch-size", "4", "--max-steps", "2", "--out-dir", str(out)], ranks=2)
     proc = run(["--batch-size", "4", "--max-steps", "4", "--out-dir", str(out), "--resume"])
     assert "resuming at step 2" in proc.stdout
-    steps = [r["step"] for r in records(out, "step")]
+    steps = [r["step"] for r in metrics_records(out, "step")]
     assert steps == [1, 2, 3, 4]
     state = json.loads((out / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
     assert state["world_size"] == 1 and state["optimizer"]["t"] == 4
@@ -114,7 +110,7 @@ def test_forced_mpi_world_of_one_rank_matches_a_plain_run(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "npgpt", "train", *TINY, "--batch-size", "2", "--max-steps", "3",
                            "--out-dir", str(forced)], capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert [r["loss"] for r in records(plain, "step")] == [r["loss"] for r in records(forced, "step")]
+    assert [r["loss"] for r in metrics_records(plain, "step")] == [r["loss"] for r in metrics_records(forced, "step")]
 
 
 # `npgpt train` with every ShardFile.read logged: rank r writes [file name, window start] of each window of
@@ -166,7 +162,7 @@ def test_on_token_shards_each_rank_reads_its_own_rows(tmp_path):
     rank0, rank1 = worker(two, 2, "--checkpoint-interval", "2")
     assert len(single) == 16 and len(rank0) == len(rank1) == 8  # 4 steps: 4 windows, 2 a rank
     assert sorted(rank0 + rank1) == sorted(single) and not set(rank0) & set(rank1) and len(set(single)) == 16
-    l1, l2 = [r["loss"] for r in records(one, "step")], [r["loss"] for r in records(two, "step")]
+    l1, l2 = [r["loss"] for r in metrics_records(one, "step")], [r["loss"] for r in metrics_records(two, "step")]
     assert len(l1) == len(l2) == 4 and all(abs(a - b) / abs(a) < 1e-6 for a, b in zip(l1, l2)), (l1, l2)
     a, b = npgpt.load_pretrained(one), npgpt.load_pretrained(two)
     assert all(relative_error(b.params[k], a.params[k]) < 1e-5 for k in a.params)
@@ -243,8 +239,8 @@ def test_one_rank_nccl_run_matches_the_single_process_run(tmp_path):
         proc = subprocess.run([sys.executable, "-m", "npgpt", "train", *args, "--out-dir", str(out)], capture_output=True,
                               text=True, env={**env, **extra}, timeout=600)  # fmt: skip
         assert proc.returncode == 0, proc.stderr
-    a = [r["loss"] for r in records(single, "step")]
-    b = [r["loss"] for r in records(nccl, "step")]
+    a = [r["loss"] for r in metrics_records(single, "step")]
+    b = [r["loss"] for r in metrics_records(nccl, "step")]
     assert len(a) == len(b) == 3, (a, b)
     assert all(abs(x - y) <= 1e-6 * abs(x) for x, y in zip(a, b)), (a, b)
 
@@ -264,5 +260,5 @@ def test_two_ranks_on_two_gpus_equal_one_gpu(tmp_path):
         cmd = [MPIEXEC, "-n", "2", *cmd] if ranks == 2 else cmd
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ}, timeout=600)
         assert proc.returncode == 0, proc.stdout + proc.stderr
-    a, b = [r["loss"] for r in records(one, "step")], [r["loss"] for r in records(two, "step")]
+    a, b = [r["loss"] for r in metrics_records(one, "step")], [r["loss"] for r in metrics_records(two, "step")]
     assert len(a) == len(b) == 4 and all(abs(x - y) <= 1e-5 * abs(x) for x, y in zip(a, b)), (a, b)

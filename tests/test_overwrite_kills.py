@@ -119,6 +119,7 @@ def test_overwrite_killed_at_random_moments_never_loses_the_last_checkpoint(name
     assert main(command(name, data, str(out), "1")) == 0  # the earlier run
     rng = random.Random(f"overwrite-{name}")
     env = {**os.environ, "NPGPT_DEVICE": "cpu", "PYTHONUNBUFFERED": "1"}
+    checked = []  # the moments after which the new run's committed folder was checked for a mix of two runs
     for moment in ("start-up", "a step", "the first save", "after the first save"):
         before, started_ns = files(out), time.time_ns()
         proc = subprocess.Popen([sys.executable, "-m", "npgpt", *command(name, data, str(out), "2"), "--overwrite"],
@@ -131,6 +132,7 @@ def test_overwrite_killed_at_random_moments_never_loses_the_last_checkpoint(name
         if after != before:  # the new run committed (its first checkpoint is complete), or the commit was cut short
             in_progress = (out / PENDING / "commit.json").is_file()
             if not in_progress:  # the new run alone: its checkpoints, its metrics, no earlier summary
+                checked.append(moment)
                 assert seeds_of_checkpoints(out) == {2}, f"{name}, killed at {moment}: checkpoints of two runs"
                 logged = steps(out / "metrics.jsonl")
                 assert logged == list(range(1, len(logged) + 1)), f"{name}, killed at {moment}: metrics of two runs"
@@ -139,6 +141,9 @@ def test_overwrite_killed_at_random_moments_never_loses_the_last_checkpoint(name
                     earlier = before.get("summary.json")
                     assert earlier is None or after.get("summary.json") != earlier, (
                         f"{name}, killed at {moment}: the earlier run's summary is left")  # fmt: skip
+    # some kill came after a commit ("after the first save" at the latest, unless an earlier one had committed):
+    # without this the checks of a mix of two runs above could all be skipped unseen
+    assert checked, f"{name}: no kill came after the new run's commit, so its folder was never checked"
     # the next start finishes (or undoes) whatever was cut short; an --overwrite to the end leaves the new run alone
     capsys.readouterr()
     assert main([*command(name, data, str(out), "2"), "--overwrite"]) == 0

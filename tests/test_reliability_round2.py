@@ -4,7 +4,6 @@ valid, no tracebacks, no silent nonsense, divergence is not success, messages in
 the SIGKILL loop is tests/test_sigkill.py.)"""
 
 import errno
-import hashlib
 import json
 import os
 import resource
@@ -15,6 +14,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import err_lines, sha256_tree
 
 import npgpt.loop.folder as folder
 import npgpt.train as T
@@ -23,14 +23,6 @@ from npgpt.cli import main
 
 TINY = ["--preset", "nano", "--emb-dim", "8", "--n-heads", "2", "--n-layers", "1", "--tie-weights", "--context-length",
         "16", "--batch-size", "2", "--no-progress", "--sample-tokens", "2"]  # fmt: skip
-
-
-def sha256_tree(root):
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def err_lines(capsys):
-    return [line for line in capsys.readouterr().err.splitlines() if line.strip()]
 
 
 def strays(out):

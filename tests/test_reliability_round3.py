@@ -9,7 +9,6 @@ are in tests/test_overwrite_kills.py.
 4, 5. tracebacks, unbounded work and silent acceptances
 """
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import err_lines, sha256_tree
 
 from npgpt.checkpoint import CRASH_IN_SAVE_ENV, checkpoint_dirs, checkpoint_problem, good_checkpoints, write_manifest
 from npgpt.cli import main
@@ -35,15 +35,6 @@ LOCK_FILE = ".npgpt-lock"  # npgpt.loop.lock.LOCK_FILE
 TINY = ["--preset", "nano", "--emb-dim", "8", "--n-heads", "2", "--n-layers", "1", "--tie-weights", "--context-length",
         "16", "--batch-size", "2", "--no-progress", "--sample-tokens", "2"]  # fmt: skip
 ENV = {**os.environ, "NPGPT_DEVICE": "cpu", "PYTHONUNBUFFERED": "1"}
-
-
-def sha256_tree(root, skip=(LOCK_FILE,)):
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name not in skip}  # fmt: skip
-
-
-def err_lines(capsys):
-    return [line for line in capsys.readouterr().err.splitlines() if line.strip()]
 
 
 def start(args, env=None):
@@ -154,16 +145,16 @@ def test_the_lock_in_one_process(tmp_path):
 def test_overwrite_that_stops_before_its_first_checkpoint_leaves_the_earlier_run_as_it_was(run, capsys):
     """Main truncated metrics.jsonl at once (and seq2seq / finetune removed the checkpoints): a killed
     --overwrite followed by --resume spliced two histories."""
-    before = sha256_tree(run)
+    before = sha256_tree(run, skip=(LOCK_FILE,))
     # diverges at its first step: no checkpoint of its own, so nothing of the earlier run may change
     assert main(["train", *TINY, "--max-steps", "3", "--lr", "1e30", "--out-dir", str(run), "--overwrite"]) == 1
-    assert sha256_tree(run) == before
+    assert sha256_tree(run, skip=(LOCK_FILE,)) == before
     # killed inside its first save: the same, less what the next start clears (.pending, a temporary folder)
     proc = start(["train", *TINY, "--max-steps", "4", "--checkpoint-interval", "2", "--seed", "2", "--out-dir", str(run),
                   "--overwrite"], env={CRASH_IN_SAVE_ENV: "1"})  # fmt: skip
     assert proc.wait(timeout=120) == -signal.SIGKILL
     assert (run / PENDING_DIR / "metrics.jsonl").is_file()
-    assert {k: v for k, v in sha256_tree(run).items() if not k.startswith((PENDING_DIR, "checkpoints/.tmp"))} == before
+    assert {k: v for k, v in sha256_tree(run, skip=(LOCK_FILE,)).items() if not k.startswith((PENDING_DIR, "checkpoints/.tmp"))} == before
     # so --resume continues the earlier run, with its own history
     old = step_losses(run)
     capsys.readouterr()

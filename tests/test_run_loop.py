@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import metrics_records, step_losses
 
 from npgpt.checkpoint import checkpoint_dirs, checkpoint_problem, latest_checkpoint
 from npgpt.cli import main
@@ -83,11 +84,6 @@ def wait_for_step(proc, out, step):
     while proc.poll() is None and max(steps_logged(out), default=0) < step and time.monotonic() < deadline:
         time.sleep(0.002)
     assert proc.poll() is None, f"the run ended before step {step}: {proc.communicate()[1]}"
-
-
-def step_losses(out):
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in records if r["kind"] == "step"]
 
 
 def weights(out):
@@ -221,10 +217,6 @@ def settings(out, **kw):
     return LoopSettings(**{**base, **kw})
 
 
-def records(out, kind):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if f'"kind": "{kind}"' in line]
-
-
 def test_cadence_checkpoints_and_the_summary(tmp_path, capsys):
     from npgpt.loop import run_task
 
@@ -232,7 +224,7 @@ def test_cadence_checkpoints_and_the_summary(tmp_path, capsys):
     result = run_task(task, settings(tmp_path / "run", eval_offset=1, eval_at_start=True, checkpoint_interval=3))
     assert [s for s, _ in task.evaluated] == [0, 1, 5, 9, 10]  # the start, (s - 1) % 4 == 0, and the last
     assert task.evaluated[0][1] is None  # nothing trained yet
-    steps = records(out, "step")
+    steps = metrics_records(out, "step")
     losses = [r["loss"] for r in steps]
     assert [r["step"] for r in steps] == list(range(1, 11)) and [r["extra"] for r in steps] == list(range(1, 11))
     assert task.evaluated[2][1] == pytest.approx(np.mean(losses[1:5]))  # the mean of steps 2..5
@@ -271,7 +263,7 @@ def test_resume_restores_everything_the_loop_saved(tmp_path, capsys):
     assert "approach: resuming at step 6" in capsys.readouterr().out
     assert resumed.restored["step"] == 6 and resumed.batches.i == 10 and resumed.optimizer.t == 10
     assert np.array_equal(resumed.w["w"], straight.w["w"])  # the same ten updates on the same ten batches
-    without_time = [[{k: v for k, v in r.items() if k != "ms"} for r in records(run, "step")] for run in (out, tmp_path / "straight")]
+    without_time = [[{k: v for k, v in r.items() if k != "ms"} for r in metrics_records(run, "step")] for run in (out, tmp_path / "straight")]
     assert without_time[0] == without_time[1] and len(without_time[0]) == 10
     # the mean loss of steps 5..8 spans the resume (the loop saved the losses since the last evaluation)
     assert resumed.evaluated[0][1] == straight.evaluated[1][1]
@@ -294,10 +286,10 @@ def test_non_finite_steps_and_weights_stop_the_run(tmp_path):
     out = tmp_path / "run"
     with pytest.raises(TrainingAborted, match=r"3 consecutive steps had a non-finite loss .*last at step 7.*step-00000004"):
         run_task(Approach(nan_at={2, 5, 6, 7}), settings(out, checkpoint_interval=4, max_bad_steps=3))
-    assert [r["step"] for r in records(out, "skip")] == [2, 5, 6, 7]
+    assert [r["step"] for r in metrics_records(out, "skip")] == [2, 5, 6, 7]
     out = tmp_path / "run2"
     with pytest.raises(TrainingAborted, match=r"step 6: training diverged: the weights are no longer finite.*"
                                               r"the last finite training loss was .* at step 5, 1 non-finite steps skipped.*step-00000003 is kept"):  # fmt: skip
         run_task(Approach(nan_weights_at=5), settings(out, checkpoint_interval=3))
     assert [d.name for d in checkpoint_dirs(out)] == ["step-00000003"]
-    assert records(out, "error")[0]["step"] == 6
+    assert metrics_records(out, "error")[0]["step"] == 6

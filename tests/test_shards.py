@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_llmc
 
 from npgpt.prepare import PrepareConfig, prepare
 from npgpt.shard_sampler import ShardWindows, WindowSampler, shard_batches
@@ -18,14 +19,6 @@ from npgpt.shards import ShardFile, find_shards, looks_like_shards, open_shard, 
 from npgpt.tokenizer import EOT_ID, get_tokenizer
 
 ASSETS = Path(__file__).resolve().parents[1] / "npgpt" / "assets"
-
-
-def write_llmc(path, tokens, magic=20240520, version=1, count=None):
-    """llm.c's write_datafile, from its description: 256 int32 (magic, version, count, zeros), uint16 tokens."""
-    tokens = list(map(int, tokens))
-    header = struct.pack("<256i", magic, version, len(tokens) if count is None else count, *([0] * 253))
-    Path(path).write_bytes(header + struct.pack(f"<{len(tokens)}H", *tokens))
-    return path
 
 
 def read_llmc(path):

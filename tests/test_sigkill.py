@@ -6,7 +6,6 @@ step (or a random moment of its start-up), SIGKILL it a random few milliseconds 
 step-* folder. Checkpoints are written at every step, so many kills land inside a save; the first kill
 is placed inside one on purpose (the NPGPT_TEST_CRASH_IN_SAVE hook)."""
 
-import json
 import os
 import random
 import signal
@@ -15,6 +14,7 @@ import sys
 import time
 
 import numpy as np
+from conftest import step_losses
 
 from npgpt.checkpoint import CRASH_IN_SAVE_ENV, checkpoint_dirs, checkpoint_problem, good_checkpoints
 from npgpt.safetensors_io import load_safetensors
@@ -40,13 +40,6 @@ def last_step_logged(out) -> int:
         return 0
     steps = [int(line.split('"step": ')[1].split(",")[0]) for line in lines if line.startswith('{"kind": "step"')]
     return max(steps, default=0)
-
-
-def step_losses(out):
-    records = []
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        records.append(json.loads(line))
-    return [(r["step"], r["loss"]) for r in records if r["kind"] == "step"]
 
 
 def test_sigkill_at_random_moments(tmp_path):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_llmc
 
 import npgpt
 from npgpt.cli import main
@@ -38,12 +39,6 @@ def read_tokens(path, header=True):
         assert (magic, version, len(data)) == (20240520, 1, 1024 + 2 * count)
         data = data[1024:]
     return np.frombuffer(data, dtype="<u2").astype(np.int64)
-
-
-def write_llmc(path, tokens):
-    tokens = np.asarray(tokens, dtype="<u2")
-    Path(path).write_bytes(struct.pack("<256i", 20240520, 1, len(tokens), *([0] * 253)) + tokens.tobytes())
-    return path
 
 
 def expected_batches(shard_tokens, batch_size, seed, n_batches, stride=T):
