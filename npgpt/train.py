@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from . import checkpoint as ckpt
-from .backend import resolve_device, tf32_note, to_numpy
+from .backend import resolve_device, tf32_note
 from . import validate as V
 from .config import PRESETS, GPTConfig
 from .data import Batches, TokenWindows, load_token_ids, read_text, resolve_data_path, split_ids, split_text_ids
@@ -46,7 +46,7 @@ from .distributed import broadcast_params_, get_world, limit_threads_per_rank, u
 from .engine import make_engine
 from .generate import generate
 from .loop import (At, LoopSettings, Report, SaveFailed, StepResult, TrainingAborted, TrainingInterrupted, find_resume,
-                   run_task)  # fmt: skip
+                   run_task, weights_not_finite)  # fmt: skip
 from .memory import RECOMPUTE_MODES, available_memory, check_fits, estimate_training, plan_report
 from .metrics import peak_rss_mb, plot_losses, read_metrics
 from .model import GPT, make_rng
@@ -285,10 +285,6 @@ class TrainResult:
     interrupted: bool = False
     skipped_steps: int = 0
     train_eval_loss: float | None = None  # --eval-train-batches: the last train loss evaluated without dropout
-
-
-def params_finite(params: dict) -> bool:
-    return all(bool(np.isfinite(to_numpy(v)).all()) for v in params.values())
 
 
 def sample_text(model: GPT, prompt_ids: list[int], n_tokens: int, temperature: float, top_k, seed: int) -> str:
@@ -698,8 +694,9 @@ class Pretraining:
 
     def weights_problem(self) -> str | None:
         """Why the current weights must not be saved (not finite, or a non-finite loss), or None."""
-        if not params_finite(self.model.params):
-            return "the weights are no longer finite"
+        problem = weights_not_finite(self.model.params.values())
+        if problem is not None:
+            return problem
         loss = self.probe_loss()
         if not math.isfinite(loss):
             return f"the weights give a non-finite loss ({loss}) on a validation batch"

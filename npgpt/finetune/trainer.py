@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..backend import get_array_module, resolve_device, to_numpy
+from ..backend import get_array_module, resolve_device
 from ..config import GPTConfig
-from ..loop import LoopSettings, StepResult, find_resume
+from ..loop import LoopSettings, StepResult, find_resume, weights_not_finite
 from ..memory import check_fits, estimate_training
 from ..model import GPT, make_rng
 from ..optim import AdamW, clip_grad_norm, grad_norm
@@ -213,9 +213,7 @@ class Tuner:
                           postfix={"epoch": epoch})  # fmt: skip
 
     def weights_problem(self) -> str | None:
-        if not all(bool(np.isfinite(to_numpy(self.params[k])).all()) for k in self.trainable):
-            return "the weights are no longer finite"
-        return None
+        return weights_not_finite(self.params[k] for k in self.trainable)
 
     def state(self, history: dict) -> dict:
         return {"task": self.cfg.task, "trainable": self.trainable, "tokenizer": tokenizer_hash(),

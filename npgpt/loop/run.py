@@ -53,7 +53,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import checkpoint as ckpt
-from ..backend import tf32_mode
+from ..backend import get_array_module, tf32_mode
 from .errors import TrainingAborted, TrainingInterrupted
 from .folder import RunFolder
 from .stop import StopRequest
@@ -367,6 +367,14 @@ class Loop:
                 print(f"Interrupted by a signal; saved {self.folder.last_ckpt}. Resume with:\n"
                       f"  {self.settings.command} --out-dir {self.folder.out_dir} --resume  (plus the same data and model options)")  # fmt: skip
         return result
+
+
+def weights_not_finite(arrays) -> str | None:
+    """A task's weights_problem() for weights that are not all finite (checked where they live: no copy to
+    the host), or None."""
+    if all(bool(get_array_module(v).isfinite(v).all()) for v in arrays):
+        return None
+    return "the weights are no longer finite"
 
 
 def check_same_optimizer(optimizer, saved: dict) -> None:

@@ -29,9 +29,10 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import atomic_write_bytes
-from ..backend import tf32_note, to_numpy
+from ..backend import tf32_note
 from ..distributed import SingleProcess
-from ..loop import At, LoopSettings, PositionedBatches, Report, StepResult, TrainingAborted, find_resume, run_task
+from ..loop import (At, LoopSettings, PositionedBatches, Report, StepResult, TrainingAborted, find_resume, run_task,
+                    weights_not_finite)  # fmt: skip
 from ..metrics import read_metrics
 from ..model import make_rng
 from ..optim import AdamW
@@ -322,9 +323,7 @@ class Translation:
                         f"exact {fmt(self.last_exact, '.1%')}  | {sample}")  # fmt: skip
 
     def weights_problem(self) -> str | None:
-        if not all(bool(np.isfinite(to_numpy(v)).all()) for v in self.model.params.values()):
-            return "the weights are no longer finite"
-        return None
+        return weights_not_finite(self.model.params.values())
 
     def write_model(self, directory) -> None:
         save_model(directory, self.model, self.vocab)
