@@ -46,10 +46,10 @@ from .distributed import broadcast_params_, get_world, limit_threads_per_rank, u
 from .engine import make_engine
 from .generate import generate
 from .loop import (At, LoopSettings, Report, SaveFailed, StepResult, TrainingAborted, TrainingInterrupted, find_resume,
-                   run_task, weights_not_finite)  # fmt: skip
+                   run_task, step_rng, weights_not_finite)  # fmt: skip
 from .memory import RECOMPUTE_MODES, available_memory, check_fits, estimate_training, plan_report
 from .metrics import peak_rss_mb, plot_losses, read_metrics
-from .model import GPT, make_rng
+from .model import GPT
 from .optim import DECAY_FILTERS, AdamW
 from .precision import LossScaler, check_precision, compute_dtype
 from .schedule import LRSchedule
@@ -669,7 +669,7 @@ class Pretraining:
         """The dropout generator of micro-batch `micro` of the step after `done` steps: a pure function of
         (seed, step, micro-batch[, rank]), so a resumed run draws the same masks."""
         parts = [self.cfg.seed, done, micro] + ([self.world.rank] if self.world.size > 1 else [])
-        return make_rng(int(np.random.SeedSequence(parts).generate_state(1)[0]), self.model.xp)
+        return step_rng(parts, self.model.xp)
 
     def evaluate(self, at: At) -> tuple[dict, str]:
         """Validation loss, the train loss without dropout (--eval-train-batches) and a sample."""

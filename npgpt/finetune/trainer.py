@@ -25,9 +25,9 @@ import numpy as np
 
 from ..backend import get_array_module, resolve_device
 from ..config import GPTConfig
-from ..loop import LoopSettings, StepResult, find_resume, weights_not_finite
+from ..loop import LoopSettings, StepResult, find_resume, step_rng, weights_not_finite
 from ..memory import check_fits, estimate_training
-from ..model import GPT, make_rng
+from ..model import GPT
 from ..optim import AdamW, clip_grad_norm, grad_norm
 from ..schedule import LRSchedule
 from ..tokenizer import tokenizer_hash
@@ -203,7 +203,7 @@ class Tuner:
         batch = self.batches.next()
         epoch = self.batches.epoch
         lr = self.schedule(number - 1)
-        rng = make_rng(int(np.random.SeedSequence([self.cfg.seed, number - 1]).generate_state(1)[0]), self.xp)
+        rng = step_rng([self.cfg.seed, number - 1], self.xp)
         s = self.step(batch, rng)
         norm = clip_grad_norm(s.grads, self.cfg.grad_clip) if self.cfg.grad_clip else grad_norm(s.grads)
         applied = math.isfinite(s.loss) and math.isfinite(norm)

@@ -54,6 +54,7 @@ import numpy as np
 
 from .. import checkpoint as ckpt
 from ..backend import get_array_module, tf32_mode
+from ..model import make_rng
 from .errors import TrainingAborted, TrainingInterrupted
 from .folder import RunFolder
 from .stop import StopRequest
@@ -375,6 +376,12 @@ def weights_not_finite(arrays) -> str | None:
     if all(bool(get_array_module(v).isfinite(v).all()) for v in arrays):
         return None
     return "the weights are no longer finite"
+
+
+def step_rng(parts, xp):
+    """The dropout generator of a step, a pure function of `parts` ((seed, step[, micro-batch, rank])), so a
+    resumed run draws the same masks."""
+    return make_rng(int(np.random.SeedSequence(list(parts)).generate_state(1)[0]), xp)
 
 
 def check_same_optimizer(optimizer, saved: dict) -> None:

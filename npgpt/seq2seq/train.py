@@ -31,10 +31,9 @@ import numpy as np
 from ..atomic import atomic_write_bytes
 from ..backend import tf32_note
 from ..distributed import SingleProcess
-from ..loop import (At, LoopSettings, PositionedBatches, Report, StepResult, TrainingAborted, find_resume, run_task,
+from ..loop import (At, LoopSettings, PositionedBatches, Report, StepResult, TrainingAborted, find_resume, run_task, step_rng,
                     weights_not_finite)  # fmt: skip
 from ..metrics import read_metrics
-from ..model import make_rng
 from ..optim import AdamW
 from ..schedule import LRSchedule
 from ..update import Updater
@@ -300,8 +299,7 @@ class Translation:
         """Optimizer step `number` (from 1): its dropout masks are drawn from (seed, number - 1)."""
         lr = self.schedule(number - 1)
         src, tgt_in, targets = self.batches.next()
-        seed = int(np.random.SeedSequence([self.cfg.seed, number - 1]).generate_state(1)[0])
-        r = self.updater([((src, tgt_in), targets, make_rng(seed, self.model.xp))], lr=lr)
+        r = self.updater([((src, tgt_in), targets, step_rng([self.cfg.seed, number - 1], self.model.xp))], lr=lr)
         return StepResult(r.loss, r.grad_norm, lr, r.applied)
 
     def evaluate(self, at: At) -> tuple[dict, str]:
