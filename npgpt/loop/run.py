@@ -328,12 +328,9 @@ class Loop:
         interrupted run, which evaluates nothing: the run still ends with its plots, a summary that says
         "interrupted" (the final evaluation's numbers null) and a line. Later signals are only noted.
         skip_final: a signal came during the last save, so the evaluation is not even started."""
-        if report.interrupted:  # the steps were stopped: finish() evaluates nothing, and is quick
+        if report.interrupted or skip_final:  # finish() of an interrupted run evaluates nothing, and is quick
             with StopRequest():
-                return self.task.finish(report), False
-        if skip_final:
-            with StopRequest():
-                return self.task.finish(replace(report, interrupted=True)), True
+                return self.task.finish(replace(report, interrupted=True)), skip_final
         with StopRequest(at_once=True):
             try:
                 return self.task.finish(report), False
