@@ -99,17 +99,23 @@ def _commit_in_progress(out_dir: Path) -> dict | None:
         return None
 
 
-def _placed(out_dir: Path, commit: dict | None) -> bool:
-    """Whether the commit's new checkpoint is in place and good. The earlier run may have a checkpoint of the
-    same name (the same step): the new one is told from it by its manifest's sha256, kept in the marker."""
+def _new_in_place(out_dir: Path, commit: dict | None) -> Path | None:
+    """The commit's new checkpoint when it has taken its name (good or not), else None. The earlier run may
+    have a checkpoint of the same name (the same step): the new one is told from it by its manifest's
+    sha256, kept in the marker."""
     if commit is None:
-        return False
+        return None
     new = out_dir / CHECKPOINT_DIR / commit["new"]
     try:
-        same = sha256_file(new / MANIFEST_FILE) == commit.get("manifest")
+        return new if sha256_file(new / MANIFEST_FILE) == commit.get("manifest") else None
     except OSError:
-        return False
-    return same and checkpoint_problem(new) is None
+        return None
+
+
+def _placed(out_dir: Path, commit: dict | None) -> bool:
+    """Whether the commit's new checkpoint is in place and good."""
+    new = _new_in_place(out_dir, commit)
+    return new is not None and checkpoint_problem(new) is None
 
 
 def run_checkpoints(out_dir) -> list[Path]:
@@ -136,14 +142,9 @@ def recover(out_dir) -> None:
     if _placed(out_dir, commit):
         _roll_forward(out_dir, commit)
         return
-    if commit is not None:  # the new checkpoint did not take its name, or took it damaged (then it goes)
-        new = out_dir / CHECKPOINT_DIR / commit["new"]
-        try:
-            damaged = sha256_file(new / MANIFEST_FILE) == commit.get("manifest")
-        except OSError:
-            damaged = False
-        if damaged:
-            remove_checkpoints([new])
+    damaged = _new_in_place(out_dir, commit)  # the new checkpoint did not take its name, or took it damaged
+    if damaged is not None:
+        remove_checkpoints([damaged])
     clean_stray_temporaries(out_dir)  # (which renames an aside folder back when its name is free)
     shutil.rmtree(pending, ignore_errors=True)
 
