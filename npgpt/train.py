@@ -408,6 +408,16 @@ def build_model(cfg: TrainConfig, config: GPTConfig, resume_dir: Path | None) ->
     return GPT(config, seed=cfg.seed, device=cfg.device, dtype=np.dtype(cfg.dtype), init=cfg.init or "gpt2")
 
 
+def run_seq_len(cfg: TrainConfig, context_length: int) -> int:
+    """The run's tokens per row: --context-length, at most the model's context_length (a ValueError
+    naming both), else the model's."""
+    seq_len = cfg.context_length or context_length
+    if seq_len > context_length:
+        raise ValueError(f"{cfg.flag('context_length')} exceeds the model's context_length {context_length}; "
+                         f"use at most {context_length}")  # fmt: skip
+    return seq_len
+
+
 def check_memory(cfg: TrainConfig, config: GPTConfig, rows: int) -> None:
     """Refuse, with the numbers, a run whose estimated memory (memory.py) exceeds what is available,
     before anything is allocated."""
@@ -438,10 +448,7 @@ def dry_run_report(cfg: TrainConfig) -> str:
         for spec in cfg.data:  # there, and files (nothing is read)
             resolve_data_path(spec)
     config, _, _ = find_start(cfg, Path(cfg.out_dir), warn=False)
-    seq_len = cfg.context_length or config.context_length
-    if seq_len > config.context_length:
-        raise ValueError(f"{cfg.flag('context_length')} exceeds the model's context_length {config.context_length}; "
-                         f"use at most {config.context_length}")  # fmt: skip
+    seq_len = run_seq_len(cfg, config.context_length)
     name = cfg.init_from or (f"resumed from {cfg.out_dir}" if cfg.resume else cfg.preset or "nano")
     report = plan_report(config, cfg.batch_size, seq_len, cfg.dtype, cfg.precision, cfg.engine, cfg.grad_accum,
                          cfg.recompute, resolve_device(cfg.device), name=name)  # fmt: skip
@@ -608,10 +615,7 @@ class Pretraining:
     def _set_up_data(self, context_length: int) -> None:
         """Windows and batches for a model of this context length (the data must hold enough of them)."""
         cfg, world = self.cfg, self.world
-        self.seq_len = cfg.context_length or context_length
-        if self.seq_len > context_length:
-            raise ValueError(f"{cfg.flag('context_length')} exceeds the model's context_length {context_length}; "
-                             f"use at most {context_length}")  # fmt: skip
+        self.seq_len = run_seq_len(cfg, context_length)
         if self.shards is not None:  # one epoch: floor(windows / B) batches, the stream running on across epochs
             self.train_windows = ShardWindows(self.shards.train, self.seq_len, cfg.stride, name="train")
             self.val_windows = (ShardWindows(self.shards.val, self.seq_len, cfg.stride, name="validation")
