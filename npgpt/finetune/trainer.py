@@ -91,7 +91,7 @@ def build_trunk(cfg: FinetuneConfig, longest: int) -> tuple[GPT, int]:
     from ..pretrained import load_pretrained, source_config
 
     config = source_config(cfg.init_from)
-    if config is not None:
+    if config is not None:  # (None: no config.json, which load_pretrained refuses by name)
         if cfg.context_length is not None and cfg.context_length > config.context_length:
             raise ValueError(f"--context-length {cfg.context_length} exceeds the context of {cfg.init_from} "
                              f"({config.context_length}); give at most that")  # fmt: skip
@@ -99,9 +99,6 @@ def build_trunk(cfg: FinetuneConfig, longest: int) -> tuple[GPT, int]:
     model = load_pretrained(cfg.init_from, device=cfg.device, dtype=dtype)
     if cfg.drop_rate is not None:
         model.config = model.config.replace(drop_rate=cfg.drop_rate)
-    if cfg.context_length is not None and cfg.context_length > model.config.context_length:
-        raise ValueError(f"--context-length {cfg.context_length} exceeds the context of {cfg.init_from} "
-                         f"({model.config.context_length}); give at most that")  # fmt: skip
     return model, cfg.context_for(longest, model.config.context_length)
 
 
