@@ -40,7 +40,7 @@ from pathlib import Path
 from ..atomic import atomic_write_bytes, atomic_write_json, explain_os_error, fsync_dir
 from ..checkpoint import (CHECKPOINT_DIR, MANIFEST_FILE, STATE_FILE, checkpoint_dirs, checkpoint_problem,
                           clean_stray_temporaries, crash_point, remove_checkpoints, save_training_checkpoint, sha256_file,
-                          training_state_problem, warn_line)  # fmt: skip
+                          warn_line)  # fmt: skip
 from ..metrics import MetricsLog
 from .errors import SaveFailed
 from .lock import FolderBusy, FolderLock, busy_message, holder
@@ -76,15 +76,6 @@ def find_resume(out_dir, resume: bool, overwrite: bool, warn: bool = True, check
         if warn:
             warn_line(f"skipping checkpoint {d}: {problem}; trying the previous one")
     raise ValueError(f"--resume: no complete checkpoint in {out_dir / CHECKPOINT_DIR}; start without --resume")
-
-
-def check_training_state(state, resume_dir: Path) -> None:
-    """The numbers a resume relies on, read from trainer_state.json (the manifest only says that the file
-    is what was written, not that what was written makes sense): a ValueError naming the problem."""
-    problem = training_state_problem(state)
-    if problem is not None:
-        raise ValueError(f"{resume_dir / STATE_FILE} {problem}; the file was edited or written by another program. "
-                         "Remove that checkpoint folder to resume from the one before it")  # fmt: skip
 
 
 # --- --overwrite: the commit of a new run over an earlier one ----------------------------------------------
