@@ -97,6 +97,15 @@ def verify_manifest(ckpt_dir, required=MODEL_FILES) -> str | None:
     return problem
 
 
+def refuse_if_damaged(directory: Path) -> None:
+    """ValueError when `directory` has a manifest (a checkpoint npgpt wrote) that its files do not match:
+    what every loader (GPT, classifier, seq2seq) checks before it reads the weights."""
+    if (Path(directory) / MANIFEST_FILE).is_file():
+        problem = verify_manifest(directory)
+        if problem is not None:
+            raise ValueError(f"refusing a damaged checkpoint: {problem}")
+
+
 _manifest_verified: dict = {}  # checkpoint path -> (file stats, required) it was verified with
 
 

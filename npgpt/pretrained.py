@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .backend import DEFAULT_DTYPE, get_xp
-from .checkpoint import MANIFEST_FILE, verify_manifest
+from .checkpoint import refuse_if_damaged
 from .config import GPTConfig
 from .model import GPT, param_shapes
 from .safetensors_io import load_safetensors
@@ -187,14 +187,6 @@ def check_source(path, flag: str) -> Path:
     if has_weights:
         raise ValueError(f"{flag} {path} has model weights but no config.json; put the model's config.json beside them")
     raise ValueError(f"{flag} {path} holds neither a checkpoint nor a training run; give {what}")
-
-
-def refuse_if_damaged(directory: Path) -> None:
-    """ValueError when `directory` has a manifest (a checkpoint npgpt wrote) that its files do not match."""
-    if (directory / MANIFEST_FILE).is_file():
-        problem = verify_manifest(directory)
-        if problem is not None:
-            raise ValueError(f"refusing a damaged checkpoint: {problem}")
 
 
 def source_config(path) -> GPTConfig | None:

@@ -256,19 +256,6 @@ def find_shards(specs, data_format: str = "auto") -> ShardSet:
     return found
 
 
-def looks_like_shards(specs) -> bool:
-    """True when --data names token shards (a folder with manifest.json or .bin files, .bin files or globs of
-    them) rather than text files."""
-    if isinstance(specs, (str, os.PathLike)):
-        specs = [specs]
-    for spec in map(str, specs):
-        spec = os.path.expanduser(spec)
-        if spec.endswith(".bin") or (os.path.isdir(spec) and ((Path(spec) / MANIFEST).is_file() or glob.glob(os.path.join(spec, "*.bin")))):
-            continue
-        return False
-    return bool(specs)
-
-
 def data_kind(specs, data_format: str = "auto") -> str:
     """What --data names, looking only at names and folder listings: "shards" (a folder npgpt prepare
     wrote, llm.c `.bin` shards, globs or a folder of them; with data_format="nanogpt", nanoGPT's

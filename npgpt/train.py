@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from . import checkpoint as ckpt
-from .backend import resolve_device, tf32_note, to_numpy
+from .backend import resolve_device, tf32_note
 from . import validate as V
 from .config import PRESETS, GPTConfig
 from .data import Batches, TokenWindows, load_token_ids, read_text, resolve_data_path, split_ids, split_text_ids
@@ -46,10 +46,10 @@ from .distributed import broadcast_params_, get_world, limit_threads_per_rank, u
 from .engine import make_engine
 from .generate import generate
 from .loop import (At, LoopSettings, Report, SaveFailed, StepResult, TrainingAborted, TrainingInterrupted, find_resume,
-                   run_task)  # fmt: skip
+                   run_task, step_rng, weights_not_finite)  # fmt: skip
 from .memory import RECOMPUTE_MODES, available_memory, check_fits, estimate_training, plan_report
 from .metrics import peak_rss_mb, plot_losses, read_metrics
-from .model import GPT, make_rng
+from .model import GPT
 from .optim import DECAY_FILTERS, AdamW
 from .precision import LossScaler, check_precision, compute_dtype
 from .schedule import LRSchedule
@@ -287,10 +287,6 @@ class TrainResult:
     train_eval_loss: float | None = None  # --eval-train-batches: the last train loss evaluated without dropout
 
 
-def params_finite(params: dict) -> bool:
-    return all(bool(np.isfinite(to_numpy(v)).all()) for v in params.values())
-
-
 def sample_text(model: GPT, prompt_ids: list[int], n_tokens: int, temperature: float, top_k, seed: int) -> str:
     out = generate(model, np.asarray([prompt_ids]), n_tokens, temperature=temperature, top_k=top_k, seed=seed)
     return decode(out[0])
@@ -412,6 +408,16 @@ def build_model(cfg: TrainConfig, config: GPTConfig, resume_dir: Path | None) ->
     return GPT(config, seed=cfg.seed, device=cfg.device, dtype=np.dtype(cfg.dtype), init=cfg.init or "gpt2")
 
 
+def run_seq_len(cfg: TrainConfig, context_length: int) -> int:
+    """The run's tokens per row: --context-length, at most the model's context_length (a ValueError
+    naming both), else the model's."""
+    seq_len = cfg.context_length or context_length
+    if seq_len > context_length:
+        raise ValueError(f"{cfg.flag('context_length')} exceeds the model's context_length {context_length}; "
+                         f"use at most {context_length}")  # fmt: skip
+    return seq_len
+
+
 def check_memory(cfg: TrainConfig, config: GPTConfig, rows: int) -> None:
     """Refuse, with the numbers, a run whose estimated memory (memory.py) exceeds what is available,
     before anything is allocated."""
@@ -442,10 +448,7 @@ def dry_run_report(cfg: TrainConfig) -> str:
         for spec in cfg.data:  # there, and files (nothing is read)
             resolve_data_path(spec)
     config, _, _ = find_start(cfg, Path(cfg.out_dir), warn=False)
-    seq_len = cfg.context_length or config.context_length
-    if seq_len > config.context_length:
-        raise ValueError(f"{cfg.flag('context_length')} exceeds the model's context_length {config.context_length}; "
-                         f"use at most {config.context_length}")  # fmt: skip
+    seq_len = run_seq_len(cfg, config.context_length)
     name = cfg.init_from or (f"resumed from {cfg.out_dir}" if cfg.resume else cfg.preset or "nano")
     report = plan_report(config, cfg.batch_size, seq_len, cfg.dtype, cfg.precision, cfg.engine, cfg.grad_accum,
                          cfg.recompute, resolve_device(cfg.device), name=name)  # fmt: skip
@@ -612,10 +615,7 @@ class Pretraining:
     def _set_up_data(self, context_length: int) -> None:
         """Windows and batches for a model of this context length (the data must hold enough of them)."""
         cfg, world = self.cfg, self.world
-        self.seq_len = cfg.context_length or context_length
-        if self.seq_len > context_length:
-            raise ValueError(f"{cfg.flag('context_length')} exceeds the model's context_length {context_length}; "
-                             f"use at most {context_length}")  # fmt: skip
+        self.seq_len = run_seq_len(cfg, context_length)
         if self.shards is not None:  # one epoch: floor(windows / B) batches, the stream running on across epochs
             self.train_windows = ShardWindows(self.shards.train, self.seq_len, cfg.stride, name="train")
             self.val_windows = (ShardWindows(self.shards.val, self.seq_len, cfg.stride, name="validation")
@@ -673,7 +673,7 @@ class Pretraining:
         """The dropout generator of micro-batch `micro` of the step after `done` steps: a pure function of
         (seed, step, micro-batch[, rank]), so a resumed run draws the same masks."""
         parts = [self.cfg.seed, done, micro] + ([self.world.rank] if self.world.size > 1 else [])
-        return make_rng(int(np.random.SeedSequence(parts).generate_state(1)[0]), self.model.xp)
+        return step_rng(parts, self.model.xp)
 
     def evaluate(self, at: At) -> tuple[dict, str]:
         """Validation loss, the train loss without dropout (--eval-train-batches) and a sample."""
@@ -698,8 +698,9 @@ class Pretraining:
 
     def weights_problem(self) -> str | None:
         """Why the current weights must not be saved (not finite, or a non-finite loss), or None."""
-        if not params_finite(self.model.params):
-            return "the weights are no longer finite"
+        problem = weights_not_finite(self.model.params.values())
+        if problem is not None:
+            return problem
         loss = self.probe_loss()
         if not math.isfinite(loss):
             return f"the weights give a non-finite loss ({loss}) on a validation batch"

@@ -15,7 +15,7 @@ from conftest import write_llmc
 
 from npgpt.prepare import PrepareConfig, prepare
 from npgpt.shard_sampler import ShardWindows, WindowSampler, shard_batches
-from npgpt.shards import ShardFile, find_shards, looks_like_shards, open_shard, verify_prepared
+from npgpt.shards import ShardFile, data_kind, find_shards, open_shard, verify_prepared
 from npgpt.tokenizer import EOT_ID, get_tokenizer
 
 ASSETS = Path(__file__).resolve().parents[1] / "npgpt" / "assets"
@@ -69,7 +69,7 @@ def test_llmc_files_by_name_glob_and_folder(tmp_path):
     found = find_shards(str(tmp_path / "tiny_shakespeare_*.bin"))
     assert [Path(s.path).name for s in found.val] == ["tiny_shakespeare_val.bin"]
     assert [Path(s.path).name for s in found.train] == ["tiny_shakespeare_train.bin"]
-    assert looks_like_shards([str(tmp_path)]) and looks_like_shards(["x/train_*.bin"]) and not looks_like_shards(["a.txt"])
+    assert data_kind([str(tmp_path)]) == data_kind(["x/train_*.bin"]) == "shards" and data_kind(["a.txt"]) == "text"
 
 
 @pytest.mark.parametrize("kw, expected", [

@@ -27,7 +27,7 @@ import numpy as np
 
 from .. import layers as L
 from ..backend import DEFAULT_DTYPE, get_array_module, get_xp, to_numpy
-from ..checkpoint import CONFIG_FILE, FORMAT_VERSION, MANIFEST_FILE, MODEL_FILE, atomic_write_json, save_tensors, verify_manifest
+from ..checkpoint import CONFIG_FILE, FORMAT_VERSION, MODEL_FILE, atomic_write_json, refuse_if_damaged, save_tensors
 from ..model import GPT, GPTCache
 from .tables import PAD_ID
 
@@ -151,10 +151,7 @@ def load_classifier(path, device: str | None = None, dtype=DEFAULT_DTYPE) -> Cla
     from ..safetensors_io import load_safetensors
 
     files, cfg_path = _resolve(path)
-    if (files[0].parent / MANIFEST_FILE).is_file():
-        problem = verify_manifest(files[0].parent)
-        if problem is not None:
-            raise ValueError(f"refusing a damaged checkpoint: {problem}")
+    refuse_if_damaged(files[0].parent)
     if cfg_path is None:
         raise ValueError(f"no config.json next to {path}; a classifier directory needs one (with id2label)")
     hf = json.loads(Path(cfg_path).read_text(encoding="utf-8"))

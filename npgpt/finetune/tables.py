@@ -182,12 +182,6 @@ def stratified_split(rows: list[Row], share: float, seed: int) -> tuple[list[Row
     return [r for i, r in enumerate(rows) if i not in val], [r for i, r in enumerate(rows) if i in val]
 
 
-def majority_share(label_ids: np.ndarray, k: int) -> tuple[int, float]:
-    """(the most frequent label id, its share): the accuracy of always guessing it."""
-    counts = np.bincount(label_ids, minlength=k)
-    return int(counts.argmax()), float(counts.max() / max(len(label_ids), 1))
-
-
 @dataclass
 class ClassificationSet:
     """Token ids per text (each at most context_length long) and label ids."""

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..backend import get_array_module, resolve_device, to_numpy
+from ..backend import get_array_module, resolve_device
 from ..config import GPTConfig
-from ..loop import LoopSettings, StepResult, find_resume
+from ..loop import LoopSettings, StepResult, find_resume, step_rng, weights_not_finite
 from ..memory import check_fits, estimate_training
-from ..model import GPT, make_rng
+from ..model import GPT
 from ..optim import AdamW, clip_grad_norm, grad_norm
 from ..schedule import LRSchedule
 from ..tokenizer import tokenizer_hash
@@ -91,7 +91,7 @@ def build_trunk(cfg: FinetuneConfig, longest: int) -> tuple[GPT, int]:
     from ..pretrained import load_pretrained, source_config
 
     config = source_config(cfg.init_from)
-    if config is not None:
+    if config is not None:  # (None: no config.json, which load_pretrained refuses by name)
         if cfg.context_length is not None and cfg.context_length > config.context_length:
             raise ValueError(f"--context-length {cfg.context_length} exceeds the context of {cfg.init_from} "
                              f"({config.context_length}); give at most that")  # fmt: skip
@@ -99,9 +99,6 @@ def build_trunk(cfg: FinetuneConfig, longest: int) -> tuple[GPT, int]:
     model = load_pretrained(cfg.init_from, device=cfg.device, dtype=dtype)
     if cfg.drop_rate is not None:
         model.config = model.config.replace(drop_rate=cfg.drop_rate)
-    if cfg.context_length is not None and cfg.context_length > model.config.context_length:
-        raise ValueError(f"--context-length {cfg.context_length} exceeds the context of {cfg.init_from} "
-                         f"({model.config.context_length}); give at most that")  # fmt: skip
     return model, cfg.context_for(longest, model.config.context_length)
 
 
@@ -203,7 +200,7 @@ class Tuner:
         batch = self.batches.next()
         epoch = self.batches.epoch
         lr = self.schedule(number - 1)
-        rng = make_rng(int(np.random.SeedSequence([self.cfg.seed, number - 1]).generate_state(1)[0]), self.xp)
+        rng = step_rng([self.cfg.seed, number - 1], self.xp)
         s = self.step(batch, rng)
         norm = clip_grad_norm(s.grads, self.cfg.grad_clip) if self.cfg.grad_clip else grad_norm(s.grads)
         applied = math.isfinite(s.loss) and math.isfinite(norm)
@@ -213,9 +210,7 @@ class Tuner:
                           postfix={"epoch": epoch})  # fmt: skip
 
     def weights_problem(self) -> str | None:
-        if not all(bool(np.isfinite(to_numpy(self.params[k])).all()) for k in self.trainable):
-            return "the weights are no longer finite"
-        return None
+        return weights_not_finite(self.params[k] for k in self.trainable)
 
     def state(self, history: dict) -> dict:
         return {"task": self.cfg.task, "trainable": self.trainable, "tokenizer": tokenizer_hash(),

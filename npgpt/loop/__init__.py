@@ -11,9 +11,10 @@ position a checkpoint saves), errors.py (how a run that goes wrong ends). docs/a
 
 from .batches import PositionedBatches
 from .errors import SaveFailed, TrainingAborted, TrainingInterrupted
-from .folder import RunFolder, check_training_state, find_resume
-from .run import At, Loop, LoopSettings, Report, StepResult, run_task
+from .folder import RunFolder, find_resume
+from .run import At, Loop, LoopSettings, Report, StepResult, run_task, step_rng, weights_not_finite
 from .stop import StopRequest
 
 __all__ = ["At", "Loop", "LoopSettings", "PositionedBatches", "Report", "RunFolder", "SaveFailed", "StepResult",
-           "StopRequest", "TrainingAborted", "TrainingInterrupted", "check_training_state", "find_resume", "run_task"]  # fmt: skip
+           "StopRequest", "TrainingAborted", "TrainingInterrupted", "find_resume", "run_task",
+           "step_rng", "weights_not_finite"]  # fmt: skip

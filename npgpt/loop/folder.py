@@ -40,7 +40,7 @@ from pathlib import Path
 from ..atomic import atomic_write_bytes, atomic_write_json, explain_os_error, fsync_dir
 from ..checkpoint import (CHECKPOINT_DIR, MANIFEST_FILE, STATE_FILE, checkpoint_dirs, checkpoint_problem,
                           clean_stray_temporaries, crash_point, remove_checkpoints, save_training_checkpoint, sha256_file,
-                          training_state_problem, warn_line)  # fmt: skip
+                          warn_line)  # fmt: skip
 from ..metrics import MetricsLog
 from .errors import SaveFailed
 from .lock import FolderBusy, FolderLock, busy_message, holder
@@ -78,15 +78,6 @@ def find_resume(out_dir, resume: bool, overwrite: bool, warn: bool = True, check
     raise ValueError(f"--resume: no complete checkpoint in {out_dir / CHECKPOINT_DIR}; start without --resume")
 
 
-def check_training_state(state, resume_dir: Path) -> None:
-    """The numbers a resume relies on, read from trainer_state.json (the manifest only says that the file
-    is what was written, not that what was written makes sense): a ValueError naming the problem."""
-    problem = training_state_problem(state)
-    if problem is not None:
-        raise ValueError(f"{resume_dir / STATE_FILE} {problem}; the file was edited or written by another program. "
-                         "Remove that checkpoint folder to resume from the one before it")  # fmt: skip
-
-
 # --- --overwrite: the commit of a new run over an earlier one ----------------------------------------------
 
 
@@ -99,17 +90,23 @@ def _commit_in_progress(out_dir: Path) -> dict | None:
         return None
 
 
-def _placed(out_dir: Path, commit: dict | None) -> bool:
-    """Whether the commit's new checkpoint is in place and good. The earlier run may have a checkpoint of the
-    same name (the same step): the new one is told from it by its manifest's sha256, kept in the marker."""
+def _new_in_place(out_dir: Path, commit: dict | None) -> Path | None:
+    """The commit's new checkpoint when it has taken its name (good or not), else None. The earlier run may
+    have a checkpoint of the same name (the same step): the new one is told from it by its manifest's
+    sha256, kept in the marker."""
     if commit is None:
-        return False
+        return None
     new = out_dir / CHECKPOINT_DIR / commit["new"]
     try:
-        same = sha256_file(new / MANIFEST_FILE) == commit.get("manifest")
+        return new if sha256_file(new / MANIFEST_FILE) == commit.get("manifest") else None
     except OSError:
-        return False
-    return same and checkpoint_problem(new) is None
+        return None
+
+
+def _placed(out_dir: Path, commit: dict | None) -> bool:
+    """Whether the commit's new checkpoint is in place and good."""
+    new = _new_in_place(out_dir, commit)
+    return new is not None and checkpoint_problem(new) is None
 
 
 def run_checkpoints(out_dir) -> list[Path]:
@@ -136,14 +133,9 @@ def recover(out_dir) -> None:
     if _placed(out_dir, commit):
         _roll_forward(out_dir, commit)
         return
-    if commit is not None:  # the new checkpoint did not take its name, or took it damaged (then it goes)
-        new = out_dir / CHECKPOINT_DIR / commit["new"]
-        try:
-            damaged = sha256_file(new / MANIFEST_FILE) == commit.get("manifest")
-        except OSError:
-            damaged = False
-        if damaged:
-            remove_checkpoints([new])
+    damaged = _new_in_place(out_dir, commit)  # the new checkpoint did not take its name, or took it damaged
+    if damaged is not None:
+        remove_checkpoints([damaged])
     clean_stray_temporaries(out_dir)  # (which renames an aside folder back when its name is free)
     shutil.rmtree(pending, ignore_errors=True)
 

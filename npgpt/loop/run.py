@@ -53,7 +53,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import checkpoint as ckpt
-from ..backend import tf32_mode
+from ..backend import get_array_module, tf32_mode
+from ..model import make_rng
 from .errors import TrainingAborted, TrainingInterrupted
 from .folder import RunFolder
 from .stop import StopRequest
@@ -327,12 +328,9 @@ class Loop:
         interrupted run, which evaluates nothing: the run still ends with its plots, a summary that says
         "interrupted" (the final evaluation's numbers null) and a line. Later signals are only noted.
         skip_final: a signal came during the last save, so the evaluation is not even started."""
-        if report.interrupted:  # the steps were stopped: finish() evaluates nothing, and is quick
+        if report.interrupted or skip_final:  # finish() of an interrupted run evaluates nothing, and is quick
             with StopRequest():
-                return self.task.finish(report), False
-        if skip_final:
-            with StopRequest():
-                return self.task.finish(replace(report, interrupted=True)), True
+                return self.task.finish(replace(report, interrupted=True)), skip_final
         with StopRequest(at_once=True):
             try:
                 return self.task.finish(report), False
@@ -367,6 +365,20 @@ class Loop:
                 print(f"Interrupted by a signal; saved {self.folder.last_ckpt}. Resume with:\n"
                       f"  {self.settings.command} --out-dir {self.folder.out_dir} --resume  (plus the same data and model options)")  # fmt: skip
         return result
+
+
+def weights_not_finite(arrays) -> str | None:
+    """A task's weights_problem() for weights that are not all finite (checked where they live: no copy to
+    the host), or None."""
+    if all(bool(get_array_module(v).isfinite(v).all()) for v in arrays):
+        return None
+    return "the weights are no longer finite"
+
+
+def step_rng(parts, xp):
+    """The dropout generator of a step, a pure function of `parts` ((seed, step[, micro-batch, rank])), so a
+    resumed run draws the same masks."""
+    return make_rng(int(np.random.SeedSequence(list(parts)).generate_state(1)[0]), xp)
 
 
 def check_same_optimizer(optimizer, saved: dict) -> None:

@@ -101,10 +101,7 @@ def load_model(path, device: str | None = None, dtype=None) -> tuple[Seq2Seq, Vo
     from ..safetensors_io import load_safetensors
 
     d = resolve_checkpoint(path)
-    if (d / ckpt.MANIFEST_FILE).is_file():
-        problem = ckpt.verify_manifest(d)
-        if problem is not None:
-            raise ValueError(f"refusing a damaged checkpoint: {problem}")
+    ckpt.refuse_if_damaged(d)
     config, vocab, meta = read_meta(d)
     problem = weights_problem(d)
     if problem is not None:

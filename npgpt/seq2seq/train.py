@@ -29,11 +29,11 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import atomic_write_bytes
-from ..backend import tf32_note, to_numpy
+from ..backend import tf32_note
 from ..distributed import SingleProcess
-from ..loop import At, LoopSettings, PositionedBatches, Report, StepResult, TrainingAborted, find_resume, run_task
+from ..loop import (At, LoopSettings, PositionedBatches, Report, StepResult, TrainingAborted, find_resume, run_task, step_rng,
+                    weights_not_finite)  # fmt: skip
 from ..metrics import read_metrics
-from ..model import make_rng
 from ..optim import AdamW
 from ..schedule import LRSchedule
 from ..update import Updater
@@ -299,8 +299,7 @@ class Translation:
         """Optimizer step `number` (from 1): its dropout masks are drawn from (seed, number - 1)."""
         lr = self.schedule(number - 1)
         src, tgt_in, targets = self.batches.next()
-        seed = int(np.random.SeedSequence([self.cfg.seed, number - 1]).generate_state(1)[0])
-        r = self.updater([((src, tgt_in), targets, make_rng(seed, self.model.xp))], lr=lr)
+        r = self.updater([((src, tgt_in), targets, step_rng([self.cfg.seed, number - 1], self.model.xp))], lr=lr)
         return StepResult(r.loss, r.grad_norm, lr, r.applied)
 
     def evaluate(self, at: At) -> tuple[dict, str]:
@@ -322,9 +321,7 @@ class Translation:
                         f"exact {fmt(self.last_exact, '.1%')}  | {sample}")  # fmt: skip
 
     def weights_problem(self) -> str | None:
-        if not all(bool(np.isfinite(to_numpy(v)).all()) for v in self.model.params.values()):
-            return "the weights are no longer finite"
-        return None
+        return weights_not_finite(self.model.params.values())
 
     def write_model(self, directory) -> None:
         save_model(directory, self.model, self.vocab)
